@@ -1,0 +1,3 @@
+from prmtool.cli import run
+
+run()

@@ -1,0 +1,66 @@
+"""The `prmtool` command: one subcommand per stage, each a thin layer over its stage module."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from prmtool import __version__
+from prmtool.errors import InputError, StageError
+from prmtool.stages import export, import_, stats, verify
+
+app = typer.Typer(
+    name="prmtool",
+    help="Curate process-supervision data for LLM reasoning, one stage per command over "
+    "directories of Parquet shards. Run `prmtool COMMAND --help` for examples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+for name, stage in [("import", import_), ("verify", verify), ("export", export), ("stats", stats)]:
+    app.command(name, epilog=stage.EXAMPLES)(stage.command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"prmtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error."""
+    stderr = Console(stderr=True, highlight=False)
+    try:
+        app(args=argv, prog_name="prmtool", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        stderr.print("interrupted; rerun the same command to resume where it stopped")
+        return 130
+    except KeyboardInterrupt:
+        stderr.print("interrupted; rerun the same command to resume where it stopped")
+        return 130
+    except (InputError, StageError) as exc:
+        stderr.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The training formats `prmtool export` writes, each documented once with its columns.
+
+Every converter is a pure function: a frame of contract rows in, a frame of the format out,
+plus the count of rows it could not convert (and why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import polars as pl
+
+MATH_SHEPHERD_TAG = "ки"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    columns: str  # the documented output columns
+    required: tuple[str, ...]
+    convert: Callable[..., tuple[pl.DataFrame, dict[str, int]]]
+    per_problem: bool = False  # one row per problem rather than per response
+
+
+def labeled_prefix(steps: list[str] | None, labels: list[int | None] | None) -> tuple[list[str], list[bool]]:
+    """Steps up to the first unlabeled one, with their labels as bools. Steps after a first
+    error are unlabeled (binary search leaves them so); training on them would invent labels."""
+    if not steps or labels is None:
+        return [], []
+    kept_steps, kept_labels = [], []
+    for step, label in zip(steps, labels):
+        if label is None:
+            break
+        kept_steps.append(step)
+        kept_labels.append(bool(label))
+    return kept_steps, kept_labels
+
+
+def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], list[int], dict[str, int]]:
+    pairs, keep = [], []
+    counts = {"skipped_unlabeled": 0, "truncated_at_unlabeled_step": 0}
+    for index, (steps, labels) in enumerate(zip(frame["steps"].to_list(), frame["step_labels"].to_list())):
+        kept_steps, kept_labels = labeled_prefix(steps, labels)
+        if not kept_steps:
+            counts["skipped_unlabeled"] += 1
+            continue
+        if len(kept_steps) < len(steps):
+            counts["truncated_at_unlabeled_step"] += 1
+        pairs.append((kept_steps, kept_labels))
+        keep.append(index)
+    return pairs, keep, counts
+
+
+def to_trl_stepwise(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, int]]:
+    pairs, keep, counts = _labeled(frame)
+    out = pl.DataFrame(
+        {
+            "prompt": frame["problem"].gather(keep),
+            "completions": pl.Series([s for s, _ in pairs], dtype=pl.List(pl.String)),
+            "labels": pl.Series([lab for _, lab in pairs], dtype=pl.List(pl.Boolean)),
+        }
+    )
+    return out, counts
+
+
+def to_math_shepherd(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, int]]:
+    pairs, keep, counts = _labeled(frame)
+    inputs, labels = [], []
+    for problem, (steps, step_labels) in zip(frame["problem"].gather(keep), pairs):
+        inputs.append(f"{problem} " + "\n".join(f"{step} {MATH_SHEPHERD_TAG}" for step in steps))
+        labels.append(f"{problem} " + "\n".join(f"{step} {'+' if good else '-'}" for step, good in zip(steps, step_labels)))
+    return pl.DataFrame({"input": inputs, "label": labels}, schema={"input": pl.String, "label": pl.String}), counts
+
+
+def _user_prompt(frame: pl.DataFrame, prompt_template: str) -> pl.Series:
+    return frame["problem"].map_elements(lambda p: prompt_template.replace("{problem}", p), return_dtype=pl.String)
+
+
+def _messages(prompt: str, system_prompt: str | None, answer: str | None = None) -> list[dict]:
+    turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    turns.append({"role": "user", "content": prompt})
+    if answer is not None:
+        turns.append({"role": "assistant", "content": answer})
+    return turns
+
+
+def to_sft_messages(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, **_):
+    prompts = _user_prompt(frame, prompt_template)
+    messages = [_messages(p, system_prompt, r) for p, r in zip(prompts, frame["response"])]
+    return pl.DataFrame({"messages": messages}), {}
+
+
+def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", **_):
+    return pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": frame["response"]}), {}
+
+
+def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, data_source: str = "prmtool", split_name: str = "train", start_index: int = 0, **_):
+    prompts = _user_prompt(frame, prompt_template)
+    out = pl.DataFrame(
+        {
+            "data_source": [data_source] * frame.height,
+            "prompt": [_messages(p, system_prompt) for p in prompts],
+            "ability": ["math"] * frame.height,
+            "reward_model": [{"style": "rule", "ground_truth": a} for a in frame["reference_answer"].cast(pl.String)],
+            "extra_info": [{"split": split_name, "index": start_index + i, "problem_id": pid} for i, pid in enumerate(frame["problem_id"])],
+        }
+    )
+    return out, {}
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in [
+        Format("trl-stepwise", "prompt: str, completions: list[str] (steps), labels: list[bool]", ("problem", "steps", "step_labels"), to_trl_stepwise),
+        Format("math-shepherd", f"input: str (problem, then each step followed by ' {MATH_SHEPHERD_TAG}'), label: str (the same with '+' or '-')", ("problem", "steps", "step_labels"), to_math_shepherd),
+        Format("sft-messages", "messages: list[{role, content}] (optional system, user problem, assistant response)", ("problem", "response"), to_sft_messages),
+        Format("sft-prompt-completion", "prompt: str, completion: str", ("problem", "response"), to_sft_prompt_completion),
+        Format(
+            "verl",
+            "data_source: str, prompt: list[{role, content}], ability: str, reward_model: {style: 'rule', ground_truth}, extra_info: {split, index, problem_id}",
+            ("problem_id", "problem", "reference_answer"),
+            to_verl,
+            per_problem=True,
+        ),
+    ]
+}

@@ -1,0 +1,26 @@
+"""Command-line options shared by every stage, declared once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Inputs = Annotated[list[str], typer.Argument(help="Parquet files, directories of them, or globs.", show_default=False)]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory: one shard per input shard, same name.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute shards that are already complete.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or summary on stderr.")]
+Workers = Annotated[int, typer.Option("--workers", help="Worker processes (default: CPU count).", show_default=False)]
+Split = Annotated[
+    str,
+    typer.Option(
+        "--split",
+        help="How responses are cut into steps: blank-line, line, step-k or regex:PATTERN.",
+    ),
+]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,94 @@
+"""Everything a run tells its user, on stderr: logs, progress bars and the closing summary.
+
+Stats are collected in one place (`RunStats`) and printed once at the end, as datatrove does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. `412.3 rows/s` (rich only ships a bytes-per-second column)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else "")
+
+
+@dataclass
+class RunStats:
+    stage: str
+    quiet: bool = False
+    rows_in: int = 0
+    rows_out: int = 0
+    problem_ids: set = field(default_factory=set)
+    shards_written: int = 0
+    shards_skipped: int = 0
+    counts: Counter = field(default_factory=Counter)  # stage-specific, e.g. verify statuses
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.console = Console(stderr=True, quiet=self.quiet, highlight=False)
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}")
+
+    @contextmanager
+    def progress(self, description: str, total: int | None, unit: str = "rows"):
+        """A progress bar; yields `advance(n)`."""
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            RateColumn(unit),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def summary(self) -> dict:
+        return {
+            "stage": self.stage,
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "problems": len(self.problem_ids),
+            "shards_written": self.shards_written,
+            "shards_skipped": self.shards_skipped,
+            "seconds": round(time.perf_counter() - self.started, 3),
+            **{k: v for k, v in sorted(self.counts.items())},
+        }
+
+    def print_summary(self) -> None:
+        table = Table(title=f"prmtool {self.stage}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        for key, value in self.summary().items():
+            if key != "stage":
+                table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+        self.console.print(table)

@@ -1,0 +1,107 @@
+"""The local executor for stages that map each input shard to one output shard.
+
+A stage supplies a pure `transform(frame) -> frame` (rows in, rows out); this module does the
+rest once for all of them: validation of every input before any work, resume, atomic writes,
+provenance, the manifest, and the guarantee that no input row or column is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from prmtool import shards
+from prmtool.errors import InputError, StageError
+from prmtool.report import RunStats
+from prmtool.schema import cast_to_contract, check_columns
+
+
+@dataclass
+class MapStage:
+    name: str
+    transform: Callable[[pl.DataFrame], pl.DataFrame]
+    arguments: dict  # every option that changes the output: goes into provenance and resume checks
+    required: tuple[str, ...]
+    unique_column: str | None = "response_id"
+    extra_checks: list[Callable[[shards.InputShard], None]] = field(default_factory=list)
+
+
+def validate_inputs(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path) -> list[shards.InputShard]:
+    """Every check that can fail on input runs here, before any output is written."""
+    found = shards.open_inputs(inputs)
+    for shard in found:
+        check_columns(shard.schema, str(shard.path), stage.required)
+        for check in stage.extra_checks:
+            check(shard)
+    if stage.unique_column:
+        shards.check_unique_ids(found, stage.unique_column)
+    shards.check_output_dir(output, found)
+    shards.check_distinct_names(found)
+    return found
+
+
+def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path, overwrite: bool, stats: RunStats) -> None:
+    found = validate_inputs(stage, inputs, output)
+    plan = _plan(stage, found, output, overwrite)
+    if overwrite:
+        (output / shards.MANIFEST).unlink(missing_ok=True)
+
+    written: dict[str, int] = {}
+    with stats.progress(stage.name, total=sum(s.rows for s in found)) as advance:
+        for shard, todo in plan:
+            target = output / shard.name
+            stats.rows_in += shard.rows
+            if not todo:
+                stats.shards_skipped += 1
+                written[shard.name] = shard.rows
+                stats.rows_out += shard.rows
+                stats.problem_ids.update(pl.read_parquet(target, columns=["problem_id"])["problem_id"].to_list())
+                advance(shard.rows)
+                continue
+            frame = shards.read_shard(shard)
+            result = cast_to_contract(stage.transform(frame))
+            _check_nothing_lost(frame, result, shard)
+            shards.write_shard(result, target, shards.provenance(stage.name, stage.arguments, shard))
+            written[shard.name] = result.height
+            stats.rows_out += result.height
+            stats.shards_written += 1
+            stats.problem_ids.update(result["problem_id"].to_list())
+            advance(shard.rows)
+    shards.write_manifest(output, stage.name, stage.arguments, [s.describe() for s in found], written)
+    _warn_stale(output, set(written), stats)
+
+
+def _plan(stage: MapStage, found: list[shards.InputShard], output: Path, overwrite: bool) -> list[tuple[shards.InputShard, bool]]:
+    """Which shards need work. A finished shard from the same command on the same input is
+    kept (resume); one from a different command or input is refused without --overwrite."""
+    plan = []
+    for shard in found:
+        target = output / shard.name
+        if overwrite or not target.exists():
+            plan.append((shard, True))
+            continue
+        expected = shards.provenance(stage.name, stage.arguments, shard)
+        if shards.read_provenance(target) != expected:
+            raise InputError(
+                f"{target}: exists from a different run (other stage, options or input); "
+                "pass --overwrite to recompute it"
+            )
+        plan.append((shard, False))
+    return plan
+
+
+def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard) -> None:
+    if after.height != before.height:
+        raise StageError(f"{shard.path}: internal error: {before.height} rows in, {after.height} out")
+    missing = [c for c in before.columns if c not in after.columns]
+    if missing:
+        raise StageError(f"{shard.path}: internal error: columns lost: {', '.join(missing)}")
+
+
+def _warn_stale(output: Path, written: set[str], stats: RunStats) -> None:
+    stale = sorted(f.name for f in output.glob("*.parquet") if not f.name.startswith((".", "_")) and f.name not in written)
+    if stale:
+        stats.warn(f"{output} also holds shards this run did not write: {', '.join(stale[:5])}")

@@ -1,0 +1,87 @@
+"""The row contract: every column prmtool reads or writes, with its type.
+
+One row is one response to a problem (or one problem, before `generate`). Column names are
+part of the public interface; README.md documents them once, from this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from prmtool.errors import InputError
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: pl.DataType
+    doc: str
+    written_by: str
+
+
+COLUMNS: dict[str, Column] = {
+    c.name: c
+    for c in [
+        Column("problem_id", pl.String(), "group key: all responses to one problem share it", "import"),
+        Column("problem", pl.String(), "the problem text", "import"),
+        Column("reference_answer", pl.String(), "the gold final answer", "import"),
+        Column("reference_solution", pl.String(), "optional worked gold solution", "import"),
+        Column("response_id", pl.String(), "unique id of a response", "import, generate"),
+        Column("response", pl.String(), "the model's solution text", "import, generate"),
+        Column("steps", pl.List(pl.String()), "the response split into steps, losslessly", "import, generate"),
+        Column("pred_answer", pl.String(), "final answer extracted from the response, null if none", "verify"),
+        Column("correct", pl.Boolean(), "pred_answer is mathematically equal to reference_answer", "verify"),
+        Column("verify_status", pl.String(), "ok, no_answer, timeout or error", "verify"),
+        Column("step_mc", pl.List(pl.Float64()), "Monte Carlo value of each step's prefix", "label"),
+        Column("step_labels", pl.List(pl.Int8()), "1 good, 0 bad, null unlabeled", "label"),
+        Column("first_error", pl.Int32(), "index of the first wrong step, -1 none", "label"),
+        Column("step_rewards", pl.List(pl.Float64()), "per-step process rewards", "score"),
+        Column("prm_score", pl.Float64(), "response-level process score", "score"),
+    ]
+}
+
+VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
+
+PROBLEM_COLUMNS = ("problem_id", "problem", "reference_answer")
+RESPONSE_COLUMNS = ("problem_id", "problem", "response_id", "response")
+
+
+def _compatible(actual: pl.DataType, expected: pl.DataType) -> bool:
+    """Accept the natural relatives of a contract type (any float width, any int width)."""
+    if actual == expected:
+        return True
+    if isinstance(expected, pl.List):
+        return isinstance(actual, pl.List) and _compatible(actual.inner, expected.inner)
+    if expected.is_float():
+        return actual.is_float()
+    if expected.is_integer():
+        return actual.is_integer()
+    return False
+
+
+def check_columns(schema: pl.Schema | dict, source: str, required: tuple[str, ...] | list[str] = ()) -> None:
+    """Raise InputError naming `source` and the column if a required column is missing or a
+    contract column has the wrong type. Columns outside the contract pass through untouched."""
+    for name in required:
+        if name not in schema:
+            raise InputError(f"{source}: missing required column '{name}' (has: {', '.join(schema)})")
+    for name, dtype in schema.items():
+        column = COLUMNS.get(name)
+        if column is not None and dtype != pl.Null and not _compatible(dtype, column.dtype):
+            raise InputError(f"{source}: column '{name}' has type {dtype}, expected {column.dtype}")
+
+
+def cast_to_contract(frame: pl.DataFrame) -> pl.DataFrame:
+    """Cast contract columns to their exact types (e.g. all-null columns read from JSON)."""
+    casts = [pl.col(n).cast(COLUMNS[n].dtype) for n in frame.columns if n in COLUMNS and frame.schema[n] != COLUMNS[n].dtype]
+    return frame.with_columns(casts) if casts else frame
+
+
+def markdown_table() -> str:
+    """The contract as a Markdown table, for README.md (tests keep the two in sync)."""
+    lines = ["| column | type | written by | meaning |", "| --- | --- | --- | --- |"]
+    for c in COLUMNS.values():
+        lines.append(f"| `{c.name}` | {c.dtype} | {c.written_by} | {c.doc} |")
+    return "\n".join(lines)

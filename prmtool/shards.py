@@ -1,0 +1,256 @@
+"""Shard I/O: find input shards, validate them, write output shards atomically with provenance.
+
+A shard set is a directory of Parquet files. Every output file is written under a hidden
+temporary name and renamed when complete, so a file under its final name is always whole; a
+`_SUCCESS` manifest is written last, when every shard of the run is in place.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prmtool import __version__
+from prmtool.errors import InputError
+
+MANIFEST = "_SUCCESS"
+METADATA_KEY = b"prmtool"
+
+
+@dataclass(frozen=True)
+class InputShard:
+    path: Path
+    size: int
+    rows: int
+    schema: pl.Schema
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "size": self.size, "rows": self.rows}
+
+
+def _is_shard_file(path: Path) -> bool:
+    # Hidden files are our own temporaries; `_` files are manifests and other side files.
+    return path.suffix == ".parquet" and not path.name.startswith((".", "_"))
+
+
+def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[Path]:
+    """Parquet files from any mix of files, directories and glob patterns, in a stable order."""
+    if not specs:
+        raise InputError("no input given: pass Parquet files, directories or globs")
+    files: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if glob.has_magic(spec):
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            matched = [m for m in matches if m.is_file() and _is_shard_file(m)]
+            matched += [f for m in matches if m.is_dir() for f in sorted(m.glob("*.parquet")) if _is_shard_file(f)]
+            if not matched:
+                raise InputError(f"{spec}: the glob matches no Parquet file")
+            files.extend(matched)
+        elif path.is_dir():
+            found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
+            if not found:
+                raise InputError(f"{spec}: the directory holds no Parquet file")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{spec}: no such file or directory")
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
+    """Resolve inputs and read each shard's footer; a corrupt file is an InputError."""
+    shards = []
+    for path in resolve_inputs(specs):
+        try:
+            parquet = pq.ParquetFile(path)
+            schema = pl.Schema(pl.from_arrow(parquet.schema_arrow.empty_table()).schema)
+            rows = parquet.metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
+        shards.append(InputShard(path=path, size=path.stat().st_size, rows=rows, schema=schema))
+    return shards
+
+
+def read_shard(shard: InputShard) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(shard.path)
+    except Exception as exc:
+        raise InputError(f"{shard.path}: not a readable Parquet file ({_one_line(exc)})") from None
+
+
+def check_unique_ids(shards: list[InputShard], column: str = "response_id") -> None:
+    """Ids must be unique across the whole shard set, not just within a shard."""
+    frames = [
+        pl.scan_parquet(s.path).select(pl.col(column), pl.lit(str(s.path)).alias("_file"))
+        for s in shards
+        if column in s.schema
+    ]
+    if not frames:
+        return
+    try:
+        dupes = (
+            pl.concat(frames)
+            .filter(pl.col(column).is_duplicated())
+            .head(2)
+            .collect()
+        )
+    except Exception as exc:
+        raise InputError(f"could not read column '{column}' ({_one_line(exc)})") from None
+    if dupes.height:
+        value = dupes[column][0]
+        files = sorted(set(dupes["_file"]))
+        raise InputError(f"{', '.join(files)}: duplicate {column} {value!r}")
+    nulls = [s for s in shards if column in s.schema and pl.scan_parquet(s.path).select(pl.col(column).null_count()).collect().item()]
+    if nulls:
+        raise InputError(f"{nulls[0].path}: column '{column}' has null values")
+
+
+def check_output_dir(output: Path, inputs: list[InputShard]) -> None:
+    """Refuse an output directory that is, or holds, one of the inputs."""
+    out = output.resolve()
+    for shard in inputs:
+        src = shard.path.resolve()
+        if src == out or src.parent == out:
+            raise InputError(f"{output}: the output directory holds the input {shard.path}; choose another -o")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a directory")
+
+
+def check_distinct_names(inputs: list[InputShard]) -> None:
+    """One output shard per input shard, same name: two inputs may not share a file name."""
+    seen: dict[str, Path] = {}
+    for shard in inputs:
+        if shard.name in seen:
+            raise InputError(f"{shard.path} and {seen[shard.name]}: two input shards share the name {shard.name}")
+        seen[shard.name] = shard.path
+
+
+def provenance(stage: str, arguments: dict, source: InputShard | None = None) -> dict:
+    record = {"stage": stage, "version": __version__, "arguments": arguments}
+    if source is not None:
+        record["input"] = {"path": str(source.path.resolve()), "size": source.size, "rows": source.rows}
+    return record
+
+
+def write_shard(frame: pl.DataFrame | pa.Table, path: Path, record: dict) -> None:
+    """Write a Parquet file atomically, with `record` in its key-value metadata."""
+    table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
+    table = table.cast(pa.schema([f.with_type(_standard_type(f.type)) for f in table.schema], metadata=table.schema.metadata))
+    metadata = dict(table.schema.metadata or {})
+    metadata[METADATA_KEY] = json.dumps(record, sort_keys=True).encode()
+    table = table.replace_schema_metadata(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, temporary)
+        _fsync(temporary)
+        os.replace(temporary, path)
+        _fsync(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _standard_type(dtype: pa.DataType) -> pa.DataType:
+    """polars writes large_string and large_list; plain string and list are what `datasets`,
+    pandas and the training frameworks expect to read."""
+    if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return pa.string()
+    if pa.types.is_large_list(dtype) or pa.types.is_list(dtype):
+        return pa.list_(_standard_type(dtype.value_type))
+    if pa.types.is_struct(dtype):
+        return pa.struct([f.with_type(_standard_type(f.type)) for f in dtype])
+    return dtype
+
+
+def read_provenance(path: Path) -> dict | None:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[METADATA_KEY])
+    except Exception:
+        return None
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _fsync(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_manifest(output: Path, stage: str, arguments: dict, inputs: list[dict], outputs: dict[str, int]) -> None:
+    """The `_SUCCESS` manifest, written last: its presence means the whole run is complete."""
+    write_json_atomic(
+        {
+            "stage": stage,
+            "version": __version__,
+            "arguments": arguments,
+            "inputs": inputs,
+            "outputs": [{"file": name, "rows": rows} for name, rows in sorted(outputs.items())],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        output / MANIFEST,
+    )
+
+
+def read_manifest(output: Path) -> dict | None:
+    try:
+        return json.loads((output / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list[dict], overwrite: bool) -> bool:
+    """For stages that write their whole output in one go (import, export). True when `output`
+    already holds a complete run of the same stage, options and inputs: nothing to do."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a directory")
+    manifest = read_manifest(output)
+    existing = sorted(f for f in output.rglob("*.parquet") if not f.name.startswith(".")) if output.exists() else []
+    if not overwrite:
+        if manifest and (manifest.get("stage"), manifest.get("arguments"), manifest.get("inputs")) == (stage, arguments, inputs):
+            return True
+        if manifest or existing:
+            raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
+        return False
+    # --overwrite: clear what an earlier prmtool run wrote here (and only that) so nothing stale remains.
+    (output / MANIFEST).unlink(missing_ok=True)
+    for old in existing:
+        if read_provenance(old) is not None:
+            old.unlink()
+    return False
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -1,0 +1,194 @@
+"""`prmtool export`: training-ready datasets in the formats TRL, Math-Shepherd and verl read."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+
+from prmtool import shards
+from prmtool.errors import InputError
+from prmtool.formats import FORMATS
+from prmtool.options import Inputs, Output, Overwrite, Quiet
+from prmtool.report import RunStats
+from prmtool.schema import check_columns
+
+
+def parse_split(spec: str | None) -> dict[str, float]:
+    """`test=0.05` or `test=0.05,valid=0.05`; whatever remains goes to `train`."""
+    if not spec:
+        return {}
+    fractions: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not sep or not name.strip() or not 0 <= fraction <= 1:
+            raise InputError(f"--split {spec!r}: expected NAME=FRACTION[,NAME=FRACTION] with fractions in [0, 1]")
+        fractions[name.strip()] = fraction
+    if "train" in fractions:
+        raise InputError(f"--split {spec!r}: name the held-out splits only; the rest goes to train")
+    if sum(fractions.values()) > 1:
+        raise InputError(f"--split {spec!r}: fractions add up to more than 1")
+    return fractions
+
+
+def assign_splits(problem_ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Split by problem, never by response: every response of a problem lands in one split.
+    Depends only on the set of ids and the seed, not on shard layout or row order."""
+    unique = sorted(set(problem_ids))
+    random.Random(seed).shuffle(unique)
+    assignment, start = {}, 0
+    for name, fraction in fractions.items():
+        count = round(fraction * len(unique))
+        assignment.update((pid, name) for pid in unique[start : start + count])
+        start += count
+    assignment.update((pid, "train") for pid in unique[start:])
+    return assignment
+
+
+def where_filter(expression: str | None) -> pl.Expr | None:
+    """A SQL-style boolean expression over columns (e.g. `correct AND prm_score > 0.5`).
+    Parsed by polars, never evaluated as Python."""
+    if not expression:
+        return None
+    try:
+        return pl.sql_expr(expression)
+    except Exception as exc:
+        raise InputError(f"--where {expression!r}: {shards._one_line(exc)}") from None
+
+
+def export_rows(
+    frame: pl.DataFrame,
+    format_name: str,
+    split_of: dict[str, str] | None = None,
+    start_index: dict[str, int] | None = None,
+    **options,
+) -> tuple[dict[str, pl.DataFrame], Counter]:
+    """Pure core: contract rows in, one frame of the format per split out, plus skip counts.
+    `start_index` numbers verl's extra_info.index on from where the previous shard stopped."""
+    fmt = FORMATS[format_name]
+    start_index = start_index or {}
+    frame = frame.with_columns(
+        _split=pl.col("problem_id").replace_strict(split_of, default="train") if split_of else pl.lit("train")
+    )
+    results, counts = {}, Counter()
+    for (split_name,), part in frame.group_by("_split", maintain_order=True):
+        converted, skipped = fmt.convert(part.drop("_split"), split_name=split_name, start_index=start_index.get(split_name, 0), **options)
+        results[split_name] = converted
+        counts.update(skipped)
+    return results, counts
+
+
+EXAMPLES = """\b
+Examples:
+  prmtool export work/verified -o work/sft --format sft-messages --where correct
+  prmtool export work/labeled -o work/prm --format trl-stepwise --split test=0.05 --seed 0
+  prmtool export work/problems -o work/verl --format verl --data-source gsm8k --hf-dataset work/verl_hf
+"""
+
+
+def command(
+    inputs: Inputs,
+    output: Output,
+    format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
+    where: Annotated[str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")] = None,
+    split: Annotated[str | None, typer.Option(help="Held-out splits by problem, e.g. test=0.05; the rest is train.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the problem split.")] = 0,
+    prompt_template: Annotated[str, typer.Option(help="User message; {problem} is replaced by the problem.")] = "{problem}",
+    system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None,
+    data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool",
+    hf_dataset: Annotated[Path | None, typer.Option(help="Also save a datasets DatasetDict folder here.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write training data: TRL stepwise supervision, Math-Shepherd, SFT or verl RL parquet,
+    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --split)."""
+    stats = RunStats("export", quiet=quiet)
+    if format not in FORMATS:
+        raise InputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    fmt = FORMATS[format]
+    fractions = parse_split(split)
+    condition = where_filter(where)
+    found = shards.open_inputs(inputs)
+    for shard in found:
+        check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
+    shards.check_output_dir(output, found)
+    shards.check_distinct_names(found)
+    if hf_dataset is not None and hf_dataset.exists() and not overwrite:
+        raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
+
+    split_of = None
+    if fractions:
+        problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
+        split_of = assign_splits(problem_ids.to_list(), fractions, seed)
+
+    arguments = {"format": format, "where": where, "split": split, "seed": seed, "prompt_template": prompt_template,
+                 "system_prompt": system_prompt, "data_source": data_source}
+    if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite):
+        stats.log(f"{output} is already complete for these inputs and options; --overwrite recomputes it")
+        return
+
+    options = {"prompt_template": prompt_template, "system_prompt": system_prompt, "data_source": data_source}
+    seen_problems: set[str] = set()  # per-problem formats keep each problem's first row, across shards
+    next_index: dict[str, int] = {}
+    written: dict[str, int] = {}
+    with stats.progress("export", total=sum(s.rows for s in found)) as advance:
+        for shard in found:
+            frame = shards.read_shard(shard)
+            stats.rows_in += frame.height
+            if condition is not None:
+                try:
+                    kept = frame.filter(condition)
+                except Exception as exc:
+                    raise InputError(f"{shard.path}: --where {where!r}: {shards._one_line(exc)}") from None
+                stats.counts["removed_by_where"] += frame.height - kept.height
+                frame = kept
+            if fmt.per_problem:
+                first = frame.unique("problem_id", keep="first", maintain_order=True).filter(~pl.col("problem_id").is_in(list(seen_problems)))
+                stats.counts["merged_responses_of_one_problem"] += frame.height - first.height
+                seen_problems.update(first["problem_id"].to_list())
+                frame = first
+            stats.problem_ids.update(frame["problem_id"].to_list())
+            converted, skipped = export_rows(frame, format, split_of, next_index, **options)
+            stats.counts.update(skipped)
+            for split_name, part in converted.items():
+                next_index[split_name] = next_index.get(split_name, 0) + part.height
+                if part.height:
+                    relative = f"{split_name}/{shard.name}"
+                    shards.write_shard(part, output / relative, shards.provenance("export", arguments, shard))
+                    written[relative] = part.height
+                    stats.counts[f"rows_{split_name}"] += part.height
+                    stats.rows_out += part.height
+                    stats.shards_written += 1
+            advance(shard.rows)
+    shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written)
+    if hf_dataset is not None:
+        save_hf_dataset(output, written, hf_dataset, overwrite)
+        stats.log(f"datasets folder: {hf_dataset}")
+    stats.print_summary()
+
+
+def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwrite: bool) -> None:
+    import datasets
+
+    by_split: dict[str, list[str]] = {}
+    for relative in sorted(written):
+        by_split.setdefault(relative.split("/")[0], []).append(str(output / relative))
+    dataset = datasets.DatasetDict(
+        {name: datasets.Dataset.from_polars(pl.read_parquet(files)) for name, files in by_split.items()}
+    )
+    temporary = target.with_name(f".{target.name}.tmp")
+    dataset.save_to_disk(str(temporary))
+    if target.exists() and overwrite:
+        import shutil
+
+        shutil.rmtree(target)
+    temporary.rename(target)
+

@@ -1,0 +1,197 @@
+"""`prmtool import`: problems (and optional responses) from JSONL, JSON, CSV, Parquet or a
+`datasets` folder, into the row contract, as Parquet shards."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+
+from prmtool import shards
+from prmtool.errors import InputError
+from prmtool.options import Overwrite, Quiet, Split
+from prmtool.report import RunStats
+from prmtool.schema import cast_to_contract, check_columns
+from prmtool.steps import make_splitter, split_steps
+from prmtool.verification import last_boxed
+
+PRESETS = ("gsm8k", "math")
+ID_COLUMNS = ("problem_id", "response_id", "reference_answer", "reference_solution")
+
+
+def read_source(path: Path, dataset_split: str | None = None) -> pl.DataFrame:
+    """One input file or `datasets` folder as a frame; errors name the file."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    try:
+        if path.is_dir():
+            return _read_datasets_folder(path, dataset_split)
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            return pl.read_ndjson(path, infer_schema_length=None)
+        if suffix == ".json":
+            return pl.read_json(path, infer_schema_length=None)
+        if suffix == ".csv":
+            return pl.read_csv(path, infer_schema_length=0)  # all text: ids and answers stay as written
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as {path.suffix or 'a datasets folder'} ({shards._one_line(exc)})") from None
+    raise InputError(f"{path}: unknown format; expected .jsonl, .json, .csv, .parquet or a datasets folder")
+
+
+def _read_datasets_folder(path: Path, dataset_split: str | None) -> pl.DataFrame:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if dataset_split is None and len(names) == 1:
+            dataset_split = names[0]
+        if dataset_split not in loaded:
+            raise InputError(f"{path}: pick a split with --dataset-split (has: {', '.join(names)})")
+        loaded = loaded[dataset_split]
+    return pl.from_arrow(loaded.data.table)
+
+
+def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.DataFrame:
+    """gsm8k: `question`/`answer` with `#### X`; math: `problem`/`solution` with a last \\boxed{}."""
+    if preset is None:
+        return frame
+    if preset == "gsm8k":
+        _require(frame, ("question", "answer"), source, "--preset gsm8k")
+        solution_and_answer = pl.col("answer").str.split_exact("####", 1)
+        return frame.rename({"question": "problem"}).with_columns(
+            reference_solution=solution_and_answer.struct.field("field_0").str.strip_chars(),
+            reference_answer=solution_and_answer.struct.field("field_1").str.strip_chars().str.replace_all(",", ""),
+        ).drop("answer")
+    if preset == "math":
+        _require(frame, ("problem", "solution"), source, "--preset math")
+        frame = frame.rename({"solution": "reference_solution"})
+        if "answer" in frame.columns and "reference_answer" not in frame.columns:
+            return frame.rename({"answer": "reference_answer"})
+        return frame.with_columns(
+            reference_answer=pl.col("reference_solution").map_elements(last_boxed, return_dtype=pl.String)
+        )
+    raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+
+
+def _require(frame: pl.DataFrame, columns: tuple[str, ...], source: str, what: str) -> None:
+    for column in columns:
+        if column not in frame.columns:
+            raise InputError(f"{source}: {what} needs column '{column}' (has: {', '.join(frame.columns)})")
+
+
+def stable_id(*parts: str) -> str:
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
+    """Ids, types and steps: make a renamed frame a valid shard of the row contract."""
+    _require(frame, ("problem", "reference_answer"), source, "import")
+    frame = frame.with_columns(pl.col(c).cast(pl.String) for c in ID_COLUMNS if c in frame.columns and frame.schema[c] != pl.String and frame.schema[c].is_numeric())
+    check_columns(frame.schema, source)
+    _no_nulls(frame, "problem", source)
+    if "problem_id" not in frame.columns:
+        frame = frame.with_columns(problem_id=pl.col("problem").map_elements(lambda p: stable_id(p), return_dtype=pl.String))
+    _no_nulls(frame, "problem_id", source)
+    if "response" in frame.columns:
+        _no_nulls(frame, "response", source)
+        if "response_id" not in frame.columns:
+            # The k-th identical response to a problem gets its own id, still stable across runs.
+            occurrence = pl.int_range(pl.len()).over("problem_id", "response").cast(pl.String)
+            frame = frame.with_columns(
+                response_id=pl.concat_str("problem_id", "response", occurrence, separator="\x1f")
+                .map_elements(lambda key: stable_id(key), return_dtype=pl.String)
+            )
+        splitter = make_splitter(split)
+        frame = frame.with_columns(
+            steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
+        )
+    leading = [c for c in ("problem_id", "problem", "reference_answer", "reference_solution", "response_id", "response", "steps") if c in frame.columns]
+    return cast_to_contract(frame.select(leading + [c for c in frame.columns if c not in leading]))
+
+
+def _no_nulls(frame: pl.DataFrame, column: str, source: str) -> None:
+    nulls = frame[column].is_null()
+    if nulls.any():
+        raise InputError(f"{source}: row {int(nulls.arg_true()[0])}: column '{column}' is empty")
+
+
+def parse_maps(maps: list[str]) -> dict[str, str]:
+    renames = {}
+    for item in maps:
+        source, sep, target = item.partition("=")
+        if not sep or not source or not target:
+            raise InputError(f"--map {item!r}: expected SRC=DST")
+        renames[source] = target
+    return renames
+
+
+def import_rows(
+    paths: list[Path], maps: dict[str, str], preset: str | None, split: str, dataset_split: str | None = None
+) -> pl.DataFrame:
+    """Read, rename, apply the preset and conform every source; one frame in input order."""
+    frames = []
+    for path in paths:
+        frame = read_source(path, dataset_split)
+        missing = [s for s in maps if s not in frame.columns]
+        if missing:
+            raise InputError(f"{path}: --map names missing column '{missing[0]}' (has: {', '.join(frame.columns)})")
+        frame = apply_preset(frame.rename(maps), preset, str(path))
+        frames.append(to_contract(frame, str(path), split))
+    combined = pl.concat(frames, how="diagonal_relaxed")
+    if "response_id" in combined.columns:
+        dupes = combined.filter(pl.col("response_id").is_duplicated())
+        if dupes.height:
+            raise InputError(f"{', '.join(map(str, paths))}: duplicate response_id {dupes['response_id'][0]!r}")
+    return combined
+
+
+EXAMPLES = """\b
+Examples:
+  prmtool import ../shared/data/gsm8k/test.jsonl --preset gsm8k -o work/problems
+  prmtool import outputs.csv --map question=problem --map gold=reference_answer --map output=response -o work/responses
+  prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/problems
+"""
+
+
+def command(
+    inputs: Annotated[list[Path], typer.Argument(help="JSONL, JSON, CSV or Parquet files, or datasets folders.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory of Parquet shards.")],
+    map: Annotated[list[str], typer.Option("--map", help="Rename a column: SRC=DST (repeatable).")] = [],
+    preset: Annotated[str | None, typer.Option(help="Column conventions of a known dataset: gsm8k or math.")] = None,
+    split: Split = "blank-line",
+    shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1)] = 50_000,
+    dataset_split: Annotated[str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Bring problems (and optional model responses) into prmtool's row contract."""
+    stats = RunStats("import", quiet=quiet)
+    arguments = {"map": map, "preset": preset, "split": split, "shard_rows": shard_rows, "dataset_split": dataset_split}
+    sources = [{"path": str(p), "size": p.stat().st_size if p.is_file() else None} for p in inputs if p.exists()]
+    renames = parse_maps(map)
+    frame = import_rows(list(inputs), renames, preset, split, dataset_split)
+    if output.resolve() in {p.resolve() for p in inputs} or any(p.resolve().parent == output.resolve() for p in inputs):
+        raise InputError(f"{output}: the output directory holds an input; choose another -o")
+    if shards.prepare_whole_output(output, "import", arguments, sources, overwrite):
+        stats.log(f"{output} is already complete for these inputs and options; --overwrite recomputes it")
+        return
+    stats.rows_in = stats.rows_out = frame.height
+    stats.problem_ids.update(frame["problem_id"].to_list())
+    written = {}
+    for number, start in enumerate(range(0, max(frame.height, 1), shard_rows)):
+        name = f"part-{number:05d}.parquet"
+        piece = frame.slice(start, shard_rows)
+        shards.write_shard(piece, output / name, shards.provenance("import", arguments))
+        written[name] = piece.height
+        stats.shards_written += 1
+    shards.write_manifest(output, "import", arguments, sources, written)
+    stats.print_summary()
+

@@ -1,0 +1,65 @@
+"""`prmtool verify`: is each response's final answer mathematically equal to the reference?"""
+
+from __future__ import annotations
+
+from typing import Annotated, Callable
+
+import polars as pl
+import typer
+
+from prmtool.options import Inputs, Output, Overwrite, Quiet, Workers, default_workers
+from prmtool.report import RunStats
+from prmtool.runner import MapStage, run_map_stage
+from prmtool.verification import verify_responses
+
+REQUIRED = ("problem_id", "response_id", "response", "reference_answer")
+
+
+def verify_rows(
+    frame: pl.DataFrame, timeout: float = 5.0, workers: int = 2, on_progress: Callable[[int], None] | None = None
+) -> pl.DataFrame:
+    """Adds `pred_answer`, `correct` and `verify_status`; every input row and column stays."""
+    predictions, verdicts = verify_responses(
+        frame["response"].to_list(),
+        frame["reference_answer"].cast(pl.String).to_list(),
+        timeout=timeout,
+        workers=workers,
+        on_progress=on_progress,
+    )
+    return frame.with_columns(
+        pl.Series("pred_answer", predictions, dtype=pl.String),
+        pl.Series("correct", [v.correct for v in verdicts], dtype=pl.Boolean),
+        pl.Series("verify_status", [v.status for v in verdicts], dtype=pl.String),
+    )
+
+
+EXAMPLES = """\b
+Examples:
+  prmtool verify data_samples/gsm8k_responses -o work/verified
+  prmtool verify 'shards/*.parquet' -o work/verified --timeout 2 --workers 8
+"""
+
+
+def command(
+    inputs: Inputs,
+    output: Output,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.")] = 5.0,
+    workers: Workers = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Check each response's final answer against `reference_answer` by mathematical
+    equivalence (Math-Verify), writing `pred_answer`, `correct` and `verify_status`."""
+    stats = RunStats("verify", quiet=quiet)
+    workers = workers or default_workers()
+
+    def transform(frame: pl.DataFrame) -> pl.DataFrame:
+        result = verify_rows(frame, timeout=timeout, workers=workers)
+        stats.counts.update(f"status_{s}" for s in result["verify_status"])
+        stats.counts["correct"] += int(result["correct"].sum())
+        return result
+
+    stage = MapStage("verify", transform, {"timeout": timeout}, REQUIRED)
+    run_map_stage(stage, inputs, output, overwrite, stats)
+    stats.print_summary()
+

@@ -1,0 +1,74 @@
+"""Lossless step splitting.
+
+`separator.join(split_steps(text, splitter)) == text` for every text and splitter, and no step
+is empty or whitespace only: such a piece is glued to its neighbour together with the separator,
+so no byte is lost (a text that is all whitespace stays one step). A rollout from step i continues `prompt + separator.join(steps[:i]) + separator`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from prmtool.errors import InputError
+
+
+@dataclass(frozen=True)
+class Splitter:
+    name: str
+    separator: str  # the exact text between two steps
+    boundary: re.Pattern  # matches exactly `separator` wherever a new step begins
+
+
+SPLIT_HELP = (
+    "How responses are cut into steps: blank-line (\\n\\n, default), line (\\n), "
+    "step-k (a new step at each line starting 'Step k:'), or regex:PATTERN (a new step "
+    "begins at each match of PATTERN; nothing is removed between steps)."
+)
+
+
+def make_splitter(spec: str) -> Splitter:
+    if spec == "blank-line":
+        return Splitter(spec, "\n\n", re.compile(re.escape("\n\n")))
+    if spec == "line":
+        return Splitter(spec, "\n", re.compile(re.escape("\n")))
+    if spec == "step-k":
+        return Splitter(spec, "\n", re.compile(r"\n(?=[ \t]*Step \d+\s*:)"))
+    if spec.startswith("regex:"):
+        pattern = spec.removeprefix("regex:")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise InputError(f"--split {spec!r}: invalid regular expression: {exc}") from None
+        # Zero-width boundary: the matched text opens the new step, the separator is empty.
+        return Splitter(spec, "", re.compile(f"(?=(?:{compiled.pattern}))", compiled.flags))
+    raise InputError(f"--split {spec!r}: expected blank-line, line, step-k or regex:PATTERN")
+
+
+def split_steps(text: str, splitter: Splitter) -> list[str]:
+    pieces: list[str] = []
+    start = 0
+    for match in splitter.boundary.finditer(text):
+        pieces.append(text[start : match.start()])
+        start = match.end()
+    pieces.append(text[start:])
+    return _merge_blank(pieces, splitter.separator)
+
+
+def _merge_blank(pieces: list[str], separator: str) -> list[str]:
+    """Glue blank pieces to the next step (or the previous one, at the end), separator kept."""
+    steps: list[str] = []
+    pending = ""  # blank pieces waiting for the next real step, with their separators
+    for piece in pieces:
+        if piece.strip():
+            steps.append(pending + piece)
+            pending = ""
+        else:
+            pending += piece + separator
+    if pending:
+        if steps:
+            # `pending` ends with one separator too many: the join already puts one before it.
+            steps[-1] += separator + pending[: len(pending) - len(separator)]
+        elif pending[: len(pending) - len(separator)]:
+            steps.append(pending[: len(pending) - len(separator)])
+    return steps

@@ -1,0 +1,163 @@
+"""Outcome verification: extract a response's final answer and compare it with the gold
+answer by mathematical equivalence (Math-Verify), never by string equality.
+
+Math-Verify's own timeouts use SIGALRM, which works only in a process's main thread, and some
+inputs hang in C code where no signal reaches. So comparisons run in worker processes (pebble),
+in chunks for speed; a chunk that overruns is killed and its items are retried one by one,
+each under its own hard timeout, so one hanging answer costs one timeout and stalls nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterable
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS = re.compile(r"(?i)\bthe (?:final )?answer is\s*:?\s*([^\n]+)")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_A_LINE = re.compile(r"(?m)^\s*A:\s*([^\n]+)")
+_NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final answer of a solution: the last `\\boxed{...}`, else whichever of
+    `The answer is X`, `#### X` or a GSM8K `A: X` line comes last. None when there is none."""
+    if not text:
+        return None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip() or None
+    candidates = [m for pattern in (_ANSWER_IS, _HASHES, _A_LINE) for m in pattern.finditer(text)]
+    if not candidates:
+        return None
+    last = max(candidates, key=lambda m: m.start(1))
+    return _clean_text_answer(last.group(1))
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`, with nested braces balanced."""
+    matches = list(_BOXED.finditer(text))
+    for match in reversed(matches):
+        depth, start = 1, match.end()
+        for position in range(start, len(text)):
+            if text[position] == "{":
+                depth += 1
+            elif text[position] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:position]
+    return None
+
+
+def _clean_text_answer(answer: str) -> str | None:
+    """`$1,234.50 dollars.` -> `1,234.50`: plain-text answers carry units and punctuation that
+    Math-Verify would read as symbols. LaTeX answers are left alone."""
+    answer = answer.strip().rstrip(".").strip()
+    if answer.startswith("\\boxed"):
+        return last_boxed(answer)
+    if "\\" not in answer and re.search(r"[A-Za-z$%]", answer):
+        number = _NUMBER.search(answer)
+        if number:
+            return number.group(0).rstrip(",")
+    return answer or None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    status: str  # ok | no_answer | timeout | error
+
+
+@lru_cache(maxsize=65536)
+def _parsed(answer: str, timeout: int):
+    from math_verify import parse
+
+    return parse(f"${answer}$", parsing_timeout=timeout, raise_on_error=True)
+
+
+def compare(gold: str, pred: str, timeout: int = 5) -> Verdict:
+    """Gold first, prediction second: Math-Verify is asymmetric. Runs in the calling process."""
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    if gold.strip() == pred.strip():
+        return Verdict(True, "ok")  # identical text is equal; saves a sympy round trip
+    try:
+        return Verdict(bool(verify(_parsed(gold, timeout), _parsed(pred, timeout), timeout_seconds=timeout, raise_on_error=True)), "ok")
+    except TimeoutException:
+        return Verdict(False, "timeout")
+    except Exception:
+        return Verdict(False, "error")
+
+
+def _compare_chunk(pairs: list[tuple[str, str]], timeout: int) -> list[Verdict]:
+    return [compare(gold, pred, timeout) for gold, pred in pairs]
+
+
+def verify_answers(
+    pairs: list[tuple[str | None, str | None]],
+    timeout: float = 5.0,
+    workers: int = 2,
+    chunk_size: int = 64,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[Verdict]:
+    """Verdicts for (gold, pred) pairs, in order. A missing pred is `no_answer`, a missing
+    gold is `error`; everything else goes through Math-Verify in worker processes."""
+    from pebble import ProcessPool
+
+    verdicts: list[Verdict | None] = [None] * len(pairs)
+    todo: list[int] = []
+    for index, (gold, pred) in enumerate(pairs):
+        if pred is None:
+            verdicts[index] = Verdict(False, "no_answer")
+        elif gold is None or not str(gold).strip():
+            verdicts[index] = Verdict(False, "error")
+        elif gold.strip() == pred.strip():
+            verdicts[index] = Verdict(True, "ok")
+        else:
+            todo.append(index)
+    if on_progress:
+        on_progress(len(pairs) - len(todo))
+    if not todo:
+        return verdicts  # type: ignore[return-value]
+
+    signal_timeout = max(1, int(round(timeout)))  # SIGALRM counts whole seconds
+    hard_timeout = timeout + 2.0  # the backstop for hangs no signal interrupts
+    chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
+    with ProcessPool(max_workers=max(1, workers)) as pool:
+        futures = [
+            pool.schedule(_compare_chunk, args=([pairs[i] for i in chunk], signal_timeout), timeout=hard_timeout + 0.05 * len(chunk))
+            for chunk in chunks
+        ]
+        retry: list[int] = []
+        for chunk, future in zip(chunks, futures):
+            try:
+                for index, verdict in zip(chunk, future.result()):
+                    verdicts[index] = verdict
+                if on_progress:
+                    on_progress(len(chunk))
+            except Exception:  # the chunk overran or its worker died: retry its items alone
+                retry.extend(chunk)
+        singles = [(i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout), timeout=hard_timeout)) for i in retry]
+        for index, future in singles:
+            try:
+                verdicts[index] = future.result()[0]
+            except FutureTimeout:
+                verdicts[index] = Verdict(False, "timeout")
+            except Exception:
+                verdicts[index] = Verdict(False, "error")
+            if on_progress:
+                on_progress(1)
+    return verdicts  # type: ignore[return-value]
+
+
+def verify_responses(
+    responses: Iterable[str | None], references: Iterable[str | None], **options
+) -> tuple[list[str | None], list[Verdict]]:
+    """Extract each response's answer and verify it against its reference."""
+    predictions = [extract_answer(r) for r in responses]
+    golds = [None if g is None else str(g) for g in references]
+    return predictions, verify_answers(list(zip(golds, predictions)), **options)
