@@ -17,7 +17,8 @@ from prmtool.errors import InputError
 class Splitter:
     name: str
     separator: str  # the exact text between two steps
-    boundary: re.Pattern  # matches exactly `separator` wherever a new step begins
+    boundary: re.Pattern  # matches exactly `separator` wherever a new step begins...
+    opens_step: bool = False  # ...or, when True, matches the text that opens a new step
 
 
 SPLIT_HELP = (
@@ -40,8 +41,8 @@ def make_splitter(spec: str) -> Splitter:
             compiled = re.compile(pattern)
         except re.error as exc:
             raise InputError(f"--split {spec!r}: invalid regular expression: {exc}") from None
-        # Zero-width boundary: the matched text opens the new step, the separator is empty.
-        return Splitter(spec, "", re.compile(f"(?=(?:{compiled.pattern}))", compiled.flags))
+        # The matched text opens the new step; nothing stands between steps.
+        return Splitter(spec, "", compiled, opens_step=True)
     raise InputError(f"--split {spec!r}: expected blank-line, line, step-k or regex:PATTERN")
 
 
@@ -50,7 +51,7 @@ def split_steps(text: str, splitter: Splitter) -> list[str]:
     start = 0
     for match in splitter.boundary.finditer(text):
         pieces.append(text[start : match.start()])
-        start = match.end()
+        start = match.start() if splitter.opens_step else match.end()
     pieces.append(text[start:])
     return _merge_blank(pieces, splitter.separator)
 

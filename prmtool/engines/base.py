@@ -1,0 +1,139 @@
+"""What every engine takes and returns, and the text handling all engines share.
+
+This module imports neither torch nor transformers, so `import prmtool.engines` stays cheap:
+the heavy modules load only when `load_engine` builds an engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class EngineError(Exception):
+    """A model or engine that cannot be used as asked; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """Sample `n` continuations of a prompt given as token ids (so step prefixes continue exactly).
+
+    `temperature == 0` means greedy decoding. `seed` fixes the samples of this request whatever
+    else runs in the same batch; `None` draws a fresh seed.
+    """
+
+    prompt_ids: list[int]
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation.
+
+    Stop strings follow vLLM: generation ends at the first occurrence of any stop string, `text`
+    ends just before it (the stop string is excluded), while `token_ids` keep every generated
+    token up to and including the one that completed the stop string (or the EOS token).
+    """
+
+    text: str
+    token_ids: list[int]
+    num_tokens: int  # generated tokens, including the one that hit a stop
+    finish_reason: str  # "stop" (EOS or stop string) | "length" (max_tokens reached)
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """Ask for log p(continuation token | everything before it) for every continuation token."""
+
+    prompt_ids: list[int]
+    continuation_ids: list[int]
+
+
+# on_progress(requests_done, tokens_generated_delta): requests finished so far in this call
+# (cumulative), and tokens generated since the previous call (an increment).
+ProgressCallback = Callable[[int, int], None]
+
+
+class Engine(ABC):
+    """A loaded model that samples and scores token sequences. Close it to free its memory."""
+
+    tokenizer: Any  # the Hugging Face tokenizer of the model
+
+    @abstractmethod
+    def sample(
+        self, requests: list[SamplingRequest], on_progress: ProgressCallback | None = None
+    ) -> list[list[Completion]]:
+        """One list of `request.n` completions per request, in request order."""
+
+    @abstractmethod
+    def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
+        """Natural-log probability of every continuation token, one list per request."""
+
+    def chat_prompt_ids(
+        self, problem: str, system_prompt: str | None = None, prompt_template: str | None = None
+    ) -> list[int]:
+        """Token ids of the prompt that asks the model to solve `problem`.
+
+        `prompt_template` is any text containing "{problem}" (replaced literally, so braces in
+        LaTeX are safe). The user message goes through the tokenizer's chat template with the
+        assistant turn opened. A tokenizer without a chat template (a base model) gets the plain
+        text: the system prompt, a blank line, then the user message.
+        """
+        user_message = problem if prompt_template is None else prompt_template.replace("{problem}", problem)
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = user_message if system_prompt is None else f"{system_prompt}\n\n{user_message}"
+            return self.tokenizer.encode(text, add_special_tokens=True)
+        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        messages.append({"role": "user", "content": user_message})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template already holds every special token (BOS included where the model uses one).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def continuation_ids(self, prompt_ids: list[int], partial_answer: str) -> list[int]:
+        """`prompt_ids` followed by the ids of a partial assistant answer (a step prefix).
+
+        The partial answer is encoded on its own, without special tokens: a chat prompt ends at a
+        template boundary (`...assistant\\n`), and a model never emits a token that spans text on
+        both sides of the prompt's last token, so encoding the answer alone gives the tokens the
+        model would have produced for it.
+
+        Token boundary inside the answer: the ids are the tokenizer's own split of exactly this
+        text. Cutting a response between steps keeps the tokens of the full response as long as
+        the cut falls on a pre-tokenizer boundary; byte-level BPE tokenizers (GPT-2, Llama 3,
+        Qwen, SmolLM) end a run of newlines before a letter, so a prefix that ends with "\\n\\n"
+        followed by "Step 2" is a token prefix of the whole. A cut inside a word is re-split.
+        """
+        return list(prompt_ids) + self.tokenizer.encode(partial_answer, add_special_tokens=False)
+
+    def close(self) -> None:
+        """Release the model. The engine cannot be used afterwards."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def first_stop_index(text: str, stop: tuple[str, ...]) -> int | None:
+    """Index in `text` where the earliest occurrence of any stop string begins, or None."""
+    found = [index for index in (text.find(s) for s in stop if s) if index >= 0]
+    return min(found) if found else None
+
+
+def check_requests(requests: list[SamplingRequest]) -> None:
+    """Reject requests no engine can serve, with a message naming the request."""
+    for number, request in enumerate(requests):
+        if not request.prompt_ids:
+            raise EngineError(f"sampling request {number}: empty prompt_ids")
+        if request.n < 1 or request.max_tokens < 1:
+            raise EngineError(f"sampling request {number}: n and max_tokens must be at least 1")
+        if request.temperature < 0 or not 0 < request.top_p <= 1:
+            raise EngineError(f"sampling request {number}: need temperature >= 0 and 0 < top_p <= 1")

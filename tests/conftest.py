@@ -1,0 +1,59 @@
+"""Shared fixtures: run the CLI in-process, and small shard sets written the way users write them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from prmtool.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data_samples" / "gsm8k"
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def prmtool(capsys):
+    """`prmtool("verify", "in", "-o", "out")` runs the CLI as a user would and returns
+    its exit code and output."""
+
+    def run(*args: str | Path) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(rows: list[dict], name: str = "input.jsonl") -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def responses_dir(tmp_path) -> Path:
+    """A shard set of responses in the row contract: the GSM8K sample's 48 responses."""
+    target = tmp_path / "responses"
+    target.mkdir()
+    pl.read_parquet(SAMPLES / "responses" / "part-00000.parquet").write_parquet(target / "part-00000.parquet")
+    return target
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
