@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 from rich.console import Console
 
 from prmtool import __version__
 from prmtool.errors import InputError, StageError
-from prmtool.stages import export, import_, stats, verify
+
+try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own classes
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click import ClickException
+from prmtool.stages import export, generate, import_, stats, verify
 
 app = typer.Typer(
     name="prmtool",
@@ -23,7 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for name, stage in [("import", import_), ("verify", verify), ("export", export), ("stats", stats)]:
+for name, stage in [("import", import_), ("generate", generate), ("verify", verify), ("export", export), ("stats", stats)]:
     app.command(name, epilog=stage.EXAMPLES)(stage.command)
 
 
@@ -44,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error."""
     stderr = Console(stderr=True, highlight=False)
     try:
-        app(args=argv, prog_name="prmtool", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        code = app(args=argv, prog_name="prmtool", standalone_mode=False)
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except ClickException as exc:  # usage errors: a missing option, a bad value, an unknown command
         exc.show()
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         stderr.print("interrupted; rerun the same command to resume where it stopped")
         return 130
     except KeyboardInterrupt:
@@ -59,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, StageError) as exc:
         stderr.print(f"error: {exc}", markup=False, soft_wrap=True)
         return exc.exit_code
-    return 0
+    except Exception as exc:
+        from prmtool.engines import EngineError  # imported here: only model stages load engines
+
+        if not isinstance(exc, EngineError):
+            raise
+        stderr.print(f"error: {exc}", markup=False, soft_wrap=True)  # a model that cannot be used as asked
+        return 2
+    # typer >= 0.26 returns the code of an Exit it caught instead of raising it; it turns
+    # Ctrl-C into Exit(130).
+    if code == 130:
+        stderr.print("interrupted; rerun the same command to resume where it stopped")
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:

@@ -24,3 +24,12 @@ Split = Annotated[
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+# Model options, shared by every stage that runs a model.
+Model = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="A local transformers model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct).", show_default=False),
+]
+EngineName = Annotated[str, typer.Option("--engine", help="Model backend: hf (transformers) or vllm.")]
+Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).", show_default=False)]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]

@@ -24,6 +24,25 @@ from rich.table import Table
 from rich.text import Text
 
 
+class Tracker:
+    """What a stage advances while it works: rows done, and tokens generated if any."""
+
+    def __init__(self, bar: Progress, task) -> None:
+        self.bar, self.task, self.tokens = bar, task, 0
+
+    def advance(self, rows: int = 1, tokens: int = 0) -> None:
+        self.tokens += tokens
+        self.bar.update(self.task, advance=rows, tokens=self.tokens)
+
+
+class TokenRateColumn(ProgressColumn):
+    """Generated tokens per second, shown once a stage reports tokens."""
+
+    def render(self, task) -> Text:
+        tokens, elapsed = task.fields.get("tokens", 0), task.elapsed
+        return Text(f"{tokens / elapsed:,.0f} tok/s" if tokens and elapsed else "")
+
+
 class RateColumn(ProgressColumn):
     """Items per second, e.g. `412.3 rows/s` (rich only ships a bytes-per-second column)."""
 
@@ -51,26 +70,27 @@ class RunStats:
         self.console = Console(stderr=True, quiet=self.quiet, highlight=False)
 
     def log(self, message: str) -> None:
-        self.console.print(message)
+        # soft_wrap: a message stays one line (paths in it intact) whatever the terminal width
+        self.console.print(message, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}")
+        self.console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 
     @contextmanager
     def progress(self, description: str, total: int | None, unit: str = "rows"):
-        """A progress bar; yields `advance(n)`."""
+        """A progress bar; yields a Tracker."""
         columns = [
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(unit),
             RateColumn(unit),
+            TokenRateColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         ]
         with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+            yield Tracker(bar, bar.add_task(description, total=total, tokens=0))
 
     def summary(self) -> dict:
         return {

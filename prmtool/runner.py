@@ -15,17 +15,18 @@ import polars as pl
 
 from prmtool import shards
 from prmtool.errors import InputError, StageError
-from prmtool.report import RunStats
+from prmtool.report import RunStats, Tracker
 from prmtool.schema import cast_to_contract, check_columns
 
 
 @dataclass
 class MapStage:
     name: str
-    transform: Callable[[pl.DataFrame], pl.DataFrame]
+    transform: Callable[[pl.DataFrame, Tracker], pl.DataFrame]  # advances the tracker by input rows
     arguments: dict  # every option that changes the output: goes into provenance and resume checks
     required: tuple[str, ...]
     unique_column: str | None = "response_id"
+    rows_per_input: int = 1  # generate writes n rows per problem
     extra_checks: list[Callable[[shards.InputShard], None]] = field(default_factory=list)
 
 
@@ -50,7 +51,7 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
         (output / shards.MANIFEST).unlink(missing_ok=True)
 
     written: dict[str, int] = {}
-    with stats.progress(stage.name, total=sum(s.rows for s in found)) as advance:
+    with stats.progress(stage.name, total=sum(s.rows for s in found)) as tracker:
         for shard, todo in plan:
             target = output / shard.name
             stats.rows_in += shard.rows
@@ -59,17 +60,16 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
                 written[shard.name] = shard.rows
                 stats.rows_out += shard.rows
                 stats.problem_ids.update(pl.read_parquet(target, columns=["problem_id"])["problem_id"].to_list())
-                advance(shard.rows)
+                tracker.advance(shard.rows)
                 continue
             frame = shards.read_shard(shard)
-            result = cast_to_contract(stage.transform(frame))
-            _check_nothing_lost(frame, result, shard)
+            result = cast_to_contract(stage.transform(frame, tracker))
+            _check_nothing_lost(frame, result, shard, stage.rows_per_input)
             shards.write_shard(result, target, shards.provenance(stage.name, stage.arguments, shard))
             written[shard.name] = result.height
             stats.rows_out += result.height
             stats.shards_written += 1
             stats.problem_ids.update(result["problem_id"].to_list())
-            advance(shard.rows)
     shards.write_manifest(output, stage.name, stage.arguments, [s.describe() for s in found], written)
     _warn_stale(output, set(written), stats)
 
@@ -93,8 +93,8 @@ def _plan(stage: MapStage, found: list[shards.InputShard], output: Path, overwri
     return plan
 
 
-def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard) -> None:
-    if after.height != before.height:
+def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard, rows_per_input: int) -> None:
+    if after.height != before.height * rows_per_input:
         raise StageError(f"{shard.path}: internal error: {before.height} rows in, {after.height} out")
     missing = [c for c in before.columns if c not in after.columns]
     if missing:

@@ -37,7 +37,7 @@ class InputShard:
         return self.path.name
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "size": self.size, "rows": self.rows}
+        return {"path": str(self.path.resolve()), "size": self.size, "rows": self.rows}
 
 
 def _is_shard_file(path: Path) -> bool:

@@ -64,6 +64,15 @@ def where_filter(expression: str | None) -> pl.Expr | None:
         raise InputError(f"--where {expression!r}: {shards._one_line(exc)}") from None
 
 
+def check_where(condition: pl.Expr, where: str, shard: shards.InputShard) -> None:
+    """Apply --where to an empty frame of the shard's schema: an unknown column fails here,
+    before any output is written, not halfway through the shards."""
+    try:
+        pl.DataFrame(schema=shard.schema).filter(condition)
+    except Exception as exc:
+        raise InputError(f"{shard.path}: --where {where!r}: {shards._one_line(exc)}") from None
+
+
 def export_rows(
     frame: pl.DataFrame,
     format_name: str,
@@ -119,6 +128,8 @@ def command(
     found = shards.open_inputs(inputs)
     for shard in found:
         check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
+        if condition is not None:
+            check_where(condition, where, shard)
     shards.check_output_dir(output, found)
     shards.check_distinct_names(found)
     if hf_dataset is not None and hf_dataset.exists() and not overwrite:
@@ -139,7 +150,7 @@ def command(
     seen_problems: set[str] = set()  # per-problem formats keep each problem's first row, across shards
     next_index: dict[str, int] = {}
     written: dict[str, int] = {}
-    with stats.progress("export", total=sum(s.rows for s in found)) as advance:
+    with stats.progress("export", total=sum(s.rows for s in found)) as tracker:
         for shard in found:
             frame = shards.read_shard(shard)
             stats.rows_in += frame.height
@@ -167,25 +178,36 @@ def command(
                     stats.counts[f"rows_{split_name}"] += part.height
                     stats.rows_out += part.height
                     stats.shards_written += 1
-            advance(shard.rows)
+            tracker.advance(shard.rows)
     shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written)
     if hf_dataset is not None:
-        save_hf_dataset(output, written, hf_dataset, overwrite)
+        save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
     stats.print_summary()
 
 
-def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwrite: bool) -> None:
+def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwrite: bool, quiet: bool = False) -> None:
     import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     by_split: dict[str, list[str]] = {}
     for relative in sorted(written):
         by_split.setdefault(relative.split("/")[0], []).append(str(output / relative))
+    # Read the shards with pyarrow, not polars: the folder keeps the shards' plain string and
+    # list types, so it has the same features as the Parquet files.
     dataset = datasets.DatasetDict(
-        {name: datasets.Dataset.from_polars(pl.read_parquet(files)) for name, files in by_split.items()}
+        {name: datasets.Dataset(pa.concat_tables(pq.read_table(f) for f in files)) for name, files in by_split.items()}
     )
     temporary = target.with_name(f".{target.name}.tmp")
-    dataset.save_to_disk(str(temporary))
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(temporary))
+    finally:
+        if quiet and bars_were_enabled:
+            datasets.enable_progress_bars()
     if target.exists() and overwrite:
         import shutil
 

@@ -75,9 +75,13 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
         frame = frame.rename({"solution": "reference_solution"})
         if "answer" in frame.columns and "reference_answer" not in frame.columns:
             return frame.rename({"answer": "reference_answer"})
-        return frame.with_columns(
+        frame = frame.with_columns(
             reference_answer=pl.col("reference_solution").map_elements(last_boxed, return_dtype=pl.String)
         )
+        missing = frame["reference_answer"].is_null()
+        if missing.any():
+            raise InputError(f"{source}: row {int(missing.arg_true()[0])}: --preset math found no \\boxed{{}} answer in 'solution'")
+        return frame
     raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
 
 
@@ -110,17 +114,38 @@ def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> 
                 .map_elements(lambda key: stable_id(key), return_dtype=pl.String)
             )
         splitter = make_splitter(split)
-        frame = frame.with_columns(
-            steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
-        )
+        if "steps" in frame.columns:
+            _check_given_steps(frame, splitter.separator, split, source)
+        else:
+            frame = frame.with_columns(
+                steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
+            )
     leading = [c for c in ("problem_id", "problem", "reference_answer", "reference_solution", "response_id", "response", "steps") if c in frame.columns]
     return cast_to_contract(frame.select(leading + [c for c in frame.columns if c not in leading]))
+
+
+def _check_given_steps(frame: pl.DataFrame, separator: str, split: str, source: str) -> None:
+    """Steps that came with the data are kept (labels may refer to them), but only if they are
+    a lossless split of the response with the --split separator, as every stage assumes."""
+    joined = frame["steps"].list.join(separator)
+    mismatch = (joined != frame["response"]) | frame["steps"].is_null()
+    if mismatch.any():
+        row = int(mismatch.arg_true()[0])
+        raise InputError(
+            f"{source}: row {row}: column 'steps' does not join back to 'response' with the "
+            f"--split {split} separator {separator!r}; drop the column or pick the matching --split"
+        )
 
 
 def _no_nulls(frame: pl.DataFrame, column: str, source: str) -> None:
     nulls = frame[column].is_null()
     if nulls.any():
         raise InputError(f"{source}: row {int(nulls.arg_true()[0])}: column '{column}' is empty")
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a `datasets` folder, so a changed source reruns."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def parse_maps(maps: list[str]) -> dict[str, str]:
@@ -175,7 +200,7 @@ def command(
     """Bring problems (and optional model responses) into prmtool's row contract."""
     stats = RunStats("import", quiet=quiet)
     arguments = {"map": map, "preset": preset, "split": split, "shard_rows": shard_rows, "dataset_split": dataset_split}
-    sources = [{"path": str(p), "size": p.stat().st_size if p.is_file() else None} for p in inputs if p.exists()]
+    sources = [{"path": str(p.resolve()), "size": _size(p)} for p in inputs if p.exists()]
     renames = parse_maps(map)
     frame = import_rows(list(inputs), renames, preset, split, dataset_split)
     if output.resolve() in {p.resolve() for p in inputs} or any(p.resolve().parent == output.resolve() for p in inputs):

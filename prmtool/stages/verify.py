@@ -53,8 +53,8 @@ def command(
     stats = RunStats("verify", quiet=quiet)
     workers = workers or default_workers()
 
-    def transform(frame: pl.DataFrame) -> pl.DataFrame:
-        result = verify_rows(frame, timeout=timeout, workers=workers)
+    def transform(frame: pl.DataFrame, tracker) -> pl.DataFrame:
+        result = verify_rows(frame, timeout=timeout, workers=workers, on_progress=tracker.advance)
         stats.counts.update(f"status_{s}" for s in result["verify_status"])
         stats.counts["correct"] += int(result["correct"].sum())
         return result

@@ -1,0 +1,66 @@
+"""Model engines: the only part of prmtool that touches torch, transformers or vLLM.
+
+    from prmtool.engines import load_engine, SamplingRequest
+    with load_engine("hf") as engine:            # the embedded SmolLM2-135M-Instruct
+        prompt = engine.chat_prompt_ids("What is 2 + 3?")
+        [[completion]] = engine.sample([SamplingRequest(prompt, max_tokens=64, seed=0)])
+
+Importing this package is cheap; torch and transformers load when an engine is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from prmtool.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    SamplingRequest,
+    ScoringRequest,
+)
+from prmtool.engines.model_files import default_model_path
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineError",
+    "SamplingRequest",
+    "ScoringRequest",
+    "default_model_path",
+    "load_engine",
+]
+
+ENGINE_NAMES = ("hf", "vllm")
+
+
+def load_engine(
+    name: str = "hf",
+    model: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    **options,
+) -> Engine:
+    """Load `model` (a local transformers folder or .gguf file; None = the embedded default).
+
+    name: "hf" (transformers, CPU or CUDA) or "vllm" (CUDA, needs the vllm extra).
+    dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.
+    options: engine settings, see HFEngine / VLLMEngine.
+    """
+    if name == "hf":
+        from prmtool.engines.hf import HFEngine
+
+        accepted = set(inspect.signature(HFEngine.__init__).parameters) - {"self", "model", "tokenizer"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise EngineError(f"unknown hf engine option(s) {', '.join(unknown)}: expected {', '.join(sorted(accepted))}")
+        return HFEngine.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    if name == "vllm":
+        from prmtool.engines.vllm_engine import VLLMEngine
+
+        if device not in (None, "cuda"):
+            raise EngineError(f"the vllm engine runs on CUDA only, not on {device!r}")
+        return VLLMEngine(model, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    raise EngineError(f"unknown engine {name!r}: expected one of {', '.join(ENGINE_NAMES)}")

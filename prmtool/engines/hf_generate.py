@@ -1,0 +1,478 @@
+"""Batched sampling for the hf engine: a pool of decode slots over one preallocated KV cache.
+
+How one `HFEngine.sample` call runs:
+
+* Every request is split into sample groups (its n samples, in chunks no larger than the pool).
+  Groups are queued longest first (prompt + max_tokens), so prompts prefilled together have
+  similar lengths (little padding) and the longest generations start early (short tail).
+* A group is admitted when enough slots are free: its prompt is prefilled ONCE, in a right-padded
+  batch with the other admitted prompts, and the prompt's keys and values are copied into each
+  of the group's slots (the n samples share the prefill).
+* Each decode step runs the model on one token per slot. Slot `s` keeps its keys and values in
+  row `s` of a static cache, at positions 0 .. end[s]; the new token is written at end[s] and the
+  attention mask admits positions <= end[s]. Slots are independent, so a finished slot (EOS, stop
+  string, max_tokens) is refilled with a new sample while the others keep decoding.
+* On CUDA the decode step is captured once as a CUDA graph and replayed: the static cache and
+  input buffers never move, which removes the per-step Python and kernel-launch overhead of the
+  transformers forward.
+* Sampling draws one uniform number per token from a stream seeded by (request seed, sample
+  index) and inverts the CDF of the next-token distribution, so a sample depends on its own
+  seed only, not on what else shares the batch (up to floating-point differences of batched
+  kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from prmtool.engines.base import Completion, ProgressCallback, SamplingRequest, first_stop_index
+
+
+@dataclass
+class GenerationStats:
+    """What one sample() call did; read by tests and the benchmark."""
+
+    prefill_forwards: int = 0  # forward passes over prompts
+    prefilled_prompts: int = 0  # prompts run through those passes (one per admitted group)
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    num_slots: int = 0
+    cache_length: int = 0
+    cuda_graph: bool = False
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for all decode slots: [slots, kv_heads, max_len, head_dim].
+
+    `update` writes the single new token of each slot at that slot's own position and returns the
+    whole buffer; the 4D attention mask built by the decoder hides positions a slot has not reached.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_position: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        slots, heads, _, _ = keys.shape
+        # Views of the decoder's position buffer, shaped for scatter_ along the sequence axis.
+        self.key_index = write_position.view(slots, 1, 1, 1).expand(slots, heads, 1, keys.shape[-1])
+        self.value_index = write_position.view(slots, 1, 1, 1).expand(slots, heads, 1, values.shape[-1])
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the buffers exist from the start
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys.scatter_(2, self.key_index, key_states)
+        self.values.scatter_(2, self.value_index, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self, *args) -> int:
+        return self.keys.shape[2]
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class SlotKVCache(Cache):
+    """A transformers Cache made of SlotLayers, so an unmodified model forward can decode into it."""
+
+    def __init__(self, layers: list[SlotLayer]):
+        super().__init__(layers=layers)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys plus values that one token occupies over all layers."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def sample_from_logits(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+    any_top_p: bool,
+    any_greedy: bool,
+) -> torch.Tensor:
+    """Next token per row: inverse-CDF sampling with the row's own uniform number in (0, 1].
+
+    Rows with top_p == 1 invert the CDF in vocabulary order; rows with top_p < 1 keep the
+    smallest set of most probable tokens whose mass reaches top_p (vLLM's rule) and invert the
+    CDF over that set, sorted by probability. Rows with temperature 0 take the argmax.
+    `any_top_p` / `any_greedy` are known on the host and skip work no row needs.
+    """
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(1), dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    # The token is the first whose cumulative probability reaches u * total. Scaling by the total
+    # absorbs rounding in the cumulative sum, and u > 0 never lands on a zero-probability token.
+    target = uniform.unsqueeze(1) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(vocab - 1)
+    if any_top_p:
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p.unsqueeze(1), 0.0)
+        sorted_cdf = sorted_probs.cumsum(dim=-1)
+        position = torch.searchsorted(sorted_cdf, uniform.unsqueeze(1) * sorted_cdf[:, -1:])
+        nucleus_tokens = order.gather(1, position.clamp_max(vocab - 1)).squeeze(1)
+        tokens = torch.where(top_p < 1.0, nucleus_tokens, tokens)
+    if any_greedy:
+        tokens = torch.where(temperature <= 0.0, logits.argmax(dim=-1), tokens)
+    return tokens
+
+
+def sample_uniforms(seed: int, sample_index: int, count: int) -> np.ndarray:
+    """The uniform numbers in (0, 1] that drive one sample's tokens, a stream per (seed, index)."""
+    return 1.0 - np.random.default_rng([seed % 2**64, sample_index]).random(count)
+
+
+@dataclass
+class SampleGroup:
+    """Samples of one request that are prefilled together and then decode in their own slots."""
+
+    request_index: int
+    sample_indices: list[int]
+    seed: int
+
+
+@dataclass
+class SlotState:
+    """Host-side record of the sample a slot is decoding."""
+
+    request_index: int
+    sample_index: int
+    request: SamplingRequest
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """What the decoder needs from the model: the backbone (hidden states) and the logits head."""
+
+    backbone: torch.nn.Module
+    logits_from_hidden: Callable[[torch.Tensor], torch.Tensor]
+    config: object
+    device: torch.device
+    dtype: torch.dtype
+
+
+class SlotDecoder:
+    """Static decode buffers for `num_slots` sequences of up to `max_len` tokens, reusable across calls."""
+
+    def __init__(self, parts: ModelParts, num_slots: int, max_len: int, max_tokens: int, use_cuda_graph: bool):
+        self.parts = parts
+        self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
+        device, config = parts.device, parts.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (num_slots, heads, max_len, head_dim)
+        # end[s]: where slot s writes its next token's keys and values = that token's position.
+        self.end = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.cache = SlotKVCache(
+            [
+                SlotLayer(
+                    torch.zeros(shape, dtype=parts.dtype, device=device),
+                    torch.zeros(shape, dtype=parts.dtype, device=device),
+                    self.end,
+                )
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        self.input_ids = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
+        self.attention_mask = torch.ones(num_slots, 1, 1, max_len, dtype=torch.bool, device=device)
+        self.key_positions = torch.arange(max_len, device=device)
+        # Per-slot sampling parameters and random streams, filled when a sample is admitted.
+        self.temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.uniforms = torch.zeros(num_slots, max_tokens, dtype=torch.float32, device=device)
+        self.generated = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+        if use_cuda_graph and device.type == "cuda":
+            self._capture_graph()
+
+    def _decode_forward(self) -> torch.Tensor:
+        hidden = self.parts.backbone(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.end.view(-1, 1),
+            past_key_values=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        return self.parts.logits_from_hidden(hidden[:, -1])
+
+    def _capture_graph(self) -> None:
+        # Warm-up on a side stream, then capture (the recipe of torch.cuda.graphs). The warm-up
+        # writes into position 0 of every slot, which each admission overwrites.
+        side_stream = torch.cuda.Stream()
+        side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side_stream):
+            for _ in range(2):
+                self._decode_forward()
+        torch.cuda.current_stream().wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.graph_logits = self._decode_forward()
+        self.graph = graph
+
+    def decode_logits(self) -> torch.Tensor:
+        """Logits of the next token for every slot, after feeding `input_ids` at `end`."""
+        torch.le(self.key_positions.view(1, 1, 1, -1), self.end.view(-1, 1, 1, 1), out=self.attention_mask)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.graph_logits
+        return self._decode_forward()
+
+
+class BatchSampler:
+    """Runs one sample() call over a SlotDecoder."""
+
+    def __init__(
+        self,
+        decoder: SlotDecoder,
+        tokenizer,
+        requests: list[SamplingRequest],
+        seeds: list[int],
+        eos_token_ids: set[int],
+        max_prefill_tokens: int,
+        on_progress: ProgressCallback | None,
+    ):
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.requests = requests
+        self.eos_token_ids = eos_token_ids
+        self.max_prefill_tokens = max_prefill_tokens
+        self.on_progress = on_progress
+        self.stats = GenerationStats(
+            num_slots=decoder.num_slots, cache_length=decoder.max_len, cuda_graph=decoder.graph is not None
+        )
+        self.results: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        self.unfinished_samples = [r.n for r in requests]
+        self.requests_done = 0
+        self.tokens_since_progress = 0
+        self.slots: list[SlotState | None] = [None] * decoder.num_slots
+        self.queue = deque(self._sample_groups(seeds))
+
+    def _sample_groups(self, seeds: list[int]) -> list[SampleGroup]:
+        groups = []
+        for index, request in enumerate(self.requests):
+            for start in range(0, request.n, self.decoder.num_slots):
+                samples = list(range(start, min(request.n, start + self.decoder.num_slots)))
+                groups.append(SampleGroup(index, samples, seeds[index]))
+        # Longest first; Python's sort is stable, so equal lengths keep request order.
+        return sorted(groups, key=lambda g: -(len(self.requests[g.request_index].prompt_ids) + self.requests[g.request_index].max_tokens))
+
+    def run(self) -> list[list[Completion]]:
+        refill_threshold = max(1, self.decoder.num_slots // 8)
+        while self.queue or self._active_slots():
+            free = self.slots.count(None)
+            if self.queue and (free == len(self.slots) or free >= refill_threshold):
+                self._admit()
+            if self._active_slots():
+                self._decode_step()
+        return self.results  # type: ignore[return-value]  # every entry is filled by now
+
+    def _active_slots(self) -> list[int]:
+        return [s for s, state in enumerate(self.slots) if state is not None]
+
+    # ----------------------------------------------------------------- admission and prefill
+
+    def _admit(self) -> None:
+        free_slots = [s for s, state in enumerate(self.slots) if state is None]
+        admitted: list[tuple[SampleGroup, list[int]]] = []
+        while self.queue and len(self.queue[0].sample_indices) <= len(free_slots):
+            group = self.queue.popleft()
+            rows, free_slots = free_slots[: len(group.sample_indices)], free_slots[len(group.sample_indices) :]
+            admitted.append((group, rows))
+        # Prefill in chunks of at most max_prefill_tokens (padded) tokens.
+        chunk: list[tuple[SampleGroup, list[int]]] = []
+        for item in admitted:
+            longest = max([len(self.requests[g.request_index].prompt_ids) for g, _ in chunk + [item]])
+            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(item)
+        if chunk:
+            self._prefill(chunk)
+
+    def _prefill(self, admitted: list[tuple[SampleGroup, list[int]]]) -> None:
+        decoder, parts = self.decoder, self.decoder.parts
+        prompts = [self.requests[group.request_index].prompt_ids for group, _ in admitted]
+        last_token_logits, layer_kv, lengths = prefill(parts, prompts)
+        self.stats.prefill_forwards += 1
+        self.stats.prefilled_prompts += len(prompts)
+
+        rows: list[int] = []
+        source: list[int] = []  # which prompt of this prefill each slot copies
+        temperatures, top_ps, uniforms = [], [], []
+        for prompt_number, (group, group_rows) in enumerate(admitted):
+            request = self.requests[group.request_index]
+            for row, sample_index in zip(group_rows, group.sample_indices):
+                rows.append(row)
+                source.append(prompt_number)
+                temperatures.append(request.temperature)
+                top_ps.append(request.top_p)
+                stream = np.zeros(decoder.max_tokens, dtype=np.float32)
+                stream[: request.max_tokens] = sample_uniforms(group.seed, sample_index, request.max_tokens)
+                uniforms.append(stream)
+                self.slots[row] = SlotState(group.request_index, sample_index, request)
+
+        device = parts.device
+        row_index = torch.tensor(rows, device=device)
+        source_index = torch.tensor(source, device=device)
+        prompt_width = layer_kv[0][0].shape[2]
+        for layer, (keys, values) in zip(decoder.cache.layers, layer_kv):
+            layer.keys[row_index, :, :prompt_width] = keys.index_select(0, source_index)
+            layer.values[row_index, :, :prompt_width] = values.index_select(0, source_index)
+        decoder.end[row_index] = lengths.index_select(0, source_index)
+        decoder.temperature[row_index] = torch.tensor(temperatures, dtype=torch.float32, device=device)
+        decoder.top_p[row_index] = torch.tensor(top_ps, dtype=torch.float32, device=device)
+        decoder.uniforms[row_index] = torch.from_numpy(np.stack(uniforms)).to(device)
+
+        first_tokens = sample_from_logits(
+            last_token_logits.index_select(0, source_index),
+            decoder.temperature[row_index],
+            decoder.top_p[row_index],
+            decoder.uniforms[row_index, 0],
+            any_top_p=any(p < 1.0 for p in top_ps),
+            any_greedy=any(t <= 0.0 for t in temperatures),
+        )
+        decoder.input_ids[row_index, 0] = first_tokens
+        decoder.generated[row_index] = 1
+        self._record_tokens(rows, first_tokens.tolist())
+
+    # ----------------------------------------------------------------- decoding
+
+    def _decode_step(self) -> None:
+        decoder = self.decoder
+        active = self._active_slots()
+        requests = [self.slots[s].request for s in active]
+        logits = decoder.decode_logits().float()
+        uniform = decoder.uniforms.gather(1, decoder.generated.view(-1, 1)).squeeze(1)
+        tokens = sample_from_logits(
+            logits,
+            decoder.temperature,
+            decoder.top_p,
+            uniform,
+            any_top_p=any(r.top_p < 1.0 for r in requests),
+            any_greedy=any(r.temperature <= 0.0 for r in requests),
+        )
+        decoder.input_ids[:, 0] = tokens
+        # Idle slots advance too (they compute garbage nobody reads); clamping keeps them in range.
+        decoder.end.add_(1).clamp_(max=decoder.max_len - 1)
+        decoder.generated.add_(1).clamp_(max=decoder.max_tokens - 1)
+        self.stats.decode_steps += 1
+        all_tokens = tokens.tolist()
+        self._record_tokens(active, [all_tokens[s] for s in active])
+
+    def _record_tokens(self, rows: list[int], tokens: list[int]) -> None:
+        """Append one new token to each row's sample, and finish the samples that are done."""
+        finished: list[tuple[int, str]] = []
+        needs_stop_check: list[int] = []
+        for row, token in zip(rows, tokens):
+            state = self.slots[row]
+            state.token_ids.append(token)
+            if token in self.eos_token_ids:
+                finished.append((row, "stop"))
+            elif state.request.stop:
+                needs_stop_check.append(row)
+            elif len(state.token_ids) >= state.request.max_tokens:
+                finished.append((row, "length"))
+        if needs_stop_check:
+            finished.extend(self._check_stop_strings(needs_stop_check))
+        self.stats.generated_tokens += len(rows)
+        self.tokens_since_progress += len(rows)
+        for row, reason in finished:
+            self._finish(row, reason)
+        if self.on_progress is not None:
+            self.on_progress(self.requests_done, self.tokens_since_progress)
+            self.tokens_since_progress = 0
+
+    def _check_stop_strings(self, rows: list[int]) -> list[tuple[int, str]]:
+        # Decode only the tail that could hold a stop string completed by the newest token: each
+        # token adds at least one character, plus slack for bytes of a character split over tokens.
+        windows = []
+        for row in rows:
+            state = self.slots[row]
+            width = max(len(s) for s in state.request.stop) + 4
+            windows.append(state.token_ids[-width:])
+        texts = self.tokenizer.batch_decode(windows, skip_special_tokens=True)
+        finished = []
+        for row, text in zip(rows, texts):
+            state = self.slots[row]
+            if first_stop_index(text, state.request.stop) is not None:
+                finished.append((row, "stop"))
+            elif len(state.token_ids) >= state.request.max_tokens:
+                finished.append((row, "length"))
+        return finished
+
+    def _finish(self, row: int, reason: str) -> None:
+        state = self.slots[row]
+        text = self.tokenizer.decode(state.token_ids, skip_special_tokens=True)
+        if state.request.stop:
+            # vLLM's convention: the text ends before the first stop string; tokens are kept.
+            cut = first_stop_index(text, state.request.stop)
+            if cut is not None:
+                text, reason = text[:cut], "stop"
+        self.results[state.request_index][state.sample_index] = Completion(
+            text=text, token_ids=state.token_ids, num_tokens=len(state.token_ids), finish_reason=reason
+        )
+        self.slots[row] = None
+        self.unfinished_samples[state.request_index] -= 1
+        if self.unfinished_samples[state.request_index] == 0:
+            self.requests_done += 1
+
+
+def prefill(parts: ModelParts, prompts: list[list[int]]):
+    """Run prompts through the model in one right-padded batch.
+
+    Returns the float32 logits after each prompt's last token [prompts, vocab], each layer's
+    (keys, values) [prompts, kv_heads, longest, head_dim] (positions past a prompt's length hold
+    padding, which the decoder never attends to), and the prompt lengths.
+    """
+    device = parts.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+    # Right padding: real tokens sit at their true positions 0..len-1 and, being causal, never
+    # attend to the padding after them; the mask is built from lengths, never from token ids.
+    attention_mask = (torch.arange(longest, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    cache = DynamicCache()
+    hidden = parts.backbone(
+        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+    ).last_hidden_state
+    last_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
+    logits = parts.logits_from_hidden(last_hidden).float()
+    layer_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return logits, layer_kv, lengths
+
+
+def choose_num_slots(parts: ModelParts, max_len: int, wanted_slots: int, vocab_size: int) -> int:
+    """`wanted_slots`, capped on CUDA by what free memory holds.
+
+    Each slot costs its KV cache row plus about five float32 vocab-sized rows of sampling workspace.
+    """
+    if parts.device.type != "cuda":
+        return wanted_slots
+    free_bytes, _ = torch.cuda.mem_get_info(parts.device)
+    per_slot = max_len * kv_bytes_per_token(parts.config, parts.dtype) + 5 * 4 * vocab_size
+    return max(1, min(wanted_slots, int(0.8 * free_bytes) // per_slot))
+
+
+def round_up(value: int, multiple: int) -> int:
+    return multiple * math.ceil(value / multiple)

@@ -1,0 +1,145 @@
+"""The `vllm` engine: vLLM's offline API (`vllm.LLM`), with prefix caching on.
+
+vLLM is an optional extra (`pip install 'prmtool[vllm]'`) imported only when this engine is
+built. The translation between prmtool's requests and vLLM's objects lives in plain functions
+below, so it is tested without vLLM installed (with stand-in objects of the same shape).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from prmtool.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    ProgressCallback,
+    SamplingRequest,
+    ScoringRequest,
+    check_requests,
+)
+from prmtool.engines.model_files import locate_model
+
+# -------------------------------------------------------------------- pure adapter functions
+
+
+def sampling_params_kwargs(request: SamplingRequest, ignore_eos: bool = False) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for one request.
+
+    vLLM excludes the stop string from the text by default (include_stop_str_in_output=False),
+    which is prmtool's convention too.
+    """
+    return {
+        "n": request.n,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.max_tokens,
+        "stop": list(request.stop),
+        "seed": request.seed,
+        "ignore_eos": ignore_eos,
+    }
+
+
+def tokens_prompt(prompt_ids: list[int]) -> dict[str, list[int]]:
+    """A `vllm.inputs.TokensPrompt` (a TypedDict, so a plain dict of the same keys)."""
+    return {"prompt_token_ids": list(prompt_ids)}
+
+
+def completions_from_output(request_output: Any) -> list[Completion]:
+    """The Completions of one `vllm.RequestOutput`, ordered by sample index."""
+    completions = []
+    for output in sorted(request_output.outputs, key=lambda o: o.index):
+        # vLLM reports "stop" for EOS and stop strings, "length" at max_tokens, "abort" when a
+        # request is aborted; prmtool knows only the first two and treats an abort as cut short.
+        reason = "stop" if output.finish_reason == "stop" else "length"
+        token_ids = list(output.token_ids)
+        completions.append(Completion(output.text, token_ids, len(token_ids), reason))
+    return completions
+
+
+def scoring_params_kwargs() -> dict[str, Any]:
+    """SamplingParams for scoring: generate one throw-away token and return the prompt's log
+    probabilities (prompt_logprobs=0 returns the logprob of each actual prompt token)."""
+    return {"max_tokens": 1, "prompt_logprobs": 0, "temperature": 0.0}
+
+
+def continuation_log_probs(prompt_logprobs: list[Any], request: ScoringRequest) -> list[float]:
+    """Log p of each continuation token, read from vLLM's prompt_logprobs of prompt+continuation.
+
+    `prompt_logprobs[i]` maps token ids to Logprob objects for position i (None at position 0).
+    """
+    sequence = list(request.prompt_ids) + list(request.continuation_ids)
+    start = len(request.prompt_ids)
+    return [float(prompt_logprobs[i][sequence[i]].logprob) for i in range(start, len(sequence))]
+
+
+# -------------------------------------------------------------------- engine
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as error:
+        raise EngineError(f"the vllm engine needs vLLM: pip install 'prmtool[vllm]' ({error})") from None
+    return vllm
+
+
+class VLLMEngine(Engine):
+    """Samples and scores through `vllm.LLM`. Extra options go to `vllm.LLM` unchanged
+    (e.g. gpu_memory_utilization, tensor_parallel_size, max_model_len)."""
+
+    def __init__(
+        self,
+        model: str | None,
+        *,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        **llm_options,
+    ):
+        vllm = import_vllm()
+        self._vllm = vllm
+        location = locate_model(model)
+        self.ignore_eos = ignore_eos
+        self.llm = vllm.LLM(
+            model=location.path,
+            dtype=dtype or "auto",
+            trust_remote_code=trust_remote_code,
+            enable_prefix_caching=True,
+            seed=seed,
+            **llm_options,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def sample(
+        self, requests: list[SamplingRequest], on_progress: ProgressCallback | None = None
+    ) -> list[list[Completion]]:
+        check_requests(requests)
+        if not requests:
+            return []
+        params = [self._vllm.SamplingParams(**sampling_params_kwargs(r, self.ignore_eos)) for r in requests]
+        prompts = [tokens_prompt(r.prompt_ids) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = [completions_from_output(output) for output in outputs]
+        if on_progress is not None:
+            on_progress(len(results), sum(c.num_tokens for samples in results for c in samples))
+        return results
+
+    def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
+        for number, request in enumerate(requests):
+            if not request.prompt_ids:
+                raise EngineError(f"scoring request {number}: empty prompt_ids (the first token has no context)")
+        to_score = [i for i, r in enumerate(requests) if r.continuation_ids]
+        params = self._vllm.SamplingParams(**scoring_params_kwargs())
+        prompts = [tokens_prompt(list(requests[i].prompt_ids) + list(requests[i].continuation_ids)) for i in to_score]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        results: list[list[float]] = [[] for _ in requests]
+        for index, output in zip(to_score, outputs):
+            results[index] = continuation_log_probs(output.prompt_logprobs, requests[index])
+        return results
+
+    def close(self) -> None:
+        self.llm = None
+        gc.collect()

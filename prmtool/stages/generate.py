@@ -1,0 +1,169 @@
+"""`prmtool generate`: N sampled solutions per problem from a policy model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import polars as pl
+import typer
+
+from prmtool.errors import InputError
+from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
+from prmtool.report import RunStats, Tracker
+from prmtool.runner import MapStage, run_map_stage
+from prmtool.steps import make_splitter, split_steps
+
+if TYPE_CHECKING:
+    from prmtool.engines import Engine
+
+# Asks for what the default step split and verify read: blank lines between steps, \boxed{}.
+DEFAULT_PROMPT_TEMPLATE = (
+    "{problem}\n\nSolve the problem step by step. Separate the steps with a blank line, "
+    "and put the final answer in \\boxed{}."
+)
+RESPONSE_COLUMNS = ("response_id", "response", "steps", "response_tokens", "finish_reason")
+
+
+def request_seed(seed: int, problem_id: str) -> int:
+    """Each problem's own seed, so its samples do not depend on which other problems share
+    its batch or shard."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\x1f{problem_id}".encode()).digest()[:4], "little")
+
+
+def generate_rows(
+    frame: pl.DataFrame,
+    engine: "Engine",
+    n: int = 4,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    max_tokens: int = 1024,
+    seed: int = 0,
+    system_prompt: str | None = None,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    stop: tuple[str, ...] = (),
+    split: str = "blank-line",
+    tracker: Tracker | None = None,
+) -> pl.DataFrame:
+    """Pure core: problem rows in, `n` response rows per problem out (problem columns kept).
+    All problems of the frame go to the engine in one call."""
+    from prmtool.engines import SamplingRequest
+
+    splitter = make_splitter(split)
+    requests = [
+        SamplingRequest(
+            prompt_ids=engine.chat_prompt_ids(problem, system_prompt, prompt_template),
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            stop=tuple(stop),
+            seed=request_seed(seed, problem_id),
+        )
+        for problem, problem_id in zip(frame["problem"], frame["problem_id"])
+    ]
+    done = 0
+
+    def on_progress(requests_done: int, new_tokens: int) -> None:
+        nonlocal done
+        if tracker is not None:
+            tracker.advance(requests_done - done, new_tokens)
+        done = requests_done
+
+    completions = engine.sample(requests, on_progress=on_progress)
+    # Ids depend on the problem, the sample's index and every option that shaped it, so two
+    # runs with different settings never produce colliding ids.
+    settings = json.dumps([n, temperature, top_p, max_tokens, seed, system_prompt, prompt_template, list(stop)])
+    rows = {c: [] for c in RESPONSE_COLUMNS}
+    for problem_id, samples in zip(frame["problem_id"], completions):
+        for index, completion in enumerate(samples):
+            rows["response_id"].append(hashlib.sha1(f"{problem_id}\x1f{settings}\x1f{index}".encode()).hexdigest()[:16])
+            rows["response"].append(completion.text)
+            rows["steps"].append(split_steps(completion.text, splitter))
+            rows["response_tokens"].append(completion.num_tokens)
+            rows["finish_reason"].append(completion.finish_reason)
+    responses = pl.DataFrame(
+        rows,
+        schema={"response_id": pl.String, "response": pl.String, "steps": pl.List(pl.String), "response_tokens": pl.Int32, "finish_reason": pl.String},
+    )
+    repeated = frame.select(pl.all().repeat_by(n).explode()) if n > 1 else frame
+    return pl.concat([repeated, responses], how="horizontal")
+
+
+def _no_responses_yet(shard) -> None:
+    present = [c for c in RESPONSE_COLUMNS if c in shard.schema]
+    if present:
+        raise InputError(f"{shard.path}: already has column '{present[0]}'; generate takes problem rows")
+
+
+EXAMPLES = """\b
+Examples:
+  prmtool generate data_samples/gsm8k/problems -o work/responses --n 4 --max-tokens 256
+  prmtool generate work/problems -o work/responses --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm --n 16 --verify
+  prmtool generate work/problems -o work/responses --prompt-template 'Q: {problem}\\nA:' --stop '\\n\\nQ:'
+"""
+
+
+def command(
+    inputs: Inputs,
+    output: Output,
+    n: Annotated[int, typer.Option("--n", help="Sampled responses per problem.", min=1)] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0)] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per response.", min=1)] = 1024,
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same responses and ids.")] = 0,
+    system_prompt: Annotated[str | None, typer.Option(help="A system message before the problem.")] = None,
+    prompt_template: Annotated[str, typer.Option(help="The user message; {problem} is replaced by the problem.")] = DEFAULT_PROMPT_TEMPLATE,
+    stop: Annotated[list[str], typer.Option("--stop", help="A stop string (repeatable); excluded from the response.")] = [],
+    split: Split = "blank-line",
+    verify: Annotated[bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")] = False,
+    verify_timeout: Annotated[float, typer.Option(help="With --verify: seconds per comparison.")] = 5.0,
+    model: Model = None,
+    engine: EngineName = "hf",
+    device: Device = None,
+    trust_remote_code: TrustRemoteCode = False,
+    workers: Workers = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Sample N solutions per problem from a policy model. Each response row keeps every
+    problem column and adds response_id, response, steps, response_tokens and finish_reason."""
+    stats = RunStats("generate", quiet=quiet)
+    make_splitter(split)  # a bad --split fails before the model loads
+    stop = tuple(s.encode().decode("unicode_escape") for s in stop)  # '\n' on the shell means a newline
+    arguments = {
+        "n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+        "system_prompt": system_prompt, "prompt_template": prompt_template, "stop": list(stop), "split": split,
+        "verify": verify, "model": model, "engine": engine,
+    }
+    required = ("problem_id", "problem") + (("reference_answer",) if verify else ())
+    loaded: list = []  # the engine, loaded on the first shard that needs work
+
+    def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
+        if not loaded:  # load once, after every input has been validated
+            stats.log(f"loading model {model or '(embedded SmolLM2-135M-Instruct)'} with the {engine} engine")
+            from prmtool.engines import load_engine
+
+            loaded.append(load_engine(engine, model, device=device, trust_remote_code=trust_remote_code))
+        tokens_before = tracker.tokens
+        result = generate_rows(frame, loaded[0], n, temperature, top_p, max_tokens, seed, system_prompt, prompt_template, stop, split, tracker)
+        stats.counts["tokens_generated"] += tracker.tokens - tokens_before
+        stats.counts.update(f"finish_{r}" for r in result["finish_reason"])
+        if verify:
+            from prmtool.stages.verify import verify_rows
+
+            result = verify_rows(result, timeout=verify_timeout, workers=workers or default_workers())
+            stats.counts["correct"] += int(result["correct"].sum())
+        return result
+
+    stage = MapStage("generate", transform, arguments, required, unique_column="problem_id", rows_per_input=n, extra_checks=[_no_responses_yet])
+    try:
+        run_map_stage(stage, inputs, output, overwrite, stats)
+    finally:
+        if loaded:
+            loaded[0].close()
+    seconds = stats.summary()["seconds"]
+    if seconds and stats.counts["tokens_generated"]:
+        stats.counts["tokens_per_second"] = round(stats.counts["tokens_generated"] / seconds)
+    stats.print_summary()

