@@ -57,3 +57,6 @@ def responses_dir(tmp_path) -> Path:
 
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+from tests.engine_fixtures import *  # noqa: E402,F403  (tiny_model_dir, tiny_engine)

@@ -75,3 +75,54 @@ def test_prompt_template_reaches_the_engine(problems):
     generate_rows(problems.head(1), engine, n=1, prompt_template="Q: {problem}\nA:")
     expected = "Q: " + problems["problem"][0] + "\nA:"
     assert engine.calls[0][0].prompt_ids == [ord(c) % 256 for c in expected]
+
+
+def test_generate_command_on_a_model_folder(prmtool, tiny_model_dir, tmp_path):
+    """The whole command on a real (tiny, random-weight) transformers model folder."""
+    problems = tmp_path / "problems"
+    problems.mkdir()
+    pl.read_parquet(SAMPLES / "problems" / "part-00000.parquet").head(3).write_parquet(problems / "part-00000.parquet")
+    args = ["generate", problems, "-o", tmp_path / "out", "--model", tiny_model_dir, "--device", "cpu", "--n", "2", "--max-tokens", "12", "--seed", "3"]
+    result = prmtool(*args)
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "part-00000.parquet")
+    assert out.height == 6
+    assert set(out["finish_reason"]) <= {"stop", "length"}
+    assert (out["response_tokens"] <= 12).all() and (out["response_tokens"] >= 1).all()
+    assert "tokens generated" in result.stderr
+    # Same seed, fresh output directory: the same ids and texts.
+    again = prmtool(*args[:3], tmp_path / "again", *args[4:])
+    assert again.exit_code == 0, again.stderr
+    assert pl.read_parquet(tmp_path / "again" / "part-00000.parquet").equals(out)
+
+
+def test_generate_refuses_rows_that_already_have_responses(prmtool, responses_dir, tmp_path):
+    result = prmtool("generate", responses_dir, "-o", tmp_path / "out", "--model", tmp_path)
+    assert result.exit_code == 2
+    assert "already has column 'response_id'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_is_a_clear_input_error(prmtool, tmp_path):
+    problems = tmp_path / "problems"
+    problems.mkdir()
+    pl.read_parquet(SAMPLES / "problems" / "part-00000.parquet").head(2).write_parquet(problems / "part-00000.parquet")
+    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", tmp_path / "nowhere")
+    assert result.exit_code == 2
+    assert "not found" in result.stderr and "nowhere" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_generate_with_the_embedded_default_model_then_verify(prmtool, tmp_path):
+    """End to end on SmolLM2-135M-Instruct, the model a fresh install runs with."""
+    problems = tmp_path / "problems"
+    problems.mkdir()
+    pl.read_parquet(SAMPLES / "problems" / "part-00000.parquet").head(2).write_parquet(problems / "part-00000.parquet")
+    result = prmtool("generate", problems, "-o", tmp_path / "out", "--n", "2", "--max-tokens", "48", "--verify", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "part-00000.parquet")
+    assert out.height == 4
+    assert out["response"].str.len_chars().min() > 0, "a real model writes text"
+    assert set(out["verify_status"]) <= {"ok", "no_answer", "timeout", "error"}
+    assert out["correct"].dtype == pl.Boolean

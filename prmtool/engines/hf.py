@@ -22,6 +22,7 @@ from prmtool.engines.hf_generate import (
     ModelParts,
     SlotDecoder,
     choose_num_slots,
+    right_padded,
     round_up,
 )
 from prmtool.engines.model_files import locate_model
@@ -30,7 +31,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "float32": torch.float32, "fp32": torch.float32}
 
 # Slot lengths are rounded up to this, so calls of similar length reuse one decoder (and its CUDA graph).
-CACHE_LENGTH_STEP = 256
+CACHE_LENGTH_STEP = 128
 
 
 class HFEngine(Engine):
@@ -181,11 +182,7 @@ class HFEngine(Engine):
 
     def _score_batch(self, requests: list[ScoringRequest], indices: list[int], results: list[list[float]]) -> None:
         device = self.device
-        sequences = [list(r.prompt_ids) + list(r.continuation_ids) for r in requests]
-        lengths = torch.tensor([len(s) for s in sequences], device=device)
-        input_ids = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long, device=device)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
+        input_ids, lengths = right_padded([list(r.prompt_ids) + list(r.continuation_ids) for r in requests], device)
         # Right padding with a mask from the lengths: pad tokens are never attended to, and no real
         # token (an EOS inside a continuation included) is ever mistaken for padding.
         attention_mask = (torch.arange(input_ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()

@@ -24,6 +24,7 @@ How one `HFEngine.sample` call runs:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,7 +203,11 @@ class SlotDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         if use_cuda_graph and device.type == "cuda":
-            self._capture_graph()
+            try:
+                self._capture_graph()
+            except RuntimeError as error:  # a model whose forward cannot be captured still decodes, eagerly
+                warnings.warn(f"decoding without a CUDA graph: capture failed ({error})", stacklevel=2)
+                self.graph = None
 
     def _decode_forward(self) -> torch.Tensor:
         hidden = self.parts.backbone(
@@ -444,11 +449,8 @@ def prefill(parts: ModelParts, prompts: list[list[int]]):
     padding, which the decoder never attends to), and the prompt lengths.
     """
     device = parts.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = max(len(p) for p in prompts)
-    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+    input_ids, lengths = right_padded(prompts, device)
+    longest = input_ids.shape[1]
     # Right padding: real tokens sit at their true positions 0..len-1 and, being causal, never
     # attend to the padding after them; the mask is built from lengths, never from token ids.
     attention_mask = (torch.arange(longest, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
@@ -460,6 +462,15 @@ def prefill(parts: ModelParts, prompts: list[list[int]]):
     logits = parts.logits_from_hidden(last_hidden).float()
     layer_kv = [(layer.keys, layer.values) for layer in cache.layers]
     return logits, layer_kv, lengths
+
+
+def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right with 0 (never attended to), and the true lengths."""
+    lengths = [len(s) for s in sequences]
+    padded = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = torch.tensor(sequence)
+    return padded.to(device), torch.tensor(lengths).to(device)
 
 
 def choose_num_slots(parts: ModelParts, max_len: int, wanted_slots: int, vocab_size: int) -> int:

@@ -1,0 +1,255 @@
+"""Generated tokens/s of the hf engine against the ways other tools drive transformers.
+
+Same requests, same model: a random-weight model of the Qwen2.5-0.5B architecture in bf16,
+256 prompts of 128 random tokens x n=8, each request with its own max_tokens drawn between 16
+and 512. EOS never ends a sample (random weights, EOS ignored), so the varying max_tokens stand
+in for the varying lengths EOS produces in real use. Compared, in one process:
+
+  hf engine   prmtool's engine (slot pool, shared prefill, CUDA-graph decode)
+  (a)         model.generate(num_return_sequences=n) once per prompt, as openr's hf backend;
+              slow, so measured on a subset of prompts and extrapolated per token
+  (b)         one padded static-batch model.generate over all requests; it runs every row to
+              the longest max_tokens, and only the tokens each request asked for count
+  (cb)        transformers' continuous batching (paged attention), for reference
+
+Targets: hf engine >= 40x (a) and >= 2x (b).
+
+    python bench/bench_generate.py            # the GPU benchmark
+    python bench/bench_generate.py --quick    # a tiny model on CPU: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import transformers
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from prmtool.engines import SamplingRequest
+from prmtool.engines.hf import HFEngine
+
+QWEN25_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, few requests, CPU: a smoke run")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--min-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--subset-a", type=int, default=6, help="prompts measured for baseline (a)")
+    parser.add_argument("--slots", type=int, default=1024, help="hf engine max_batch_size")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: engine,a,b,cb")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.n, args.prompt_len, args.min_tokens, args.max_tokens = 8, 4, 16, 4, 32
+        args.subset_a, args.slots = 2, 16
+    return args
+
+
+def build_model(quick: bool, device: torch.device) -> Qwen2ForCausalLM:
+    config = Qwen2Config(**(TINY if quick else QWEN25_05B), eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2ForCausalLM(config)
+    model = model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    # EOS can never end a sequence: every row runs to its max_new_tokens.
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0
+    )
+    return model
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the whole vocabulary: the engine decodes texts with it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def make_requests(args, vocab_size: int) -> list[SamplingRequest]:
+    rng = random.Random(args.seed)
+    return [
+        SamplingRequest(
+            prompt_ids=[rng.randrange(vocab_size) for _ in range(args.prompt_len)],
+            n=args.n,
+            max_tokens=rng.randint(args.min_tokens, args.max_tokens),
+            seed=index,
+        )
+        for index in range(args.prompts)
+    ]
+
+
+class Timer:
+    """Wall time of a GPU region (synchronized) and the peak memory allocated in it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            self.peak_gib = float("nan")
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_engine(model, tokenizer, requests, args, device):
+    engine = HFEngine(model, tokenizer, ignore_eos=True, max_batch_size=args.slots)
+    runs = []
+    for label in ("cold", "warm"):  # cold includes allocating the slot pool and capturing the graph
+        with Timer(device) as timer:
+            results = engine.sample(requests)
+        tokens = sum(c.num_tokens for samples in results for c in samples)
+        expected = sum(r.n * r.max_tokens for r in requests)
+        assert tokens == expected, f"engine generated {tokens} tokens, requests asked for {expected}"
+        runs.append(dict(run=label, tokens=tokens, seconds=timer.seconds, peak_gib=timer.peak_gib))
+        print(f"  hf engine {label}: {tokens} tokens in {timer.seconds:.1f} s, {engine.last_stats}", flush=True)
+    engine.close()
+    return runs[-1] | {"cold_seconds": runs[0]["seconds"]}
+
+
+def run_generate_per_prompt(model, requests, args, device):
+    """Baseline (a): one generate(num_return_sequences=n) per prompt, on the first few prompts."""
+    subset = requests[: args.subset_a]
+    tokens = 0
+    with Timer(device) as timer:
+        for request in subset:
+            input_ids = torch.tensor([request.prompt_ids], device=device)
+            output = model.generate(
+                input_ids, num_return_sequences=request.n, max_new_tokens=request.max_tokens, min_new_tokens=request.max_tokens
+            )
+            tokens += output[:, input_ids.shape[1] :].numel()
+    print(f"  (a) per-prompt generate: {tokens} tokens in {timer.seconds:.1f} s over {len(subset)} prompts", flush=True)
+    return dict(tokens=tokens, seconds=timer.seconds, peak_gib=timer.peak_gib, prompts=len(subset))
+
+
+def run_generate_static_batch(model, requests, args, device):
+    """Baseline (b): all prompts in one padded generate; rows run to the longest max_tokens."""
+    input_ids = torch.tensor([r.prompt_ids for r in requests], device=device)
+    longest = max(r.max_tokens for r in requests)
+    with Timer(device) as timer:
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            num_return_sequences=args.n,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+        )
+    assert output.shape == (len(requests) * args.n, args.prompt_len + longest)
+    useful = sum(r.n * r.max_tokens for r in requests)
+    print(f"  (b) static-batch generate: {useful} requested tokens ({output.shape[0] * longest} generated) in {timer.seconds:.1f} s", flush=True)
+    return dict(tokens=useful, seconds=timer.seconds, peak_gib=timer.peak_gib)
+
+
+def run_continuous_batching(model, requests, args, device):
+    """transformers' continuous batching: each sample as its own request (prefix sharing is on)."""
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_tokens, eos_token_id=None)
+    start = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
+        warmup_seconds = time.perf_counter() - start
+        with Timer(device) as timer:
+            for request in requests:
+                for _ in range(request.n):
+                    manager.add_request(input_ids=request.prompt_ids, max_new_tokens=request.max_tokens)
+            finished, tokens = 0, 0
+            total = sum(r.n for r in requests)
+            while finished < total:
+                result = manager.get_result(timeout=60)
+                if result is None:
+                    raise RuntimeError(f"continuous batching stalled after {finished} of {total} results")
+                if result.is_finished():
+                    finished += 1
+                    tokens += len(result.generated_tokens)
+    print(f"  (cb) continuous batching: {tokens} tokens in {timer.seconds:.1f} s (+{warmup_seconds:.1f} s warm-up)", flush=True)
+    return dict(tokens=tokens, seconds=timer.seconds, peak_gib=timer.peak_gib, warmup_seconds=warmup_seconds)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    skip = set(filter(None, args.skip.split(",")))
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {gpu}", flush=True)
+    model = build_model(args.quick, device)
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    requests = make_requests(args, model.config.vocab_size)
+    print(
+        f"{len(requests)} prompts x {args.prompt_len} tokens x n={args.n}, max_tokens {args.min_tokens}..{args.max_tokens}: "
+        f"{sum(r.n * r.max_tokens for r in requests)} tokens requested",
+        flush=True,
+    )
+    results = {}
+    phases = [("engine", run_engine), ("a", run_generate_per_prompt), ("b", run_generate_static_batch), ("cb", run_continuous_batching)]
+    for name, phase in phases:
+        if name in skip:
+            continue
+        try:
+            results[name] = phase(model, tokenizer, requests, args, device) if name == "engine" else phase(model, requests, args, device)
+        except Exception as error:  # a baseline that cannot run here is reported, not fatal
+            print(f"  {name}: failed: {type(error).__name__}: {error}", flush=True)
+
+    rate = {name: r["tokens"] / r["seconds"] for name, r in results.items()}
+    print()
+    print(f"{'method':<44}{'tokens/s':>12}{'peak GiB':>10}")
+    labels = {
+        "engine": "hf engine (warm)",
+        "a": f"(a) generate per prompt (extrapolated, {results.get('a', {}).get('prompts', 0)} prompts)",
+        "b": "(b) static-batch generate",
+        "cb": "(cb) transformers continuous batching",
+    }
+    for name, r in results.items():
+        print(f"{labels[name]:<44}{rate[name]:>12,.0f}{r['peak_gib']:>10.1f}")
+    if "engine" in rate:
+        print(f"hf engine cold run (pool allocation + graph capture included): {results['engine']['tokens'] / results['engine']['cold_seconds']:,.0f} tokens/s")
+        for name, target in (("a", 40), ("b", 2), ("cb", None)):
+            if name in rate:
+                goal = f" (target >= {target}x)" if target else ""
+                print(f"ratio hf engine / {name}: {rate['engine'] / rate[name]:.1f}x{goal}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_generate.json"), "w") as handle:
+            json.dump(dict(args=vars(args), results=results, tokens_per_second=rate, gpu=gpu,
+                           transformers=transformers.__version__, torch=torch.__version__), handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
