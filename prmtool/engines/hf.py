@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import random
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prmtool.engines.base import (
@@ -27,8 +31,14 @@ from prmtool.engines.hf_generate import (
 )
 from prmtool.engines.model_files import locate_model
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 # Slot lengths are rounded up to this, so calls of similar length reuse one decoder (and its CUDA graph).
 CACHE_LENGTH_STEP = 128
@@ -105,9 +115,13 @@ class HFEngine(Engine):
             raise EngineError(f"unknown dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
         # local_files_only: prmtool never reaches the model hub.
         load_kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
+        # prmtool reports loading itself; transformers' bars (some plain tqdm, as in GGUF
+        # loading) would break its stderr contract and --quiet, so they are swallowed.
+        transformers.utils.logging.disable_progress_bar()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(location.folder, **load_kwargs)
-            loaded = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch_dtype, **load_kwargs)
+            with contextlib.redirect_stderr(io.StringIO()):
+                tokenizer = AutoTokenizer.from_pretrained(location.folder, **load_kwargs)
+                loaded = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch_dtype, **load_kwargs)
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise EngineError(f"cannot load model {location.path}: {first_line}") from error
@@ -167,20 +181,30 @@ class HFEngine(Engine):
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids) + len(requests[i].continuation_ids))
         batch: list[int] = []
         with torch.inference_mode():
+            # Logits in float32 even for a bf16 model: bf16 rounds a logit near 20 by up to 0.06,
+            # too coarse for the log-probability differences that implicit PRM rewards are made of.
+            head = self.model.get_output_embeddings()
+            float32_head = head if head.weight.dtype == torch.float32 else copy.deepcopy(head).float()
             for index in order:
                 request = requests[index]
                 if not request.continuation_ids:
                     continue
                 length = len(request.prompt_ids) + len(request.continuation_ids)
                 if batch and length * (len(batch) + 1) > self.max_batch_tokens:
-                    self._score_batch([requests[i] for i in batch], batch, results)
+                    self._score_batch([requests[i] for i in batch], batch, results, float32_head)
                     batch = []
                 batch.append(index)
             if batch:
-                self._score_batch([requests[i] for i in batch], batch, results)
+                self._score_batch([requests[i] for i in batch], batch, results, float32_head)
         return results
 
-    def _score_batch(self, requests: list[ScoringRequest], indices: list[int], results: list[list[float]]) -> None:
+    def _score_batch(
+        self,
+        requests: list[ScoringRequest],
+        indices: list[int],
+        results: list[list[float]],
+        float32_head: torch.nn.Module,
+    ) -> None:
         device = self.device
         input_ids, lengths = right_padded([list(r.prompt_ids) + list(r.continuation_ids) for r in requests], device)
         # Right padding with a mask from the lengths: pad tokens are never attended to, and no real
@@ -202,7 +226,7 @@ class HFEngine(Engine):
         chunk = self.logits_chunk_rows
         log_probs = []
         for start in range(0, len(targets), chunk):
-            logits = self._logits_from_hidden(selected[start : start + chunk]).float()
+            logits = self._logits_from_hidden(selected[start : start + chunk].float(), float32_head)
             target_logits = logits.gather(1, target_ids[start : start + chunk].unsqueeze(1)).squeeze(1)
             log_probs.append(target_logits - torch.logsumexp(logits, dim=-1))
         flat = torch.cat(log_probs).tolist()
@@ -213,9 +237,10 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ shared
 
-    def _logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's output head, with the final-logit transforms some architectures add to it."""
-        logits = self.model.get_output_embeddings()(hidden)
+    def _logits_from_hidden(self, hidden: torch.Tensor, head: torch.nn.Module | None = None) -> torch.Tensor:
+        """The model's output head (or `head`, a float32 copy of it), with the final-logit
+        transforms some architectures add."""
+        logits = (head or self.model.get_output_embeddings())(hidden)
         config = self.parts.config
         if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3
             cap = config.final_logit_softcapping

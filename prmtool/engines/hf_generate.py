@@ -15,6 +15,8 @@ How one `HFEngine.sample` call runs:
 * On CUDA the decode step is captured once as a CUDA graph and replayed: the static cache and
   input buffers never move, which removes the per-step Python and kernel-launch overhead of the
   transformers forward.
+* The host never waits for the step it just queued: it reads step t-1's tokens (finishing
+  samples, refilling slots) while the device computes step t.
 * Sampling draws one uniform number per token from a stream seeded by (request seed, sample
   index) and inverts the CDF of the next-token distribution, so a sample depends on its own
   seed only, not on what else shares the batch (up to floating-point differences of batched
@@ -27,10 +29,12 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from prmtool.engines.base import Completion, ProgressCallback, SamplingRequest, first_stop_index
@@ -86,17 +90,46 @@ class SlotLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
-class SlotKVCache(Cache):
-    """A transformers Cache made of SlotLayers, so an unmodified model forward can decode into it."""
+def slot_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of each slot's one new token over that slot's cache row.
 
-    def __init__(self, layers: list[SlotLayer]):
-        super().__init__(layers=layers)
+    query [slots, heads, 1, head_dim]; key, value [slots, kv_heads, max_len, head_dim]; the mask
+    [slots, 1, 1, max_len] admits the positions each slot has filled. With grouped-query
+    attention, the query heads that share a KV head become that head's queries, so the cache is
+    read once per KV head. (transformers' own sdpa path copies the keys and values once per
+    query head in some versions: 7x the memory traffic on Qwen2.5.)
+    """
+    slots, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.view(slots, kv_heads, heads // kv_heads, head_dim)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return output.reshape(slots, heads, 1, value.shape[-1]).transpose(1, 2), None
+
+
+SLOT_DECODE_ATTENTION = "prmtool_slot_decode"
+AttentionInterface.register(SLOT_DECODE_ATTENTION, slot_decode_attention)
+
+
+@contextmanager
+def attention_implementation(config, name: str):
+    """Route the model's attention layers to `name` for the calls made inside the block."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys plus values that one token occupies over all layers."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, head_dim = kv_heads_and_dim(config)
     return 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
 
 
@@ -159,6 +192,15 @@ class SlotState:
     token_ids: list[int] = field(default_factory=list)
 
 
+@dataclass
+class LaunchedStep:
+    """A decode step queued on the device: who was decoding, and where its tokens will land."""
+
+    states: list[tuple[int, SlotState]]  # (slot, the sample it was decoding)
+    host_tokens: torch.Tensor  # pinned on CUDA, so the copy overlaps the next step
+    done: torch.cuda.Event | None  # recorded after the copy; None on CPU (already complete)
+
+
 @dataclass(frozen=True)
 class ModelParts:
     """What the decoder needs from the model: the backbone (hidden states) and the logits head."""
@@ -177,13 +219,13 @@ class SlotDecoder:
         self.parts = parts
         self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
         device, config = parts.device, parts.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (num_slots, heads, max_len, head_dim)
+        kv_heads, head_dim = kv_heads_and_dim(config)
+        shape = (num_slots, kv_heads, max_len, head_dim)
         # end[s]: where slot s writes its next token's keys and values = that token's position.
         self.end = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.cache = SlotKVCache(
-            [
+        # A transformers Cache of SlotLayers: the model's own forward decodes into it unchanged.
+        self.cache = Cache(
+            layers=[
                 SlotLayer(
                     torch.zeros(shape, dtype=parts.dtype, device=device),
                     torch.zeros(shape, dtype=parts.dtype, device=device),
@@ -200,6 +242,9 @@ class SlotDecoder:
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
         self.uniforms = torch.zeros(num_slots, max_tokens, dtype=torch.float32, device=device)
         self.generated = torch.zeros(num_slots, dtype=torch.long, device=device)
+        # Two host buffers for sampled tokens: one being filled while the other is read.
+        pinned = device.type == "cuda"
+        self.host_tokens = [torch.zeros(num_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         if use_cuda_graph and device.type == "cuda":
@@ -210,13 +255,14 @@ class SlotDecoder:
                 self.graph = None
 
     def _decode_forward(self) -> torch.Tensor:
-        hidden = self.parts.backbone(
-            input_ids=self.input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=self.end.view(-1, 1),
-            past_key_values=self.cache,
-            use_cache=True,
-        ).last_hidden_state
+        with attention_implementation(self.parts.config, SLOT_DECODE_ATTENTION):
+            hidden = self.parts.backbone(
+                input_ids=self.input_ids,
+                attention_mask=self.attention_mask,
+                position_ids=self.end.view(-1, 1),
+                past_key_values=self.cache,
+                use_cache=True,
+            ).last_hidden_state
         return self.parts.logits_from_hidden(hidden[:, -1])
 
     def _capture_graph(self) -> None:
@@ -277,17 +323,26 @@ class BatchSampler:
             for start in range(0, request.n, self.decoder.num_slots):
                 samples = list(range(start, min(request.n, start + self.decoder.num_slots)))
                 groups.append(SampleGroup(index, samples, seeds[index]))
+        def total_length(group: SampleGroup) -> int:
+            request = self.requests[group.request_index]
+            return len(request.prompt_ids) + request.max_tokens
+
         # Longest first; Python's sort is stable, so equal lengths keep request order.
-        return sorted(groups, key=lambda g: -(len(self.requests[g.request_index].prompt_ids) + self.requests[g.request_index].max_tokens))
+        return sorted(groups, key=total_length, reverse=True)
 
     def run(self) -> list[list[Completion]]:
         refill_threshold = max(1, self.decoder.num_slots // 8)
+        in_flight: LaunchedStep | None = None
         while self.queue or self._active_slots():
             free = self.slots.count(None)
             if self.queue and (free == len(self.slots) or free >= refill_threshold):
                 self._admit()
-            if self._active_slots():
-                self._decode_step()
+            launched = self._launch_decode_step() if self._active_slots() else None
+            # The host reads step t-1's tokens while the device computes step t. A sample that
+            # finished at t-1 got one more token at t; _collect drops it.
+            if in_flight is not None:
+                self._collect(in_flight)
+            in_flight = launched
         return self.results  # type: ignore[return-value]  # every entry is filled by now
 
     def _active_slots(self) -> list[int]:
@@ -361,10 +416,10 @@ class BatchSampler:
 
     # ----------------------------------------------------------------- decoding
 
-    def _decode_step(self) -> None:
+    def _launch_decode_step(self) -> LaunchedStep:
+        """Queue one decode step on the device; its tokens reach the host without blocking it."""
         decoder = self.decoder
-        active = self._active_slots()
-        requests = [self.slots[s].request for s in active]
+        states = [(row, state) for row, state in enumerate(self.slots) if state is not None]
         logits = decoder.decode_logits().float()
         uniform = decoder.uniforms.gather(1, decoder.generated.view(-1, 1)).squeeze(1)
         tokens = sample_from_logits(
@@ -372,16 +427,29 @@ class BatchSampler:
             decoder.temperature,
             decoder.top_p,
             uniform,
-            any_top_p=any(r.top_p < 1.0 for r in requests),
-            any_greedy=any(r.temperature <= 0.0 for r in requests),
+            any_top_p=any(state.request.top_p < 1.0 for _, state in states),
+            any_greedy=any(state.request.temperature <= 0.0 for _, state in states),
         )
         decoder.input_ids[:, 0] = tokens
         # Idle slots advance too (they compute garbage nobody reads); clamping keeps them in range.
         decoder.end.add_(1).clamp_(max=decoder.max_len - 1)
         decoder.generated.add_(1).clamp_(max=decoder.max_tokens - 1)
         self.stats.decode_steps += 1
-        all_tokens = tokens.tolist()
-        self._record_tokens(active, [all_tokens[s] for s in active])
+        host_tokens = decoder.host_tokens[self.stats.decode_steps % 2]
+        host_tokens.copy_(tokens, non_blocking=True)
+        done = None
+        if tokens.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(states, host_tokens, done)
+
+    def _collect(self, step: LaunchedStep) -> None:
+        if step.done is not None:
+            step.done.synchronize()
+        all_tokens = step.host_tokens.tolist()
+        # Keep only slots still decoding the sample they decoded at launch.
+        rows = [row for row, state in step.states if self.slots[row] is state]
+        self._record_tokens(rows, [all_tokens[row] for row in rows])
 
     def _record_tokens(self, rows: list[int], tokens: list[int]) -> None:
         """Append one new token to each row's sample, and finish the samples that are done."""
