@@ -9,6 +9,7 @@ each under its own hard timeout, so one hanging answer costs one timeout and sta
 
 from __future__ import annotations
 
+import atexit
 import re
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -106,8 +107,6 @@ def verify_answers(
 ) -> list[Verdict]:
     """Verdicts for (gold, pred) pairs, in order. A missing pred is `no_answer`, a missing
     gold is `error`; everything else goes through Math-Verify in worker processes."""
-    from pebble import ProcessPool
-
     verdicts: list[Verdict | None] = [None] * len(pairs)
     todo: list[int] = []
     for index, (gold, pred) in enumerate(pairs):
@@ -127,31 +126,52 @@ def verify_answers(
     signal_timeout = max(1, int(round(timeout)))  # SIGALRM counts whole seconds
     hard_timeout = timeout + 2.0  # the backstop for hangs no signal interrupts
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
-    with ProcessPool(max_workers=max(1, workers)) as pool:
-        futures = [
-            pool.schedule(_compare_chunk, args=([pairs[i] for i in chunk], signal_timeout), timeout=hard_timeout + 0.05 * len(chunk))
-            for chunk in chunks
-        ]
-        retry: list[int] = []
-        for chunk, future in zip(chunks, futures):
-            try:
-                for index, verdict in zip(chunk, future.result()):
-                    verdicts[index] = verdict
-                if on_progress:
-                    on_progress(len(chunk))
-            except Exception:  # the chunk overran or its worker died: retry its items alone
-                retry.extend(chunk)
-        singles = [(i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout), timeout=hard_timeout)) for i in retry]
-        for index, future in singles:
-            try:
-                verdicts[index] = future.result()[0]
-            except FutureTimeout:
-                verdicts[index] = Verdict(False, "timeout")
-            except Exception:
-                verdicts[index] = Verdict(False, "error")
+    pool = _shared_pool(max(1, workers))
+    futures = [
+        pool.schedule(_compare_chunk, args=([pairs[i] for i in chunk], signal_timeout), timeout=hard_timeout + 0.05 * len(chunk))
+        for chunk in chunks
+    ]
+    retry: list[int] = []
+    for chunk, future in zip(chunks, futures):
+        try:
+            for index, verdict in zip(chunk, future.result()):
+                verdicts[index] = verdict
             if on_progress:
-                on_progress(1)
+                on_progress(len(chunk))
+        except Exception:  # the chunk overran or its worker died: retry its items alone
+            retry.extend(chunk)
+    singles = [(i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout), timeout=hard_timeout)) for i in retry]
+    for index, future in singles:
+        try:
+            verdicts[index] = future.result()[0]
+        except FutureTimeout:
+            verdicts[index] = Verdict(False, "timeout")
+        except Exception:
+            verdicts[index] = Verdict(False, "error")
+        if on_progress:
+            on_progress(1)
     return verdicts  # type: ignore[return-value]
+
+
+_POOLS: dict[int, object] = {}
+
+
+def _shared_pool(workers: int):
+    """One worker pool per size for the whole process: labeling verifies rollouts every round,
+    and starting processes (and re-parsing gold answers in fresh caches) each time would cost
+    more than the comparisons. A worker killed on a timeout is replaced by pebble."""
+    from pebble import ProcessPool
+
+    if workers not in _POOLS:
+        pool = ProcessPool(max_workers=workers)
+        atexit.register(_stop_pool, pool)
+        _POOLS[workers] = pool
+    return _POOLS[workers]
+
+
+def _stop_pool(pool) -> None:
+    pool.stop()
+    pool.join(timeout=5)
 
 
 def verify_responses(

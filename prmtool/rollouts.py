@@ -1,0 +1,114 @@
+"""Monte Carlo rollouts from step prefixes: the one place that turns "estimate MC(prefix)"
+into engine requests and verified results.
+
+A probe asks for k rollouts continuing a response after its first `prefix_steps` steps. All
+probes of one round go to the engine in a single call, whatever method asked for them; the
+rollouts' final answers are checked by the project's verifier (mathematical equivalence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prmtool.verification import extract_answer, verify_answers
+
+if TYPE_CHECKING:
+    from prmtool.engines import Engine
+
+
+@dataclass(frozen=True)
+class Probe:
+    row: int  # which response (index into the frame being labeled)
+    prefix_steps: int  # the rollout continues after steps[:prefix_steps]
+    k: int
+
+
+@dataclass
+class ProbeResult:
+    probe: Probe
+    correct: int  # rollouts whose final answer is right
+    tokens: int  # generated tokens spent
+
+    @property
+    def mc(self) -> float:
+        return self.correct / self.probe.k
+
+
+@dataclass
+class RolloutSettings:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int = 0
+    system_prompt: str | None = None
+    prompt_template: str | None = None
+    verify_timeout: float = 5.0
+    workers: int = 2
+
+
+class Rollouts:
+    """Runs rounds of probes for a frame of responses (problem, steps, reference_answer)."""
+
+    def __init__(self, engine: "Engine", problems: list[str], steps: list[list[str]], references: list[str],
+                 response_ids: list[str], separator: str, settings: RolloutSettings) -> None:
+        self.engine, self.settings, self.separator = engine, settings, separator
+        self.problems, self.steps, self.references, self.response_ids = problems, steps, references, response_ids
+        self._chat_ids: dict[str, list[int]] = {}
+        self.rounds = 0
+
+    def prefix_text(self, row: int, prefix_steps: int) -> str:
+        """`join(steps[:i]) + sep`, as ALGORITHMS.md says a rollout from step i continues."""
+        if prefix_steps == 0:
+            return ""
+        return self.separator.join(self.steps[row][:prefix_steps]) + self.separator
+
+    def _prompt_ids(self, row: int, prefix_steps: int) -> list[int]:
+        problem = self.problems[row]
+        if problem not in self._chat_ids:
+            self._chat_ids[problem] = self.engine.chat_prompt_ids(problem, self.settings.system_prompt, self.settings.prompt_template)
+        return self.engine.continuation_ids(self._chat_ids[problem], self.prefix_text(row, prefix_steps))
+
+    def _seed(self, probe: Probe) -> int:
+        # Fixed by the response, the prefix and the round: reruns give the same labels.
+        key = f"{self.settings.seed}\x1f{self.response_ids[probe.row]}\x1f{probe.prefix_steps}\x1f{self.rounds}"
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+    def run(self, probes: list[Probe]) -> list[ProbeResult]:
+        """One engine call for every probe of the round, then one verification pass."""
+        from prmtool.engines import SamplingRequest
+
+        if not probes:
+            return []
+        self.rounds += 1
+        # Probes of one problem are adjacent, so shared prefixes reach the engine together
+        # (its prefix cache, where it has one, serves them).
+        order = sorted(range(len(probes)), key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps))
+        requests = [
+            SamplingRequest(
+                prompt_ids=self._prompt_ids(probes[i].row, probes[i].prefix_steps),
+                n=probes[i].k,
+                temperature=self.settings.temperature,
+                top_p=self.settings.top_p,
+                max_tokens=self.settings.max_tokens,
+                seed=self._seed(probes[i]),
+            )
+            for i in order
+        ]
+        completions = self.engine.sample(requests)
+        pairs, owners = [], []
+        for position, samples in zip(order, completions):
+            probe = probes[position]
+            prefix = self.prefix_text(probe.row, probe.prefix_steps)
+            for sample in samples:
+                # The answer may sit in the prefix when the prefix already holds the last step.
+                pairs.append((self.references[probe.row], extract_answer(prefix + sample.text)))
+                owners.append(position)
+        verdicts = verify_answers(pairs, timeout=self.settings.verify_timeout, workers=self.settings.workers)
+        results = [ProbeResult(p, 0, 0) for p in probes]
+        for position, samples in zip(order, completions):
+            results[position].tokens = sum(s.num_tokens for s in samples)
+        for position, verdict in zip(owners, verdicts):
+            results[position].correct += int(verdict.correct)
+        return results

@@ -1,0 +1,177 @@
+"""`prmtool label`: step labels from Monte Carlo rollouts.
+
+The scripted engine below gives exact ground truth: a rollout reaches the right answer with
+probability `p`, unless its prefix contains the injected wrong step ("WRONG"), in which case it
+never does. So the true first error of every response is known.
+"""
+
+import math
+import random
+
+import polars as pl
+import pytest
+
+from prmtool.engines import Completion, Engine
+from prmtool.rollouts import RolloutSettings
+from prmtool.stages.label import label_rows
+from tests.conftest import SAMPLES
+
+
+class ScriptedRolloutEngine(Engine):
+    def __init__(self, answers: dict[str, str], p: float = 1.0):
+        self.tokenizer = None
+        self.answers, self.p = answers, p
+        self.calls: list[list] = []
+
+    def chat_prompt_ids(self, problem, system_prompt=None, prompt_template=None):
+        return [ord(c) for c in problem] + [0]  # 0 marks the end of the problem
+
+    def continuation_ids(self, prompt_ids, partial_answer):
+        return list(prompt_ids) + [ord(c) for c in partial_answer]
+
+    def sample(self, requests, on_progress=None):
+        self.calls.append(requests)
+        results = []
+        for request in requests:
+            end = request.prompt_ids.index(0)
+            problem = "".join(map(chr, request.prompt_ids[:end]))
+            prefix = "".join(map(chr, request.prompt_ids[end + 1 :]))
+            rng = random.Random(request.seed)
+            samples = []
+            for _ in range(request.n):
+                right = "WRONG" not in prefix and rng.random() < self.p
+                gold = int(self.answers[problem])
+                # Written as a fraction: only a mathematical verifier counts it as right.
+                answer = f"\\frac{{{2 * gold}}}{{2}}" if right else str(gold + 1)
+                samples.append(Completion(f"So the result is \\boxed{{{answer}}}.", [1, 2, 3], 3, "stop"))
+            results.append(samples)
+        return results
+
+    def score(self, requests):
+        raise NotImplementedError("label never scores")
+
+
+def responses(count: int, seed: int = 0, max_steps: int = 12) -> pl.DataFrame:
+    """Wrong responses of 1..max_steps steps, each with one injected wrong step."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        n = rng.randint(1, max_steps)
+        wrong_at = rng.randrange(n)
+        steps = [f"Step {i}: fine." if i != wrong_at else f"Step {i}: WRONG." for i in range(n)]
+        rows.append({"problem_id": f"p{index % 5}", "problem": f"Problem {index % 5}?", "reference_answer": str(10 + index % 5),
+                     "response_id": f"r{index}", "steps": steps, "correct": False, "true_first_error": wrong_at})
+    return pl.DataFrame(rows)
+
+
+def answers_of(frame: pl.DataFrame) -> dict[str, str]:
+    return dict(zip(frame["problem"], frame["reference_answer"]))
+
+
+SETTINGS = RolloutSettings(workers=1)
+
+
+def test_binary_search_finds_the_same_first_error_as_per_step_mc_on_noise_free_cases():
+    frame = responses(40)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=1.0)
+    binary = label_rows(frame, engine, "binary", k=4, settings=SETTINGS)
+    per_step = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "mc", k=4, settings=SETTINGS)
+    assert binary["first_error"].to_list() == frame["true_first_error"].to_list()
+    assert per_step["first_error"].to_list() == frame["true_first_error"].to_list()
+
+
+def test_binary_search_spends_at_most_k_times_log2_n_plus_one_rollouts_per_wrong_response():
+    frame = responses(40)
+    k = 4
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame)), "binary", k=k, settings=SETTINGS)
+    for steps, rollouts in zip(labeled["steps"], labeled["label_rollouts"]):
+        assert rollouts <= k * (math.ceil(math.log2(len(steps))) + 1) if len(steps) > 1 else rollouts == 0
+
+
+def test_binary_labels_good_before_the_first_error_bad_at_it_and_nothing_after():
+    frame = responses(20)
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame)), "binary", k=4, settings=SETTINGS)
+    for labels, first_error in zip(labeled["step_labels"].to_list(), labeled["first_error"]):
+        assert labels == [1] * first_error + [0] + [None] * (len(labels) - first_error - 1)
+
+
+def test_all_searches_advance_together_one_engine_call_per_round():
+    frame = responses(40, max_steps=12)
+    engine = ScriptedRolloutEngine(answers_of(frame))
+    label_rows(frame, engine, "binary", k=2, settings=SETTINGS)
+    assert len(engine.calls) <= math.ceil(math.log2(12)), "one call per round, not one per probe"
+    assert sum(len(call) for call in engine.calls) > len(engine.calls)
+
+
+def test_per_step_mc_values_are_the_fraction_of_correct_rollouts():
+    frame = responses(10)
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "mc", k=4, settings=SETTINGS)
+    for values, first_error in zip(labeled["step_mc"].to_list(), frame["true_first_error"]):
+        assert values == [1.0] * first_error + [0.0] * (len(values) - first_error)
+    noisy = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "mc", k=8, settings=SETTINGS)
+    measured = [v for values in noisy["step_mc"].to_list() for v in values[:-1]]
+    assert all(v * 8 == int(v * 8) for v in measured), "MC values are counts out of k"
+    assert 0 < sum(measured) / len(measured) < 1
+
+
+def test_bad_below_sets_the_threshold_of_a_bad_step():
+    frame = responses(15, seed=3)
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.6), "mc", k=8, settings=SETTINGS, bad_below=0.5)
+    for values, labels in zip(labeled["step_mc"].to_list(), labeled["step_labels"].to_list()):
+        assert labels == [int(v >= 0.5) for v in values]
+
+
+def test_correct_responses_are_trusted_by_default_and_estimated_on_request():
+    frame = responses(6).with_columns(correct=pl.lit(True), steps=pl.col("steps").list.eval(pl.element().str.replace("WRONG", "fine")))
+    engine = ScriptedRolloutEngine(answers_of(frame))
+    trusted = label_rows(frame, engine, "mc", k=4, settings=SETTINGS)
+    assert trusted["label_rollouts"].sum() == 0 and not engine.calls
+    assert all(labels == [1] * len(labels) for labels in trusted["step_labels"].to_list())
+    # Hard labels, default threshold: the correct response itself proves every prefix good.
+    estimated_hard = label_rows(frame, engine, "mc", k=4, settings=SETTINGS, correct_responses="estimate")
+    assert estimated_hard["label_rollouts"].sum() == 0
+    estimated_soft = label_rows(frame, engine, "mc", k=4, settings=SETTINGS, correct_responses="estimate", soft=True)
+    assert estimated_soft["label_rollouts"].sum() == 4 * sum(len(s) - 1 for s in frame["steps"])
+    assert all(v == 1.0 for values in estimated_soft["step_mc"].to_list() for v in values)
+
+
+def test_binary_costs_a_fraction_of_per_step_mc():
+    frame = responses(40, max_steps=16)
+    binary = label_rows(frame, ScriptedRolloutEngine(answers_of(frame)), "binary", k=8, settings=SETTINGS)
+    per_step = label_rows(frame, ScriptedRolloutEngine(answers_of(frame)), "mc", k=8, settings=SETTINGS)
+    assert binary["label_tokens"].sum() < 0.6 * per_step["label_tokens"].sum()
+
+
+def test_labels_are_reproducible_with_a_seed():
+    frame = responses(10)
+    first = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "mc", k=4, settings=SETTINGS)
+    again = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "mc", k=4, settings=SETTINGS)
+    assert first.equals(again)
+
+
+def test_label_refuses_unverified_input(prmtool, tmp_path):
+    result = prmtool("label", SAMPLES / "responses", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "missing required column 'correct'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_label_command_with_the_embedded_model(prmtool, tmp_path):
+    """End to end: verify then label a few sample responses with SmolLM2-135M-Instruct."""
+    few = tmp_path / "few"
+    few.mkdir()
+    pl.read_parquet(SAMPLES / "responses" / "part-00000.parquet").head(4).write_parquet(few / "part-00000.parquet")
+    assert prmtool("verify", few, "-o", tmp_path / "verified", "--workers", "1").exit_code == 0
+    result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--k", "2", "--max-tokens", "24",
+                     "--device", "cpu", "--workers", "1", "--method", "binary")
+    assert result.exit_code == 0, result.stderr
+    labeled = pl.read_parquet(tmp_path / "labeled" / "part-00000.parquet")
+    for steps, labels, correct, first_error, rollouts in labeled.select("steps", "step_labels", "correct", "first_error", "label_rollouts").iter_rows():
+        assert len(labels) == len(steps)
+        if correct:
+            assert labels == [1] * len(steps) and first_error == -1 and rollouts == 0
+        else:
+            assert 0 <= first_error < len(steps) and labels[first_error] == 0
+            assert rollouts <= 2 * (math.ceil(math.log2(max(len(steps), 1))) + 1)
+    assert labeled["label_tokens"].sum() > 0
