@@ -99,8 +99,20 @@ def test_all_searches_advance_together_one_engine_call_per_round():
     frame = responses(40, max_steps=12)
     engine = ScriptedRolloutEngine(answers_of(frame))
     label_rows(frame, engine, "binary", k=2, settings=SETTINGS)
-    assert len(engine.calls) <= math.ceil(math.log2(12)), "one call per round, not one per probe"
+    # Two rounds per level at most (staged sampling), whatever the number of responses.
+    assert len(engine.calls) <= 2 * math.ceil(math.log2(12)), "one call per round, not one per probe"
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
+
+
+def test_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
+    frame = responses(30)
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS)
+    for steps, rollouts, values in labeled.select("steps", "label_rollouts", "step_mc").iter_rows():
+        measured = [v for v in values if v is not None]
+        # Good prefixes (MC 1.0 from 2 rollouts) cost 2, bad ones (0.0 from all 8) cost 8.
+        assert rollouts == sum(2 if v == 1.0 else 8 for v in measured)
+    soft = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS, soft=True)
+    assert all(r % 8 == 0 for r in soft["label_rollouts"]), "soft labels need every MC value from k rollouts"
 
 
 def test_per_step_mc_values_are_the_fraction_of_correct_rollouts():

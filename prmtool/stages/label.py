@@ -104,16 +104,23 @@ class FirstErrorBinarySearch:
     """OmegaPRM's binary search for the first step whose prefix has MC = 0.
 
     Invariant: MC(steps[:good]) is good (the empty prefix is assumed so) and MC(steps[:bad])
-    is bad (the full response is wrong). Each round probes the middle prefix."""
+    is bad (the full response is wrong). Each level probes the middle prefix.
+
+    Staged sampling (hard labels, default threshold): one correct rollout proves MC > 0, so a
+    probe first draws k/4 rollouts and draws the other 3k/4 only if none of those was right.
+    "Some of k rollouts is right" has the same probability either way, so labels are
+    distributed exactly as with k rollouts at once, for far fewer rollouts on good prefixes."""
 
     row: int
     n_steps: int
     k: int
     threshold: Threshold
+    staged: bool = False
     step_mc: list[float | None] = field(init=False)
     good: int = 0
     bad: int = field(init=False)
     spent: list[int] = field(default_factory=lambda: [0, 0])
+    middle_counts: list[int] = field(default_factory=lambda: [0, 0])  # correct, sampled at the middle
 
     def __post_init__(self) -> None:
         self.step_mc = [None] * self.n_steps
@@ -122,17 +129,25 @@ class FirstErrorBinarySearch:
     def probes(self) -> list[Probe]:
         if self.bad - self.good <= 1:
             return []
-        return [Probe(self.row, (self.good + self.bad) // 2, self.k)]
+        sampled = self.middle_counts[1]
+        first_stage = max(1, self.k // 4) if self.staged else self.k
+        return [Probe(self.row, (self.good + self.bad) // 2, first_stage if sampled == 0 else self.k - sampled)]
 
     def observe(self, result: ProbeResult) -> None:
         middle = result.probe.prefix_steps
-        self.step_mc[middle - 1] = result.mc
         self.spent[0] += result.probe.k
         self.spent[1] += result.tokens
-        if self.threshold.is_good(result.mc):
+        self.middle_counts[0] += result.correct
+        self.middle_counts[1] += result.probe.k
+        correct, sampled = self.middle_counts
+        if sampled < self.k and correct == 0:
+            return  # nothing proven yet: the next round draws the rest of the k rollouts
+        self.step_mc[middle - 1] = correct / sampled
+        if self.threshold.is_good(correct / sampled):
             self.good = middle
         else:
             self.bad = middle
+        self.middle_counts = [0, 0]
 
     def outcome(self) -> RowLabels:
         if self.n_steps == 0:
@@ -178,7 +193,8 @@ def label_rows(
         elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere
             searches[row] = PerStepMC(row, n_steps, True, k, threshold, soft)
         else:
-            searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold)
+            staged = not soft and threshold.one_success_proves_good
+            searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged)
     if tracker is not None:
         tracker.advance(frame.height - len(searches))
 

@@ -1,0 +1,167 @@
+"""Benchmarks of `prmtool label`.
+
+    python bench/bench_label.py economy            # CPU: rollout tokens of binary vs mc
+    python bench/bench_label.py overhead           # GPU: label vs the bare engine on the same requests
+
+economy: the same wrong responses labeled by first-error binary search and by per-step MC
+(Math-Shepherd), with a scripted policy whose rollouts reach the right answer with probability
+p unless their prefix holds the injected wrong step, and whose rollout length shrinks with the
+prefix (less is left to write). Prints the generated tokens of each, their ratio, and how often
+the two methods find the same first error. Targets: agreement >= 0.95 at <= 35% of mc's tokens.
+
+overhead: a random-weight Qwen2.5-0.5B (bf16) labels wrong responses with `--method binary`
+through the hf engine; every request label sends is recorded, then the bare engine samples the
+identical list of requests in one call. Prints both wall times and label's throughput as a
+fraction of the bare engine's (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's model builders
+
+from prmtool.engines import Completion, Engine  # noqa: E402
+from prmtool.rollouts import RolloutSettings  # noqa: E402
+from prmtool.stages.label import label_rows  # noqa: E402
+
+
+def wrong_responses(count: int, min_steps: int, max_steps: int, seed: int = 0, words_per_step: int = 8) -> pl.DataFrame:
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        n = rng.randint(min_steps, max_steps)
+        wrong_at = rng.randrange(n)
+        steps = [" ".join(f"t{rng.randrange(100, 5000)}" for _ in range(words_per_step)) + (" WRONG" if i == wrong_at else "") for i in range(n)]
+        problem = " ".join(f"t{rng.randrange(100, 5000)}" for _ in range(16)) + f" P{index // 4}"
+        rows.append({"problem_id": f"p{index // 4}", "problem": problem, "reference_answer": "42", "response_id": f"r{index}",
+                     "steps": steps, "correct": False, "true_first_error": wrong_at})
+    return pl.DataFrame(rows)
+
+
+class ScriptedPolicy(Engine):
+    """Rollouts right with probability p unless the prefix holds WRONG; shorter from later prefixes."""
+
+    def __init__(self, p: float, tokens_per_remaining_step: int = 40):
+        self.tokenizer, self.p, self.per_step = None, p, tokens_per_remaining_step
+        self.steps_of: dict[str, int] = {}
+
+    def chat_prompt_ids(self, problem, system_prompt=None, prompt_template=None):
+        return [ord(c) for c in problem] + [0]
+
+    def continuation_ids(self, prompt_ids, partial_answer):
+        return list(prompt_ids) + [ord(c) for c in partial_answer]
+
+    def sample(self, requests, on_progress=None):
+        results = []
+        for request in requests:
+            end = request.prompt_ids.index(0)
+            prefix = "".join(map(chr, request.prompt_ids[end + 1 :]))
+            done_steps = prefix.count("\n\n")
+            remaining = max(1, 12 - done_steps)
+            rng = random.Random(request.seed)
+            samples = []
+            for _ in range(request.n):
+                right = "WRONG" not in prefix and rng.random() < self.p
+                tokens = self.per_step * remaining
+                samples.append(Completion(f"\\boxed{{{42 if right else 41}}}", [], tokens, "stop"))
+            results.append(samples)
+        return results
+
+    def score(self, requests):
+        raise NotImplementedError
+
+
+def economy(args) -> None:
+    frame = wrong_responses(args.responses, 3, 12)
+    settings = RolloutSettings(workers=2)
+    binary = label_rows(frame, ScriptedPolicy(args.p), "binary", k=args.k, settings=settings)
+    per_step = label_rows(frame, ScriptedPolicy(args.p), "mc", k=args.k, settings=settings)
+    agreement = (binary["first_error"] == per_step["first_error"]).mean()
+    truth = (binary["first_error"] == frame["true_first_error"]).mean()
+    ratio = binary["label_tokens"].sum() / per_step["label_tokens"].sum()
+    print(f"{args.responses} wrong responses of 3-12 steps, k={args.k}, p={args.p}")
+    print(f"mc:     {per_step['label_rollouts'].sum():,} rollouts, {per_step['label_tokens'].sum():,} tokens")
+    print(f"binary: {binary['label_rollouts'].sum():,} rollouts, {binary['label_tokens'].sum():,} tokens")
+    print(f"binary tokens / mc tokens: {ratio:.1%} (target <= 35%)")
+    print(f"first-error agreement binary vs mc: {agreement:.3f} (target >= 0.95); binary vs injected truth: {truth:.3f}")
+
+
+class RecordingEngine(Engine):
+    """Passes every call through to the real engine and keeps the requests."""
+
+    def __init__(self, inner: Engine):
+        self.inner, self.tokenizer, self.requests = inner, inner.tokenizer, []
+
+    def chat_prompt_ids(self, *args, **kwargs):
+        return self.inner.chat_prompt_ids(*args, **kwargs)
+
+    def continuation_ids(self, *args, **kwargs):
+        return self.inner.continuation_ids(*args, **kwargs)
+
+    def sample(self, requests, on_progress=None):
+        self.requests.extend(requests)
+        return self.inner.sample(requests, on_progress)
+
+    def score(self, requests):
+        return self.inner.score(requests)
+
+
+def overhead(args) -> None:
+    import torch
+    from bench_generate import build_model, build_tokenizer
+
+    from prmtool.engines import SamplingRequest
+    from prmtool.engines.hf import HFEngine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.quick, device)
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    engine = HFEngine(model, tokenizer, ignore_eos=True, max_batch_size=args.slots)
+    engine.sample([SamplingRequest([5] * 64, n=8, max_tokens=32, seed=0)])  # warm-up: pools and graph capture
+    frame = wrong_responses(args.responses, 4, 16, words_per_step=40)
+    recorder = RecordingEngine(engine)
+    settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    labeled = label_rows(frame, recorder, "binary", k=args.k, settings=settings)
+    label_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    bare = engine.sample(recorder.requests)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    bare_seconds = time.perf_counter() - started
+    tokens = sum(c.num_tokens for samples in bare for c in samples)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {args.responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}")
+    print(f"label: {labeled['label_rollouts'].sum():,} rollouts in {len(recorder.requests):,} requests, {labeled['label_tokens'].sum():,} tokens, {label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)")
+    print(f"bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s ({tokens / bare_seconds:,.0f} tok/s)")
+    print(f"label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f} (target >= 0.9)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["economy", "overhead"])
+    parser.add_argument("--responses", type=int, default=None)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--slots", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
+    args = parser.parse_args()
+    if args.which == "economy":
+        args.responses = args.responses or 500
+        economy(args)
+    else:
+        args.responses = args.responses or 512
+        overhead(args)
+
+
+if __name__ == "__main__":
+    main()
