@@ -10,6 +10,7 @@ import polars as pl
 import typer
 
 from prmtool.errors import InputError
+from prmtool.model_loading import EngineOnDemand
 from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
 from prmtool.report import RunStats, Tracker
 from prmtool.runner import MapStage, run_map_stage
@@ -138,16 +139,11 @@ def command(
         "verify": verify, "model": model, "engine": engine,
     }
     required = ("problem_id", "problem") + (("reference_answer",) if verify else ())
-    loaded: list = []  # the engine, loaded on the first shard that needs work
+    engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        if not loaded:  # load once, after every input has been validated
-            stats.log(f"loading model {model or '(embedded SmolLM2-135M-Instruct)'} with the {engine} engine")
-            from prmtool.engines import load_engine
-
-            loaded.append(load_engine(engine, model, device=device, trust_remote_code=trust_remote_code))
         tokens_before = tracker.tokens
-        result = generate_rows(frame, loaded[0], n, temperature, top_p, max_tokens, seed, system_prompt, prompt_template, stop, split, tracker)
+        result = generate_rows(frame, engines.get(), n, temperature, top_p, max_tokens, seed, system_prompt, prompt_template, stop, split, tracker)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         stats.counts.update(f"finish_{r}" for r in result["finish_reason"])
         if verify:
@@ -158,11 +154,8 @@ def command(
         return result
 
     stage = MapStage("generate", transform, arguments, required, unique_column="problem_id", rows_per_input=n, extra_checks=[_no_responses_yet])
-    try:
+    with engines:
         run_map_stage(stage, inputs, output, overwrite, stats)
-    finally:
-        if loaded:
-            loaded[0].close()
     seconds = stats.summary()["seconds"]
     if seconds and stats.counts["tokens_generated"]:
         stats.counts["tokens_per_second"] = round(stats.counts["tokens_generated"] / seconds)

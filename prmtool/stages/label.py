@@ -19,6 +19,7 @@ import polars as pl
 import typer
 
 from prmtool.errors import InputError
+from prmtool.model_loading import EngineOnDemand
 from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
 from prmtool.report import RunStats, Tracker
 from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
@@ -272,24 +273,16 @@ def command(
     arguments = {"method": method, "k": k, "temperature": temperature, "max_tokens": max_tokens, "seed": seed, "label": label,
                  "bad_below": bad_below, "correct_responses": correct_responses, "system_prompt": system_prompt,
                  "prompt_template": settings.prompt_template, "split": split, "model": model, "engine": engine}
-    loaded: list = []
+    engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        if not loaded:
-            from prmtool.engines import load_engine
-
-            stats.log(f"loading model {model or '(embedded SmolLM2-135M-Instruct)'} with the {engine} engine")
-            loaded.append(load_engine(engine, model, device=device, trust_remote_code=trust_remote_code))
-        result = label_rows(frame, loaded[0], method, k, settings, separator, label == "soft", bad_below, correct_responses, tracker)
+        result = label_rows(frame, engines.get(), method, k, settings, separator, label == "soft", bad_below, correct_responses, tracker)
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())
         return result
 
     stage = MapStage("label", transform, arguments, REQUIRED, extra_checks=[_verified])
-    try:
+    with engines:
         run_map_stage(stage, inputs, output, overwrite, stats)
-    finally:
-        if loaded:
-            loaded[0].close()
     stats.print_summary()
