@@ -1,7 +1,9 @@
 """Monte Carlo rollouts from step prefixes: the one place that turns "estimate MC(prefix)"
 into engine requests and verified results.
 
-A probe asks for k rollouts continuing a response after its first `prefix_steps` steps. All
+A probe asks for k rollouts continuing a response after its first `prefix_steps` steps, or,
+with an explicit `prefix` text, continuing any text (OmegaPRM's states are prefixes of earlier
+rollouts, not only of the input responses). All
 probes of one round go to the engine in a single call, whatever method asked for them; the
 rollouts' final answers are checked by the project's verifier (mathematical equivalence).
 """
@@ -9,7 +11,7 @@ rollouts' final answers are checked by the project's verifier (mathematical equi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prmtool.verification import extract_answer, verify_answers
@@ -23,6 +25,9 @@ class Probe:
     row: int  # which response (index into the frame being labeled)
     prefix_steps: int  # the rollout continues after steps[:prefix_steps]
     k: int
+    # When set, the rollout continues this text instead (the row then only names the problem
+    # and its reference answer); prefix_steps is then just the number of steps it holds.
+    prefix: str | None = None
 
 
 @dataclass
@@ -30,6 +35,8 @@ class ProbeResult:
     probe: Probe
     correct: int  # rollouts whose final answer is right
     tokens: int  # generated tokens spent
+    # Every rollout as (continuation text, verified correct, generated tokens), in sample order.
+    texts: list[tuple[str, bool, int]] = field(default_factory=list)
 
     @property
     def mc(self) -> float:
@@ -64,15 +71,20 @@ class Rollouts:
             return ""
         return self.separator.join(self.steps[row][:prefix_steps]) + self.separator
 
-    def _prompt_ids(self, row: int, prefix_steps: int) -> list[int]:
-        problem = self.problems[row]
+    def probe_prefix(self, probe: Probe) -> str:
+        return probe.prefix if probe.prefix is not None else self.prefix_text(probe.row, probe.prefix_steps)
+
+    def _prompt_ids(self, probe: Probe) -> list[int]:
+        problem = self.problems[probe.row]
         if problem not in self._chat_ids:
             self._chat_ids[problem] = self.engine.chat_prompt_ids(problem, self.settings.system_prompt, self.settings.prompt_template)
-        return self.engine.continuation_ids(self._chat_ids[problem], self.prefix_text(row, prefix_steps))
+        return self.engine.continuation_ids(self._chat_ids[problem], self.probe_prefix(probe))
 
     def _seed(self, probe: Probe) -> int:
         # Fixed by the response, the prefix and the round: reruns give the same labels.
         key = f"{self.settings.seed}\x1f{self.response_ids[probe.row]}\x1f{probe.prefix_steps}\x1f{self.rounds}"
+        if probe.prefix is not None:
+            key += f"\x1f{probe.prefix}"  # explicit prefixes only: step-indexed seeds stay as they were
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
     def run(self, probes: list[Probe]) -> list[ProbeResult]:
@@ -84,10 +96,11 @@ class Rollouts:
         self.rounds += 1
         # Probes of one problem are adjacent, so shared prefixes reach the engine together
         # (its prefix cache, where it has one, serves them).
-        order = sorted(range(len(probes)), key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps))
+        order = sorted(range(len(probes)),
+                       key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps, probes[i].prefix or ""))
         requests = [
             SamplingRequest(
-                prompt_ids=self._prompt_ids(probes[i].row, probes[i].prefix_steps),
+                prompt_ids=self._prompt_ids(probes[i]),
                 n=probes[i].k,
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,
@@ -100,7 +113,7 @@ class Rollouts:
         pairs, owners = [], []
         for position, samples in zip(order, completions):
             probe = probes[position]
-            prefix = self.prefix_text(probe.row, probe.prefix_steps)
+            prefix = self.probe_prefix(probe)
             for sample in samples:
                 # The answer may sit in the prefix when the prefix already holds the last step.
                 pairs.append((self.references[probe.row], extract_answer(prefix + sample.text)))
@@ -111,4 +124,8 @@ class Rollouts:
             results[position].tokens = sum(s.num_tokens for s in samples)
         for position, verdict in zip(owners, verdicts):
             results[position].correct += int(verdict.correct)
+        verdict_iter = iter(verdicts)
+        for position, samples in zip(order, completions):
+            # owners list the samples in this same order, so the verdicts line up.
+            results[position].texts = [(s.text, bool(next(verdict_iter).correct), s.num_tokens) for s in samples]
         return results

@@ -28,6 +28,9 @@ class MapStage:
     unique_column: str | None = "response_id"
     rows_per_input: int = 1  # generate writes n rows per problem
     extra_checks: list[Callable[[shards.InputShard], None]] = field(default_factory=list)
+    # Writes a second, per-shard output (label's OmegaPRM tree) from the input frame. It runs
+    # before the main shard is written, so a finished main shard implies a finished side one.
+    side_output: Callable[[shards.InputShard, pl.DataFrame, Tracker], None] | None = None
 
 
 def validate_inputs(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path) -> list[shards.InputShard]:
@@ -65,6 +68,8 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
             frame = shards.read_shard(shard)
             result = cast_to_contract(stage.transform(frame, tracker))
             _check_nothing_lost(frame, result, shard, stage.rows_per_input)
+            if stage.side_output is not None:
+                stage.side_output(shard, frame, tracker)
             shards.write_shard(result, target, shards.provenance(stage.name, stage.arguments, shard))
             written[shard.name] = result.height
             stats.rows_out += result.height

@@ -5,6 +5,9 @@ Methods (ALGORITHMS.md, "Step labeling by Monte Carlo rollouts"):
 - `binary`: OmegaPRM's first-error binary search on wrong responses: about k * log2(n)
   rollouts instead of k * n. Steps before the first error are good, the first error is bad,
   later steps are unlabeled.
+- `omegaprm`: OmegaPRM's tree search per question (`prmtool.omegaprm`), written to
+  `--tree-output` as one row per searched state (prefix, MC). The main output's rows get the
+  same columns as `binary` (its first-error search on the wrong input responses).
 
 Every row's search is a small state machine that proposes probes and reads their results;
 the driver gathers the probes of all active searches into one engine call per round.
@@ -13,13 +16,16 @@ the driver gathers the probes of all active searches into one engine call per ro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import polars as pl
 import typer
 
+from prmtool import shards
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
+from prmtool.omegaprm import SearchConfig, grow_trees, tree_frame
 from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
 from prmtool.report import RunStats, Tracker
 from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
@@ -29,7 +35,7 @@ from prmtool.steps import make_splitter
 if TYPE_CHECKING:
     from prmtool.engines import Engine
 
-METHODS = ("binary", "mc")
+METHODS = ("binary", "mc", "omegaprm")
 REQUIRED = ("problem_id", "problem", "reference_answer", "response_id", "steps", "correct")
 
 
@@ -184,6 +190,8 @@ def label_rows(
     rollouts = Rollouts(engine, frame["problem"].to_list(), steps, frame["reference_answer"].cast(pl.String).to_list(),
                         frame["response_id"].to_list(), separator, settings)
     results: list[RowLabels | None] = [None] * frame.height
+    if method == "omegaprm":
+        method = "binary"  # the input rows' labels; the tree itself comes from prmtool.omegaprm
     searches = {}
     for row, (row_steps, correct) in enumerate(zip(steps, frame["correct"].to_list())):
         n_steps = len(row_steps or [])
@@ -231,13 +239,14 @@ Examples:
   prmtool label work/verified -o work/labeled --method binary --k 8
   prmtool label work/verified -o work/labeled --method mc --k 8 --label soft
   prmtool label work/verified -o work/labeled --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
+  prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
 """
 
 
 def command(
     inputs: Inputs,
     output: Output,
-    method: Annotated[str, typer.Option(help="binary (first-error search) or mc (k rollouts after every step).")] = "binary",
+    method: Annotated[str, typer.Option(help="binary (first-error search), mc (k rollouts after every step) or omegaprm (binary labels plus a tree search per question, see --tree-output).")] = "binary",
     k: Annotated[int, typer.Option("--k", help="Rollouts per MC estimate.", min=1)] = 8,
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.", min=0)] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per rollout.", min=1)] = 1024,
@@ -247,6 +256,13 @@ def command(
     correct_responses: Annotated[str, typer.Option(help="trust: a verified-correct response's steps are all good; estimate: run MC on them too.")] = "trust",
     system_prompt: Annotated[str | None, typer.Option(help="The system message generate used.")] = None,
     prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}); default: generate's default.")] = None,
+    tree_output: Annotated[Path | None, typer.Option(help="omegaprm: directory for the search tree, one row per (prefix, MC) state, one shard per input shard.")] = None,
+    search_budget: Annotated[int, typer.Option(help="omegaprm: MC-estimation rollouts per question after screening.", min=0)] = 100,
+    screen_rollouts: Annotated[int, typer.Option(help="omegaprm: rollouts from the empty prefix; a question is searched only if some are right and some wrong.", min=1)] = 32,
+    alpha: Annotated[float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L).")] = 0.5,
+    beta: Annotated[float, typer.Option(help="omegaprm: length discount of Q.")] = 0.9,
+    length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1)] = 500.0,
+    c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.")] = 0.125,
     split: Split = "blank-line",
     model: Model = None,
     engine: EngineName = "hf",
@@ -266,6 +282,10 @@ def command(
         raise InputError(f"--label {label!r}: expected hard or soft")
     if correct_responses not in ("trust", "estimate"):
         raise InputError(f"--correct-responses {correct_responses!r}: expected trust or estimate")
+    if method == "omegaprm" and tree_output is None:
+        raise InputError("--method omegaprm needs --tree-output DIR")
+    if method != "omegaprm" and tree_output is not None:
+        raise InputError("--tree-output is only for --method omegaprm")
     separator = make_splitter(split).separator
     stats = RunStats("label", quiet=quiet)
     settings = RolloutSettings(temperature=temperature, max_tokens=max_tokens, seed=seed, system_prompt=system_prompt,
@@ -273,6 +293,11 @@ def command(
     arguments = {"method": method, "k": k, "temperature": temperature, "max_tokens": max_tokens, "seed": seed, "label": label,
                  "bad_below": bad_below, "correct_responses": correct_responses, "system_prompt": system_prompt,
                  "prompt_template": settings.prompt_template, "split": split, "model": model, "engine": engine}
+    search_config = SearchConfig(k=k, budget=search_budget, screen_rollouts=screen_rollouts, alpha=alpha, beta=beta,
+                                 length_scale=length_scale, c_puct=c_puct)
+    if method == "omegaprm":
+        arguments.update(tree_output=str(tree_output), search_budget=search_budget, screen_rollouts=screen_rollouts,
+                         alpha=alpha, beta=beta, length_scale=length_scale, c_puct=c_puct)
     engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
@@ -282,7 +307,16 @@ def command(
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())
         return result
 
-    stage = MapStage("label", transform, arguments, REQUIRED, extra_checks=[_verified])
+    def write_tree(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
+        searches = grow_trees(frame, engines.get(), search_config, settings, make_splitter(split), tracker)
+        tree = tree_frame(frame, searches, separator)
+        stats.counts["tree_rollouts"] += sum(screen_rollouts + question.search_rollouts for question in searches.values())
+        stats.counts["tree_questions_kept"] += sum(question.kept for question in searches.values())
+        stats.counts["tree_states"] += tree.height
+        shards.write_shard(tree, tree_output / shard.name, shards.provenance("label-tree", arguments, shard))
+
+    stage = MapStage("label", transform, arguments, REQUIRED, extra_checks=[_verified],
+                     side_output=write_tree if method == "omegaprm" else None)
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats)
     stats.print_summary()
