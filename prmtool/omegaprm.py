@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
-from prmtool.steps import Splitter, make_splitter, split_steps
+from prmtool.steps import Splitter, make_splitter, rollout_prefix, split_steps
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -96,11 +96,6 @@ class FirstErrorWalk:
             self.bad = middle
 
 
-def prefix_text(steps: list[str], separator: str) -> str:
-    """Same convention as Rollouts.prefix_text: `join(steps) + sep`, empty for no steps."""
-    return separator.join(steps) + separator if steps else ""
-
-
 @dataclass
 class QuestionSearch:
     row: int  # a row of the question: its problem and reference answer
@@ -131,7 +126,7 @@ class QuestionSearch:
                 self.walk = None  # first error located; pick the next candidate
                 continue
             steps = self.walk.path[:middle]
-            return [Probe(self.row, middle, self.config.k, prefix=prefix_text(steps, self.splitter.separator))]
+            return [Probe(self.row, middle, self.config.k, prefix=rollout_prefix(steps, self.splitter.separator))]
         return []
 
     def observe(self, result: ProbeResult) -> None:
@@ -218,6 +213,6 @@ def tree_frame(frame: pl.DataFrame, searches: dict[str, QuestionSearch], separat
         problem, reference = frame["problem"][search.row], frame["reference_answer"].cast(pl.String)[search.row]
         for state in search.states:
             rows.append({"problem_id": problem_id, "problem": problem, "reference_answer": reference,
-                         "prefix": prefix_text(state.steps, separator), "prefix_steps": state.steps,
+                         "prefix": rollout_prefix(state.steps, separator), "prefix_steps": state.steps,
                          "mc": state.mc, "rollouts": state.rollouts})
     return pl.DataFrame(rows, schema=TREE_SCHEMA)

@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from prmtool.steps import rollout_prefix
 from prmtool.verification import extract_answer, verify_answers
 
 if TYPE_CHECKING:
@@ -67,9 +68,7 @@ class Rollouts:
 
     def prefix_text(self, row: int, prefix_steps: int) -> str:
         """`join(steps[:i]) + sep`, as ALGORITHMS.md says a rollout from step i continues."""
-        if prefix_steps == 0:
-            return ""
-        return self.separator.join(self.steps[row][:prefix_steps]) + self.separator
+        return rollout_prefix(self.steps[row][:prefix_steps], self.separator)
 
     def probe_prefix(self, probe: Probe) -> str:
         return probe.prefix if probe.prefix is not None else self.prefix_text(probe.row, probe.prefix_steps)

@@ -73,3 +73,8 @@ def _merge_blank(pieces: list[str], separator: str) -> list[str]:
         elif pending[: len(pending) - len(separator)]:
             steps.append(pending[: len(pending) - len(separator)])
     return steps
+
+
+def rollout_prefix(steps: list[str], separator: str) -> str:
+    """The text a rollout continues after `steps`: `join(steps) + sep`, empty for no steps."""
+    return separator.join(steps) + separator if steps else ""
