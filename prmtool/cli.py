@@ -14,7 +14,7 @@ try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own clas
     from typer._click.exceptions import ClickException
 except ImportError:
     from click import ClickException
-from prmtool.stages import export, generate, import_, label, stats, verify
+from prmtool.stages import export, filter, generate, import_, intervene, label, score, stats, verify
 
 app = typer.Typer(
     name="prmtool",
@@ -27,7 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for name, stage in [("import", import_), ("generate", generate), ("verify", verify), ("label", label), ("export", export), ("stats", stats)]:
+for name, stage in [("import", import_), ("generate", generate), ("verify", verify), ("label", label), ("score", score), ("filter", filter), ("intervene", intervene), ("export", export), ("stats", stats)]:
     app.command(name, epilog=stage.EXAMPLES)(stage.command)
 
 

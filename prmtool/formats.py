@@ -21,6 +21,7 @@ class Format:
     required: tuple[str, ...]
     convert: Callable[..., tuple[pl.DataFrame, dict[str, int]]]
     per_problem: bool = False  # one row per problem rather than per response
+    open_turn: bool = False  # takes --open-turn (an assistant turn left open, no end-of-turn)
 
 
 def labeled_prefix(steps: list[str] | None, labels: list[int | None] | None) -> tuple[list[str], list[bool]]:
@@ -85,14 +86,31 @@ def _messages(prompt: str, system_prompt: str | None, answer: str | None = None)
     return turns
 
 
-def to_sft_messages(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, **_):
+def _assistant_turn(frame: pl.DataFrame) -> tuple[pl.Series, dict[str, int]]:
+    """The response, or the guided response where intervene wrote one (InT's SFT target: the
+    steps before the first error plus the intervention)."""
+    if "guided_response" not in frame.columns:
+        return frame["response"], {}
+    guided = frame["guided_response"].is_not_null().sum()
+    return frame.select(pl.coalesce("guided_response", "response"))["guided_response"], {"assistant_turn_from_guided_response": guided}
+
+
+def _open_turn(out: pl.DataFrame, open_turn: bool) -> pl.DataFrame:
+    """--open-turn: the assistant turn has no end-of-turn; `continue_final_message` tells the
+    renderer so (`tokenizer.apply_chat_template(messages, continue_final_message=True)`)."""
+    return out.with_columns(continue_final_message=pl.lit(True)) if open_turn else out
+
+
+def to_sft_messages(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, open_turn: bool = False, **_):
     prompts = _user_prompt(frame, prompt_template)
-    messages = [_messages(p, system_prompt, r) for p, r in zip(prompts, frame["response"])]
-    return pl.DataFrame({"messages": messages}), {}
+    answers, counts = _assistant_turn(frame)
+    messages = [_messages(p, system_prompt, r) for p, r in zip(prompts, answers)]
+    return _open_turn(pl.DataFrame({"messages": messages}), open_turn), counts
 
 
-def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", **_):
-    return pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": frame["response"]}), {}
+def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", open_turn: bool = False, **_):
+    answers, counts = _assistant_turn(frame)
+    return _open_turn(pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": answers}), open_turn), counts
 
 
 def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, data_source: str = "prmtool", split_name: str = "train", start_index: int = 0, **_):
@@ -114,8 +132,8 @@ FORMATS: dict[str, Format] = {
     for f in [
         Format("trl-stepwise", "prompt: str, completions: list[str] (steps), labels: list[bool]", ("problem", "steps", "step_labels"), to_trl_stepwise),
         Format("math-shepherd", f"input: str (problem, then each step followed by ' {MATH_SHEPHERD_TAG}'), label: str (the same with '+' or '-')", ("problem", "steps", "step_labels"), to_math_shepherd),
-        Format("sft-messages", "messages: list[{role, content}] (optional system, user problem, assistant response)", ("problem", "response"), to_sft_messages),
-        Format("sft-prompt-completion", "prompt: str, completion: str", ("problem", "response"), to_sft_prompt_completion),
+        Format("sft-messages", "messages: list[{role, content}] (optional system, user problem, assistant guided_response or response); continue_final_message: bool with --open-turn", ("problem", "response"), to_sft_messages, open_turn=True),
+        Format("sft-prompt-completion", "prompt: str, completion: str (guided_response or response); continue_final_message: bool with --open-turn", ("problem", "response"), to_sft_prompt_completion, open_turn=True),
         Format(
             "verl",
             "data_source: str, prompt: list[{role, content}], ability: str, reward_model: {style: 'rule', ground_truth}, extra_info: {split, index, problem_id}",

@@ -26,7 +26,9 @@ class MapStage:
     arguments: dict  # every option that changes the output: goes into provenance and resume checks
     required: tuple[str, ...]
     unique_column: str | None = "response_id"
-    rows_per_input: int = 1  # generate writes n rows per problem
+    rows_per_input: int | None = 1  # generate writes n rows per problem
+    # None: any number of rows (intervene writes one per kept intervention); the stage's
+    # side_output then writes every input row the main output does not account for.
     extra_checks: list[Callable[[shards.InputShard], None]] = field(default_factory=list)
     # Writes a second, per-shard output (label's OmegaPRM tree) from the input frame. It runs
     # before the main shard is written, so a finished main shard implies a finished side one.
@@ -60,9 +62,10 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
             stats.rows_in += shard.rows
             if not todo:
                 stats.shards_skipped += 1
-                written[shard.name] = shard.rows
-                stats.rows_out += shard.rows
-                stats.problem_ids.update(pl.read_parquet(target, columns=["problem_id"])["problem_id"].to_list())
+                done = pl.read_parquet(target, columns=["problem_id"])["problem_id"]  # its rows, not the input's
+                written[shard.name] = done.len()
+                stats.rows_out += done.len()
+                stats.problem_ids.update(done.to_list())
                 tracker.advance(shard.rows)
                 continue
             frame = shards.read_shard(shard)
@@ -98,8 +101,8 @@ def _plan(stage: MapStage, found: list[shards.InputShard], output: Path, overwri
     return plan
 
 
-def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard, rows_per_input: int) -> None:
-    if after.height != before.height * rows_per_input:
+def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard, rows_per_input: int | None) -> None:
+    if rows_per_input is not None and after.height != before.height * rows_per_input:
         raise StageError(f"{shard.path}: internal error: {before.height} rows in, {after.height} out")
     missing = [c for c in before.columns if c not in after.columns]
     if missing:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-__all__ = ["tiny_model_dir", "tiny_engine"]
+__all__ = ["tiny_model_dir", "tiny_engine", "tiny_ref_model_dir"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -47,12 +47,10 @@ def build_tokenizer():
     )
 
 
-def build_tiny_model(vocab_size: int, eos_token_id: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(vocab_size: int, eos_token_id: int, **extra):
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -62,8 +60,16 @@ def build_tiny_model(vocab_size: int, eos_token_id: int):
         max_position_embeddings=1024,
         eos_token_id=eos_token_id,
         pad_token_id=0,
+        **extra,
     )
-    model = LlamaForCausalLM(config)
+
+
+def build_tiny_model(vocab_size: int, eos_token_id: int, seed: int = 0):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(vocab_size, eos_token_id))
     # Larger than default weights make the next-token distributions peaked, so greedy and
     # sampled outputs are not near-uniform noise and ties are practically impossible.
     with torch.no_grad():
@@ -80,6 +86,16 @@ def tiny_model_dir(tmp_path_factory):
     tokenizer = build_tokenizer()
     model = build_tiny_model(len(tokenizer), tokenizer.eos_token_id)
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ref_model_dir(tmp_path_factory):
+    """A second tiny model with other random weights and the same tokenizer: a reference model."""
+    folder = tmp_path_factory.mktemp("tiny-llama-ref")
+    tokenizer = build_tokenizer()
+    build_tiny_model(len(tokenizer), tokenizer.eos_token_id, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -378,3 +378,56 @@ def test_quiet_export_with_hf_dataset_prints_nothing(prmtool, tmp_path):
     assert result.exit_code == 0
     assert (result.stdout, result.stderr) == ("", "")
     assert (tmp_path / "hf" / "dataset_dict.json").exists()
+
+
+# --- interventions --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interventions(tmp_path) -> Path:
+    """Rows as `prmtool intervene` writes them: the wrong response, and the guided response
+    (the steps before its first error plus the intervention). One row has none."""
+    source = pl.read_parquet(LABELED / "part-00000.parquet").filter(pl.col("first_error") >= 0).head(3)
+    guided = [
+        "\n\n".join(steps[:first_error] + ["Let me recompute this step carefully."])
+        for steps, first_error in zip(source["steps"].to_list(), source["first_error"])
+    ]
+    rows = source.with_columns(guided_response=pl.Series([guided[0], guided[1], None], dtype=pl.String))
+    (tmp_path / "interventions").mkdir()
+    rows.write_parquet(tmp_path / "interventions" / "part-00000.parquet")
+    return tmp_path / "interventions"
+
+
+def test_sft_takes_the_guided_response_as_the_assistant_turn(prmtool, tmp_path, interventions):
+    rows = pl.read_parquet(interventions / "part-00000.parquet")
+    result = prmtool("export", interventions, "-o", tmp_path / "out", "-f", "sft-messages")
+    assert result.exit_code == 0, result.stderr
+    dataset = load(tmp_path / "out" / "train", tmp_path)
+    assert dataset.features == Features({"messages": MESSAGES}), "closed turns: the plain format"
+    assistant = [messages[-1]["content"] for messages in dataset["messages"]]
+    assert assistant == [rows["guided_response"][0], rows["guided_response"][1], rows["response"][2]]
+    assert assistant[0].endswith("Let me recompute this step carefully.") and "\\boxed" not in assistant[0]
+    assert summary_count(result.stderr, "assistant turn from guided response") == 2
+
+
+@pytest.mark.parametrize("format, columns", [
+    ("sft-messages", {"messages": MESSAGES}),
+    ("sft-prompt-completion", {"prompt": Value("string"), "completion": Value("string")}),
+])
+def test_open_turn_marks_the_assistant_turn_to_be_continued(prmtool, tmp_path, interventions, format, columns):
+    """InT trains on guided responses with no end-of-turn after them: the model learns the
+    corrective step, not to stop there."""
+    result = prmtool("export", interventions, "-o", tmp_path / "out", "-f", format, "--open-turn")
+    assert result.exit_code == 0, result.stderr
+    dataset = load(tmp_path / "out" / "train", tmp_path)
+    assert dataset.features == Features({**columns, "continue_final_message": Value("bool")})
+    assert dataset["continue_final_message"] == [True] * 3
+    completions = dataset["completion"] if "completion" in columns else [m[-1]["content"] for m in dataset["messages"]]
+    assert completions[0] == pl.read_parquet(interventions / "part-00000.parquet")["guided_response"][0]
+
+
+def test_open_turn_is_only_for_the_sft_formats(prmtool, tmp_path):
+    result = prmtool("export", LABELED, "-o", tmp_path / "out", "-f", "trl-stepwise", "--open-turn")
+    assert result.exit_code == 2
+    assert "--open-turn: only for sft-messages, sft-prompt-completion, not trl-stepwise" in result.stderr
+    assert not (tmp_path / "out").exists()

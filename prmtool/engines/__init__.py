@@ -29,6 +29,7 @@ __all__ = [
     "ScoringRequest",
     "default_model_path",
     "load_engine",
+    "load_step_classifier",
 ]
 
 ENGINE_NAMES = ("hf", "vllm")
@@ -64,3 +65,11 @@ def load_engine(
             raise EngineError(f"the vllm engine runs on CUDA only, not on {device!r}")
         return VLLMEngine(model, dtype=dtype, trust_remote_code=trust_remote_code, **options)
     raise EngineError(f"unknown engine {name!r}: expected one of {', '.join(ENGINE_NAMES)}")
+
+
+def load_step_classifier(model: str, *, device: str | None = None, dtype: str | None = None,
+                         trust_remote_code: bool = False, **options):
+    """A token-classification PRM (as TRL's PRMTrainer trains) from a local folder."""
+    from prmtool.engines.hf_classifier import StepClassifier
+
+    return StepClassifier.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)

@@ -76,6 +76,13 @@ class Engine(ABC):
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         """Natural-log probability of every continuation token, one list per request."""
 
+    def score_async(self, requests: list[ScoringRequest]) -> Callable[[], list[list[float]]]:
+        """Start scoring and return a function that waits for the result of `score`. An engine
+        that can queue work on its device returns at once, so the caller can prepare the next
+        batch (or run another model) while this one computes."""
+        results = self.score(requests)
+        return lambda: results
+
     def chat_prompt_ids(
         self, problem: str, system_prompt: str | None = None, prompt_template: str | None = None
     ) -> list[int]:
@@ -120,6 +127,23 @@ class Engine(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices into `lengths`, shortest first, cut into batches whose padded size (longest
+    length x count) fits `max_batch_tokens`. Neighbours in sorted order differ little in
+    length, so right-padding a batch wastes few tokens; a sequence longer than the budget gets a
+    batch of its own."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and lengths[index] * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def first_stop_index(text: str, stop: tuple[str, ...]) -> int | None:

@@ -6,10 +6,12 @@ import contextlib
 import copy
 import io
 import random
+from collections.abc import Callable
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.masking_utils import AttentionMaskInterface
 
 from prmtool.engines.base import (
     Completion,
@@ -19,14 +21,15 @@ from prmtool.engines.base import (
     SamplingRequest,
     ScoringRequest,
     check_requests,
+    length_batches,
 )
 from prmtool.engines.hf_generate import (
     BatchSampler,
     GenerationStats,
     ModelParts,
     SlotDecoder,
+    attention_implementation,
     choose_num_slots,
-    right_padded,
     round_up,
 )
 from prmtool.engines.model_files import locate_model
@@ -56,6 +59,8 @@ class HFEngine(Engine):
       eos_token_ids: token ids that end a sample (default: the generation config's EOS ids plus
         the tokenizer's EOS id).
       cuda_graph: capture the decode step as a CUDA graph on CUDA (default True).
+      compile: torch.compile the scoring forward pass and log-normalizer (default: on CUDA
+        when Triton is installed). The first batch then takes about half a minute longer.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class HFEngine(Engine):
         ignore_eos: bool = False,
         eos_token_ids: list[int] | None = None,
         cuda_graph: bool = True,
+        compile: bool | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -88,8 +94,16 @@ class HFEngine(Engine):
             dtype=next(model.parameters()).dtype,
         )
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        # Scoring computes vocab-sized float32 logits for this many positions at a time (~256 MiB).
-        self.logits_chunk_rows = max(1, 2**26 // self.vocab_size)
+        # Scoring computes vocab-sized float32 logits for this many positions at a time
+        # (1 GiB on CUDA, where larger matmuls pay; 64 MiB on CPU).
+        self.logits_chunk_rows = max(1, (2**28 if on_cuda else 2**24) // self.vocab_size)
+        self.compile = on_cuda and _triton_available() if compile is None else compile
+        self._compiled_backbone = None
+        self._float32_head = None
+        self._mm_out_float32 = on_cuda and _mm_writes_float32(self.device)
+        self._scoring_attention = CAUSAL_SCORING_ATTENTION if plain_causal_attention(config) else config._attn_implementation
+        # Compiled, the log-normalizer is one fused pass over the logits instead of several.
+        self._target_log_probs = torch.compile(target_log_probs, dynamic=True) if self.compile else target_log_probs
         self.sliding_window = sliding_window_of(config)
         self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
         self.decoder_shape: tuple[int, int, int] | None = None
@@ -173,47 +187,54 @@ class HFEngine(Engine):
     # ------------------------------------------------------------------ scoring
 
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
+        """Log p of every continuation token: length-sorted, right-padded batches of at most
+        `max_batch_tokens` padded tokens; the vocabulary's log-normalizer in chunks, never a
+        batch x length x vocab tensor."""
+        return self.score_async(requests)()
+
+    def score_async(self, requests: list[ScoringRequest]) -> Callable[[], list[list[float]]]:
+        # Every batch is queued on the device with no host synchronisation; the returned
+        # function waits for the results and copies them to the host.
         for number, request in enumerate(requests):
             if not request.prompt_ids:
                 raise EngineError(f"scoring request {number}: empty prompt_ids (the first token has no context)")
-        results: list[list[float]] = [[] for _ in requests]
-        # Length-sorted batches keep padding small.
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt_ids) + len(requests[i].continuation_ids))
-        batch: list[int] = []
+        todo = [i for i, r in enumerate(requests) if r.continuation_ids]
+        lengths = [len(requests[i].prompt_ids) + len(requests[i].continuation_ids) for i in todo]
+        queued = []
         with torch.inference_mode():
-            # Logits in float32 even for a bf16 model: bf16 rounds a logit near 20 by up to 0.06,
-            # too coarse for the log-probability differences that implicit PRM rewards are made of.
-            head = self.model.get_output_embeddings()
-            float32_head = head if head.weight.dtype == torch.float32 else copy.deepcopy(head).float()
-            for index in order:
-                request = requests[index]
-                if not request.continuation_ids:
-                    continue
-                length = len(request.prompt_ids) + len(request.continuation_ids)
-                if batch and length * (len(batch) + 1) > self.max_batch_tokens:
-                    self._score_batch([requests[i] for i in batch], batch, results, float32_head)
-                    batch = []
-                batch.append(index)
-            if batch:
-                self._score_batch([requests[i] for i in batch], batch, results, float32_head)
-        return results
+            for batch in length_batches(lengths, self.max_batch_tokens):
+                indices = [todo[j] for j in batch]
+                queued.append((indices, self._score_batch([requests[i] for i in indices])))
 
-    def _score_batch(
-        self,
-        requests: list[ScoringRequest],
-        indices: list[int],
-        results: list[list[float]],
-        float32_head: torch.nn.Module,
-    ) -> None:
-        device = self.device
-        input_ids, lengths = right_padded([list(r.prompt_ids) + list(r.continuation_ids) for r in requests], device)
-        # Right padding with a mask from the lengths: pad tokens are never attended to, and no real
-        # token (an EOS inside a continuation included) is ever mistaken for padding.
-        attention_mask = (torch.arange(input_ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-        hidden = self.parts.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        def wait() -> list[list[float]]:
+            results: list[list[float]] = [[] for _ in requests]
+            for indices, log_probs in queued:
+                flat, offset = log_probs.tolist(), 0
+                for index in indices:
+                    count = len(requests[index].continuation_ids)
+                    results[index] = flat[offset : offset + count]
+                    offset += count
+            return results
 
-        # The hidden state at position t predicts token t + 1: gather only the positions that
-        # predict continuation tokens, flattened over the batch.
+        return wait
+
+    def _score_batch(self, requests: list[ScoringRequest]) -> torch.Tensor:
+        """The continuation tokens' log-probabilities of one batch, flattened, left on the device."""
+        width = max(len(r.prompt_ids) + len(r.continuation_ids) for r in requests)
+        input_ids = torch.zeros(len(requests), width, dtype=torch.long)
+        for row, request in enumerate(requests):
+            sequence = list(request.prompt_ids) + list(request.continuation_ids)
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        # No attention mask: the batch is right-padded, so under the causal mask no real token
+        # can see a pad (pads only come after it), and the pads' outputs are never read. A mask
+        # built from the pad id would also hide real tokens equal to it (an EOS inside a
+        # response, with pad = eos), the reference code's bug. Without a mask SDPA runs its
+        # fastest causal kernel.
+        with attention_implementation(self.parts.config, self._scoring_attention):
+            hidden = self._scoring_backbone()(input_ids=self._to_device(input_ids), use_cache=False).last_hidden_state
+
+        # The hidden state at position t predicts token t + 1: only the positions that predict
+        # continuation tokens go through the output head, flattened over the batch.
         rows, positions, targets = [], [], []
         for row, request in enumerate(requests):
             start = len(request.prompt_ids) - 1
@@ -221,26 +242,51 @@ class HFEngine(Engine):
             rows += [row] * count
             positions += range(start, start + count)
             targets += request.continuation_ids
-        selected = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]
-        target_ids = torch.tensor(targets, device=device)
-        chunk = self.logits_chunk_rows
+        selected = hidden[self._to_device(torch.tensor(rows)), self._to_device(torch.tensor(positions))]
+        target_ids = self._to_device(torch.tensor(targets))
         log_probs = []
-        for start in range(0, len(targets), chunk):
-            logits = self._logits_from_hidden(selected[start : start + chunk].float(), float32_head)
-            target_logits = logits.gather(1, target_ids[start : start + chunk].unsqueeze(1)).squeeze(1)
-            log_probs.append(target_logits - torch.logsumexp(logits, dim=-1))
-        flat = torch.cat(log_probs).tolist()
-        offset = 0
-        for index, request in zip(indices, requests):
-            results[index] = flat[offset : offset + len(request.continuation_ids)]
-            offset += len(request.continuation_ids)
+        for start in range(0, len(targets), self.logits_chunk_rows):
+            logits = self._float32_logits(selected[start : start + self.logits_chunk_rows])
+            log_probs.append(self._target_log_probs(logits, target_ids[start : start + self.logits_chunk_rows]))
+        return torch.cat(log_probs)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device. On CUDA through pinned memory: a copy from
+        ordinary (pageable) memory would first wait for all queued GPU work."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 even for a bf16 model: bf16 rounds a logit near 20 by up to 0.06,
+        too coarse for the log-probability differences implicit PRM rewards are made of. On
+        CUDA the bf16 matmul writes float32 directly (float32 accumulation, bf16 speed)."""
+        head = self.model.get_output_embeddings()
+        if head.weight.dtype == torch.float32:
+            logits = head(hidden.float())
+        elif self._mm_out_float32:
+            logits = torch.mm(hidden, head.weight.T, out_dtype=torch.float32)
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias.float()
+        else:
+            if self._float32_head is None:
+                self._float32_head = copy.deepcopy(head).float()
+            logits = self._float32_head(hidden.float())
+        return self._final_logit_transforms(logits)
+
+    def _scoring_backbone(self):
+        if self.compile and self._compiled_backbone is None:
+            # dynamic=True: one compiled graph serves every batch shape.
+            self._compiled_backbone = torch.compile(self.parts.backbone, dynamic=True)
+        return self._compiled_backbone if self.compile else self.parts.backbone
 
     # ------------------------------------------------------------------ shared
 
-    def _logits_from_hidden(self, hidden: torch.Tensor, head: torch.nn.Module | None = None) -> torch.Tensor:
-        """The model's output head (or `head`, a float32 copy of it), with the final-logit
-        transforms some architectures add."""
-        logits = (head or self.model.get_output_embeddings())(hidden)
+    def _logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._final_logit_transforms(self.model.get_output_embeddings()(hidden))
+
+    def _final_logit_transforms(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final-logit transforms some architectures add after the output head."""
         config = self.parts.config
         if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3
             cap = config.final_logit_softcapping
@@ -256,6 +302,54 @@ class HFEngine(Engine):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def causal_scoring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Plain causal attention for scoring right-padded batches: no mask tensor at all (none is
+    needed, see HFEngine._score_batch), so SDPA runs its fastest causal kernel even under
+    torch.compile (which makes transformers materialise its mask), and grouped-query heads are
+    read in place instead of being copied once per query head."""
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return output.transpose(1, 2), None
+
+
+CAUSAL_SCORING_ATTENTION = "prmtool_causal_scoring"
+AttentionInterface.register(CAUSAL_SCORING_ATTENTION, causal_scoring_attention)
+AttentionMaskInterface.register(CAUSAL_SCORING_ATTENTION, lambda *args, **kwargs: None)  # no mask is built
+
+
+def plain_causal_attention(config) -> bool:
+    """Whether every layer's attention is plain causal softmax attention (what
+    causal_scoring_attention computes): no sliding windows, logit soft-capping or sinks."""
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    return (
+        config._attn_implementation in ("sdpa", "eager")
+        and sliding_window_of(config) is None
+        and not getattr(config, "attn_logit_softcapping", None)
+        and layer_types <= {"full_attention"}
+    )
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for each row, without materialising the log-softmax."""
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _mm_writes_float32(device: torch.device) -> bool:
+    """Whether this torch can multiply bf16 matrices into a float32 result (torch >= 2.9)."""
+    try:
+        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
 
 
 def default_eos_token_ids(model, tokenizer) -> list[int]:

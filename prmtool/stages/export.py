@@ -100,6 +100,7 @@ Examples:
   prmtool export work/verified -o work/sft --format sft-messages --where correct
   prmtool export work/labeled -o work/prm --format trl-stepwise --split test=0.05 --seed 0
   prmtool export work/problems -o work/verl --format verl --data-source gsm8k --hf-dataset work/verl_hf
+  prmtool export work/interventions -o work/int_sft --format sft-messages --open-turn
 """
 
 
@@ -113,6 +114,7 @@ def command(
     prompt_template: Annotated[str, typer.Option(help="User message; {problem} is replaced by the problem.")] = "{problem}",
     system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None,
     data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool",
+    open_turn: Annotated[bool, typer.Option("--open-turn", help="sft formats: leave the assistant turn open (no end-of-turn), as InT trains on guided responses; adds continue_final_message.")] = False,
     hf_dataset: Annotated[Path | None, typer.Option(help="Also save a datasets DatasetDict folder here.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -123,6 +125,8 @@ def command(
     if format not in FORMATS:
         raise InputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     fmt = FORMATS[format]
+    if open_turn and not fmt.open_turn:
+        raise InputError(f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {format}")
     fractions = parse_split(split)
     condition = where_filter(where)
     found = shards.open_inputs(inputs)
@@ -142,11 +146,13 @@ def command(
 
     arguments = {"format": format, "where": where, "split": split, "seed": seed, "prompt_template": prompt_template,
                  "system_prompt": system_prompt, "data_source": data_source}
+    if open_turn:  # only when given: earlier complete outputs keep their arguments
+        arguments["open_turn"] = True
     if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite):
         stats.log(f"{output} is already complete for these inputs and options; --overwrite recomputes it")
         return
 
-    options = {"prompt_template": prompt_template, "system_prompt": system_prompt, "data_source": data_source}
+    options = {"prompt_template": prompt_template, "system_prompt": system_prompt, "data_source": data_source, "open_turn": open_turn}
     seen_problems: set[str] = set()  # per-problem formats keep each problem's first row, across shards
     next_index: dict[str, int] = {}
     written: dict[str, int] = {}

@@ -1,0 +1,339 @@
+"""`prmtool score`: a process reward for every step of every response.
+
+Two scorers (ALGORITHMS.md, "Implicit PRM scoring"):
+- `implicit` (default): an implicit PRM. Token reward r_t = beta * (log pi(y_t | y_<t) -
+  log pi_ref(y_t | y_<t)) over the response tokens, q_t = r_1 + ... + r_t. A step's value
+  (`step_values`, "cumulative") is q at its last token; its reward (`step_rewards`, "single")
+  is that minus the previous step's value, so the rewards of a response sum to its last value.
+  With --no-ref, log pi_ref is taken as 0: the reward is beta * log pi alone.
+- `token-classification`: a PRM trained by TRL's PRMTrainer. The input is tokenized as the
+  trainer does ([BOS] + problem + each step followed by the step separator) and P(good) is read
+  at the last token of each step's separator. That probability is both the step's reward and
+  its value (it judges the prefix ending at the step).
+
+`prm_score` is --agg (min, sum, mean or last) over --reward (single: step_rewards, cumulative:
+step_values); null for a response with no steps.
+
+Step boundaries come from the tokenizer's offset mapping of the whole response, tokenized as
+the policy continues the chat-templated problem; prefixes are never re-tokenized. A step owns
+the separator after it, and a token that straddles two steps belongs to the step it starts in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+import numpy as np
+import polars as pl
+import typer
+
+from prmtool.errors import InputError
+from prmtool.model_loading import EngineOnDemand
+from prmtool.options import Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode
+from prmtool.report import RunStats, Tracker
+from prmtool.runner import MapStage, run_map_stage
+
+if TYPE_CHECKING:
+    from prmtool.engines import Engine
+    from prmtool.engines.hf_classifier import StepClassifier
+
+SCORERS = ("implicit", "token-classification")
+REWARDS = ("single", "cumulative")
+AGGREGATIONS = ("min", "sum", "mean", "last")
+REQUIRED = ("problem_id", "problem", "response_id", "response", "steps")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    beta: float = 0.001
+    reward: str = "single"  # which per-step list prm_score aggregates
+    agg: str = "min"
+    token_rewards: bool = False
+    system_prompt: str | None = None
+    prompt_template: str | None = None  # the user message generate used; None = the raw problem
+    step_separator: str = "\n"  # token-classification: PRMTrainer's step_separator
+    # Padded tokens per forward pass; both models see a batch in turn. None: the engine's own.
+    max_batch_tokens: int | None = None
+
+
+# ---------------------------------------------------------------- step boundaries
+
+
+def step_char_ends(response: str, steps: list[str]) -> list[int]:
+    """Where each step's region ends in `response`: the start of the next step (so a step owns
+    the separator after it), and the end of the response for the last one. Raises ValueError
+    when the steps are not the response's pieces in order."""
+    starts, cursor = [], 0
+    for step in steps:
+        found = response.find(step, cursor)
+        if found < 0 or (starts and response[cursor:found].strip()):
+            raise ValueError("steps are not pieces of the response in order")
+        starts.append(found)
+        cursor = found + len(step)
+    if response[cursor:].strip() or (starts and response[: starts[0]].strip()):
+        raise ValueError("steps do not cover the response")
+    return starts[1:] + [len(response)] if steps else []
+
+
+def step_end_tokens(token_starts: list[int], char_ends: list[int]) -> list[int]:
+    """Index of each step's last token: the last token that starts before the step's region ends.
+    `token_starts` are offset-mapping starts; byte-level tokenizers give the pieces of one
+    character the same start, and the running maximum keeps them ordered."""
+    ordered = np.maximum.accumulate(np.asarray(token_starts, dtype=np.int64)) if token_starts else np.empty(0, np.int64)
+    return [bisect.bisect_left(ordered, end) - 1 for end in char_ends]
+
+
+def tokenize_responses(tokenizer, responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each response as the policy would produce them after the prompt (encoded
+    alone, no special tokens: `Engine.continuation_ids`), and each token's start offset."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError("score needs a fast (Rust) tokenizer for offset mappings; this model's tokenizer is not one")
+    encoded = tokenizer(responses, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], [[start for start, _ in offsets] for offsets in encoded["offset_mapping"]]
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def step_rewards_from_tokens(token_rewards: np.ndarray, step_ends: list[int]) -> tuple[list[float], list[float]]:
+    """(single rewards, cumulative values) of the steps ending at `step_ends`."""
+    q = np.cumsum(token_rewards, dtype=np.float64)
+    values = [float(q[end]) if end >= 0 else 0.0 for end in step_ends]
+    rewards = np.diff(np.asarray(values, dtype=np.float64), prepend=0.0).tolist() if values else []
+    return rewards, values
+
+
+def aggregate(values: list[float], agg: str) -> float | None:
+    if not values:
+        return None
+    if agg == "min":
+        return min(values)
+    if agg == "sum":
+        return float(np.sum(values))
+    if agg == "mean":
+        return float(np.mean(values))
+    return values[-1]
+
+
+def check_same_tokenizer(policy_tokenizer, ref_tokenizer) -> None:
+    """Token rewards compare the two models' log-probabilities of the same token ids."""
+    policy_vocab, ref_vocab = policy_tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    if policy_vocab != ref_vocab:
+        differing = sorted(set(policy_vocab.items()) ^ set(ref_vocab.items()), key=str)[:3]
+        raise InputError(
+            f"policy and reference tokenizers differ ({len(policy_vocab)} vs {len(ref_vocab)} tokens; e.g. "
+            f"{', '.join(repr(t) for t, _ in differing)}): implicit PRM rewards need one shared tokenizer"
+        )
+
+
+def _result_columns(frame: pl.DataFrame, rewards: list[list[float]], values: list[list[float]],
+                    settings: ScoreSettings, tokens: list[list[float]] | None) -> pl.DataFrame:
+    chosen = rewards if settings.reward == "single" else values
+    columns = [
+        pl.Series("step_rewards", rewards, dtype=pl.List(pl.Float64)),
+        pl.Series("step_values", values, dtype=pl.List(pl.Float64)),
+        pl.Series("prm_score", [aggregate(v, settings.agg) for v in chosen], dtype=pl.Float64),
+    ]
+    if tokens is not None:
+        columns.append(pl.Series("token_rewards", tokens, dtype=pl.List(pl.Float64)))
+    return frame.with_columns(columns)
+
+
+def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, settings: ScoreSettings,
+                   tracker: Tracker | None = None) -> pl.DataFrame:
+    """Adds step_rewards, step_values, prm_score (and token_rewards) from an implicit PRM.
+    `ref=None` scores with the policy's log-probabilities alone."""
+    from prmtool.engines import ScoringRequest
+    from prmtool.engines.base import length_batches
+
+    responses, steps = frame["response"].to_list(), frame["steps"].to_list()
+    response_ids, token_starts = tokenize_responses(policy.tokenizer, responses)
+    prompts: dict[str, list[int]] = {}  # one chat-templated prompt per problem
+    requests = []
+    for problem, ids in zip(frame["problem"].to_list(), response_ids):
+        if problem not in prompts:
+            prompts[problem] = policy.chat_prompt_ids(problem, settings.system_prompt, settings.prompt_template)
+        requests.append(ScoringRequest(prompts[problem], ids))
+
+    policy_log_probs: list[list[float]] = [[] for _ in requests]
+    ref_log_probs: list[list[float]] = [[] for _ in requests]
+    lengths = [len(r.prompt_ids) + len(r.continuation_ids) for r in requests]
+    budget = settings.max_batch_tokens or getattr(policy, "max_batch_tokens", 16384)
+
+    def collect(batch: list[int], policy_wait, ref_wait) -> None:
+        for index, log_probs in zip(batch, policy_wait()):
+            policy_log_probs[index] = log_probs
+        if ref_wait is not None:
+            for index, log_probs in zip(batch, ref_wait()):
+                ref_log_probs[index] = log_probs
+        if tracker is not None:
+            tracker.advance(len(batch), sum(lengths[i] for i in batch))
+
+    # Both models score a batch before the next one is built, so each batch is read once; the
+    # next batch is queued before this one's results are read, so the device never waits.
+    in_flight = None
+    for batch in length_batches(lengths, budget):
+        batch_requests = [requests[i] for i in batch]
+        queued = (batch, policy.score_async(batch_requests), ref.score_async(batch_requests) if ref is not None else None)
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = queued
+    if in_flight is not None:
+        collect(*in_flight)
+
+    rewards, values, tokens = [], [], []
+    for row, (response, row_steps) in enumerate(zip(responses, steps)):
+        ends = step_end_tokens(token_starts[row], step_char_ends(response, row_steps))
+        policy_part = np.asarray(policy_log_probs[row], dtype=np.float64)
+        ref_part = np.asarray(ref_log_probs[row], dtype=np.float64) if ref is not None else 0.0
+        token_rewards = settings.beta * (policy_part - ref_part)
+        single, cumulative = step_rewards_from_tokens(token_rewards, ends)
+        rewards.append(single)
+        values.append(cumulative)
+        tokens.append(token_rewards.tolist())
+    return _result_columns(frame, rewards, values, settings, tokens if settings.token_rewards else None)
+
+
+def classifier_inputs(tokenizer, problem: str, steps: list[str], separator: str) -> tuple[list[int], list[int]]:
+    """Token ids as TRL's PRMTrainer builds them, and the position of each step's label: the
+    last token of the step followed by the separator."""
+    ids = tokenizer.encode(problem, add_special_tokens=False)
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    separator_ids = tokenizer.encode(separator, add_special_tokens=False)
+    positions = []
+    for step in steps:
+        ids = ids + tokenizer.encode(step, add_special_tokens=False) + separator_ids
+        positions.append(len(ids) - 1)
+    return ids, positions
+
+
+def score_with_classifier(frame: pl.DataFrame, classifier: StepClassifier, settings: ScoreSettings,
+                          tracker: Tracker | None = None) -> pl.DataFrame:
+    """Adds step_rewards and step_values (both P(good) of each step) and prm_score."""
+    inputs = [classifier_inputs(classifier.tokenizer, problem, row_steps, settings.step_separator)
+              for problem, row_steps in zip(frame["problem"].to_list(), frame["steps"].to_list())]
+    probabilities = classifier.step_probabilities([ids for ids, _ in inputs], [positions for _, positions in inputs])
+    if tracker is not None:
+        tracker.advance(frame.height, sum(len(ids) for ids, _ in inputs))
+    return _result_columns(frame, probabilities, probabilities, settings, None)
+
+
+def _check_text(shard) -> None:
+    """Before any model loads: no missing text, and steps that are the response's pieces."""
+    frame = pl.read_parquet(shard.path, columns=["problem", "response", "steps"])
+    for column in frame.columns:
+        nulls = frame[column].is_null()
+        if nulls.any():
+            raise InputError(f"{shard.path}: row {int(nulls.arg_max())}: column '{column}' is null")
+    for row, (response, steps) in enumerate(zip(frame["response"], frame["steps"])):
+        try:
+            step_char_ends(response, steps.to_list())
+        except ValueError as error:
+            raise InputError(f"{shard.path}: row {row}: {error}") from None
+
+
+EXAMPLES = """\b
+Examples:
+  prmtool score work/responses -o work/scored --policy ./EurusPRM-Stage2 --ref ./Qwen2.5-Math-7B-Instruct
+  prmtool score work/responses -o work/scored --no-ref --agg mean
+  prmtool score work/responses -o work/scored --policy ./prm --ref ./sft --reward cumulative --agg last --token-rewards
+  prmtool score work/responses -o work/scored --scorer token-classification --prm ./my-trl-prm
+"""
+
+
+def command(
+    inputs: Inputs,
+    output: Output,
+    policy: Annotated[str | None, typer.Option("--policy", help="implicit: the PRM / policy model, a local folder or .gguf (default: the embedded SmolLM2-135M-Instruct).", show_default=False)] = None,
+    ref: Annotated[str | None, typer.Option("--ref", help="implicit: the reference model; must share the policy's tokenizer.", show_default=False)] = None,
+    no_ref: Annotated[bool, typer.Option("--no-ref", help="implicit: no reference model; rewards are beta * log pi.")] = False,
+    beta: Annotated[float, typer.Option(help="implicit: reward scale (0.001 at inference, as the reference code).")] = 0.001,
+    reward: Annotated[str, typer.Option(help="Which step list prm_score aggregates: single (step_rewards) or cumulative (step_values).")] = "single",
+    agg: Annotated[str, typer.Option(help="prm_score over steps: min, sum, mean or last.")] = "min",
+    token_rewards: Annotated[bool, typer.Option("--token-rewards", help="implicit: also write token_rewards, one per response token.")] = False,
+    scorer: Annotated[str, typer.Option(help="implicit (log-likelihood ratio of two models) or token-classification (a PRM trained by TRL's PRMTrainer, see --prm).")] = "implicit",
+    prm: Annotated[str | None, typer.Option("--prm", help="token-classification: the trained PRM folder.", show_default=False)] = None,
+    step_separator: Annotated[str, typer.Option(help="token-classification: the step_separator the PRM was trained with.", show_default="\\n (a newline)")] = "\n",
+    system_prompt: Annotated[str | None, typer.Option(help="implicit: the system message generate used.")] = None,
+    prompt_template: Annotated[str | None, typer.Option(help="implicit: the user message generate used ({problem}); default: generate's default.")] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False)] = None,
+    engine: EngineName = "hf",
+    device: Device = None,
+    trust_remote_code: TrustRemoteCode = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score every step of every response with an implicit PRM (policy vs reference
+    log-likelihood ratio) or a trained token-classification PRM. Writes step_rewards,
+    step_values and prm_score (and token_rewards with --token-rewards)."""
+    from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
+
+    if scorer not in SCORERS:
+        raise InputError(f"--scorer {scorer!r}: expected one of {', '.join(SCORERS)}")
+    if reward not in REWARDS:
+        raise InputError(f"--reward {reward!r}: expected one of {', '.join(REWARDS)}")
+    if agg not in AGGREGATIONS:
+        raise InputError(f"--agg {agg!r}: expected one of {', '.join(AGGREGATIONS)}")
+    if scorer == "implicit":
+        if prm is not None:
+            raise InputError("--prm is for --scorer token-classification; the implicit scorer takes --policy and --ref")
+        if ref is None and not no_ref:
+            raise InputError("--ref MODEL is required (or --no-ref to score with the policy's log-probabilities alone)")
+        if ref is not None and no_ref:
+            raise InputError("--ref and --no-ref exclude each other")
+    else:
+        if prm is None:
+            raise InputError("--scorer token-classification needs --prm MODEL (a PRM trained by TRL's PRMTrainer)")
+        if policy is not None or ref is not None or no_ref or token_rewards:
+            raise InputError("--policy, --ref, --no-ref and --token-rewards are for --scorer implicit")
+        if engine != "hf":
+            raise InputError("--scorer token-classification runs on the hf engine only")
+    settings = ScoreSettings(
+        beta=beta, reward=reward, agg=agg, token_rewards=token_rewards, system_prompt=system_prompt,
+        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE, step_separator=step_separator,
+        max_batch_tokens=max_batch_tokens,
+    )
+    arguments = {"scorer": scorer, "reward": reward, "agg": agg}
+    if scorer == "implicit":
+        arguments |= {"policy": policy, "ref": ref, "beta": beta, "token_rewards": token_rewards,
+                      "system_prompt": system_prompt, "prompt_template": settings.prompt_template}
+    else:
+        arguments |= {"prm": prm, "step_separator": step_separator}
+    stats = RunStats("score", quiet=quiet)
+    options = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
+    if engine == "vllm":
+        # vLLM batches by itself; two instances (policy and ref) must share the GPU.
+        options = {"gpu_memory_utilization": 0.45} if ref is not None else {}
+    if scorer == "implicit":
+        models = [EngineOnDemand(engine, policy, device, trust_remote_code, stats, **options)]
+        if ref is not None:
+            models.append(EngineOnDemand(engine, ref, device, trust_remote_code, stats, **options))
+    else:
+        models = [EngineOnDemand("token-classification", prm, device, trust_remote_code, stats, **options)]
+
+    def loaded_models() -> tuple:
+        loaded = tuple(m.get() for m in models)
+        if len(loaded) == 2:  # checked on every call: cheap next to a shard's forward passes
+            check_same_tokenizer(loaded[0].tokenizer, loaded[1].tokenizer)
+        return loaded
+
+    def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
+        if scorer == "token-classification":
+            result = score_with_classifier(frame, models[0].get(), settings, tracker)
+        else:
+            policy_engine, *ref_engine = loaded_models()
+            result = score_implicit(frame, policy_engine, ref_engine[0] if ref_engine else None, settings, tracker)
+        stats.counts["responses_scored"] += result.height
+        stats.counts["steps_scored"] += int(result["step_rewards"].list.len().sum())
+        return result
+
+    stage = MapStage("score", transform, arguments, REQUIRED, extra_checks=[_check_text])
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(model)
+        run_map_stage(stage, inputs, output, overwrite, stats)
+    stats.print_summary()
