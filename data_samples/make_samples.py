@@ -3,6 +3,7 @@
     python data_samples/make_samples.py ../shared/data/gsm8k/test.jsonl
 
 - gsm8k/test_sample.jsonl: the first 40 GSM8K test problems, as GSM8K ships them.
+- gsm8k/quickstart.jsonl: the first 8 of them, for recipes/quickstart.yaml.
 - gsm8k/responses.jsonl: 4 responses to each of the first 12 of them, written from the gold
   solution so that their correctness is known: a correct one with \\boxed{}, a correct one
   ending in GSM8K's `#### X` with a thousands separator, a wrong one whose step k has a
@@ -45,6 +46,7 @@ def main(source: Path) -> None:
     rng = random.Random(0)
     rows = [json.loads(line) for line in source.read_text().splitlines()[:40]]
     (HERE / "test_sample.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (HERE / "quickstart.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
     responses, labeled = [], []
     for index, row in enumerate(rows[:12]):
         steps, answer = solution_steps(row["answer"])

@@ -9,11 +9,13 @@ from rich.console import Console
 
 from prmtool import __version__
 from prmtool.errors import InputError, StageError
+from prmtool.executors import current_argv
 
 try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own classes
     from typer._click.exceptions import ClickException
 except ImportError:
     from click import ClickException
+from prmtool import recipe
 from prmtool.stages import export, filter, generate, import_, intervene, label, score, stats, verify
 
 app = typer.Typer(
@@ -29,6 +31,7 @@ app = typer.Typer(
 
 for name, stage in [("import", import_), ("generate", generate), ("verify", verify), ("label", label), ("score", score), ("filter", filter), ("intervene", intervene), ("export", export), ("stats", stats)]:
     app.command(name, epilog=stage.EXAMPLES)(stage.command)
+app.command("run", epilog=recipe.EXAMPLES)(recipe.command)
 
 
 def _version(value: bool) -> None:
@@ -47,6 +50,7 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error."""
     stderr = Console(stderr=True, highlight=False)
+    current_argv.set(list(sys.argv[1:] if argv is None else argv))  # for --executor ray's tasks
     try:
         code = app(args=argv, prog_name="prmtool", standalone_mode=False)
     except typer.Exit as exc:

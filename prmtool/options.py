@@ -33,3 +33,19 @@ Model = Annotated[
 EngineName = Annotated[str, typer.Option("--engine", help="Model backend: hf (transformers) or vllm.")]
 Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]
+
+# Scale-out options, shared by every pipeline stage (see prmtool/partition.py and executors/).
+ShardIndex = Annotated[
+    int | None,
+    typer.Option("--shard-index", help="Run only partition I of --num-shards (0-based): a Slurm array task, an xargs -P job.", show_default=False, rich_help_panel="Scale-out"),
+]
+NumShards = Annotated[
+    int | None,
+    typer.Option("--num-shards", help="Number of partitions of the input; with --executor ray, the number of Ray tasks (default: one per GPU, or per CPU, of the cluster).", show_default=False, rich_help_panel="Scale-out"),
+]
+Executor = Annotated[
+    str,
+    typer.Option("--executor", help="local (this process) or ray (one Ray task per partition, on RAY_ADDRESS's cluster or a local one).", rich_help_panel="Scale-out"),
+]
+GpusPerTask = Annotated[float, typer.Option("--gpus-per-task", help="With --executor ray: GPUs each task reserves.", rich_help_panel="Scale-out")]
+CpusPerTask = Annotated[float, typer.Option("--cpus-per-task", help="With --executor ray: CPUs each task reserves.", rich_help_panel="Scale-out")]

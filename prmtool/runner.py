@@ -15,6 +15,7 @@ import polars as pl
 
 from prmtool import shards
 from prmtool.errors import InputError, StageError
+from prmtool.partition import Partition
 from prmtool.report import RunStats, Tracker
 from prmtool.schema import cast_to_contract, check_columns
 
@@ -49,14 +50,22 @@ def validate_inputs(stage: MapStage, inputs: list[str] | tuple[str, ...], output
     return found
 
 
-def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path, overwrite: bool, stats: RunStats) -> None:
+def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path, overwrite: bool, stats: RunStats,
+                  partition: Partition = shards.WHOLE) -> None:
+    """Run `stage` over its inputs, or over one partition of them (`--shard-index`): every
+    input is validated either way, so all partitions agree on what the run is."""
     found = validate_inputs(stage, inputs, output)
-    plan = _plan(stage, found, output, overwrite)
+    mine = partition.take_shards(found)
+    plan = _plan(stage, mine, output, overwrite)
     if overwrite:
+        (output / partition.manifest_name()).unlink(missing_ok=True)
         (output / shards.MANIFEST).unlink(missing_ok=True)
+        _remove_orphans(output, {s.name for s in found})
+    if not partition.whole:
+        stats.log(f"partition {partition.index} of {partition.count}: {len(mine)} of {len(found)} input shards")
 
     written: dict[str, int] = {}
-    with stats.progress(stage.name, total=sum(s.rows for s in found)) as tracker:
+    with stats.progress(stage.name, total=sum(s.rows for s in mine)) as tracker:
         for shard, todo in plan:
             target = output / shard.name
             stats.rows_in += shard.rows
@@ -78,8 +87,9 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
             stats.rows_out += result.height
             stats.shards_written += 1
             stats.problem_ids.update(result["problem_id"].to_list())
-    shards.write_manifest(output, stage.name, stage.arguments, [s.describe() for s in found], written)
-    _warn_stale(output, set(written), stats)
+    shards.write_manifest(output, stage.name, stage.arguments, [s.describe() for s in found], written, partition)
+    if partition.whole:  # a partition's directory also holds the other partitions' shards
+        _warn_stale(output, set(written), stats)
 
 
 def _plan(stage: MapStage, found: list[shards.InputShard], output: Path, overwrite: bool) -> list[tuple[shards.InputShard, bool]]:
@@ -107,6 +117,14 @@ def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards
     missing = [c for c in before.columns if c not in after.columns]
     if missing:
         raise StageError(f"{shard.path}: internal error: columns lost: {', '.join(missing)}")
+
+
+def _remove_orphans(output: Path, names: set[str]) -> None:
+    """--overwrite: shards an earlier prmtool run wrote for inputs that are gone (a re-import
+    into fewer shards) would otherwise stay beside the new ones and be read by the next stage."""
+    for old in output.glob("*.parquet") if output.is_dir() else []:
+        if old.name not in names and not old.name.startswith((".", "_")) and shards.read_provenance(old) is not None:
+            old.unlink()
 
 
 def _warn_stale(output: Path, written: set[str], stats: RunStats) -> None:

@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 
 from prmtool import __version__
 from prmtool.errors import InputError
+from prmtool.partition import Partition
+
+WHOLE = Partition()
 
 MANIFEST = "_SUCCESS"
 METADATA_KEY = b"prmtool"
@@ -201,35 +204,56 @@ def write_json_atomic(data: dict, path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_manifest(output: Path, stage: str, arguments: dict, inputs: list[dict], outputs: dict[str, int]) -> None:
-    """The `_SUCCESS` manifest, written last: its presence means the whole run is complete."""
-    write_json_atomic(
-        {
-            "stage": stage,
-            "version": __version__,
-            "arguments": arguments,
-            "inputs": inputs,
-            "outputs": [{"file": name, "rows": rows} for name, rows in sorted(outputs.items())],
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        output / MANIFEST,
-    )
+def write_manifest(output: Path, stage: str, arguments: dict, inputs: list[dict], outputs: dict[str, int],
+                   partition: Partition = WHOLE) -> None:
+    """The `_SUCCESS` manifest, written last: its presence means the whole run is complete.
+    A partition writes its own (`_SUCCESS-00002-of-00008`), and the one that completes the set
+    writes `_SUCCESS` for all of them."""
+    record = {
+        "stage": stage,
+        "version": __version__,
+        "arguments": arguments,
+        "inputs": inputs,
+        "outputs": [{"file": name, "rows": rows} for name, rows in sorted(outputs.items())],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if partition.whole:
+        write_json_atomic(record, output / MANIFEST)
+        return
+    write_json_atomic({**record, "partition": {"index": partition.index, "count": partition.count}},
+                      output / partition.manifest_name())
+    _complete_partitions(output, record, partition.count)
 
 
-def read_manifest(output: Path) -> dict | None:
+def _complete_partitions(output: Path, record: dict, count: int) -> None:
+    """Write `_SUCCESS` once every partition's manifest is in place for the same run. Two
+    partitions finishing together may both write it: the same content, atomically."""
+    pieces = [read_manifest(output, Partition(index, count).manifest_name()) for index in range(count)]
+    key = (record["stage"], record["arguments"], record["inputs"])
+    if any(piece is None or (piece["stage"], piece["arguments"], piece["inputs"]) != key for piece in pieces):
+        return
+    outputs = sorted((entry for piece in pieces for entry in piece["outputs"]), key=lambda entry: entry["file"])
+    write_json_atomic({**record, "outputs": outputs, "partitions": count}, output / MANIFEST)
+
+
+def read_manifest(output: Path, name: str = MANIFEST) -> dict | None:
     try:
-        return json.loads((output / MANIFEST).read_text())
+        return json.loads((output / name).read_text())
     except (OSError, ValueError):
         return None
 
 
-def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list[dict], overwrite: bool) -> bool:
-    """For stages that write their whole output in one go (import, export). True when `output`
-    already holds a complete run of the same stage, options and inputs: nothing to do."""
+def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list[dict], overwrite: bool,
+                         partition: Partition = WHOLE) -> bool:
+    """For stages that write their whole output in one go (import, export, filter). True when
+    `output` already holds a complete run of the same stage, options and inputs (of this
+    partition, with --num-shards): nothing to do."""
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a directory")
-    manifest = read_manifest(output)
+    manifest = read_manifest(output, partition.manifest_name())
     existing = sorted(f for f in output.rglob("*.parquet") if not f.name.startswith(".")) if output.exists() else []
+    if not partition.whole:  # the other partitions' files are theirs
+        existing = [f for f in existing if f".{partition.label}." in f.name]
     if not overwrite:
         if manifest and (manifest.get("stage"), manifest.get("arguments"), manifest.get("inputs")) == (stage, arguments, inputs):
             return True
@@ -237,6 +261,7 @@ def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list
             raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
         return False
     # --overwrite: clear what an earlier prmtool run wrote here (and only that) so nothing stale remains.
+    (output / partition.manifest_name()).unlink(missing_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)
     for old in existing:
         if read_provenance(old) is not None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 
+import polars as pl
 import pytest
 
-from tests.conftest import SAMPLES
+from prmtool.stages.stats import filter_reason_counts
+from tests.conftest import SAMPLES, files_under
 
 
 def stats_json(prmtool, *inputs) -> dict:
@@ -97,3 +101,93 @@ def test_stats_of_a_missing_path_is_an_input_error(prmtool, tmp_path):
     assert result.exit_code == 2
     assert str(tmp_path / "nowhere") in result.stderr
     assert result.stdout == ""
+
+
+# --plot: PNG plots of the same shard set, each drawn only when its columns exist.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), f"{path.name} is not a PNG"
+    assert len(data) > 5_000, f"{path.name} is only {len(data)} bytes: an empty plot?"
+
+
+@pytest.fixture
+def labeled_with_outcomes(tmp_path):
+    """Two problems after verify and label --method mc: per-step MC values (one null), first
+    errors (-1 for none, null for an unlabeled row) and outcomes (one null)."""
+    frame = pl.DataFrame(
+        {
+            "problem_id": ["p", "p", "p", "q", "q"],
+            "response_id": ["p-0", "p-1", "p-2", "q-0", "q-1"],
+            "steps": [["a", "b", "c", "d"], ["a", "b", "c", "d"], ["a", "b"], ["a", "b", "c"], ["a"]],
+            "correct": [True, False, False, True, None],
+            "step_mc": [[1.0, 1.0, 0.75, 1.0], [0.5, 0.25, 0.0, None], [0.0, 0.0], [1.0, 1.0, 1.0], None],
+            "first_error": [-1, 2, 0, -1, None],
+        },
+        schema_overrides={"first_error": pl.Int32},
+    )
+    directory = tmp_path / "labeled"
+    directory.mkdir()
+    frame.write_parquet(directory / "part-00000.parquet")
+    return directory
+
+
+def test_stats_plot_writes_a_png_per_plot_the_columns_allow(prmtool, tmp_path, labeled_with_outcomes):
+    plots = tmp_path / "report" / "plots"  # created, parents too
+    result = prmtool("stats", labeled_with_outcomes, "--plot", plots)
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"│ rows\s+│ 5\s+│", result.stdout), "the table, as without --plot"
+
+    assert files_under(plots) == ["accuracy_per_problem.png", "first_error_position.png", "mc_values.png"]
+    for png in plots.iterdir():
+        assert_png(png)
+    assert f"wrote {plots / 'mc_values.png'} (12 step MC values)" in result.stderr, "13 steps, one MC null"
+    assert f"wrote {plots / 'first_error_position.png'} (2 first errors)" in result.stderr
+    assert f"wrote {plots / 'accuracy_per_problem.png'} (2 problems with an outcome)" in result.stderr
+    assert "skipped filter_reasons.png: no filter_reason column" in result.stderr
+
+
+def test_stats_plot_skips_the_plots_whose_columns_are_missing(prmtool, tmp_path):
+    """The labeled sample has first errors but no MC values, outcomes or filter reasons."""
+    result = prmtool("stats", SAMPLES / "labeled", "--plot", tmp_path / "plots", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["rows"] == 24
+
+    assert files_under(tmp_path / "plots") == ["first_error_position.png"]
+    assert_png(tmp_path / "plots" / "first_error_position.png")
+    assert "skipped mc_values.png: no step_mc column" in result.stderr
+    assert "skipped accuracy_per_problem.png: no correct column" in result.stderr
+    assert "skipped filter_reasons.png: no filter_reason column" in result.stderr
+
+
+def test_stats_plot_of_kept_and_rejected_rows_draws_the_filter_reasons(prmtool, tmp_path, labeled_with_outcomes):
+    """filter writes kept rows to -o and the removed ones, with a filter_reason, to --rejects;
+    given both, stats counts the rows without a reason as kept."""
+    kept, rejects = tmp_path / "kept", tmp_path / "rejects"
+    filtered = prmtool("filter", labeled_with_outcomes, "-o", kept, "--rejects", rejects, "--method", "accuracy-band", "--band", "0.4,1", "-q")
+    assert filtered.exit_code == 0, filtered.stderr
+
+    result = prmtool("stats", kept, rejects, "--plot", tmp_path / "plots", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert_png(tmp_path / "plots" / "filter_reasons.png")
+    assert result.stderr == "", "-q silences the plot log"
+    # p (1 of 3 correct) is outside the band, q (1 of 1) inside; q's row with no outcome goes too.
+    both = pl.concat([pl.scan_parquet(kept / "part-00000.parquet"), pl.scan_parquet(rejects / "part-00000.parquet")], how="diagonal_relaxed")
+    assert filter_reason_counts(both) == {"kept": 1, "accuracy_band": 3, "no_outcome": 1}
+
+
+def test_stats_plot_into_a_file_is_an_input_error(prmtool, tmp_path):
+    (tmp_path / "plots").write_text("not a directory")
+    result = prmtool("stats", SAMPLES / "labeled", "--plot", tmp_path / "plots")
+    assert result.exit_code == 2
+    assert str(tmp_path / "plots") in result.stderr
+    assert result.stdout == ""
+
+
+def test_the_cli_does_not_import_matplotlib_until_it_plots():
+    """matplotlib takes a while to import; `prmtool --help` and the other stages never need it."""
+    check = "import sys, prmtool.cli; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True)

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
+from prmtool.executors import partition_to_run
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
-from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
+from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.runner import MapStage, run_map_stage
 from prmtool.steps import make_splitter, split_steps
@@ -127,9 +128,17 @@ def command(
     workers: Workers = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Sample N solutions per problem from a policy model. Each response row keeps every
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     stats = RunStats("generate", quiet=quiet)
     make_splitter(split)  # a bad --split fails before the model loads
     stop = tuple(s.encode().decode("unicode_escape") for s in stop)  # '\n' on the shell means a newline
@@ -155,7 +164,7 @@ def command(
 
     stage = MapStage("generate", transform, arguments, required, unique_column="problem_id", rows_per_input=n, extra_checks=[_no_responses_yet])
     with engines:
-        run_map_stage(stage, inputs, output, overwrite, stats)
+        run_map_stage(stage, inputs, output, overwrite, stats, partition)
     seconds = stats.summary()["seconds"]
     if seconds and stats.counts["tokens_generated"]:
         stats.counts["tokens_per_second"] = round(stats.counts["tokens_generated"] / seconds)

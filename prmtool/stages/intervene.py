@@ -27,9 +27,10 @@ import typer
 
 from prmtool import shards
 from prmtool import interventions as iv
+from prmtool.executors import partition_to_run
 from prmtool.errors import InputError, StageError
 from prmtool.model_loading import EngineOnDemand
-from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
+from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.rollouts import Probe, Rollouts, RolloutSettings
 from prmtool.runner import MapStage, run_map_stage
@@ -314,10 +315,18 @@ def command(
     workers: Workers = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Propose a corrective step at the first error of every wrong response and keep those from
     which rollouts reach the reference answer. One output row per kept intervention, with
     intervention, intervention_step, intervention_success_rate and guided_response."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
 
     if first_error not in FIRST_ERROR_MODES:
@@ -362,7 +371,7 @@ def command(
     # rows_per_input=None: one row per kept intervention; every other input row goes to the rejects.
     stage = MapStage("intervene", transform, arguments, REQUIRED, rows_per_input=None, extra_checks=checks, side_output=write_rejects)
     with engines:
-        run_map_stage(stage, inputs, output, overwrite, stats)
+        run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()
 
 

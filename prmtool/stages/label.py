@@ -23,10 +23,11 @@ import polars as pl
 import typer
 
 from prmtool import shards
+from prmtool.executors import partition_to_run
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
 from prmtool.omegaprm import SearchConfig, grow_trees, tree_frame
-from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers
+from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
 from prmtool.runner import MapStage, run_map_stage
@@ -271,9 +272,17 @@ def command(
     workers: Workers = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Label every step of every response by Monte Carlo rollouts from its prefixes. Writes
     step_mc, step_labels, first_error, label_rollouts and label_tokens."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
 
     if method not in METHODS:
@@ -318,5 +327,5 @@ def command(
     stage = MapStage("label", transform, arguments, REQUIRED, extra_checks=[_verified],
                      side_output=write_tree if method == "omegaprm" else None)
     with engines:
-        run_map_stage(stage, inputs, output, overwrite, stats)
+        run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()

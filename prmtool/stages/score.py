@@ -30,9 +30,10 @@ import numpy as np
 import polars as pl
 import typer
 
+from prmtool.executors import partition_to_run
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
-from prmtool.options import Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode
+from prmtool.options import Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.runner import MapStage, run_map_stage
 
@@ -266,10 +267,18 @@ def command(
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Score every step of every response with an implicit PRM (policy vs reference
     log-likelihood ratio) or a trained token-classification PRM. Writes step_rewards,
     step_values and prm_score (and token_rewards with --token-rewards)."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
 
     if scorer not in SCORERS:
@@ -335,5 +344,5 @@ def command(
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(model)
-        run_map_stage(stage, inputs, output, overwrite, stats)
+        run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()

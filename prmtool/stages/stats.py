@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, NamedTuple
 
 import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from prmtool import shards
-from prmtool.options import Inputs
+from prmtool import plots, shards
+from prmtool.errors import InputError
+from prmtool.options import Inputs, Quiet
+from prmtool.report import RunStats
 
 
 def shard_set_stats(frame: pl.LazyFrame) -> dict:
@@ -51,22 +55,97 @@ def _describe(values: pl.Series) -> dict:
     return {"count": values.len(), "mean": round(float(values.mean()), 4), "min": values.min(), "median": values.median(), "max": values.max()}
 
 
+def mc_values(frame: pl.LazyFrame) -> pl.Series:
+    """Every step's MC value, over all rows (nulls skipped)."""
+    return frame.select(pl.col("step_mc").explode()).collect().to_series().drop_nulls()
+
+
+def first_error_positions(frame: pl.LazyFrame) -> pl.Series:
+    """first_error / len(steps) of the responses that have a first error."""
+    steps = pl.col("steps").list.len()
+    return frame.filter((pl.col("first_error") >= 0) & (steps > 0)).select(pl.col("first_error") / steps).collect().to_series()
+
+
+def problem_accuracies(frame: pl.LazyFrame) -> pl.Series:
+    """Each problem's share of correct responses (null `correct` skipped; a problem with none is left out)."""
+    return frame.group_by("problem_id").agg(pl.col("correct").mean()).collect()["correct"].drop_nulls()
+
+
+def filter_reason_counts(frame: pl.LazyFrame) -> dict[str, int]:
+    """Rows per filter outcome: "kept" (no filter_reason: the filter's -o rows) first, then each
+    reason, the most frequent first."""
+    counts = frame.group_by(pl.col("filter_reason").fill_null("kept")).len().collect()
+    counts = counts.sort([pl.col("filter_reason") != "kept", "len", "filter_reason"], descending=[False, True, False])
+    return dict(counts.iter_rows())
+
+
+class Plot(NamedTuple):
+    file: str
+    columns: tuple[str, ...]  # all needed; the plot is skipped without one of them
+    data: Callable[[pl.LazyFrame], pl.Series | dict]
+    draw: Callable[[list | dict, Path], None]
+    counted: str  # what `data` holds one of, for the log
+
+
+PLOTS = (
+    Plot("mc_values.png", ("step_mc",), mc_values, plots.mc_values, "step MC values"),
+    Plot("first_error_position.png", ("first_error", "steps"), first_error_positions, plots.first_error_position, "first errors"),
+    Plot("accuracy_per_problem.png", ("correct", "problem_id"), problem_accuracies, plots.accuracy_per_problem, "problems with an outcome"),
+    Plot("filter_reasons.png", ("filter_reason",), filter_reason_counts, plots.filter_reasons, "filter outcomes"),
+)
+
+
+def plot_shard_set(frame: pl.LazyFrame, directory: Path) -> list[str]:
+    """Write into `directory` the plots whose columns `frame` has; returns one line per plot
+    saying where it was written or why it was skipped."""
+    columns = frame.collect_schema().names()
+    lines = []
+    for plot in PLOTS:
+        missing = [column for column in plot.columns if column not in columns]
+        if missing:
+            lines.append(f"skipped {plot.file}: " + ", ".join(f"no {column} column" for column in missing))
+            continue
+        data = plot.data(frame)
+        if len(data) == 0:
+            lines.append(f"skipped {plot.file}: no {plot.counted}")
+            continue
+        plot.draw(data if isinstance(data, dict) else data.to_list(), directory / plot.file)
+        lines.append(f"wrote {directory / plot.file} ({len(data):,} {plot.counted})")
+    return lines
+
+
 EXAMPLES = """\b
 Examples:
   prmtool stats data_samples/gsm8k_responses
   prmtool stats work/labeled --json > labeled_stats.json
+  prmtool stats work/prof work/prof_rejects --plot work/plots
 """
 
 
 def command(
     inputs: Inputs,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also write PNG plots (MC values, first-error position, accuracy per problem, "
+                     "filter reasons; those whose columns exist) into this directory.", show_default=False),
+    ] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Rows, problems, responses per problem, accuracy, steps, labels and first errors of a
     shard set. Prints to stdout."""
     found = shards.open_inputs(inputs)
-    figures = shard_set_stats(pl.concat([pl.scan_parquet(s.path) for s in found], how="diagonal_relaxed"))
-    figures = {"shards": len(found), **figures}
+    if plot is not None:
+        try:  # before any work, so that a bad --plot is a usage error with nothing printed
+            plot.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{plot}: cannot create the --plot directory ({exc.strerror})") from None
+    frame = pl.concat([pl.scan_parquet(s.path) for s in found], how="diagonal_relaxed")
+    figures = {"shards": len(found), **shard_set_stats(frame)}
+    if plot is not None:
+        log = RunStats("stats", quiet=quiet)
+        for line in plot_shard_set(frame, plot):
+            log.log(line)
     if as_json:
         print(json.dumps(figures, indent=2, default=str))
         return

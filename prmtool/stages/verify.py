@@ -7,7 +7,8 @@ from typing import Annotated, Callable
 import polars as pl
 import typer
 
-from prmtool.options import Inputs, Output, Overwrite, Quiet, Workers, default_workers
+from prmtool.executors import partition_to_run
+from prmtool.options import Inputs, Output, Overwrite, Quiet, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats
 from prmtool.runner import MapStage, run_map_stage
 from prmtool.verification import verify_responses
@@ -47,9 +48,17 @@ def command(
     workers: Workers = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Check each response's final answer against `reference_answer` by mathematical
     equivalence (Math-Verify), writing `pred_answer`, `correct` and `verify_status`."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     stats = RunStats("verify", quiet=quiet)
     workers = workers or default_workers()
 
@@ -60,6 +69,6 @@ def command(
         return result
 
     stage = MapStage("verify", transform, {"timeout": timeout}, REQUIRED)
-    run_map_stage(stage, inputs, output, overwrite, stats)
+    run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()
 

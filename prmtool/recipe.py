@@ -1,0 +1,282 @@
+"""`prmtool run RECIPE.yaml`: a whole pipeline as one resumable command.
+
+A recipe names a work directory and lists stages; each stage is the same subcommand a user
+would type, with the options written as YAML keys:
+
+    workdir: work/quickstart
+    input: data_samples/gsm8k/test_sample.jsonl    # the first stage's input
+    stages:
+      - stage: import
+        preset: gsm8k
+      - stage: generate
+        n: 2
+        max-tokens: 128
+      - stage: filter
+        rejects: "{workdir}/06-filter-rejects"      # {workdir} and {dir} (this stage's output)
+
+Stage number i writes `WORKDIR/NN-NAME/` (NAME: the stage, or its `name:`) and reads the
+previous stage's output unless its `input:` names an earlier stage or a path. Options: `key:
+value` becomes `--key value`, `key: true` the flag `--key`, `key: false` nothing, a list a
+repeated option.
+
+What runs: before a stage runs, its exact command line and a fingerprint of each input (an
+upstream `_SUCCESS` manifest less its time stamp, or a file's size and mtime) are recorded in
+`NN-NAME/_RECIPE.json`. A stage whose `_SUCCESS` and record both match is skipped; a changed
+option or input reruns it with --overwrite, and since its manifest then changes, every later
+stage too; a stage interrupted mid-way resumes from its finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+
+from prmtool import shards
+from prmtool.errors import InputError, StageError
+from prmtool.model_loading import keep_models_loaded
+
+STAGES = ("import", "generate", "verify", "label", "score", "filter", "intervene", "export")
+RESERVED = {"stage", "name", "input"}
+RECORD = "_RECIPE.json"
+
+
+@dataclass
+class Step:
+    number: int  # 1-based, as in the directory name
+    stage: str
+    name: str
+    inputs: list[str]  # paths, resolved
+    options: dict
+    directory: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.number:02d}-{self.name}"
+
+    def argv(self) -> list[str]:
+        """The command line, as a user would type it after `prmtool`."""
+        argv = [self.stage, *self.inputs, "-o", str(self.directory)]
+        for key, value in self.options.items():
+            flag = f"--{key}"
+            if value is True:
+                argv.append(flag)
+            elif value is False or value is None:
+                continue
+            elif isinstance(value, list):
+                for item in value:
+                    argv += [flag, _text(item)]
+            else:
+                argv += [flag, _text(value)]
+        return argv
+
+
+@dataclass
+class Recipe:
+    path: Path
+    workdir: Path
+    steps: list[Step] = field(default_factory=list)
+
+    def find(self, name: str, option: str) -> Step:
+        for step in self.steps:
+            if name in (step.name, step.label, step.stage):
+                return step
+        raise InputError(f"{self.path}: {option} {name!r}: no such stage (stages: {', '.join(s.label for s in self.steps)})")
+
+
+def _text(value) -> str:
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = None) -> Recipe:
+    """Parse and check a recipe; `overrides` are `stage.option=value` (`--set`)."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("stages"), list) or not document["stages"]:
+        raise InputError(f"{path}: a recipe is a mapping with a non-empty `stages:` list")
+    unknown = set(document) - {"workdir", "input", "stages", "description"}
+    if unknown:
+        raise InputError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, stages, description)")
+    recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
+    previous: list[str] | None = [str(document["input"])] if document.get("input") is not None else None
+    names: dict[str, Step] = {}
+    for number, entry in enumerate(document["stages"], start=1):
+        where = f"{path}: stage {number}"
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise InputError(f"{where}: each stage is a mapping with a `stage:` key")
+        stage = entry["stage"]
+        if stage not in STAGES:
+            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+        name = str(entry.get("name") or stage)
+        if name in names:
+            raise InputError(f"{where}: a second stage named {name!r}; give one a `name:`")
+        directory = recipe.workdir / f"{number:02d}-{name}"
+        inputs = _stage_inputs(entry.get("input"), names, previous, where)
+        options = {str(k): v for k, v in entry.items() if k not in RESERVED}
+        step = Step(number, stage, name, inputs, options, directory)
+        names[name] = names[step.label] = step
+        recipe.steps.append(step)
+        previous = [str(directory)]
+    for override in overrides:
+        _apply_override(recipe, override)
+    for step in recipe.steps:  # placeholders last, so --set values may use them too
+        step.options = {k: _fill(v, recipe.workdir, step.directory) for k, v in step.options.items()}
+    return recipe
+
+
+def _stage_inputs(spec, names: dict[str, Step], previous: list[str] | None, where: str) -> list[str]:
+    if spec is None:
+        if previous is None:
+            raise InputError(f"{where}: no input: give the recipe an `input:` or the stage one")
+        return previous
+    specs = spec if isinstance(spec, list) else [spec]
+    # An earlier stage's name stands for its output directory; anything else is a path.
+    return [str(names[s].directory) if s in names else str(s) for s in map(str, specs)]
+
+
+def _apply_override(recipe: Recipe, override: str) -> None:
+    target, equals, raw = override.partition("=")
+    stage_name, dot, option = target.partition(".")
+    if not equals or not dot or not option:
+        raise InputError(f"--set {override!r}: expected STAGE.OPTION=VALUE, e.g. --set generate.n=8")
+    step = recipe.find(stage_name, "--set")
+    value = yaml.safe_load(raw) if raw else ""
+    if option == "input":
+        step.inputs = [str(v) for v in (value if isinstance(value, list) else [value])]
+    else:
+        step.options[option] = value
+
+
+def _fill(value, workdir: Path, directory: Path):
+    if isinstance(value, str):
+        return value.replace("{workdir}", str(workdir)).replace("{dir}", str(directory))
+    if isinstance(value, list):
+        return [_fill(v, workdir, directory) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def fingerprint(path: str) -> str:
+    """What an input is, for deciding whether a stage must rerun: a stage directory by its
+    `_SUCCESS` manifest (less the time stamp), anything else by size and mtime."""
+    source = Path(path)
+    manifest = shards.read_manifest(source) if source.is_dir() else None
+    if manifest is not None:
+        manifest.pop("finished", None)
+        text = json.dumps(manifest, sort_keys=True)
+    elif source.is_dir():
+        files = sorted(f for f in source.rglob("*") if f.is_file())
+        text = json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    elif source.exists():
+        text = json.dumps([str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns])
+    else:
+        text = "missing"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_of(step: Step) -> dict:
+    return {"argv": step.argv(), "inputs": {p: fingerprint(p) for p in step.inputs}}
+
+
+def read_record(step: Step) -> dict | None:
+    try:
+        return json.loads((step.directory / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def decide(step: Step, forced: bool) -> str:
+    """skip (complete and unchanged), resume (interrupted, unchanged), run (new) or rerun
+    (changed options or input, or --from: recomputed with --overwrite)."""
+    old = read_record(step)
+    complete = (step.directory / shards.MANIFEST).exists()
+    if forced:
+        return "rerun" if complete or old is not None else "run"
+    if old is not None and old.get("pending_overwrite"):
+        return "rerun"  # an --overwrite rerun was interrupted: its old shards are stale
+    same = old is not None and {k: old.get(k) for k in ("argv", "inputs")} == record_of(step)
+    if same:
+        return "skip" if complete else "resume"
+    if old is None and not complete and not step.directory.exists():
+        return "run"
+    return "rerun"
+
+
+# ---------------------------------------------------------------------------- running
+
+EXAMPLES = """\b
+Examples:
+  prmtool run recipes/quickstart.yaml
+  prmtool run recipes/quickstart.yaml --dry-run
+  prmtool run recipes/prof.yaml --set generate.n=8 --set label.k=16 --workdir runs/prof-n8
+  prmtool run recipes/omegaprm-gsm8k.yaml --from label --until export
+"""
+
+
+def command(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A recipe YAML file (see recipes/).", show_default=False)],
+    from_stage: Annotated[str | None, typer.Option("--from", help="Recompute this stage and every later one, even if complete.", show_default=False)] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage's command and what will happen) and stop.")] = False,
+    overrides: Annotated[list[str], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE (repeatable).")] = [],
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Work directory (default: the recipe's workdir).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Pass --quiet to every stage; print only the plan lines.")] = False,
+) -> None:
+    """Run a pipeline recipe: each stage writes WORKDIR/NN-STAGE/; complete, unchanged stages
+    are skipped, changed ones rerun with everything after them, interrupted ones resume."""
+    console = Console(stderr=True, highlight=False)
+    recipe = load_recipe(recipe_path, overrides, workdir)
+    first = recipe.find(from_stage, "--from").number if from_stage else None
+    last = recipe.find(until, "--until").number if until else len(recipe.steps)
+    if first is not None and first > last:
+        raise InputError(f"--from {from_stage} comes after --until {until}")
+    with keep_models_loaded():  # a model loaded by one stage serves the next that uses it
+        _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console)
+
+
+def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, dry_run: bool, quiet: bool, console: Console) -> None:
+    from prmtool.cli import main  # the stages run exactly as typed on the command line
+
+    started = time.perf_counter()
+    rerun_since: int | None = first  # once a stage reruns, every later one must
+    for step in recipe.steps[:last]:
+        forced = rerun_since is not None and step.number >= rerun_since
+        action = decide(step, forced)
+        argv = step.argv() + (["--overwrite"] if action == "rerun" else []) + (["--quiet"] if quiet else [])
+        console.print(f"[{step.label}] {action:<6} prmtool {' '.join(_quote(a) for a in argv)}", markup=False, soft_wrap=True)
+        if dry_run or action == "skip":
+            continue
+        if action in ("run", "rerun") and rerun_since is None:
+            rerun_since = step.number
+        record = record_of(step)
+        step.directory.mkdir(parents=True, exist_ok=True)
+        shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)
+        stage_started = time.perf_counter()
+        code = main(argv)
+        if code == 130:  # Ctrl-C: the stage said how to resume; so does a rerun of the recipe
+            raise typer.Exit(130)
+        if code != 0:
+            raise StageError(f"stage {step.label} failed (exit {code}); fix it and rerun `prmtool run {recipe_path}` to resume from there")
+        shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
+        console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
+    if not dry_run:
+        console.print(f"recipe {recipe_path}: {last} stages complete in {time.perf_counter() - started:.1f} s; outputs under {recipe.workdir}/", markup=False)
+
+
+def _quote(argument: str) -> str:
+    import shlex
+
+    return shlex.quote(argument)

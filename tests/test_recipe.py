@@ -1,0 +1,211 @@
+"""`prmtool run RECIPE.yaml`: a pipeline as one resumable command.
+
+Most tests use the model-free stages (import -> verify -> filter -> export) so that they take
+seconds; the last one runs the README's quickstart recipe end to end with the embedded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+import typer
+
+from prmtool.cli import app
+from prmtool.recipe import load_recipe
+from tests.conftest import ROOT, SAMPLES
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def small_recipe(tmp_path) -> Path:
+    return write_recipe(tmp_path, f"""
+workdir: {tmp_path / 'work'}
+input: {SAMPLES / 'responses.jsonl'}
+stages:
+  - stage: import
+    shard-rows: 20
+  - stage: verify
+    workers: 1
+  - stage: filter
+    method: accuracy-band
+    band: "0.2,0.8"
+    rejects: "{{workdir}}/03-filter-rejects"
+  - stage: export
+    format: sft-messages
+""")
+
+
+def stage_files(workdir: Path) -> dict[str, int]:
+    """Every output file with its modification time: what a skipped stage must not touch."""
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in sorted(workdir.rglob("*.parquet"))}
+
+
+def actions(stderr: str) -> dict[str, str]:
+    """`[02-verify] skip   prmtool ...` lines -> {"02-verify": "skip"}."""
+    found = {}
+    for line in stderr.splitlines():
+        if line.startswith("[") and "] " in line and "prmtool " in line:
+            label, rest = line[1:].split("] ", 1)
+            found[label] = rest.split()[0]
+    return found
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_is_a_valid_sequence_of_prmtool_commands(recipe):
+    """Each stage's command line parses with the real CLI: no unknown option or bad value."""
+    command = typer.main.get_command(app)
+    for step in load_recipe(recipe).steps:
+        argv = step.argv()
+        subcommand = command.commands[argv[0]]
+        subcommand.make_context(argv[0], argv[1:])  # raises on an unknown option or bad value
+
+
+def test_a_recipe_runs_every_stage_into_numbered_directories(prmtool, small_recipe, tmp_path):
+    result = prmtool("run", small_recipe, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    work = tmp_path / "work"
+    for directory in ("01-import", "02-verify", "03-filter", "03-filter-rejects", "04-export"):
+        assert (work / directory / "_SUCCESS").exists(), directory
+    assert set(actions(result.stderr).values()) == {"run"}
+    kept = pl.read_parquet(work / "03-filter" / "*.parquet")
+    rejected = pl.read_parquet(work / "03-filter-rejects" / "*.parquet")
+    assert kept.height + rejected.height == 48  # nothing lost on the way
+
+
+def test_a_second_run_skips_every_complete_unchanged_stage(prmtool, small_recipe, tmp_path):
+    assert prmtool("run", small_recipe, "-q").exit_code == 0
+    before = stage_files(tmp_path / "work")
+    result = prmtool("run", small_recipe, "-q")
+    assert result.exit_code == 0
+    assert set(actions(result.stderr).values()) == {"skip"}
+    assert stage_files(tmp_path / "work") == before
+
+
+def test_a_changed_option_reruns_its_stage_and_every_later_one(prmtool, small_recipe, tmp_path):
+    assert prmtool("run", small_recipe, "-q").exit_code == 0
+    result = prmtool("run", small_recipe, "-q", "--set", "filter.band=0.0,0.5")
+    assert result.exit_code == 0, result.stderr
+    assert actions(result.stderr) == {"01-import": "skip", "02-verify": "skip", "03-filter": "rerun", "04-export": "rerun"}
+    manifest = json.loads((tmp_path / "work" / "03-filter" / "_SUCCESS").read_text())
+    assert manifest["arguments"]["band"] == [0.0, 0.5]
+
+
+def test_a_changed_input_reruns_everything_after_it(prmtool, small_recipe, tmp_path):
+    assert prmtool("run", small_recipe, "-q").exit_code == 0
+    smaller = tmp_path / "fewer.jsonl"
+    smaller.write_text("".join((SAMPLES / "responses.jsonl").read_text().splitlines(keepends=True)[:20]))
+    result = prmtool("run", small_recipe, "-q", "--set", f"import.input={smaller}")
+    assert result.exit_code == 0, result.stderr
+    assert set(actions(result.stderr).values()) == {"rerun"}
+    assert pl.read_parquet(tmp_path / "work" / "02-verify" / "*.parquet").height == 20
+
+
+def test_from_recomputes_a_stage_and_the_rest_until_stops_early(prmtool, small_recipe, tmp_path):
+    result = prmtool("run", small_recipe, "-q", "--until", "verify")
+    assert result.exit_code == 0
+    assert list(actions(result.stderr)) == ["01-import", "02-verify"]
+    assert not (tmp_path / "work" / "03-filter").exists()
+
+    assert prmtool("run", small_recipe, "-q").exit_code == 0
+    result = prmtool("run", small_recipe, "-q", "--from", "filter")
+    assert actions(result.stderr) == {"01-import": "skip", "02-verify": "skip", "03-filter": "rerun", "04-export": "rerun"}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(prmtool, small_recipe, tmp_path):
+    result = prmtool("run", small_recipe, "--dry-run")
+    assert result.exit_code == 0
+    assert "prmtool verify" in result.stderr and "--workers 1" in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_an_interrupted_stage_resumes_from_its_finished_shards(prmtool, small_recipe, tmp_path):
+    assert prmtool("run", small_recipe, "-q").exit_code == 0
+    verified = tmp_path / "work" / "02-verify"
+    # As if verify had been killed after its first shard: the manifest and later shards are missing.
+    (verified / "_SUCCESS").unlink()
+    for late in sorted(verified.glob("*.parquet"))[1:]:
+        late.unlink()
+    first = sorted(verified.glob("*.parquet"))[0]
+    first_written = first.stat().st_mtime_ns
+    result = prmtool("run", small_recipe, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert actions(result.stderr)["02-verify"] == "resume"
+    assert first.stat().st_mtime_ns == first_written  # the finished shard was not redone
+    assert (verified / "_SUCCESS").exists()
+
+
+def test_a_failing_stage_stops_the_recipe_with_how_to_resume(prmtool, tmp_path):
+    recipe = write_recipe(tmp_path, f"""
+workdir: {tmp_path / 'work'}
+input: {SAMPLES / 'responses.jsonl'}
+stages:
+  - stage: import
+  - stage: export
+    format: trl-stepwise
+    where: "no_such_column > 1"
+""")
+    result = prmtool("run", recipe, "-q")
+    assert result.exit_code == 1
+    assert "stage 02-export failed" in result.stderr and "rerun `prmtool run" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stages: []\n", "non-empty `stages:` list"),
+        ("stages:\n  - stage: sample\n", "unknown stage 'sample'"),
+        ("stages:\n  - stage: verify\n", "no input"),
+        ("input: x\nstages:\n  - stage: verify\n  - stage: verify\n", "a second stage named 'verify'"),
+        ("input: x\nsteps: []\nstages:\n  - stage: verify\n", "unknown top-level key 'steps'"),
+        ("stages: [\n", "not valid YAML"),
+    ],
+)
+def test_a_bad_recipe_is_a_one_line_error_naming_the_file(prmtool, tmp_path, text, message):
+    recipe = write_recipe(tmp_path, text)
+    result = prmtool("run", recipe, "--dry-run")
+    assert result.exit_code == 2
+    assert message in result.stderr and str(recipe) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_set_needs_stage_dot_option_and_a_known_stage(prmtool, small_recipe):
+    assert "expected STAGE.OPTION=VALUE" in prmtool("run", small_recipe, "--dry-run", "--set", "k=8").stderr
+    assert "no such stage" in prmtool("run", small_recipe, "--dry-run", "--set", "label.k=8").stderr
+
+
+@pytest.mark.slow
+def test_the_quickstart_recipe_runs_the_whole_pipeline_with_the_embedded_model(prmtool, tmp_path, monkeypatch):
+    """The README's main job, with smaller settings so that it takes about a minute."""
+    monkeypatch.chdir(ROOT)
+    work = tmp_path / "quickstart"
+    result = prmtool(
+        "run", "recipes/quickstart.yaml", "-q", "--workdir", work,
+        "--set", "generate.n=2", "--set", "generate.max-tokens=48",
+        "--set", "label.max-tokens=16", "--set", "label.k=1",
+        "--set", "filter.keep=1",
+        "--set", "intervene.candidates=1", "--set", "intervene.max-tokens=16",
+        "--set", "intervene.proposer-max-tokens=32",
+    )
+    assert result.exit_code == 0, result.stderr
+    generated = pl.read_parquet(work / "02-generate" / "*.parquet")
+    assert generated.height == 16  # 8 problems x 2 samples
+    scored = pl.read_parquet(work / "05-score" / "*.parquet")
+    for column in ("correct", "step_labels", "first_error", "step_rewards", "prm_score"):
+        assert column in scored.columns
+    kept = pl.read_parquet(work / "06-filter" / "*.parquet")
+    rejected = pl.read_parquet(work / "06-filter-rejects" / "*.parquet")
+    assert kept.height + rejected.height == 16
+    for done in ("07-export-prm", "08-intervene", "09-export-sft"):
+        assert (work / done / "_SUCCESS").exists()
+    assert os.listdir(work / "08-intervene-rejects")
