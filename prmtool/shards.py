@@ -257,6 +257,10 @@ def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list
     if not overwrite:
         if manifest and (manifest.get("stage"), manifest.get("arguments"), manifest.get("inputs")) == (stage, arguments, inputs):
             return True
+        if manifest is None and existing and _from_an_interrupted_run(existing, stage, arguments, inputs):
+            for old in existing:  # this very command, stopped before its manifest: do it again
+                old.unlink()
+            return False
         if manifest or existing:
             raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
         return False
@@ -267,6 +271,21 @@ def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list
         if read_provenance(old) is not None:
             old.unlink()
     return False
+
+
+def _from_an_interrupted_run(files: list[Path], stage: str, arguments: dict, inputs: list[dict]) -> bool:
+    """Every file was written by this stage with these arguments (and, where its provenance
+    names one, from one of these inputs): a run of the same command that a crash or Ctrl-C
+    stopped before its manifest."""
+    expected = provenance(stage, arguments)
+    for path in files:
+        record = read_provenance(path)
+        if record is None:
+            return False
+        source = record.pop("input", None)
+        if record != expected or (source is not None and source not in inputs):
+            return False
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -102,6 +102,7 @@ def run_partitions_on_ray(argv: list[str], num_shards: int | None, *, gpus_per_t
     stderr.print(f"ray: {count} tasks ({gpus_per_task:g} GPU, {cpus_per_task:g} CPU each) on "
                  f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
     failures: list[str] = []
+    codes: set[int] = set()
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
@@ -109,7 +110,11 @@ def run_partitions_on_ray(argv: list[str], num_shards: int | None, *, gpus_per_t
         if code == 0:
             stderr.print(f"ray: partition {index} of {count} done ({time.perf_counter() - start:.1f} s)")
         else:
+            codes.add(code)
             failures.append(f"partition {index} of {count} exited {code}: {message.splitlines()[-1] if message else 'no message'}")
+    if failures and codes == {InputError.exit_code} and len(failures) == count:
+        # Bad input or usage: every partition validates the whole input, so all say the same.
+        raise InputError(failures[0].split(": ", 1)[1].removeprefix("error: "))
     if failures:
         # The partitions that finished stay finished: a rerun of the same command redoes only the rest.
         raise StageError("; ".join(failures) + "; rerun the same command to redo only the failed partitions")

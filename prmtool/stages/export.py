@@ -13,7 +13,8 @@ import typer
 from prmtool import shards
 from prmtool.errors import InputError
 from prmtool.formats import FORMATS
-from prmtool.options import Inputs, Output, Overwrite, Quiet
+from prmtool.executors import partition_to_run
+from prmtool.options import CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
 from prmtool.report import RunStats
 from prmtool.schema import check_columns
 
@@ -115,12 +116,26 @@ def command(
     system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None,
     data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool",
     open_turn: Annotated[bool, typer.Option("--open-turn", help="sft formats: leave the assistant turn open (no end-of-turn), as InT trains on guided responses; adds continue_final_message.")] = False,
-    hf_dataset: Annotated[Path | None, typer.Option(help="Also save a datasets DatasetDict folder here.")] = None,
+    hf_dataset: Annotated[Path | None, typer.Option(help="Also save a datasets DatasetDict folder here (not with --num-shards: it needs every row).")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Write training data: TRL stepwise supervision, Math-Shepherd, SFT or verl RL parquet,
-    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --split)."""
+    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --split). With
+    --num-shards, partitions are sets of whole problems, split as the whole run splits them."""
+    if hf_dataset is not None and (executor == "ray" or (num_shards or 1) > 1):
+        raise InputError(
+            "--hf-dataset needs every partition's rows in one process: export without --num-shards, "
+            "or load the output's Parquet shards with datasets.load_dataset('parquet', data_files=...)"
+        )
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     stats = RunStats("export", quiet=quiet)
     if format not in FORMATS:
         raise InputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
@@ -140,7 +155,7 @@ def command(
         raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
 
     split_of = None
-    if fractions:
+    if fractions:  # from every input's problems, so that each partition splits as the whole run does
         problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
         split_of = assign_splits(problem_ids.to_list(), fractions, seed)
 
@@ -148,9 +163,13 @@ def command(
                  "system_prompt": system_prompt, "data_source": data_source}
     if open_turn:  # only when given: earlier complete outputs keep their arguments
         arguments["open_turn"] = True
-    if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite):
-        stats.log(f"{output} is already complete for these inputs and options; --overwrite recomputes it")
+    if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite, partition):
+        scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
+        stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
         return
+    # verl numbers its rows (extra_info.index) over the whole run; a partition, which sees only
+    # its own problems, takes each problem's number from a narrow pass over every input.
+    numbers = _problem_numbers(found, condition, where, split_of) if fmt.per_problem and not partition.whole else None
 
     options = {"prompt_template": prompt_template, "system_prompt": system_prompt, "data_source": data_source, "open_turn": open_turn}
     seen_problems: set[str] = set()  # per-problem formats keep each problem's first row, across shards
@@ -159,6 +178,8 @@ def command(
     with stats.progress("export", total=sum(s.rows for s in found)) as tracker:
         for shard in found:
             frame = shards.read_shard(shard)
+            if not partition.whole:  # a problem's rows are all in one partition, in input order
+                frame = frame.filter(partition.owns_problems(frame["problem_id"]))
             stats.rows_in += frame.height
             if condition is not None:
                 try:
@@ -177,19 +198,46 @@ def command(
             stats.counts.update(skipped)
             for split_name, part in converted.items():
                 next_index[split_name] = next_index.get(split_name, 0) + part.height
+                if numbers is not None:
+                    part = _renumber(part, numbers)
                 if part.height:
-                    relative = f"{split_name}/{shard.name}"
+                    relative = f"{split_name}/{partition.shard_name(shard.name)}"
                     shards.write_shard(part, output / relative, shards.provenance("export", arguments, shard))
                     written[relative] = part.height
                     stats.counts[f"rows_{split_name}"] += part.height
                     stats.rows_out += part.height
                     stats.shards_written += 1
             tracker.advance(shard.rows)
-    shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written)
+    shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written, partition)
     if hf_dataset is not None:
         save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
     stats.print_summary()
+
+
+def _problem_numbers(found: list[shards.InputShard], condition: pl.Expr | None, where: str | None,
+                     split_of: dict[str, str] | None) -> dict[str, int]:
+    """Each problem's extra_info.index in the whole run: the number of problems of its split
+    whose first row (after --where) comes before its own, over the inputs in order."""
+    frames = []
+    for shard in found:
+        scan = pl.scan_parquet(shard.path)
+        if condition is not None:
+            scan = scan.filter(condition)
+        try:
+            frames.append(scan.select("problem_id").collect())
+        except Exception as exc:
+            raise InputError(f"{shard.path}: --where {where!r}: {shards._one_line(exc)}") from None
+    first_rows = pl.concat(frames).unique("problem_id", keep="first", maintain_order=True)
+    split = pl.col("problem_id").replace_strict(split_of, default="train") if split_of else pl.lit("train")
+    numbered = first_rows.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over(split).alias("index"))
+    return dict(numbered.iter_rows())
+
+
+def _renumber(part: pl.DataFrame, numbers: dict[str, int]) -> pl.DataFrame:
+    """Set verl's extra_info.index to the whole run's number of the row's problem."""
+    index = pl.field("problem_id").replace_strict(numbers, return_dtype=pl.Int64).alias("index")
+    return part.with_columns(pl.col("extra_info").struct.with_fields(index))
 
 
 def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwrite: bool, quiet: bool = False) -> None:

@@ -34,6 +34,9 @@ Defined behaviour (README.md, "prmtool filter", says the same to users):
 
 from __future__ import annotations
 
+import bisect
+import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -43,7 +46,9 @@ import typer
 
 from prmtool import shards
 from prmtool.errors import InputError
-from prmtool.options import Inputs, Output, Overwrite, Quiet
+from prmtool.executors import partition_to_run
+from prmtool.options import CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.partition import Partition
 from prmtool.report import RunStats
 from prmtool.schema import check_columns
 from prmtool.stages.export import check_where, where_filter
@@ -166,11 +171,17 @@ def row_features(frame: pl.DataFrame, options: FilterOptions) -> pl.DataFrame:
     """Per-row inputs of the decision, one narrow row per input row, same order: problem_id,
     and whichever of _correct, response_id, _n_steps, _value, _first_error, _prm_first,
     _where the method reads. No group operation: shards can be done one at a time."""
-    columns = [pl.col("problem_id").cast(pl.String)]
-    if "correct" in frame.columns:  # also for the balance figures of `none`
-        columns.append(pl.col("correct").cast(pl.Boolean).alias("_correct"))
+    return frame.select(feature_expressions(frame.columns, options))
+
+
+def feature_expressions(names: list[str], options: FilterOptions) -> list[pl.Expr]:
+    """row_features' expressions, for a frame with columns `names` (also run on a lazy scan,
+    so that a shard's list columns are reduced as they are read)."""
+    expressions = [pl.col("problem_id").cast(pl.String)]
+    if "correct" in names:  # also for the balance figures of `none`
+        expressions.append(pl.col("correct").cast(pl.Boolean).alias("_correct"))
     if options.method == "prof":
-        columns += [
+        expressions += [
             pl.col("response_id").cast(pl.String),
             pl.col("steps").list.len().fill_null(0).alias("_n_steps"),
             _mean_value(options.value).alias("_value"),
@@ -179,14 +190,14 @@ def row_features(frame: pl.DataFrame, options: FilterOptions) -> pl.DataFrame:
         below = pl.col(options.value).cast(pl.List(pl.Float64)).list.eval(
             (pl.element().fill_nan(None) < options.prm_threshold).fill_null(False)
         )
-        columns += [
+        expressions += [
             pl.col("first_error").cast(pl.Int64).alias("_first_error"),
             pl.when(below.list.any()).then(below.list.arg_max().cast(pl.Int64)).otherwise(-1).alias("_prm_first"),
             _mean_value(options.value).is_null().alias("_no_value"),
         ]
     if options.where:
-        columns.append(where_filter(options.where).alias("_where"))
-    return frame.select(columns)
+        expressions.append(where_filter(options.where).alias("_where"))
+    return expressions
 
 
 def _mean_value(column: str) -> pl.Expr:
@@ -360,12 +371,21 @@ def command(
     threshold: Annotated[float | None, typer.Option(help="consensus: a step below this is the PRM's error (default 0.5 for step_mc, else 0).", show_default=False)] = None,
     band: Annotated[str | None, typer.Option(help="accuracy-band: LOW,HIGH, inclusive (default 0.2,0.8).", show_default=False)] = None,
     where: Annotated[str | None, typer.Option(help="Also keep only rows where this SQL expression holds (applied first), e.g. \"verify_status = 'ok'\".")] = None,
-    report: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file. With --shard-index, the partition's summary, to FILE's name with the partition in it (prof.00001-of-00004.json).")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
     """Keep the responses whose process and outcome agree (PROF by default); the removed
-    rows go to --rejects with a filter_reason. Groups are problems, over all input shards."""
+    rows go to --rejects with a filter_reason. Groups are problems, over all input shards;
+    with --num-shards, partitions are sets of whole problems."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     stats = RunStats("filter", quiet=quiet)
     options = _options(method, remove, keep, mode, value, min_steps, max_steps, threshold, band, where)
     condition = where_filter(where)
@@ -379,26 +399,43 @@ def command(
         check_columns(shard.schema, str(shard.path), options.required)
         if condition is not None:
             check_where(condition, where, shard)  # an unknown column or a non-boolean result
-    if options.method == "prof":
-        shards.check_unique_ids(found, "response_id")  # ties are broken by it
     _check_output_dirs(output, rejects, found)
     shards.check_distinct_names(found)
 
     arguments = options.arguments()
     described = [s.describe() for s in found]
     parts = {"kept": output, "rejected": rejects}
-    complete = [shards.prepare_whole_output(d, "filter", {**arguments, "part": part}, described, overwrite) for part, d in parts.items()]
-    if all(complete) and report is None:
-        stats.log(f"{output} and {rejects} are already complete for these inputs and options; --overwrite recomputes them")
+    done = f"{output} and {rejects} are already complete for these inputs and options"
+    if not partition.whole:
+        done = f"partition {partition.index} of {partition.count}: {done}"
+        report = None if report is None else report.with_name(partition.shard_name(report.name))
+    # Without --overwrite: is there anything to do? (A directory holding another run is refused
+    # here.) With it, the old outputs are cleared only after the ids have been checked, below.
+    complete = not overwrite and all(
+        [shards.prepare_whole_output(d, "filter", {**arguments, "part": part}, described, False, partition) for part, d in parts.items()]
+    )
+    if complete and report is None:
+        stats.log(f"{done}; --overwrite recomputes them")
         return
 
     features = pl.concat([_read_features(shard, options) for shard in found], how="diagonal_relaxed")
+    if options.method == "prof":
+        _check_unique_response_ids(features, found)  # ties are broken by it
+    # Every partition reads every shard's features but decides only its own problems' groups:
+    # whole groups, so their decisions are the whole run's.
+    owned = None if partition.whole else partition.owns_problems(features["problem_id"])
+    if owned is not None:
+        features = features.filter(owned)
+        stats.log(f"partition {partition.index} of {partition.count}: {features.height} of {owned.len()} rows")
     reasons = decide(features, options)
     summary = summarize(features, reasons, options)
-    if all(complete):
-        stats.log(f"{output} and {rejects} are already complete for these inputs and options; writing only the report")
+    if complete:
+        stats.log(f"{done}; writing only the report")
     else:
-        _write(found, reasons, parts, arguments, stats)
+        if overwrite:
+            for part, directory in parts.items():
+                shards.prepare_whole_output(directory, "filter", {**arguments, "part": part}, described, True, partition)
+        _write(found, owned, reasons, parts, arguments, partition, stats)
     stats.rows_in, stats.rows_out = summary["rows_in"], summary["kept"]
     stats.problem_ids.update(features.filter(reasons.is_null())["problem_id"].unique().to_list())
     stats.counts.update(_summary_counts(summary))
@@ -429,37 +466,70 @@ def _check_output_dirs(output: Path, rejects: Path, found: list[shards.InputShar
 
 
 def _read_features(shard: shards.InputShard, options: FilterOptions) -> pl.DataFrame:
-    """Only the columns the decision reads: list columns are reduced to a count or a mean
-    shard by shard, so the whole set's decision fits in memory as a few narrow columns."""
+    """Only the columns the decision reads, and list columns reduced to a count or a mean as
+    they are read (a lazy scan), so the whole set's decision fits in memory as a few narrow
+    columns."""
     names = set(options.required) | ({"correct"} & set(shard.schema))
     if options.where:
         names |= set(where_filter(options.where).meta.root_names()) & set(shard.schema)
     try:
-        frame = pl.read_parquet(shard.path, columns=[c for c in shard.schema if c in names])
-        return row_features(frame, options)
+        return pl.scan_parquet(shard.path).select(feature_expressions([c for c in shard.schema if c in names], options)).collect()
     except (pl.exceptions.PolarsError, OSError) as exc:  # a --where that fails on the data, a damaged file
         raise InputError(f"{shard.path}: {shards._one_line(exc)}") from None
 
 
-def _write(found: list[shards.InputShard], reasons: pl.Series, parts: dict[str, Path], arguments: dict, stats: RunStats) -> None:
-    """One kept and one rejected shard per input shard, same name (empty ones too), then the
-    manifests: rejects first, the kept output's last."""
+def _check_unique_response_ids(features: pl.DataFrame, found: list[shards.InputShard]) -> None:
+    """shards.check_unique_ids' rule and messages, on the ids the features already hold: the
+    column is not read a second time."""
+    ids = features["response_id"]
+    starts = list(itertools.accumulate(shard.rows for shard in found))
+
+    def file_of(row: int) -> str:
+        return str(found[bisect.bisect_right(starts, row)].path)
+
+    duplicated = ids.is_duplicated()
+    if duplicated.any():
+        rows = duplicated.arg_true().head(2).to_list()
+        files = sorted({file_of(row) for row in rows})
+        raise InputError(f"{', '.join(files)}: duplicate response_id {ids[rows[0]]!r}")
+    if ids.null_count():
+        raise InputError(f"{file_of(int(ids.is_null().arg_true()[0]))}: column 'response_id' has null values")
+
+
+def _write(found: list[shards.InputShard], owned: pl.Series | None, reasons: pl.Series, parts: dict[str, Path],
+           arguments: dict, partition: Partition, stats: RunStats) -> None:
+    """One kept and one rejected shard per input shard (empty ones too), named after it
+    (with a partition: `partition.shard_name`, and only its problems' rows), then the
+    manifests: rejects first, the kept output's last.
+
+    Two threads write, so that one shard's Parquet encoding and fsync (single-threaded, and
+    waiting on the disk) overlap the next shard's read and split."""
     written: dict[str, dict[str, int]] = {part: {} for part in parts}
-    offset = 0
-    with stats.progress("filter", total=sum(s.rows for s in found)) as tracker:
+    input_offset = decided_offset = 0
+    in_flight: list[Future] = []
+    with ThreadPoolExecutor(max_workers=2) as writers, stats.progress("filter", total=sum(s.rows for s in found)) as tracker:
         for shard in found:
             frame = shards.read_shard(shard)
-            kept, rejected = split_rows(frame, reasons.slice(offset, frame.height))
-            offset += frame.height
+            if owned is not None:
+                frame = frame.filter(owned.slice(input_offset, shard.rows))
+            input_offset += shard.rows
+            kept, rejected = split_rows(frame, reasons.slice(decided_offset, frame.height))
+            decided_offset += frame.height
+            for future in in_flight:  # the previous shard's pieces: at most two shards in memory
+                future.result()
+            in_flight = []
+            name = partition.shard_name(shard.name)
             for part, rows in (("rejected", rejected), ("kept", kept)):
                 record = shards.provenance("filter", {**arguments, "part": part}, shard)
-                shards.write_shard(rows, parts[part] / shard.name, record)
-                written[part][shard.name] = rows.height
+                in_flight.append(writers.submit(shards.write_shard, rows, parts[part] / name, record))
+                written[part][name] = rows.height
                 stats.shards_written += 1
-            tracker.advance(frame.height)
+            tracker.advance(shard.rows)
+        for future in in_flight:
+            future.result()
     described = [s.describe() for s in found]
     for part in ("rejected", "kept"):
-        shards.write_manifest(parts[part], "filter", {**arguments, "part": part}, described, written[part])
+        shards.write_manifest(parts[part], "filter", {**arguments, "part": part}, described, written[part], partition)
 
 
 def _summary_counts(summary: dict) -> dict[str, int]:

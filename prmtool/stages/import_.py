@@ -12,7 +12,9 @@ import typer
 
 from prmtool import shards
 from prmtool.errors import InputError
-from prmtool.options import Overwrite, Quiet, Split
+from prmtool.executors import partition_to_run
+from prmtool.options import CpusPerTask, Executor, GpusPerTask, NumShards, Overwrite, Quiet, ShardIndex, Split
+from prmtool.partition import Partition
 from prmtool.report import RunStats
 from prmtool.schema import cast_to_contract, check_columns
 from prmtool.steps import make_splitter, split_steps
@@ -97,6 +99,11 @@ def stable_id(*parts: str) -> str:
 
 def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
     """Ids, types and steps: make a renamed frame a valid shard of the row contract."""
+    return add_steps(identify(frame, source, split), split)
+
+
+def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
+    """Every check of a renamed frame, and its ids: `problem_id` and `response_id`."""
     _require(frame, ("problem", "reference_answer"), source, "import")
     frame = frame.with_columns(pl.col(c).cast(pl.String) for c in ID_COLUMNS if c in frame.columns and frame.schema[c] != pl.String and frame.schema[c].is_numeric())
     check_columns(frame.schema, source)
@@ -108,18 +115,24 @@ def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> 
         _no_nulls(frame, "response", source)
         if "response_id" not in frame.columns:
             # The k-th identical response to a problem gets its own id, still stable across runs.
+            # k counts over the whole source, so an id does not depend on the partition.
             occurrence = pl.int_range(pl.len()).over("problem_id", "response").cast(pl.String)
             frame = frame.with_columns(
                 response_id=pl.concat_str("problem_id", "response", occurrence, separator="\x1f")
                 .map_elements(lambda key: stable_id(key), return_dtype=pl.String)
             )
-        splitter = make_splitter(split)
         if "steps" in frame.columns:
-            _check_given_steps(frame, splitter.separator, split, source)
-        else:
-            frame = frame.with_columns(
-                steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
-            )
+            _check_given_steps(frame, make_splitter(split).separator, split, source)
+    return frame
+
+
+def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
+    """`steps` for responses that came without them, the contract's column order and types."""
+    if "response" in frame.columns and "steps" not in frame.columns:
+        splitter = make_splitter(split)
+        frame = frame.with_columns(
+            steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
+        )
     leading = [c for c in ("problem_id", "problem", "reference_answer", "reference_solution", "response_id", "response", "steps") if c in frame.columns]
     return cast_to_contract(frame.select(leading + [c for c in frame.columns if c not in leading]))
 
@@ -159,23 +172,32 @@ def parse_maps(maps: list[str]) -> dict[str, str]:
 
 
 def import_rows(
-    paths: list[Path], maps: dict[str, str], preset: str | None, split: str, dataset_split: str | None = None
+    paths: list[Path], maps: dict[str, str], preset: str | None, split: str, dataset_split: str | None = None,
+    partition: Partition = shards.WHOLE,
 ) -> pl.DataFrame:
-    """Read, rename, apply the preset and conform every source; one frame in input order."""
-    frames = []
+    """Read, rename, apply the preset and conform every source; one frame in input order.
+    With a partition, only its problems' rows; every row is still read and checked, and ids
+    are given before any row is set aside, so they are the whole run's."""
+    identified = []
     for path in paths:
         frame = read_source(path, dataset_split)
         missing = [s for s in maps if s not in frame.columns]
         if missing:
             raise InputError(f"{path}: --map names missing column '{missing[0]}' (has: {', '.join(frame.columns)})")
         frame = apply_preset(frame.rename(maps), preset, str(path))
-        frames.append(to_contract(frame, str(path), split))
-    combined = pl.concat(frames, how="diagonal_relaxed")
-    if "response_id" in combined.columns:
-        dupes = combined.filter(pl.col("response_id").is_duplicated())
-        if dupes.height:
-            raise InputError(f"{', '.join(map(str, paths))}: duplicate response_id {dupes['response_id'][0]!r}")
-    return combined
+        identified.append(identify(frame, str(path), split))
+    if any("response_id" in frame.columns for frame in identified):
+        # A source without responses adds null ids, as the rows of a concatenated frame would.
+        response_ids = pl.concat([
+            frame["response_id"] if "response_id" in frame.columns else pl.Series("response_id", [None] * frame.height, dtype=pl.String)
+            for frame in identified
+        ])  # fmt: skip
+        dupes = response_ids.filter(response_ids.is_duplicated())
+        if dupes.len():
+            raise InputError(f"{', '.join(map(str, paths))}: duplicate response_id {dupes[0]!r}")
+    if not partition.whole:  # steps are split only for the partition's own rows
+        identified = [frame.filter(partition.owns_problems(frame["problem_id"])) for frame in identified]
+    return pl.concat([add_steps(frame, split) for frame in identified], how="diagonal_relaxed")
 
 
 EXAMPLES = """\b
@@ -196,27 +218,36 @@ def command(
     dataset_split: Annotated[str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    shard_index: ShardIndex = None,
+    num_shards: NumShards = None,
+    executor: Executor = "local",
+    gpus_per_task: GpusPerTask = 0.0,
+    cpus_per_task: CpusPerTask = 1.0,
 ) -> None:
-    """Bring problems (and optional model responses) into prmtool's row contract."""
+    """Bring problems (and optional model responses) into prmtool's row contract. With
+    --num-shards, partitions are sets of whole problems."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is None:  # --executor ray ran every partition
+        return
     stats = RunStats("import", quiet=quiet)
     arguments = {"map": map, "preset": preset, "split": split, "shard_rows": shard_rows, "dataset_split": dataset_split}
     sources = [{"path": str(p.resolve()), "size": _size(p)} for p in inputs if p.exists()]
     renames = parse_maps(map)
-    frame = import_rows(list(inputs), renames, preset, split, dataset_split)
+    frame = import_rows(list(inputs), renames, preset, split, dataset_split, partition)
     if output.resolve() in {p.resolve() for p in inputs} or any(p.resolve().parent == output.resolve() for p in inputs):
         raise InputError(f"{output}: the output directory holds an input; choose another -o")
-    if shards.prepare_whole_output(output, "import", arguments, sources, overwrite):
-        stats.log(f"{output} is already complete for these inputs and options; --overwrite recomputes it")
+    if shards.prepare_whole_output(output, "import", arguments, sources, overwrite, partition):
+        scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
+        stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
         return
     stats.rows_in = stats.rows_out = frame.height
     stats.problem_ids.update(frame["problem_id"].to_list())
     written = {}
     for number, start in enumerate(range(0, max(frame.height, 1), shard_rows)):
-        name = f"part-{number:05d}.parquet"
+        name = partition.shard_name(f"part-{number:05d}.parquet")
         piece = frame.slice(start, shard_rows)
         shards.write_shard(piece, output / name, shards.provenance("import", arguments))
         written[name] = piece.height
         stats.shards_written += 1
-    shards.write_manifest(output, "import", arguments, sources, written)
+    shards.write_manifest(output, "import", arguments, sources, written, partition)
     stats.print_summary()
-
