@@ -209,3 +209,31 @@ def test_the_quickstart_recipe_runs_the_whole_pipeline_with_the_embedded_model(p
     for done in ("07-export-prm", "08-intervene", "09-export-sft"):
         assert (work / done / "_SUCCESS").exists()
     assert os.listdir(work / "08-intervene-rejects")
+
+
+def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch):
+    """recipes/Makefile chains the same stages with the same options as quickstart.yaml, as
+    plain CLI calls: `make -n` prints the commands the recipe's plan would run."""
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    monkeypatch.chdir(ROOT)
+    made = subprocess.run(["make", "-n", "-f", "recipes/Makefile", "WORK=work/quickstart"],
+                          capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+    planned = [line.split("] ", 1)[1].split(None, 1)[1]
+               for line in prmtool("run", "recipes/quickstart.yaml", "--dry-run").stderr.splitlines() if line.startswith("[")]
+
+    def as_call(line: str) -> tuple[str, str, frozenset[str]]:
+        """(subcommand, input, sorted OPTION=VALUE arguments): option order does not matter."""
+        words = shlex.split(line)[1:]
+        arguments = []
+        while words:
+            word = words.pop(0)
+            arguments.append(f"{word}={words.pop(0)}" if word.startswith("-") and words and not words[0].startswith("-") else word)
+        return arguments[0], arguments[1], tuple(sorted(arguments[2:]))
+
+    assert sorted(map(as_call, made.strip().splitlines())) == sorted(map(as_call, planned))
+    assert len(planned) == 9
