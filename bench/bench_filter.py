@@ -9,6 +9,9 @@ temporary directory, then `python -m prmtool filter DATA -o KEPT --rejects REJEC
 a subprocess: its wall time (start-up included) and its peak resident memory
 (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, the data generation in this process not counted)
 are printed, with its CPU time and the kept/removed counts from its --report.
+
+Measured 2026-11-22 on the 2-core CPU machine, idle, default arguments (222 MiB of Parquet):
+wall time 6.65 s, CPU time 9.47 s, peak RSS 0.84 GiB; kept 500,000 of 1,000,000.
 """
 
 from __future__ import annotations
