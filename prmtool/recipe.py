@@ -14,6 +14,9 @@ would type, with the options written as YAML keys:
       - stage: filter
         rejects: "{workdir}/06-filter-rejects"      # {workdir} and {dir} (this stage's output)
 
+A top-level `model:` (or `prmtool run --model`) is the policy model of every stage that takes
+one and does not name its own: generate's, label's and intervene's --model, score's --policy.
+
 Stage number i writes `WORKDIR/NN-NAME/` (NAME: the stage, or its `name:`) and reads the
 previous stage's output unless its `input:` names an earlier stage or a path. Options: `key:
 value` becomes `--key value`, `key: true` the flag `--key`, `key: false` nothing, a list a
@@ -46,6 +49,8 @@ from prmtool.model_loading import keep_models_loaded
 STAGES = ("import", "generate", "verify", "label", "score", "filter", "intervene", "export")
 RESERVED = {"stage", "name", "input"}
 RECORD = "_RECIPE.json"
+# The option each stage takes the policy model by (a recipe's `model:` fills it in).
+POLICY_OPTION = {"generate": "model", "label": "model", "intervene": "model", "score": "policy"}
 
 
 @dataclass
@@ -95,8 +100,9 @@ def _text(value) -> str:
     return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
-def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = None) -> Recipe:
-    """Parse and check a recipe; `overrides` are `stage.option=value` (`--set`)."""
+def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = None, model: str | None = None) -> Recipe:
+    """Parse and check a recipe; `overrides` are `stage.option=value` (`--set`), `model` replaces
+    the recipe's `model:`."""
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -105,9 +111,10 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
     if not isinstance(document, dict) or not isinstance(document.get("stages"), list) or not document["stages"]:
         raise InputError(f"{path}: a recipe is a mapping with a non-empty `stages:` list")
-    unknown = set(document) - {"workdir", "input", "stages", "description"}
+    unknown = set(document) - {"workdir", "input", "model", "stages", "description"}
     if unknown:
-        raise InputError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, stages, description)")
+        raise InputError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, stages, description)")
+    model = model or document.get("model")
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
     previous: list[str] | None = [str(document["input"])] if document.get("input") is not None else None
     names: dict[str, Step] = {}
@@ -124,6 +131,8 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         directory = recipe.workdir / f"{number:02d}-{name}"
         inputs = _stage_inputs(entry.get("input"), names, previous, where)
         options = {str(k): v for k, v in entry.items() if k not in RESERVED}
+        if model is not None and stage in POLICY_OPTION:
+            options.setdefault(POLICY_OPTION[stage], str(model))  # a stage's own model wins
         step = Step(number, stage, name, inputs, options, directory)
         names[name] = names[step.label] = step
         recipe.steps.append(step)
@@ -221,6 +230,7 @@ EXAMPLES = """\b
 Examples:
   prmtool run recipes/quickstart.yaml
   prmtool run recipes/quickstart.yaml --dry-run
+  prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --workdir runs/qwen
   prmtool run recipes/prof.yaml --set generate.n=8 --set label.k=16 --workdir runs/prof-n8
   prmtool run recipes/omegaprm-gsm8k.yaml --from label --until export
 """
@@ -232,13 +242,14 @@ def command(
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage's command and what will happen) and stop.")] = False,
     overrides: Annotated[list[str], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE (repeatable).")] = [],
+    model: Annotated[str | None, typer.Option("--model", help="The policy model of every stage that takes one (generate, label, intervene; score's --policy), unless the stage names its own.", show_default=False)] = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", help="Work directory (default: the recipe's workdir).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Pass --quiet to every stage; print only the plan lines.")] = False,
 ) -> None:
     """Run a pipeline recipe: each stage writes WORKDIR/NN-STAGE/; complete, unchanged stages
     are skipped, changed ones rerun with everything after them, interrupted ones resume."""
     console = Console(stderr=True, highlight=False)
-    recipe = load_recipe(recipe_path, overrides, workdir)
+    recipe = load_recipe(recipe_path, overrides, workdir, model)
     first = recipe.find(from_stage, "--from").number if from_stage else None
     last = recipe.find(until, "--until").number if until else len(recipe.steps)
     if first is not None and first > last:

@@ -237,3 +237,38 @@ def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch)
 
     assert sorted(map(as_call, made.strip().splitlines())) == sorted(map(as_call, planned))
     assert len(planned) == 9
+
+
+def test_model_is_the_policy_of_every_model_stage_unless_one_names_its_own(tmp_path):
+    recipe = write_recipe(tmp_path, f"""
+workdir: {tmp_path / 'work'}
+input: problems.jsonl
+model: ./policy-from-the-recipe
+stages:
+  - stage: import
+  - stage: generate
+  - stage: verify
+  - stage: label
+    model: ./labeller
+  - stage: score
+  - stage: intervene
+""")
+    def policies(**kwargs) -> dict[str, str | None]:
+        steps = load_recipe(recipe, **kwargs).steps
+        return {s.stage: s.options.get("policy" if s.stage == "score" else "model") for s in steps}
+
+    assert policies() == {"import": None, "generate": "./policy-from-the-recipe", "verify": None,
+                          "label": "./labeller", "score": "./policy-from-the-recipe",
+                          "intervene": "./policy-from-the-recipe"}
+    chosen = policies(model="./from-the-command-line", overrides=["generate.model=./from-set"])
+    assert chosen["generate"] == "./from-set"  # --set wins over --model
+    assert chosen["score"] == chosen["intervene"] == "./from-the-command-line"
+    assert chosen["label"] == "./labeller"
+
+
+def test_run_model_puts_the_model_on_every_model_stages_command_line(prmtool):
+    result = prmtool("run", ROOT / "recipes" / "quickstart.yaml", "--dry-run", "--model", "./my-model")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert sum("--model ./my-model" in line for line in lines) == 3  # generate, label, intervene
+    assert sum("--policy ./my-model" in line for line in lines) == 1  # score
