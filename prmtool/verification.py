@@ -163,10 +163,18 @@ def _shared_pool(workers: int):
     from pebble import ProcessPool
 
     if workers not in _POOLS:
-        pool = ProcessPool(max_workers=workers)
+        # Each worker loads Math-Verify (and sympy) before its first task: pebble's timeouts
+        # count from a task's start, and an import that a busy machine stretches past the
+        # timeout would otherwise turn a fresh worker's first comparisons into `timeout`.
+        pool = ProcessPool(max_workers=workers, initializer=_load_math_verify)
         atexit.register(_stop_pool, pool)
         _POOLS[workers] = pool
     return _POOLS[workers]
+
+
+def _load_math_verify() -> None:
+    """A first comparison, so that every lazily imported module is in place."""
+    compare("1/2", "0.5")
 
 
 def _stop_pool(pool) -> None:

@@ -59,4 +59,15 @@ def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
 
 
+def write_shards(directory: Path, frame: pl.DataFrame, sizes: list[int]) -> Path:
+    """`frame` cut into Parquet shards of these sizes, part-00000.parquet and on."""
+    assert sum(sizes) == frame.height
+    directory.mkdir(parents=True)
+    start = 0
+    for index, size in enumerate(sizes):
+        frame.slice(start, size).write_parquet(directory / f"part-{index:05d}.parquet")
+        start += size
+    return directory
+
+
 from tests.engine_fixtures import *  # noqa: E402,F403  (tiny_model_dir, tiny_engine)

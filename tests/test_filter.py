@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from prmtool.stages.filter import REASONS, filter_rows
-from tests.conftest import files_under
+from tests.conftest import files_under, write_shards
 
 NAN = float("nan")
 
@@ -411,15 +411,6 @@ def test_kept_and_rejected_rows_are_exactly_the_input_rows(rows, method):
 
 
 # --- the command ----------------------------------------------------------------------------
-
-
-def write_shards(directory: Path, frame: pl.DataFrame, sizes: list[int]) -> Path:
-    directory.mkdir(parents=True)
-    start = 0
-    for index, size in enumerate(sizes):
-        frame.slice(start, size).write_parquet(directory / f"part-{index:05d}.parquet")
-        start += size
-    return directory
 
 
 def summary_count(stderr: str, label: str) -> int:

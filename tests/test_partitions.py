@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, write_shards
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -47,16 +47,6 @@ def scored_responses(problems: int = 12, per_problem: int = 8, seed: int = 0) ->
             })  # fmt: skip
     rng.shuffle(rows)  # each problem's responses end up spread over the shards
     return pl.DataFrame(rows, schema_overrides={"correct": pl.Boolean, "step_rewards": pl.List(pl.Float64)})
-
-
-def write_shards(directory: Path, frame: pl.DataFrame, sizes: list[int]) -> Path:
-    directory.mkdir(parents=True)
-    start = 0
-    for index, size in enumerate(sizes):
-        frame.slice(start, size).write_parquet(directory / f"part-{index:05d}.parquet")
-        start += size
-    assert start == frame.height
-    return directory
 
 
 @pytest.fixture
