@@ -161,6 +161,38 @@ def test_cuda_graph_decoding_matches_uncached_reference(tiny_model_dir):
     assert got == pytest.approx(expected, abs=1e-3)
 
 
+def test_compiled_scoring_equals_eager_scoring_and_generation_keeps_eager_layers(tiny_engine):
+    # compile=True compiles the decoder layers once (they share one code object) and swaps the
+    # compiled forwards in only while scoring.
+    eager = HFEngine(tiny_engine.model, tiny_engine.tokenizer, compile=False)
+    compiled = HFEngine(tiny_engine.model, tiny_engine.tokenizer, compile=True)
+    prompt = eager.chat_prompt_ids("What is 2 + 3?")
+    requests = [
+        ScoringRequest(prompt, eager.tokenizer.encode("Step 1: 5. " * repeats, add_special_tokens=False))
+        for repeats in (1, 3, 7)
+    ]
+    for batch in (requests, requests[1:]):  # a second shape reuses the compiled layers
+        for got, expected in zip(compiled.score(batch), eager.score(batch)):
+            assert got == pytest.approx(expected, abs=1e-4)
+    layers = tiny_engine.model.model.layers
+    assert [layer.forward.__func__ for layer in layers] == [type(layers[0]).forward] * len(layers)
+
+
+def test_one_pass_target_log_probs_equal_log_softmax():
+    from prmtool.engines.log_probs import choose_target_log_probs, target_log_probs
+
+    logits = torch.randn(5, 1000, dtype=torch.float64) * 4
+    logits[2, 7] = 60.0  # a peaked row
+    targets = torch.tensor([0, 999, 7, 500, 3])
+    expected = logits.log_softmax(-1)[torch.arange(5), targets]
+    assert torch.allclose(target_log_probs(logits, targets), expected)
+    if torch.cuda.is_available():  # the Triton kernel, on float32 logits wider than one block
+        wide = torch.randn(300, 151_936, device="cuda") * 3
+        wide_targets = torch.randint(0, wide.shape[1], (300,), device="cuda")
+        got = choose_target_log_probs(wide.device, compile=False)(wide, wide_targets)
+        assert torch.allclose(got.double(), target_log_probs(wide.double(), wide_targets), atol=1e-4)
+
+
 def test_tiny_top_p_is_greedy(tiny_engine):
     prompt = tiny_engine.chat_prompt_ids("What is 2 + 3?")
     greedy = tiny_engine.sample([SamplingRequest(prompt, temperature=0.0, max_tokens=10)])[0][0]

@@ -32,6 +32,7 @@ from prmtool.engines.hf_generate import (
     choose_num_slots,
     round_up,
 )
+from prmtool.engines.log_probs import choose_target_log_probs, triton_available
 from prmtool.engines.model_files import locate_model
 
 DTYPES = {
@@ -59,8 +60,8 @@ class HFEngine(Engine):
       eos_token_ids: token ids that end a sample (default: the generation config's EOS ids plus
         the tokenizer's EOS id).
       cuda_graph: capture the decode step as a CUDA graph on CUDA (default True).
-      compile: torch.compile the scoring forward pass and log-normalizer (default: on CUDA
-        when Triton is installed). The first batch then takes about half a minute longer.
+      compile: torch.compile the decoder layers for scoring (default: on CUDA when Triton is
+        installed). The first batch then takes about ten seconds longer.
     """
 
     def __init__(
@@ -97,13 +98,12 @@ class HFEngine(Engine):
         # Scoring computes vocab-sized float32 logits for this many positions at a time
         # (1 GiB on CUDA, where larger matmuls pay; 64 MiB on CPU).
         self.logits_chunk_rows = max(1, (2**28 if on_cuda else 2**24) // self.vocab_size)
-        self.compile = on_cuda and _triton_available() if compile is None else compile
-        self._compiled_backbone = None
+        self.compile = on_cuda and triton_available() if compile is None else compile
+        self._compiled_layers: CompiledLayers | None = None
         self._float32_head = None
         self._mm_out_float32 = on_cuda and _mm_writes_float32(self.device)
         self._scoring_attention = CAUSAL_SCORING_ATTENTION if plain_causal_attention(config) else config._attn_implementation
-        # Compiled, the log-normalizer is one fused pass over the logits instead of several.
-        self._target_log_probs = torch.compile(target_log_probs, dynamic=True) if self.compile else target_log_probs
+        self._target_log_probs = choose_target_log_probs(self.device, self.compile)
         self.sliding_window = sliding_window_of(config)
         self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
         self.decoder_shape: tuple[int, int, int] | None = None
@@ -194,7 +194,7 @@ class HFEngine(Engine):
 
     def score_async(self, requests: list[ScoringRequest]) -> Callable[[], list[list[float]]]:
         # Every batch is queued on the device with no host synchronisation; the returned
-        # function waits for the results and copies them to the host.
+        # function waits for each batch's copy to the host, in turn.
         for number, request in enumerate(requests):
             if not request.prompt_ids:
                 raise EngineError(f"scoring request {number}: empty prompt_ids (the first token has no context)")
@@ -204,11 +204,13 @@ class HFEngine(Engine):
         with torch.inference_mode():
             for batch in length_batches(lengths, self.max_batch_tokens):
                 indices = [todo[j] for j in batch]
-                queued.append((indices, self._score_batch([requests[i] for i in indices])))
+                queued.append((indices, self._copy_to_host(self._score_batch([requests[i] for i in indices]))))
 
         def wait() -> list[list[float]]:
             results: list[list[float]] = [[] for _ in requests]
-            for indices, log_probs in queued:
+            for indices, (log_probs, copied) in queued:
+                if copied is not None:
+                    copied.synchronize()
                 flat, offset = log_probs.tolist(), 0
                 for index in indices:
                     count = len(requests[index].continuation_ids)
@@ -230,8 +232,8 @@ class HFEngine(Engine):
         # built from the pad id would also hide real tokens equal to it (an EOS inside a
         # response, with pad = eos), the reference code's bug. Without a mask SDPA runs its
         # fastest causal kernel.
-        with attention_implementation(self.parts.config, self._scoring_attention):
-            hidden = self._scoring_backbone()(input_ids=self._to_device(input_ids), use_cache=False).last_hidden_state
+        with attention_implementation(self.parts.config, self._scoring_attention), self._scoring_backbone() as backbone:
+            hidden = backbone(input_ids=self._to_device(input_ids), use_cache=False).last_hidden_state
 
         # The hidden state at position t predicts token t + 1: only the positions that predict
         # continuation tokens go through the output head, flattened over the batch.
@@ -249,6 +251,19 @@ class HFEngine(Engine):
             logits = self._float32_logits(selected[start : start + self.logits_chunk_rows])
             log_probs.append(self._target_log_probs(logits, target_ids[start : start + self.logits_chunk_rows]))
         return torch.cat(log_probs)
+
+    def _copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Queues a copy of `tensor` to host memory right behind the work that computes it, and
+        an event that marks its end. Waiting on that event waits for this batch alone, where a
+        plain `.tolist()` would queue its copy after every batch launched since, and the device
+        would idle while the host reads results and launches the next batch."""
+        if self.device.type != "cuda":
+            return tensor, None
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host tensor on the model's device. On CUDA through pinned memory: a copy from
@@ -274,11 +289,16 @@ class HFEngine(Engine):
             logits = self._float32_head(hidden.float())
         return self._final_logit_transforms(logits)
 
+    @contextlib.contextmanager
     def _scoring_backbone(self):
-        if self.compile and self._compiled_backbone is None:
-            # dynamic=True: one compiled graph serves every batch shape.
-            self._compiled_backbone = torch.compile(self.parts.backbone, dynamic=True)
-        return self._compiled_backbone if self.compile else self.parts.backbone
+        """The backbone to score with: compiled when `self.compile` (see CompiledLayers)."""
+        if not self.compile:
+            yield self.parts.backbone
+            return
+        if self._compiled_layers is None:
+            self._compiled_layers = CompiledLayers(self.parts.backbone, self.parts.config.num_hidden_layers)
+        with self._compiled_layers.swapped_in() as backbone:
+            yield backbone
 
     # ------------------------------------------------------------------ shared
 
@@ -302,6 +322,47 @@ class HFEngine(Engine):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class CompiledLayers:
+    """torch.compile of a model's repeated decoder layers ("regional compilation"). The layers
+    share one code object, so one compilation serves them all: seconds, where compiling the
+    whole backbone takes over a minute. The rotary tables, computed once per forward outside
+    the layers, are then read instead of recomputed inside every layer. The compiled forwards
+    are swapped in only while scoring, so generation (CUDA graphs) keeps the eager layers.
+    A backbone without a list of identical layers is compiled whole."""
+
+    def __init__(self, backbone: torch.nn.Module, num_layers: int):
+        self.backbone = backbone
+        self.layers = repeated_layers(backbone, num_layers)
+        # dynamic=True: one compiled graph serves every batch shape.
+        self.forwards = [torch.compile(layer.forward, dynamic=True) for layer in self.layers]
+        self.whole = None if self.layers else torch.compile(backbone, dynamic=True)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        if self.whole is not None:
+            yield self.whole
+            return
+        for layer, forward in zip(self.layers, self.forwards):
+            layer.forward = forward
+        try:
+            yield self.backbone
+        finally:
+            for layer in self.layers:
+                del layer.forward  # back to the class's eager forward
+
+
+def repeated_layers(backbone: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
+    """The backbone's decoder layers: a child ModuleList of `num_layers` modules of one class."""
+    for child in backbone.children():
+        if (
+            isinstance(child, torch.nn.ModuleList)
+            and len(child) == num_layers
+            and len({type(layer) for layer in child}) == 1
+        ):
+            return list(child)
+    return []
 
 
 def causal_scoring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -330,17 +391,6 @@ def plain_causal_attention(config) -> bool:
         and not getattr(config, "attn_logit_softcapping", None)
         and layer_types <= {"full_attention"}
     )
-
-
-def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] for each row, without materialising the log-softmax."""
-    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def _triton_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def _mm_writes_float32(device: torch.device) -> bool:

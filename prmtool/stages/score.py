@@ -22,6 +22,7 @@ the separator after it, and a token that straddles two steps belongs to the step
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
@@ -159,42 +160,34 @@ def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, sett
             prompts[problem] = policy.chat_prompt_ids(problem, settings.system_prompt, settings.prompt_template)
         requests.append(ScoringRequest(prompts[problem], ids))
 
-    policy_log_probs: list[list[float]] = [[] for _ in requests]
-    ref_log_probs: list[list[float]] = [[] for _ in requests]
     lengths = [len(r.prompt_ids) + len(r.continuation_ids) for r in requests]
     budget = settings.max_batch_tokens or getattr(policy, "max_batch_tokens", 16384)
+    rewards: list[list[float]] = [[] for _ in requests]
+    values: list[list[float]] = [[] for _ in requests]
+    tokens: list[list[float]] = [[] for _ in requests]
 
     def collect(batch: list[int], policy_wait, ref_wait) -> None:
-        for index, log_probs in zip(batch, policy_wait()):
-            policy_log_probs[index] = log_probs
-        if ref_wait is not None:
-            for index, log_probs in zip(batch, ref_wait()):
-                ref_log_probs[index] = log_probs
+        # Turns a finished batch into its rows' columns while the device runs the next ones.
+        ref_results = ref_wait() if ref_wait is not None else [[0.0]] * len(batch)  # --no-ref: log pi_ref = 0
+        for row, policy_part, ref_part in zip(batch, policy_wait(), ref_results):
+            ends = step_end_tokens(token_starts[row], step_char_ends(responses[row], steps[row]))
+            token_rewards = settings.beta * (np.asarray(policy_part, dtype=np.float64) - np.asarray(ref_part, dtype=np.float64))
+            rewards[row], values[row] = step_rewards_from_tokens(token_rewards, ends)
+            tokens[row] = token_rewards.tolist()
         if tracker is not None:
             tracker.advance(len(batch), sum(lengths[i] for i in batch))
 
-    # Both models score a batch before the next one is built, so each batch is read once; the
-    # next batch is queued before this one's results are read, so the device never waits.
-    in_flight = None
+    # Both models score a batch before the next one is built, so each batch is read once. Two
+    # batches stay queued ahead of the one being read back, so the device never waits for the
+    # host to launch work.
+    in_flight: collections.deque = collections.deque()
     for batch in length_batches(lengths, budget):
         batch_requests = [requests[i] for i in batch]
-        queued = (batch, policy.score_async(batch_requests), ref.score_async(batch_requests) if ref is not None else None)
-        if in_flight is not None:
-            collect(*in_flight)
-        in_flight = queued
-    if in_flight is not None:
-        collect(*in_flight)
-
-    rewards, values, tokens = [], [], []
-    for row, (response, row_steps) in enumerate(zip(responses, steps)):
-        ends = step_end_tokens(token_starts[row], step_char_ends(response, row_steps))
-        policy_part = np.asarray(policy_log_probs[row], dtype=np.float64)
-        ref_part = np.asarray(ref_log_probs[row], dtype=np.float64) if ref is not None else 0.0
-        token_rewards = settings.beta * (policy_part - ref_part)
-        single, cumulative = step_rewards_from_tokens(token_rewards, ends)
-        rewards.append(single)
-        values.append(cumulative)
-        tokens.append(token_rewards.tolist())
+        in_flight.append((batch, policy.score_async(batch_requests), ref.score_async(batch_requests) if ref is not None else None))
+        if len(in_flight) > 2:
+            collect(*in_flight.popleft())
+    while in_flight:
+        collect(*in_flight.popleft())
     return _result_columns(frame, rewards, values, settings, tokens if settings.token_rewards else None)
 
 
