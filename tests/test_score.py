@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
-from prmtool.stages.score import step_char_ends, step_end_tokens
+from prmtool.stages.score import step_char_ends, step_end_tokens, token_starts, tokenize_responses
 from prmtool.steps import make_splitter, split_steps
 from tests.conftest import SAMPLES
 from tests.engine_fixtures import build_tokenizer, tiny_config
@@ -136,8 +136,8 @@ def test_step_boundaries_follow_offsets_through_unicode_and_whitespace_runs():
     response = RESPONSES[3]
     steps = split_steps(response, make_splitter("blank-line"))
     assert steps[1].startswith("   \n\n")  # the blank piece is glued to the next step
-    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    ids, starts = encoded["input_ids"], [s for s, _ in encoded["offset_mapping"]]
+    [ids], [encoding] = tokenize_responses(tokenizer, [response])
+    starts = token_starts(encoding)
     char_ends = step_char_ends(response, steps)
     assert char_ends[-1] == len(response)
     assert [response[:end] for end in char_ends[:-1]] == ["\n\n".join(steps[: i + 1]) + "\n\n" for i in range(len(steps) - 1)]
@@ -146,6 +146,18 @@ def test_step_boundaries_follow_offsets_through_unicode_and_whitespace_runs():
     for end, char_end in zip(ends, char_ends):
         # the step's last token starts before the step's region ends, the next one at or after it
         assert len(tokenizer.decode(ids[:end])) < char_end <= len(tokenizer.decode(ids[: end + 1]))
+
+
+def test_responses_are_tokenized_as_the_tokenizer_itself_does():
+    # score reads the Rust encodings directly (their offsets later, per row); ids and offsets
+    # must equal what tokenizer(...) gives, even after a call that padded and truncated
+    tokenizer = build_tokenizer()
+    tokenizer(["a b", "a"], padding=True, truncation=True, max_length=1)
+    responses = RESPONSES + ["", " x", "é\u0301 😀  \n\n\t∑"]
+    expected = tokenizer(responses, add_special_tokens=False, return_offsets_mapping=True)
+    ids, encodings = tokenize_responses(tokenizer, responses)
+    assert ids == expected["input_ids"]
+    assert [token_starts(e) for e in encodings] == [[s for s, _ in o] for o in expected["offset_mapping"]]
 
 
 def test_step_char_ends_refuses_steps_that_are_not_the_response():

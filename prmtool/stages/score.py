@@ -88,13 +88,24 @@ def step_end_tokens(token_starts: list[int], char_ends: list[int]) -> list[int]:
     return [bisect.bisect_left(ordered, end) - 1 for end in char_ends]
 
 
-def tokenize_responses(tokenizer, responses: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_responses(tokenizer, responses: list[str]) -> tuple[list[list[int]], list]:
     """Token ids of each response as the policy would produce them after the prompt (encoded
-    alone, no special tokens: `Engine.continuation_ids`), and each token's start offset."""
+    alone, no special tokens: `Engine.continuation_ids`), and each response's Rust `Encoding`,
+    whose `offsets` give the tokens' start offsets. The offsets are read per row later, while
+    the device scores: turning them all into Python lists up front costs more than tokenizing."""
     if not getattr(tokenizer, "is_fast", False):
         raise InputError("score needs a fast (Rust) tokenizer for offset mappings; this model's tokenizer is not one")
-    encoded = tokenizer(responses, add_special_tokens=False, return_offsets_mapping=True)
-    return encoded["input_ids"], [[start for start, _ in offsets] for offsets in encoded["offset_mapping"]]
+    backend = tokenizer.backend_tokenizer
+    # What tokenizer(responses) does before encoding: no truncation, no padding.
+    backend.no_truncation()
+    backend.no_padding()
+    encodings = backend.encode_batch(responses, add_special_tokens=False)
+    return [encoding.ids for encoding in encodings], encodings
+
+
+def token_starts(encoding) -> list[int]:
+    """Each token's start offset in its response (an offset mapping's starts)."""
+    return [start for start, _ in encoding.offsets]
 
 
 # ---------------------------------------------------------------- rewards
@@ -152,7 +163,7 @@ def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, sett
     from prmtool.engines.base import length_batches
 
     responses, steps = frame["response"].to_list(), frame["steps"].to_list()
-    response_ids, token_starts = tokenize_responses(policy.tokenizer, responses)
+    response_ids, encodings = tokenize_responses(policy.tokenizer, responses)
     prompts: dict[str, list[int]] = {}  # one chat-templated prompt per problem
     requests = []
     for problem, ids in zip(frame["problem"].to_list(), response_ids):
@@ -170,7 +181,7 @@ def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, sett
         # Turns a finished batch into its rows' columns while the device runs the next ones.
         ref_results = ref_wait() if ref_wait is not None else [[0.0]] * len(batch)  # --no-ref: log pi_ref = 0
         for row, policy_part, ref_part in zip(batch, policy_wait(), ref_results):
-            ends = step_end_tokens(token_starts[row], step_char_ends(responses[row], steps[row]))
+            ends = step_end_tokens(token_starts(encodings[row]), step_char_ends(responses[row], steps[row]))
             token_rewards = settings.beta * (np.asarray(policy_part, dtype=np.float64) - np.asarray(ref_part, dtype=np.float64))
             rewards[row], values[row] = step_rewards_from_tokens(token_rewards, ends)
             tokens[row] = token_rewards.tolist()
