@@ -18,16 +18,20 @@ MFU counts 2 models x 2 x parameters FLOPs per token against a dense bf16 peak o
     PYTHONPATH=. python bench/bench_score.py           # the GPU benchmark (about 3 minutes)
     PYTHONPATH=. python bench/bench_score.py --quick   # a tiny model on CPU: checks the script runs
 
-Measured 2026-11-23 on one H100 (torch 2.11, transformers 5.17), default arguments: 256
+Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17), default arguments: 256
 responses, 606,099 tokens:
-  prmtool   74,389 tokens/s warm (8.1 s; 34,116 cold, compiling included), peak 7.9 GiB, MFU 46.4%
-  reference 21,450 tokens/s, peak 34.8 GiB, MFU 13.4%
-  ratio 3.47x tokens/s, 0.23 of the peak memory; padding 2.2%; the responses' summed
-  rewards of the two agree with correlation 0.9994 (bf16 noise).
-GPU time of a warm pass (7.7 s): matmuls 5.4 s (cuBLAS, about 700 TFLOP/s), cuDNN attention
-0.71 s, SiLU*mul 0.60 s (at memory bandwidth), log-normalizer 0.24 s, norms and residuals 0.3 s.
-Earlier, on one H200 with the whole backbone compiled and a two-pass log-normalizer: 73,344
-against 23,754 tokens/s (3.09x), 8,433 tokens/s cold.
+  prmtool   78,834 tokens/s warm (7.7 s; 22,454 cold, compiling included), peak 7.9 GiB, MFU 49.2%
+  reference 21,387 tokens/s, peak 34.8 GiB, MFU 13.4%
+  ratio 3.69x tokens/s, 0.23 of the peak memory; padding 2.2%; the responses' summed
+  rewards of the two agree with correlation 0.9994 (bf16 noise). The reference varies from
+  run to run (20,300 to about 27,000 tokens/s over the runs made on H100s and H200s).
+GPU time of a warm pass on the H200 (7.35 s): matmuls 5.6 s (cuBLAS, about 690 TFLOP/s), cuDNN
+attention 0.72 s, SiLU*mul 0.43 s (at memory bandwidth), log-normalizer 0.20 s, norms and
+residuals 0.28 s; the host adds about 0.35 s (tokenizing before the first batch, launch gaps).
+Tried without gain: Inductor max-autotune (cuBLAS wins every shape; Triton-only GEMMs, which
+fuse SiLU*mul into a projection, 73,333 tokens/s), and a Triton gate/up GEMM with a SiLU*mul
+epilogue (520 TFLOP/s, 6% slower than cuBLAS's two GEMMs plus SiLU*mul).
+Earlier, on one H100: 74,389 against 21,450 tokens/s (3.47x).
 """
 
 from __future__ import annotations
