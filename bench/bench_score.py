@@ -11,6 +11,8 @@ prompts of 64 to 192, cut into steps of 20 to 200 tokens.
               models on a batch before the next; step ends from offset mappings
   reference   ImplicitPRM's eval recipe: batches of 4 in data order, padded with pad = eos and
               a mask from it, full logits upcast to float32, full log-softmax over the vocabulary
+              (its `get_logps` calls log_softmax on the model's logits, which transformers up to
+              4.45 returned in float32; the issue's 29 GiB reference peak matches float32 logits)
 
 MFU counts 2 models x 2 x parameters FLOPs per token against a dense bf16 peak of 989 TFLOP/s
 (H100/H200 SXM). Targets: >= 4x the reference's tokens/s, <= 1/3 of its peak memory, >= 40% MFU.
