@@ -78,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="eager scoring forward (no torch.compile)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the GPU kernels of one warm prmtool pass")
+    parser.add_argument("--trace", metavar="FILE", help="with --profile: also write that pass as a Chrome trace (shapes recorded)")
     args = parser.parse_args()
     if args.quick:
         args.responses, args.min_tokens, args.max_tokens, args.max_batch_tokens = 8, 16, 64, 512
@@ -189,10 +190,12 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(args.trace)) as profiler:
             run_prmtool()
             sync(device)
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        if args.trace:
+            profiler.export_chrome_trace(args.trace)
     lengths = [len(tokenizer.encode(p)) + len(tokenizer.encode(r)) for p, r in zip(frame["problem"], frame["response"])]
     padded = sum(max(lengths[i] for i in b) * len(b) for b in length_batches(lengths, args.max_batch_tokens))
     print(f"padding: {padded / sum(lengths) - 1:.2%} of the real tokens", flush=True)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 import transformers
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-from transformers.masking_utils import AttentionMaskInterface
 
 from prmtool.engines.base import (
     Completion,
@@ -377,8 +376,10 @@ def causal_scoring_attention(module, query, key, value, attention_mask, dropout=
 
 
 CAUSAL_SCORING_ATTENTION = "prmtool_causal_scoring"
+# Registered as an attention function only: for an implementation with no mask function,
+# transformers builds no mask and skips its check for packed sequences, whose `if tensor.all()`
+# would make the host wait for the device before every forward pass (1 ms idle each time).
 AttentionInterface.register(CAUSAL_SCORING_ATTENTION, causal_scoring_attention)
-AttentionMaskInterface.register(CAUSAL_SCORING_ATTENTION, lambda *args, **kwargs: None)  # no mask is built
 
 
 def plain_causal_attention(config) -> bool:
