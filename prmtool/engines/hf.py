@@ -31,6 +31,7 @@ from prmtool.engines.hf_generate import (
     choose_num_slots,
     round_up,
 )
+from prmtool.engines import hopper
 from prmtool.engines.log_probs import choose_target_log_probs, triton_available
 from prmtool.engines.model_files import locate_model
 
@@ -103,6 +104,9 @@ class HFEngine(Engine):
         self._mm_out_float32 = on_cuda and _mm_writes_float32(self.device)
         self._scoring_attention = CAUSAL_SCORING_ATTENTION if plain_causal_attention(config) else config._attn_implementation
         self._target_log_probs = choose_target_log_probs(self.device, self.compile)
+        # On Hopper GPUs the output head and the log-normalizer run as one kernel (hopper.py).
+        head = model.get_output_embeddings()
+        self._fused_head = hopper.available(self.device) and hopper.head_fusable(head) and not has_final_logit_transforms(config)
         self.sliding_window = sliding_window_of(config)
         self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
         self.decoder_shape: tuple[int, int, int] | None = None
@@ -245,6 +249,8 @@ class HFEngine(Engine):
             targets += request.continuation_ids
         selected = hidden[self._to_device(torch.tensor(rows)), self._to_device(torch.tensor(positions))]
         target_ids = self._to_device(torch.tensor(targets))
+        if self._fused_head:
+            return hopper.head_target_log_probs(selected, self.model.get_output_embeddings().weight, target_ids)
         log_probs = []
         for start in range(0, len(targets), self.logits_chunk_rows):
             logits = self._float32_logits(selected[start : start + self.logits_chunk_rows])
@@ -295,7 +301,9 @@ class HFEngine(Engine):
             yield self.parts.backbone
             return
         if self._compiled_layers is None:
-            self._compiled_layers = CompiledLayers(self.parts.backbone, self.parts.config.num_hidden_layers)
+            self._compiled_layers = CompiledLayers(
+                self.parts.backbone, self.parts.config.num_hidden_layers, fuse_mlp=hopper.available(self.device)
+            )
         with self._compiled_layers.swapped_in() as backbone:
             yield backbone
 
@@ -305,7 +313,8 @@ class HFEngine(Engine):
         return self._final_logit_transforms(self.model.get_output_embeddings()(hidden))
 
     def _final_logit_transforms(self, logits: torch.Tensor) -> torch.Tensor:
-        """The final-logit transforms some architectures add after the output head."""
+        """The final-logit transforms some architectures add after the output head (see
+        has_final_logit_transforms)."""
         config = self.parts.config
         if getattr(config, "final_logit_softcapping", None):  # Gemma 2/3
             cap = config.final_logit_softcapping
@@ -329,11 +338,18 @@ class CompiledLayers:
     whole backbone takes over a minute. The rotary tables, computed once per forward outside
     the layers, are then read instead of recomputed inside every layer. The compiled forwards
     are swapped in only while scoring, so generation (CUDA graphs) keeps the eager layers.
-    A backbone without a list of identical layers is compiled whole."""
+    With `fuse_mlp`, SwiGLU MLPs run hopper.swiglu meanwhile. A backbone without a list of
+    identical layers is compiled whole."""
 
-    def __init__(self, backbone: torch.nn.Module, num_layers: int):
+    def __init__(self, backbone: torch.nn.Module, num_layers: int, fuse_mlp: bool = False):
         self.backbone = backbone
         self.layers = repeated_layers(backbone, num_layers)
+        mlps = [getattr(layer, "mlp", None) for layer in self.layers]
+        self.fused_mlps = (
+            [(mlp, hopper.fused_mlp_forward(mlp)) for mlp in mlps]
+            if fuse_mlp and mlps and all(mlp is not None and hopper.swiglu_fusable(mlp) for mlp in mlps)
+            else []
+        )
         # dynamic=True: one compiled graph serves every batch shape.
         self.forwards = [torch.compile(layer.forward, dynamic=True) for layer in self.layers]
         self.whole = None if self.layers else torch.compile(backbone, dynamic=True)
@@ -345,11 +361,13 @@ class CompiledLayers:
             return
         for layer, forward in zip(self.layers, self.forwards):
             layer.forward = forward
+        for mlp, forward in self.fused_mlps:
+            mlp.forward = forward
         try:
             yield self.backbone
         finally:
-            for layer in self.layers:
-                del layer.forward  # back to the class's eager forward
+            for module in self.layers + [mlp for mlp, _ in self.fused_mlps]:
+                del module.forward  # back to the class's eager forward
 
 
 def repeated_layers(backbone: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
@@ -401,6 +419,10 @@ def _mm_writes_float32(device: torch.device) -> bool:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError):
         return False
+
+
+def has_final_logit_transforms(config) -> bool:
+    return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
 
 
 def default_eos_token_ids(model, tokenizer) -> list[int]:
