@@ -7,7 +7,8 @@ prompts of 64 to 192, cut into steps of 20 to 200 tokens.
 
   prmtool     `score_implicit` (the stage's core, as `prmtool score` runs it): length-sorted
               batches of --max-batch-tokens, right padding with no attention mask, float32
-              logits from a bf16 matmul, log-normalizer in chunks (one pass, Triton, on CUDA), both
+              logits from a bf16 matmul, log-normalizer in chunks (on Hopper fused into the
+              output head, and SiLU*mul into the gate/up matmul: engines/hopper.py), both
               models on a batch before the next; step ends from offset mappings
   reference   ImplicitPRM's eval recipe: batches of 4 in data order, padded with pad = eos and
               a mask from it, full logits upcast to float32, full log-softmax over the vocabulary
@@ -20,20 +21,24 @@ MFU counts 2 models x 2 x parameters FLOPs per token against a dense bf16 peak o
     PYTHONPATH=. python bench/bench_score.py           # the GPU benchmark (about 3 minutes)
     PYTHONPATH=. python bench/bench_score.py --quick   # a tiny model on CPU: checks the script runs
 
-Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17), default arguments: 256
-responses, 606,099 tokens:
-  prmtool   78,834 tokens/s warm (7.7 s; 22,454 cold, compiling included), peak 7.9 GiB, MFU 49.2%
-  reference 21,387 tokens/s, peak 34.8 GiB, MFU 13.4%
-  ratio 3.69x tokens/s, 0.23 of the peak memory; padding 2.2%; the responses' summed
-  rewards of the two agree with correlation 0.9994 (bf16 noise). The reference varies from
-  run to run (20,300 to about 27,000 tokens/s over the runs made on H100s and H200s).
-GPU time of a warm pass on the H200 (7.35 s): matmuls 5.6 s (cuBLAS, about 690 TFLOP/s), cuDNN
-attention 0.72 s, SiLU*mul 0.43 s (at memory bandwidth), log-normalizer 0.20 s, norms and
-residuals 0.28 s; the host adds about 0.35 s (tokenizing before the first batch, launch gaps).
-Tried without gain: Inductor max-autotune (cuBLAS wins every shape; Triton-only GEMMs, which
-fuse SiLU*mul into a projection, 73,333 tokens/s), and a Triton gate/up GEMM with a SiLU*mul
-epilogue (520 TFLOP/s, 6% slower than cuBLAS's two GEMMs plus SiLU*mul).
-Earlier, on one H100: 74,389 against 21,450 tokens/s (3.47x).
+Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17, Triton 3.6), default arguments:
+256 responses, 606,099 tokens, padding 2.2%:
+  prmtool   83,759 tokens/s warm (7.2 s; cold, compiling included, 30.4 s), peak 6.2 GiB, MFU 52.3%
+  reference 22,281 tokens/s (27.2 s, after a warm-up on 8 sequences), peak 34.8 GiB, MFU 13.9%
+  ratio 3.76x tokens/s, 0.18 of the peak memory; the responses' summed rewards of the two agree
+  with correlation 0.9993 (bf16 noise). Two earlier runs the same day, before the reference's
+  warm-up was added: 82,749 against 22,067 (3.75x) and 82,596 against 20,922 (3.95x).
+GPU time of a warm pass (6.93 s busy, idle 1%): the fused SwiGLU kernel 3.11 s, the other matmuls
+(attention projections, down projection) 1.85 s, the fused output head with its log-normalizer
+0.86 s, cuDNN attention 0.77 s, norms, residual adds and rotary embeddings about 0.34 s. Before
+the fused kernels (hopper.py) the same parts took 3.26 s (cuBLAS gate and up, then SiLU*mul) and
+1.06 s (cuBLAS float32 logits, then the one-pass log-normalizer), and a check for packed
+sequences in transformers' mask code made the host wait for the GPU before every forward pass
+(78,834 tokens/s, 3.69x).
+Tried without gain: Inductor max-autotune (cuBLAS wins every shape), 32,768-token batches
+(7.35 s against 7.30 s), and one N=256 product over interleaved gate and up weights in place of
+the SwiGLU kernel's two N=128 products (1.43 ms against 1.30 ms per 16,384 tokens).
+Earlier, on one H100: 74,389 against 21,450 tokens/s (3.47x), before the fused kernels.
 """
 
 from __future__ import annotations
@@ -202,6 +207,7 @@ def main() -> None:
     if args.skip_reference:
         return
     sequences = [tokenizer.encode(p) + tokenizer.encode(r) for p, r in zip(frame["problem"], frame["response"])]
+    reference_scores([policy, ref], sequences[:8], device)  # warm-up, as prmtool had its cold pass
     reference: dict[str, list] = {}
     seconds, peak = measure(device, lambda: reference.update(rewards=reference_scores([policy, ref], sequences, device)))
     theirs = report("reference", seconds, peak)

@@ -444,3 +444,18 @@ def test_embedded_gguf_model_samples_and_scores():
         assert all(lp <= 0 for lp in sampled_log_probs)
         # The greedy answer is the model's most likely continuation: far likelier than chance.
         assert sum(greedy_log_probs) / len(greedy_log_probs) > -1.5
+
+
+def test_scoring_builds_no_mask_and_never_waits_for_the_device(tiny_engine, monkeypatch):
+    # transformers' check for packed sequences ends in `if tensor.all()`, which on CUDA makes the
+    # host wait for every queued batch before each forward pass: scoring must not reach it.
+    import transformers.masking_utils
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the packed-sequence check ran")
+
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", forbidden)
+    prompt = tiny_engine.chat_prompt_ids("What is 2 + 3?")
+    continuation = tiny_engine.tokenizer.encode("Step 1: 5.", add_special_tokens=False)
+    [log_probs] = tiny_engine.score([ScoringRequest(prompt, continuation)])
+    assert len(log_probs) == len(continuation) and all(p < 0 for p in log_probs)

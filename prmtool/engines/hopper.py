@@ -3,14 +3,16 @@ whose epilogues do the work of a second pass over a large output.
 
 - `swiglu(x, gate, up)`: a SwiGLU MLP's silu(x @ gate^T) * (x @ up^T) in one kernel. cuBLAS's
   two products plus the elementwise kernel write and re-read two tokens x intermediate tensors;
-  here they stay in registers (5% faster than cuBLAS + Inductor on the Qwen2.5-1.5B shapes, H200).
+  here they stay in registers. On an H200, for 16,384 tokens of Qwen2.5-1.5B: 1.30 to 1.43 ms
+  against 1.50 to 1.53 ms for cuBLAS plus Inductor's SiLU*mul.
 - `head_target_log_probs(hidden, weight, targets)`: log p(target) through the output head,
   never writing the tokens x vocabulary float32 logits: each tile of logits leaves only its
-  rows' maximum and sum of exponentials (17% faster than cuBLAS's float32 logits followed by
-  the one-pass log-normalizer, H200).
+  rows' maximum and sum of exponentials. Same shapes: 11.9 ms against 14.6 ms for cuBLAS's
+  float32 logits followed by the one-pass log-normalizer.
 
-The tile sizes are the best of a sweep on an H200 (scratch figures in bench/bench_score.py).
-Used by the hf engine when `available(device)`; elsewhere the plain torch path runs.
+The tile sizes are the best of a small sweep on an H200 (bench/bench_score.py has the
+end-to-end figures). Used by the hf engine when `available(device)`; elsewhere the plain torch
+path runs.
 """
 
 from __future__ import annotations
