@@ -81,3 +81,16 @@ def test_engine_scores_with_fused_kernels_as_without(tiny_engine):
         assert got == pytest.approx(expected, abs=0.05)  # bf16 arithmetic in another order
     assert fused._compiled_layers.fused_mlps
     assert all("forward" not in vars(layer.mlp) for layer in model.model.layers)  # swapped out after scoring
+
+
+def test_without_the_copy_engine_the_kernels_compute_the_same_in_torch():
+    # On CPU (or for a misaligned CUDA tensor) both functions fall back to plain torch.
+    torch.manual_seed(0)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    gate, up = torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    expected = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    assert torch.equal(hopper.swiglu(x, gate, up), expected)
+    weight = torch.randn(50, 32, dtype=torch.bfloat16)
+    targets = torch.tensor([0, 49, 7, 7, 21])
+    expected = (x.double() @ weight.double().T).log_softmax(-1)[torch.arange(5), targets]
+    assert torch.allclose(hopper.head_target_log_probs(x, weight, targets).double(), expected, atol=1e-5)

@@ -22,6 +22,8 @@ import importlib.util
 
 import torch
 
+from prmtool.engines.log_probs import target_log_probs
+
 # Tile shapes and pipelining: BM x BN output tiles, BK-wide steps over the shared dimension,
 # GROUP_M row tiles walked together (weight tiles are read once per group).
 SWIGLU_TILES = dict(BM=128, BN=128, BK=64, GROUP_M=8)
@@ -47,6 +49,15 @@ def _descriptor(tensor: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(tensor, block)
 
 
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine can read these (contiguous) tensors: on CUDA, rows starting at
+    16-byte aligned addresses. A model's weights nearly always are; a view into an odd offset
+    of a larger buffer may not be, and then the torch computation runs instead."""
+    return all(
+        t.is_cuda and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors
+    )
+
+
 def _programs(device: torch.device, tiles: int) -> int:
     return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, tiles))
 
@@ -55,9 +66,12 @@ def _programs(device: torch.device, tiles: int) -> int:
 def swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate_weight^T) * (x @ up_weight^T) for 2-D x (tokens x hidden); a custom op, so
     torch.compile keeps it as one call."""
+    x, gate_weight, up_weight = x.contiguous(), gate_weight.contiguous(), up_weight.contiguous()
+    if not _tma_ready(x, gate_weight, up_weight):
+        linear = torch.nn.functional.linear
+        return torch.nn.functional.silu(linear(x, gate_weight)) * linear(x, up_weight)
     from prmtool.engines.triton_kernels import swiglu_kernel
 
-    x, gate_weight, up_weight = x.contiguous(), gate_weight.contiguous(), up_weight.contiguous()
     (m, k), n = x.shape, gate_weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
@@ -117,9 +131,17 @@ def head_fusable(head: torch.nn.Module) -> bool:
 
 def head_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(hidden @ weight^T)[target] per row, in float32, without the logits tensor."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    if not _tma_ready(hidden, weight):
+        return torch.cat(
+            [
+                target_log_probs(torch.mm(rows.float(), weight.float().T), targets[start : start + len(rows)])
+                for start, rows in zip(range(0, len(hidden), 4096), hidden.split(4096))
+            ]
+            or [hidden.new_empty(0, dtype=torch.float32)]
+        )
     from prmtool.engines.triton_kernels import head_log_normalizer_kernel
 
-    hidden, weight = hidden.contiguous(), weight.contiguous()
     (m, k), n = hidden.shape, weight.shape[0]
     t = HEAD_TILES
     column_tiles = -(-n // t["BN"])
