@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
 import torch
 
@@ -40,8 +41,6 @@ def median_ms(work, device: torch.device) -> float:
         from triton.testing import do_bench
 
         return do_bench(work, warmup=30, rep=200, return_mode="median")
-    import time
-
     times = []
     for _ in range(5):
         start = time.perf_counter()

@@ -133,12 +133,9 @@ def head_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """log softmax(hidden @ weight^T)[target] per row, in float32, without the logits tensor."""
     hidden, weight = hidden.contiguous(), weight.contiguous()
     if not _tma_ready(hidden, weight):
+        weight_t = weight.float().T  # converted once, not per chunk of rows
         return torch.cat(
-            [
-                target_log_probs(torch.mm(rows.float(), weight.float().T), targets[start : start + len(rows)])
-                for start, rows in zip(range(0, len(hidden), 4096), hidden.split(4096))
-            ]
-            or [hidden.new_empty(0, dtype=torch.float32)]
+            [target_log_probs(rows.float() @ weight_t, part) for rows, part in zip(hidden.split(4096), targets.split(4096))]
         )
     from prmtool.engines.triton_kernels import head_log_normalizer_kernel
 

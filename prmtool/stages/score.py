@@ -184,7 +184,8 @@ def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, sett
             ends = step_end_tokens(token_starts(encodings[row]), step_char_ends(responses[row], steps[row]))
             token_rewards = settings.beta * (np.asarray(policy_part, dtype=np.float64) - np.asarray(ref_part, dtype=np.float64))
             rewards[row], values[row] = step_rewards_from_tokens(token_rewards, ends)
-            tokens[row] = token_rewards.tolist()
+            if settings.token_rewards:
+                tokens[row] = token_rewards.tolist()
         if tracker is not None:
             tracker.advance(len(batch), sum(lengths[i] for i in batch))
 
