@@ -27,9 +27,10 @@ Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17, Triton 3.6), def
   reference 22,281 tokens/s (27.2 s, after a warm-up on 8 sequences), peak 34.8 GiB, MFU 13.9%
   ratio 3.76x tokens/s, 0.18 of the peak memory; the responses' summed rewards of the two agree
   with correlation 0.9993 (bf16 noise). Two earlier runs the same day, before the reference's
-  warm-up was added: 82,749 against 22,067 (3.75x) and 82,596 against 20,922 (3.95x); a later
-  run, same code: 83,230 against 23,416 (3.55x). prmtool varies by 1.5% between runs, the
-  reference by 12%.
+  warm-up was added: 82,749 against 22,067 (3.75x) and 82,596 against 20,922 (3.95x). A later
+  run, with the two streams tried below: 83,230 against 23,416 (3.55x; the same machine's
+  one-stream passes just before took 7.15 s, 84,770 tokens/s, 3.62x). prmtool varies by 1.5%
+  between runs, the reference by 12%.
 GPU time of a warm pass (6.93 s busy, idle 1%): the fused SwiGLU kernel 3.11 s, the other matmuls
 (attention projections, down projection) 1.85 s, the fused output head with its log-normalizer
 0.86 s, cuDNN attention 0.77 s, norms, residual adds and rotary embeddings about 0.34 s. Before
