@@ -145,16 +145,32 @@ def measure(device: torch.device, work) -> tuple[float, float]:
     return seconds, peak
 
 
-def reference_scores(models, sequences: list[list[int]], device: torch.device) -> list[list[float]]:
-    """ImplicitPRM's eval recipe: batches of 4, pad = eos with the mask derived from it (which
-    also hides real end-of-turn tokens), full float32 logits and log-softmax."""
-    rewards = []
+def reference_collate(tokenizer, problem: str, steps: list[str]) -> tuple[list[int], list[int]]:
+    """ImplicitPRM's collator: the whole text tokenized once, then every prefix of steps again,
+    each step ending at its prefix's last token. (Its code re-tokenizes chat-templated prefixes
+    and also collates everything a second time for the reference model; this keeps one pass.)"""
+    ids = tokenizer.encode(problem) + tokenizer.encode("\n\n".join(steps))
+    ends = [len(tokenizer.encode(problem + "\n\n" + "\n\n".join(steps[:count]))) - 1 for count in range(1, len(steps) + 1)]
+    return ids, ends
+
+
+def reference_step_values(models, tokenizer, frame: pl.DataFrame, device: torch.device) -> tuple[list[list[float]], float]:
+    """ImplicitPRM's eval recipe, text in, step values out: batches of 4 in data order, each
+    collated (tokenized, step ends by prefix re-tokenization) and then scored: pad = eos with the
+    mask derived from it (which also hides real end-of-turn tokens), full float32 logits and
+    log-softmax, rewards masked to the response, cumulated and read at the step ends. Returns
+    the step values and the seconds spent collating (the host work between the model passes)."""
+    values, collating = [], 0.0
+    rows = list(zip(frame["problem"], frame["steps"]))
     with torch.inference_mode():
-        for start in range(0, len(sequences), 4):
-            batch = sequences[start : start + 4]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), EOS, device=device)
-            for row, sequence in enumerate(batch):
+        for start in range(0, len(rows), 4):
+            started = time.perf_counter()
+            collated = [reference_collate(tokenizer, problem, steps) for problem, steps in rows[start : start + 4]]
+            prompt_lengths = [len(tokenizer.encode(problem)) for problem, _ in rows[start : start + 4]]
+            collating += time.perf_counter() - started
+            width = max(len(ids) for ids, _ in collated)
+            ids = torch.full((len(collated), width), EOS, device=device)
+            for row, (sequence, _) in enumerate(collated):
                 ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
             mask = (ids != EOS).long()
             log_probs = []
@@ -163,9 +179,12 @@ def reference_scores(models, sequences: list[list[int]], device: torch.device) -
                 log_softmax = logits[:, :-1].log_softmax(-1)
                 log_probs.append(log_softmax.gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2))
                 del logits, log_softmax
-            difference = (0.001 * (log_probs[0] - log_probs[1])).tolist()
-            rewards += [row[: len(sequence) - 1] for row, sequence in zip(difference, batch)]
-    return rewards
+            # Reward index t belongs to token t + 1; the response starts at token prompt_length.
+            response = torch.arange(width - 1, device=device)[None, :] >= torch.tensor(prompt_lengths, device=device)[:, None] - 1
+            q = (0.001 * (log_probs[0] - log_probs[1]) * response).cumsum(1)
+            ends = [torch.tensor(step_ends, device=device) - 1 for _, step_ends in collated]
+            values += [q[row, row_ends].tolist() for row, row_ends in enumerate(ends)]
+    return values, collating
 
 
 def main() -> None:
@@ -216,20 +235,28 @@ def main() -> None:
     print(f"padding: {padded / sum(lengths) - 1:.2%} of the real tokens", flush=True)
     if args.skip_reference:
         return
-    sequences = [tokenizer.encode(p) + tokenizer.encode(r) for p, r in zip(frame["problem"], frame["response"])]
-    reference_scores([policy, ref], sequences[:8], device)  # warm-up, as prmtool had its cold pass
-    reference: dict[str, list] = {}
-    seconds, peak = measure(device, lambda: reference.update(rewards=reference_scores([policy, ref], sequences, device)))
-    theirs = report("reference", seconds, peak)
-    print(f"prmtool / reference: {ours / theirs:.2f}x tokens/s, {ours_peak / peak:.2f} of the peak memory")
-    # Same numbers, up to bf16 noise: each response's summed reward, prmtool vs reference.
-    sums = [q[-1] for q in scored["frame"]["step_values"]]
-    their_sums = [sum(r[len(tokenizer.encode(p)) - 1 :]) for r, p in zip(reference["rewards"], frame["problem"])]
-    worst = max(abs(a - b) for a, b in zip(sums, their_sums))
-    correlation = float(torch.corrcoef(torch.tensor([sums, their_sums], dtype=torch.float64))[0, 1])
-    print(f"responses' summed rewards, prmtool vs reference: correlation {correlation:.4f}, largest difference "
-          f"{worst:.2e}, spread (std) {torch.tensor(their_sums).std().item():.2e}")
+    models = [policy, ref]
+    reference_step_values(models, tokenizer, frame.head(8), device)  # warm-up, as prmtool had its cold pass
+    reference: dict = {}
 
+    def run_reference():
+        reference["values"], reference["collating"] = reference_step_values(models, tokenizer, frame, device)
+
+    seconds, peak = measure(device, run_reference)
+    theirs = report("reference", seconds, peak)
+    collating = reference["collating"]
+    passes_only = report("  its model passes", seconds - collating, peak)
+    print(f"  (the rest, {collating:.1f} s, is its collator: tokenizing, and every step prefix again for the step ends)")
+    print(f"prmtool / reference: {ours / theirs:.2f}x tokens/s end to end, {ours / passes_only:.2f}x against its model "
+          f"passes alone; {ours_peak / peak:.2f} of the peak memory")
+    # Same numbers, up to bf16 noise: every step value, prmtool vs reference.
+    ours_values = [v for row in scored["frame"]["step_values"] for v in row]
+    their_values = [v for row in reference["values"] for v in row]
+    assert len(ours_values) == len(their_values), "the two disagree on the number of steps"
+    worst = max(abs(a - b) for a, b in zip(ours_values, their_values))
+    correlation = float(torch.corrcoef(torch.tensor([ours_values, their_values], dtype=torch.float64))[0, 1])
+    print(f"step values, prmtool vs reference: correlation {correlation:.4f}, largest difference "
+          f"{worst:.2e}, spread (std) {torch.tensor(their_values).std().item():.2e}")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,31 @@
+"""The GPU benchmarks' CPU smoke runs (`--quick`): each script still runs, and the reference it
+times computes what the stage computes, so its speed ratio compares like with like."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_bench(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_bench_score_reference_gives_the_stages_step_values():
+    """The reference (ImplicitPRM's recipe: prefix re-tokenization, padded batches of 4, full
+    log-softmax) and `score_implicit` agree on every step value, in float32 on CPU."""
+    out = run_bench("bench/bench_score.py", "--quick")
+    assert re.search(r"prmtool / reference: [\d.]+x tokens/s end to end, [\d.]+x against its model passes alone", out)
+    largest = float(re.search(r"step values, prmtool vs reference: correlation [\d.]+, largest difference (\S+),", out)[1])
+    assert largest < 1e-6
+
+
+def test_bench_kernels_fallbacks_match_the_unfused_path():
+    out = run_bench("bench/bench_kernels.py", "--quick")
+    errors = [float(e) for e in re.findall(r"relative error (\S+)", out)]
+    assert len(errors) == 2 and max(errors) < 1e-5
