@@ -5,15 +5,22 @@ Models: two random-weight models of the Qwen2.5-1.5B architecture (policy and re
 speed does not depend on the weights' values. Data: responses of 256 to 4,096 tokens after
 prompts of 64 to 192, cut into steps of 20 to 200 tokens.
 
-  prmtool     `score_implicit` (the stage's core, as `prmtool score` runs it): length-sorted
-              batches of --max-batch-tokens, right padding with no attention mask, float32
-              logits from a bf16 matmul, log-normalizer in chunks (on Hopper fused into the
-              output head, and SiLU*mul into the gate/up matmul: engines/hopper.py), both
-              models on a batch before the next; step ends from offset mappings
-  reference   ImplicitPRM's eval recipe: batches of 4 in data order, padded with pad = eos and
-              a mask from it, full logits upcast to float32, full log-softmax over the vocabulary
-              (its `get_logps` calls log_softmax on the model's logits, which transformers up to
-              4.45 returned in float32; the issue's 29 GiB reference peak matches float32 logits)
+Both sides go from the rows' text to step values, and both timings include the host work:
+  prmtool     `score_implicit` (the stage's core, as `prmtool score` runs it): one batched
+              tokenization, step ends from offset mappings; length-sorted batches of
+              --max-batch-tokens, right padding with no attention mask, float32 logits from a
+              bf16 matmul, log-normalizer in chunks (on Hopper fused into the output head, and
+              SiLU*mul into the gate/up matmul: engines/hopper.py), both models on a batch
+              before the next
+  reference   ImplicitPRM's eval recipe: batches of 4 in data order, each collated as its
+              collator does (the text tokenized, then every step prefix tokenized again to find
+              the step ends; its code collates a second time for the reference model, which is
+              left out here), padded with pad = eos and a mask from it, full logits upcast to
+              float32, full log-softmax over the vocabulary (its `get_logps` calls log_softmax on
+              the model's logits, which transformers up to 4.45 returned in float32; the issue's
+              29 GiB reference peak matches float32 logits), masked, cumulated, read at step ends
+The reference's collating time is measured apart, so the ratio against its model passes alone
+is printed too.
 
 MFU counts 2 models x 2 x parameters FLOPs per token against a dense bf16 peak of 989 TFLOP/s
 (H100/H200 SXM). Targets: >= 4x the reference's tokens/s, <= 1/3 of its peak memory, >= 40% MFU.
@@ -22,22 +29,25 @@ MFU counts 2 models x 2 x parameters FLOPs per token against a dense bf16 peak o
     PYTHONPATH=. python bench/bench_score.py --quick   # a tiny model on CPU: checks the script runs
 
 Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17, Triton 3.6), default arguments:
-256 responses, 606,099 tokens, padding 2.2%:
-  prmtool   83,759 tokens/s warm (7.2 s; cold, compiling included, 30.4 s), peak 6.2 GiB, MFU 52.3%
-  reference 22,281 tokens/s (27.2 s, after a warm-up on 8 sequences), peak 34.8 GiB, MFU 13.9%
-  ratio 3.76x tokens/s, 0.18 of the peak memory; the responses' summed rewards of the two agree
-  with correlation 0.9993 (bf16 noise). Two earlier runs the same day, before the reference's
-  warm-up was added: 82,749 against 22,067 (3.75x) and 82,596 against 20,922 (3.95x). A later
-  run, with the two streams tried below: 83,230 against 23,416 (3.55x; the same machine's
-  one-stream passes just before took 7.15 s, 84,770 tokens/s, 3.62x). prmtool varies by 1.5%
-  between runs, the reference by 12%.
+256 responses, 606,099 tokens, padding 2.2%; two runs in one lease (commit 8525df1):
+  prmtool    83,711 / 83,457 tokens/s warm (7.2 / 7.3 s; cold, compiling included, 19 to 25 s),
+             peak 6.2 GiB, MFU 52.3% / 52.1%
+  reference  13,689 / 15,816 tokens/s end to end (44.3 / 38.3 s), peak 34.8 GiB, MFU 8.5% / 9.9%;
+             of that, its collator 16.4 / 14.5 s and its model passes 27.9 / 23.8 s
+             (21,730 / 25,423 tokens/s)
+  ratio      6.12x / 5.28x tokens/s end to end (3.85x / 3.28x against the reference's model
+             passes alone), 0.18 of the peak memory; every step value of the two agrees with
+             correlation 0.9992 (bf16 noise; in float32 on CPU they agree to 1e-8)
+The reference's end-to-end rate matches the issue's figure for it (about 13,500 tokens/s).
+Over six runs the reference's model passes ran at 20,900 to 25,400 tokens/s, prmtool at 82,600
+to 84,800; the four earlier runs timed the reference's model passes alone (3.55x to 3.95x).
 GPU time of a warm pass (6.93 s busy, idle 1%): the fused SwiGLU kernel 3.11 s, the other matmuls
 (attention projections, down projection) 1.85 s, the fused output head with its log-normalizer
 0.86 s, cuDNN attention 0.77 s, norms, residual adds and rotary embeddings about 0.34 s. Before
 the fused kernels (hopper.py) the same parts took 3.26 s (cuBLAS gate and up, then SiLU*mul) and
 1.06 s (cuBLAS float32 logits, then the one-pass log-normalizer), and a check for packed
 sequences in transformers' mask code made the host wait for the GPU before every forward pass
-(78,834 tokens/s, 3.69x).
+(78,834 tokens/s, 3.69x the model passes alone).
 Tried without gain: Inductor max-autotune (cuBLAS wins every shape), 32,768-token batches
 (7.35 s against 7.30 s), and one N=256 product over interleaved gate and up weights in place of
 the SwiGLU kernel's two N=128 products (1.43 ms against 1.30 ms per 16,384 tokens). Also, per
