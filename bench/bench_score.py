@@ -155,13 +155,15 @@ def measure(device: torch.device, work) -> tuple[float, float]:
     return seconds, peak
 
 
-def reference_collate(tokenizer, problem: str, steps: list[str]) -> tuple[list[int], list[int]]:
+def reference_collate(tokenizer, problem: str, steps: list[str]) -> tuple[list[int], int, list[int]]:
     """ImplicitPRM's collator: the whole text tokenized once, then every prefix of steps again,
-    each step ending at its prefix's last token. (Its code re-tokenizes chat-templated prefixes
-    and also collates everything a second time for the reference model; this keeps one pass.)"""
-    ids = tokenizer.encode(problem) + tokenizer.encode("\n\n".join(steps))
+    each step ending at its prefix's last token. Returns the ids, the prompt's length and the
+    step ends. (Its code re-tokenizes chat-templated prefixes and also collates everything a
+    second time for the reference model; this keeps one pass.)"""
+    prompt_ids = tokenizer.encode(problem)
+    ids = prompt_ids + tokenizer.encode("\n\n".join(steps))
     ends = [len(tokenizer.encode(problem + "\n\n" + "\n\n".join(steps[:count]))) - 1 for count in range(1, len(steps) + 1)]
-    return ids, ends
+    return ids, len(prompt_ids), ends
 
 
 def reference_step_values(models, tokenizer, frame: pl.DataFrame, device: torch.device) -> tuple[list[list[float]], float]:
@@ -176,11 +178,10 @@ def reference_step_values(models, tokenizer, frame: pl.DataFrame, device: torch.
         for start in range(0, len(rows), 4):
             started = time.perf_counter()
             collated = [reference_collate(tokenizer, problem, steps) for problem, steps in rows[start : start + 4]]
-            prompt_lengths = [len(tokenizer.encode(problem)) for problem, _ in rows[start : start + 4]]
             collating += time.perf_counter() - started
-            width = max(len(ids) for ids, _ in collated)
+            width = max(len(ids) for ids, _, _ in collated)
             ids = torch.full((len(collated), width), EOS, device=device)
-            for row, (sequence, _) in enumerate(collated):
+            for row, (sequence, _, _) in enumerate(collated):
                 ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
             mask = (ids != EOS).long()
             log_probs = []
@@ -190,9 +191,10 @@ def reference_step_values(models, tokenizer, frame: pl.DataFrame, device: torch.
                 log_probs.append(log_softmax.gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2))
                 del logits, log_softmax
             # Reward index t belongs to token t + 1; the response starts at token prompt_length.
-            response = torch.arange(width - 1, device=device)[None, :] >= torch.tensor(prompt_lengths, device=device)[:, None] - 1
+            prompt_lengths = torch.tensor([prompt_length for _, prompt_length, _ in collated], device=device)
+            response = torch.arange(width - 1, device=device)[None, :] >= prompt_lengths[:, None] - 1
             q = (0.001 * (log_probs[0] - log_probs[1]) * response).cumsum(1)
-            ends = [torch.tensor(step_ends, device=device) - 1 for _, step_ends in collated]
+            ends = [torch.tensor(step_ends, device=device) - 1 for _, _, step_ends in collated]
             values += [q[row, row_ends].tolist() for row, row_ends in enumerate(ends)]
     return values, collating
 
