@@ -29,18 +29,21 @@ MFU counts 2 models x 2 x parameters FLOPs per token against a dense bf16 peak o
     PYTHONPATH=. python bench/bench_score.py --quick   # a tiny model on CPU: checks the script runs
 
 Measured 2026-12-02 on one H200 (torch 2.11, transformers 5.17, Triton 3.6), default arguments:
-256 responses, 606,099 tokens, padding 2.2%; two runs in one lease (commit 8525df1):
-  prmtool    83,711 / 83,457 tokens/s warm (7.2 / 7.3 s; cold, compiling included, 19 to 25 s),
-             peak 6.2 GiB, MFU 52.3% / 52.1%
-  reference  13,689 / 15,816 tokens/s end to end (44.3 / 38.3 s), peak 34.8 GiB, MFU 8.5% / 9.9%;
-             of that, its collator 16.4 / 14.5 s and its model passes 27.9 / 23.8 s
-             (21,730 / 25,423 tokens/s)
-  ratio      6.12x / 5.28x tokens/s end to end (3.85x / 3.28x against the reference's model
-             passes alone), 0.18 of the peak memory; every step value of the two agrees with
-             correlation 0.9992 (bf16 noise; in float32 on CPU they agree to 1e-8)
-The reference's end-to-end rate matches the issue's figure for it (about 13,500 tokens/s).
-Over six runs the reference's model passes ran at 20,900 to 25,400 tokens/s, prmtool at 82,600
-to 84,800; the four earlier runs timed the reference's model passes alone (3.55x to 3.95x).
+256 responses, 606,099 tokens, padding 2.2%; runs 1 and 2 in one lease (commit 8525df1), run 3
+in another, on the final code (commit dd770a4: the collator no longer tokenizes each problem
+twice, a few milliseconds):
+  prmtool    83,711 / 83,457 / 82,749 tokens/s warm (7.2 / 7.3 / 7.3 s; cold, compiling
+             included, 19 to 25 s), peak 6.2 GiB, MFU 52.3% / 52.1% / 51.7%
+  reference  13,689 / 15,816 / 17,788 tokens/s end to end (44.3 / 38.3 / 34.1 s), peak 34.8 GiB,
+             MFU 8.5% / 9.9% / 11.1%; of that, its collator 16.4 / 14.5 / 9.7 s (host CPU work,
+             which varies with the machine) and its model passes 27.9 / 23.8 / 24.4 s
+             (21,730 / 25,423 / 24,855 tokens/s)
+  ratio      6.12x / 5.28x / 4.65x tokens/s end to end (3.85x / 3.28x / 3.33x against the
+             reference's model passes alone), 0.18 of the peak memory; every step value of the
+             two agrees with correlation 0.9992 (bf16 noise; in float32 on CPU they agree to 1e-8)
+The reference's end-to-end rate is close to the issue's figure for it (about 13,500 tokens/s).
+Over seven runs the reference's model passes ran at 20,900 to 25,400 tokens/s, prmtool at
+82,600 to 84,800; the four earlier runs timed the reference's model passes alone (3.55x to 3.95x).
 GPU time of a warm pass (6.93 s busy, idle 1%): the fused SwiGLU kernel 3.11 s, the other matmuls
 (attention projections, down projection) 1.85 s, the fused output head with its log-normalizer
 0.86 s, cuDNN attention 0.77 s, norms, residual adds and rotary embeddings about 0.34 s. Before
