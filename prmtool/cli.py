@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, StageError) as exc:
         stderr.print(f"error: {exc}", markup=False, soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:  # a read-only or full disk, a path that cannot be made: the system's word, on one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        stderr.print(f"error: {where}{exc.strerror or exc}", markup=False, soft_wrap=True)
+        return 2
     except Exception as exc:
         from prmtool.engines import EngineError  # imported here: only model stages load engines
 

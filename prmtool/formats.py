@@ -11,6 +11,8 @@ from typing import Callable
 
 import polars as pl
 
+from prmtool.errors import InputError
+
 MATH_SHEPHERD_TAG = "ки"
 
 
@@ -42,6 +44,9 @@ def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], l
     pairs, keep = [], []
     counts = {"skipped_unlabeled": 0, "truncated_at_unlabeled_step": 0}
     for index, (steps, labels) in enumerate(zip(frame["steps"].to_list(), frame["step_labels"].to_list())):
+        if steps is not None and labels is not None and len(steps) != len(labels):
+            raise InputError(f"response_id {frame['response_id'][index] if 'response_id' in frame.columns else index!r}: "
+                             f"{len(labels)} step_labels for {len(steps)} steps")
         kept_steps, kept_labels = labeled_prefix(steps, labels)
         if not kept_steps:
             counts["skipped_unlabeled"] += 1
@@ -113,6 +118,14 @@ def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{probl
     return _open_turn(pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": answers}), open_turn), counts
 
 
+def _ground_truths(frame: pl.DataFrame) -> list[str]:
+    answers = frame["reference_answer"].cast(pl.String)
+    if answers.null_count():  # a reward function cannot score against nothing
+        row = int(answers.is_null().arg_true()[0])
+        raise InputError(f"problem_id {frame['problem_id'][row]!r}: verl needs a reference_answer (reward_model.ground_truth) and it is null")
+    return answers.to_list()
+
+
 def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, data_source: str = "prmtool", split_name: str = "train", start_index: int = 0, **_):
     prompts = _user_prompt(frame, prompt_template)
     out = pl.DataFrame(
@@ -120,7 +133,7 @@ def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prom
             "data_source": [data_source] * frame.height,
             "prompt": [_messages(p, system_prompt) for p in prompts],
             "ability": ["math"] * frame.height,
-            "reward_model": [{"style": "rule", "ground_truth": a} for a in frame["reference_answer"].cast(pl.String)],
+            "reward_model": [{"style": "rule", "ground_truth": a} for a in _ground_truths(frame)],
             "extra_info": [{"split": split_name, "index": start_index + i, "problem_id": pid} for i, pid in enumerate(frame["problem_id"])],
         }
     )

@@ -39,6 +39,9 @@ class EngineOnDemand:
                  **options) -> None:
         self.name, self.model, self.device, self.trust_remote_code, self.stats = name, model, device, trust_remote_code, stats
         self.options = options  # engine settings, e.g. max_batch_tokens
+        from prmtool.engines import check_device
+
+        check_device(device)  # before any input is read: a bad --device fails at once
         self._engine = None
         self._shared = False
 

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+def finite(value: float | None) -> float | None:
+    """A float option's callback: NaN and infinity are not settings (click's ranges let NaN
+    through where an option has no bound)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: must be a finite number")
+    return value
+
+
+def positive(value: float | None) -> float | None:
+    """A float option that must be finite and above 0 (a timeout, a scale)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value}: must be a finite number above 0")
+    return value
+
+
+def template(value: str | None) -> str | None:
+    """A --prompt-template must place the problem somewhere."""
+    if value is not None and "{problem}" not in value:
+        raise typer.BadParameter(f"{value!r}: must contain {{problem}}, where the problem text goes")
+    return value
+
+
 Inputs = Annotated[list[str], typer.Argument(help="Parquet files, directories of them, or globs.", show_default=False)]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory: one shard per input shard, same name.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute shards that are already complete.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or summary on stderr.")]
-Workers = Annotated[int, typer.Option("--workers", help="Worker processes (default: CPU count).", show_default=False)]
+Workers = Annotated[int, typer.Option("--workers", help="Worker processes (default: CPU count).", min=0, show_default=False)]
 Split = Annotated[
     str,
     typer.Option(
@@ -37,15 +60,15 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allo
 # Scale-out options, shared by every pipeline stage (see prmtool/partition.py and executors/).
 ShardIndex = Annotated[
     int | None,
-    typer.Option("--shard-index", help="Run only partition I of --num-shards (0-based): a Slurm array task, an xargs -P job.", show_default=False, rich_help_panel="Scale-out"),
+    typer.Option("--shard-index", help="Run only partition I of --num-shards (0-based): a Slurm array task, an xargs -P job.", min=0, show_default=False, rich_help_panel="Scale-out"),
 ]
 NumShards = Annotated[
     int | None,
-    typer.Option("--num-shards", help="Number of partitions of the input; with --executor ray, the number of Ray tasks (default: one per GPU, or per CPU, of the cluster).", show_default=False, rich_help_panel="Scale-out"),
+    typer.Option("--num-shards", help="Number of partitions of the input; with --executor ray, the number of Ray tasks (default: one per GPU, or per CPU, of the cluster).", min=1, show_default=False, rich_help_panel="Scale-out"),
 ]
 Executor = Annotated[
     str,
     typer.Option("--executor", help="local (this process) or ray (one Ray task per partition, on RAY_ADDRESS's cluster or a local one).", rich_help_panel="Scale-out"),
 ]
-GpusPerTask = Annotated[float, typer.Option("--gpus-per-task", help="With --executor ray: GPUs each task reserves.", rich_help_panel="Scale-out")]
-CpusPerTask = Annotated[float, typer.Option("--cpus-per-task", help="With --executor ray: CPUs each task reserves.", rich_help_panel="Scale-out")]
+GpusPerTask = Annotated[float, typer.Option("--gpus-per-task", help="With --executor ray: GPUs each task reserves.", min=0, callback=finite, rich_help_panel="Scale-out")]
+CpusPerTask = Annotated[float, typer.Option("--cpus-per-task", help="With --executor ray: CPUs each task reserves.", callback=positive, rich_help_panel="Scale-out")]

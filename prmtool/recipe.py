@@ -23,7 +23,7 @@ value` becomes `--key value`, `key: true` the flag `--key`, `key: false` nothing
 repeated option.
 
 What runs: before a stage runs, its exact command line and a fingerprint of each input (an
-upstream `_SUCCESS` manifest less its time stamp, or a file's size and mtime) are recorded in
+upstream `_SUCCESS` manifest less its time stamp, or a hash of a file's bytes) are recorded in
 `NN-NAME/_RECIPE.json`. A stage whose `_SUCCESS` and record both match is skipped; a changed
 option or input reruns it with --overwrite, and since its manifest then changes, every later
 stage too; a stage interrupted mid-way resumes from its finished shards.
@@ -31,6 +31,7 @@ stage too; a stage interrupted mid-way resumes from its finished shards.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import time
@@ -44,7 +45,9 @@ from rich.console import Console
 
 from prmtool import shards
 from prmtool.errors import InputError, StageError
+from prmtool.executors import current_argv
 from prmtool.model_loading import keep_models_loaded
+from prmtool.outputs import check_outputs, input_roots, plain_name
 
 STAGES = ("import", "generate", "verify", "label", "score", "filter", "intervene", "export")
 RESERVED = {"stage", "name", "input"}
@@ -103,12 +106,7 @@ def _text(value) -> str:
 def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = None, model: str | None = None) -> Recipe:
     """Parse and check a recipe; `overrides` are `stage.option=value` (`--set`), `model` replaces
     the recipe's `model:`."""
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the recipe ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+    document = read_yaml(path)
     if not isinstance(document, dict) or not isinstance(document.get("stages"), list) or not document["stages"]:
         raise InputError(f"{path}: a recipe is a mapping with a non-empty `stages:` list")
     unknown = set(document) - {"workdir", "input", "model", "stages", "description"}
@@ -116,6 +114,8 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         raise InputError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, stages, description)")
     model = model or document.get("model")
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
+    if recipe.workdir.exists() and not recipe.workdir.is_dir():
+        raise InputError(f"{recipe.workdir}: the workdir exists and is not a directory")
     previous: list[str] | None = [str(document["input"])] if document.get("input") is not None else None
     names: dict[str, Step] = {}
     for number, entry in enumerate(document["stages"], start=1):
@@ -125,7 +125,7 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         stage = entry["stage"]
         if stage not in STAGES:
             raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
-        name = str(entry.get("name") or stage)
+        name = plain_name(str(entry.get("name") or stage), f"{where}: name:")  # it names a directory
         if name in names:
             raise InputError(f"{where}: a second stage named {name!r}; give one a `name:`")
         directory = recipe.workdir / f"{number:02d}-{name}"
@@ -142,6 +142,49 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
     for step in recipe.steps:  # placeholders last, so --set values may use them too
         step.options = {k: _fill(v, recipe.workdir, step.directory) for k, v in step.options.items()}
     return recipe
+
+
+EXPANDED_NODES_MAX = 10_000  # a recipe is a few dozen nodes; aliases may not blow it up
+
+
+def read_yaml(path: Path):
+    """A recipe's YAML, refusing undecodable bytes and aliases that expand past a small size (a
+    few hundred bytes of nested aliases can stand for billions of nodes)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})") from None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, {}) > EXPANDED_NODES_MAX:
+                raise InputError(f"{path}: its aliases expand past {EXPANDED_NODES_MAX:,} YAML nodes; write the recipe out")
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+    except RecursionError:
+        raise InputError(f"{path}: its YAML nests too deeply") from None
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Nodes in the document once every alias is written out; each shared node counted once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = EXPANDED_NODES_MAX + 1  # a node that contains itself expands forever
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = min(size, EXPANDED_NODES_MAX + 1)
+    return sizes[id(node)]
 
 
 def _stage_inputs(spec, names: dict[str, Step], previous: list[str] | None, where: str) -> list[str]:
@@ -180,17 +223,18 @@ def _fill(value, workdir: Path, directory: Path):
 
 def fingerprint(path: str) -> str:
     """What an input is, for deciding whether a stage must rerun: a stage directory by its
-    `_SUCCESS` manifest (less the time stamp), anything else by size and mtime."""
+    `_SUCCESS` manifest (less the time stamp), a file by a hash of its bytes, another directory
+    by its files' sizes and times."""
     source = Path(path)
     manifest = shards.read_manifest(source) if source.is_dir() else None
     if manifest is not None:
         manifest.pop("finished", None)
         text = json.dumps(manifest, sort_keys=True)
     elif source.is_dir():
-        files = sorted(f for f in source.rglob("*") if f.is_file())
+        files = sorted(f for f in source.rglob("*") if f.is_file() and not f.name.startswith("."))
         text = json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-    elif source.exists():
-        text = json.dumps([str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns])
+    elif source.exists():  # by content: a file edited in place, even to the same size, is new
+        text = json.dumps([str(source.resolve()), shards.content_digest(source)])
     else:
         text = "missing"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -249,16 +293,45 @@ def command(
     """Run a pipeline recipe: each stage writes WORKDIR/NN-STAGE/; complete, unchanged stages
     are skipped, changed ones rerun with everything after them, interrupted ones resume."""
     console = Console(stderr=True, highlight=False)
+    typed = current_argv.get()
     recipe = load_recipe(recipe_path, overrides, workdir, model)
+    check_recipe(recipe)  # every stage's options and inputs, before the first stage runs
     first = recipe.find(from_stage, "--from").number if from_stage else None
     last = recipe.find(until, "--until").number if until else len(recipe.steps)
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
     with keep_models_loaded():  # a model loaded by one stage serves the next that uses it
-        _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console)
+        _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed)
 
 
-def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, dry_run: bool, quiet: bool, console: Console) -> None:
+def check_recipe(recipe: Recipe) -> None:
+    """Parse every stage's command line as the stage itself will (unknown options, values of
+    the wrong type or out of range), check that inputs no stage produces exist, and that the
+    workdir is a place the recipe may write. All before any stage runs, in --dry-run too."""
+    import typer.main
+
+    from prmtool.cli import ClickException, app
+
+    commands = typer.main.get_command(app).commands
+    produced = {str(step.directory) for step in recipe.steps}
+    external: list[str] = []
+    for step in recipe.steps:
+        argv = step.argv()
+        try:
+            commands[step.stage].make_context(step.stage, argv[1:])
+        except ClickException as exc:
+            raise InputError(f"{recipe.path}: stage {step.label}: {' '.join(exc.format_message().split())}") from None
+        for spec in step.inputs:
+            if spec in produced:
+                continue
+            if not (glob.glob(spec) if glob.has_magic(spec) else Path(spec).exists()):
+                raise InputError(f"{recipe.path}: stage {step.label}: input {spec}: no such file or directory")
+            external.append(spec)
+    check_outputs(input_roots(external), {"--workdir": recipe.workdir})
+
+
+def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, dry_run: bool, quiet: bool, console: Console,
+               typed: list[str] | None = None) -> None:
     from prmtool.cli import main  # the stages run exactly as typed on the command line
 
     started = time.perf_counter()
@@ -280,7 +353,8 @@ def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, 
         if code == 130:  # Ctrl-C: the stage said how to resume; so does a rerun of the recipe
             raise typer.Exit(130)
         if code != 0:
-            raise StageError(f"stage {step.label} failed (exit {code}); fix it and rerun `prmtool run {recipe_path}` to resume from there")
+            again = "prmtool " + " ".join(_quote(a) for a in (typed or ["run", str(recipe_path)]))
+            raise StageError(f"stage {step.label} failed (exit {code}); fix it and rerun `{again}` to resume from there")
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
     if not dry_run:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import polars as pl
 
-from prmtool import shards
+from prmtool import outputs, shards
 from prmtool.errors import InputError, StageError
 from prmtool.partition import Partition
 from prmtool.report import RunStats, Tracker
@@ -34,6 +34,9 @@ class MapStage:
     # Writes a second, per-shard output (label's OmegaPRM tree) from the input frame. It runs
     # before the main shard is written, so a finished main shard implies a finished side one.
     side_output: Callable[[shards.InputShard, pl.DataFrame, Tracker], None] | None = None
+    # The directories side_output writes, by option (`--tree-output`, `--rejects`): checked
+    # against the inputs and -o, and locked, as -o is.
+    side_directories: dict[str, Path | None] = field(default_factory=dict)
 
 
 def validate_inputs(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path) -> list[shards.InputShard]:
@@ -45,7 +48,7 @@ def validate_inputs(stage: MapStage, inputs: list[str] | tuple[str, ...], output
             check(shard)
     if stage.unique_column:
         shards.check_unique_ids(found, stage.unique_column)
-    shards.check_output_dir(output, found)
+    shards.check_output_dir(output, found, inputs, stage.side_directories)
     shards.check_distinct_names(found)
     return found
 
@@ -55,6 +58,29 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
     """Run `stage` over its inputs, or over one partition of them (`--shard-index`): every
     input is validated either way, so all partitions agree on what the run is."""
     found = validate_inputs(stage, inputs, output)
+    directories = [output, *(d for d in stage.side_directories.values() if d is not None)]
+    key = outputs.run_key(stage.name, stage.arguments, [s.describe() for s in found], partition.count)
+    with outputs.output_lock(directories, key):
+        for option, directory in stage.side_directories.items():
+            if directory is not None and overwrite:
+                (directory / partition.manifest_name()).unlink(missing_ok=True)
+                (directory / shards.MANIFEST).unlink(missing_ok=True)
+        _run_locked(stage, found, output, overwrite, stats, partition)
+        for option, directory in stage.side_directories.items():
+            if directory is not None:  # a manifest like -o's: a later stage or `make` sees it complete
+                shards.write_manifest(directory, f"{stage.name}{option.removeprefix('-')}", stage.arguments,
+                                      [s.describe() for s in found], _listing(directory, found, partition), partition)
+
+
+def _listing(directory: Path, found: list[shards.InputShard], partition: Partition) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    names = [s.name for s in partition.take_shards(found) if (directory / s.name).exists()]
+    return {name: pq.ParquetFile(directory / name).metadata.num_rows for name in names}
+
+
+def _run_locked(stage: MapStage, found: list[shards.InputShard], output: Path, overwrite: bool, stats: RunStats,
+                partition: Partition) -> None:
     mine = partition.take_shards(found)
     plan = _plan(stage, mine, output, overwrite)
     if overwrite:

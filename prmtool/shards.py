@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from prmtool import __version__
 from prmtool.errors import InputError
+from prmtool.outputs import check_outputs, input_roots
 from prmtool.partition import Partition
 
 WHOLE = Partition()
@@ -34,13 +35,27 @@ class InputShard:
     size: int
     rows: int
     schema: pl.Schema
+    digest: str = ""  # a hash of the file's bytes: an input edited in place is a new input
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def describe(self) -> dict:
-        return {"path": str(self.path.resolve()), "size": self.size, "rows": self.rows}
+        return {"path": str(self.path.resolve()), "size": self.size, "rows": self.rows, "xxh3": self.digest}
+
+
+def content_digest(path: Path) -> str:
+    """xxh3-128 of a file's bytes (about 1 s per GB from a cold disk, far less from the page
+    cache): what tells a shard edited in place, even to the same size, from the one a finished
+    output was made from."""
+    import xxhash
+
+    hasher = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _is_shard_file(path: Path) -> bool:
@@ -90,7 +105,7 @@ def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
             rows = parquet.metadata.num_rows
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
-        shards.append(InputShard(path=path, size=path.stat().st_size, rows=rows, schema=schema))
+        shards.append(InputShard(path=path, size=path.stat().st_size, rows=rows, schema=schema, digest=content_digest(path)))
     return shards
 
 
@@ -128,15 +143,15 @@ def check_unique_ids(shards: list[InputShard], column: str = "response_id") -> N
         raise InputError(f"{nulls[0].path}: column '{column}' has null values")
 
 
-def check_output_dir(output: Path, inputs: list[InputShard]) -> None:
-    """Refuse an output directory that is, or holds, one of the inputs."""
-    out = output.resolve()
-    for shard in inputs:
-        src = shard.path.resolve()
-        if src == out or src.parent == out:
-            raise InputError(f"{output}: the output directory holds the input {shard.path}; choose another -o")
-    if output.exists() and not output.is_dir():
-        raise InputError(f"{output}: exists and is not a directory")
+def check_output_dir(output: Path, inputs: list[InputShard], specs: list[str] | tuple[str, ...] = (),
+                     others: dict[str, Path | None] | None = None) -> None:
+    """Refuse outputs that are, hold or lie inside one of the inputs (outputs.check_outputs),
+    and an output directory that is a file."""
+    roots = input_roots(specs, [shard.path for shard in inputs])
+    check_outputs(roots, {"-o": output, **(others or {})})
+    for option, path in {"-o": output, **(others or {})}.items():
+        if path is not None and path.exists() and not path.is_dir() and option != "--report":
+            raise InputError(f"{path}: {option} exists and is not a directory")
 
 
 def check_distinct_names(inputs: list[InputShard]) -> None:
@@ -151,7 +166,7 @@ def check_distinct_names(inputs: list[InputShard]) -> None:
 def provenance(stage: str, arguments: dict, source: InputShard | None = None) -> dict:
     record = {"stage": stage, "version": __version__, "arguments": arguments}
     if source is not None:
-        record["input"] = {"path": str(source.path.resolve()), "size": source.size, "rows": source.rows}
+        record["input"] = source.describe()
     return record
 
 

@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?i)\bthe (?:final )?answer is\s*:?\s*([^\n]+)")
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_A_LINE = re.compile(r"(?m)^\s*A:\s*([^\n]+)")
+_A_LINE = re.compile(r"(?m)^[ \t]*A:[ \t]*([^\n]+)")  # not \s*: across blank lines it is quadratic
+_BRACE = re.compile(r"[{}]")
 _NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
@@ -39,17 +40,23 @@ def extract_answer(text: str | None) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`, with nested braces balanced."""
-    matches = list(_BOXED.finditer(text))
-    for match in reversed(matches):
-        depth, start = 1, match.end()
-        for position in range(start, len(text)):
-            if text[position] == "{":
-                depth += 1
-            elif text[position] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:position]
+    """Content of the last `\\boxed{...}` whose braces close, nested braces balanced.
+
+    One pass pairs every brace of the text (a stack), so the time is linear in the text: a
+    response of 20,000 unclosed boxes costs one pass, not one scan to the end per box."""
+    starts = [match.end() for match in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    closing: dict[int, int] = {}  # position just after an opening brace -> its closing brace
+    open_braces: list[int] = []
+    for brace in _BRACE.finditer(text):
+        if brace.group() == "{":
+            open_braces.append(brace.end())
+        elif open_braces:
+            closing[open_braces.pop()] = brace.start()
+    for start in reversed(starts):
+        if start in closing:
+            return text[start : closing[start]]
     return None
 
 
@@ -94,8 +101,22 @@ def compare(gold: str, pred: str, timeout: int = 5) -> Verdict:
         return Verdict(False, "error")
 
 
-def _compare_chunk(pairs: list[tuple[str, str]], timeout: int) -> list[Verdict]:
-    return [compare(gold, pred, timeout) for gold, pred in pairs]
+def _verdict(gold: str | None, pred: str | None, timeout: int) -> Verdict:
+    if pred is None:
+        return Verdict(False, "no_answer")
+    if gold is None or not str(gold).strip():
+        return Verdict(False, "error")
+    return compare(gold, pred, timeout)
+
+
+def _compare_chunk(pairs: list[tuple[str | None, str | None]], timeout: int, extract: bool = False) -> list[tuple[str | None, Verdict]]:
+    """(answer, verdict) for each (gold, pred) pair; with `extract`, each pair holds a whole
+    response and its answer is extracted here, inside the worker's timeout."""
+    results = []
+    for gold, text in pairs:
+        pred = extract_answer(text) if extract else text
+        results.append((pred, _verdict(gold, pred, timeout)))
+    return results
 
 
 def verify_answers(
@@ -107,50 +128,54 @@ def verify_answers(
 ) -> list[Verdict]:
     """Verdicts for (gold, pred) pairs, in order. A missing pred is `no_answer`, a missing
     gold is `error`; everything else goes through Math-Verify in worker processes."""
-    verdicts: list[Verdict | None] = [None] * len(pairs)
+    return [verdict for _, verdict in _in_workers(pairs, False, timeout, workers, chunk_size, on_progress)]
+
+
+def _in_workers(pairs: list[tuple[str | None, str | None]], extract: bool, timeout: float, workers: int, chunk_size: int,
+                on_progress: Callable[[int], None] | None) -> list[tuple[str | None, Verdict]]:
+    results: list[tuple[str | None, Verdict] | None] = [None] * len(pairs)
     todo: list[int] = []
-    for index, (gold, pred) in enumerate(pairs):
-        if pred is None:
-            verdicts[index] = Verdict(False, "no_answer")
-        elif gold is None or not str(gold).strip():
-            verdicts[index] = Verdict(False, "error")
-        elif gold.strip() == pred.strip():
-            verdicts[index] = Verdict(True, "ok")
+    for index, (gold, text) in enumerate(pairs):
+        if text is None or (extract and not text.strip()):
+            results[index] = (None, Verdict(False, "no_answer"))
+        elif not extract and (gold is None or not str(gold).strip() or gold.strip() == text.strip()):
+            results[index] = (text, _verdict(gold, text, 1))  # decided without Math-Verify
         else:
             todo.append(index)
     if on_progress:
         on_progress(len(pairs) - len(todo))
     if not todo:
-        return verdicts  # type: ignore[return-value]
+        return results  # type: ignore[return-value]
 
     signal_timeout = max(1, int(round(timeout)))  # SIGALRM counts whole seconds
     hard_timeout = timeout + 2.0  # the backstop for hangs no signal interrupts
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     pool = _shared_pool(max(1, workers))
     futures = [
-        pool.schedule(_compare_chunk, args=([pairs[i] for i in chunk], signal_timeout), timeout=hard_timeout + 0.05 * len(chunk))
+        pool.schedule(_compare_chunk, args=([pairs[i] for i in chunk], signal_timeout, extract), timeout=hard_timeout + 0.05 * len(chunk))
         for chunk in chunks
     ]
     retry: list[int] = []
     for chunk, future in zip(chunks, futures):
         try:
-            for index, verdict in zip(chunk, future.result()):
-                verdicts[index] = verdict
+            for index, result in zip(chunk, future.result()):
+                results[index] = result
             if on_progress:
                 on_progress(len(chunk))
         except Exception:  # the chunk overran or its worker died: retry its items alone
             retry.extend(chunk)
-    singles = [(i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout), timeout=hard_timeout)) for i in retry]
+    singles = [(i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout, extract), timeout=hard_timeout)) for i in retry]
     for index, future in singles:
+        unread = None if extract else pairs[index][1]
         try:
-            verdicts[index] = future.result()[0]
+            results[index] = future.result()[0]
         except FutureTimeout:
-            verdicts[index] = Verdict(False, "timeout")
+            results[index] = (unread, Verdict(False, "timeout"))
         except Exception:
-            verdicts[index] = Verdict(False, "error")
+            results[index] = (unread, Verdict(False, "error"))
         if on_progress:
             on_progress(1)
-    return verdicts  # type: ignore[return-value]
+    return results  # type: ignore[return-value]
 
 
 _POOLS: dict[int, object] = {}
@@ -183,9 +208,11 @@ def _stop_pool(pool) -> None:
 
 
 def verify_responses(
-    responses: Iterable[str | None], references: Iterable[str | None], **options
+    responses: Iterable[str | None], references: Iterable[str | None], timeout: float = 5.0, workers: int = 2,
+    chunk_size: int = 64, on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str | None], list[Verdict]]:
-    """Extract each response's answer and verify it against its reference."""
-    predictions = [extract_answer(r) for r in responses]
+    """Extract each response's answer and verify it against its reference. Extraction runs in
+    the workers too, under the same timeout: no response, however hostile, stalls the stage."""
     golds = [None if g is None else str(g) for g in references]
-    return predictions, verify_answers(list(zip(golds, predictions)), **options)
+    results = _in_workers(list(zip(golds, responses)), True, timeout, workers, chunk_size, on_progress)
+    return [pred for pred, _ in results], [verdict for _, verdict in results]

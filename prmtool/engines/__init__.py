@@ -11,6 +11,7 @@ Importing this package is cheap; torch and transformers load when an engine is b
 from __future__ import annotations
 
 import inspect
+import re
 
 from prmtool.engines.base import (
     Completion,
@@ -27,6 +28,7 @@ __all__ = [
     "EngineError",
     "SamplingRequest",
     "ScoringRequest",
+    "check_device",
     "default_model_path",
     "load_engine",
     "load_step_classifier",
@@ -65,6 +67,21 @@ def load_engine(
             raise EngineError(f"the vllm engine runs on CUDA only, not on {device!r}")
         return VLLMEngine(model, dtype=dtype, trust_remote_code=trust_remote_code, **options)
     raise EngineError(f"unknown engine {name!r}: expected one of {', '.join(ENGINE_NAMES)}")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a --device this machine cannot run on, before any input is read or model loaded."""
+    if device in (None, "cpu"):
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise EngineError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EngineError(f"--device {device}: this machine has no CUDA device that torch {torch.__version__} can use; use --device cpu")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise EngineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def load_step_classifier(model: str, *, device: str | None = None, dtype: str | None = None,

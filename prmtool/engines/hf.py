@@ -139,7 +139,7 @@ class HFEngine(Engine):
             with contextlib.redirect_stderr(io.StringIO()):
                 tokenizer = AutoTokenizer.from_pretrained(location.folder, **load_kwargs)
                 loaded = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch_dtype, **load_kwargs)
-        except (OSError, ValueError) as error:
+        except Exception as error:  # refused pickle weights, a broken config, a missing file: one line
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise EngineError(f"cannot load model {location.path}: {first_line}") from error
         return cls(loaded.to(device), tokenizer, **options)

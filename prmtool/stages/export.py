@@ -10,11 +10,12 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool import shards
+from prmtool import outputs, shards
+from prmtool.outputs import plain_name
 from prmtool.errors import InputError
 from prmtool.formats import FORMATS
 from prmtool.executors import partition_to_run
-from prmtool.options import CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.options import template, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
 from prmtool.report import RunStats
 from prmtool.schema import check_columns
 
@@ -32,7 +33,7 @@ def parse_split(spec: str | None) -> dict[str, float]:
             fraction = -1.0
         if not sep or not name.strip() or not 0 <= fraction <= 1:
             raise InputError(f"--split {spec!r}: expected NAME=FRACTION[,NAME=FRACTION] with fractions in [0, 1]")
-        fractions[name.strip()] = fraction
+        fractions[plain_name(name.strip(), "--split: the split name")] = fraction  # it names a folder
     if "train" in fractions:
         raise InputError(f"--split {spec!r}: name the held-out splits only; the rest goes to train")
     if sum(fractions.values()) > 1:
@@ -111,8 +112,8 @@ def command(
     format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
     where: Annotated[str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")] = None,
     split: Annotated[str | None, typer.Option(help="Held-out splits by problem, e.g. test=0.05; the rest is train.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the problem split.")] = 0,
-    prompt_template: Annotated[str, typer.Option(help="User message; {problem} is replaced by the problem.")] = "{problem}",
+    seed: Annotated[int, typer.Option(help="Seed of the problem split.", min=0)] = 0,
+    prompt_template: Annotated[str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)] = "{problem}",
     system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None,
     data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool",
     open_turn: Annotated[bool, typer.Option("--open-turn", help="sft formats: leave the assistant turn open (no end-of-turn), as InT trains on guided responses; adds continue_final_message.")] = False,
@@ -149,10 +150,12 @@ def command(
         check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
         if condition is not None:
             check_where(condition, where, shard)
-    shards.check_output_dir(output, found)
+    shards.check_output_dir(output, found, inputs, {"--hf-dataset": hf_dataset})
     shards.check_distinct_names(found)
     if hf_dataset is not None and hf_dataset.exists() and not overwrite:
         raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
+    if hf_dataset is not None and hf_dataset.exists() and not (hf_dataset / "dataset_dict.json").exists():
+        raise InputError(f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those")
 
     split_of = None
     if fractions:  # from every input's problems, so that each partition splits as the whole run does
@@ -163,15 +166,25 @@ def command(
                  "system_prompt": system_prompt, "data_source": data_source}
     if open_turn:  # only when given: earlier complete outputs keep their arguments
         arguments["open_turn"] = True
-    if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite, partition):
-        scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
-        stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
-        return
+    key = outputs.run_key("export", arguments, [s.describe() for s in found], partition.count)
+    with outputs.output_lock([output], key):
+        if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite, partition):
+            scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
+            stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
+            return
+        _export(found, output, fmt, format, arguments, condition, where, split_of, partition, hf_dataset, overwrite, quiet,
+                stats, prompt_template=prompt_template, system_prompt=system_prompt, data_source=data_source,
+                open_turn=open_turn)
+    stats.print_summary()
+
+
+def _export(found, output, fmt, format, arguments, condition, where, split_of, partition, hf_dataset, overwrite, quiet,
+            stats, **options) -> None:
+    """Convert and write every input shard, then the datasets folder, then the manifest."""
     # verl numbers its rows (extra_info.index) over the whole run; a partition, which sees only
     # its own problems, takes each problem's number from a narrow pass over every input.
     numbers = _problem_numbers(found, condition, where, split_of) if fmt.per_problem and not partition.whole else None
 
-    options = {"prompt_template": prompt_template, "system_prompt": system_prompt, "data_source": data_source, "open_turn": open_turn}
     seen_problems: set[str] = set()  # per-problem formats keep each problem's first row, across shards
     next_index: dict[str, int] = {}
     written: dict[str, int] = {}
@@ -194,7 +207,10 @@ def command(
                 seen_problems.update(first["problem_id"].to_list())
                 frame = first
             stats.problem_ids.update(frame["problem_id"].to_list())
-            converted, skipped = export_rows(frame, format, split_of, next_index, **options)
+            try:
+                converted, skipped = export_rows(frame, format, split_of, next_index, **options)
+            except InputError as exc:  # a row the format cannot hold: name its file
+                raise InputError(f"{shard.path}: {exc}") from None
             stats.counts.update(skipped)
             for split_name, part in converted.items():
                 next_index[split_name] = next_index.get(split_name, 0) + part.height
@@ -208,11 +224,10 @@ def command(
                     stats.rows_out += part.height
                     stats.shards_written += 1
             tracker.advance(shard.rows)
-    shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written, partition)
-    if hf_dataset is not None:
+    if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
         save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
-    stats.print_summary()
+    shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written, partition)
 
 
 def _problem_numbers(found: list[shards.InputShard], condition: pl.Expr | None, where: str | None,
@@ -253,18 +268,22 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     dataset = datasets.DatasetDict(
         {name: datasets.Dataset(pa.concat_tables(pq.read_table(f) for f in files)) for name, files in by_split.items()}
     )
+    import shutil
+
     temporary = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
     bars_were_enabled = datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
     try:
         dataset.save_to_disk(str(temporary))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # a full disk leaves no half-written folder
+        raise
     finally:
         if quiet and bars_were_enabled:
             datasets.enable_progress_bars()
     if target.exists() and overwrite:
-        import shutil
-
         shutil.rmtree(target)
     temporary.rename(target)
 

@@ -44,10 +44,10 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool import shards
+from prmtool import outputs, shards
 from prmtool.errors import InputError
 from prmtool.executors import partition_to_run
-from prmtool.options import CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.options import finite, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
 from prmtool.partition import Partition
 from prmtool.report import RunStats
 from prmtool.schema import check_columns
@@ -201,14 +201,17 @@ def feature_expressions(names: list[str], options: FilterOptions) -> list[pl.Exp
 
 
 def _mean_value(column: str) -> pl.Expr:
-    """The response's value: the mean of its steps' values, NaN and null skipped; null when
-    none is left. A scalar column (prm_score) is taken as it is, NaN made null."""
+    """The response's value: the mean of its steps' values, NaN, infinities and null skipped
+    (a value no scorer can mean: counted as missing); null when none is left. A scalar column
+    (prm_score) is taken as it is, a non-finite one made null."""
     if column in LIST_VALUES:
         values = pl.col(column).cast(pl.List(pl.Float64))
-        # list.mean is fast; the NaN-skipping mean only where a NaN made the fast one NaN
+        # list.mean is fast; the skipping mean only where a NaN or an infinity made the fast one so
         fast = values.list.mean()
-        return pl.when(fast.is_nan()).then(values.list.eval(pl.element().fill_nan(None)).list.mean()).otherwise(fast).fill_nan(None)
-    return pl.col(column).cast(pl.Float64).fill_nan(None)
+        finite_only = values.list.eval(pl.when(pl.element().is_finite()).then(pl.element())).list.mean()
+        return pl.when(fast.is_finite()).then(fast).otherwise(finite_only).fill_nan(None)
+    value = pl.col(column).cast(pl.Float64)
+    return pl.when(value.is_finite()).then(value)
 
 
 def _reject(reason: str, condition: pl.Expr) -> pl.Expr:
@@ -362,13 +365,13 @@ def command(
     output: Output,
     rejects: Annotated[Path, typer.Option("--rejects", help="Directory for the removed rows, with a filter_reason column: nothing is lost.", show_default=False)],
     method: Annotated[str, typer.Option(help="prof (PROF consistency filter), consensus (MC and PRM agree on the first error), accuracy-band or none (only --where).")] = "prof",
-    remove: Annotated[int | None, typer.Option(help="prof: responses to remove per problem (default 4).", show_default=False)] = None,
-    keep: Annotated[int | None, typer.Option(help="prof: responses to keep per problem, instead of --remove.", show_default=False)] = None,
+    remove: Annotated[int | None, typer.Option(help="prof: responses to remove per problem (default 4).", min=0, show_default=False)] = None,
+    keep: Annotated[int | None, typer.Option(help="prof: responses to keep per problem, instead of --remove.", min=0, show_default=False)] = None,
     mode: Annotated[str | None, typer.Option(help="prof: both (default), correct (remove only correct ones) or incorrect (only wrong ones).", show_default=False)] = None,
     value: Annotated[str | None, typer.Option(help="prof, consensus: step_rewards (default), step_values, step_mc or prm_score (prof only); lists are averaged over steps.", show_default=False)] = None,
-    min_steps: Annotated[int | None, typer.Option(help="prof: fewer steps are removed first (default 2).", show_default=False)] = None,
-    max_steps: Annotated[int | None, typer.Option(help="prof: more steps are removed first (default 30).", show_default=False)] = None,
-    threshold: Annotated[float | None, typer.Option(help="consensus: a step below this is the PRM's error (default 0.5 for step_mc, else 0).", show_default=False)] = None,
+    min_steps: Annotated[int | None, typer.Option(help="prof: fewer steps are removed first (default 2).", min=0, show_default=False)] = None,
+    max_steps: Annotated[int | None, typer.Option(help="prof: more steps are removed first (default 30).", min=1, show_default=False)] = None,
+    threshold: Annotated[float | None, typer.Option(help="consensus: a step below this is the PRM's error (default 0.5 for step_mc, else 0).", callback=finite, show_default=False)] = None,
     band: Annotated[str | None, typer.Option(help="accuracy-band: LOW,HIGH, inclusive (default 0.2,0.8).", show_default=False)] = None,
     where: Annotated[str | None, typer.Option(help="Also keep only rows where this SQL expression holds (applied first), e.g. \"verify_status = 'ok'\".")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file. With --shard-index, the partition's summary, to FILE's name with the partition in it (prof.00001-of-00004.json).")] = None,
@@ -399,7 +402,8 @@ def command(
         check_columns(shard.schema, str(shard.path), options.required)
         if condition is not None:
             check_where(condition, where, shard)  # an unknown column or a non-boolean result
-    _check_output_dirs(output, rejects, found)
+    report_file = report if report is None or partition.whole else report.with_name(partition.shard_name(report.name))
+    shards.check_output_dir(output, found, inputs, {"--rejects": rejects, "--report": report_file})
     shards.check_distinct_names(found)
 
     arguments = options.arguments()
@@ -408,9 +412,15 @@ def command(
     done = f"{output} and {rejects} are already complete for these inputs and options"
     if not partition.whole:
         done = f"partition {partition.index} of {partition.count}: {done}"
-        report = None if report is None else report.with_name(partition.shard_name(report.name))
     # Without --overwrite: is there anything to do? (A directory holding another run is refused
     # here.) With it, the old outputs are cleared only after the ids have been checked, below.
+    key = outputs.run_key("filter", arguments, described, partition.count)
+    with outputs.output_lock([output, rejects], key):
+        _filter(found, options, arguments, described, parts, partition, overwrite, report_file, done, stats)
+
+
+def _filter(found, options, arguments, described, parts, partition, overwrite, report, done, stats) -> None:
+    """Decide every group, then write the kept and rejected rows and the report."""
     complete = not overwrite and all(
         [shards.prepare_whole_output(d, "filter", {**arguments, "part": part}, described, False, partition) for part, d in parts.items()]
     )
@@ -419,6 +429,10 @@ def command(
         return
 
     features = pl.concat([_read_features(shard, options) for shard in found], how="diagonal_relaxed")
+    if features["problem_id"].null_count():  # groups are problems: a row without one has no group
+        row = int(features["problem_id"].is_null().arg_true()[0])
+        raise InputError(f"{found[bisect.bisect_right(list(itertools.accumulate(s.rows for s in found)), row)].path}: "
+                         "column 'problem_id' has null values")
     if options.method == "prof":
         _check_unique_response_ids(features, found)  # ties are broken by it
     # Every partition reads every shard's features but decides only its own problems' groups:
@@ -455,14 +469,6 @@ def _options(method, remove, keep, mode, value, min_steps, max_steps, threshold,
     chosen = {"remove": remove, "keep": keep, "mode": mode, "value": value, "min_steps": min_steps,
               "max_steps": max_steps, "threshold": threshold, "band": parse_band(band) if band else None}  # fmt: skip
     return FilterOptions(method=method, where=where, **{k: v for k, v in chosen.items() if v is not None})
-
-
-def _check_output_dirs(output: Path, rejects: Path, found: list[shards.InputShard]) -> None:
-    shards.check_output_dir(output, found)
-    shards.check_output_dir(rejects, found)
-    kept_dir, rejects_dir = output.resolve(), rejects.resolve()
-    if kept_dir == rejects_dir or kept_dir in rejects_dir.parents or rejects_dir in kept_dir.parents:
-        raise InputError(f"{rejects}: --rejects and -o {output} must be separate directories, neither inside the other")
 
 
 def _read_features(shard: shards.InputShard, options: FilterOptions) -> pl.DataFrame:

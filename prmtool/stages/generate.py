@@ -12,7 +12,7 @@ import typer
 from prmtool.executors import partition_to_run
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
-from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.runner import MapStage, run_map_stage
 from prmtool.steps import make_splitter, split_steps
@@ -111,16 +111,16 @@ def command(
     inputs: Inputs,
     output: Output,
     n: Annotated[int, typer.Option("--n", help="Sampled responses per problem.", min=1)] = 4,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0)] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0, callback=finite)] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].", max=1, callback=positive)] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per response.", min=1)] = 1024,
-    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same responses and ids.")] = 0,
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same responses and ids.", min=0)] = 0,
     system_prompt: Annotated[str | None, typer.Option(help="A system message before the problem.")] = None,
-    prompt_template: Annotated[str, typer.Option(help="The user message; {problem} is replaced by the problem.")] = DEFAULT_PROMPT_TEMPLATE,
+    prompt_template: Annotated[str, typer.Option(help="The user message; {problem} is replaced by the problem.", callback=template)] = DEFAULT_PROMPT_TEMPLATE,
     stop: Annotated[list[str], typer.Option("--stop", help="A stop string (repeatable); excluded from the response.")] = [],
     split: Split = "blank-line",
     verify: Annotated[bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")] = False,
-    verify_timeout: Annotated[float, typer.Option(help="With --verify: seconds per comparison.")] = 5.0,
+    verify_timeout: Annotated[float, typer.Option(help="With --verify: seconds per comparison.", callback=positive)] = 5.0,
     model: Model = None,
     engine: EngineName = "hf",
     device: Device = None,

@@ -13,6 +13,7 @@ import typer
 from prmtool import shards
 from prmtool.errors import InputError
 from prmtool.executors import partition_to_run
+from prmtool.outputs import check_outputs, input_roots, output_lock, run_key
 from prmtool.options import CpusPerTask, Executor, GpusPerTask, NumShards, Overwrite, Quiet, ShardIndex, Split
 from prmtool.partition import Partition
 from prmtool.report import RunStats
@@ -67,6 +68,9 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
         return frame
     if preset == "gsm8k":
         _require(frame, ("question", "answer"), source, "--preset gsm8k")
+        unmarked = ~pl.Series(frame["answer"]).cast(pl.String).str.contains("####").fill_null(False)
+        if unmarked.any():
+            raise InputError(f"{source}: row {int(unmarked.arg_true()[0])}: --preset gsm8k: column 'answer' has no '#### ANSWER' line")
         solution_and_answer = pl.col("answer").str.split_exact("####", 1)
         return frame.rename({"question": "problem"}).with_columns(
             reference_solution=solution_and_answer.struct.field("field_0").str.strip_chars(),
@@ -111,6 +115,7 @@ def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.
     if "problem_id" not in frame.columns:
         frame = frame.with_columns(problem_id=pl.col("problem").map_elements(lambda p: stable_id(p), return_dtype=pl.String))
     _no_nulls(frame, "problem_id", source)
+    _one_text_per_problem(frame, source)
     if "response" in frame.columns:
         _no_nulls(frame, "response", source)
         if "response_id" not in frame.columns:
@@ -124,6 +129,14 @@ def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.
         if "steps" in frame.columns:
             _check_given_steps(frame, make_splitter(split).separator, split, source)
     return frame
+
+
+def _one_text_per_problem(frame: pl.DataFrame, source: str) -> None:
+    """A problem_id names one problem: two texts under one id would merge two groups."""
+    texts = frame.group_by("problem_id", maintain_order=True).agg(pl.col("problem").n_unique().alias("texts"))
+    clash = texts.filter(pl.col("texts") > 1)
+    if clash.height:
+        raise InputError(f"{source}: problem_id {clash['problem_id'][0]!r} has {clash['texts'][0]} different problem texts")
 
 
 def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
@@ -159,6 +172,15 @@ def _no_nulls(frame: pl.DataFrame, column: str, source: str) -> None:
 def _size(path: Path) -> int:
     """Bytes of a file, or of every file in a `datasets` folder, so a changed source reruns."""
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _digest(path: Path) -> str:
+    """A hash of a file's bytes, or of every file of a `datasets` folder, so that a source
+    edited in place (even to the same size) is a new input."""
+    if path.is_file():
+        return shards.content_digest(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    return run_key([(str(f.relative_to(path)), shards.content_digest(f)) for f in files])
 
 
 def parse_maps(maps: list[str]) -> dict[str, str]:
@@ -231,16 +253,27 @@ def command(
         return
     stats = RunStats("import", quiet=quiet)
     arguments = {"map": map, "preset": preset, "split": split, "shard_rows": shard_rows, "dataset_split": dataset_split}
-    sources = [{"path": str(p.resolve()), "size": _size(p)} for p in inputs if p.exists()]
+    sources = [{"path": str(p.resolve()), "size": _size(p), "xxh3": _digest(p)} for p in inputs if p.exists()]
     renames = parse_maps(map)
+    check_outputs(input_roots(inputs), {"-o": output})
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: -o exists and is not a directory")
     frame = import_rows(list(inputs), renames, preset, split, dataset_split, partition)
-    if output.resolve() in {p.resolve() for p in inputs} or any(p.resolve().parent == output.resolve() for p in inputs):
-        raise InputError(f"{output}: the output directory holds an input; choose another -o")
-    if shards.prepare_whole_output(output, "import", arguments, sources, overwrite, partition):
-        scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
-        stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
-        return
+    with output_lock([output], run_key("import", arguments, sources, partition.count)):
+        if shards.prepare_whole_output(output, "import", arguments, sources, overwrite, partition):
+            scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
+            stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
+            return
+        _write(frame, output, arguments, sources, shard_rows, partition, stats)
+    stats.print_summary()
+
+
+def _write(frame: pl.DataFrame, output: Path, arguments: dict, sources: list[dict], shard_rows: int,
+           partition: Partition, stats: RunStats) -> None:
     stats.rows_in = stats.rows_out = frame.height
+    if frame["reference_answer"].null_count():  # prompts alone may be imported; verify cannot grade them
+        stats.counts["rows_without_reference_answer"] = frame["reference_answer"].null_count()
+        stats.warn(f"{frame['reference_answer'].null_count()} rows have no reference_answer: verify cannot grade their responses")
     stats.problem_ids.update(frame["problem_id"].to_list())
     written = {}
     for number, start in enumerate(range(0, max(frame.height, 1), shard_rows)):
@@ -250,4 +283,3 @@ def command(
         written[name] = piece.height
         stats.shards_written += 1
     shards.write_manifest(output, "import", arguments, sources, written, partition)
-    stats.print_summary()

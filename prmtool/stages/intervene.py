@@ -30,7 +30,7 @@ from prmtool import interventions as iv
 from prmtool.executors import partition_to_run
 from prmtool.errors import InputError, StageError
 from prmtool.model_loading import EngineOnDemand
-from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.options import template, finite, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.rollouts import Probe, Rollouts, RolloutSettings
 from prmtool.runner import MapStage, run_map_stage
@@ -300,13 +300,13 @@ def command(
     min_success: Annotated[int, typer.Option(help="Keep a proposal when at least this many of its rollouts reach the reference answer.", min=1)] = 1,
     first_error: Annotated[str, typer.Option(help="auto: the label stage's first_error where it names a step, else the model; from-labels: only first_error (other wrong rows are skipped); model: always ask the model.")] = "auto",
     rejects: Annotated[Path | None, typer.Option(help="Directory for every rejected proposal and skipped response, with intervene_reason, one shard per input shard.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of proposals and rollouts (the first-error answer is greedy).", min=0)] = 0.7,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of proposals and rollouts (the first-error answer is greedy).", min=0, callback=finite)] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per verification rollout.", min=1)] = 1024,
     proposer_max_tokens: Annotated[int, typer.Option(help="Most tokens per proposal (and first-error answer).", min=1)] = 1024,
     prefill_tag: Annotated[bool, typer.Option("--prefill-tag", help="Start the model's answers inside the tag and stop at its end: small models keep the format, but write no analysis first.")] = False,
-    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same proposals and rollouts.")] = 0,
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same proposals and rollouts.", min=0)] = 0,
     system_prompt: Annotated[str | None, typer.Option(help="The system message generate used (rollouts).")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}), for the rollouts; default: generate's default.")] = None,
+    prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}), for the rollouts; default: generate's default.", callback=template)] = None,
     split: Split = "blank-line",
     model: Model = None,
     engine: EngineName = "hf",
@@ -333,8 +333,6 @@ def command(
         raise InputError(f"--first-error {first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
     if min_success > verify_rollouts:
         raise InputError(f"--min-success {min_success} is more than --verify-rollouts {verify_rollouts}: nothing could be kept")
-    if rejects is not None and rejects.resolve() == output.resolve():
-        raise InputError(f"{rejects}: --rejects must be another directory than -o")
     separator = make_splitter(split).separator
     stats = RunStats("intervene", quiet=quiet)
     rollout_settings = RolloutSettings(temperature=temperature, max_tokens=max_tokens, seed=seed, system_prompt=system_prompt,
@@ -351,8 +349,6 @@ def command(
     checks = [_verified, _no_interventions_yet]
     if first_error == "from-labels":
         checks.append(_has_first_error)
-    if rejects is not None:
-        checks.append(_not_in(rejects))
     pending: dict[str, pl.DataFrame] = {}  # the rejects of the shard just transformed, for write_rejects
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
@@ -369,7 +365,8 @@ def command(
             shards.write_shard(cast_to_contract(rejected), rejects / shard.name, shards.provenance("intervene-rejects", arguments, shard))
 
     # rows_per_input=None: one row per kept intervention; every other input row goes to the rejects.
-    stage = MapStage("intervene", transform, arguments, REQUIRED, rows_per_input=None, extra_checks=checks, side_output=write_rejects)
+    stage = MapStage("intervene", transform, arguments, REQUIRED, rows_per_input=None, extra_checks=checks, side_output=write_rejects,
+                     side_directories={"--rejects": rejects})
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()
@@ -396,11 +393,3 @@ def _count(stats: RunStats, frame: pl.DataFrame, kept: pl.DataFrame, rejected: p
 def _has_first_error(shard) -> None:
     if "first_error" not in shard.schema:
         raise InputError(f"{shard.path}: missing column 'first_error' for --first-error from-labels; run prmtool label first, or use --first-error model")
-
-
-def _not_in(rejects: Path):
-    def check(shard) -> None:
-        if shard.path.resolve().parent == rejects.resolve():
-            raise InputError(f"{rejects}: the --rejects directory holds the input {shard.path}; choose another")
-
-    return check

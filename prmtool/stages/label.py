@@ -27,7 +27,7 @@ from prmtool.executors import partition_to_run
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
 from prmtool.omegaprm import SearchConfig, grow_trees, tree_frame
-from prmtool.options import Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
 from prmtool.runner import MapStage, run_map_stage
@@ -249,21 +249,21 @@ def command(
     output: Output,
     method: Annotated[str, typer.Option(help="binary (first-error search), mc (k rollouts after every step) or omegaprm (binary labels plus a tree search per question, see --tree-output).")] = "binary",
     k: Annotated[int, typer.Option("--k", help="Rollouts per MC estimate.", min=1)] = 8,
-    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.", min=0)] = 0.7,
+    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.", min=0, callback=finite)] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per rollout.", min=1)] = 1024,
-    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same labels.")] = 0,
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same labels.", min=0)] = 0,
     label: Annotated[str, typer.Option("--label", help="hard: thresholded labels; soft: also a measured step_mc for every labeled step.")] = "hard",
-    bad_below: Annotated[float | None, typer.Option(help="A step is bad when its MC is below this (default: bad only when MC = 0).")] = None,
+    bad_below: Annotated[float | None, typer.Option(help="A step is bad when its MC is below this (default: bad only when MC = 0).", min=0, max=1)] = None,
     correct_responses: Annotated[str, typer.Option(help="trust: a verified-correct response's steps are all good; estimate: run MC on them too.")] = "trust",
     system_prompt: Annotated[str | None, typer.Option(help="The system message generate used.")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}); default: generate's default.")] = None,
+    prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}); default: generate's default.", callback=template)] = None,
     tree_output: Annotated[Path | None, typer.Option(help="omegaprm: directory for the search tree, one row per (prefix, MC) state, one shard per input shard.")] = None,
     search_budget: Annotated[int, typer.Option(help="omegaprm: MC-estimation rollouts per question after screening.", min=0)] = 100,
     screen_rollouts: Annotated[int, typer.Option(help="omegaprm: rollouts from the empty prefix; a question is searched only if some are right and some wrong.", min=1)] = 32,
-    alpha: Annotated[float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L).")] = 0.5,
-    beta: Annotated[float, typer.Option(help="omegaprm: length discount of Q.")] = 0.9,
-    length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1)] = 500.0,
-    c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.")] = 0.125,
+    alpha: Annotated[float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L), in (0, 1].", max=1, callback=positive)] = 0.5,
+    beta: Annotated[float, typer.Option(help="omegaprm: length discount of Q, in (0, 1].", max=1, callback=positive)] = 0.9,
+    length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)] = 500.0,
+    c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125,
     split: Split = "blank-line",
     model: Model = None,
     engine: EngineName = "hf",
@@ -325,7 +325,7 @@ def command(
         shards.write_shard(tree, tree_output / shard.name, shards.provenance("label-tree", arguments, shard))
 
     stage = MapStage("label", transform, arguments, REQUIRED, extra_checks=[_verified],
-                     side_output=write_tree if method == "omegaprm" else None)
+                     side_output=write_tree if method == "omegaprm" else None, side_directories={"--tree-output": tree_output})
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()

@@ -34,7 +34,7 @@ import typer
 from prmtool.executors import partition_to_run
 from prmtool.errors import InputError
 from prmtool.model_loading import EngineOnDemand
-from prmtool.options import Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.options import template, positive, Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats, Tracker
 from prmtool.runner import MapStage, run_map_stage
 
@@ -257,7 +257,7 @@ def command(
     policy: Annotated[str | None, typer.Option("--policy", help="implicit: the PRM / policy model, a local folder or .gguf (default: the embedded SmolLM2-135M-Instruct).", show_default=False)] = None,
     ref: Annotated[str | None, typer.Option("--ref", help="implicit: the reference model; must share the policy's tokenizer.", show_default=False)] = None,
     no_ref: Annotated[bool, typer.Option("--no-ref", help="implicit: no reference model; rewards are beta * log pi.")] = False,
-    beta: Annotated[float, typer.Option(help="implicit: reward scale (0.001 at inference, as the reference code).")] = 0.001,
+    beta: Annotated[float, typer.Option(help="implicit: reward scale (0.001 at inference, as the reference code).", callback=positive)] = 0.001,
     reward: Annotated[str, typer.Option(help="Which step list prm_score aggregates: single (step_rewards) or cumulative (step_values).")] = "single",
     agg: Annotated[str, typer.Option(help="prm_score over steps: min, sum, mean or last.")] = "min",
     token_rewards: Annotated[bool, typer.Option("--token-rewards", help="implicit: also write token_rewards, one per response token.")] = False,
@@ -265,7 +265,7 @@ def command(
     prm: Annotated[str | None, typer.Option("--prm", help="token-classification: the trained PRM folder.", show_default=False)] = None,
     step_separator: Annotated[str, typer.Option(help="token-classification: the step_separator the PRM was trained with.", show_default="\\n (a newline)")] = "\n",
     system_prompt: Annotated[str | None, typer.Option(help="implicit: the system message generate used.")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help="implicit: the user message generate used ({problem}); default: generate's default.")] = None,
+    prompt_template: Annotated[str | None, typer.Option(help="implicit: the user message generate used ({problem}); default: generate's default.", callback=template)] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False)] = None,
     engine: EngineName = "hf",
     device: Device = None,

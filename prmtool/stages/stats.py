@@ -14,6 +14,7 @@ from rich.table import Table
 
 from prmtool import plots, shards
 from prmtool.errors import InputError
+from prmtool.outputs import check_outputs, input_roots
 from prmtool.options import Inputs, Quiet
 from prmtool.report import RunStats
 
@@ -135,17 +136,21 @@ def command(
     """Rows, problems, responses per problem, accuracy, steps, labels and first errors of a
     shard set. Prints to stdout."""
     found = shards.open_inputs(inputs)
+    check_outputs(input_roots(inputs, [s.path for s in found]), {"--plot": plot})
     if plot is not None:
         try:  # before any work, so that a bad --plot is a usage error with nothing printed
             plot.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"{plot}: cannot create the --plot directory ({exc.strerror})") from None
     frame = pl.concat([pl.scan_parquet(s.path) for s in found], how="diagonal_relaxed")
-    figures = {"shards": len(found), **shard_set_stats(frame)}
-    if plot is not None:
-        log = RunStats("stats", quiet=quiet)
-        for line in plot_shard_set(frame, plot):
-            log.log(line)
+    try:
+        figures = {"shards": len(found), **shard_set_stats(frame)}
+        if plot is not None:
+            log = RunStats("stats", quiet=quiet)
+            for line in plot_shard_set(frame, plot):
+                log.log(line)
+    except (pl.exceptions.PolarsError, OSError) as exc:  # a damaged page is found only as it is read
+        raise InputError(f"{_damaged(found)}: cannot read the data ({shards._one_line(exc)})") from None
     if as_json:
         print(json.dumps(figures, indent=2, default=str))
         return
@@ -157,6 +162,18 @@ def command(
             value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
         table.add_row(key.replace("_", " "), _fmt(value))
     Console().print(table)
+
+
+def _damaged(found: list[shards.InputShard]) -> str:
+    """The first shard whose data pages cannot be read (its footer could be)."""
+    import pyarrow.parquet as pq
+
+    for shard in found:
+        try:
+            pq.read_table(shard.path)
+        except Exception:
+            return str(shard.path)
+    return ", ".join(str(s.path) for s in found[:3])
 
 
 def _fmt(value) -> str:

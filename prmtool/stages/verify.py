@@ -8,7 +8,7 @@ import polars as pl
 import typer
 
 from prmtool.executors import partition_to_run
-from prmtool.options import Inputs, Output, Overwrite, Quiet, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.options import positive, Inputs, Output, Overwrite, Quiet, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
 from prmtool.report import RunStats
 from prmtool.runner import MapStage, run_map_stage
 from prmtool.verification import verify_responses
@@ -44,7 +44,7 @@ Examples:
 def command(
     inputs: Inputs,
     output: Output,
-    timeout: Annotated[float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.")] = 5.0,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.", callback=positive)] = 5.0,
     workers: Workers = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,

@@ -1,0 +1,138 @@
+"""Where a command may write, checked once for every path it writes, and the lock that keeps two
+different runs out of one output directory.
+
+Every path a command writes (`-o`, `--rejects`, `--tree-output`, `--hf-dataset`, `--report`,
+`--plot`, a recipe's workdir) goes through `check_outputs` before anything is written: it may not
+be an input, lie inside an input directory, or hold an input below it (an `--overwrite` clears
+an output directory's Parquet files, which would then be the input's), and two outputs of one
+command may not be the same or nested. Names that become paths (export's split names, recipe
+stage names) go through `plain_name`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prmtool.errors import InputError
+
+LOCK = ".lock"
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def plain_name(name: str, what: str) -> str:
+    """A name that becomes one path component: letters, digits, `.`, `_` and `-`, starting with
+    a letter or digit (so never `..`, `_SUCCESS` or a hidden file), and no `/`."""
+    if not isinstance(name, str) or not _PLAIN.fullmatch(name) or len(name) > 100:
+        raise InputError(f"{what} {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return name
+
+
+def input_roots(specs: Iterable[str | Path], files: Iterable[Path] = ()) -> list[Path]:
+    """The paths a command reads: each input as given (a file or a directory; a glob by what it
+    matches), and the files found in them."""
+    roots: list[Path] = []
+    for spec in specs:
+        text = str(spec)
+        if text == "-":
+            continue
+        roots.extend(Path(m) for m in glob.glob(text, recursive=True)) if glob.has_magic(text) else roots.append(Path(text))
+    roots.extend(files)
+    return [_absolute(root) for root in roots]
+
+
+def check_outputs(inputs: list[Path], outputs: dict[str, Path | None]) -> None:
+    """Refuse an output that is an input, lies inside an input directory or is an ancestor of
+    an input, and two outputs that are the same or nested. `outputs` maps each option (`-o`,
+    `--rejects`, ...) to its path; None entries are options not given."""
+    given = {option: _absolute(path) for option, path in outputs.items() if path is not None}
+    for option, out in given.items():
+        for source in inputs:
+            if out == source:
+                raise InputError(f"{outputs[option]}: {option} is an input of this command; choose another path")
+            if source in out.parents and source.is_dir():
+                raise InputError(f"{outputs[option]}: {option} lies inside the input {source}; choose a path outside it")
+            if out in source.parents:
+                raise InputError(f"{outputs[option]}: {option} holds the input {source}; choose a path that holds no input")
+    options = list(given)
+    for number, first in enumerate(options):
+        for second in options[number + 1:]:
+            a, b = given[first], given[second]
+            if a == b or a in b.parents or b in a.parents:
+                raise InputError(f"{outputs[second]}: {second} and {first} {outputs[first]} must be separate paths, neither inside the other")
+
+
+def _absolute(path: Path | str) -> Path:
+    """The real path, symbolic links followed, for a path that need not exist yet."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def run_key(*parts) -> str:
+    """What identifies one run (stage, options, inputs): partitions of a run share it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@contextmanager
+def output_lock(directories: Iterable[Path], key: str) -> Iterator[None]:
+    """Hold `DIR/.lock` for every output directory while the run writes there.
+
+    The partitions of one run (same `key`) share the lock and write side by side; a run with
+    another key finds it held and fails at once, instead of mixing its shards with the other's.
+    The lock is an flock, so it goes with the process: a killed run leaves no stale lock.
+    """
+    descriptors = []
+    try:
+        for directory in directories:
+            descriptors.append(_lock(directory, key))
+        yield
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)  # closing releases the flock
+
+
+def _lock(directory: Path, key: str) -> int:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot write the output directory ({exc.strerror})") from None
+    busy = InputError(f"{directory}: another prmtool run, with other options or inputs, is writing here; "
+                      "wait for it to end or choose another output")
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:  # alone: claim the directory for this run, then let its other partitions in
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, key.encode(), 0)
+            fcntl.flock(descriptor, fcntl.LOCK_SH)  # not atomic: another run may have come in between
+            if _holder(descriptor) != key:
+                os.close(descriptor)
+                raise busy
+            return descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # someone is claiming it right now: look again in a moment
+            if time.monotonic() > deadline:
+                os.close(descriptor)
+                raise busy from None
+            time.sleep(0.02)
+            continue
+        if _holder(descriptor) == key:
+            return descriptor  # a partition of the same run
+        os.close(descriptor)
+        raise busy
+
+
+def _holder(descriptor: int) -> str:
+    return os.pread(descriptor, 64, 0).decode(errors="replace")
