@@ -57,11 +57,11 @@ def check_outputs(inputs: list[Path], outputs: dict[str, Path | None]) -> None:
     for option, out in given.items():
         for source in inputs:
             if out == source:
-                raise InputError(f"{outputs[option]}: {option} is an input of this command; choose another path")
+                raise InputError(f"{outputs[option]}: {option} is an input of this command; choose another {option}")
             if source in out.parents and source.is_dir():
-                raise InputError(f"{outputs[option]}: {option} lies inside the input {source}; choose a path outside it")
+                raise InputError(f"{outputs[option]}: {option} lies inside the input {source}; choose another {option}, outside it")
             if out in source.parents:
-                raise InputError(f"{outputs[option]}: {option} holds the input {source}; choose a path that holds no input")
+                raise InputError(f"{outputs[option]}: {option} holds the input {source}; choose another {option}")
     options = list(given)
     for number, first in enumerate(options):
         for second in options[number + 1:]:
