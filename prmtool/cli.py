@@ -12,9 +12,9 @@ from prmtool.errors import InputError, StageError
 from prmtool.executors import current_argv
 
 try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own classes
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import BadParameter, ClickException, MissingParameter
 except ImportError:
-    from click import ClickException
+    from click import BadParameter, ClickException, MissingParameter
 from prmtool import recipe
 from prmtool.stages import export, filter, generate, import_, intervene, label, score, stats, verify
 
@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except ClickException as exc:  # usage errors: a missing option, a bad value, an unknown command
-        exc.show()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `prmtool`: the help is the answer
+            exc.show()
+            return 2
+        stderr.print(f"error: {usage_line(exc, sys.argv[1:] if argv is None else argv)}", markup=False, soft_wrap=True)
         return 2
     except typer.Abort:
         stderr.print("interrupted; rerun the same command to resume where it stopped")
@@ -83,6 +86,41 @@ def main(argv: list[str] | None = None) -> int:
     if code == 130:
         stderr.print("interrupted; rerun the same command to resume where it stopped")
     return code if isinstance(code, int) else 0
+
+
+# click's wording for a value out of its range, in ours
+_RANGE_WORDS = [("Input should be greater than or equal to", "must be at least"), ("Input should be less than or equal to", "must be at most"),
+                ("Input should be greater than", "must be above"), ("Input should be less than", "must be below"), ("Input should be", "must be")]
+
+
+def usage_line(exc: ClickException, argv: list[str]) -> str:
+    """A usage error on one line, naming the option and the value as typed:
+    `--num-shards 0: must be at least 1 (see 'prmtool export -h')`."""
+    message = exc.format_message()
+    param = getattr(exc, "param", None)
+    if isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter) and param is not None and getattr(param, "opts", None):
+        message = exc.message
+        for before, after in _RANGE_WORDS:
+            message = message.replace(before, after)
+        typed = _typed(param.opts, argv)
+        if typed is not None:
+            message = f"{typed[0]} {typed[1]}: {message}"
+        else:
+            message = f"{param.opts[-1]}: {message}"
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see '{ctx.command_path} -h')" if ctx is not None else message
+
+
+def _typed(options: list[str], argv: list[str]) -> tuple[str, str] | None:
+    """The last `--option value` or `--option=value` of `options` in argv."""
+    found = None
+    for number, token in enumerate(argv):
+        for option in options:
+            if token == option and number + 1 < len(argv):
+                found = (option, argv[number + 1])
+            elif token.startswith(option + "=") and option.startswith("--"):
+                found = (option, token[len(option) + 1:])
+    return found
 
 
 def run() -> None:

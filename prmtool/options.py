@@ -13,21 +13,21 @@ def finite(value: float | None) -> float | None:
     """A float option's callback: NaN and infinity are not settings (click's ranges let NaN
     through where an option has no bound)."""
     if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value}: must be a finite number")
+        raise typer.BadParameter("must be a finite number")
     return value
 
 
 def positive(value: float | None) -> float | None:
     """A float option that must be finite and above 0 (a timeout, a scale)."""
     if value is not None and not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"{value}: must be a finite number above 0")
+        raise typer.BadParameter("must be a finite number above 0")
     return value
 
 
 def template(value: str | None) -> str | None:
     """A --prompt-template must place the problem somewhere."""
     if value is not None and "{problem}" not in value:
-        raise typer.BadParameter(f"{value!r}: must contain {{problem}}, where the problem text goes")
+        raise typer.BadParameter("must contain {problem}, where the problem text goes")
     return value
 
 

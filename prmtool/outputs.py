@@ -80,22 +80,58 @@ def run_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+# Lock descriptors this process holds. A forked child (a verify worker, which may outlive the
+# run in a long-lived Python process) closes its copies: an flock belongs to the open file, so a
+# child still holding one would keep the directory locked after the run ended.
+_HELD: set[int] = set()
+
+
+def _forget_locks_in_child() -> None:
+    for descriptor in _HELD:
+        os.close(descriptor)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 @contextmanager
 def output_lock(directories: Iterable[Path], key: str) -> Iterator[None]:
     """Hold `DIR/.lock` for every output directory while the run writes there.
 
     The partitions of one run (same `key`) share the lock and write side by side; a run with
     another key finds it held and fails at once, instead of mixing its shards with the other's.
-    The lock is an flock, so it goes with the process: a killed run leaves no stale lock.
+    The lock is an flock, so it goes with the process: a killed run leaves no stale lock. A
+    directory the run made and left with nothing but its lock (a model that failed to load) is
+    removed again: nothing half-written.
     """
-    descriptors = []
+    held: list[tuple[Path, int, bool]] = []
     try:
         for directory in directories:
-            descriptors.append(_lock(directory, key))
+            made = not directory.exists()
+            held.append((directory, _lock(directory, key), made))
+            _HELD.add(held[-1][1])
         yield
     finally:
-        for descriptor in descriptors:
+        for directory, descriptor, made in held:
+            if made:
+                _remove_if_unused(directory, descriptor)
+            _HELD.discard(descriptor)
             os.close(descriptor)  # closing releases the flock
+
+
+def _remove_if_unused(directory: Path, descriptor: int) -> None:
+    """Remove a directory that holds only its lock, if no partition of the run still holds it."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another partition is still writing here
+    try:
+        if [p.name for p in directory.iterdir()] == [LOCK]:
+            (directory / LOCK).unlink()
+            directory.rmdir()
+    except OSError:
+        pass
 
 
 def _lock(directory: Path, key: str) -> int:

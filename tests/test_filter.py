@@ -539,7 +539,7 @@ def test_usage_errors_are_one_line_and_write_nothing(prmtool, tmp_path, args, me
 def test_rejects_must_be_apart_from_the_output(prmtool, tmp_path, rejects):
     inputs = write_shards(tmp_path / "scored", PAPER, [8])
     result = prmtool("filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / rejects)
-    assert result.exit_code == 2 and "separate directories" in result.stderr
+    assert result.exit_code == 2 and "must be separate paths" in result.stderr
 
 
 def test_rerun_is_a_no_op_and_other_options_need_overwrite(prmtool, tmp_path):

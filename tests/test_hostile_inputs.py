@@ -52,7 +52,7 @@ WRITERS = [
     (["verify", "IN", "-o", "TARGET"], "-o"),
     (["label", "IN", "-o", "TARGET"], "-o"),
     (["label", "IN", "-o", "OUT", "--method", "omegaprm", "--tree-output", "TARGET"], "--tree-output"),
-    (["score", "IN", "-o", "TARGET"], "-o"),
+    (["score", "IN", "-o", "TARGET", "--no-ref"], "-o"),
     (["intervene", "IN", "-o", "TARGET"], "-o"),
     (["intervene", "IN", "-o", "OUT", "--rejects", "TARGET"], "--rejects"),
     (["filter", "IN", "-o", "TARGET", "--rejects", "REJ"], "-o"),
@@ -142,16 +142,21 @@ def test_partitions_of_one_run_share_the_lock(tmp_path):
 
 
 def test_an_input_edited_in_place_to_the_same_size_is_not_taken_for_the_old_one(prmtool, tmp_path, responses_dir):
+    import pyarrow.parquet as pq
+
+    def write_plain(frame: pl.DataFrame, path: Path) -> None:  # no compression, dictionaries or statistics: size = content length
+        pq.write_table(frame.to_arrow(), path, compression="none", use_dictionary=False, write_statistics=False)
+
+    shard = responses_dir / "part-00000.parquet"
+    write_plain(pl.read_parquet(shard), shard)
     out = tmp_path / "out"
     assert prmtool("verify", responses_dir, "-o", out, "--workers", "1", "-q").exit_code == 0
-    shard = responses_dir / "part-00000.parquet"
+    size, rows = shard.stat().st_size, pl.read_parquet(shard).height
+    # one answer edited to another of the same length (18 -> 81): same size, same rows
     frame = pl.read_parquet(shard)
-    size = shard.stat().st_size
-    # the same number of characters: 18 -> 81
     frame = frame.with_columns(reference_answer=pl.col("reference_answer").str.replace(r"^(\d)(\d)$", "${2}${1}"))
-    frame.write_parquet(shard)
-    if shard.stat().st_size != size:
-        pytest.skip("the edit changed the file's size; the content check is then not the one that decides")
+    write_plain(frame, shard)
+    assert (shard.stat().st_size, pl.read_parquet(shard).height) == (size, rows)
     one_line_error(prmtool("verify", responses_dir, "-o", out, "--workers", "1"), "different run")
 
 
@@ -211,7 +216,14 @@ def test_a_recipe_that_is_not_text(prmtool, tmp_path):
     one_line_error(prmtool("run", recipe), "line 3", "UTF-8")
 
 
-def test_a_chat_template_the_sandbox_refuses(prmtool, tiny_model_dir, tmp_path):
+@pytest.fixture
+def problems(prmtool, tmp_path) -> Path:
+    directory = tmp_path / "problems"
+    assert prmtool("import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "-o", directory, "-q").exit_code == 0
+    return directory
+
+
+def test_a_chat_template_the_sandbox_refuses(prmtool, tiny_model_dir, problems, tmp_path):
     import shutil
 
     model = tmp_path / "model"
@@ -220,13 +232,11 @@ def test_a_chat_template_the_sandbox_refuses(prmtool, tiny_model_dir, tmp_path):
     config["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     (model / "chat_template.jinja").unlink(missing_ok=True)
-    problems = tmp_path / "problems"
-    assert prmtool("import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "-o", problems, "-q").exit_code == 0
-    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4")
+    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4", "-q")
     one_line_error(result, "chat template")
 
 
-def test_pickle_weights_that_transformers_refuses(prmtool, tiny_model_dir, tmp_path):
+def test_pickle_weights_that_transformers_refuses(prmtool, tiny_model_dir, problems, tmp_path):
     import shutil
 
     model = tmp_path / "model"
@@ -234,9 +244,7 @@ def test_pickle_weights_that_transformers_refuses(prmtool, tiny_model_dir, tmp_p
     for weights in model.glob("*.safetensors"):
         weights.unlink()
     (model / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that runs a command
-    problems = tmp_path / "problems"
-    assert prmtool("import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "-o", problems, "-q").exit_code == 0
-    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4")
+    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4", "-q")
     one_line_error(result, "cannot load model")
 
 
@@ -281,7 +289,7 @@ def test_a_yaml_alias_bomb_is_refused(prmtool, tmp_path, levels):
 
 def test_small_aliases_are_fine(prmtool, tmp_path):
     recipe = write_recipe(tmp_path, f"workdir: {tmp_path / 'w'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
-                                    "stages:\n  - &imp {{stage: import, preset: gsm8k}}\n")
+                                    "stages:\n  - &imp {stage: import, preset: gsm8k}\n  - {<<: *imp, name: import-again}\n")
     assert prmtool("run", recipe, "--dry-run").exit_code == 0
 
 

@@ -9,7 +9,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prmtool import __version__
+from prmtool import __version__, shards
 from prmtool.stages.import_ import stable_id
 from tests.conftest import SAMPLES, files_under
 
@@ -317,7 +317,7 @@ def test_success_manifest_lists_inputs_outputs_and_arguments(prmtool, write_json
     assert manifest["stage"] == "import"
     assert manifest["version"] == __version__
     assert manifest["arguments"]["shard_rows"] == 2
-    assert manifest["inputs"] == [{"path": str(source), "size": source.stat().st_size}]
+    assert manifest["inputs"] == [{"path": str(source), "size": source.stat().st_size, "xxh3": shards.content_digest(source)}]
     assert manifest["outputs"] == [{"file": "part-00000.parquet", "rows": 2}, {"file": "part-00001.parquet", "rows": 1}]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", manifest["finished"])
 

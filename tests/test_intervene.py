@@ -470,7 +470,7 @@ def test_intervene_command_on_a_model_folder_writes_rejects_and_the_funnel(prmto
     result = prmtool(*args)
     assert result.exit_code == 0, result.stderr
     assert files_under(tmp_path / "out") == ["_SUCCESS", "part-00000.parquet"]
-    assert files_under(tmp_path / "rejects") == ["part-00000.parquet"]
+    assert files_under(tmp_path / "rejects") == ["_SUCCESS", "part-00000.parquet"]
     kept = pl.read_parquet(tmp_path / "out" / "part-00000.parquet")
     rejects = pl.read_parquet(tmp_path / "rejects" / "part-00000.parquet")
     # A random-weight model writes no tag: every candidate is rejected, and nothing is lost.

@@ -239,7 +239,7 @@ STAGES = {
     "args, message",
     [
         (["--shard-index", "2", "--num-shards", "2"], "--shard-index 2: must be in 0..1"),
-        (["--shard-index", "-1", "--num-shards", "2"], "--shard-index -1"),
+        (["--shard-index", "-1", "--num-shards", "2"], "--shard-index -1: must be at least 0"),
         (["--num-shards", "0", "--shard-index", "0"], "--num-shards 0: must be at least 1"),
         (["--shard-index", "0"], "give both or neither"),
         (["--num-shards", "2"], "give both or neither"),

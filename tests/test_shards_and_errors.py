@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prmtool import __version__
+from prmtool import __version__, shards
 from tests.conftest import SAMPLES, files_under
 
 RESPONSES = SAMPLES / "responses" / "part-00000.parquet"
@@ -229,7 +229,7 @@ def test_import_with_a_bad_split_rule(prmtool, write_jsonl, tmp_path):
 def test_import_into_the_directory_of_its_input(prmtool, write_jsonl, tmp_path):
     source = write_jsonl([{"problem": "What is 2 + 3?", "reference_answer": "5"}])
     result = prmtool("import", source, "-o", tmp_path)
-    assert_input_error(result, str(tmp_path), "holds an input")
+    assert_input_error(result, str(tmp_path), "holds the input")
     assert files_under(tmp_path) == ["input.jsonl"]
 
 
@@ -316,6 +316,7 @@ def test_a_finished_shard_from_other_options_needs_overwrite(prmtool, tmp_path, 
             "path": str((two_shards / name).resolve()),
             "size": (two_shards / name).stat().st_size,
             "rows": 4,
+            "xxh3": shards.content_digest(two_shards / name),  # an edit of the same size is a new input
         }
 
 

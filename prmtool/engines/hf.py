@@ -141,6 +141,8 @@ class HFEngine(Engine):
                 loaded = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch_dtype, **load_kwargs)
         except Exception as error:  # refused pickle weights, a broken config, a missing file: one line
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if first_line.startswith("Weights only load failed"):  # torch's refusal runs on for a paragraph
+                first_line = "its weights are a pickle that torch refuses to run (weights_only); convert them to safetensors"
             raise EngineError(f"cannot load model {location.path}: {first_line}") from error
         return cls(loaded.to(device), tokenizer, **options)
 

@@ -403,7 +403,7 @@ def command(
         if condition is not None:
             check_where(condition, where, shard)  # an unknown column or a non-boolean result
     report_file = report if report is None or partition.whole else report.with_name(partition.shard_name(report.name))
-    shards.check_output_dir(output, found, inputs, {"--rejects": rejects, "--report": report_file})
+    shards.check_output_dir(output, found, inputs, {"--rejects": rejects}, files={"--report": report_file})
     shards.check_distinct_names(found)
 
     arguments = options.arguments()
