@@ -1,4 +1,4 @@
-"""The fused Hopper kernels of `prmtool score` (prmtool/engines/hopper.py) against the unfused
+"""The fused Hopper kernels of `prmtool score` (prmtool/engines/hf/hopper.py) against the unfused
 path they replace, one forward's worth of work at a time, on the Qwen2.5-1.5B shapes.
 
   swiglu   silu(x @ gate^T) * (x @ up^T), 16,384 tokens x 1,536 -> 8,960: one Triton kernel
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from prmtool.engines import hopper
-from prmtool.engines.log_probs import choose_target_log_probs
+from prmtool.engines.hf import hopper
+from prmtool.engines.hf.log_probs import choose_target_log_probs
 
 QWEN25_15B = dict(tokens=16384, hidden=1536, intermediate=8960, vocab=151936)
 QUICK = dict(tokens=40, hidden=64, intermediate=96, vocab=500)

@@ -28,7 +28,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's model builders
 
 from prmtool.engines import Completion, Engine  # noqa: E402
-from prmtool.rollouts import RolloutSettings  # noqa: E402
+from prmtool.methods.rollouts import RolloutSettings  # noqa: E402
 from prmtool.stages.label import label_rows  # noqa: E402
 
 

@@ -78,7 +78,7 @@ from bench.bench_generate import TINY, build_tokenizer
 from prmtool.engines.base import length_batches
 from prmtool.engines.hf import HFEngine
 from prmtool.stages.score import ScoreSettings, score_implicit
-from prmtool.steps import make_splitter, split_steps
+from prmtool.methods.steps import make_splitter, split_steps
 
 QWEN25_15B = dict(
     hidden_size=1536,

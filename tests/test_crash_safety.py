@@ -40,7 +40,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prmtool import outputs, shards
+from prmtool.core import outputs, shards
 from prmtool.cli import main
 from tests.conftest import ROOT, SAMPLES
 

@@ -20,8 +20,8 @@ from prmtool.engines import (
     load_engine,
 )
 from prmtool.engines.hf import HFEngine
-from prmtool.engines.hf_generate import sample_from_logits
-from prmtool.engines.vllm_engine import (
+from prmtool.engines.hf.generate import sample_from_logits
+from prmtool.engines.vllm import (
     completions_from_output,
     continuation_log_probs,
     sampling_params_kwargs,
@@ -179,7 +179,7 @@ def test_compiled_scoring_equals_eager_scoring_and_generation_keeps_eager_layers
 
 
 def test_one_pass_target_log_probs_equal_log_softmax():
-    from prmtool.engines.log_probs import choose_target_log_probs, target_log_probs
+    from prmtool.engines.hf.log_probs import choose_target_log_probs, target_log_probs
 
     logits = torch.randn(5, 1000, dtype=torch.float64) * 4
     logits[2, 7] = 60.0  # a peaked row

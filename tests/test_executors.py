@@ -7,11 +7,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from prmtool.errors import InputError
+from prmtool.core.errors import InputError
 from prmtool.executors import partition_to_run
 from prmtool.executors.ray import task_argv
-from prmtool.partition import Partition
-from prmtool.shards import InputShard
+from prmtool.core.partition import Partition
+from prmtool.core.shards import InputShard
 
 
 def shard(name: str) -> InputShard:

@@ -1,6 +1,6 @@
 """`prmtool filter`: keep the responses whose process and outcome agree.
 
-PROF (ALGORITHMS.md, "PROF consistency filtering"), Qwen's consensus filter, an accuracy band
+PROF (docs/algorithms.md, "PROF consistency filtering"), Qwen's consensus filter, an accuracy band
 and --where. Kept rows go to -o, removed rows to --rejects with a filter_reason: the two
 together are always exactly the input."""
 

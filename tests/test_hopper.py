@@ -1,4 +1,4 @@
-"""The fused Hopper kernels (prmtool/engines/hopper.py): which models they apply to (CPU), and
+"""The fused Hopper kernels (prmtool/engines/hf/hopper.py): which models they apply to (CPU), and
 that they compute what the unfused path computes (on an H100/H200 only)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prmtool.engines import hopper
+from prmtool.engines.hf import hopper
 from prmtool.engines.hf import HFEngine, has_final_logit_transforms
 from prmtool.engines.base import ScoringRequest
 from tests.engine_fixtures import build_tiny_model

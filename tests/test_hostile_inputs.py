@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from prmtool import outputs
+from prmtool.core import outputs
 from tests.conftest import SAMPLES
 
 

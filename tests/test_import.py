@@ -9,7 +9,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prmtool import __version__, shards
+from prmtool import __version__
+from prmtool.core import shards
 from prmtool.stages.import_ import stable_id
 from tests.conftest import SAMPLES, files_under
 

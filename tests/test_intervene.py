@@ -17,10 +17,10 @@ from fractions import Fraction
 import polars as pl
 import pytest
 
-from prmtool import interventions as iv
+from prmtool.methods import interventions as iv
 from prmtool.engines import Completion, Engine
-from prmtool.interventions import Candidate, Rejection, answer_leak, parse_first_error, parse_intervention
-from prmtool.rollouts import RolloutSettings
+from prmtool.methods.interventions import Candidate, Rejection, answer_leak, parse_first_error, parse_intervention
+from prmtool.methods.rollouts import RolloutSettings
 from prmtool.stages.intervene import InterveneSettings, intervene_rows
 from tests.conftest import SAMPLES, files_under
 

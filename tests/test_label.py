@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from prmtool.engines import Completion, Engine
-from prmtool.rollouts import RolloutSettings
+from prmtool.methods.rollouts import RolloutSettings
 from prmtool.stages.label import label_rows
 from tests.conftest import SAMPLES
 

@@ -12,10 +12,10 @@ from collections import Counter
 import polars as pl
 
 from prmtool.engines import Completion
-from prmtool.omegaprm import TREE_SCHEMA, SearchConfig, grow_trees, tree_frame
-from prmtool.rollouts import RolloutSettings
+from prmtool.methods.omegaprm import TREE_SCHEMA, SearchConfig, grow_trees, tree_frame
+from prmtool.methods.rollouts import RolloutSettings
 from prmtool.stages.label import label_rows
-from prmtool.steps import make_splitter
+from prmtool.methods.steps import make_splitter
 from tests.test_label import ScriptedRolloutEngine, answers_of, responses
 
 SETTINGS = RolloutSettings(workers=1)

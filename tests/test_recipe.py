@@ -15,7 +15,7 @@ import pytest
 import typer
 
 from prmtool.cli import app
-from prmtool.recipe import load_recipe
+from prmtool.cli.recipe import load_recipe
 from tests.conftest import ROOT, SAMPLES
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

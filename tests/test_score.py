@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
+from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.stages.score import step_char_ends, step_end_tokens, token_starts, tokenize_responses
-from prmtool.steps import make_splitter, split_steps
+from prmtool.methods.steps import make_splitter, split_steps
 from tests.conftest import SAMPLES
 from tests.engine_fixtures import build_tokenizer, tiny_config
 

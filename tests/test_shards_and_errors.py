@@ -13,7 +13,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prmtool import __version__, shards
+from prmtool import __version__
+from prmtool.core import shards
 from tests.conftest import SAMPLES, files_under
 
 RESPONSES = SAMPLES / "responses" / "part-00000.parquet"

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prmtool.errors import InputError
-from prmtool.steps import make_splitter, split_steps
+from prmtool.core.errors import InputError
+from prmtool.methods.steps import make_splitter, split_steps
 
 SPLITS = ["blank-line", "line", "step-k", r"regex:\d+\.", "regex:(?m)^#"]
 

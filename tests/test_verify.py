@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from prmtool.stages.verify import verify_rows
-from prmtool.verification import Verdict, extract_answer, last_boxed, verify_answers
+from prmtool.methods.verification import Verdict, extract_answer, last_boxed, verify_answers
 
 
 @pytest.mark.parametrize(

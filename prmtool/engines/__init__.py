@@ -61,7 +61,7 @@ def load_engine(
             raise EngineError(f"unknown hf engine option(s) {', '.join(unknown)}: expected {', '.join(sorted(accepted))}")
         return HFEngine.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
     if name == "vllm":
-        from prmtool.engines.vllm_engine import VLLMEngine
+        from prmtool.engines.vllm import VLLMEngine
 
         if device not in (None, "cuda"):
             raise EngineError(f"the vllm engine runs on CUDA only, not on {device!r}")
@@ -87,6 +87,6 @@ def check_device(device: str | None) -> None:
 def load_step_classifier(model: str, *, device: str | None = None, dtype: str | None = None,
                          trust_remote_code: bool = False, **options):
     """A token-classification PRM (as TRL's PRMTrainer trains) from a local folder."""
-    from prmtool.engines.hf_classifier import StepClassifier
+    from prmtool.engines.hf.classifier import StepClassifier
 
     return StepClassifier.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)

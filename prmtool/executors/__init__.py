@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
-from prmtool.errors import InputError
-from prmtool.partition import Partition
+from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
 
 EXECUTORS = ("local", "ray")
 

@@ -4,7 +4,7 @@ Each task runs the very command line the user typed, with `--shard-index i --num
 in place of `--executor ray`, in the driver's working directory. Tasks share nothing but the
 file system, exactly like a Slurm array: every input and output path must be on storage all
 nodes see (NFS, Lustre, a mounted bucket). The partition that finishes last writes the
-output's `_SUCCESS` (prmtool/partition.py), so the driver only waits and reports.
+output's `_SUCCESS` (prmtool/core/partition.py), so the driver only waits and reports.
 
 Cluster: `RAY_ADDRESS` or a cluster started with `ray start` on this machine, else a local one.
 """
@@ -16,7 +16,7 @@ import time
 
 from rich.console import Console
 
-from prmtool.errors import InputError, StageError
+from prmtool.core.errors import InputError, StageError
 
 # Options that only the driver reads: a task runs one partition locally.
 DRIVER_ONLY = {"--executor": True, "--gpus-per-task": True, "--cpus-per-task": True, "--num-shards": True,

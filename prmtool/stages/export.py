@@ -10,14 +10,15 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool import outputs, shards
-from prmtool.outputs import plain_name
-from prmtool.errors import InputError
-from prmtool.formats import FORMATS
+from prmtool.core.where import check_where, where_filter
+from prmtool.core import outputs, shards
+from prmtool.core.outputs import plain_name
+from prmtool.core.errors import InputError
+from prmtool.methods.formats import FORMATS
 from prmtool.executors import partition_to_run
-from prmtool.options import template, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
-from prmtool.report import RunStats
-from prmtool.schema import check_columns
+from prmtool.cli.options import template, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.core.report import RunStats
+from prmtool.core.schema import check_columns
 
 
 def parse_split(spec: str | None) -> dict[str, float]:
@@ -53,26 +54,6 @@ def assign_splits(problem_ids: list[str], fractions: dict[str, float], seed: int
         start += count
     assignment.update((pid, "train") for pid in unique[start:])
     return assignment
-
-
-def where_filter(expression: str | None) -> pl.Expr | None:
-    """A SQL-style boolean expression over columns (e.g. `correct AND prm_score > 0.5`).
-    Parsed by polars, never evaluated as Python."""
-    if not expression:
-        return None
-    try:
-        return pl.sql_expr(expression)
-    except Exception as exc:
-        raise InputError(f"--where {expression!r}: {shards._one_line(exc)}") from None
-
-
-def check_where(condition: pl.Expr, where: str, shard: shards.InputShard) -> None:
-    """Apply --where to an empty frame of the shard's schema: an unknown column fails here,
-    before any output is written, not halfway through the shards."""
-    try:
-        pl.DataFrame(schema=shard.schema).filter(condition)
-    except Exception as exc:
-        raise InputError(f"{shard.path}: --where {where!r}: {shards._one_line(exc)}") from None
 
 
 def export_rows(

@@ -1,6 +1,6 @@
 """`prmtool filter`: keep the training responses whose process and outcome agree.
 
-Methods (ALGORITHMS.md, "PROF consistency filtering"):
+Methods (docs/algorithms.md, "PROF consistency filtering"):
 - `prof` (default): PROF's consistency filter, per problem group (`problem_id`, over all input
   shards). Responses whose step count is outside [--min-steps, --max-steps] go first. Then,
   of the k responses to remove, c = min(k, round((n_correct - n_incorrect + k) / 2)) come from
@@ -44,14 +44,14 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool import outputs, shards
-from prmtool.errors import InputError
+from prmtool.core import outputs, shards
+from prmtool.core.errors import InputError
 from prmtool.executors import partition_to_run
-from prmtool.options import finite, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
-from prmtool.partition import Partition
-from prmtool.report import RunStats
-from prmtool.schema import check_columns
-from prmtool.stages.export import check_where, where_filter
+from prmtool.cli.options import finite, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats
+from prmtool.core.schema import check_columns
+from prmtool.core.where import check_where, where_filter
 
 METHODS = ("prof", "consensus", "accuracy-band", "none")
 MODES = ("both", "correct", "incorrect")

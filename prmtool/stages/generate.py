@@ -10,21 +10,17 @@ import polars as pl
 import typer
 
 from prmtool.executors import partition_to_run
-from prmtool.errors import InputError
-from prmtool.model_loading import EngineOnDemand
-from prmtool.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
-from prmtool.report import RunStats, Tracker
-from prmtool.runner import MapStage, run_map_stage
-from prmtool.steps import make_splitter, split_steps
+from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
+from prmtool.core.errors import InputError
+from prmtool.engines.loading import EngineOnDemand
+from prmtool.cli.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.core.report import RunStats, Tracker
+from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.methods.steps import make_splitter, split_steps
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
 
-# Asks for what the default step split and verify read: blank lines between steps, \boxed{}.
-DEFAULT_PROMPT_TEMPLATE = (
-    "{problem}\n\nSolve the problem step by step. Separate the steps with a blank line, "
-    "and put the final answer in \\boxed{}."
-)
 RESPONSE_COLUMNS = ("response_id", "response", "steps", "response_tokens", "finish_reason")
 
 
@@ -156,7 +152,7 @@ def command(
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         stats.counts.update(f"finish_{r}" for r in result["finish_reason"])
         if verify:
-            from prmtool.stages.verify import verify_rows
+            from prmtool.methods.verification import verify_rows
 
             result = verify_rows(result, timeout=verify_timeout, workers=workers or default_workers())
             stats.counts["correct"] += int(result["correct"].sum())

@@ -10,16 +10,16 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool import shards
-from prmtool.errors import InputError
+from prmtool.core import shards
+from prmtool.core.errors import InputError
 from prmtool.executors import partition_to_run
-from prmtool.outputs import check_outputs, input_roots, output_lock, run_key
-from prmtool.options import CpusPerTask, Executor, GpusPerTask, NumShards, Overwrite, Quiet, ShardIndex, Split
-from prmtool.partition import Partition
-from prmtool.report import RunStats
-from prmtool.schema import cast_to_contract, check_columns
-from prmtool.steps import make_splitter, split_steps
-from prmtool.verification import last_boxed
+from prmtool.core.outputs import check_outputs, input_roots, output_lock, run_key
+from prmtool.cli.options import CpusPerTask, Executor, GpusPerTask, NumShards, Overwrite, Quiet, ShardIndex, Split
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats
+from prmtool.core.schema import cast_to_contract, check_columns
+from prmtool.methods.steps import make_splitter, split_steps
+from prmtool.methods.verification import last_boxed
 
 PRESETS = ("gsm8k", "math")
 ID_COLUMNS = ("problem_id", "response_id", "reference_answer", "reference_solution")
@@ -224,7 +224,7 @@ def import_rows(
 
 EXAMPLES = """\b
 Examples:
-  prmtool import ../shared/data/gsm8k/test.jsonl --preset gsm8k -o work/problems
+  prmtool import data_samples/gsm8k/test_sample.jsonl --preset gsm8k -o work/problems
   prmtool import outputs.csv --map question=problem --map gold=reference_answer --map output=response -o work/responses
   prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/problems
 """

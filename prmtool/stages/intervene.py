@@ -1,5 +1,5 @@
 """`prmtool intervene`: corrective steps for wrong responses, kept when rollouts from them reach
-the reference answer (InT; ALGORITHMS.md, "Interventions").
+the reference answer (InT; docs/algorithms.md, "Interventions").
 
 For each wrong response: its first critical error (from `first_error`, or asked of the model),
 `--candidates` proposals of one replacement step written in the solver's voice, and
@@ -25,17 +25,17 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool import shards
-from prmtool import interventions as iv
+from prmtool.core import shards
+from prmtool.methods import interventions as iv
 from prmtool.executors import partition_to_run
-from prmtool.errors import InputError, StageError
-from prmtool.model_loading import EngineOnDemand
-from prmtool.options import template, finite, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
-from prmtool.report import RunStats, Tracker
-from prmtool.rollouts import Probe, Rollouts, RolloutSettings
-from prmtool.runner import MapStage, run_map_stage
-from prmtool.schema import cast_to_contract
-from prmtool.steps import make_splitter, rollout_prefix
+from prmtool.core.errors import InputError, StageError
+from prmtool.engines.loading import EngineOnDemand
+from prmtool.cli.options import template, finite, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.core.report import RunStats, Tracker
+from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings
+from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.schema import cast_to_contract
+from prmtool.methods.steps import make_splitter, rollout_prefix
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -56,7 +56,7 @@ KEPT_COLUMNS = {
 }
 REJECT_COLUMNS = {
     **KEPT_COLUMNS,
-    "intervene_reason": pl.String,  # see prmtool.interventions: unparseable, leaks_answer, not_verified, not_wrong, ...
+    "intervene_reason": pl.String,  # see prmtool.methods.interventions: unparseable, leaks_answer, not_verified, not_wrong, ...
     "intervene_detail": pl.String,  # the reason in words
     "intervene_output": pl.String,  # the model's raw answer (proposal, or first-error answer)
 }
@@ -327,7 +327,7 @@ def command(
     partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
     if partition is None:  # --executor ray ran every partition
         return
-    from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
+    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 
     if first_error not in FIRST_ERROR_MODES:
         raise InputError(f"--first-error {first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")

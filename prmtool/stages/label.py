@@ -1,11 +1,11 @@
 """`prmtool label`: step labels from Monte Carlo rollouts of a policy model.
 
-Methods (ALGORITHMS.md, "Step labeling by Monte Carlo rollouts"):
+Methods (docs/algorithms.md, "Step labeling by Monte Carlo rollouts"):
 - `mc`: Math-Shepherd. k rollouts after every step; step i's value is MC(steps[:i+1]).
 - `binary`: OmegaPRM's first-error binary search on wrong responses: about k * log2(n)
   rollouts instead of k * n. Steps before the first error are good, the first error is bad,
   later steps are unlabeled.
-- `omegaprm`: OmegaPRM's tree search per question (`prmtool.omegaprm`), written to
+- `omegaprm`: OmegaPRM's tree search per question (`prmtool.methods.omegaprm`), written to
   `--tree-output` as one row per searched state (prefix, MC). The main output's rows get the
   same columns as `binary` (its first-error search on the wrong input responses).
 
@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool import shards
+from prmtool.core import shards
 from prmtool.executors import partition_to_run
-from prmtool.errors import InputError
-from prmtool.model_loading import EngineOnDemand
-from prmtool.omegaprm import SearchConfig, grow_trees, tree_frame
-from prmtool.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
-from prmtool.report import RunStats, Tracker
-from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
-from prmtool.runner import MapStage, run_map_stage
-from prmtool.steps import make_splitter
+from prmtool.core.errors import InputError
+from prmtool.engines.loading import EngineOnDemand
+from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
+from prmtool.cli.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.core.report import RunStats, Tracker
+from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
+from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.methods.steps import make_splitter
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -192,7 +192,7 @@ def label_rows(
                         frame["response_id"].to_list(), separator, settings)
     results: list[RowLabels | None] = [None] * frame.height
     if method == "omegaprm":
-        method = "binary"  # the input rows' labels; the tree itself comes from prmtool.omegaprm
+        method = "binary"  # the input rows' labels; the tree itself comes from prmtool.methods.omegaprm
     searches = {}
     for row, (row_steps, correct) in enumerate(zip(steps, frame["correct"].to_list())):
         n_steps = len(row_steps or [])
@@ -283,7 +283,7 @@ def command(
     partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
     if partition is None:  # --executor ray ran every partition
         return
-    from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
+    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")

@@ -1,6 +1,6 @@
 """`prmtool score`: a process reward for every step of every response.
 
-Two scorers (ALGORITHMS.md, "Implicit PRM scoring"):
+Two scorers (docs/algorithms.md, "Implicit PRM scoring"):
 - `implicit` (default): an implicit PRM. Token reward r_t = beta * (log pi(y_t | y_<t) -
   log pi_ref(y_t | y_<t)) over the response tokens, q_t = r_1 + ... + r_t. A step's value
   (`step_values`, "cumulative") is q at its last token; its reward (`step_rewards`, "single")
@@ -32,15 +32,15 @@ import polars as pl
 import typer
 
 from prmtool.executors import partition_to_run
-from prmtool.errors import InputError
-from prmtool.model_loading import EngineOnDemand
-from prmtool.options import template, positive, Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
-from prmtool.report import RunStats, Tracker
-from prmtool.runner import MapStage, run_map_stage
+from prmtool.core.errors import InputError
+from prmtool.engines.loading import EngineOnDemand
+from prmtool.cli.options import template, positive, Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.core.report import RunStats, Tracker
+from prmtool.core.runner import MapStage, run_map_stage
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
-    from prmtool.engines.hf_classifier import StepClassifier
+    from prmtool.engines.hf.classifier import StepClassifier
 
 SCORERS = ("implicit", "token-classification")
 REWARDS = ("single", "cumulative")
@@ -284,7 +284,7 @@ def command(
     partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
     if partition is None:  # --executor ray ran every partition
         return
-    from prmtool.stages.generate import DEFAULT_PROMPT_TEMPLATE
+    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 
     if scorer not in SCORERS:
         raise InputError(f"--scorer {scorer!r}: expected one of {', '.join(SCORERS)}")

@@ -12,11 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prmtool import plots, shards
-from prmtool.errors import InputError
-from prmtool.outputs import check_outputs, input_roots
-from prmtool.options import Inputs, Quiet
-from prmtool.report import RunStats
+from prmtool.cli import plots
+from prmtool.core import shards
+from prmtool.core.errors import InputError
+from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.cli.options import Inputs, Quiet
+from prmtool.core.report import RunStats
 
 
 def shard_set_stats(frame: pl.LazyFrame) -> dict:
@@ -117,7 +118,7 @@ def plot_shard_set(frame: pl.LazyFrame, directory: Path) -> list[str]:
 
 EXAMPLES = """\b
 Examples:
-  prmtool stats data_samples/gsm8k_responses
+  prmtool stats data_samples/gsm8k/responses
   prmtool stats work/labeled --json > labeled_stats.json
   prmtool stats work/prof work/prof_rejects --plot work/plots
 """

@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from typing import Annotated
 
 import polars as pl
 import typer
 
 from prmtool.executors import partition_to_run
-from prmtool.options import positive, Inputs, Output, Overwrite, Quiet, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
-from prmtool.report import RunStats
-from prmtool.runner import MapStage, run_map_stage
-from prmtool.verification import verify_responses
+from prmtool.cli.options import positive, Inputs, Output, Overwrite, Quiet, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.core.report import RunStats
+from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.methods.verification import verify_rows
 
 REQUIRED = ("problem_id", "response_id", "response", "reference_answer")
 
 
-def verify_rows(
-    frame: pl.DataFrame, timeout: float = 5.0, workers: int = 2, on_progress: Callable[[int], None] | None = None
-) -> pl.DataFrame:
-    """Adds `pred_answer`, `correct` and `verify_status`; every input row and column stays."""
-    predictions, verdicts = verify_responses(
-        frame["response"].to_list(),
-        frame["reference_answer"].cast(pl.String).to_list(),
-        timeout=timeout,
-        workers=workers,
-        on_progress=on_progress,
-    )
-    return frame.with_columns(
-        pl.Series("pred_answer", predictions, dtype=pl.String),
-        pl.Series("correct", [v.correct for v in verdicts], dtype=pl.Boolean),
-        pl.Series("verify_status", [v.status for v in verdicts], dtype=pl.String),
-    )
-
-
 EXAMPLES = """\b
 Examples:
-  prmtool verify data_samples/gsm8k_responses -o work/verified
+  prmtool verify data_samples/gsm8k/responses -o work/verified
   prmtool verify 'shards/*.parquet' -o work/verified --timeout 2 --workers 8
 """
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from prmtool.report import RunStats
+from prmtool.core.report import RunStats
 
 # Loaded engines by (engine, model, device, trust_remote_code, options), most recent last.
 _loaded: ContextVar[OrderedDict | None] = ContextVar("loaded_engines", default=None)

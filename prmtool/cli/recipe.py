@@ -43,13 +43,13 @@ import typer
 import yaml
 from rich.console import Console
 
-from prmtool import shards
-from prmtool.errors import InputError, StageError
+from prmtool.core import shards
+from prmtool.stages import PIPELINE_STAGES
+from prmtool.core.errors import InputError, StageError
 from prmtool.executors import current_argv
-from prmtool.model_loading import keep_models_loaded
-from prmtool.outputs import check_outputs, input_roots, plain_name
+from prmtool.engines.loading import keep_models_loaded
+from prmtool.core.outputs import check_outputs, input_roots, plain_name
 
-STAGES = ("import", "generate", "verify", "label", "score", "filter", "intervene", "export")
 RESERVED = {"stage", "name", "input"}
 RECORD = "_RECIPE.json"
 # The option each stage takes the policy model by (a recipe's `model:` fills it in).
@@ -123,8 +123,8 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         if not isinstance(entry, dict) or "stage" not in entry:
             raise InputError(f"{where}: each stage is a mapping with a `stage:` key")
         stage = entry["stage"]
-        if stage not in STAGES:
-            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+        if stage not in PIPELINE_STAGES:
+            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(PIPELINE_STAGES)})")
         name = plain_name(str(entry.get("name") or stage), f"{where}: name:")  # it names a directory
         if name in names:
             raise InputError(f"{where}: a second stage named {name!r}; give one a `name:`")
@@ -310,7 +310,7 @@ def check_recipe(recipe: Recipe) -> None:
     workdir is a place the recipe may write. All before any stage runs, in --dry-run too."""
     import typer.main
 
-    from prmtool.cli import ClickException, app
+    from prmtool.cli.commands import ClickException, app
 
     commands = typer.main.get_command(app).commands
     produced = {str(step.directory) for step in recipe.steps}

@@ -11,7 +11,7 @@ from typing import Callable
 
 import polars as pl
 
-from prmtool.errors import InputError
+from prmtool.core.errors import InputError
 
 MATH_SHEPHERD_TAG = "ки"
 

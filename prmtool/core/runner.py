@@ -13,11 +13,11 @@ from typing import Callable
 
 import polars as pl
 
-from prmtool import outputs, shards
-from prmtool.errors import InputError, StageError
-from prmtool.partition import Partition
-from prmtool.report import RunStats, Tracker
-from prmtool.schema import cast_to_contract, check_columns
+from prmtool.core import outputs, shards
+from prmtool.core.errors import InputError, StageError
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Tracker
+from prmtool.core.schema import cast_to_contract, check_columns
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from prmtool.errors import InputError
+from prmtool.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Interventions (InT): the prompts that ask a model for a first error or a corrective step, and
 the parsers that read its answers. Pure text in, values out; `prmtool.stages.intervene` runs them.
 
-What a model writes (ALGORITHMS.md, "Interventions"):
+What a model writes (docs/algorithms.md, "Interventions"):
 
     <intervention>{"content": "...", "location": N}</intervention>
     <first_error>N</first_error>
@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from prmtool.verification import extract_answer
+from prmtool.methods.verification import extract_answer
 
 # Why a candidate or a row produced no kept intervention (the `intervene_reason` column).
 UNPARSEABLE = "unparseable"

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prmtool import __version__
-from prmtool.errors import InputError
-from prmtool.outputs import check_outputs, input_roots
-from prmtool.partition import Partition
+from prmtool.core.errors import InputError
+from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.core.partition import Partition
 
 WHOLE = Partition()
 

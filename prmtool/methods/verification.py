@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable
 
+import polars as pl
+
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?i)\bthe (?:final )?answer is\s*:?\s*([^\n]+)")
 _HASHES = re.compile(r"####\s*([^\n]+)")
@@ -216,3 +218,21 @@ def verify_responses(
     golds = [None if g is None else str(g) for g in references]
     results = _in_workers(list(zip(golds, responses)), True, timeout, workers, chunk_size, on_progress)
     return [pred for pred, _ in results], [verdict for _, verdict in results]
+
+
+def verify_rows(
+    frame: pl.DataFrame, timeout: float = 5.0, workers: int = 2, on_progress: Callable[[int], None] | None = None
+) -> pl.DataFrame:
+    """Adds `pred_answer`, `correct` and `verify_status`; every input row and column stays."""
+    predictions, verdicts = verify_responses(
+        frame["response"].to_list(),
+        frame["reference_answer"].cast(pl.String).to_list(),
+        timeout=timeout,
+        workers=workers,
+        on_progress=on_progress,
+    )
+    return frame.with_columns(
+        pl.Series("pred_answer", predictions, dtype=pl.String),
+        pl.Series("correct", [v.correct for v in verdicts], dtype=pl.Boolean),
+        pl.Series("verify_status", [v.status for v in verdicts], dtype=pl.String),
+    )

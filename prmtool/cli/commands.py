@@ -8,15 +8,15 @@ import typer
 from rich.console import Console
 
 from prmtool import __version__
-from prmtool.errors import InputError, StageError
+from prmtool.core.errors import InputError, StageError
 from prmtool.executors import current_argv
 
 try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own classes
     from typer._click.exceptions import BadParameter, ClickException, MissingParameter
 except ImportError:
     from click import BadParameter, ClickException, MissingParameter
-from prmtool import recipe
-from prmtool.stages import export, filter, generate, import_, intervene, label, score, stats, verify
+from prmtool.cli import recipe
+from prmtool.stages import STAGES, stage_module
 
 app = typer.Typer(
     name="prmtool",
@@ -29,7 +29,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for name, stage in [("import", import_), ("generate", generate), ("verify", verify), ("label", label), ("score", score), ("filter", filter), ("intervene", intervene), ("export", export), ("stats", stats)]:
+for name in STAGES:
+    stage = stage_module(name)
     app.command(name, epilog=stage.EXAMPLES)(stage.command)
 app.command("run", epilog=recipe.EXAMPLES)(recipe.command)
 

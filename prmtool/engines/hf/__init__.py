@@ -22,7 +22,7 @@ from prmtool.engines.base import (
     check_requests,
     length_batches,
 )
-from prmtool.engines.hf_generate import (
+from prmtool.engines.hf.generate import (
     BatchSampler,
     GenerationStats,
     ModelParts,
@@ -31,8 +31,8 @@ from prmtool.engines.hf_generate import (
     choose_num_slots,
     round_up,
 )
-from prmtool.engines import hopper
-from prmtool.engines.log_probs import choose_target_log_probs, triton_available
+from prmtool.engines.hf import hopper
+from prmtool.engines.hf.log_probs import choose_target_log_probs, triton_available
 from prmtool.engines.model_files import locate_model
 
 DTYPES = {

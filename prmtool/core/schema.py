@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from prmtool.errors import InputError
+from prmtool.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prmtool.steps import rollout_prefix
-from prmtool.verification import extract_answer, verify_answers
+from prmtool.methods.steps import rollout_prefix
+from prmtool.methods.verification import extract_answer, verify_answers
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -67,7 +67,7 @@ class Rollouts:
         self.rounds = 0
 
     def prefix_text(self, row: int, prefix_steps: int) -> str:
-        """`join(steps[:i]) + sep`, as ALGORITHMS.md says a rollout from step i continues."""
+        """`join(steps[:i]) + sep`, as docs/algorithms.md says a rollout from step i continues."""
         return rollout_prefix(self.steps[row][:prefix_steps], self.separator)
 
     def probe_prefix(self, probe: Probe) -> str:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from prmtool.errors import InputError
+from prmtool.core.errors import InputError
 
 if TYPE_CHECKING:
-    from prmtool.shards import InputShard
+    from prmtool.core.shards import InputShard
 
 PARTITION_MANIFEST_GLOB = "_SUCCESS-*-of-*"
 

@@ -38,7 +38,7 @@ def choose_target_log_probs(device: torch.device, compile: bool) -> Callable[[to
 
 def online_target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """`target_log_probs` in one pass over `logits` (float32, rows contiguous, on CUDA)."""
-    from prmtool.engines.triton_kernels import target_log_probs_kernel
+    from prmtool.engines.hf.kernels import target_log_probs_kernel
 
     if logits.dtype != torch.float32 or logits.stride(1) != 1:
         return target_log_probs(logits, targets)

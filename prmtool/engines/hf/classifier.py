@@ -12,7 +12,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from prmtool.engines.base import EngineError, length_batches
 from prmtool.engines.hf import DTYPES
-from prmtool.engines.hf_generate import right_padded
+from prmtool.engines.hf.generate import right_padded
 from prmtool.engines.model_files import locate_model
 
 

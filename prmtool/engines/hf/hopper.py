@@ -22,7 +22,7 @@ import importlib.util
 
 import torch
 
-from prmtool.engines.log_probs import target_log_probs
+from prmtool.engines.hf.log_probs import target_log_probs
 
 # Tile shapes and pipelining: BM x BN output tiles, BK-wide steps over the shared dimension,
 # GROUP_M row tiles walked together (weight tiles are read once per group).
@@ -70,7 +70,7 @@ def swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) 
     if not _tma_ready(x, gate_weight, up_weight):
         linear = torch.nn.functional.linear
         return torch.nn.functional.silu(linear(x, gate_weight)) * linear(x, up_weight)
-    from prmtool.engines.triton_kernels import swiglu_kernel
+    from prmtool.engines.hf.kernels import swiglu_kernel
 
     (m, k), n = x.shape, gate_weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -137,7 +137,7 @@ def head_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         return torch.cat(
             [target_log_probs(rows.float() @ weight_t, part) for rows, part in zip(hidden.split(4096), targets.split(4096))]
         )
-    from prmtool.engines.triton_kernels import head_log_normalizer_kernel
+    from prmtool.engines.hf.kernels import head_log_normalizer_kernel
 
     (m, k), n = hidden.shape, weight.shape[0]
     t = HEAD_TILES

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prmtool.errors import InputError
+from prmtool.core.errors import InputError
 
 LOCK = ".lock"
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

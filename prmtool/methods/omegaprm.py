@@ -1,4 +1,4 @@
-"""OmegaPRM tree search (Luo et al. 2024; ALGORITHMS.md, "Step labeling by Monte Carlo rollouts").
+"""OmegaPRM tree search (Luo et al. 2024; docs/algorithms.md, "Step labeling by Monte Carlo rollouts").
 
 Per question (problem_id group):
 1. Screen: `screen_rollouts` rollouts from the empty prefix. The question is kept only if both
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from prmtool.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
-from prmtool.steps import Splitter, make_splitter, rollout_prefix, split_steps
+from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
+from prmtool.methods.steps import Splitter, make_splitter, rollout_prefix, split_steps
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
-    from prmtool.report import Tracker
+    from prmtool.core.report import Tracker
 
 TREE_SCHEMA = {
     "problem_id": pl.String,

@@ -57,7 +57,7 @@ EngineName = Annotated[str, typer.Option("--engine", help="Model backend: hf (tr
 Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]
 
-# Scale-out options, shared by every pipeline stage (see prmtool/partition.py and executors/).
+# Scale-out options, shared by every pipeline stage (see prmtool/core/partition.py and executors/).
 ShardIndex = Annotated[
     int | None,
     typer.Option("--shard-index", help="Run only partition I of --num-shards (0-based): a Slurm array task, an xargs -P job.", min=0, show_default=False, rich_help_panel="Scale-out"),
