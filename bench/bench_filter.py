@@ -44,7 +44,9 @@ def responses(first: int, rows: int, group: int, rng: np.random.Generator) -> pa
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
     total = int(counts.sum())
     a, b = rng.integers(10, 1000, size=total), rng.integers(10, 1000, size=total)
-    texts = pl.select(pl.format("We add {} and {} to get {}, which is the total.", pl.lit(a), pl.lit(b), pl.lit(a + b))).to_series()
+    texts = pl.select(
+        pl.format("We add {} and {} to get {}, which is the total.", pl.lit(a), pl.lit(b), pl.lit(a + b))
+    ).to_series()
     index = np.arange(first, first + rows)
     return pa.table(
         {
@@ -73,7 +75,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--shards", type=int, default=10)
-    parser.add_argument("--keep-data", type=Path, default=None, help="Write the data here instead of a temporary directory.")
+    parser.add_argument(
+        "--keep-data", type=Path, default=None, help="Write the data here instead of a temporary directory."
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as temporary:
@@ -81,10 +85,14 @@ def main() -> None:
         data = root / "scored"
         write_shards(data, args.rows, args.group, args.shards)
         size = sum(f.stat().st_size for f in data.glob("*.parquet"))
-        print(f"data: {args.rows:,} responses in groups of {args.group}, {args.shards} shards, {size / 2**20:,.0f} MiB of Parquet")
+        print(
+            f"data: {args.rows:,} responses in groups of {args.group}, {args.shards} shards, {size / 2**20:,.0f} MiB "
+            f"of Parquet"
+        )
 
         command = [sys.executable, "-m", "prmtool", "filter", str(data), "-o", str(root / "kept"),
-                   "--rejects", str(root / "rejected"), "--method", "prof", "--report", str(root / "report.json"), "--quiet"]  # fmt: skip
+                   "--rejects", str(root / "rejected"), "--method", "prof",
+                   "--report", str(root / "report.json"), "--quiet"]  # fmt: skip
         started = time.perf_counter()
         subprocess.run(command, check=True, cwd=ROOT)
         seconds = time.perf_counter() - started
@@ -96,8 +104,14 @@ def main() -> None:
     print("command: python -m prmtool filter DATA -o KEPT --rejects REJECTED --method prof --report REPORT --quiet")
     print(f"kept {report['kept']:,}, removed {report['removed']:,} {report['removed_by_reason']}")
     print(f"balance before {report['balance']['before']}, after {report['balance']['after']}")
-    print(f"wall time: {seconds:.2f} s (target <= {TARGET_SECONDS:.0f} s): {'met' if seconds <= TARGET_SECONDS else 'NOT met'}")
-    print(f"CPU time: {child.ru_utime + child.ru_stime:.2f} s (user + system, both cores; for reading a wall time taken on a busy machine)")
+    print(
+        f"wall time: {seconds:.2f} s (target <= {TARGET_SECONDS:.0f} s): "
+        f"{'met' if seconds <= TARGET_SECONDS else 'NOT met'}"
+    )
+    print(
+        f"CPU time: {child.ru_utime + child.ru_stime:.2f} s (user + system, both cores; for reading a wall time "
+        f"taken on a busy machine)"
+    )
     print(f"peak RSS: {peak / 2**30:.2f} GiB (target <= 4 GiB): {'met' if peak <= TARGET_BYTES else 'NOT met'}")
     if peak <= own:
         print(f"(this process peaked at {own / 2**30:.2f} GiB: the figure above may be its own, not the command's)")

@@ -149,7 +149,10 @@ def run_engine(model, tokenizer, requests, slots, device):
         expected = sum(r.n * r.max_tokens for r in requests)
         assert tokens == expected, f"engine generated {tokens} tokens, requests asked for {expected}"
         runs.append(dict(run=label, tokens=tokens, seconds=timer.seconds, peak_gib=timer.peak_gib))
-        print(f"  hf engine ({slots} slots) {label}: {tokens} tokens in {timer.seconds:.1f} s, {engine.last_stats}", flush=True)
+        print(
+            f"  hf engine ({slots} slots) {label}: {tokens} tokens in {timer.seconds:.1f} s, {engine.last_stats}",
+            flush=True,
+        )
     engine.close()
     return runs[-1] | {"cold_seconds": runs[0]["seconds"]}
 
@@ -162,7 +165,10 @@ def run_generate_per_prompt(model, requests, args, device):
         for request in subset:
             input_ids = torch.tensor([request.prompt_ids], device=device)
             output = model.generate(
-                input_ids, num_return_sequences=request.n, max_new_tokens=request.max_tokens, min_new_tokens=request.max_tokens
+                input_ids,
+                num_return_sequences=request.n,
+                max_new_tokens=request.max_tokens,
+                min_new_tokens=request.max_tokens,
             )
             tokens += output[:, input_ids.shape[1] :].numel()
     print(f"  (a) per-prompt generate: {tokens} tokens in {timer.seconds:.1f} s over {len(subset)} prompts", flush=True)
@@ -183,13 +189,19 @@ def run_generate_static_batch(model, requests, args, device):
         )
     assert output.shape == (len(requests) * args.n, args.prompt_len + longest)
     useful = sum(r.n * r.max_tokens for r in requests)
-    print(f"  (b) static-batch generate: {useful} requested tokens ({output.shape[0] * longest} generated) in {timer.seconds:.1f} s", flush=True)
+    print(
+        f"  (b) static-batch generate: {useful} requested tokens ({output.shape[0] * longest} generated) in "
+        f"{timer.seconds:.1f} s",
+        flush=True,
+    )
     return dict(tokens=useful, seconds=timer.seconds, peak_gib=timer.peak_gib)
 
 
 def run_continuous_batching(model, requests, args, device):
     """transformers' continuous batching: each sample as its own request (prefix sharing is on)."""
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_tokens, eos_token_id=None)
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_tokens, eos_token_id=None
+    )
     start = time.perf_counter()
     with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
         warmup_seconds = time.perf_counter() - start
@@ -206,7 +218,10 @@ def run_continuous_batching(model, requests, args, device):
                 if result.is_finished():
                     finished += 1
                     tokens += len(result.generated_tokens)
-    print(f"  (cb) continuous batching: {tokens} tokens in {timer.seconds:.1f} s (+{warmup_seconds:.1f} s warm-up)", flush=True)
+    print(
+        f"  (cb) continuous batching: {tokens} tokens in {timer.seconds:.1f} s (+{warmup_seconds:.1f} s warm-up)",
+        flush=True,
+    )
     return dict(tokens=tokens, seconds=timer.seconds, peak_gib=timer.peak_gib, warmup_seconds=warmup_seconds)
 
 
@@ -220,7 +235,8 @@ def main() -> None:
     tokenizer = build_tokenizer(model.config.vocab_size)
     requests = make_requests(args, model.config.vocab_size)
     print(
-        f"{len(requests)} prompts x {args.prompt_len} tokens x n={args.n}, max_tokens {args.min_tokens}..{args.max_tokens}: "
+        f"{len(requests)} prompts x {args.prompt_len} tokens x n={args.n}, max_tokens "
+        f"{args.min_tokens}..{args.max_tokens}: "
         f"{sum(r.n * r.max_tokens for r in requests)} tokens requested",
         flush=True,
     )
@@ -250,15 +266,28 @@ def main() -> None:
     for name, r in results.items():
         print(f"{labels[name]:<52}{rate[name]:>12,.0f}{r['peak_gib']:>10.1f}")
     for name in (n for n in results if n.startswith("engine@")):
-        print(f"{labels[name]}: cold run (pool allocation + graph capture included) {results[name]['tokens'] / results[name]['cold_seconds']:,.0f} tokens/s")
+        print(
+            f"{labels[name]}: cold run (pool allocation + graph capture included) "
+            f"{results[name]['tokens'] / results[name]['cold_seconds']:,.0f} tokens/s"
+        )
         for baseline, target in (("a", 40), ("b", 2), ("cb", None)):
             if baseline in rate:
                 goal = f" (target >= {target}x)" if target else ""
                 print(f"  ratio to {baseline}: {rate[name] / rate[baseline]:.1f}x{goal}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_generate.json"), "w") as handle:
-            json.dump(dict(args=vars(args), results=results, tokens_per_second=rate, gpu=gpu,
-                           transformers=transformers.__version__, torch=torch.__version__), handle, indent=1)
+            json.dump(
+                dict(
+                    args=vars(args),
+                    results=results,
+                    tokens_per_second=rate,
+                    gpu=gpu,
+                    transformers=transformers.__version__,
+                    torch=torch.__version__,
+                ),
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

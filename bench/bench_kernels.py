@@ -80,11 +80,17 @@ def main() -> None:
     head = torch.randn(vocab, hidden, device=device, dtype=dtype) / hidden**0.5
     targets = torch.randint(0, vocab, (tokens,), device=device)
     fused_kernels = hopper.available(device)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {shape}, "
-          f"fused kernels {'on' if fused_kernels else 'off (torch fallbacks)'}", flush=True)
+    print(
+        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {shape}, "
+        f"fused kernels {'on' if fused_kernels else 'off (torch fallbacks)'}",
+        flush=True,
+    )
 
-    silu_mul = torch.compile(lambda g, u: torch.nn.functional.silu(g) * u) if device.type == "cuda" else (
-        lambda g, u: torch.nn.functional.silu(g) * u)
+    silu_mul = (
+        torch.compile(lambda g, u: torch.nn.functional.silu(g) * u)
+        if device.type == "cuda"
+        else (lambda g, u: torch.nn.functional.silu(g) * u)
+    )
     log_normalized = choose_target_log_probs(device, compile=False)
 
     def unfused_swiglu():
@@ -109,8 +115,11 @@ def main() -> None:
                 error = ((got - expected).norm() / expected.norm()).item()
                 ms = median_ms(fused, device)
                 label = f"{name} {tile_changes or ''}{launch_changes or ''}".strip()
-            print(f"{label:<36} fused {ms:8.3f} ms ({flops / ms / 1e9:5.0f} TFLOP/s)  unfused {base:8.3f} ms  "
-                  f"{base / ms:5.2f}x  relative error {error:.1e}", flush=True)
+            print(
+                f"{label:<36} fused {ms:8.3f} ms ({flops / ms / 1e9:5.0f} TFLOP/s)  unfused {base:8.3f} ms  "
+                f"{base / ms:5.2f}x  relative error {error:.1e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

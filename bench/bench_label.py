@@ -38,10 +38,23 @@ def wrong_responses(count: int, min_steps: int, max_steps: int, seed: int = 0, w
     for index in range(count):
         n = rng.randint(min_steps, max_steps)
         wrong_at = rng.randrange(n)
-        steps = [" ".join(f"t{rng.randrange(100, 5000)}" for _ in range(words_per_step)) + (" WRONG" if i == wrong_at else "") for i in range(n)]
+        steps = [
+            " ".join(f"t{rng.randrange(100, 5000)}" for _ in range(words_per_step))
+            + (" WRONG" if i == wrong_at else "")
+            for i in range(n)
+        ]
         problem = " ".join(f"t{rng.randrange(100, 5000)}" for _ in range(16)) + f" P{index // 4}"
-        rows.append({"problem_id": f"p{index // 4}", "problem": problem, "reference_answer": "42", "response_id": f"r{index}",
-                     "steps": steps, "correct": False, "true_first_error": wrong_at})
+        rows.append(
+            {
+                "problem_id": f"p{index // 4}",
+                "problem": problem,
+                "reference_answer": "42",
+                "response_id": f"r{index}",
+                "steps": steps,
+                "correct": False,
+                "true_first_error": wrong_at,
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -90,7 +103,9 @@ def economy(args) -> None:
     print(f"mc:     {per_step['label_rollouts'].sum():,} rollouts, {per_step['label_tokens'].sum():,} tokens")
     print(f"binary: {binary['label_rollouts'].sum():,} rollouts, {binary['label_tokens'].sum():,} tokens")
     print(f"binary tokens / mc tokens: {ratio:.1%} (target <= 35%)")
-    print(f"first-error agreement binary vs mc: {agreement:.3f} (target >= 0.95); binary vs injected truth: {truth:.3f}")
+    print(
+        f"first-error agreement binary vs mc: {agreement:.3f} (target >= 0.95); binary vs injected truth: {truth:.3f}"
+    )
 
 
 class RecordingEngine(Engine):
@@ -139,9 +154,19 @@ def overhead(args) -> None:
         torch.cuda.synchronize()
     bare_seconds = time.perf_counter() - started
     tokens = sum(c.num_tokens for samples in bare for c in samples)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {args.responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}")
-    print(f"label: {labeled['label_rollouts'].sum():,} rollouts in {len(recorder.requests):,} requests, {labeled['label_tokens'].sum():,} tokens, {label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)")
-    print(f"bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s ({tokens / bare_seconds:,.0f} tok/s)")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {args.responses} wrong "
+        f"responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}"
+    )
+    print(
+        f"label: {labeled['label_rollouts'].sum():,} rollouts in {len(recorder.requests):,} requests, "
+        f"{labeled['label_tokens'].sum():,} tokens, {label_seconds:.2f} s "
+        f"({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
+    )
+    print(
+        f"bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
+        f"({tokens / bare_seconds:,.0f} tok/s)"
+    )
     print(f"label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f} (target >= 0.9)")
 
 

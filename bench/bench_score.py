@@ -106,7 +106,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="eager scoring forward (no torch.compile)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the GPU kernels of one warm prmtool pass")
-    parser.add_argument("--trace", metavar="FILE", help="with --profile: also write that pass as a Chrome trace (shapes recorded)")
+    parser.add_argument(
+        "--trace", metavar="FILE", help="with --profile: also write that pass as a Chrome trace (shapes recorded)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.responses, args.min_tokens, args.max_tokens, args.max_batch_tokens = 8, 16, 64, 512
@@ -135,8 +137,15 @@ def make_rows(args, vocab_size: int) -> pl.DataFrame:
             steps.append(" ".join(words(size)))
             length -= size
         response = "\n\n".join(steps)
-        rows.append({"problem_id": f"p{index}", "problem": " ".join(words(rng.randint(64, 192))),
-                     "response_id": f"r{index}", "response": response, "steps": split_steps(response, splitter)})
+        rows.append(
+            {
+                "problem_id": f"p{index}",
+                "problem": " ".join(words(rng.randint(64, 192))),
+                "response_id": f"r{index}",
+                "response": response,
+                "steps": split_steps(response, splitter),
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -165,11 +174,15 @@ def reference_collate(tokenizer, problem: str, steps: list[str]) -> tuple[list[i
     second time for the reference model; this keeps one pass.)"""
     prompt_ids = tokenizer.encode(problem)
     ids = prompt_ids + tokenizer.encode("\n\n".join(steps))
-    ends = [len(tokenizer.encode(problem + "\n\n" + "\n\n".join(steps[:count]))) - 1 for count in range(1, len(steps) + 1)]
+    ends = [
+        len(tokenizer.encode(problem + "\n\n" + "\n\n".join(steps[:count]))) - 1 for count in range(1, len(steps) + 1)
+    ]
     return ids, len(prompt_ids), ends
 
 
-def reference_step_values(models, tokenizer, frame: pl.DataFrame, device: torch.device) -> tuple[list[list[float]], float]:
+def reference_step_values(
+    models, tokenizer, frame: pl.DataFrame, device: torch.device
+) -> tuple[list[list[float]], float]:
     """ImplicitPRM's eval recipe, text in, step values out: batches of 4 in data order, each
     collated (tokenized, step ends by prefix re-tokenization) and then scored: pad = eos with the
     mask derived from it (which also hides real end-of-turn tokens), full float32 logits and
@@ -211,14 +224,19 @@ def main() -> None:
     parameters = sum(p.numel() for p in policy.parameters())
     frame = make_rows(args, config["vocab_size"])
     settings = ScoreSettings(beta=0.001, prompt_template="{problem}", max_batch_tokens=args.max_batch_tokens)
-    engines = [HFEngine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, compile=False if args.no_compile else None)
-               for model in (policy, ref)]
+    engines = [
+        HFEngine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, compile=False if args.no_compile else None)
+        for model in (policy, ref)
+    ]
     prompt_tokens = sum(len(tokenizer.encode(p)) for p in frame["problem"])
     response_tokens = sum(len(tokenizer.encode(r)) for r in frame["response"])
     tokens = prompt_tokens + response_tokens
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"{parameters / 1e9:.2f}B parameters per model, {frame.height} responses, {tokens:,} tokens "
-          f"({response_tokens:,} in responses), compile {engines[0].compile}", flush=True)
+    print(
+        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+        f"{parameters / 1e9:.2f}B parameters per model, {frame.height} responses, {tokens:,} tokens "
+        f"({response_tokens:,} in responses), compile {engines[0].compile}",
+        flush=True,
+    )
 
     def report(name: str, seconds: float, peak: float) -> float:
         rate = tokens / seconds
@@ -239,7 +257,9 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(args.trace)) as profiler:
+        with profile(
+            activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(args.trace)
+        ) as profiler:
             run_prmtool()
             sync(device)
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
@@ -261,17 +281,24 @@ def main() -> None:
     theirs = report("reference", seconds, peak)
     collating = reference["collating"]
     passes_only = report("  its model passes", seconds - collating, peak)
-    print(f"  (the rest, {collating:.1f} s, is its collator: tokenizing, and every step prefix again for the step ends)")
-    print(f"prmtool / reference: {ours / theirs:.2f}x tokens/s end to end, {ours / passes_only:.2f}x against its model "
-          f"passes alone; {ours_peak / peak:.2f} of the peak memory")
+    print(
+        f"  (the rest, {collating:.1f} s, is its collator: tokenizing, and every step prefix again for the step ends)"
+    )
+    print(
+        f"prmtool / reference: {ours / theirs:.2f}x tokens/s end to end, {ours / passes_only:.2f}x against its model "
+        f"passes alone; {ours_peak / peak:.2f} of the peak memory"
+    )
     # Same numbers, up to bf16 noise: every step value, prmtool vs reference.
     ours_values = [v for row in scored["frame"]["step_values"] for v in row]
     their_values = [v for row in reference["values"] for v in row]
     assert len(ours_values) == len(their_values), "the two disagree on the number of steps"
     worst = max(abs(a - b) for a, b in zip(ours_values, their_values))
     correlation = float(torch.corrcoef(torch.tensor([ours_values, their_values], dtype=torch.float64))[0, 1])
-    print(f"step values, prmtool vs reference: correlation {correlation:.4f}, largest difference "
-          f"{worst:.2e}, spread (std) {torch.tensor(their_values).std().item():.2e}")
+    print(
+        f"step values, prmtool vs reference: correlation {correlation:.4f}, largest difference "
+        f"{worst:.2e}, spread (std) {torch.tensor(their_values).std().item():.2e}"
+    )
+
 
 if __name__ == "__main__":
     main()

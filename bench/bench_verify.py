@@ -26,14 +26,18 @@ GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 
 def responses(rows: int, seed: int = 0) -> pl.DataFrame:
     rng = random.Random(seed)
-    golds = [json.loads(line)["answer"].split("####")[1].strip().replace(",", "") for line in GSM8K.read_text().splitlines()]
+    golds = [
+        json.loads(line)["answer"].split("####")[1].strip().replace(",", "") for line in GSM8K.read_text().splitlines()
+    ]
     forms = [
         lambda a: f"Adding up the parts.\n\nThe answer is {a}",
         lambda a: f"So the total is computed.\n\nThe answer is $\\boxed{{{a}}}$.",
         lambda a: f"Step by step.\n#### {a}",
         lambda a: f"The final answer is ${int(a):,}." if a.lstrip("-").isdigit() else f"The answer is {a}",
         lambda a: f"Thus \\boxed{{{a}.0}}",
-        lambda a: f"The answer is {int(a) + rng.choice([-2, -1, 1, 10])}." if a.lstrip("-").isdigit() else "The answer is 0",
+        lambda a: (
+            f"The answer is {int(a) + rng.choice([-2, -1, 1, 10])}." if a.lstrip("-").isdigit() else "The answer is 0"
+        ),
         lambda a: f"\\boxed{{\\frac{{{2 * int(a)}}}{{2}}}}" if a.lstrip("-").isdigit() else f"\\boxed{{{a}}}",
     ]
     gold_column, response_column = [], []
@@ -68,9 +72,14 @@ def main() -> None:
     differs = result.filter(pl.col("pred_answer") != pl.col("reference_answer")).select(frame.columns)
     hard_rate, hard = measure(differs, args.workers)
     statuses = dict(result.group_by("verify_status").len().iter_rows())
-    print(f"rows: {frame.height}, workers: {args.workers}, statuses: {statuses}, accuracy: {result['correct'].mean():.3f}")
+    print(
+        f"rows: {frame.height}, workers: {args.workers}, statuses: {statuses}, accuracy: {result['correct'].mean():.3f}"
+    )
     print(f"verifications/s, GSM8K-style mix (extraction included): {mix_rate:,.0f}")
-    print(f"verifications/s, answers differing from gold as text (all through Math-Verify, {hard.height} rows): {hard_rate:,.0f}")
+    print(
+        f"verifications/s, answers differing from gold as text (all through Math-Verify, {hard.height} rows): "
+        f"{hard_rate:,.0f}"
+    )
     print(f"target >= 500/s: {'met' if min(mix_rate, hard_rate) >= 500 else 'NOT met'}")
 
 

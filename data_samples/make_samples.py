@@ -74,15 +74,15 @@ def main(source: Path) -> None:
     (HERE / "labeled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labeled))
 
 
-
-
 def import_parquet() -> None:
     """The same samples as contract-shaped Parquet shard sets, through `prmtool import`."""
     from prmtool.cli import main as prmtool
 
     for name, extra in [("test_sample", ["--preset", "gsm8k"]), ("responses", []), ("labeled", [])]:
         target = "problems" if name == "test_sample" else name
-        code = prmtool(["import", str(HERE / f"{name}.jsonl"), "-o", str(HERE / target), "--overwrite", "--quiet", *extra])
+        code = prmtool(
+            ["import", str(HERE / f"{name}.jsonl"), "-o", str(HERE / target), "--overwrite", "--quiet", *extra]
+        )
         assert code == 0, f"import of {name} failed"
 
 

@@ -57,7 +57,11 @@ def responses_dir(tmp_path) -> Path:
 
 def files_under(path: Path) -> list[str]:
     """The files a shard set holds, less the `.lock` each output directory keeps."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != ".lock") if path.exists() else []
+    return (
+        sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != ".lock")
+        if path.exists()
+        else []
+    )
 
 
 def write_shards(directory: Path, frame: pl.DataFrame, sizes: list[int]) -> Path:

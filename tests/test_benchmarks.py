@@ -10,8 +10,14 @@ from tests.conftest import ROOT
 
 
 def run_bench(*args: str) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -21,7 +27,9 @@ def test_bench_score_reference_gives_the_stages_step_values():
     log-softmax) and `score_implicit` agree on every step value, in float32 on CPU."""
     out = run_bench("bench/bench_score.py", "--quick")
     assert re.search(r"prmtool / reference: [\d.]+x tokens/s end to end, [\d.]+x against its model passes alone", out)
-    largest = float(re.search(r"step values, prmtool vs reference: correlation [\d.]+, largest difference (\S+),", out)[1])
+    largest = float(
+        re.search(r"step values, prmtool vs reference: correlation [\d.]+, largest difference (\S+),", out)[1]
+    )
     assert largest < 1e-6
 
 

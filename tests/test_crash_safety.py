@@ -125,8 +125,13 @@ def start_stage(command: list[str], log: Path, moment: str = "never", signal_nam
     process group of its own (with its verify workers), stderr to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as stderr:
-        return subprocess.Popen([sys.executable, "-c", RUN_PRMTOOL, moment, signal_name, *command], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", RUN_PRMTOOL, moment, signal_name, *command],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
 
 
 def finish_stage(process: subprocess.Popen, log: Path) -> Finished:
@@ -174,10 +179,29 @@ class Pipeline:
         elif stage == "verify":
             command = ["verify", self.references["import"] / "out", "-o", run / "out", "--workers", "1"]
         elif stage == "filter":
-            command = ["filter", self.references["verify"] / "out", "-o", run / "kept", "--rejects", run / "rejected",
-                       "--method", "accuracy-band", "--where", "verify_status = 'ok'"]
+            command = [
+                "filter",
+                self.references["verify"] / "out",
+                "-o",
+                run / "kept",
+                "--rejects",
+                run / "rejected",
+                "--method",
+                "accuracy-band",
+                "--where",
+                "verify_status = 'ok'",
+            ]
         else:
-            command = ["export", self.references["verify"] / "out", "-o", run / "out", "--format", "sft-messages", "--split", "test=0.25"]
+            command = [
+                "export",
+                self.references["verify"] / "out",
+                "-o",
+                run / "out",
+                "--format",
+                "sft-messages",
+                "--split",
+                "test=0.25",
+            ]
         return [str(part) for part in command]
 
     def renames(self, stage: str) -> int:
@@ -210,7 +234,11 @@ def shard_files(directory: Path) -> dict[str, Path]:
     """The files a reader takes as shards (what the next stage reads), by relative path."""
     if not directory.exists():
         return {}
-    return {str(p.relative_to(directory)): p for p in sorted(directory.rglob("*.parquet")) if not p.name.startswith((".", "_"))}
+    return {
+        str(p.relative_to(directory)): p
+        for p in sorted(directory.rglob("*.parquet"))
+        if not p.name.startswith((".", "_"))
+    }
 
 
 def leftover_temporaries(directory: Path) -> list[Path]:
@@ -266,7 +294,9 @@ def assert_nothing_partial_is_visible(stage: str, run: Path, pipeline: Pipeline)
             match = TEMPORARY.match(leftover.name)
             assert match and match["final"] in {Path(n).name for n in expected} | {shards.MANIFEST}, leftover
         others = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and not p.name.startswith(".")}
-        assert others - set(visible) <= {shards.MANIFEST}, f"unexpected files in {output}: {sorted(others - set(visible))}"
+        assert others - set(visible) <= {shards.MANIFEST}, (
+            f"unexpected files in {output}: {sorted(others - set(visible))}"
+        )
         if (output / shards.MANIFEST).exists():
             assert set(visible) == set(expected), f"{output}: _SUCCESS is there but shards are missing"
             assert manifest_without_time(output) == manifest_without_time(reference)

@@ -42,8 +42,9 @@ def test_every_sample_path_in_a_help_example_exists():
 def test_every_pointer_into_the_algorithms_page_names_one_of_its_sections():
     sections = set(re.findall(r"^## (.+)$", (ROOT / "docs" / "algorithms.md").read_text(), flags=re.M))
     sources = [*(ROOT / "prmtool").rglob("*.py"), *(ROOT / "tests").glob("*.py")]
-    pointers = [(path, name) for path in sources
-                for name in re.findall(r'docs/algorithms\.md, "([^"]+)"', path.read_text())]
+    pointers = [
+        (path, name) for path in sources for name in re.findall(r'docs/algorithms\.md, "([^"]+)"', path.read_text())
+    ]
     assert pointers
     for path, name in pointers:
         assert name in sections, f"{path.relative_to(ROOT)} points to a section {name!r} that docs/algorithms.md lacks"

@@ -86,7 +86,9 @@ def test_same_seed_same_output_and_different_seed_different_output(tiny_engine):
 def test_engine_seed_makes_unseeded_requests_reproducible(tiny_engine):
     prompt = tiny_engine.chat_prompt_ids("Add 1 to 10.")
     runs = [
-        HFEngine(tiny_engine.model, tiny_engine.tokenizer, seed=123).sample([SamplingRequest(prompt, n=2, max_tokens=10)])
+        HFEngine(tiny_engine.model, tiny_engine.tokenizer, seed=123).sample(
+            [SamplingRequest(prompt, n=2, max_tokens=10)]
+        )
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -156,7 +158,9 @@ def test_cuda_graph_decoding_matches_uncached_reference(tiny_model_dir):
     continuation = engine.tokenizer.encode("Step 1: 5.", add_special_tokens=False)
     [got] = engine.score([ScoringRequest(prompt, continuation)])
     with torch.no_grad():
-        log_probs = engine.model(torch.tensor([prompt + continuation], device="cuda")).logits[0].double().log_softmax(-1)
+        log_probs = (
+            engine.model(torch.tensor([prompt + continuation], device="cuda")).logits[0].double().log_softmax(-1)
+        )
     expected = [log_probs[len(prompt) + k - 1, t].item() for k, t in enumerate(continuation)]
     assert got == pytest.approx(expected, abs=1e-3)
 
@@ -279,9 +283,7 @@ def test_score_matches_float64_log_softmax_reference(tiny_engine):
             ids = torch.tensor([request.prompt_ids + request.continuation_ids])
             log_probs = engine.model(ids).logits[0].double().log_softmax(-1)
             start = len(request.prompt_ids)
-            expected = [
-                log_probs[start + k - 1, token].item() for k, token in enumerate(request.continuation_ids)
-            ]
+            expected = [log_probs[start + k - 1, token].item() for k, token in enumerate(request.continuation_ids)]
             assert got == pytest.approx(expected, abs=1e-4)
 
 

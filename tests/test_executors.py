@@ -22,7 +22,10 @@ def test_partitions_of_shards_are_round_robin_by_name_and_cover_every_shard_once
     found = [shard(f"part-{i:05d}.parquet") for i in reversed(range(7))]
     parts = [Partition(i, 3).take_shards(found) for i in range(3)]
     assert [[s.name[5:10] for s in part] for part in parts] == [
-        ["00000", "00003", "00006"], ["00001", "00004"], ["00002", "00005"]]
+        ["00000", "00003", "00006"],
+        ["00001", "00004"],
+        ["00002", "00005"],
+    ]
     assert Partition().take_shards(found) == found
 
 
@@ -69,29 +72,82 @@ def test_ray_options_belong_to_the_ray_executor():
 
 
 def test_a_ray_task_runs_the_users_command_line_on_its_own_partition():
-    argv = ["label", "in", "-o", "out", "--k", "8", "--executor", "ray", "--gpus-per-task=1",
-            "--num-shards", "4", "--cpus-per-task", "2"]
-    assert task_argv(argv, 3, 4) == ["label", "in", "-o", "out", "--k", "8",
-                                     "--shard-index", "3", "--num-shards", "4", "--quiet"]
+    argv = [
+        "label",
+        "in",
+        "-o",
+        "out",
+        "--k",
+        "8",
+        "--executor",
+        "ray",
+        "--gpus-per-task=1",
+        "--num-shards",
+        "4",
+        "--cpus-per-task",
+        "2",
+    ]
+    assert task_argv(argv, 3, 4) == [
+        "label",
+        "in",
+        "-o",
+        "out",
+        "--k",
+        "8",
+        "--shard-index",
+        "3",
+        "--num-shards",
+        "4",
+        "--quiet",
+    ]
     assert task_argv(["verify", "in", "-o", "out", "-q", "--executor=ray"], 0, 2)[-4:] == [
-        "--shard-index", "0", "--num-shards", "2"]
+        "--shard-index",
+        "0",
+        "--num-shards",
+        "2",
+    ]
 
 
 def test_partitions_run_separately_add_up_to_the_whole_run(prmtool, tmp_path):
     """Two processes (or Slurm tasks) each run one partition; the second to finish writes
     _SUCCESS, and the output equals one whole run."""
     responses = tmp_path / "responses"
-    assert prmtool("import", Path(__file__).parents[1] / "data_samples/gsm8k/responses.jsonl",
-                   "--shard-rows", "10", "-o", responses, "-q").exit_code == 0
+    assert (
+        prmtool(
+            "import",
+            Path(__file__).parents[1] / "data_samples/gsm8k/responses.jsonl",
+            "--shard-rows",
+            "10",
+            "-o",
+            responses,
+            "-q",
+        ).exit_code
+        == 0
+    )
     partitioned, whole = tmp_path / "partitioned", tmp_path / "whole"
-    assert prmtool("verify", responses, "-o", partitioned, "--workers", "1", "-q", "--shard-index", "1", "--num-shards", "2").exit_code == 0
+    assert (
+        prmtool(
+            "verify", responses, "-o", partitioned, "--workers", "1", "-q", "--shard-index", "1", "--num-shards", "2"
+        ).exit_code
+        == 0
+    )
     assert not (partitioned / "_SUCCESS").exists()
-    assert prmtool("verify", responses, "-o", partitioned, "--workers", "1", "-q", "--shard-index", "0", "--num-shards", "2").exit_code == 0
+    assert (
+        prmtool(
+            "verify", responses, "-o", partitioned, "--workers", "1", "-q", "--shard-index", "0", "--num-shards", "2"
+        ).exit_code
+        == 0
+    )
     assert (partitioned / "_SUCCESS").exists()
     assert prmtool("verify", responses, "-o", whole, "--workers", "1", "-q").exit_code == 0
     read = lambda d: pl.read_parquet(d / "*.parquet").sort("response_id")  # noqa: E731
     assert read(partitioned).equals(read(whole))
     # a rerun of a finished partition does nothing
     before = {p.name: p.stat().st_mtime_ns for p in partitioned.glob("*.parquet")}
-    assert prmtool("verify", responses, "-o", partitioned, "--workers", "1", "-q", "--shard-index", "0", "--num-shards", "2").exit_code == 0
+    assert (
+        prmtool(
+            "verify", responses, "-o", partitioned, "--workers", "1", "-q", "--shard-index", "0", "--num-shards", "2"
+        ).exit_code
+        == 0
+    )
     assert {p.name: p.stat().st_mtime_ns for p in partitioned.glob("*.parquet")} == before

@@ -239,7 +239,14 @@ def test_where_correct_after_verify_keeps_only_correct_responses(prmtool, tmp_pa
 
 def test_where_takes_any_sql_condition(prmtool, tmp_path):
     result = prmtool(
-        "export", LABELED, "-o", tmp_path / "out", "-f", "trl-stepwise", "--where", "first_error = -1 AND problem LIKE 'Janet%'"
+        "export",
+        LABELED,
+        "-o",
+        tmp_path / "out",
+        "-f",
+        "trl-stepwise",
+        "--where",
+        "first_error = -1 AND problem LIKE 'Janet%'",
     )
     assert result.exit_code == 0, result.stderr
     dataset = load(tmp_path / "out" / "train", tmp_path)
@@ -267,7 +274,9 @@ def test_where_naming_a_column_only_some_shards_have_writes_nothing(prmtool, tmp
     labeled.head(12).write_parquet(tmp_path / "mixed" / "a.parquet")
     labeled.tail(12).drop("first_error").write_parquet(tmp_path / "mixed" / "b.parquet")
 
-    result = prmtool("export", tmp_path / "mixed", "-o", tmp_path / "out", "-f", "trl-stepwise", "--where", "first_error = -1")
+    result = prmtool(
+        "export", tmp_path / "mixed", "-o", tmp_path / "out", "-f", "trl-stepwise", "--where", "first_error = -1"
+    )
     assert result.exit_code == 2
     assert "b.parquet" in result.stderr and "first_error" in result.stderr
     assert files_under(tmp_path / "out") == []
@@ -281,7 +290,9 @@ def split_prompts(out: Path, tmp_path: Path) -> dict[str, set[str]]:
 
 
 def test_split_holds_out_whole_problems(prmtool, tmp_path):
-    result = prmtool("export", LABELED, "-o", tmp_path / "out", "-f", "trl-stepwise", "--split", "test=0.25", "--seed", "0")
+    result = prmtool(
+        "export", LABELED, "-o", tmp_path / "out", "-f", "trl-stepwise", "--split", "test=0.25", "--seed", "0"
+    )
     assert result.exit_code == 0, result.stderr
     assert files_under(tmp_path / "out") == ["_SUCCESS", "test/part-00000.parquet", "train/part-00000.parquet"]
 
@@ -319,8 +330,23 @@ def test_bad_split_is_refused(prmtool, tmp_path, spec):
 
 def test_verl_numbers_extra_info_index_within_each_split(prmtool, tmp_path):
     """Two shards, two splits: each split's index runs 0, 1, 2, ... over all its rows."""
-    assert prmtool("import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "--shard-rows", "20", "-o", tmp_path / "problems", "-q").exit_code == 0
-    result = prmtool("export", tmp_path / "problems", "-o", tmp_path / "out", "-f", "verl", "--split", "test=0.25", "--seed", "3")
+    assert (
+        prmtool(
+            "import",
+            SAMPLES / "test_sample.jsonl",
+            "--preset",
+            "gsm8k",
+            "--shard-rows",
+            "20",
+            "-o",
+            tmp_path / "problems",
+            "-q",
+        ).exit_code
+        == 0
+    )
+    result = prmtool(
+        "export", tmp_path / "problems", "-o", tmp_path / "out", "-f", "verl", "--split", "test=0.25", "--seed", "3"
+    )
     assert result.exit_code == 0, result.stderr
     assert files_under(tmp_path / "out") == [
         "_SUCCESS",
@@ -342,7 +368,16 @@ def test_verl_numbers_extra_info_index_within_each_split(prmtool, tmp_path):
 
 def test_hf_dataset_saves_a_dataset_dict_with_the_splits(prmtool, tmp_path):
     result = prmtool(
-        "export", PROBLEMS, "-o", tmp_path / "out", "-f", "verl", "--split", "test=0.25", "--hf-dataset", tmp_path / "hf"
+        "export",
+        PROBLEMS,
+        "-o",
+        tmp_path / "out",
+        "-f",
+        "verl",
+        "--split",
+        "test=0.25",
+        "--hf-dataset",
+        tmp_path / "hf",
     )
     assert result.exit_code == 0, result.stderr
     loaded = datasets.load_from_disk(str(tmp_path / "hf"))
@@ -369,12 +404,17 @@ def test_export_rerun_is_a_no_op_and_other_options_need_overwrite(prmtool, tmp_p
 
     refused = prmtool("export", PROBLEMS, "-o", out, "-f", "verl", "--data-source", "gsm8k")
     assert refused.exit_code == 2 and "--overwrite" in refused.stderr
-    assert prmtool("export", PROBLEMS, "-o", out, "-f", "verl", "--data-source", "gsm8k", "--overwrite", "-q").exit_code == 0
+    assert (
+        prmtool("export", PROBLEMS, "-o", out, "-f", "verl", "--data-source", "gsm8k", "--overwrite", "-q").exit_code
+        == 0
+    )
     assert set(load(out / "train", tmp_path)["data_source"]) == {"gsm8k"}
 
 
 def test_quiet_export_with_hf_dataset_prints_nothing(prmtool, tmp_path):
-    result = prmtool("export", PROBLEMS, "-o", tmp_path / "out", "-f", "verl", "--hf-dataset", tmp_path / "hf", "--quiet")
+    result = prmtool(
+        "export", PROBLEMS, "-o", tmp_path / "out", "-f", "verl", "--hf-dataset", tmp_path / "hf", "--quiet"
+    )
     assert result.exit_code == 0
     assert (result.stdout, result.stderr) == ("", "")
     assert (tmp_path / "hf" / "dataset_dict.json").exists()
@@ -410,10 +450,13 @@ def test_sft_takes_the_guided_response_as_the_assistant_turn(prmtool, tmp_path, 
     assert summary_count(result.stderr, "assistant turn from guided response") == 2
 
 
-@pytest.mark.parametrize("format, columns", [
-    ("sft-messages", {"messages": MESSAGES}),
-    ("sft-prompt-completion", {"prompt": Value("string"), "completion": Value("string")}),
-])
+@pytest.mark.parametrize(
+    "format, columns",
+    [
+        ("sft-messages", {"messages": MESSAGES}),
+        ("sft-prompt-completion", {"prompt": Value("string"), "completion": Value("string")}),
+    ],
+)
 def test_open_turn_marks_the_assistant_turn_to_be_continued(prmtool, tmp_path, interventions, format, columns):
     """InT trains on guided responses with no end-of-turn after them: the model learns the
     corrective step, not to stop there."""

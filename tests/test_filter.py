@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -24,7 +23,9 @@ from tests.conftest import files_under, write_shards
 NAN = float("nan")
 
 
-def responses(problem_id: str, outcomes: list[tuple[bool | None, float | None]], steps: int | list[int] = 3) -> pl.DataFrame:
+def responses(
+    problem_id: str, outcomes: list[tuple[bool | None, float | None]], steps: int | list[int] = 3
+) -> pl.DataFrame:
     """One problem's responses: (correct, mean step reward) each, ids `{problem_id}-0`, ... .
     A value of None gives a null step_rewards list."""
     counts = steps if isinstance(steps, list) else [steps] * len(outcomes)
@@ -123,7 +124,9 @@ def test_balance_rule_rounds_halves_to_even(n_correct, n_incorrect, k, removed_c
 
 
 def test_keep_m_sets_k_to_n_minus_m_in_each_group():
-    groups = pl.concat([PAPER, responses("q", [(True, 0.9), (True, 0.1), (True, 0.5), (True, 0.6), (False, 0.2), (False, 0.3)])])
+    groups = pl.concat(
+        [PAPER, responses("q", [(True, 0.9), (True, 0.1), (True, 0.5), (True, 0.6), (False, 0.2), (False, 0.3)])]
+    )
     kept, rejected = filter_rows(groups, keep=4)
     assert kept.group_by("problem_id").len().sort("problem_id").rows() == [("p", 4), ("q", 4)]
     # q: n = 6, k = 2, c = round((4 - 2 + 2) / 2) = 2: its two lowest correct ones go.
@@ -144,8 +147,17 @@ def test_length_penalty_goes_first_and_counts_toward_k():
     """One correct response with 1 step and one wrong one with 31 are removed first; the
     balance rule then removes k' = 4 - 2 = 2 from the rest (4 correct, 2 wrong):
     c = round((4 - 2 + 2) / 2) = 2, leaving 2 correct and 2 wrong."""
-    group = responses("p", [(True, 0.9), (True, 0.8), (True, 0.3), (True, 0.2), (True, 0.95), (False, 0.7), (False, 0.4), (False, 0.05)],
-                      steps=[3, 3, 3, 3, 1, 3, 3, 31])  # fmt: skip
+    graded = [
+        (True, 0.9),
+        (True, 0.8),
+        (True, 0.3),
+        (True, 0.2),
+        (True, 0.95),
+        (False, 0.7),
+        (False, 0.4),
+        (False, 0.05),
+    ]
+    group = responses("p", graded, steps=[3, 3, 3, 3, 1, 3, 3, 31])
     kept, rejected = filter_rows(group, remove=4)
     assert reasons(rejected) == {
         "p-4": "too_few_steps",
@@ -173,7 +185,9 @@ def test_step_bounds_are_inclusive_and_configurable():
 
 
 def test_null_steps_count_as_zero_steps():
-    group = responses("p", [(True, 0.5)] * 2).with_columns(steps=pl.Series([None, ["a", "b"]], dtype=pl.List(pl.String)))
+    group = responses("p", [(True, 0.5)] * 2).with_columns(
+        steps=pl.Series([None, ["a", "b"]], dtype=pl.List(pl.String))
+    )
     _, rejected = filter_rows(group, remove=0)
     assert reasons(rejected) == {"p-0": "too_few_steps"}
 
@@ -190,9 +204,7 @@ def test_a_response_without_value_ranks_as_the_worst_of_its_side():
     """Null, empty and all-NaN step values give no value: such a correct response goes
     before the lowest-valued one, such a wrong one before the highest-valued one."""
     group = responses("p", [(True, 0.9), (True, 0.1), (True, None), (False, 0.9), (False, None)])
-    group = group.with_columns(
-        step_rewards=pl.Series([[0.9], [0.1], [NAN, NAN], [0.9], []], dtype=pl.List(pl.Float64))
-    )
+    group = group.with_columns(step_rewards=pl.Series([[0.9], [0.1], [NAN, NAN], [0.9], []], dtype=pl.List(pl.Float64)))
     # 3 correct, 2 wrong, k = 2: c = round(1.5) = 2 correct ones go, the valueless one first.
     _, rejected = filter_rows(group, remove=2)
     assert reasons(rejected) == {"p-2": "prof_correct_low_value", "p-1": "prof_correct_low_value"}
@@ -292,9 +304,7 @@ def test_consensus_threshold_and_step_mc_default():
 
 
 def test_accuracy_band_keeps_problems_with_mixed_outcomes():
-    groups = pl.concat(
-        [responses(f"acc{n}", [(True, 0.5)] * n + [(False, 0.5)] * (4 - n)) for n in range(5)]
-    )
+    groups = pl.concat([responses(f"acc{n}", [(True, 0.5)] * n + [(False, 0.5)] * (4 - n)) for n in range(5)])
     kept, rejected = filter_rows(groups, method="accuracy-band")
     assert sorted(set(kept["problem_id"])) == ["acc1", "acc2", "acc3"], "accuracies 0.25, 0.5, 0.75"
     assert set(rejected["problem_id"]) == {"acc0", "acc4"}
@@ -316,7 +326,9 @@ def test_where_alone_and_before_a_method():
 # --- properties -----------------------------------------------------------------------------
 
 
-def prof_reference(rows: list[dict], remove: int | None, keep: int | None, mode: str, min_steps: int, max_steps: int) -> dict[str, str]:
+def prof_reference(
+    rows: list[dict], remove: int | None, keep: int | None, mode: str, min_steps: int, max_steps: int
+) -> dict[str, str]:
     """The spec, group by group, in plain Python: response_id -> filter_reason."""
     out: dict[str, str] = {}
     by_problem: dict[str, list[dict]] = {}
@@ -396,10 +408,16 @@ def test_prof_matches_the_spec_written_as_a_plain_loop(rows, budget, mode, bound
 @PROPERTY
 @given(
     rows=response_sets(),
-    method=st.sampled_from([
-        {"method": "prof"}, {"method": "prof", "keep": 2, "mode": "correct"}, {"method": "prof", "mode": "incorrect"},
-        {"method": "consensus"}, {"method": "accuracy-band"}, {"method": "none", "where": "n_steps > 2"},
-    ]),  # fmt: skip
+    method=st.sampled_from(
+        [
+            {"method": "prof"},
+            {"method": "prof", "keep": 2, "mode": "correct"},
+            {"method": "prof", "mode": "incorrect"},
+            {"method": "consensus"},
+            {"method": "accuracy-band"},
+            {"method": "none", "where": "n_steps > 2"},
+        ]
+    ),  # fmt: skip
 )
 def test_kept_and_rejected_rows_are_exactly_the_input_rows(rows, method):
     kept, rejected = filter_rows(rows, **method)
@@ -420,7 +438,15 @@ def summary_count(stderr: str, label: str) -> int:
 
 
 # q: 6 correct and 2 wrong; c = min(4, round((6 - 2 + 4) / 2)) = 4 correct ones go.
-TWO_PROBLEMS = pl.concat([PAPER, responses("q", [(True, 0.6), (False, 0.5), (True, 0.4), (True, 0.3), (True, 0.2), (False, 0.1), (True, 0.0), (True, 0.9)])])
+TWO_PROBLEMS = pl.concat(
+    [
+        PAPER,
+        responses(
+            "q",
+            [(True, 0.6), (False, 0.5), (True, 0.4), (True, 0.3), (True, 0.2), (False, 0.1), (True, 0.0), (True, 0.9)],
+        ),
+    ]
+)
 
 
 def test_a_group_split_over_shards_is_filtered_as_one(prmtool, tmp_path):
@@ -430,7 +456,11 @@ def test_a_group_split_over_shards_is_filtered_as_one(prmtool, tmp_path):
     inputs = write_shards(tmp_path / "scored", TWO_PROBLEMS, [4, 12])
     result = prmtool("filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects")
     assert result.exit_code == 0, result.stderr
-    assert files_under(tmp_path / "kept") == files_under(tmp_path / "rejects") == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]
+    assert (
+        files_under(tmp_path / "kept")
+        == files_under(tmp_path / "rejects")
+        == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet"]
+    )
 
     kept = pl.read_parquet(tmp_path / "kept" / "*.parquet")
     rejected = pl.read_parquet(tmp_path / "rejects" / "*.parquet")
@@ -441,13 +471,27 @@ def test_a_group_split_over_shards_is_filtered_as_one(prmtool, tmp_path):
     # Each output shard holds the rows of the input shard of the same name.
     for name in ("part-00000.parquet", "part-00001.parquet"):
         source = pl.read_parquet(inputs / name)
-        back = pl.concat([pl.read_parquet(tmp_path / "kept" / name), pl.read_parquet(tmp_path / "rejects" / name).drop("filter_reason")])
+        back = pl.concat(
+            [
+                pl.read_parquet(tmp_path / "kept" / name),
+                pl.read_parquet(tmp_path / "rejects" / name).drop("filter_reason"),
+            ]
+        )
         assert_frame_equal(back.sort("response_id"), source.sort("response_id"))
 
 
 def test_summary_and_json_report(prmtool, tmp_path):
     inputs = write_shards(tmp_path / "scored", TWO_PROBLEMS, [16])
-    result = prmtool("filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects", "--report", tmp_path / "report.json")
+    result = prmtool(
+        "filter",
+        inputs,
+        "-o",
+        tmp_path / "kept",
+        "--rejects",
+        tmp_path / "rejects",
+        "--report",
+        tmp_path / "report.json",
+    )
     assert result.exit_code == 0, result.stderr
     assert summary_count(result.stderr, "rows in") == 16
     assert summary_count(result.stderr, "rows out") == 8
@@ -460,7 +504,15 @@ def test_summary_and_json_report(prmtool, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report == {
         "stage": "filter",
-        "arguments": {"method": "prof", "where": None, "mode": "both", "value": "step_rewards", "min_steps": 2, "max_steps": 30, "remove": 4},
+        "arguments": {
+            "method": "prof",
+            "where": None,
+            "mode": "both",
+            "value": "step_rewards",
+            "min_steps": 2,
+            "max_steps": 30,
+            "remove": 4,
+        },
         "method": "prof",
         "rows_in": 16,
         "kept": 8,
@@ -476,7 +528,12 @@ def test_summary_and_json_report(prmtool, tmp_path):
 
 def test_output_shards_carry_filter_provenance(prmtool, tmp_path):
     inputs = write_shards(tmp_path / "scored", PAPER, [8])
-    assert prmtool("filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects", "--keep", "2", "-q").exit_code == 0
+    assert (
+        prmtool(
+            "filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects", "--keep", "2", "-q"
+        ).exit_code
+        == 0
+    )
     for directory, part in [("kept", "kept"), ("rejects", "rejected")]:
         record = json.loads(pq.read_schema(tmp_path / directory / "part-00000.parquet").metadata[b"prmtool"])
         assert record["stage"] == "filter"
@@ -495,7 +552,9 @@ def test_an_input_with_no_row_kept_still_gets_its_output_shard(prmtool, tmp_path
 
 def test_missing_value_column_is_an_input_error_naming_file_and_column(prmtool, tmp_path):
     inputs = write_shards(tmp_path / "scored", PAPER, [8])
-    result = prmtool("filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects", "--value", "step_values")
+    result = prmtool(
+        "filter", inputs, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects", "--value", "step_values"
+    )
     assert result.exit_code == 2
     assert str(inputs / "part-00000.parquet") in result.stderr and "'step_values'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -65,7 +65,9 @@ def test_same_seed_gives_same_ids_and_texts_and_another_seed_differs(problems):
 
 def test_a_problems_samples_do_not_depend_on_its_batch(problems):
     alone = generate_rows(problems.slice(2, 1), ScriptedEngine(), n=4, seed=7)
-    together = generate_rows(problems, ScriptedEngine(), n=4, seed=7).filter(pl.col("problem_id") == problems["problem_id"][2])
+    together = generate_rows(problems, ScriptedEngine(), n=4, seed=7).filter(
+        pl.col("problem_id") == problems["problem_id"][2]
+    )
     assert alone.equals(together)
     assert request_seed(7, "a") != request_seed(7, "b")
 
@@ -82,7 +84,22 @@ def test_generate_command_on_a_model_folder(prmtool, tiny_model_dir, tmp_path):
     problems = tmp_path / "problems"
     problems.mkdir()
     pl.read_parquet(SAMPLES / "problems" / "part-00000.parquet").head(3).write_parquet(problems / "part-00000.parquet")
-    args = ["generate", problems, "-o", tmp_path / "out", "--model", tiny_model_dir, "--device", "cpu", "--n", "2", "--max-tokens", "12", "--seed", "3"]
+    args = [
+        "generate",
+        problems,
+        "-o",
+        tmp_path / "out",
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--n",
+        "2",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "3",
+    ]
     result = prmtool(*args)
     assert result.exit_code == 0, result.stderr
     out = pl.read_parquet(tmp_path / "out" / "part-00000.parquet")
@@ -119,7 +136,9 @@ def test_generate_with_the_embedded_default_model_then_verify(prmtool, tmp_path)
     problems = tmp_path / "problems"
     problems.mkdir()
     pl.read_parquet(SAMPLES / "problems" / "part-00000.parquet").head(2).write_parquet(problems / "part-00000.parquet")
-    result = prmtool("generate", problems, "-o", tmp_path / "out", "--n", "2", "--max-tokens", "48", "--verify", "--device", "cpu")
+    result = prmtool(
+        "generate", problems, "-o", tmp_path / "out", "--n", "2", "--max-tokens", "48", "--verify", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.stderr
     out = pl.read_parquet(tmp_path / "out" / "part-00000.parquet")
     assert out.height == 4

@@ -37,8 +37,12 @@ def one_line_error(result, *named: str) -> str:
 def verified(tmp_path) -> Path:
     """A verified and labeled shard set: what label, score, filter, intervene and export read."""
     frame = pl.read_parquet(SAMPLES / "labeled" / "part-00000.parquet")
-    frame = frame.with_columns(correct=pl.col("first_error") < 0, verify_status=pl.lit("ok"),
-                               step_rewards=pl.col("steps").list.eval(pl.lit(0.1)), prm_score=pl.lit(0.5))
+    frame = frame.with_columns(
+        correct=pl.col("first_error") < 0,
+        verify_status=pl.lit("ok"),
+        step_rewards=pl.col("steps").list.eval(pl.lit(0.1)),
+        prm_score=pl.lit(0.5),
+    )
     directory = tmp_path / "in"
     directory.mkdir()
     frame.write_parquet(directory / "part-00000.parquet")
@@ -59,7 +63,10 @@ WRITERS = [
     (["filter", "IN", "-o", "OUT", "--rejects", "TARGET"], "--rejects"),
     (["filter", "IN", "-o", "OUT", "--rejects", "REJ", "--report", "TARGET"], "--report"),
     (["export", "IN", "-o", "TARGET", "--format", "trl-stepwise"], "-o"),
-    (["export", "IN", "-o", "OUT", "--format", "trl-stepwise", "--hf-dataset", "TARGET", "--overwrite"], "--hf-dataset"),
+    (
+        ["export", "IN", "-o", "OUT", "--format", "trl-stepwise", "--hf-dataset", "TARGET", "--overwrite"],
+        "--hf-dataset",
+    ),
     (["stats", "IN", "--plot", "TARGET"], "--plot"),
 ]
 # Where the option points: the input folder, its shard, a path inside it, a folder above it.
@@ -76,17 +83,32 @@ TARGETS = {
 def test_no_written_path_may_be_an_input_inside_one_or_above_one(prmtool, verified, tmp_path, argv, option, target):
     before = snapshot(verified)
     places = {"IN": verified, "OUT": tmp_path / "out", "REJ": tmp_path / "rej", "TARGET": TARGETS[target](verified)}
-    result = prmtool(*[places.get(a, a) for a in argv], "--overwrite" if "--overwrite" not in argv and argv[0] != "stats" else "--quiet")
+    result = prmtool(
+        *[places.get(a, a) for a in argv],
+        "--overwrite" if "--overwrite" not in argv and argv[0] != "stats" else "--quiet",
+    )
     one_line_error(result, option)
     assert snapshot(verified) == before
     assert not (tmp_path / "out").exists() and not (tmp_path / "rej").exists(), "nothing half-written"
 
 
 def test_two_outputs_of_one_command_may_not_nest(prmtool, verified, tmp_path):
-    result = prmtool("filter", verified, "-o", tmp_path / "out", "--rejects", tmp_path / "out" / "rej", "--method", "none")
+    result = prmtool(
+        "filter", verified, "-o", tmp_path / "out", "--rejects", tmp_path / "out" / "rej", "--method", "none"
+    )
     one_line_error(result, "--rejects", "-o")
-    result = prmtool("filter", verified, "-o", tmp_path / "out", "--rejects", tmp_path / "rej", "--method", "none",
-                     "--report", tmp_path / "rej" / "report.json")
+    result = prmtool(
+        "filter",
+        verified,
+        "-o",
+        tmp_path / "out",
+        "--rejects",
+        tmp_path / "rej",
+        "--method",
+        "none",
+        "--report",
+        tmp_path / "rej" / "report.json",
+    )
     one_line_error(result, "--report")
 
 
@@ -104,19 +126,27 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_recipe_stage_name_cannot_leave_the_workdir(prmtool, tmp_path):
-    recipe = write_recipe(tmp_path, f"workdir: {tmp_path / 'work'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
-                                    "stages:\n  - stage: import\n    preset: gsm8k\n    name: x/../../../escaped-stage\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"workdir: {tmp_path / 'work'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
+        "stages:\n  - stage: import\n    preset: gsm8k\n    name: x/../../../escaped-stage\n",
+    )
     one_line_error(prmtool("run", recipe, "--dry-run"), "name")
     assert not list(tmp_path.parent.glob("escaped-stage*"))
 
 
 def test_a_recipe_workdir_may_not_be_a_file_or_hold_the_input(prmtool, tmp_path):
     (tmp_path / "afile").write_text("x")
-    recipe = write_recipe(tmp_path, f"workdir: {tmp_path / 'afile'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
-                                    "stages:\n  - stage: import\n    preset: gsm8k\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"workdir: {tmp_path / 'afile'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
+        "stages:\n  - stage: import\n    preset: gsm8k\n",
+    )
     one_line_error(prmtool("run", recipe), "not a directory")
-    recipe = write_recipe(tmp_path, f"workdir: {SAMPLES}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
-                                    "stages:\n  - stage: import\n    preset: gsm8k\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"workdir: {SAMPLES}\ninput: {SAMPLES / 'test_sample.jsonl'}\nstages:\n  - stage: import\n    preset: gsm8k\n",
+    )
     one_line_error(prmtool("run", recipe, "--dry-run"), "--workdir")
 
 
@@ -144,7 +174,9 @@ def test_partitions_of_one_run_share_the_lock(tmp_path):
 def test_an_input_edited_in_place_to_the_same_size_is_not_taken_for_the_old_one(prmtool, tmp_path, responses_dir):
     import pyarrow.parquet as pq
 
-    def write_plain(frame: pl.DataFrame, path: Path) -> None:  # no compression, dictionaries or statistics: size = content length
+    def write_plain(
+        frame: pl.DataFrame, path: Path
+    ) -> None:  # no compression, dictionaries or statistics: size = content length
         pq.write_table(frame.to_arrow(), path, compression="none", use_dictionary=False, write_statistics=False)
 
     shard = responses_dir / "part-00000.parquet"
@@ -193,7 +225,9 @@ def test_a_full_disk_during_hf_dataset_leaves_no_success(prmtool, verified, tmp_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", no_space)
-    result = prmtool("export", verified, "-o", tmp_path / "out", "--format", "trl-stepwise", "--hf-dataset", tmp_path / "hf")
+    result = prmtool(
+        "export", verified, "-o", tmp_path / "out", "--format", "trl-stepwise", "--hf-dataset", tmp_path / "hf"
+    )
     one_line_error(result, "No space left")
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
@@ -203,7 +237,9 @@ def test_garbled_parquet_pages_in_stats(prmtool, tmp_path):
     directory = tmp_path / "bad"
     directory.mkdir()
     shard = directory / "part-00000.parquet"
-    pl.DataFrame({"problem_id": [f"p{i}" for i in range(5000)], "x": list(range(5000))}).write_parquet(shard, compression="uncompressed")
+    pl.DataFrame({"problem_id": [f"p{i}" for i in range(5000)], "x": list(range(5000))}).write_parquet(
+        shard, compression="uncompressed"
+    )
     data = bytearray(shard.read_bytes())
     data[100:4000] = b"\xff" * 3900  # the data pages, the footer intact
     shard.write_bytes(bytes(data))
@@ -232,7 +268,9 @@ def test_a_chat_template_the_sandbox_refuses(prmtool, tiny_model_dir, problems, 
     config["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     (model / "chat_template.jinja").unlink(missing_ok=True)
-    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4", "-q")
+    result = prmtool(
+        "generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4", "-q"
+    )
     one_line_error(result, "chat template")
 
 
@@ -243,8 +281,12 @@ def test_pickle_weights_that_transformers_refuses(prmtool, tiny_model_dir, probl
     shutil.copytree(tiny_model_dir, model)
     for weights in model.glob("*.safetensors"):
         weights.unlink()
-    (model / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that runs a command
-    result = prmtool("generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4", "-q")
+    (model / "pytorch_model.bin").write_bytes(
+        b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR."
+    )  # a pickle that runs a command
+    result = prmtool(
+        "generate", problems, "-o", tmp_path / "out", "--model", model, "--n", "1", "--max-tokens", "4", "-q"
+    )
     one_line_error(result, "cannot load model")
 
 
@@ -263,11 +305,15 @@ def test_a_device_this_machine_lacks(prmtool, verified, tmp_path):
 def test_a_10_mb_adversarial_response_finishes_within_the_timeout(prmtool, tmp_path):
     directory = tmp_path / "hostile"
     directory.mkdir()
-    pl.DataFrame({
-        "problem_id": ["p", "p", "p"], "problem": ["?"] * 3, "reference_answer": ["5"] * 3,
-        "response_id": ["boxes", "lines", "fine"],
-        "response": ["\\boxed{" * (10_000_000 // 7), "\n" * 10_000_000 + "A: 5", "so \\boxed{5}"],
-    }).write_parquet(directory / "part-00000.parquet")
+    pl.DataFrame(
+        {
+            "problem_id": ["p", "p", "p"],
+            "problem": ["?"] * 3,
+            "reference_answer": ["5"] * 3,
+            "response_id": ["boxes", "lines", "fine"],
+            "response": ["\\boxed{" * (10_000_000 // 7), "\n" * 10_000_000 + "A: 5", "so \\boxed{5}"],
+        }
+    ).write_parquet(directory / "part-00000.parquet")
     started = time.perf_counter()
     result = prmtool("verify", directory, "-o", tmp_path / "out", "--timeout", "2", "--workers", "2", "-q")
     elapsed = time.perf_counter() - started
@@ -288,8 +334,11 @@ def test_a_yaml_alias_bomb_is_refused(prmtool, tmp_path, levels):
 
 
 def test_small_aliases_are_fine(prmtool, tmp_path):
-    recipe = write_recipe(tmp_path, f"workdir: {tmp_path / 'w'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
-                                    "stages:\n  - &imp {stage: import, preset: gsm8k}\n  - {<<: *imp, name: import-again}\n")
+    recipe = write_recipe(
+        tmp_path,
+        f"workdir: {tmp_path / 'w'}\ninput: {SAMPLES / 'test_sample.jsonl'}\n"
+        "stages:\n  - &imp {stage: import, preset: gsm8k}\n  - {<<: *imp, name: import-again}\n",
+    )
     assert prmtool("run", recipe, "--dry-run").exit_code == 0
 
 
@@ -308,7 +357,9 @@ RECIPE_ERRORS = {
 @pytest.mark.parametrize("case", RECIPE_ERRORS)
 def test_a_recipe_error_fails_before_any_stage_runs(prmtool, tmp_path, case, dry_run):
     stages, named = RECIPE_ERRORS[case]
-    recipe = write_recipe(tmp_path, f"workdir: {tmp_path / 'w'}\ninput: {SAMPLES / 'test_sample.jsonl'}\nstages:\n{stages}")
+    recipe = write_recipe(
+        tmp_path, f"workdir: {tmp_path / 'w'}\ninput: {SAMPLES / 'test_sample.jsonl'}\nstages:\n{stages}"
+    )
     one_line_error(prmtool("run", recipe, *(["--dry-run"] if dry_run else [])), named)
     assert not (tmp_path / "w").exists(), "no stage ran"
 
@@ -329,21 +380,33 @@ def test_import_counts_rows_without_a_reference_answer(prmtool, write_jsonl, tmp
 
 
 def test_import_refuses_two_problem_texts_under_one_id(prmtool, write_jsonl, tmp_path):
-    source = write_jsonl([{"problem_id": "p1", "problem": "1+1?", "reference_answer": "2"},
-                          {"problem_id": "p1", "problem": "2+2?", "reference_answer": "4"}])
+    source = write_jsonl(
+        [
+            {"problem_id": "p1", "problem": "1+1?", "reference_answer": "2"},
+            {"problem_id": "p1", "problem": "2+2?", "reference_answer": "4"},
+        ]
+    )
     one_line_error(prmtool("import", source, "-o", tmp_path / "out"), "'p1'", "2 different problem texts")
 
 
 def test_filter_refuses_a_null_problem_id(prmtool, verified, tmp_path):
     shard = verified / "part-00000.parquet"
-    pl.read_parquet(shard).with_columns(problem_id=pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("problem_id"))).write_parquet(shard)
-    one_line_error(prmtool("filter", verified, "-o", tmp_path / "out", "--rejects", tmp_path / "rej"), "problem_id", "null")
+    pl.read_parquet(shard).with_columns(
+        problem_id=pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col("problem_id"))
+    ).write_parquet(shard)
+    one_line_error(
+        prmtool("filter", verified, "-o", tmp_path / "out", "--rejects", tmp_path / "rej"), "problem_id", "null"
+    )
 
 
 def test_export_refuses_step_labels_of_another_length_than_steps(prmtool, verified, tmp_path):
     shard = verified / "part-00000.parquet"
-    pl.read_parquet(shard).with_columns(step_labels=pl.col("step_labels").list.concat(pl.lit([1], dtype=pl.List(pl.Int8)))).write_parquet(shard)
-    one_line_error(prmtool("export", verified, "-o", tmp_path / "out", "--format", "trl-stepwise"), "step_labels", str(shard))
+    pl.read_parquet(shard).with_columns(
+        step_labels=pl.col("step_labels").list.concat(pl.lit([1], dtype=pl.List(pl.Int8)))
+    ).write_parquet(shard)
+    one_line_error(
+        prmtool("export", verified, "-o", tmp_path / "out", "--format", "trl-stepwise"), "step_labels", str(shard)
+    )
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 
@@ -356,10 +419,23 @@ def test_verl_export_refuses_a_null_ground_truth(prmtool, verified, tmp_path):
 def test_filter_counts_non_finite_step_values_as_missing(prmtool, verified, tmp_path):
     shard = verified / "part-00000.parquet"
     frame = pl.read_parquet(shard)
-    values = [[float("inf")] * len(s) if i == 0 else [float("nan")] * len(s) if i == 1 else [0.1] * len(s) for i, s in enumerate(frame["steps"])]
+    values = [
+        [float("inf")] * len(s) if i == 0 else [float("nan")] * len(s) if i == 1 else [0.1] * len(s)
+        for i, s in enumerate(frame["steps"])
+    ]
     frame.with_columns(step_rewards=pl.Series(values)).write_parquet(shard)
-    result = prmtool("filter", verified, "-o", tmp_path / "out", "--rejects", tmp_path / "rej", "--keep", "2",
-                     "--report", tmp_path / "report.json")
+    result = prmtool(
+        "filter",
+        verified,
+        "-o",
+        tmp_path / "out",
+        "--rejects",
+        tmp_path / "rej",
+        "--keep",
+        "2",
+        "--report",
+        tmp_path / "report.json",
+    )
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "report.json").read_text())["values_missing"] == 2
 

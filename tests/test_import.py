@@ -118,7 +118,9 @@ def test_import_several_files_into_one_shard_set(prmtool, write_jsonl, tmp_path)
 
 def test_map_renames_source_columns_to_contract_columns(prmtool, write_jsonl, tmp_path):
     source = write_jsonl([{"question": "What is 2 + 3?", "gold": "5", "source": "toy"}])
-    result = prmtool("import", source, "--map", "question=problem", "--map", "gold=reference_answer", "-o", tmp_path / "out")
+    result = prmtool(
+        "import", source, "--map", "question=problem", "--map", "gold=reference_answer", "-o", tmp_path / "out"
+    )
     assert result.exit_code == 0, result.stderr
     frame = read_output(tmp_path / "out")
     assert frame.select("problem", "reference_answer", "source").to_dicts() == [
@@ -243,7 +245,9 @@ def test_response_ids_given_in_the_source_are_kept(prmtool, tmp_path):
     result = prmtool("import", SAMPLES / "responses.jsonl", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     frame = read_output(tmp_path / "out")
-    assert frame["response_id"][:4].to_list() == [f"gsm8k-test-0-{kind}" for kind in ("boxed", "hashes", "wrong", "truncated")]
+    assert frame["response_id"][:4].to_list() == [
+        f"gsm8k-test-0-{kind}" for kind in ("boxed", "hashes", "wrong", "truncated")
+    ]
     assert frame.equals(read_output(SAMPLES / "responses"))
 
 
@@ -251,9 +255,16 @@ def test_response_ids_given_in_the_source_are_kept(prmtool, tmp_path):
 
 
 def test_shard_rows_writes_several_numbered_shards(prmtool, tmp_path):
-    result = prmtool("import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "--shard-rows", "15", "-o", tmp_path / "out")
+    result = prmtool(
+        "import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "--shard-rows", "15", "-o", tmp_path / "out"
+    )
     assert result.exit_code == 0, result.stderr
-    assert files_under(tmp_path / "out") == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert files_under(tmp_path / "out") == [
+        "_SUCCESS",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
     sizes = [pl.read_parquet(tmp_path / "out" / f"part-0000{i}.parquet").height for i in range(3)]
     assert sizes == [15, 15, 10]
     assert read_output(tmp_path / "out").equals(read_output(SAMPLES / "problems"))
@@ -297,7 +308,10 @@ def test_overwrite_recomputes_when_the_source_changed(prmtool, write_jsonl, tmp_
 
 def test_every_shard_records_its_provenance_in_the_parquet_metadata(prmtool, write_jsonl, tmp_path):
     source = write_jsonl(PROBLEMS)
-    assert prmtool("import", source, "--shard-rows", "2", "--map", "problem=problem", "-o", tmp_path / "out").exit_code == 0
+    assert (
+        prmtool("import", source, "--shard-rows", "2", "--map", "problem=problem", "-o", tmp_path / "out").exit_code
+        == 0
+    )
     for shard in sorted((tmp_path / "out").glob("*.parquet")):
         record = json.loads(pq.read_schema(shard).metadata[b"prmtool"])
         assert record["stage"] == "import"
@@ -318,7 +332,9 @@ def test_success_manifest_lists_inputs_outputs_and_arguments(prmtool, write_json
     assert manifest["stage"] == "import"
     assert manifest["version"] == __version__
     assert manifest["arguments"]["shard_rows"] == 2
-    assert manifest["inputs"] == [{"path": str(source), "size": source.stat().st_size, "xxh3": shards.content_digest(source)}]
+    assert manifest["inputs"] == [
+        {"path": str(source), "size": source.stat().st_size, "xxh3": shards.content_digest(source)}
+    ]
     assert manifest["outputs"] == [{"file": "part-00000.parquet", "rows": 2}, {"file": "part-00001.parquet", "rows": 1}]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", manifest["finished"])
 
@@ -341,7 +357,15 @@ def test_quiet_import_prints_nothing(prmtool, tmp_path, suffix):
 
 def test_steps_given_with_the_responses_are_kept_when_they_join_back(prmtool, write_jsonl, tmp_path):
     """Labels that came with the data refer to its own steps, so those steps are kept."""
-    rows = [{"problem": "1+1?", "reference_answer": "2", "response": "1+1\n\n=2", "steps": ["1+1", "=2"], "step_labels": [1, 1]}]
+    rows = [
+        {
+            "problem": "1+1?",
+            "reference_answer": "2",
+            "response": "1+1\n\n=2",
+            "steps": ["1+1", "=2"],
+            "step_labels": [1, 1],
+        }
+    ]
     result = prmtool("import", write_jsonl(rows), "-o", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert pl.read_parquet(tmp_path / "out" / "part-00000.parquet")["steps"].to_list() == [["1+1", "=2"]]

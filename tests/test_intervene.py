@@ -38,7 +38,11 @@ def test_a_json_tag_gives_the_content_and_the_0_based_step_it_replaces():
 
 
 def test_the_last_tag_wins():
-    text = tag('{"content": "draft", "location": 1}') + "\nSelf-check passed.\n" + tag('{"content": "final", "location": 2}')
+    text = (
+        tag('{"content": "draft", "location": 1}')
+        + "\nSelf-check passed.\n"
+        + tag('{"content": "final", "location": 2}')
+    )
     assert parse_intervention(text, 3, "18") == Candidate("final", 1)
 
 
@@ -54,8 +58,16 @@ def test_the_last_tag_wins():
         ('{"content": "unicode \\u00e9", "location": 2}', "unicode é"),
         ('{"content": "stray text after it", "location": 2}</intervention}\n```', "stray text after it"),
     ],
-    ids=["python-literal", "triple-quotes", "trailing-comma", "code-fence", "raw-newline", "inner-quotes", "unicode-escape",
-         "stray-text-after"],
+    ids=[
+        "python-literal",
+        "triple-quotes",
+        "trailing-comma",
+        "code-fence",
+        "raw-newline",
+        "inner-quotes",
+        "unicode-escape",
+        "stray-text-after",
+    ],
 )
 def test_json_or_a_python_literal_is_accepted(body, content):
     assert parse_intervention(tag(body), 3, "18") == Candidate(content, 1)
@@ -65,9 +77,13 @@ def test_latex_backslashes_written_unescaped_stay_latex():
     # In JSON, \f, \t, \b, \r and \n are escapes: \frac would become a form feed and "rac".
     body = r'{"content": "So $\frac{a}{b} \times \theta \right) \neq 0$, then\nNext I check \boxed{x}", "location": 1}'
     parsed = parse_intervention(tag(body), 3, "18")
-    assert parsed == Rejection(iv.STATES_FINAL_ANSWER, "the content states a final answer (x)"), "\\boxed survives as LaTeX"
+    assert parsed == Rejection(iv.STATES_FINAL_ANSWER, "the content states a final answer (x)"), (
+        "\\boxed survives as LaTeX"
+    )
     body = r'{"content": "So $\frac{a}{b} \times \theta \neq 0$,\nthen \nabla f\nNext", "location": 1}'
-    assert parse_intervention(tag(body), 3, "18") == Candidate("So $\\frac{a}{b} \\times \\theta \\neq 0$,\nthen \\nabla f\nNext", 0)
+    assert parse_intervention(tag(body), 3, "18") == Candidate(
+        "So $\\frac{a}{b} \\times \\theta \\neq 0$,\nthen \\nabla f\nNext", 0
+    )
     escaped = r'{"content": "properly escaped \\frac{1}{3}", "location": 1}'
     assert parse_intervention(tag(escaped), 3, "18") == Candidate("properly escaped \\frac{1}{3}", 0)
 
@@ -83,7 +99,7 @@ def test_a_location_may_be_written_as_a_number_or_a_step_name(location):
     [
         ("no tag at all", "no complete <intervention>"),
         ('<intervention>{"content": "cut off by max_tokens", "loca', "no complete <intervention>"),
-        ("<Intervention>{\"content\": \"x\", \"location\": 1}</Intervention>", "no complete <intervention>"),
+        ('<Intervention>{"content": "x", "location": 1}</Intervention>', "no complete <intervention>"),
         (tag("just prose, no mapping"), "neither JSON nor a Python literal"),
         (tag('["content", "location"]'), "holds a list"),
         (tag('"a string"'), "holds a str"),
@@ -98,8 +114,24 @@ def test_a_location_may_be_written_as_a_number_or_a_step_name(location):
         (tag("__import__('os').system('touch /tmp/pwned')"), "neither JSON nor a Python literal"),
         (tag("{'content': open('/etc/passwd').read(), 'location': 1}"), "neither JSON nor a Python literal"),
     ],
-    ids=["no-tag", "unclosed", "wrong-case", "prose", "list", "string", "no-content", "blank-content",
-         "number-content", "placeholder", "no-location", "word-location", "bool-location", "fractional-location", "code", "call-in-dict"],
+    ids=[
+        "no-tag",
+        "unclosed",
+        "wrong-case",
+        "prose",
+        "list",
+        "string",
+        "no-content",
+        "blank-content",
+        "number-content",
+        "placeholder",
+        "no-location",
+        "word-location",
+        "bool-location",
+        "fractional-location",
+        "code",
+        "call-in-dict",
+    ],
 )
 def test_malformed_proposals_are_unparseable_with_the_reason(text, detail):
     parsed = parse_intervention(text, 3, "18")
@@ -129,7 +161,9 @@ def test_locations_outside_the_response_or_after_the_first_error_are_out_of_rang
 
 def test_an_intervention_may_replace_the_first_error_or_an_earlier_step():
     for location in (1, 2):
-        assert parse_intervention(tag('{"content": "a step", "location": %d}' % location), 3, "18", latest=1) == Candidate("a step", location - 1)
+        assert parse_intervention(
+            tag('{"content": "a step", "location": %d}' % location), 3, "18", latest=1
+        ) == Candidate("a step", location - 1)
 
 
 # --- the answer-leak rule ------------------------------------------------------------------------
@@ -160,7 +194,11 @@ def test_a_number_or_expression_equal_to_the_reference_answer_leaks(content, ref
     [
         ("She makes 180 cents, I mean, let me recompute.", "18", ""),  # 180 is not 18
         ("Subtract: 16-3 leaves 13.", "-3", ""),  # subtraction, not the number -3
-        ("She has 3 bolts of blue fiber to start with.", "3", "A robe takes 3 bolts of blue fiber."),  # given in the problem
+        (
+            "She has 3 bolts of blue fiber to start with.",
+            "3",
+            "A robe takes 3 bolts of blue fiber.",
+        ),  # given in the problem
         ("Let me count the eggs she sells.", "18", ""),
         ("Next I expand (x+1)^2.", "x^2 + 1", ""),
         ("I will check option B again.", "A", ""),  # a letter answer matches whole words only
@@ -202,7 +240,9 @@ def test_the_first_error_answer_is_read_like_a_location(text, expected):
     assert parse_first_error(text, 3) == expected
 
 
-@pytest.mark.parametrize("text", ["Substep 2 is wrong.", "<first_error>the second</first_error>", "<first_error>7</first_error>"])
+@pytest.mark.parametrize(
+    "text", ["Substep 2 is wrong.", "<first_error>the second</first_error>", "<first_error>7</first_error>"]
+)
 def test_an_unreadable_or_out_of_range_first_error_is_rejected(text):
     parsed = parse_first_error(text, 3)
     assert isinstance(parsed, Rejection) and parsed.reason == iv.FIRST_ERROR_UNPARSEABLE
@@ -252,7 +292,10 @@ class ScriptedInterventionEngine(Engine):
         results = []
         for request in requests:
             end = request.prompt_ids.index(0)
-            prompt, prefix = "".join(map(chr, request.prompt_ids[:end])), "".join(map(chr, request.prompt_ids[end + 1 :]))
+            prompt, prefix = (
+                "".join(map(chr, request.prompt_ids[:end])),
+                "".join(map(chr, request.prompt_ids[end + 1 :])),
+            )
             problem = self._problem(prompt)
             if "<first_error>" in prompt:
                 kinds.append("locate")
@@ -280,10 +323,28 @@ def wrong_responses(count: int = 6) -> pl.DataFrame:
     rows = []
     for index in range(count):
         steps = [f"Problem {index}: start.", "Then WRONG.", "So the answer is wrong."]
-        rows.append({"problem_id": f"p{index}", "problem": f"Problem {index}?", "reference_answer": str(10 + index),
-                     "response_id": f"r{index}", "steps": steps, "correct": False, "first_error": 1})
-    rows.append({"problem_id": "p0", "problem": "Problem 0?", "reference_answer": "10", "response_id": "right",
-                 "steps": ["Fine.", "\\boxed{10}"], "correct": True, "first_error": -1})
+        rows.append(
+            {
+                "problem_id": f"p{index}",
+                "problem": f"Problem {index}?",
+                "reference_answer": str(10 + index),
+                "response_id": f"r{index}",
+                "steps": steps,
+                "correct": False,
+                "first_error": 1,
+            }
+        )
+    rows.append(
+        {
+            "problem_id": "p0",
+            "problem": "Problem 0?",
+            "reference_answer": "10",
+            "response_id": "right",
+            "steps": ["Fine.", "\\boxed{10}"],
+            "correct": True,
+            "first_error": -1,
+        }
+    )
     return pl.DataFrame(rows, schema_overrides={"first_error": pl.Int32})
 
 
@@ -292,7 +353,9 @@ def answers_of(frame: pl.DataFrame) -> dict[str, str]:
 
 
 def settings(**options) -> InterveneSettings:
-    return InterveneSettings(**{"candidates": 2, "verify_rollouts": 4, "rollouts": RolloutSettings(workers=1), **options})
+    return InterveneSettings(
+        **{"candidates": 2, "verify_rollouts": 4, "rollouts": RolloutSettings(workers=1), **options}
+    )
 
 
 def test_kept_interventions_replace_the_first_error_and_drop_the_failed_suffix():
@@ -304,7 +367,11 @@ def test_kept_interventions_replace_the_first_error_and_drop_the_failed_suffix()
         assert row["intervention"] == "GOOD: redo it." and row["intervention_step"] == 1
         assert row["guided_response"] == row["steps"][0] + "\n\n" + "GOOD: redo it."
         assert row["intervention_success_rate"] == 1.0
-        assert (row["intervene_candidate"], row["intervene_first_error"], row["intervene_first_error_source"]) == (0, 1, "labels")
+        assert (row["intervene_candidate"], row["intervene_first_error"], row["intervene_first_error_source"]) == (
+            0,
+            1,
+            "labels",
+        )
     assert rejects.select("response_id", "intervene_reason").rows() == [("right", "not_wrong")]
 
 
@@ -326,8 +393,10 @@ def test_a_candidate_is_kept_when_at_least_min_success_rollouts_are_right(min_su
     out, rejects = intervene_rows(frame, engine, settings(min_success=min_success))
     assert out.height == kept
     measured = pl.concat([out, rejects.drop(c for c in rejects.columns if c not in out.columns)])
-    assert sorted(measured.select("intervene_candidate", "intervention_success_rate").rows()) == [(0, 0.5), (1, 0.75)], \
-        "the success rate is measured whether kept or not"
+    assert sorted(measured.select("intervene_candidate", "intervention_success_rate").rows()) == [
+        (0, 0.5),
+        (1, 0.75),
+    ], "the success rate is measured whether kept or not"
     assert set(rejects["intervene_reason"]) <= {"not_verified"}
     for detail in rejects["intervene_detail"]:
         assert f"of 4 rollouts reached the answer; --min-success is {min_success}" in detail
@@ -336,20 +405,26 @@ def test_a_candidate_is_kept_when_at_least_min_success_rollouts_are_right(min_su
 def test_every_rejected_candidate_is_in_the_rejects_with_its_reason():
     frame = wrong_responses(1).head(1)
     proposals = [
-        "I am not sure what to do.",                                   # no tag
-        tag('{"content": "Then 9 * 2 = 10 eggs.", "location": 2}'),   # the reference answer (10)
-        tag('{"content": "GOOD fix", "location": 3}'),                 # after the first error
-        tag('{"content": "GOOD fix", "location": 2}'),                 # kept
-        tag('{"content": "GOOD fix", "location": 2}'),                 # the same again
-        tag('{"content": "BAD fix", "location": 1}'),                  # no rollout is right
+        "I am not sure what to do.",  # no tag
+        tag('{"content": "Then 9 * 2 = 10 eggs.", "location": 2}'),  # the reference answer (10)
+        tag('{"content": "GOOD fix", "location": 3}'),  # after the first error
+        tag('{"content": "GOOD fix", "location": 2}'),  # kept
+        tag('{"content": "GOOD fix", "location": 2}'),  # the same again
+        tag('{"content": "BAD fix", "location": 1}'),  # no rollout is right
     ]
     engine = ScriptedInterventionEngine(answers_of(frame), propose=lambda problem, c: proposals[c])
     kept, rejects = intervene_rows(frame, engine, settings(candidates=len(proposals)))
     assert kept["intervene_candidate"].to_list() == [3]
     assert rejects.select("intervene_candidate", "intervene_reason").rows() == [
-        (0, "unparseable"), (1, "leaks_answer"), (2, "location_out_of_range"), (4, "duplicate"), (5, "not_verified"),
+        (0, "unparseable"),
+        (1, "leaks_answer"),
+        (2, "location_out_of_range"),
+        (4, "duplicate"),
+        (5, "not_verified"),
     ]
-    assert rejects["intervene_output"].to_list() == [proposals[i] for i in (0, 1, 2, 4, 5)], "the raw answer, for auditing"
+    assert rejects["intervene_output"].to_list() == [proposals[i] for i in (0, 1, 2, 4, 5)], (
+        "the raw answer, for auditing"
+    )
     assert rejects["intervention"].to_list() == [None, "Then 9 * 2 = 10 eggs.", "GOOD fix", "GOOD fix", "BAD fix"]
     assert rejects["intervention_step"].to_list() == [None, 1, 2, 1, 0]
     assert rejects["intervention_success_rate"].to_list() == [None, None, None, None, 0.0]
@@ -370,8 +445,15 @@ def test_first_errors_come_from_the_labels_when_present_and_the_model_otherwise(
     engine = ScriptedInterventionEngine(answers_of(frame))
     kept, rejects = intervene_rows(frame, engine, settings(candidates=1))  # auto
     assert [kind for kind, _ in engine.calls] == ["locate", "propose", "rollout"]
-    assert len(engine.calls[0][1]) == 3 and engine.calls[0][1][0].temperature == 0.0, "one greedy question per unlabeled row"
-    assert kept.select("response_id", "intervene_first_error_source").rows() == [("r0", "labels"), ("r1", "model"), ("r2", "model"), ("r3", "model")]
+    assert len(engine.calls[0][1]) == 3 and engine.calls[0][1][0].temperature == 0.0, (
+        "one greedy question per unlabeled row"
+    )
+    assert kept.select("response_id", "intervene_first_error_source").rows() == [
+        ("r0", "labels"),
+        ("r1", "model"),
+        ("r2", "model"),
+        ("r3", "model"),
+    ]
 
     labels_only = ScriptedInterventionEngine(answers_of(frame))
     kept, rejects = intervene_rows(frame, labels_only, settings(candidates=1, first_error="from-labels"))
@@ -387,13 +469,20 @@ def test_first_errors_come_from_the_labels_when_present_and_the_model_otherwise(
 
 def test_model_mode_asks_the_model_even_where_labels_exist_and_uses_its_answer():
     frame = wrong_responses(3)
-    located = {"Problem 0?": "<first_error>Substep 2</first_error>", "Problem 1?": "<first_error>0</first_error>",
-               "Problem 2?": "I cannot tell."}
+    located = {
+        "Problem 0?": "<first_error>Substep 2</first_error>",
+        "Problem 1?": "<first_error>0</first_error>",
+        "Problem 2?": "I cannot tell.",
+    }
     engine = ScriptedInterventionEngine(answers_of(frame), locate=located.get)
     kept, rejects = intervene_rows(frame, engine, settings(candidates=1, first_error="model"))
-    assert kept.select("response_id", "intervene_first_error", "intervene_first_error_source").rows() == [("r0", 1, "model")]
+    assert kept.select("response_id", "intervene_first_error", "intervene_first_error_source").rows() == [
+        ("r0", 1, "model")
+    ]
     assert rejects.select("response_id", "intervene_reason").rows() == [
-        ("r1", "no_first_error"), ("r2", "first_error_unparseable"), ("right", "not_wrong"),
+        ("r1", "no_first_error"),
+        ("r2", "first_error_unparseable"),
+        ("right", "not_wrong"),
     ]
     assert rejects["intervene_output"][1] == "I cannot tell."
 
@@ -463,10 +552,31 @@ def summary_count(stderr: str, label: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def test_intervene_command_on_a_model_folder_writes_rejects_and_the_funnel(prmtool, verified_labeled, tiny_model_dir, tmp_path):
-    args = ["intervene", verified_labeled, "-o", tmp_path / "out", "--rejects", tmp_path / "rejects", "--model", tiny_model_dir,
-            "--device", "cpu", "--candidates", "2", "--verify-rollouts", "2", "--max-tokens", "8", "--proposer-max-tokens", "12",
-            "--workers", "1"]
+def test_intervene_command_on_a_model_folder_writes_rejects_and_the_funnel(
+    prmtool, verified_labeled, tiny_model_dir, tmp_path
+):
+    args = [
+        "intervene",
+        verified_labeled,
+        "-o",
+        tmp_path / "out",
+        "--rejects",
+        tmp_path / "rejects",
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--candidates",
+        "2",
+        "--verify-rollouts",
+        "2",
+        "--max-tokens",
+        "8",
+        "--proposer-max-tokens",
+        "12",
+        "--workers",
+        "1",
+    ]
     result = prmtool(*args)
     assert result.exit_code == 0, result.stderr
     assert files_under(tmp_path / "out") == ["_SUCCESS", "part-00000.parquet"]
@@ -520,17 +630,44 @@ def test_intervene_with_the_embedded_model_then_export_sft(prmtool, verified_lab
     few = tmp_path / "few"
     few.mkdir()
     rows = pl.read_parquet(verified_labeled / "part-00000.parquet")
-    pl.concat([rows.filter(~pl.col("correct")).head(2), rows.filter(pl.col("correct")).head(1)]).write_parquet(few / "part-00000.parquet")
-    result = prmtool("intervene", few, "-o", tmp_path / "out", "--rejects", tmp_path / "rejects", "--candidates", "2",
-                     "--verify-rollouts", "2", "--max-tokens", "24", "--proposer-max-tokens", "32", "--prefill-tag",
-                     "--device", "cpu", "--workers", "1")
+    pl.concat([rows.filter(~pl.col("correct")).head(2), rows.filter(pl.col("correct")).head(1)]).write_parquet(
+        few / "part-00000.parquet"
+    )
+    result = prmtool(
+        "intervene",
+        few,
+        "-o",
+        tmp_path / "out",
+        "--rejects",
+        tmp_path / "rejects",
+        "--candidates",
+        "2",
+        "--verify-rollouts",
+        "2",
+        "--max-tokens",
+        "24",
+        "--proposer-max-tokens",
+        "32",
+        "--prefill-tag",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 0, result.stderr
     kept = pl.read_parquet(tmp_path / "out" / "part-00000.parquet")
     rejects = pl.read_parquet(tmp_path / "rejects" / "part-00000.parquet")
     assert summary_count(result.stderr, "candidates proposed") == 4
     assert kept.height + rejects["intervene_candidate"].is_not_null().sum() == 4
     assert rejects.filter(pl.col("intervene_candidate").is_null())["intervene_reason"].to_list() == ["not_wrong"]
-    reasons = {iv.UNPARSEABLE, iv.LOCATION_OUT_OF_RANGE, iv.LEAKS_ANSWER, iv.STATES_FINAL_ANSWER, iv.DUPLICATE, iv.NOT_VERIFIED}
+    reasons = {
+        iv.UNPARSEABLE,
+        iv.LOCATION_OUT_OF_RANGE,
+        iv.LEAKS_ANSWER,
+        iv.STATES_FINAL_ANSWER,
+        iv.DUPLICATE,
+        iv.NOT_VERIFIED,
+    }
     assert set(rejects["intervene_reason"].drop_nulls()) - {"not_wrong"} <= reasons
     assert rejects["intervene_output"].drop_nulls().str.starts_with('<intervention>{"content": "').all()
     for row in kept.iter_rows(named=True):

@@ -59,8 +59,17 @@ def responses(count: int, seed: int = 0, max_steps: int = 12) -> pl.DataFrame:
         n = rng.randint(1, max_steps)
         wrong_at = rng.randrange(n)
         steps = [f"Step {i}: fine." if i != wrong_at else f"Step {i}: WRONG." for i in range(n)]
-        rows.append({"problem_id": f"p{index % 5}", "problem": f"Problem {index % 5}?", "reference_answer": str(10 + index % 5),
-                     "response_id": f"r{index}", "steps": steps, "correct": False, "true_first_error": wrong_at})
+        rows.append(
+            {
+                "problem_id": f"p{index % 5}",
+                "problem": f"Problem {index % 5}?",
+                "reference_answer": str(10 + index % 5),
+                "response_id": f"r{index}",
+                "steps": steps,
+                "correct": False,
+                "true_first_error": wrong_at,
+            }
+        )
     return pl.DataFrame(rows)
 
 
@@ -111,7 +120,9 @@ def test_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fa
         measured = [v for v in values if v is not None]
         # Good prefixes (MC 1.0 from 2 rollouts) cost 2, bad ones (0.0 from all 8) cost 8.
         assert rollouts == sum(2 if v == 1.0 else 8 for v in measured)
-    soft = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS, soft=True)
+    soft = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS, soft=True
+    )
     assert all(r % 8 == 0 for r in soft["label_rollouts"]), "soft labels need every MC value from k rollouts"
 
 
@@ -128,13 +139,17 @@ def test_per_step_mc_values_are_the_fraction_of_correct_rollouts():
 
 def test_bad_below_sets_the_threshold_of_a_bad_step():
     frame = responses(15, seed=3)
-    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.6), "mc", k=8, settings=SETTINGS, bad_below=0.5)
+    labeled = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame), p=0.6), "mc", k=8, settings=SETTINGS, bad_below=0.5
+    )
     for values, labels in zip(labeled["step_mc"].to_list(), labeled["step_labels"].to_list()):
         assert labels == [int(v >= 0.5) for v in values]
 
 
 def test_correct_responses_are_trusted_by_default_and_estimated_on_request():
-    frame = responses(6).with_columns(correct=pl.lit(True), steps=pl.col("steps").list.eval(pl.element().str.replace("WRONG", "fine")))
+    frame = responses(6).with_columns(
+        correct=pl.lit(True), steps=pl.col("steps").list.eval(pl.element().str.replace("WRONG", "fine"))
+    )
     engine = ScriptedRolloutEngine(answers_of(frame))
     trusted = label_rows(frame, engine, "mc", k=4, settings=SETTINGS)
     assert trusted["label_rollouts"].sum() == 0 and not engine.calls
@@ -175,11 +190,27 @@ def test_label_command_with_the_embedded_model(prmtool, tmp_path):
     few.mkdir()
     pl.read_parquet(SAMPLES / "responses" / "part-00000.parquet").head(4).write_parquet(few / "part-00000.parquet")
     assert prmtool("verify", few, "-o", tmp_path / "verified", "--workers", "1").exit_code == 0
-    result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--k", "2", "--max-tokens", "24",
-                     "--device", "cpu", "--workers", "1", "--method", "binary")
+    result = prmtool(
+        "label",
+        tmp_path / "verified",
+        "-o",
+        tmp_path / "labeled",
+        "--k",
+        "2",
+        "--max-tokens",
+        "24",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--method",
+        "binary",
+    )
     assert result.exit_code == 0, result.stderr
     labeled = pl.read_parquet(tmp_path / "labeled" / "part-00000.parquet")
-    for steps, labels, correct, first_error, rollouts in labeled.select("steps", "step_labels", "correct", "first_error", "label_rollouts").iter_rows():
+    for steps, labels, correct, first_error, rollouts in labeled.select(
+        "steps", "step_labels", "correct", "first_error", "label_rollouts"
+    ).iter_rows():
         assert len(labels) == len(steps)
         if correct:
             assert labels == [1] * len(steps) and first_error == -1 and rollouts == 0

@@ -35,7 +35,10 @@ class BranchingRolloutEngine(ScriptedRolloutEngine):
             rng = random.Random(request.seed)
             samples = []
             for _ in range(request.n):
-                steps = ["Next: WRONG." if rng.random() < self.wrong_step else "Next: fine." for _ in range(rng.randint(1, 4))]
+                steps = [
+                    "Next: WRONG." if rng.random() < self.wrong_step else "Next: fine."
+                    for _ in range(rng.randint(1, 4))
+                ]
                 right = "WRONG" not in prefix and "WRONG" not in "".join(steps) and rng.random() < self.p
                 gold = int(self.answers[problem])
                 answer = f"\\frac{{{2 * gold}}}{{2}}" if right else str(gold + 1)
@@ -69,7 +72,9 @@ def test_search_rollouts_never_exceed_the_budget():
     for problem_id, search in searches.items():
         assert search.search_rollouts <= 22
         assert sampled[problems[problem_id]] == 8 + search.search_rollouts <= 8 + 22
-    assert max(search.search_rollouts for search in searches.values()) == 20, "the budget is spent up to the last whole probe"
+    assert max(search.search_rollouts for search in searches.values()) == 20, (
+        "the budget is spent up to the last whole probe"
+    )
 
 
 def test_a_picked_candidate_is_never_picked_again():
@@ -142,9 +147,30 @@ def test_label_command_writes_the_omegaprm_tree(prmtool, tmp_path, tiny_model_di
     responses(4, max_steps=3).drop("true_first_error").write_parquet(verified / "part-00000.parquet")
     refused = prmtool("label", verified, "-o", tmp_path / "labeled", "--method", "omegaprm")
     assert refused.exit_code == 2 and "--tree-output" in refused.stderr
-    result = prmtool("label", verified, "-o", tmp_path / "labeled", "--method", "omegaprm", "--tree-output", tmp_path / "tree",
-                     "--model", tiny_model_dir, "--device", "cpu", "--k", "2", "--max-tokens", "8", "--search-budget", "8",
-                     "--screen-rollouts", "4", "--workers", "1")
+    result = prmtool(
+        "label",
+        verified,
+        "-o",
+        tmp_path / "labeled",
+        "--method",
+        "omegaprm",
+        "--tree-output",
+        tmp_path / "tree",
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--k",
+        "2",
+        "--max-tokens",
+        "8",
+        "--search-budget",
+        "8",
+        "--screen-rollouts",
+        "4",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 0, result.stderr
     labeled = pl.read_parquet(tmp_path / "labeled" / "part-00000.parquet")
     assert labeled.height == 4 and {"step_labels", "first_error", "label_rollouts"} <= set(labeled.columns)

@@ -54,7 +54,9 @@ def scored(tmp_path) -> Path:
     """96 responses to 12 problems in 4 shards of different sizes; problem-00's 8 responses
     are spread over all 4 shards."""
     directory = write_shards(tmp_path / "scored", scored_responses(), [17, 31, 9, 39])
-    shard_of_each = [pl.read_parquet(f).filter(pl.col("problem_id") == "problem-00").height for f in sorted(directory.iterdir())]
+    shard_of_each = [
+        pl.read_parquet(f).filter(pl.col("problem_id") == "problem-00").height for f in sorted(directory.iterdir())
+    ]
     assert all(shard_of_each), "the data should spread problem-00 over every shard"
     return directory
 
@@ -73,7 +75,9 @@ def rows_of(directory: Path) -> pl.DataFrame:
 
 def canonical_rows(directory: Path) -> list[str]:
     """Rows of a format with no response_id (export), as sorted JSON: compares every column."""
-    return sorted(json.dumps(row, sort_keys=True) for f in shard_files(directory) for row in pl.read_parquet(f).to_dicts())
+    return sorted(
+        json.dumps(row, sort_keys=True) for f in shard_files(directory) for row in pl.read_parquet(f).to_dicts()
+    )
 
 
 def run_every_partition(prmtool, command: list, outputs: list[Path], count: int) -> None:
@@ -94,7 +98,9 @@ def run_every_partition(prmtool, command: list, outputs: list[Path], count: int)
         assert manifest["partitions"] == count
 
 
-def assert_rerun_is_a_no_op(prmtool, command: list, outputs: list[Path], count: int, says: str = "already complete") -> None:
+def assert_rerun_is_a_no_op(
+    prmtool, command: list, outputs: list[Path], count: int, says: str = "already complete"
+) -> None:
     """Partition 0 again: it says so and rewrites no shard."""
     files = [f for output in outputs for f in shard_files(output)]
     before = {f: f.stat().st_mtime_ns for f in files}
@@ -161,7 +167,9 @@ def test_filter_report_of_a_partition_covers_its_groups(prmtool, tmp_path, score
     """--report with a partition goes to the report's name with the partition in it; the
     partitions' figures add up to the whole run's."""
     common = ["--rejects", tmp_path / "rejected", "--keep", "5", "-q"]
-    assert prmtool("filter", scored, "-o", tmp_path / "kept", *common, "--report", tmp_path / "whole.json").exit_code == 0
+    assert (
+        prmtool("filter", scored, "-o", tmp_path / "kept", *common, "--report", tmp_path / "whole.json").exit_code == 0
+    )
     common = ["--rejects", tmp_path / "rejected-2", "--keep", "5", "-q"]
     for index in range(2):
         args = ["--report", tmp_path / "prof.json", "--shard-index", index, "--num-shards", 2]
@@ -185,7 +193,9 @@ def test_import_partitions_give_the_whole_runs_rows_and_ids(prmtool, write_jsonl
         for text in (f"It is {p + 1}.", f"It is {p + 1}.", f"Maybe {p}.\n\nNo, {p + 1}.")
     ]
     rows_b = [{"problem": "What is 0 + 1?", "reference_answer": "1", "response": "One."}]  # problem 0 again
-    rows_b += [{"problem": f"What is {p} * 2?", "reference_answer": str(2 * p), "response": f"{2 * p}"} for p in range(4)]
+    rows_b += [
+        {"problem": f"What is {p} * 2?", "reference_answer": str(2 * p), "response": f"{2 * p}"} for p in range(4)
+    ]
     sources = [write_jsonl(rows_a, "a.jsonl"), write_jsonl(rows_b, "b.jsonl")]
     assert prmtool("import", *sources, "-o", tmp_path / "whole", "--shard-rows", "4", "-q").exit_code == 0
 
@@ -194,7 +204,14 @@ def test_import_partitions_give_the_whole_runs_rows_and_ids(prmtool, write_jsonl
         command = ["import", *sources, "-o", output, "--shard-rows", "4"]
         run_every_partition(prmtool, command, [output], count)
         assert_frame_equal(rows_of(output), rows_of(tmp_path / "whole"))
-        problems = [set(pl.read_parquet(output / "*.{index:05d}-of-{count:05d}.parquet".format(index=i, count=count))["problem_id"]) for i in range(count)]
+        problems = [
+            set(
+                pl.read_parquet(output / "*.{index:05d}-of-{count:05d}.parquet".format(index=i, count=count))[
+                    "problem_id"
+                ]
+            )
+            for i in range(count)
+        ]
         assert sum(map(len, problems)) == len(set().union(*problems)), "a problem in two partitions"
     assert_rerun_is_a_no_op(prmtool, command, [output], count)
 
@@ -203,7 +220,9 @@ def test_import_partitions_give_the_whole_runs_rows_and_ids(prmtool, write_jsonl
 
 
 @pytest.mark.parametrize("count", [2, 3])
-@pytest.mark.parametrize("format_options", [["-f", "verl"], ["-f", "sft-messages", "--where", "correct"]], ids=["verl", "sft"])
+@pytest.mark.parametrize(
+    "format_options", [["-f", "verl"], ["-f", "sft-messages", "--where", "correct"]], ids=["verl", "sft"]
+)
 def test_export_partitions_keep_the_whole_runs_split(prmtool, tmp_path, scored, count, format_options):
     options = [*format_options, "--split", "test=0.25", "--seed", "7"]
     assert prmtool("export", scored, "-o", tmp_path / "whole", *options, "-q").exit_code == 0
@@ -247,7 +266,16 @@ STAGES = {
         (["--gpus-per-task", "1"], "apply to --executor ray"),
         (["--executor", "slurm"], "--executor 'slurm'"),
     ],
-    ids=["index-too-large", "index-negative", "zero-shards", "index-alone", "count-alone", "index-with-ray", "gpus-local", "unknown-executor"],
+    ids=[
+        "index-too-large",
+        "index-negative",
+        "zero-shards",
+        "index-alone",
+        "count-alone",
+        "index-with-ray",
+        "gpus-local",
+        "unknown-executor",
+    ],
 )
 def test_bad_partition_options_are_one_line_usage_errors(prmtool, tmp_path, scored, stage, args, message):
     out = tmp_path / "out"
@@ -272,14 +300,27 @@ def local_ray():
 def test_executor_ray_runs_the_partitions_as_tasks(prmtool, tmp_path, responses, scored, local_ray):
     """One Ray task per partition on a local cluster: the output is the local whole run's."""
     assert prmtool("verify", responses, "-o", tmp_path / "verified", "--workers", "1", "-q").exit_code == 0
-    on_ray = prmtool("verify", responses, "-o", tmp_path / "verified-ray", "--workers", "1", "--executor", "ray", "--num-shards", "2")
+    on_ray = prmtool(
+        "verify", responses, "-o", tmp_path / "verified-ray", "--workers", "1", "--executor", "ray", "--num-shards", "2"
+    )
     assert on_ray.exit_code == 0, on_ray.stderr
     assert "all 2 partitions done" in on_ray.stderr
     assert (tmp_path / "verified-ray" / "_SUCCESS").exists()
     assert_frame_equal(rows_of(tmp_path / "verified-ray"), rows_of(tmp_path / "verified"))
 
     assert prmtool("filter", scored, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejected", "-q").exit_code == 0
-    on_ray = prmtool("filter", scored, "-o", tmp_path / "kept-ray", "--rejects", tmp_path / "rejected-ray", "--executor", "ray", "--num-shards", "2")
+    on_ray = prmtool(
+        "filter",
+        scored,
+        "-o",
+        tmp_path / "kept-ray",
+        "--rejects",
+        tmp_path / "rejected-ray",
+        "--executor",
+        "ray",
+        "--num-shards",
+        "2",
+    )
     assert on_ray.exit_code == 0, on_ray.stderr
     for part in ("kept", "rejected"):
         assert (tmp_path / f"{part}-ray" / "_SUCCESS").exists()

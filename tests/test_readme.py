@@ -25,8 +25,16 @@ def test_readme_formats_match_the_export_formats():
 
 def test_ci_runs_the_readme_test_command():
     printed = subprocess.run(
-        ["bash", "-c", "sed -n '/^Install the test dependencies/,/^```$/p' README.md | sed -n '/^```bash$/,/^```$/p' | sed '1d;$d'"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            "bash",
+            "-c",
+            "sed -n '/^Install the test dependencies/,/^```$/p' README.md | sed -n '/^```bash$/,/^```$/p' | sed "
+            "'1d;$d'",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert printed.endswith("python -m pytest -q")
     assert "sed -n '/^Install the test dependencies/" in (ROOT / ".ci" / "run").read_text()

@@ -29,9 +29,11 @@ def write_recipe(tmp_path: Path, text: str) -> Path:
 
 @pytest.fixture
 def small_recipe(tmp_path) -> Path:
-    return write_recipe(tmp_path, f"""
-workdir: {tmp_path / 'work'}
-input: {SAMPLES / 'responses.jsonl'}
+    return write_recipe(
+        tmp_path,
+        f"""
+workdir: {tmp_path / "work"}
+input: {SAMPLES / "responses.jsonl"}
 stages:
   - stage: import
     shard-rows: 20
@@ -43,7 +45,8 @@ stages:
     rejects: "{{workdir}}/03-filter-rejects"
   - stage: export
     format: sft-messages
-""")
+""",
+    )
 
 
 def stage_files(workdir: Path) -> dict[str, int]:
@@ -96,7 +99,12 @@ def test_a_changed_option_reruns_its_stage_and_every_later_one(prmtool, small_re
     assert prmtool("run", small_recipe, "-q").exit_code == 0
     result = prmtool("run", small_recipe, "-q", "--set", "filter.band=0.0,0.5")
     assert result.exit_code == 0, result.stderr
-    assert actions(result.stderr) == {"01-import": "skip", "02-verify": "skip", "03-filter": "rerun", "04-export": "rerun"}
+    assert actions(result.stderr) == {
+        "01-import": "skip",
+        "02-verify": "skip",
+        "03-filter": "rerun",
+        "04-export": "rerun",
+    }
     manifest = json.loads((tmp_path / "work" / "03-filter" / "_SUCCESS").read_text())
     assert manifest["arguments"]["band"] == [0.0, 0.5]
 
@@ -119,7 +127,12 @@ def test_from_recomputes_a_stage_and_the_rest_until_stops_early(prmtool, small_r
 
     assert prmtool("run", small_recipe, "-q").exit_code == 0
     result = prmtool("run", small_recipe, "-q", "--from", "filter")
-    assert actions(result.stderr) == {"01-import": "skip", "02-verify": "skip", "03-filter": "rerun", "04-export": "rerun"}
+    assert actions(result.stderr) == {
+        "01-import": "skip",
+        "02-verify": "skip",
+        "03-filter": "rerun",
+        "04-export": "rerun",
+    }
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(prmtool, small_recipe, tmp_path):
@@ -146,15 +159,18 @@ def test_an_interrupted_stage_resumes_from_its_finished_shards(prmtool, small_re
 
 
 def test_a_failing_stage_stops_the_recipe_with_how_to_resume(prmtool, tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-workdir: {tmp_path / 'work'}
-input: {SAMPLES / 'responses.jsonl'}
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+workdir: {tmp_path / "work"}
+input: {SAMPLES / "responses.jsonl"}
 stages:
   - stage: import
   - stage: export
     format: trl-stepwise
     where: "no_such_column > 1"
-""")
+""",
+    )
     result = prmtool("run", recipe, "-q")
     assert result.exit_code == 1
     assert "stage 02-export failed" in result.stderr and "rerun `prmtool run" in result.stderr
@@ -190,12 +206,27 @@ def test_the_quickstart_recipe_runs_the_whole_pipeline_with_the_embedded_model(p
     monkeypatch.chdir(ROOT)
     work = tmp_path / "quickstart"
     result = prmtool(
-        "run", "recipes/quickstart.yaml", "-q", "--workdir", work,
-        "--set", "generate.n=2", "--set", "generate.max-tokens=48",
-        "--set", "label.max-tokens=16", "--set", "label.k=1",
-        "--set", "filter.keep=1",
-        "--set", "intervene.candidates=1", "--set", "intervene.max-tokens=16",
-        "--set", "intervene.proposer-max-tokens=32",
+        "run",
+        "recipes/quickstart.yaml",
+        "-q",
+        "--workdir",
+        work,
+        "--set",
+        "generate.n=2",
+        "--set",
+        "generate.max-tokens=48",
+        "--set",
+        "label.max-tokens=16",
+        "--set",
+        "label.k=1",
+        "--set",
+        "filter.keep=1",
+        "--set",
+        "intervene.candidates=1",
+        "--set",
+        "intervene.max-tokens=16",
+        "--set",
+        "intervene.proposer-max-tokens=32",
     )
     assert result.exit_code == 0, result.stderr
     generated = pl.read_parquet(work / "02-generate" / "*.parquet")
@@ -221,10 +252,14 @@ def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch)
     if shutil.which("make") is None:
         pytest.skip("needs make")
     monkeypatch.chdir(ROOT)
-    made = subprocess.run(["make", "-n", "-f", "recipes/Makefile", "WORK=work/quickstart"],
-                          capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
-    planned = [line.split("] ", 1)[1].split(None, 1)[1]
-               for line in prmtool("run", "recipes/quickstart.yaml", "--dry-run").stderr.splitlines() if line.startswith("[")]
+    made = subprocess.run(
+        ["make", "-n", "-f", "recipes/Makefile", "WORK=work/quickstart"], capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")
+    planned = [
+        line.split("] ", 1)[1].split(None, 1)[1]
+        for line in prmtool("run", "recipes/quickstart.yaml", "--dry-run").stderr.splitlines()
+        if line.startswith("[")
+    ]
 
     def as_call(line: str) -> tuple[str, str, frozenset[str]]:
         """(subcommand, input, sorted OPTION=VALUE arguments): option order does not matter."""
@@ -232,7 +267,9 @@ def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch)
         arguments = []
         while words:
             word = words.pop(0)
-            arguments.append(f"{word}={words.pop(0)}" if word.startswith("-") and words and not words[0].startswith("-") else word)
+            arguments.append(
+                f"{word}={words.pop(0)}" if word.startswith("-") and words and not words[0].startswith("-") else word
+            )
         return arguments[0], arguments[1], tuple(sorted(arguments[2:]))
 
     assert sorted(map(as_call, made.strip().splitlines())) == sorted(map(as_call, planned))
@@ -240,8 +277,10 @@ def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch)
 
 
 def test_model_is_the_policy_of_every_model_stage_unless_one_names_its_own(tmp_path):
-    recipe = write_recipe(tmp_path, f"""
-workdir: {tmp_path / 'work'}
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+workdir: {tmp_path / "work"}
 input: problems.jsonl
 model: ./policy-from-the-recipe
 stages:
@@ -252,14 +291,21 @@ stages:
     model: ./labeller
   - stage: score
   - stage: intervene
-""")
+""",
+    )
+
     def policies(**kwargs) -> dict[str, str | None]:
         steps = load_recipe(recipe, **kwargs).steps
         return {s.stage: s.options.get("policy" if s.stage == "score" else "model") for s in steps}
 
-    assert policies() == {"import": None, "generate": "./policy-from-the-recipe", "verify": None,
-                          "label": "./labeller", "score": "./policy-from-the-recipe",
-                          "intervene": "./policy-from-the-recipe"}
+    assert policies() == {
+        "import": None,
+        "generate": "./policy-from-the-recipe",
+        "verify": None,
+        "label": "./labeller",
+        "score": "./policy-from-the-recipe",
+        "intervene": "./policy-from-the-recipe",
+    }
     chosen = policies(model="./from-the-command-line", overrides=["generate.model=./from-set"])
     assert chosen["generate"] == "./from-set"  # --set wins over --model
     assert chosen["score"] == chosen["intervene"] == "./from-the-command-line"

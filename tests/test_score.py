@@ -31,13 +31,15 @@ RESPONSES = [
 
 def rows() -> pl.DataFrame:
     splitter = make_splitter("blank-line")
-    return pl.DataFrame({
-        "problem_id": [f"p{i % 2}" for i in range(len(RESPONSES))],
-        "problem": [f"Problem {i % 2}: what is the total?" for i in range(len(RESPONSES))],
-        "response_id": [f"r{i}" for i in range(len(RESPONSES))],
-        "response": RESPONSES,
-        "steps": [split_steps(r, splitter) for r in RESPONSES],
-    })
+    return pl.DataFrame(
+        {
+            "problem_id": [f"p{i % 2}" for i in range(len(RESPONSES))],
+            "problem": [f"Problem {i % 2}: what is the total?" for i in range(len(RESPONSES))],
+            "response_id": [f"r{i}" for i in range(len(RESPONSES))],
+            "response": RESPONSES,
+            "steps": [split_steps(r, splitter) for r in RESPONSES],
+        }
+    )
 
 
 @pytest.fixture
@@ -70,15 +72,31 @@ def naive_step_values(policy_dir, ref_dir, frame: pl.DataFrame, beta: float) -> 
         row_values = []
         for i in range(len(steps)):
             region_end = len("".join(steps[: i + 1])) + 2 * i + (2 if i + 1 < len(steps) else 0)  # "\n\n" joins
-            count = next(n for n in range(1, len(response_ids) + 1) if len(tokenizer.decode(response_ids[:n])) >= region_end)
+            count = next(
+                n for n in range(1, len(response_ids) + 1) if len(tokenizer.decode(response_ids[:n])) >= region_end
+            )
             row_values.append(sum(token_rewards[:count]))
         values.append(row_values)
     return values
 
 
-def test_implicit_scores_equal_a_naive_float64_computation(prmtool, responses_parquet, tmp_path, tiny_model_dir, tiny_ref_model_dir):
-    result = prmtool("score", str(responses_parquet), "-o", str(tmp_path / "scored"), "--policy", str(tiny_model_dir),
-                     "--ref", str(tiny_ref_model_dir), "--beta", str(BETA), "--device", "cpu")
+def test_implicit_scores_equal_a_naive_float64_computation(
+    prmtool, responses_parquet, tmp_path, tiny_model_dir, tiny_ref_model_dir
+):
+    result = prmtool(
+        "score",
+        str(responses_parquet),
+        "-o",
+        str(tmp_path / "scored"),
+        "--policy",
+        str(tiny_model_dir),
+        "--ref",
+        str(tiny_ref_model_dir),
+        "--beta",
+        str(BETA),
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     scored = pl.read_parquet(tmp_path / "scored" / "part-0.parquet")
     expected = naive_step_values(tiny_model_dir, tiny_ref_model_dir, rows(), BETA)
@@ -95,34 +113,90 @@ def test_batch_size_does_not_change_scores(prmtool, responses_parquet, tmp_path,
     outputs = []
     for budget in ("64", "100000"):  # one response per forward pass, then all in one
         out = tmp_path / f"scored-{budget}"
-        result = prmtool("score", str(responses_parquet), "-o", str(out), "--policy", str(tiny_model_dir),
-                         "--ref", str(tiny_ref_model_dir), "--max-batch-tokens", budget, "--device", "cpu", "--token-rewards")
+        result = prmtool(
+            "score",
+            str(responses_parquet),
+            "-o",
+            str(out),
+            "--policy",
+            str(tiny_model_dir),
+            "--ref",
+            str(tiny_ref_model_dir),
+            "--max-batch-tokens",
+            budget,
+            "--device",
+            "cpu",
+            "--token-rewards",
+        )
         assert result.exit_code == 0, result.stderr
         outputs.append(pl.read_parquet(out / "*.parquet"))
     for small, large in zip(outputs[0]["token_rewards"], outputs[1]["token_rewards"]):
         assert small.to_list() == pytest.approx(large.to_list(), abs=1e-6)
 
 
-def test_no_ref_scores_with_the_policy_log_probability_alone(prmtool, responses_parquet, tmp_path, tiny_model_dir, tiny_engine):
-    result = prmtool("score", str(responses_parquet), "-o", str(tmp_path / "scored"), "--policy", str(tiny_model_dir),
-                     "--no-ref", "--beta", "1", "--token-rewards", "--device", "cpu")
+def test_no_ref_scores_with_the_policy_log_probability_alone(
+    prmtool, responses_parquet, tmp_path, tiny_model_dir, tiny_engine
+):
+    result = prmtool(
+        "score",
+        str(responses_parquet),
+        "-o",
+        str(tmp_path / "scored"),
+        "--policy",
+        str(tiny_model_dir),
+        "--no-ref",
+        "--beta",
+        "1",
+        "--token-rewards",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     scored = pl.read_parquet(tmp_path / "scored" / "*.parquet")
     from prmtool.engines import ScoringRequest
 
-    for problem, response, values, tokens in zip(scored["problem"], scored["response"], scored["step_values"], scored["token_rewards"]):
+    for problem, response, values, tokens in zip(
+        scored["problem"], scored["response"], scored["step_values"], scored["token_rewards"]
+    ):
         prompt = tiny_engine.chat_prompt_ids(problem, None, DEFAULT_PROMPT_TEMPLATE)
-        [log_probs] = tiny_engine.score([ScoringRequest(prompt, tiny_engine.tokenizer.encode(response, add_special_tokens=False))])
+        [log_probs] = tiny_engine.score(
+            [ScoringRequest(prompt, tiny_engine.tokenizer.encode(response, add_special_tokens=False))]
+        )
         assert tokens.to_list() == pytest.approx(log_probs, abs=1e-5)  # float32, batched differently
         assert values[-1] == pytest.approx(sum(log_probs), abs=1e-4)  # the whole response's log p
         assert all(t <= 0 for t in tokens)
 
 
-@pytest.mark.parametrize("reward,agg", [("single", "min"), ("single", "sum"), ("single", "mean"), ("single", "last"),
-                                        ("cumulative", "min"), ("cumulative", "last")])
-def test_prm_score_aggregates_the_chosen_reward(prmtool, responses_parquet, tmp_path, tiny_model_dir, tiny_ref_model_dir, reward, agg):
-    result = prmtool("score", str(responses_parquet), "-o", str(tmp_path / "scored"), "--policy", str(tiny_model_dir),
-                     "--ref", str(tiny_ref_model_dir), "--reward", reward, "--agg", agg, "--device", "cpu")
+@pytest.mark.parametrize(
+    "reward,agg",
+    [
+        ("single", "min"),
+        ("single", "sum"),
+        ("single", "mean"),
+        ("single", "last"),
+        ("cumulative", "min"),
+        ("cumulative", "last"),
+    ],
+)
+def test_prm_score_aggregates_the_chosen_reward(
+    prmtool, responses_parquet, tmp_path, tiny_model_dir, tiny_ref_model_dir, reward, agg
+):
+    result = prmtool(
+        "score",
+        str(responses_parquet),
+        "-o",
+        str(tmp_path / "scored"),
+        "--policy",
+        str(tiny_model_dir),
+        "--ref",
+        str(tiny_ref_model_dir),
+        "--reward",
+        reward,
+        "--agg",
+        agg,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     scored = pl.read_parquet(tmp_path / "scored" / "*.parquet")
     aggregations = {"min": min, "sum": sum, "mean": lambda v: sum(v) / len(v), "last": lambda v: v[-1]}
@@ -140,7 +214,9 @@ def test_step_boundaries_follow_offsets_through_unicode_and_whitespace_runs():
     starts = token_starts(encoding)
     char_ends = step_char_ends(response, steps)
     assert char_ends[-1] == len(response)
-    assert [response[:end] for end in char_ends[:-1]] == ["\n\n".join(steps[: i + 1]) + "\n\n" for i in range(len(steps) - 1)]
+    assert [response[:end] for end in char_ends[:-1]] == [
+        "\n\n".join(steps[: i + 1]) + "\n\n" for i in range(len(steps) - 1)
+    ]
     ends = step_end_tokens(starts, char_ends)
     assert ends[-1] == len(ids) - 1 and ends == sorted(ends)
     for end, char_end in zip(ends, char_ends):
@@ -169,7 +245,12 @@ def test_step_char_ends_refuses_steps_that_are_not_the_response():
 
 
 def test_steps_that_do_not_match_the_response_are_refused_before_loading_a_model(prmtool, tmp_path):
-    frame = rows().with_columns(pl.when(pl.col("response_id") == "r2").then(pl.lit(["something else"])).otherwise(pl.col("steps")).alias("steps"))
+    frame = rows().with_columns(
+        pl.when(pl.col("response_id") == "r2")
+        .then(pl.lit(["something else"]))
+        .otherwise(pl.col("steps"))
+        .alias("steps")
+    )
     frame.write_parquet(tmp_path / "bad.parquet")
     result = prmtool("score", str(tmp_path / "bad.parquet"), "-o", str(tmp_path / "out"), "--no-ref")
     assert result.exit_code == 2
@@ -190,16 +271,33 @@ def test_policy_and_reference_must_share_a_tokenizer(prmtool, responses_parquet,
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(["a different corpus entirely"] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    backend.train_from_iterator(
+        ["a different corpus entirely"] * 4,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     other = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
     from transformers import LlamaForCausalLM
 
     ref_dir = tmp_path / "other-ref"
     LlamaForCausalLM(tiny_config(len(other), other.eos_token_id)).save_pretrained(ref_dir)
     other.save_pretrained(ref_dir)
-    result = prmtool("score", str(responses_parquet), "-o", str(tmp_path / "out"), "--policy", str(tiny_model_dir),
-                     "--ref", str(ref_dir), "--device", "cpu")
+    result = prmtool(
+        "score",
+        str(responses_parquet),
+        "-o",
+        str(tmp_path / "out"),
+        "--policy",
+        str(tiny_model_dir),
+        "--ref",
+        str(ref_dir),
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 2
     assert "policy and reference tokenizers differ" in result.stderr
     assert not list((tmp_path / "out").glob("*.parquet"))
@@ -221,23 +319,41 @@ def tiny_prm_dir(tmp_path_factory):
     return folder
 
 
-def test_token_classification_prm_reads_each_step_label_where_prm_trainer_put_it(prmtool, responses_parquet, tmp_path, tiny_prm_dir):
+def test_token_classification_prm_reads_each_step_label_where_prm_trainer_put_it(
+    prmtool, responses_parquet, tmp_path, tiny_prm_dir
+):
     from transformers import AutoModelForTokenClassification
 
-    result = prmtool("score", str(responses_parquet), "-o", str(tmp_path / "scored"), "--scorer", "token-classification",
-                     "--prm", str(tiny_prm_dir), "--agg", "min", "--device", "cpu")
+    result = prmtool(
+        "score",
+        str(responses_parquet),
+        "-o",
+        str(tmp_path / "scored"),
+        "--scorer",
+        "token-classification",
+        "--prm",
+        str(tiny_prm_dir),
+        "--agg",
+        "min",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     scored = pl.read_parquet(tmp_path / "scored" / "*.parquet")
     tokenizer = AutoTokenizer.from_pretrained(tiny_prm_dir)
     model = AutoModelForTokenClassification.from_pretrained(tiny_prm_dir, dtype=torch.float64).eval()
     seen = []
-    for problem, steps, rewards, values, score in zip(scored["problem"], scored["steps"], scored["step_rewards"],
-                                                      scored["step_values"], scored["prm_score"]):
+    for problem, steps, rewards, values, score in zip(
+        scored["problem"], scored["steps"], scored["step_rewards"], scored["step_values"], scored["prm_score"]
+    ):
         # TRL PRMTrainer.tokenize_row: prompt ids, then each step's ids followed by the separator's;
         # the label sits on the last token of each step + separator
         ids, label_positions = tokenizer(problem, add_special_tokens=False)["input_ids"], []
         for step in steps:
-            ids += tokenizer(step, add_special_tokens=False)["input_ids"] + tokenizer("\n", add_special_tokens=False)["input_ids"]
+            ids += (
+                tokenizer(step, add_special_tokens=False)["input_ids"]
+                + tokenizer("\n", add_special_tokens=False)["input_ids"]
+            )
             label_positions.append(len(ids) - 1)
         with torch.no_grad():
             probabilities = torch.softmax(model(torch.tensor([ids])).logits[0], dim=-1)[:, 1]
@@ -253,7 +369,9 @@ def test_embedded_model_scores_the_data_samples(prmtool, tmp_path):
     """The README's command on a few data_samples responses with the embedded SmolLM2 model."""
     sample = pl.read_parquet(SAMPLES / "responses" / "*.parquet").head(3)
     sample.write_parquet(tmp_path / "few.parquet")
-    result = prmtool("score", str(tmp_path / "few.parquet"), "-o", str(tmp_path / "scored"), "--no-ref", "--agg", "mean")
+    result = prmtool(
+        "score", str(tmp_path / "few.parquet"), "-o", str(tmp_path / "scored"), "--no-ref", "--agg", "mean"
+    )
     assert result.exit_code == 0, result.stderr
     scored = pl.read_parquet(tmp_path / "scored" / "*.parquet")
     assert scored.columns[: len(sample.columns)] == sample.columns and scored.height == 3

@@ -119,7 +119,9 @@ def test_duplicate_response_id_across_two_shards(prmtool, tmp_path, two_shards):
 
 
 def test_null_response_id(prmtool, tmp_path):
-    pl.read_parquet(RESPONSES).head(3).with_columns(response_id=pl.lit(None, dtype=pl.String)).write_parquet(tmp_path / "x.parquet")
+    pl.read_parquet(RESPONSES).head(3).with_columns(response_id=pl.lit(None, dtype=pl.String)).write_parquet(
+        tmp_path / "x.parquet"
+    )
     result = verify(prmtool, tmp_path / "x.parquet", "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert str(tmp_path / "x.parquet") in result.stderr and "response_id" in result.stderr
@@ -211,7 +213,11 @@ def test_import_names_the_row_with_an_empty_problem(prmtool, write_jsonl, tmp_pa
 
 @pytest.mark.parametrize(
     "mapping, message",
-    [("question", "--map 'question': expected SRC=DST"), ("=problem", "expected SRC=DST"), ("quest=problem", "--map names missing column 'quest'")],
+    [
+        ("question", "--map 'question': expected SRC=DST"),
+        ("=problem", "expected SRC=DST"),
+        ("quest=problem", "--map names missing column 'quest'"),
+    ],
 )
 def test_import_with_a_bad_map(prmtool, write_jsonl, tmp_path, mapping, message):
     source = write_jsonl([{"question": "What is 2 + 3?", "reference_answer": "5"}])
@@ -243,7 +249,14 @@ def test_inputs_may_mix_a_file_a_directory_and_a_glob(prmtool, tmp_path):
         (tmp_path / folder).mkdir()
         rows.slice(start, 2).write_parquet(tmp_path / folder / name)
 
-    result = verify(prmtool, tmp_path / "files" / "a.parquet", tmp_path / "folder", str(tmp_path / "glob*" / "*.parquet"), "-o", tmp_path / "out")
+    result = verify(
+        prmtool,
+        tmp_path / "files" / "a.parquet",
+        tmp_path / "folder",
+        str(tmp_path / "glob*" / "*.parquet"),
+        "-o",
+        tmp_path / "out",
+    )
     assert result.exit_code == 0, result.stderr
     assert files_under(tmp_path / "out") == ["_SUCCESS", "a.parquet", "b.parquet", "c.parquet"]
     out = pl.read_parquet(tmp_path / "out" / "*.parquet")
@@ -260,7 +273,9 @@ def test_two_inputs_sharing_a_file_name_are_refused(prmtool, tmp_path):
         (tmp_path / folder).mkdir()
         rows.slice(start, 2).write_parquet(tmp_path / folder / "part-00000.parquet")
     result = verify(prmtool, tmp_path / "one", tmp_path / "two", "-o", tmp_path / "out")
-    assert_input_error(result, str(tmp_path / "one" / "part-00000.parquet"), str(tmp_path / "two" / "part-00000.parquet"))
+    assert_input_error(
+        result, str(tmp_path / "one" / "part-00000.parquet"), str(tmp_path / "two" / "part-00000.parquet")
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -357,7 +372,22 @@ def digest(directory: Path) -> dict[str, str]:
 def test_runs_leave_no_temporary_files_and_inputs_untouched(prmtool, tmp_path, two_shards):
     inputs = digest(two_shards)
     assert verify(prmtool, two_shards, "-o", tmp_path / "verified", "--quiet").exit_code == 0
-    assert prmtool("export", tmp_path / "verified", "-o", tmp_path / "sft", "-f", "sft-messages", "--split", "test=0.5", "--hf-dataset", tmp_path / "hf", "-q").exit_code == 0
+    assert (
+        prmtool(
+            "export",
+            tmp_path / "verified",
+            "-o",
+            tmp_path / "sft",
+            "-f",
+            "sft-messages",
+            "--split",
+            "test=0.5",
+            "--hf-dataset",
+            tmp_path / "hf",
+            "-q",
+        ).exit_code
+        == 0
+    )
     assert prmtool("import", SAMPLES / "responses.jsonl", "-o", tmp_path / "imported", "-q").exit_code == 0
 
     assert digest(two_shards) == inputs
@@ -372,7 +402,9 @@ def test_runs_leave_no_temporary_files_and_inputs_untouched(prmtool, tmp_path, t
 
 
 def test_a_run_keeps_every_input_row_and_column(prmtool, tmp_path, two_shards):
-    pl.read_parquet(two_shards / "a.parquet").with_columns(model=pl.lit("toy-7b")).write_parquet(two_shards / "a.parquet")
+    pl.read_parquet(two_shards / "a.parquet").with_columns(model=pl.lit("toy-7b")).write_parquet(
+        two_shards / "a.parquet"
+    )
     assert verify(prmtool, two_shards, "-o", tmp_path / "out", "-q").exit_code == 0
     before = pl.read_parquet(two_shards / "a.parquet")
     after = pl.read_parquet(tmp_path / "out" / "a.parquet")

@@ -167,7 +167,19 @@ def test_stats_plot_of_kept_and_rejected_rows_draws_the_filter_reasons(prmtool, 
     """filter writes kept rows to -o and the removed ones, with a filter_reason, to --rejects;
     given both, stats counts the rows without a reason as kept."""
     kept, rejects = tmp_path / "kept", tmp_path / "rejects"
-    filtered = prmtool("filter", labeled_with_outcomes, "-o", kept, "--rejects", rejects, "--method", "accuracy-band", "--band", "0.4,1", "-q")
+    filtered = prmtool(
+        "filter",
+        labeled_with_outcomes,
+        "-o",
+        kept,
+        "--rejects",
+        rejects,
+        "--method",
+        "accuracy-band",
+        "--band",
+        "0.4,1",
+        "-q",
+    )
     assert filtered.exit_code == 0, filtered.stderr
 
     result = prmtool("stats", kept, rejects, "--plot", tmp_path / "plots", "-q")
@@ -175,7 +187,10 @@ def test_stats_plot_of_kept_and_rejected_rows_draws_the_filter_reasons(prmtool, 
     assert_png(tmp_path / "plots" / "filter_reasons.png")
     assert result.stderr == "", "-q silences the plot log"
     # p (1 of 3 correct) is outside the band, q (1 of 1) inside; q's row with no outcome goes too.
-    both = pl.concat([pl.scan_parquet(kept / "part-00000.parquet"), pl.scan_parquet(rejects / "part-00000.parquet")], how="diagonal_relaxed")
+    both = pl.concat(
+        [pl.scan_parquet(kept / "part-00000.parquet"), pl.scan_parquet(rejects / "part-00000.parquet")],
+        how="diagonal_relaxed",
+    )
     assert filter_reason_counts(both) == {"kept": 1, "accuracy_band": 3, "no_outcome": 1}
 
 

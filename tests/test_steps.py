@@ -37,7 +37,11 @@ def test_extra_blank_lines_stay_attached_to_the_next_step():
 
 
 def test_line_split_for_gsm8k_style_solutions():
-    assert split_steps("She has 3.\nShe buys 2.\n#### 5", make_splitter("line")) == ["She has 3.", "She buys 2.", "#### 5"]
+    assert split_steps("She has 3.\nShe buys 2.\n#### 5", make_splitter("line")) == [
+        "She has 3.",
+        "She buys 2.",
+        "#### 5",
+    ]
 
 
 def test_step_k_split_for_math_shepherd_style_solutions():
@@ -50,7 +54,11 @@ def test_step_k_split_for_math_shepherd_style_solutions():
 
 
 def test_regex_split_starts_a_step_at_each_match():
-    assert split_steps("1. add 2. multiply 3. done", make_splitter(r"regex:\d+\.")) == ["1. add ", "2. multiply ", "3. done"]
+    assert split_steps("1. add 2. multiply 3. done", make_splitter(r"regex:\d+\.")) == [
+        "1. add ",
+        "2. multiply ",
+        "3. done",
+    ]
 
 
 def test_unknown_split_and_bad_regex_are_input_errors():

@@ -90,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # click's wording for a value out of its range, in ours
-_RANGE_WORDS = [("Input should be greater than or equal to", "must be at least"), ("Input should be less than or equal to", "must be at most"),
-                ("Input should be greater than", "must be above"), ("Input should be less than", "must be below"), ("Input should be", "must be")]
+_RANGE_WORDS = [
+    ("Input should be greater than or equal to", "must be at least"),
+    ("Input should be less than or equal to", "must be at most"),
+    ("Input should be greater than", "must be above"),
+    ("Input should be less than", "must be below"),
+    ("Input should be", "must be"),
+]
 
 
 def usage_line(exc: ClickException, argv: list[str]) -> str:
@@ -99,7 +104,12 @@ def usage_line(exc: ClickException, argv: list[str]) -> str:
     `--num-shards 0: must be at least 1 (see 'prmtool export -h')`."""
     message = exc.format_message()
     param = getattr(exc, "param", None)
-    if isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter) and param is not None and getattr(param, "opts", None):
+    if (
+        isinstance(exc, BadParameter)
+        and not isinstance(exc, MissingParameter)
+        and param is not None
+        and getattr(param, "opts", None)
+    ):
         message = exc.message
         for before, after in _RANGE_WORDS:
             message = message.replace(before, after)
@@ -120,7 +130,7 @@ def _typed(options: list[str], argv: list[str]) -> tuple[str, str] | None:
             if token == option and number + 1 < len(argv):
                 found = (option, argv[number + 1])
             elif token.startswith(option + "=") and option.startswith("--"):
-                found = (option, token[len(option) + 1:])
+                found = (option, token[len(option) + 1 :])
     return found
 
 

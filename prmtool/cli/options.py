@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+
 def finite(value: float | None) -> float | None:
     """A float option's callback: NaN and infinity are not settings (click's ranges let NaN
     through where an option has no bound)."""
@@ -35,7 +36,9 @@ Inputs = Annotated[list[str], typer.Argument(help="Parquet files, directories of
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory: one shard per input shard, same name.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute shards that are already complete.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or summary on stderr.")]
-Workers = Annotated[int, typer.Option("--workers", help="Worker processes (default: CPU count).", min=0, show_default=False)]
+Workers = Annotated[
+    int, typer.Option("--workers", help="Worker processes (default: CPU count).", min=0, show_default=False)
+]
 Split = Annotated[
     str,
     typer.Option(
@@ -48,27 +51,73 @@ Split = Annotated[
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
 # Model options, shared by every stage that runs a model.
 Model = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="A local transformers model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct).", show_default=False),
+    typer.Option(
+        "--model",
+        "-m",
+        help="A local transformers model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct).",
+        show_default=False,
+    ),
 ]
 EngineName = Annotated[str, typer.Option("--engine", help="Model backend: hf (transformers) or vllm.")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).", show_default=False)]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]
+Device = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).", show_default=False)
+]
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")
+]
 
 # Scale-out options, shared by every pipeline stage (see prmtool/core/partition.py and executors/).
 ShardIndex = Annotated[
     int | None,
-    typer.Option("--shard-index", help="Run only partition I of --num-shards (0-based): a Slurm array task, an xargs -P job.", min=0, show_default=False, rich_help_panel="Scale-out"),
+    typer.Option(
+        "--shard-index",
+        help="Run only partition I of --num-shards (0-based): a Slurm array task, an xargs -P job.",
+        min=0,
+        show_default=False,
+        rich_help_panel="Scale-out",
+    ),
 ]
 NumShards = Annotated[
     int | None,
-    typer.Option("--num-shards", help="Number of partitions of the input; with --executor ray, the number of Ray tasks (default: one per GPU, or per CPU, of the cluster).", min=1, show_default=False, rich_help_panel="Scale-out"),
+    typer.Option(
+        "--num-shards",
+        help=(
+            "Number of partitions of the input; with --executor ray, the number of Ray tasks (default: one per GPU, "
+            "or per CPU, of the cluster)."
+        ),
+        min=1,
+        show_default=False,
+        rich_help_panel="Scale-out",
+    ),
 ]
 Executor = Annotated[
     str,
-    typer.Option("--executor", help="local (this process) or ray (one Ray task per partition, on RAY_ADDRESS's cluster or a local one).", rich_help_panel="Scale-out"),
+    typer.Option(
+        "--executor",
+        help="local (this process) or ray (one Ray task per partition, on RAY_ADDRESS's cluster or a local one).",
+        rich_help_panel="Scale-out",
+    ),
 ]
-GpusPerTask = Annotated[float, typer.Option("--gpus-per-task", help="With --executor ray: GPUs each task reserves.", min=0, callback=finite, rich_help_panel="Scale-out")]
-CpusPerTask = Annotated[float, typer.Option("--cpus-per-task", help="With --executor ray: CPUs each task reserves.", callback=positive, rich_help_panel="Scale-out")]
+GpusPerTask = Annotated[
+    float,
+    typer.Option(
+        "--gpus-per-task",
+        help="With --executor ray: GPUs each task reserves.",
+        min=0,
+        callback=finite,
+        rich_help_panel="Scale-out",
+    ),
+]
+CpusPerTask = Annotated[
+    float,
+    typer.Option(
+        "--cpus-per-task",
+        help="With --executor ray: CPUs each task reserves.",
+        callback=positive,
+        rich_help_panel="Scale-out",
+    ),
+]

@@ -17,7 +17,9 @@ def mc_values(values: Sequence[float], path: Path) -> None:
     """Histogram of per-step Monte Carlo values (the share of rollouts from a prefix that end right)."""
     figure, axes = _figure()
     axes.hist(values, bins=BINS, range=(0, 1), edgecolor="white")
-    axes.set(title=f"Per-step MC values ({len(values):,} steps)", xlabel="MC value of the step's prefix", ylabel="steps")
+    axes.set(
+        title=f"Per-step MC values ({len(values):,} steps)", xlabel="MC value of the step's prefix", ylabel="steps"
+    )
     _save(figure, path)
 
 
@@ -37,7 +39,11 @@ def accuracy_per_problem(accuracies: Sequence[float], path: Path) -> None:
     """Histogram of each problem's share of correct responses."""
     figure, axes = _figure()
     axes.hist(accuracies, bins=BINS, range=(0, 1), edgecolor="white")
-    axes.set(title=f"Accuracy per problem ({len(accuracies):,} problems)", xlabel="share of correct responses", ylabel="problems")
+    axes.set(
+        title=f"Accuracy per problem ({len(accuracies):,} problems)",
+        xlabel="share of correct responses",
+        ylabel="problems",
+    )
     _save(figure, path)
 
 

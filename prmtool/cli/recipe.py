@@ -96,7 +96,9 @@ class Recipe:
         for step in self.steps:
             if name in (step.name, step.label, step.stage):
                 return step
-        raise InputError(f"{self.path}: {option} {name!r}: no such stage (stages: {', '.join(s.label for s in self.steps)})")
+        raise InputError(
+            f"{self.path}: {option} {name!r}: no such stage (stages: {', '.join(s.label for s in self.steps)})"
+        )
 
 
 def _text(value) -> str:
@@ -111,7 +113,10 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         raise InputError(f"{path}: a recipe is a mapping with a non-empty `stages:` list")
     unknown = set(document) - {"workdir", "input", "model", "stages", "description"}
     if unknown:
-        raise InputError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, stages, description)")
+        raise InputError(
+            f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, stages, "
+            f"description)"
+        )
     model = model or document.get("model")
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
     if recipe.workdir.exists() and not recipe.workdir.is_dir():
@@ -162,7 +167,9 @@ def read_yaml(path: Path):
         try:
             node = loader.get_single_node()
             if node is not None and _expanded_size(node, {}) > EXPANDED_NODES_MAX:
-                raise InputError(f"{path}: its aliases expand past {EXPANDED_NODES_MAX:,} YAML nodes; write the recipe out")
+                raise InputError(
+                    f"{path}: its aliases expand past {EXPANDED_NODES_MAX:,} YAML nodes; write the recipe out"
+                )
             return None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()
@@ -281,14 +288,38 @@ Examples:
 
 
 def command(
-    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A recipe YAML file (see recipes/).", show_default=False)],
-    from_stage: Annotated[str | None, typer.Option("--from", help="Recompute this stage and every later one, even if complete.", show_default=False)] = None,
+    recipe_path: Annotated[
+        Path, typer.Argument(metavar="RECIPE", help="A recipe YAML file (see recipes/).", show_default=False)
+    ],
+    from_stage: Annotated[
+        str | None,
+        typer.Option("--from", help="Recompute this stage and every later one, even if complete.", show_default=False),
+    ] = None,
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (each stage's command and what will happen) and stop.")] = False,
-    overrides: Annotated[list[str], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE (repeatable).")] = [],
-    model: Annotated[str | None, typer.Option("--model", help="The policy model of every stage that takes one (generate, label, intervene; score's --policy), unless the stage names its own.", show_default=False)] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", help="Work directory (default: the recipe's workdir).", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Pass --quiet to every stage; print only the plan lines.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (each stage's command and what will happen) and stop.")
+    ] = False,
+    overrides: Annotated[
+        list[str], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE (repeatable).")
+    ] = [],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help=(
+                "The policy model of every stage that takes one (generate, label, intervene; score's --policy), "
+                "unless the stage names its own."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Work directory (default: the recipe's workdir).", show_default=False),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Pass --quiet to every stage; print only the plan lines.")
+    ] = False,
 ) -> None:
     """Run a pipeline recipe: each stage writes WORKDIR/NN-STAGE/; complete, unchanged stages
     are skipped, changed ones rerun with everything after them, interrupted ones resume."""
@@ -330,8 +361,16 @@ def check_recipe(recipe: Recipe) -> None:
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
 
 
-def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, dry_run: bool, quiet: bool, console: Console,
-               typed: list[str] | None = None) -> None:
+def _run_steps(
+    recipe: Recipe,
+    recipe_path: Path,
+    first: int | None,
+    last: int,
+    dry_run: bool,
+    quiet: bool,
+    console: Console,
+    typed: list[str] | None = None,
+) -> None:
     from prmtool.cli import main  # the stages run exactly as typed on the command line
 
     started = time.perf_counter()
@@ -340,7 +379,9 @@ def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, 
         forced = rerun_since is not None and step.number >= rerun_since
         action = decide(step, forced)
         argv = step.argv() + (["--overwrite"] if action == "rerun" else []) + (["--quiet"] if quiet else [])
-        console.print(f"[{step.label}] {action:<6} prmtool {' '.join(_quote(a) for a in argv)}", markup=False, soft_wrap=True)
+        console.print(
+            f"[{step.label}] {action:<6} prmtool {' '.join(_quote(a) for a in argv)}", markup=False, soft_wrap=True
+        )
         if dry_run or action == "skip":
             continue
         if action in ("run", "rerun") and rerun_since is None:
@@ -354,11 +395,17 @@ def _run_steps(recipe: Recipe, recipe_path: Path, first: int | None, last: int, 
             raise typer.Exit(130)
         if code != 0:
             again = "prmtool " + " ".join(_quote(a) for a in (typed or ["run", str(recipe_path)]))
-            raise StageError(f"stage {step.label} failed (exit {code}); fix it and rerun `{again}` to resume from there")
+            raise StageError(
+                f"stage {step.label} failed (exit {code}); fix it and rerun `{again}` to resume from there"
+            )
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
     if not dry_run:
-        console.print(f"recipe {recipe_path}: {last} stages complete in {time.perf_counter() - started:.1f} s; outputs under {recipe.workdir}/", markup=False)
+        console.print(
+            f"recipe {recipe_path}: {last} stages complete in {time.perf_counter() - started:.1f} s; outputs under "
+            f"{recipe.workdir}/",
+            markup=False,
+        )
 
 
 def _quote(argument: str) -> str:

@@ -44,7 +44,9 @@ def input_roots(specs: Iterable[str | Path], files: Iterable[Path] = ()) -> list
         text = str(spec)
         if text == "-":
             continue
-        roots.extend(Path(m) for m in glob.glob(text, recursive=True)) if glob.has_magic(text) else roots.append(Path(text))
+        roots.extend(Path(m) for m in glob.glob(text, recursive=True)) if glob.has_magic(text) else roots.append(
+            Path(text)
+        )
     roots.extend(files)
     return [_absolute(root) for root in roots]
 
@@ -59,15 +61,20 @@ def check_outputs(inputs: list[Path], outputs: dict[str, Path | None]) -> None:
             if out == source:
                 raise InputError(f"{outputs[option]}: {option} is an input of this command; choose another {option}")
             if source in out.parents and source.is_dir():
-                raise InputError(f"{outputs[option]}: {option} lies inside the input {source}; choose another {option}, outside it")
+                raise InputError(
+                    f"{outputs[option]}: {option} lies inside the input {source}; choose another {option}, outside it"
+                )
             if out in source.parents:
                 raise InputError(f"{outputs[option]}: {option} holds the input {source}; choose another {option}")
     options = list(given)
     for number, first in enumerate(options):
-        for second in options[number + 1:]:
+        for second in options[number + 1 :]:
             a, b = given[first], given[second]
             if a == b or a in b.parents or b in a.parents:
-                raise InputError(f"{outputs[second]}: {second} and {first} {outputs[first]} must be separate paths, neither inside the other")
+                raise InputError(
+                    f"{outputs[second]}: {second} and {first} {outputs[first]} must be separate paths, neither "
+                    f"inside the other"
+                )
 
 
 def _absolute(path: Path | str) -> Path:
@@ -140,8 +147,10 @@ def _lock(directory: Path, key: str) -> int:
         descriptor = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise InputError(f"{directory}: cannot write the output directory ({exc.strerror})") from None
-    busy = InputError(f"{directory}: another prmtool run, with other options or inputs, is writing here; "
-                      "wait for it to end or choose another output")
+    busy = InputError(
+        f"{directory}: another prmtool run, with other options or inputs, is writing here; "
+        "wait for it to end or choose another output"
+    )
     deadline = time.monotonic() + 2.0
     while True:
         try:

@@ -45,7 +45,9 @@ class Partition:
         if num_shards < 1:
             raise InputError(f"--num-shards {num_shards}: must be at least 1")
         if not 0 <= shard_index < num_shards:
-            raise InputError(f"--shard-index {shard_index}: must be in 0..{num_shards - 1} for --num-shards {num_shards}")
+            raise InputError(
+                f"--shard-index {shard_index}: must be in 0..{num_shards - 1} for --num-shards {num_shards}"
+            )
         return cls(shard_index, num_shards)
 
     @property
@@ -74,11 +76,15 @@ class Partition:
         # crc32 of the UTF-8 id: stable across machines, processes and library versions
         # (polars' own hash is not), computed once per distinct problem.
         distinct = problem_ids.unique().drop_nulls()
-        owner = pl.DataFrame({
-            "problem_id": distinct,
-            "_owned": [zlib.crc32(str(p).encode()) % self.count == self.index for p in distinct],
-        })
-        joined = pl.DataFrame({"problem_id": problem_ids}).join(owner, on="problem_id", how="left", maintain_order="left")
+        owner = pl.DataFrame(
+            {
+                "problem_id": distinct,
+                "_owned": [zlib.crc32(str(p).encode()) % self.count == self.index for p in distinct],
+            }
+        )
+        joined = pl.DataFrame({"problem_id": problem_ids}).join(
+            owner, on="problem_id", how="left", maintain_order="left"
+        )
         return joined["_owned"].fill_null(self.index == 0)  # a null problem_id goes to partition 0
 
     def shard_name(self, name: str) -> str:

@@ -53,8 +53,14 @@ def validate_inputs(stage: MapStage, inputs: list[str] | tuple[str, ...], output
     return found
 
 
-def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: Path, overwrite: bool, stats: RunStats,
-                  partition: Partition = shards.WHOLE) -> None:
+def run_map_stage(
+    stage: MapStage,
+    inputs: list[str] | tuple[str, ...],
+    output: Path,
+    overwrite: bool,
+    stats: RunStats,
+    partition: Partition = shards.WHOLE,
+) -> None:
     """Run `stage` over its inputs, or over one partition of them (`--shard-index`): every
     input is validated either way, so all partitions agree on what the run is."""
     found = validate_inputs(stage, inputs, output)
@@ -68,8 +74,14 @@ def run_map_stage(stage: MapStage, inputs: list[str] | tuple[str, ...], output: 
         _run_locked(stage, found, output, overwrite, stats, partition)
         for option, directory in stage.side_directories.items():
             if directory is not None:  # a manifest like -o's: a later stage or `make` sees it complete
-                shards.write_manifest(directory, f"{stage.name}{option.removeprefix('-')}", stage.arguments,
-                                      [s.describe() for s in found], _listing(directory, found, partition), partition)
+                shards.write_manifest(
+                    directory,
+                    f"{stage.name}{option.removeprefix('-')}",
+                    stage.arguments,
+                    [s.describe() for s in found],
+                    _listing(directory, found, partition),
+                    partition,
+                )
 
 
 def _listing(directory: Path, found: list[shards.InputShard], partition: Partition) -> dict[str, int]:
@@ -79,8 +91,14 @@ def _listing(directory: Path, found: list[shards.InputShard], partition: Partiti
     return {name: pq.ParquetFile(directory / name).metadata.num_rows for name in names}
 
 
-def _run_locked(stage: MapStage, found: list[shards.InputShard], output: Path, overwrite: bool, stats: RunStats,
-                partition: Partition) -> None:
+def _run_locked(
+    stage: MapStage,
+    found: list[shards.InputShard],
+    output: Path,
+    overwrite: bool,
+    stats: RunStats,
+    partition: Partition,
+) -> None:
     mine = partition.take_shards(found)
     plan = _plan(stage, mine, output, overwrite)
     if overwrite:
@@ -118,7 +136,9 @@ def _run_locked(stage: MapStage, found: list[shards.InputShard], output: Path, o
         _warn_stale(output, set(written), stats)
 
 
-def _plan(stage: MapStage, found: list[shards.InputShard], output: Path, overwrite: bool) -> list[tuple[shards.InputShard, bool]]:
+def _plan(
+    stage: MapStage, found: list[shards.InputShard], output: Path, overwrite: bool
+) -> list[tuple[shards.InputShard, bool]]:
     """Which shards need work. A finished shard from the same command on the same input is
     kept (resume); one from a different command or input is refused without --overwrite."""
     plan = []
@@ -137,7 +157,9 @@ def _plan(stage: MapStage, found: list[shards.InputShard], output: Path, overwri
     return plan
 
 
-def _check_nothing_lost(before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard, rows_per_input: int | None) -> None:
+def _check_nothing_lost(
+    before: pl.DataFrame, after: pl.DataFrame, shard: shards.InputShard, rows_per_input: int | None
+) -> None:
     if rows_per_input is not None and after.height != before.height * rows_per_input:
         raise StageError(f"{shard.path}: internal error: {before.height} rows in, {after.height} out")
     missing = [c for c in before.columns if c not in after.columns]
@@ -154,6 +176,8 @@ def _remove_orphans(output: Path, names: set[str]) -> None:
 
 
 def _warn_stale(output: Path, written: set[str], stats: RunStats) -> None:
-    stale = sorted(f.name for f in output.glob("*.parquet") if not f.name.startswith((".", "_")) and f.name not in written)
+    stale = sorted(
+        f.name for f in output.glob("*.parquet") if not f.name.startswith((".", "_")) and f.name not in written
+    )
     if stale:
         stats.warn(f"{output} also holds shards this run did not write: {', '.join(stale[:5])}")

@@ -37,15 +37,30 @@ COLUMNS: dict[str, Column] = {
         Column("step_mc", pl.List(pl.Float64()), "Monte Carlo value of each step's prefix", "label"),
         Column("step_labels", pl.List(pl.Int8()), "1 good, 0 bad, null unlabeled", "label"),
         Column("first_error", pl.Int32(), "index of the first wrong step, -1 none", "label"),
-        Column("step_rewards", pl.List(pl.Float64()), "per-step process reward (implicit PRM: q at the step's end minus q at the previous step's end)", "score"),
+        Column(
+            "step_rewards",
+            pl.List(pl.Float64()),
+            "per-step process reward (implicit PRM: q at the step's end minus q at the previous step's end)",
+            "score",
+        ),
         Column("step_values", pl.List(pl.Float64()), "cumulative process value q at each step's end", "score"),
         Column("prm_score", pl.Float64(), "response-level process score (--agg over the chosen --reward)", "score"),
         Column("token_rewards", pl.List(pl.Float64()), "per-token implicit reward, with --token-rewards", "score"),
         Column("filter_reason", pl.String(), "why filter removed the row (in --rejects only)", "filter"),
         Column("intervention", pl.String(), "the corrective step that replaces the first error", "intervene"),
         Column("intervention_step", pl.Int32(), "index of the step the intervention replaces", "intervene"),
-        Column("intervention_success_rate", pl.Float64(), "share of verification rollouts from the intervention that reach the reference answer", "intervene"),
-        Column("guided_response", pl.String(), "steps before the error plus the intervention (the failed suffix dropped)", "intervene"),
+        Column(
+            "intervention_success_rate",
+            pl.Float64(),
+            "share of verification rollouts from the intervention that reach the reference answer",
+            "intervene",
+        ),
+        Column(
+            "guided_response",
+            pl.String(),
+            "steps before the error plus the intervention (the failed suffix dropped)",
+            "intervene",
+        ),
     ]
 }
 
@@ -82,7 +97,9 @@ def check_columns(schema: pl.Schema | dict, source: str, required: tuple[str, ..
 
 def cast_to_contract(frame: pl.DataFrame) -> pl.DataFrame:
     """Cast contract columns to their exact types (e.g. all-null columns read from JSON)."""
-    casts = [pl.col(n).cast(COLUMNS[n].dtype) for n in frame.columns if n in COLUMNS and frame.schema[n] != COLUMNS[n].dtype]
+    casts = [
+        pl.col(n).cast(COLUMNS[n].dtype) for n in frame.columns if n in COLUMNS and frame.schema[n] != COLUMNS[n].dtype
+    ]
     return frame.with_columns(casts) if casts else frame
 
 

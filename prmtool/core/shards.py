@@ -105,7 +105,9 @@ def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
             rows = parquet.metadata.num_rows
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
-        shards.append(InputShard(path=path, size=path.stat().st_size, rows=rows, schema=schema, digest=content_digest(path)))
+        shards.append(
+            InputShard(path=path, size=path.stat().st_size, rows=rows, schema=schema, digest=content_digest(path))
+        )
     return shards
 
 
@@ -126,25 +128,29 @@ def check_unique_ids(shards: list[InputShard], column: str = "response_id") -> N
     if not frames:
         return
     try:
-        dupes = (
-            pl.concat(frames)
-            .filter(pl.col(column).is_duplicated())
-            .head(2)
-            .collect()
-        )
+        dupes = pl.concat(frames).filter(pl.col(column).is_duplicated()).head(2).collect()
     except Exception as exc:
         raise InputError(f"could not read column '{column}' ({_one_line(exc)})") from None
     if dupes.height:
         value = dupes[column][0]
         files = sorted(set(dupes["_file"]))
         raise InputError(f"{', '.join(files)}: duplicate {column} {value!r}")
-    nulls = [s for s in shards if column in s.schema and pl.scan_parquet(s.path).select(pl.col(column).null_count()).collect().item()]
+    nulls = [
+        s
+        for s in shards
+        if column in s.schema and pl.scan_parquet(s.path).select(pl.col(column).null_count()).collect().item()
+    ]
     if nulls:
         raise InputError(f"{nulls[0].path}: column '{column}' has null values")
 
 
-def check_output_dir(output: Path, inputs: list[InputShard], specs: list[str] | tuple[str, ...] = (),
-                     directories: dict[str, Path | None] | None = None, files: dict[str, Path | None] | None = None) -> None:
+def check_output_dir(
+    output: Path,
+    inputs: list[InputShard],
+    specs: list[str] | tuple[str, ...] = (),
+    directories: dict[str, Path | None] | None = None,
+    files: dict[str, Path | None] | None = None,
+) -> None:
     """Refuse outputs that are, hold or lie inside one of the inputs (outputs.check_outputs),
     and an output directory that exists as a file. `directories` and `files` map the stage's
     other written paths (`--rejects`, `--report`) to where they point."""
@@ -177,7 +183,9 @@ def provenance(stage: str, arguments: dict, source: InputShard | None = None) ->
 def write_shard(frame: pl.DataFrame | pa.Table, path: Path, record: dict) -> None:
     """Write a Parquet file atomically, with `record` in its key-value metadata."""
     table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
-    table = table.cast(pa.schema([f.with_type(_standard_type(f.type)) for f in table.schema], metadata=table.schema.metadata))
+    table = table.cast(
+        pa.schema([f.with_type(_standard_type(f.type)) for f in table.schema], metadata=table.schema.metadata)
+    )
     metadata = dict(table.schema.metadata or {})
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True).encode()
     table = table.replace_schema_metadata(metadata)
@@ -223,8 +231,9 @@ def write_json_atomic(data: dict, path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_manifest(output: Path, stage: str, arguments: dict, inputs: list[dict], outputs: dict[str, int],
-                   partition: Partition = WHOLE) -> None:
+def write_manifest(
+    output: Path, stage: str, arguments: dict, inputs: list[dict], outputs: dict[str, int], partition: Partition = WHOLE
+) -> None:
     """The `_SUCCESS` manifest, written last: its presence means the whole run is complete.
     A partition writes its own (`_SUCCESS-00002-of-00008`), and the one that completes the set
     writes `_SUCCESS` for all of them."""
@@ -239,8 +248,10 @@ def write_manifest(output: Path, stage: str, arguments: dict, inputs: list[dict]
     if partition.whole:
         write_json_atomic(record, output / MANIFEST)
         return
-    write_json_atomic({**record, "partition": {"index": partition.index, "count": partition.count}},
-                      output / partition.manifest_name())
+    write_json_atomic(
+        {**record, "partition": {"index": partition.index, "count": partition.count}},
+        output / partition.manifest_name(),
+    )
     _complete_partitions(output, record, partition.count)
 
 
@@ -262,8 +273,9 @@ def read_manifest(output: Path, name: str = MANIFEST) -> dict | None:
         return None
 
 
-def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list[dict], overwrite: bool,
-                         partition: Partition = WHOLE) -> bool:
+def prepare_whole_output(
+    output: Path, stage: str, arguments: dict, inputs: list[dict], overwrite: bool, partition: Partition = WHOLE
+) -> bool:
     """For stages that write their whole output in one go (import, export, filter). True when
     `output` already holds a complete run of the same stage, options and inputs (of this
     partition, with --num-shards): nothing to do."""
@@ -274,7 +286,11 @@ def prepare_whole_output(output: Path, stage: str, arguments: dict, inputs: list
     if not partition.whole:  # the other partitions' files are theirs
         existing = [f for f in existing if f".{partition.label}." in f.name]
     if not overwrite:
-        if manifest and (manifest.get("stage"), manifest.get("arguments"), manifest.get("inputs")) == (stage, arguments, inputs):
+        if manifest and (manifest.get("stage"), manifest.get("arguments"), manifest.get("inputs")) == (
+            stage,
+            arguments,
+            inputs,
+        ):
             return True
         if manifest is None and existing and _from_an_interrupted_run(existing, stage, arguments, inputs):
             for old in existing:  # this very command, stopped before its manifest: do it again

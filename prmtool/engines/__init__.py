@@ -58,8 +58,12 @@ def load_engine(
         accepted = set(inspect.signature(HFEngine.__init__).parameters) - {"self", "model", "tokenizer"}
         unknown = sorted(set(options) - accepted)
         if unknown:
-            raise EngineError(f"unknown hf engine option(s) {', '.join(unknown)}: expected {', '.join(sorted(accepted))}")
-        return HFEngine.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+            raise EngineError(
+                f"unknown hf engine option(s) {', '.join(unknown)}: expected {', '.join(sorted(accepted))}"
+            )
+        return HFEngine.from_pretrained(
+            model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
+        )
     if name == "vllm":
         from prmtool.engines.vllm import VLLMEngine
 
@@ -79,14 +83,23 @@ def check_device(device: str | None) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise EngineError(f"--device {device}: this machine has no CUDA device that torch {torch.__version__} can use; use --device cpu")
+        raise EngineError(
+            f"--device {device}: this machine has no CUDA device that torch {torch.__version__} can use; use "
+            f"--device cpu"
+        )
     if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
-        raise EngineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise EngineError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )
 
 
-def load_step_classifier(model: str, *, device: str | None = None, dtype: str | None = None,
-                         trust_remote_code: bool = False, **options):
+def load_step_classifier(
+    model: str, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False, **options
+):
     """A token-classification PRM (as TRL's PRMTrainer trains) from a local folder."""
     from prmtool.engines.hf.classifier import StepClassifier
 
-    return StepClassifier.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    return StepClassifier.from_pretrained(
+        model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
+    )

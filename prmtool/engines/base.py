@@ -102,7 +102,10 @@ class Engine(ABC):
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as error:  # jinja2's sandbox refusing the template, or a template bug
-            raise EngineError(f"the model's chat template cannot be applied ({type(error).__name__}: {' '.join(str(error).split())[:160]})") from None
+            raise EngineError(
+                f"the model's chat template cannot be applied ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:160]})"
+            ) from None
         # The template already holds every special token (BOS included where the model uses one).
         return self.tokenizer.encode(text, add_special_tokens=False)
 

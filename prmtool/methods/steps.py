@@ -2,7 +2,8 @@
 
 `separator.join(split_steps(text, splitter)) == text` for every text and splitter, and no step
 is empty or whitespace only: such a piece is glued to its neighbour together with the separator,
-so no byte is lost (a text that is all whitespace stays one step). A rollout from step i continues `prompt + separator.join(steps[:i]) + separator`.
+so no byte is lost (a text that is all whitespace stays one step). A rollout from step i
+continues `prompt + separator.join(steps[:i]) + separator`.
 """
 
 from __future__ import annotations

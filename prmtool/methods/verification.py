@@ -96,7 +96,10 @@ def compare(gold: str, pred: str, timeout: int = 5) -> Verdict:
     if gold.strip() == pred.strip():
         return Verdict(True, "ok")  # identical text is equal; saves a sympy round trip
     try:
-        return Verdict(bool(verify(_parsed(gold, timeout), _parsed(pred, timeout), timeout_seconds=timeout, raise_on_error=True)), "ok")
+        return Verdict(
+            bool(verify(_parsed(gold, timeout), _parsed(pred, timeout), timeout_seconds=timeout, raise_on_error=True)),
+            "ok",
+        )
     except TimeoutException:
         return Verdict(False, "timeout")
     except Exception:
@@ -111,7 +114,9 @@ def _verdict(gold: str | None, pred: str | None, timeout: int) -> Verdict:
     return compare(gold, pred, timeout)
 
 
-def _compare_chunk(pairs: list[tuple[str | None, str | None]], timeout: int, extract: bool = False) -> list[tuple[str | None, Verdict]]:
+def _compare_chunk(
+    pairs: list[tuple[str | None, str | None]], timeout: int, extract: bool = False
+) -> list[tuple[str | None, Verdict]]:
     """(answer, verdict) for each (gold, pred) pair; with `extract`, each pair holds a whole
     response and its answer is extracted here, inside the worker's timeout."""
     results = []
@@ -133,8 +138,14 @@ def verify_answers(
     return [verdict for _, verdict in _in_workers(pairs, False, timeout, workers, chunk_size, on_progress)]
 
 
-def _in_workers(pairs: list[tuple[str | None, str | None]], extract: bool, timeout: float, workers: int, chunk_size: int,
-                on_progress: Callable[[int], None] | None) -> list[tuple[str | None, Verdict]]:
+def _in_workers(
+    pairs: list[tuple[str | None, str | None]],
+    extract: bool,
+    timeout: float,
+    workers: int,
+    chunk_size: int,
+    on_progress: Callable[[int], None] | None,
+) -> list[tuple[str | None, Verdict]]:
     results: list[tuple[str | None, Verdict] | None] = [None] * len(pairs)
     todo: list[int] = []
     for index, (gold, text) in enumerate(pairs):
@@ -154,7 +165,11 @@ def _in_workers(pairs: list[tuple[str | None, str | None]], extract: bool, timeo
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     pool = _shared_pool(max(1, workers))
     futures = [
-        pool.schedule(_compare_chunk, args=([pairs[i] for i in chunk], signal_timeout, extract), timeout=hard_timeout + 0.05 * len(chunk))
+        pool.schedule(
+            _compare_chunk,
+            args=([pairs[i] for i in chunk], signal_timeout, extract),
+            timeout=hard_timeout + 0.05 * len(chunk),
+        )
         for chunk in chunks
     ]
     retry: list[int] = []
@@ -166,7 +181,10 @@ def _in_workers(pairs: list[tuple[str | None, str | None]], extract: bool, timeo
                 on_progress(len(chunk))
         except Exception:  # the chunk overran or its worker died: retry its items alone
             retry.extend(chunk)
-    singles = [(i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout, extract), timeout=hard_timeout)) for i in retry]
+    singles = [
+        (i, pool.schedule(_compare_chunk, args=([pairs[i]], signal_timeout, extract), timeout=hard_timeout))
+        for i in retry
+    ]
     for index, future in singles:
         unread = None if extract else pairs[index][1]
         try:
@@ -210,8 +228,12 @@ def _stop_pool(pool) -> None:
 
 
 def verify_responses(
-    responses: Iterable[str | None], references: Iterable[str | None], timeout: float = 5.0, workers: int = 2,
-    chunk_size: int = 64, on_progress: Callable[[int], None] | None = None,
+    responses: Iterable[str | None],
+    references: Iterable[str | None],
+    timeout: float = 5.0,
+    workers: int = 2,
+    chunk_size: int = 64,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str | None], list[Verdict]]:
     """Extract each response's answer and verify it against its reference. Extraction runs in
     the workers too, under the same timeout: no response, however hostile, stalls the stage."""

@@ -16,7 +16,18 @@ from prmtool.core.outputs import plain_name
 from prmtool.core.errors import InputError
 from prmtool.methods.formats import FORMATS
 from prmtool.executors import partition_to_run
-from prmtool.cli.options import template, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.cli.options import (
+    template,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    Inputs,
+    NumShards,
+    Output,
+    Overwrite,
+    Quiet,
+    ShardIndex,
+)
 from prmtool.core.report import RunStats
 from prmtool.core.schema import check_columns
 
@@ -72,7 +83,9 @@ def export_rows(
     )
     results, counts = {}, Counter()
     for (split_name,), part in frame.group_by("_split", maintain_order=True):
-        converted, skipped = fmt.convert(part.drop("_split"), split_name=split_name, start_index=start_index.get(split_name, 0), **options)
+        converted, skipped = fmt.convert(
+            part.drop("_split"), split_name=split_name, start_index=start_index.get(split_name, 0), **options
+        )
         results[split_name] = converted
         counts.update(skipped)
     return results, counts
@@ -91,14 +104,32 @@ def command(
     inputs: Inputs,
     output: Output,
     format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
-    where: Annotated[str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")] = None,
-    split: Annotated[str | None, typer.Option(help="Held-out splits by problem, e.g. test=0.05; the rest is train.")] = None,
+    where: Annotated[
+        str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Held-out splits by problem, e.g. test=0.05; the rest is train.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the problem split.", min=0)] = 0,
-    prompt_template: Annotated[str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)] = "{problem}",
+    prompt_template: Annotated[
+        str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)
+    ] = "{problem}",
     system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None,
     data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool",
-    open_turn: Annotated[bool, typer.Option("--open-turn", help="sft formats: leave the assistant turn open (no end-of-turn), as InT trains on guided responses; adds continue_final_message.")] = False,
-    hf_dataset: Annotated[Path | None, typer.Option(help="Also save a datasets DatasetDict folder here (not with --num-shards: it needs every row).")] = None,
+    open_turn: Annotated[
+        bool,
+        typer.Option(
+            "--open-turn",
+            help=(
+                "sft formats: leave the assistant turn open (no end-of-turn), as InT trains on guided responses; "
+                "adds continue_final_message."
+            ),
+        ),
+    ] = False,
+    hf_dataset: Annotated[
+        Path | None,
+        typer.Option(help="Also save a datasets DatasetDict folder here (not with --num-shards: it needs every row)."),
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     shard_index: ShardIndex = None,
@@ -123,7 +154,9 @@ def command(
         raise InputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     fmt = FORMATS[format]
     if open_turn and not fmt.open_turn:
-        raise InputError(f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {format}")
+        raise InputError(
+            f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {format}"
+        )
     fractions = parse_split(split)
     condition = where_filter(where)
     found = shards.open_inputs(inputs)
@@ -136,31 +169,72 @@ def command(
     if hf_dataset is not None and hf_dataset.exists() and not overwrite:
         raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
     if hf_dataset is not None and hf_dataset.exists() and not (hf_dataset / "dataset_dict.json").exists():
-        raise InputError(f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those")
+        raise InputError(
+            f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
+        )
 
     split_of = None
     if fractions:  # from every input's problems, so that each partition splits as the whole run does
         problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
         split_of = assign_splits(problem_ids.to_list(), fractions, seed)
 
-    arguments = {"format": format, "where": where, "split": split, "seed": seed, "prompt_template": prompt_template,
-                 "system_prompt": system_prompt, "data_source": data_source}
+    arguments = {
+        "format": format,
+        "where": where,
+        "split": split,
+        "seed": seed,
+        "prompt_template": prompt_template,
+        "system_prompt": system_prompt,
+        "data_source": data_source,
+    }
     if open_turn:  # only when given: earlier complete outputs keep their arguments
         arguments["open_turn"] = True
     key = outputs.run_key("export", arguments, [s.describe() for s in found], partition.count)
     with outputs.output_lock([output], key):
-        if shards.prepare_whole_output(output, "export", arguments, [s.describe() for s in found], overwrite, partition):
+        if shards.prepare_whole_output(
+            output, "export", arguments, [s.describe() for s in found], overwrite, partition
+        ):
             scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
             stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
             return
-        _export(found, output, fmt, format, arguments, condition, where, split_of, partition, hf_dataset, overwrite, quiet,
-                stats, prompt_template=prompt_template, system_prompt=system_prompt, data_source=data_source,
-                open_turn=open_turn)
+        _export(
+            found,
+            output,
+            fmt,
+            format,
+            arguments,
+            condition,
+            where,
+            split_of,
+            partition,
+            hf_dataset,
+            overwrite,
+            quiet,
+            stats,
+            prompt_template=prompt_template,
+            system_prompt=system_prompt,
+            data_source=data_source,
+            open_turn=open_turn,
+        )
     stats.print_summary()
 
 
-def _export(found, output, fmt, format, arguments, condition, where, split_of, partition, hf_dataset, overwrite, quiet,
-            stats, **options) -> None:
+def _export(
+    found,
+    output,
+    fmt,
+    format,
+    arguments,
+    condition,
+    where,
+    split_of,
+    partition,
+    hf_dataset,
+    overwrite,
+    quiet,
+    stats,
+    **options,
+) -> None:
     """Convert and write every input shard, then the datasets folder, then the manifest."""
     # verl numbers its rows (extra_info.index) over the whole run; a partition, which sees only
     # its own problems, takes each problem's number from a narrow pass over every input.
@@ -183,7 +257,9 @@ def _export(found, output, fmt, format, arguments, condition, where, split_of, p
                 stats.counts["removed_by_where"] += frame.height - kept.height
                 frame = kept
             if fmt.per_problem:
-                first = frame.unique("problem_id", keep="first", maintain_order=True).filter(~pl.col("problem_id").is_in(list(seen_problems)))
+                first = frame.unique("problem_id", keep="first", maintain_order=True).filter(
+                    ~pl.col("problem_id").is_in(list(seen_problems))
+                )
                 stats.counts["merged_responses_of_one_problem"] += frame.height - first.height
                 seen_problems.update(first["problem_id"].to_list())
                 frame = first
@@ -211,8 +287,9 @@ def _export(found, output, fmt, format, arguments, condition, where, split_of, p
     shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written, partition)
 
 
-def _problem_numbers(found: list[shards.InputShard], condition: pl.Expr | None, where: str | None,
-                     split_of: dict[str, str] | None) -> dict[str, int]:
+def _problem_numbers(
+    found: list[shards.InputShard], condition: pl.Expr | None, where: str | None, split_of: dict[str, str] | None
+) -> dict[str, int]:
     """Each problem's extra_info.index in the whole run: the number of problems of its split
     whose first row (after --where) comes before its own, over the inputs in order."""
     frames = []
@@ -267,4 +344,3 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     if target.exists() and overwrite:
         shutil.rmtree(target)
     temporary.rename(target)
-

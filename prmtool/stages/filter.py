@@ -47,7 +47,18 @@ import typer
 from prmtool.core import outputs, shards
 from prmtool.core.errors import InputError
 from prmtool.executors import partition_to_run
-from prmtool.cli.options import finite, CpusPerTask, Executor, GpusPerTask, Inputs, NumShards, Output, Overwrite, Quiet, ShardIndex
+from prmtool.cli.options import (
+    finite,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    Inputs,
+    NumShards,
+    Output,
+    Overwrite,
+    Quiet,
+    ShardIndex,
+)
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats
 from prmtool.core.schema import check_columns
@@ -101,7 +112,11 @@ class FilterOptions:
     where: str | None = None
 
     def __post_init__(self) -> None:
-        for flag, given, allowed in [("--method", self.method, METHODS), ("--mode", self.mode, MODES), ("--value", self.value, VALUES)]:
+        for flag, given, allowed in [
+            ("--method", self.method, METHODS),
+            ("--mode", self.mode, MODES),
+            ("--value", self.value, VALUES),
+        ]:
             if given not in allowed:
                 raise InputError(f"{flag} {given!r}: expected one of {', '.join(allowed)}")
         if self.remove is not None and self.keep is not None:
@@ -116,7 +131,9 @@ class FilterOptions:
         if not 0 <= low <= high <= 1:
             raise InputError(f"--band {low},{high}: expected LOW,HIGH with 0 <= LOW <= HIGH <= 1")
         if self.method == "consensus" and self.value not in LIST_VALUES:
-            raise InputError(f"--method consensus --value {self.value}: needs per-step values, one of {', '.join(LIST_VALUES)}")
+            raise InputError(
+                f"--method consensus --value {self.value}: needs per-step values, one of {', '.join(LIST_VALUES)}"
+            )
 
     @property
     def k(self) -> int:
@@ -187,8 +204,10 @@ def feature_expressions(names: list[str], options: FilterOptions) -> list[pl.Exp
             _mean_value(options.value).alias("_value"),
         ]
     elif options.method == "consensus":
-        below = pl.col(options.value).cast(pl.List(pl.Float64)).list.eval(
-            (pl.element().fill_nan(None) < options.prm_threshold).fill_null(False)
+        below = (
+            pl.col(options.value)
+            .cast(pl.List(pl.Float64))
+            .list.eval((pl.element().fill_nan(None) < options.prm_threshold).fill_null(False))
         )
         expressions += [
             pl.col("first_error").cast(pl.Int64).alias("_first_error"),
@@ -217,7 +236,12 @@ def _mean_value(column: str) -> pl.Expr:
 def _reject(reason: str, condition: pl.Expr) -> pl.Expr:
     """Give rows that are still kept and meet `condition` this reason (the first one sticks)."""
     still_kept = pl.col("_reason").is_null()
-    return pl.when(still_kept & condition.fill_null(False)).then(pl.lit(reason)).otherwise(pl.col("_reason")).alias("_reason")
+    return (
+        pl.when(still_kept & condition.fill_null(False))
+        .then(pl.lit(reason))
+        .otherwise(pl.col("_reason"))
+        .alias("_reason")
+    )
 
 
 def decide(features: pl.DataFrame, options: FilterOptions) -> pl.Series:
@@ -236,7 +260,9 @@ def decide(features: pl.DataFrame, options: FilterOptions) -> pl.Series:
         correct = pl.col("_correct")
         frame = frame.with_columns(_reject("no_value", pl.col("_no_value")))
         frame = frame.with_columns(_reject("no_label", ~correct & pl.col("_first_error").is_null()))
-        disagree = pl.when(correct).then(pl.col("_prm_first") >= 0).otherwise(pl.col("_prm_first") != pl.col("_first_error"))
+        disagree = (
+            pl.when(correct).then(pl.col("_prm_first") >= 0).otherwise(pl.col("_prm_first") != pl.col("_first_error"))
+        )
         frame = frame.with_columns(_reject("consensus_disagree", disagree))
     elif options.method == "accuracy-band":
         active = pl.col("_reason").is_null()
@@ -288,8 +314,12 @@ def _prof(frame: pl.DataFrame, options: FilterOptions) -> pl.DataFrame:
     seen = pl.col("_eligible").cast(pl.Int64).cum_sum()
     before_run = pl.when(run_starts).then(seen - pl.col("_eligible").cast(pl.Int64)).forward_fill()
     frame = frame.with_columns((seen - before_run - 1).alias("_position"))
-    frame = frame.with_columns(_reject("prof_correct_low_value", pl.col("_eligible") & correct & (pl.col("_position") < pl.col("_c"))))
-    return frame.with_columns(_reject("prof_incorrect_high_value", pl.col("_eligible") & ~correct & (pl.col("_position") < pl.col("_w"))))
+    frame = frame.with_columns(
+        _reject("prof_correct_low_value", pl.col("_eligible") & correct & (pl.col("_position") < pl.col("_c")))
+    )
+    return frame.with_columns(
+        _reject("prof_incorrect_high_value", pl.col("_eligible") & ~correct & (pl.col("_position") < pl.col("_w")))
+    )
 
 
 def split_rows(frame: pl.DataFrame, reasons: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -363,18 +393,79 @@ Examples:
 def command(
     inputs: Inputs,
     output: Output,
-    rejects: Annotated[Path, typer.Option("--rejects", help="Directory for the removed rows, with a filter_reason column: nothing is lost.", show_default=False)],
-    method: Annotated[str, typer.Option(help="prof (PROF consistency filter), consensus (MC and PRM agree on the first error), accuracy-band or none (only --where).")] = "prof",
-    remove: Annotated[int | None, typer.Option(help="prof: responses to remove per problem (default 4).", min=0, show_default=False)] = None,
-    keep: Annotated[int | None, typer.Option(help="prof: responses to keep per problem, instead of --remove.", min=0, show_default=False)] = None,
-    mode: Annotated[str | None, typer.Option(help="prof: both (default), correct (remove only correct ones) or incorrect (only wrong ones).", show_default=False)] = None,
-    value: Annotated[str | None, typer.Option(help="prof, consensus: step_rewards (default), step_values, step_mc or prm_score (prof only); lists are averaged over steps.", show_default=False)] = None,
-    min_steps: Annotated[int | None, typer.Option(help="prof: fewer steps are removed first (default 2).", min=0, show_default=False)] = None,
-    max_steps: Annotated[int | None, typer.Option(help="prof: more steps are removed first (default 30).", min=1, show_default=False)] = None,
-    threshold: Annotated[float | None, typer.Option(help="consensus: a step below this is the PRM's error (default 0.5 for step_mc, else 0).", callback=finite, show_default=False)] = None,
-    band: Annotated[str | None, typer.Option(help="accuracy-band: LOW,HIGH, inclusive (default 0.2,0.8).", show_default=False)] = None,
-    where: Annotated[str | None, typer.Option(help="Also keep only rows where this SQL expression holds (applied first), e.g. \"verify_status = 'ok'\".")] = None,
-    report: Annotated[Path | None, typer.Option(help="Also write the summary as JSON to this file. With --shard-index, the partition's summary, to FILE's name with the partition in it (prof.00001-of-00004.json).")] = None,
+    rejects: Annotated[
+        Path,
+        typer.Option(
+            "--rejects",
+            help="Directory for the removed rows, with a filter_reason column: nothing is lost.",
+            show_default=False,
+        ),
+    ],
+    method: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "prof (PROF consistency filter), consensus (MC and PRM agree on the first error), accuracy-band or "
+                "none (only --where)."
+            )
+        ),
+    ] = "prof",
+    remove: Annotated[
+        int | None, typer.Option(help="prof: responses to remove per problem (default 4).", min=0, show_default=False)
+    ] = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(help="prof: responses to keep per problem, instead of --remove.", min=0, show_default=False),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="prof: both (default), correct (remove only correct ones) or incorrect (only wrong ones).",
+            show_default=False,
+        ),
+    ] = None,
+    value: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "prof, consensus: step_rewards (default), step_values, step_mc or prm_score (prof only); lists are "
+                "averaged over steps."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    min_steps: Annotated[
+        int | None, typer.Option(help="prof: fewer steps are removed first (default 2).", min=0, show_default=False)
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="prof: more steps are removed first (default 30).", min=1, show_default=False)
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="consensus: a step below this is the PRM's error (default 0.5 for step_mc, else 0).",
+            callback=finite,
+            show_default=False,
+        ),
+    ] = None,
+    band: Annotated[
+        str | None, typer.Option(help="accuracy-band: LOW,HIGH, inclusive (default 0.2,0.8).", show_default=False)
+    ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Also keep only rows where this SQL expression holds (applied first), e.g. \"verify_status = 'ok'\"."
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Also write the summary as JSON to this file. With --shard-index, the partition's summary, to "
+                "FILE's name with the partition in it (prof.00001-of-00004.json)."
+            )
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     shard_index: ShardIndex = None,
@@ -422,7 +513,10 @@ def command(
 def _filter(found, options, arguments, described, parts, partition, overwrite, report, done, stats) -> None:
     """Decide every group, then write the kept and rejected rows and the report."""
     complete = not overwrite and all(
-        [shards.prepare_whole_output(d, "filter", {**arguments, "part": part}, described, False, partition) for part, d in parts.items()]
+        [
+            shards.prepare_whole_output(d, "filter", {**arguments, "part": part}, described, False, partition)
+            for part, d in parts.items()
+        ]
     )
     if complete and report is None:
         stats.log(f"{done}; --overwrite recomputes them")
@@ -431,8 +525,10 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     features = pl.concat([_read_features(shard, options) for shard in found], how="diagonal_relaxed")
     if features["problem_id"].null_count():  # groups are problems: a row without one has no group
         row = int(features["problem_id"].is_null().arg_true()[0])
-        raise InputError(f"{found[bisect.bisect_right(list(itertools.accumulate(s.rows for s in found)), row)].path}: "
-                         "column 'problem_id' has null values")
+        raise InputError(
+            f"{found[bisect.bisect_right(list(itertools.accumulate(s.rows for s in found)), row)].path}: "
+            "column 'problem_id' has null values"
+        )
     if options.method == "prof":
         _check_unique_response_ids(features, found)  # ties are broken by it
     # Every partition reads every shard's features but decides only its own problems' groups:
@@ -448,7 +544,9 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     else:
         if overwrite:
             for part, directory in parts.items():
-                shards.prepare_whole_output(directory, "filter", {**arguments, "part": part}, described, True, partition)
+                shards.prepare_whole_output(
+                    directory, "filter", {**arguments, "part": part}, described, True, partition
+                )
         _write(found, owned, reasons, parts, arguments, partition, stats)
     stats.rows_in, stats.rows_out = summary["rows_in"], summary["kept"]
     stats.problem_ids.update(features.filter(reasons.is_null())["problem_id"].unique().to_list())
@@ -479,7 +577,11 @@ def _read_features(shard: shards.InputShard, options: FilterOptions) -> pl.DataF
     if options.where:
         names |= set(where_filter(options.where).meta.root_names()) & set(shard.schema)
     try:
-        return pl.scan_parquet(shard.path).select(feature_expressions([c for c in shard.schema if c in names], options)).collect()
+        return (
+            pl.scan_parquet(shard.path)
+            .select(feature_expressions([c for c in shard.schema if c in names], options))
+            .collect()
+        )
     except (pl.exceptions.PolarsError, OSError) as exc:  # a --where that fails on the data, a damaged file
         raise InputError(f"{shard.path}: {shards._one_line(exc)}") from None
 
@@ -502,8 +604,15 @@ def _check_unique_response_ids(features: pl.DataFrame, found: list[shards.InputS
         raise InputError(f"{file_of(int(ids.is_null().arg_true()[0]))}: column 'response_id' has null values")
 
 
-def _write(found: list[shards.InputShard], owned: pl.Series | None, reasons: pl.Series, parts: dict[str, Path],
-           arguments: dict, partition: Partition, stats: RunStats) -> None:
+def _write(
+    found: list[shards.InputShard],
+    owned: pl.Series | None,
+    reasons: pl.Series,
+    parts: dict[str, Path],
+    arguments: dict,
+    partition: Partition,
+    stats: RunStats,
+) -> None:
     """One kept and one rejected shard per input shard (empty ones too), named after it
     (with a partition: `partition.shard_name`, and only its problems' rows), then the
     manifests: rejects first, the kept output's last.
@@ -513,7 +622,10 @@ def _write(found: list[shards.InputShard], owned: pl.Series | None, reasons: pl.
     written: dict[str, dict[str, int]] = {part: {} for part in parts}
     input_offset = decided_offset = 0
     in_flight: list[Future] = []
-    with ThreadPoolExecutor(max_workers=2) as writers, stats.progress("filter", total=sum(s.rows for s in found)) as tracker:
+    with (
+        ThreadPoolExecutor(max_workers=2) as writers,
+        stats.progress("filter", total=sum(s.rows for s in found)) as tracker,
+    ):
         for shard in found:
             frame = shards.read_shard(shard)
             if owned is not None:
@@ -553,7 +665,10 @@ def _summary_counts(summary: dict) -> dict[str, int]:
 def _warn(summary: dict, options: FilterOptions, stats: RunStats) -> None:
     removed = summary["removed_by_reason"]
     if removed.get("group_too_small"):
-        stats.warn(f"{removed['group_too_small']} responses are in groups of at most --remove {options.k} and were all removed; --keep M keeps M per group instead")
+        stats.warn(
+            f"{removed['group_too_small']} responses are in groups of at most --remove {options.k} and were all "
+            f"removed; --keep M keeps M per group instead"
+        )
     if removed.get("no_outcome"):
         stats.warn(f"{removed['no_outcome']} responses have no `correct` value and were removed (no_outcome)")
     if summary.get("values_missing"):

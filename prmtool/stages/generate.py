@@ -13,7 +13,27 @@ from prmtool.executors import partition_to_run
 from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.core.errors import InputError
 from prmtool.engines.loading import EngineOnDemand
-from prmtool.cli.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.cli.options import (
+    template,
+    finite,
+    positive,
+    Device,
+    EngineName,
+    Inputs,
+    Model,
+    Output,
+    Overwrite,
+    Quiet,
+    Split,
+    TrustRemoteCode,
+    Workers,
+    default_workers,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    NumShards,
+    ShardIndex,
+)
 from prmtool.core.report import RunStats, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.methods.steps import make_splitter, split_steps
@@ -83,7 +103,13 @@ def generate_rows(
             rows["finish_reason"].append(completion.finish_reason)
     responses = pl.DataFrame(
         rows,
-        schema={"response_id": pl.String, "response": pl.String, "steps": pl.List(pl.String), "response_tokens": pl.Int32, "finish_reason": pl.String},
+        schema={
+            "response_id": pl.String,
+            "response": pl.String,
+            "steps": pl.List(pl.String),
+            "response_tokens": pl.Int32,
+            "finish_reason": pl.String,
+        },
     )
     repeated = frame.select(pl.all().repeat_by(n).explode()) if n > 1 else frame
     return pl.concat([repeated, responses], how="horizontal")
@@ -107,16 +133,26 @@ def command(
     inputs: Inputs,
     output: Output,
     n: Annotated[int, typer.Option("--n", help="Sampled responses per problem.", min=1)] = 4,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0, callback=finite)] = 0.7,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0, callback=finite)
+    ] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].", max=1, callback=positive)] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per response.", min=1)] = 1024,
     seed: Annotated[int, typer.Option(help="Same seed and inputs give the same responses and ids.", min=0)] = 0,
     system_prompt: Annotated[str | None, typer.Option(help="A system message before the problem.")] = None,
-    prompt_template: Annotated[str, typer.Option(help="The user message; {problem} is replaced by the problem.", callback=template)] = DEFAULT_PROMPT_TEMPLATE,
-    stop: Annotated[list[str], typer.Option("--stop", help="A stop string (repeatable); excluded from the response.")] = [],
+    prompt_template: Annotated[
+        str, typer.Option(help="The user message; {problem} is replaced by the problem.", callback=template)
+    ] = DEFAULT_PROMPT_TEMPLATE,
+    stop: Annotated[
+        list[str], typer.Option("--stop", help="A stop string (repeatable); excluded from the response.")
+    ] = [],
     split: Split = "blank-line",
-    verify: Annotated[bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")] = False,
-    verify_timeout: Annotated[float, typer.Option(help="With --verify: seconds per comparison.", callback=positive)] = 5.0,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")
+    ] = False,
+    verify_timeout: Annotated[
+        float, typer.Option(help="With --verify: seconds per comparison.", callback=positive)
+    ] = 5.0,
     model: Model = None,
     engine: EngineName = "hf",
     device: Device = None,
@@ -139,16 +175,38 @@ def command(
     make_splitter(split)  # a bad --split fails before the model loads
     stop = tuple(s.encode().decode("unicode_escape") for s in stop)  # '\n' on the shell means a newline
     arguments = {
-        "n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
-        "system_prompt": system_prompt, "prompt_template": prompt_template, "stop": list(stop), "split": split,
-        "verify": verify, "model": model, "engine": engine,
+        "n": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "system_prompt": system_prompt,
+        "prompt_template": prompt_template,
+        "stop": list(stop),
+        "split": split,
+        "verify": verify,
+        "model": model,
+        "engine": engine,
     }
     required = ("problem_id", "problem") + (("reference_answer",) if verify else ())
     engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
-        result = generate_rows(frame, engines.get(), n, temperature, top_p, max_tokens, seed, system_prompt, prompt_template, stop, split, tracker)
+        result = generate_rows(
+            frame,
+            engines.get(),
+            n,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            system_prompt,
+            prompt_template,
+            stop,
+            split,
+            tracker,
+        )
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         stats.counts.update(f"finish_{r}" for r in result["finish_reason"])
         if verify:
@@ -158,7 +216,15 @@ def command(
             stats.counts["correct"] += int(result["correct"].sum())
         return result
 
-    stage = MapStage("generate", transform, arguments, required, unique_column="problem_id", rows_per_input=n, extra_checks=[_no_responses_yet])
+    stage = MapStage(
+        "generate",
+        transform,
+        arguments,
+        required,
+        unique_column="problem_id",
+        rows_per_input=n,
+        extra_checks=[_no_responses_yet],
+    )
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
     seconds = stats.summary()["seconds"]

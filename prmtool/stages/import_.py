@@ -44,7 +44,9 @@ def read_source(path: Path, dataset_split: str | None = None) -> pl.DataFrame:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read as {path.suffix or 'a datasets folder'} ({shards._one_line(exc)})") from None
+        raise InputError(
+            f"{path}: cannot be read as {path.suffix or 'a datasets folder'} ({shards._one_line(exc)})"
+        ) from None
     raise InputError(f"{path}: unknown format; expected .jsonl, .json, .csv, .parquet or a datasets folder")
 
 
@@ -70,12 +72,19 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
         _require(frame, ("question", "answer"), source, "--preset gsm8k")
         unmarked = ~pl.Series(frame["answer"]).cast(pl.String).str.contains("####").fill_null(False)
         if unmarked.any():
-            raise InputError(f"{source}: row {int(unmarked.arg_true()[0])}: --preset gsm8k: column 'answer' has no '#### ANSWER' line")
+            raise InputError(
+                f"{source}: row {int(unmarked.arg_true()[0])}: --preset gsm8k: column 'answer' has no '#### ANSWER' "
+                f"line"
+            )
         solution_and_answer = pl.col("answer").str.split_exact("####", 1)
-        return frame.rename({"question": "problem"}).with_columns(
-            reference_solution=solution_and_answer.struct.field("field_0").str.strip_chars(),
-            reference_answer=solution_and_answer.struct.field("field_1").str.strip_chars().str.replace_all(",", ""),
-        ).drop("answer")
+        return (
+            frame.rename({"question": "problem"})
+            .with_columns(
+                reference_solution=solution_and_answer.struct.field("field_0").str.strip_chars(),
+                reference_answer=solution_and_answer.struct.field("field_1").str.strip_chars().str.replace_all(",", ""),
+            )
+            .drop("answer")
+        )
     if preset == "math":
         _require(frame, ("problem", "solution"), source, "--preset math")
         frame = frame.rename({"solution": "reference_solution"})
@@ -86,7 +95,9 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
         )
         missing = frame["reference_answer"].is_null()
         if missing.any():
-            raise InputError(f"{source}: row {int(missing.arg_true()[0])}: --preset math found no \\boxed{{}} answer in 'solution'")
+            raise InputError(
+                f"{source}: row {int(missing.arg_true()[0])}: --preset math found no \\boxed{{}} answer in 'solution'"
+            )
         return frame
     raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
 
@@ -109,11 +120,17 @@ def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> 
 def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
     """Every check of a renamed frame, and its ids: `problem_id` and `response_id`."""
     _require(frame, ("problem", "reference_answer"), source, "import")
-    frame = frame.with_columns(pl.col(c).cast(pl.String) for c in ID_COLUMNS if c in frame.columns and frame.schema[c] != pl.String and frame.schema[c].is_numeric())
+    frame = frame.with_columns(
+        pl.col(c).cast(pl.String)
+        for c in ID_COLUMNS
+        if c in frame.columns and frame.schema[c] != pl.String and frame.schema[c].is_numeric()
+    )
     check_columns(frame.schema, source)
     _no_nulls(frame, "problem", source)
     if "problem_id" not in frame.columns:
-        frame = frame.with_columns(problem_id=pl.col("problem").map_elements(lambda p: stable_id(p), return_dtype=pl.String))
+        frame = frame.with_columns(
+            problem_id=pl.col("problem").map_elements(lambda p: stable_id(p), return_dtype=pl.String)
+        )
     _no_nulls(frame, "problem_id", source)
     _one_text_per_problem(frame, source)
     if "response" in frame.columns:
@@ -123,8 +140,9 @@ def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.
             # k counts over the whole source, so an id does not depend on the partition.
             occurrence = pl.int_range(pl.len()).over("problem_id", "response").cast(pl.String)
             frame = frame.with_columns(
-                response_id=pl.concat_str("problem_id", "response", occurrence, separator="\x1f")
-                .map_elements(lambda key: stable_id(key), return_dtype=pl.String)
+                response_id=pl.concat_str("problem_id", "response", occurrence, separator="\x1f").map_elements(
+                    lambda key: stable_id(key), return_dtype=pl.String
+                )
             )
         if "steps" in frame.columns:
             _check_given_steps(frame, make_splitter(split).separator, split, source)
@@ -136,7 +154,9 @@ def _one_text_per_problem(frame: pl.DataFrame, source: str) -> None:
     texts = frame.group_by("problem_id", maintain_order=True).agg(pl.col("problem").n_unique().alias("texts"))
     clash = texts.filter(pl.col("texts") > 1)
     if clash.height:
-        raise InputError(f"{source}: problem_id {clash['problem_id'][0]!r} has {clash['texts'][0]} different problem texts")
+        raise InputError(
+            f"{source}: problem_id {clash['problem_id'][0]!r} has {clash['texts'][0]} different problem texts"
+        )
 
 
 def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
@@ -146,7 +166,11 @@ def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
         frame = frame.with_columns(
             steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
         )
-    leading = [c for c in ("problem_id", "problem", "reference_answer", "reference_solution", "response_id", "response", "steps") if c in frame.columns]
+    leading = [
+        c
+        for c in ("problem_id", "problem", "reference_answer", "reference_solution", "response_id", "response", "steps")
+        if c in frame.columns
+    ]
     return cast_to_contract(frame.select(leading + [c for c in frame.columns if c not in leading]))
 
 
@@ -194,7 +218,11 @@ def parse_maps(maps: list[str]) -> dict[str, str]:
 
 
 def import_rows(
-    paths: list[Path], maps: dict[str, str], preset: str | None, split: str, dataset_split: str | None = None,
+    paths: list[Path],
+    maps: dict[str, str],
+    preset: str | None,
+    split: str,
+    dataset_split: str | None = None,
     partition: Partition = shards.WHOLE,
 ) -> pl.DataFrame:
     """Read, rename, apply the preset and conform every source; one frame in input order.
@@ -210,8 +238,9 @@ def import_rows(
         identified.append(identify(frame, str(path), split))
     if any("response_id" in frame.columns for frame in identified):
         # A source without responses adds null ids, as the rows of a concatenated frame would.
+        no_ids = pl.Series("response_id", dtype=pl.String)
         response_ids = pl.concat([
-            frame["response_id"] if "response_id" in frame.columns else pl.Series("response_id", [None] * frame.height, dtype=pl.String)
+            frame["response_id"] if "response_id" in frame.columns else no_ids.extend_constant(None, frame.height)
             for frame in identified
         ])  # fmt: skip
         dupes = response_ids.filter(response_ids.is_duplicated())
@@ -231,13 +260,17 @@ Examples:
 
 
 def command(
-    inputs: Annotated[list[Path], typer.Argument(help="JSONL, JSON, CSV or Parquet files, or datasets folders.", show_default=False)],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="JSONL, JSON, CSV or Parquet files, or datasets folders.", show_default=False)
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory of Parquet shards.")],
     map: Annotated[list[str], typer.Option("--map", help="Rename a column: SRC=DST (repeatable).")] = [],
     preset: Annotated[str | None, typer.Option(help="Column conventions of a known dataset: gsm8k or math.")] = None,
     split: Split = "blank-line",
     shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1)] = 50_000,
-    dataset_split: Annotated[str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")] = None,
+    dataset_split: Annotated[
+        str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")
+    ] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     shard_index: ShardIndex = None,
@@ -268,12 +301,22 @@ def command(
     stats.print_summary()
 
 
-def _write(frame: pl.DataFrame, output: Path, arguments: dict, sources: list[dict], shard_rows: int,
-           partition: Partition, stats: RunStats) -> None:
+def _write(
+    frame: pl.DataFrame,
+    output: Path,
+    arguments: dict,
+    sources: list[dict],
+    shard_rows: int,
+    partition: Partition,
+    stats: RunStats,
+) -> None:
     stats.rows_in = stats.rows_out = frame.height
     if frame["reference_answer"].null_count():  # prompts alone may be imported; verify cannot grade them
         stats.counts["rows_without_reference_answer"] = frame["reference_answer"].null_count()
-        stats.warn(f"{frame['reference_answer'].null_count()} rows have no reference_answer: verify cannot grade their responses")
+        stats.warn(
+            f"{frame['reference_answer'].null_count()} rows have no reference_answer: verify cannot grade their "
+            f"responses"
+        )
     stats.problem_ids.update(frame["problem_id"].to_list())
     written = {}
     for number, start in enumerate(range(0, max(frame.height, 1), shard_rows)):

@@ -30,7 +30,26 @@ from prmtool.methods import interventions as iv
 from prmtool.executors import partition_to_run
 from prmtool.core.errors import InputError, StageError
 from prmtool.engines.loading import EngineOnDemand
-from prmtool.cli.options import template, finite, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.cli.options import (
+    template,
+    finite,
+    Device,
+    EngineName,
+    Inputs,
+    Model,
+    Output,
+    Overwrite,
+    Quiet,
+    Split,
+    TrustRemoteCode,
+    Workers,
+    default_workers,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    NumShards,
+    ShardIndex,
+)
 from prmtool.core.report import RunStats, Tracker
 from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings
 from prmtool.core.runner import MapStage, run_map_stage
@@ -56,7 +75,8 @@ KEPT_COLUMNS = {
 }
 REJECT_COLUMNS = {
     **KEPT_COLUMNS,
-    "intervene_reason": pl.String,  # see prmtool.methods.interventions: unparseable, leaks_answer, not_verified, not_wrong, ...
+    # see prmtool.methods.interventions: unparseable, leaks_answer, not_verified, not_wrong, ...
+    "intervene_reason": pl.String,
     "intervene_detail": pl.String,  # the reason in words
     "intervene_output": pl.String,  # the model's raw answer (proposal, or first-error answer)
 }
@@ -131,7 +151,11 @@ def intervene_rows(
     references = frame["reference_answer"].cast(pl.String).to_list()
     response_ids = frame["response_id"].to_list()
     solutions = _reference_solutions(frame)
-    labels = frame["first_error"].to_list() if "first_error" in frame.columns and settings.first_error != "model" else [None] * frame.height
+    labels = (
+        frame["first_error"].to_list()
+        if "first_error" in frame.columns and settings.first_error != "model"
+        else [None] * frame.height
+    )
     sampling = settings.rollouts
 
     outcomes: list[Outcome] = []
@@ -162,25 +186,48 @@ def intervene_rows(
         if message not in chat_ids:
             chat_ids[message] = engine.chat_prompt_ids(message)
         ids = engine.continuation_ids(chat_ids[message], prefill) if prefill else chat_ids[message]
-        return SamplingRequest(prompt_ids=ids, n=1, temperature=temperature, max_tokens=max_tokens,
-                               stop=(stop,) if prefill else (), seed=seed)
+        return SamplingRequest(
+            prompt_ids=ids,
+            n=1,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop=(stop,) if prefill else (),
+            seed=seed,
+        )
 
     # Round 1: the first errors the labels do not give, greedy, one call for all rows.
     if to_locate:
         prefill = iv.FIRST_ERROR_PREFILL if settings.prefill_tag else ""
         prompts = [iv.locator_prompt(problems[r], steps[r], references[r], solutions[r]) for r in to_locate]
-        completions = engine.sample([
-            request(p, prefill, iv.FIRST_ERROR_STOP, _seed(sampling.seed, "locate", response_ids[r]), 0.0, settings.proposer_max_tokens)
-            for p, r in zip(prompts, to_locate)
-        ])
+        completions = engine.sample(
+            [
+                request(
+                    p,
+                    prefill,
+                    iv.FIRST_ERROR_STOP,
+                    _seed(sampling.seed, "locate", response_ids[r]),
+                    0.0,
+                    settings.proposer_max_tokens,
+                )
+                for p, r in zip(prompts, to_locate)
+            ]
+        )
         for row, samples in zip(to_locate, completions):
             text = _answer_text(prefill, samples[0], iv.FIRST_ERROR_STOP)
             located = iv.parse_first_error(text, len(steps[row]))
             if isinstance(located, iv.Rejection):
                 outcomes.append(Outcome(row, source="model", reason=located.reason, detail=located.detail, output=text))
             elif located < 0:
-                outcomes.append(Outcome(row, first_error=-1, source="model", reason=iv.NO_FIRST_ERROR,
-                                        detail="the model found no error", output=text))
+                outcomes.append(
+                    Outcome(
+                        row,
+                        first_error=-1,
+                        source="model",
+                        reason=iv.NO_FIRST_ERROR,
+                        detail="the model found no error",
+                        output=text,
+                    )
+                )
             else:
                 first_errors[row] = (located, "model")
         advance(sum(1 for r in to_locate if r not in first_errors), completions)
@@ -189,12 +236,27 @@ def intervene_rows(
     rows = sorted(first_errors)
     prefill = iv.INTERVENTION_PREFILL if settings.prefill_tag else ""
     asks = [(row, c) for row in rows for c in range(settings.candidates)]
-    prompts = {row: iv.proposer_prompt(problems[row], steps[row], first_errors[row][0], references[row], solutions[row]) for row in rows}
-    completions = engine.sample([
-        request(prompts[row], prefill, iv.INTERVENTION_STOP, _seed(sampling.seed, "propose", response_ids[row], c),
-                settings.temperature, settings.proposer_max_tokens)
-        for row, c in asks
-    ]) if asks else []
+    prompts = {
+        row: iv.proposer_prompt(problems[row], steps[row], first_errors[row][0], references[row], solutions[row])
+        for row in rows
+    }
+    completions = (
+        engine.sample(
+            [
+                request(
+                    prompts[row],
+                    prefill,
+                    iv.INTERVENTION_STOP,
+                    _seed(sampling.seed, "propose", response_ids[row], c),
+                    settings.temperature,
+                    settings.proposer_max_tokens,
+                )
+                for row, c in asks
+            ]
+        )
+        if asks
+        else []
+    )
     advance(0, completions)
     candidates: list[Outcome] = []
     seen: set[tuple[int, int, str]] = set()
@@ -202,7 +264,9 @@ def intervene_rows(
         text = _answer_text(prefill, samples[0], iv.INTERVENTION_STOP)
         first_error, source = first_errors[row]
         outcome = Outcome(row, c, first_error, source, output=text)
-        parsed = iv.parse_intervention(text, len(steps[row]), references[row], problem=problems[row], latest=first_error)
+        parsed = iv.parse_intervention(
+            text, len(steps[row]), references[row], problem=problems[row], latest=first_error
+        )
         if isinstance(parsed, iv.Rejection):
             outcome.reason, outcome.detail = parsed.reason, parsed.detail
             if parsed.reason != iv.UNPARSEABLE:  # the tag was read: keep what it said
@@ -219,8 +283,15 @@ def intervene_rows(
     to_verify = [o for o in candidates if o.reason is None]
     if to_verify:
         rollouts = Rollouts(engine, problems, steps, references, response_ids, separator, sampling)
-        probes = [Probe(o.row, o.step, settings.verify_rollouts, prefix=rollout_prefix(steps[o.row][: o.step] + [o.content], separator))
-                  for o in to_verify]
+        probes = [
+            Probe(
+                o.row,
+                o.step,
+                settings.verify_rollouts,
+                prefix=rollout_prefix(steps[o.row][: o.step] + [o.content], separator),
+            )
+            for o in to_verify
+        ]
         results = rollouts.run(probes)
         if tracker is not None:
             tracker.advance(0, sum(r.tokens for r in results))
@@ -228,7 +299,10 @@ def intervene_rows(
             outcome.success_rate = result.mc
             if result.correct < settings.min_success:
                 outcome.reason = iv.NOT_VERIFIED
-                outcome.detail = f"{result.correct} of {settings.verify_rollouts} rollouts reached the answer; --min-success is {settings.min_success}"
+                outcome.detail = (
+                    f"{result.correct} of {settings.verify_rollouts} rollouts reached the answer; "
+                    f"--min-success is {settings.min_success}"
+                )
     advance(len(rows), [])
     outcomes.extend(candidates)
 
@@ -275,7 +349,9 @@ def _rows(frame: pl.DataFrame, outcomes: list[Outcome], columns: dict[str, pl.Da
 def _no_interventions_yet(shard) -> None:
     present = [c for c in REJECT_COLUMNS if c in shard.schema]
     if present:
-        raise InputError(f"{shard.path}: already has column '{present[0]}'; intervene takes responses, not its own output")
+        raise InputError(
+            f"{shard.path}: already has column '{present[0]}'; intervene takes responses, not its own output"
+        )
 
 
 def _verified(shard) -> None:
@@ -296,17 +372,65 @@ def command(
     inputs: Inputs,
     output: Output,
     candidates: Annotated[int, typer.Option(help="Proposals per wrong response.", min=1)] = 4,
-    verify_rollouts: Annotated[int, typer.Option(help="Rollouts from each proposal; the share that reaches the reference answer is its success rate.", min=1)] = 32,
-    min_success: Annotated[int, typer.Option(help="Keep a proposal when at least this many of its rollouts reach the reference answer.", min=1)] = 1,
-    first_error: Annotated[str, typer.Option(help="auto: the label stage's first_error where it names a step, else the model; from-labels: only first_error (other wrong rows are skipped); model: always ask the model.")] = "auto",
-    rejects: Annotated[Path | None, typer.Option(help="Directory for every rejected proposal and skipped response, with intervene_reason, one shard per input shard.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of proposals and rollouts (the first-error answer is greedy).", min=0, callback=finite)] = 0.7,
+    verify_rollouts: Annotated[
+        int,
+        typer.Option(
+            help="Rollouts from each proposal; the share that reaches the reference answer is its success rate.", min=1
+        ),
+    ] = 32,
+    min_success: Annotated[
+        int,
+        typer.Option(help="Keep a proposal when at least this many of its rollouts reach the reference answer.", min=1),
+    ] = 1,
+    first_error: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "auto: the label stage's first_error where it names a step, else the model; from-labels: only "
+                "first_error (other wrong rows are skipped); model: always ask the model."
+            )
+        ),
+    ] = "auto",
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Directory for every rejected proposal and skipped response, with intervene_reason, one shard per "
+                "input shard."
+            )
+        ),
+    ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="Sampling temperature of proposals and rollouts (the first-error answer is greedy).",
+            min=0,
+            callback=finite,
+        ),
+    ] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per verification rollout.", min=1)] = 1024,
-    proposer_max_tokens: Annotated[int, typer.Option(help="Most tokens per proposal (and first-error answer).", min=1)] = 1024,
-    prefill_tag: Annotated[bool, typer.Option("--prefill-tag", help="Start the model's answers inside the tag and stop at its end: small models keep the format, but write no analysis first.")] = False,
+    proposer_max_tokens: Annotated[
+        int, typer.Option(help="Most tokens per proposal (and first-error answer).", min=1)
+    ] = 1024,
+    prefill_tag: Annotated[
+        bool,
+        typer.Option(
+            "--prefill-tag",
+            help=(
+                "Start the model's answers inside the tag and stop at its end: small models keep the format, but "
+                "write no analysis first."
+            ),
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Same seed and inputs give the same proposals and rollouts.", min=0)] = 0,
     system_prompt: Annotated[str | None, typer.Option(help="The system message generate used (rollouts).")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}), for the rollouts; default: generate's default.", callback=template)] = None,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            help="The user message generate used ({problem}), for the rollouts; default: generate's default.",
+            callback=template,
+        ),
+    ] = None,
     split: Split = "blank-line",
     model: Model = None,
     engine: EngineName = "hf",
@@ -332,19 +456,46 @@ def command(
     if first_error not in FIRST_ERROR_MODES:
         raise InputError(f"--first-error {first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
     if min_success > verify_rollouts:
-        raise InputError(f"--min-success {min_success} is more than --verify-rollouts {verify_rollouts}: nothing could be kept")
+        raise InputError(
+            f"--min-success {min_success} is more than --verify-rollouts {verify_rollouts}: nothing could be kept"
+        )
     separator = make_splitter(split).separator
     stats = RunStats("intervene", quiet=quiet)
-    rollout_settings = RolloutSettings(temperature=temperature, max_tokens=max_tokens, seed=seed, system_prompt=system_prompt,
-                                       prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE, workers=workers or default_workers())
-    settings = InterveneSettings(candidates=candidates, verify_rollouts=verify_rollouts, min_success=min_success,
-                                 first_error=first_error, temperature=temperature, proposer_max_tokens=proposer_max_tokens,
-                                 prefill_tag=prefill_tag, rollouts=rollout_settings)
-    arguments = {"candidates": candidates, "verify_rollouts": verify_rollouts, "min_success": min_success,
-                 "first_error": first_error, "rejects": None if rejects is None else str(rejects), "temperature": temperature,
-                 "max_tokens": max_tokens, "proposer_max_tokens": proposer_max_tokens, "prefill_tag": prefill_tag,
-                 "seed": seed, "system_prompt": system_prompt, "prompt_template": rollout_settings.prompt_template,
-                 "split": split, "model": model, "engine": engine}
+    rollout_settings = RolloutSettings(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        system_prompt=system_prompt,
+        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE,
+        workers=workers or default_workers(),
+    )
+    settings = InterveneSettings(
+        candidates=candidates,
+        verify_rollouts=verify_rollouts,
+        min_success=min_success,
+        first_error=first_error,
+        temperature=temperature,
+        proposer_max_tokens=proposer_max_tokens,
+        prefill_tag=prefill_tag,
+        rollouts=rollout_settings,
+    )
+    arguments = {
+        "candidates": candidates,
+        "verify_rollouts": verify_rollouts,
+        "min_success": min_success,
+        "first_error": first_error,
+        "rejects": None if rejects is None else str(rejects),
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "proposer_max_tokens": proposer_max_tokens,
+        "prefill_tag": prefill_tag,
+        "seed": seed,
+        "system_prompt": system_prompt,
+        "prompt_template": rollout_settings.prompt_template,
+        "split": split,
+        "model": model,
+        "engine": engine,
+    }
     engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
     checks = [_verified, _no_interventions_yet]
     if first_error == "from-labels":
@@ -362,11 +513,23 @@ def command(
     def write_rejects(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
         rejected = pending.pop("rejects")
         if rejects is not None:
-            shards.write_shard(cast_to_contract(rejected), rejects / shard.name, shards.provenance("intervene-rejects", arguments, shard))
+            shards.write_shard(
+                cast_to_contract(rejected),
+                rejects / shard.name,
+                shards.provenance("intervene-rejects", arguments, shard),
+            )
 
     # rows_per_input=None: one row per kept intervention; every other input row goes to the rejects.
-    stage = MapStage("intervene", transform, arguments, REQUIRED, rows_per_input=None, extra_checks=checks, side_output=write_rejects,
-                     side_directories={"--rejects": rejects})
+    stage = MapStage(
+        "intervene",
+        transform,
+        arguments,
+        REQUIRED,
+        rows_per_input=None,
+        extra_checks=checks,
+        side_output=write_rejects,
+        side_directories={"--rejects": rejects},
+    )
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()
@@ -384,12 +547,21 @@ def _count(stats: RunStats, frame: pl.DataFrame, kept: pl.DataFrame, rejected: p
     counts["candidates_verified"] += kept.height + int((reasons == iv.NOT_VERIFIED).sum())
     counts["candidates_kept"] += kept.height
     counts.update(f"rejected_{reason}" for reason in reasons)
-    counts.update(f"skipped_{reason}" for reason in rejected.filter(pl.col("intervene_candidate").is_null())["intervene_reason"])
-    sources = pl.concat([kept.select("response_id", "intervene_first_error_source"),
-                         proposals.select("response_id", "intervene_first_error_source")]).unique()
+    counts.update(
+        f"skipped_{reason}" for reason in rejected.filter(pl.col("intervene_candidate").is_null())["intervene_reason"]
+    )
+    sources = pl.concat(
+        [
+            kept.select("response_id", "intervene_first_error_source"),
+            proposals.select("response_id", "intervene_first_error_source"),
+        ]
+    ).unique()
     counts.update(f"first_error_from_{source}" for source in sources["intervene_first_error_source"])
 
 
 def _has_first_error(shard) -> None:
     if "first_error" not in shard.schema:
-        raise InputError(f"{shard.path}: missing column 'first_error' for --first-error from-labels; run prmtool label first, or use --first-error model")
+        raise InputError(
+            f"{shard.path}: missing column 'first_error' for --first-error from-labels; run prmtool label first, or "
+            f"use --first-error model"
+        )

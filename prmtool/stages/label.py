@@ -27,7 +27,27 @@ from prmtool.executors import partition_to_run
 from prmtool.core.errors import InputError
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
-from prmtool.cli.options import template, finite, positive, Device, EngineName, Inputs, Model, Output, Overwrite, Quiet, Split, TrustRemoteCode, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.cli.options import (
+    template,
+    finite,
+    positive,
+    Device,
+    EngineName,
+    Inputs,
+    Model,
+    Output,
+    Overwrite,
+    Quiet,
+    Split,
+    TrustRemoteCode,
+    Workers,
+    default_workers,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    NumShards,
+    ShardIndex,
+)
 from prmtool.core.report import RunStats, Tracker
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
 from prmtool.core.runner import MapStage, run_map_stage
@@ -188,8 +208,15 @@ def label_rows(
     settings = settings or RolloutSettings()
     threshold = Threshold(bad_below)
     steps = frame["steps"].to_list()
-    rollouts = Rollouts(engine, frame["problem"].to_list(), steps, frame["reference_answer"].cast(pl.String).to_list(),
-                        frame["response_id"].to_list(), separator, settings)
+    rollouts = Rollouts(
+        engine,
+        frame["problem"].to_list(),
+        steps,
+        frame["reference_answer"].cast(pl.String).to_list(),
+        frame["response_id"].to_list(),
+        separator,
+        settings,
+    )
     results: list[RowLabels | None] = [None] * frame.height
     if method == "omegaprm":
         method = "binary"  # the input rows' labels; the tree itself comes from prmtool.methods.omegaprm
@@ -247,22 +274,65 @@ Examples:
 def command(
     inputs: Inputs,
     output: Output,
-    method: Annotated[str, typer.Option(help="binary (first-error search), mc (k rollouts after every step) or omegaprm (binary labels plus a tree search per question, see --tree-output).")] = "binary",
+    method: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "binary (first-error search), mc (k rollouts after every step) or omegaprm (binary labels plus a "
+                "tree search per question, see --tree-output)."
+            )
+        ),
+    ] = "binary",
     k: Annotated[int, typer.Option("--k", help="Rollouts per MC estimate.", min=1)] = 8,
     temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.", min=0, callback=finite)] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per rollout.", min=1)] = 1024,
     seed: Annotated[int, typer.Option(help="Same seed and inputs give the same labels.", min=0)] = 0,
-    label: Annotated[str, typer.Option("--label", help="hard: thresholded labels; soft: also a measured step_mc for every labeled step.")] = "hard",
-    bad_below: Annotated[float | None, typer.Option(help="A step is bad when its MC is below this (default: bad only when MC = 0).", min=0, max=1)] = None,
-    correct_responses: Annotated[str, typer.Option(help="trust: a verified-correct response's steps are all good; estimate: run MC on them too.")] = "trust",
+    label: Annotated[
+        str,
+        typer.Option("--label", help="hard: thresholded labels; soft: also a measured step_mc for every labeled step."),
+    ] = "hard",
+    bad_below: Annotated[
+        float | None,
+        typer.Option(help="A step is bad when its MC is below this (default: bad only when MC = 0).", min=0, max=1),
+    ] = None,
+    correct_responses: Annotated[
+        str, typer.Option(help="trust: a verified-correct response's steps are all good; estimate: run MC on them too.")
+    ] = "trust",
     system_prompt: Annotated[str | None, typer.Option(help="The system message generate used.")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help="The user message generate used ({problem}); default: generate's default.", callback=template)] = None,
-    tree_output: Annotated[Path | None, typer.Option(help="omegaprm: directory for the search tree, one row per (prefix, MC) state, one shard per input shard.")] = None,
-    search_budget: Annotated[int, typer.Option(help="omegaprm: MC-estimation rollouts per question after screening.", min=0)] = 100,
-    screen_rollouts: Annotated[int, typer.Option(help="omegaprm: rollouts from the empty prefix; a question is searched only if some are right and some wrong.", min=1)] = 32,
-    alpha: Annotated[float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L), in (0, 1].", max=1, callback=positive)] = 0.5,
-    beta: Annotated[float, typer.Option(help="omegaprm: length discount of Q, in (0, 1].", max=1, callback=positive)] = 0.9,
-    length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)] = 500.0,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            help="The user message generate used ({problem}); default: generate's default.", callback=template
+        ),
+    ] = None,
+    tree_output: Annotated[
+        Path | None,
+        typer.Option(
+            help="omegaprm: directory for the search tree, one row per (prefix, MC) state, one shard per input shard."
+        ),
+    ] = None,
+    search_budget: Annotated[
+        int, typer.Option(help="omegaprm: MC-estimation rollouts per question after screening.", min=0)
+    ] = 100,
+    screen_rollouts: Annotated[
+        int,
+        typer.Option(
+            help=(
+                "omegaprm: rollouts from the empty prefix; a question is searched only if some are right and some "
+                "wrong."
+            ),
+            min=1,
+        ),
+    ] = 32,
+    alpha: Annotated[
+        float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L), in (0, 1].", max=1, callback=positive)
+    ] = 0.5,
+    beta: Annotated[
+        float, typer.Option(help="omegaprm: length discount of Q, in (0, 1].", max=1, callback=positive)
+    ] = 0.9,
+    length_scale: Annotated[
+        float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)
+    ] = 500.0,
     c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125,
     split: Split = "blank-line",
     model: Model = None,
@@ -297,20 +367,54 @@ def command(
         raise InputError("--tree-output is only for --method omegaprm")
     separator = make_splitter(split).separator
     stats = RunStats("label", quiet=quiet)
-    settings = RolloutSettings(temperature=temperature, max_tokens=max_tokens, seed=seed, system_prompt=system_prompt,
-                               prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE, workers=workers or default_workers())
-    arguments = {"method": method, "k": k, "temperature": temperature, "max_tokens": max_tokens, "seed": seed, "label": label,
-                 "bad_below": bad_below, "correct_responses": correct_responses, "system_prompt": system_prompt,
-                 "prompt_template": settings.prompt_template, "split": split, "model": model, "engine": engine}
-    search_config = SearchConfig(k=k, budget=search_budget, screen_rollouts=screen_rollouts, alpha=alpha, beta=beta,
-                                 length_scale=length_scale, c_puct=c_puct)
+    settings = RolloutSettings(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        system_prompt=system_prompt,
+        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE,
+        workers=workers or default_workers(),
+    )
+    arguments = {
+        "method": method,
+        "k": k,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "label": label,
+        "bad_below": bad_below,
+        "correct_responses": correct_responses,
+        "system_prompt": system_prompt,
+        "prompt_template": settings.prompt_template,
+        "split": split,
+        "model": model,
+        "engine": engine,
+    }
+    search_config = SearchConfig(
+        k=k,
+        budget=search_budget,
+        screen_rollouts=screen_rollouts,
+        alpha=alpha,
+        beta=beta,
+        length_scale=length_scale,
+        c_puct=c_puct,
+    )
     if method == "omegaprm":
-        arguments.update(tree_output=str(tree_output), search_budget=search_budget, screen_rollouts=screen_rollouts,
-                         alpha=alpha, beta=beta, length_scale=length_scale, c_puct=c_puct)
+        arguments.update(
+            tree_output=str(tree_output),
+            search_budget=search_budget,
+            screen_rollouts=screen_rollouts,
+            alpha=alpha,
+            beta=beta,
+            length_scale=length_scale,
+            c_puct=c_puct,
+        )
     engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        result = label_rows(frame, engines.get(), method, k, settings, separator, label == "soft", bad_below, correct_responses, tracker)
+        result = label_rows(
+            frame, engines.get(), method, k, settings, separator, label == "soft", bad_below, correct_responses, tracker
+        )
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())
@@ -319,13 +423,22 @@ def command(
     def write_tree(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
         searches = grow_trees(frame, engines.get(), search_config, settings, make_splitter(split), tracker)
         tree = tree_frame(frame, searches, separator)
-        stats.counts["tree_rollouts"] += sum(screen_rollouts + question.search_rollouts for question in searches.values())
+        stats.counts["tree_rollouts"] += sum(
+            screen_rollouts + question.search_rollouts for question in searches.values()
+        )
         stats.counts["tree_questions_kept"] += sum(question.kept for question in searches.values())
         stats.counts["tree_states"] += tree.height
         shards.write_shard(tree, tree_output / shard.name, shards.provenance("label-tree", arguments, shard))
 
-    stage = MapStage("label", transform, arguments, REQUIRED, extra_checks=[_verified],
-                     side_output=write_tree if method == "omegaprm" else None, side_directories={"--tree-output": tree_output})
+    stage = MapStage(
+        "label",
+        transform,
+        arguments,
+        REQUIRED,
+        extra_checks=[_verified],
+        side_output=write_tree if method == "omegaprm" else None,
+        side_directories={"--tree-output": tree_output},
+    )
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()

@@ -34,7 +34,22 @@ import typer
 from prmtool.executors import partition_to_run
 from prmtool.core.errors import InputError
 from prmtool.engines.loading import EngineOnDemand
-from prmtool.cli.options import template, positive, Device, EngineName, Inputs, Output, Overwrite, Quiet, TrustRemoteCode, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.cli.options import (
+    template,
+    positive,
+    Device,
+    EngineName,
+    Inputs,
+    Output,
+    Overwrite,
+    Quiet,
+    TrustRemoteCode,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    NumShards,
+    ShardIndex,
+)
 from prmtool.core.report import RunStats, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 
@@ -142,8 +157,13 @@ def check_same_tokenizer(policy_tokenizer, ref_tokenizer) -> None:
         )
 
 
-def _result_columns(frame: pl.DataFrame, rewards: list[list[float]], values: list[list[float]],
-                    settings: ScoreSettings, tokens: list[list[float]] | None) -> pl.DataFrame:
+def _result_columns(
+    frame: pl.DataFrame,
+    rewards: list[list[float]],
+    values: list[list[float]],
+    settings: ScoreSettings,
+    tokens: list[list[float]] | None,
+) -> pl.DataFrame:
     chosen = rewards if settings.reward == "single" else values
     columns = [
         pl.Series("step_rewards", rewards, dtype=pl.List(pl.Float64)),
@@ -155,8 +175,9 @@ def _result_columns(frame: pl.DataFrame, rewards: list[list[float]], values: lis
     return frame.with_columns(columns)
 
 
-def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, settings: ScoreSettings,
-                   tracker: Tracker | None = None) -> pl.DataFrame:
+def score_implicit(
+    frame: pl.DataFrame, policy: Engine, ref: Engine | None, settings: ScoreSettings, tracker: Tracker | None = None
+) -> pl.DataFrame:
     """Adds step_rewards, step_values, prm_score (and token_rewards) from an implicit PRM.
     `ref=None` scores with the policy's log-probabilities alone."""
     from prmtool.engines import ScoringRequest
@@ -182,7 +203,9 @@ def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, sett
         ref_results = ref_wait() if ref_wait is not None else [[0.0]] * len(batch)  # --no-ref: log pi_ref = 0
         for row, policy_part, ref_part in zip(batch, policy_wait(), ref_results):
             ends = step_end_tokens(token_starts(encodings[row]), step_char_ends(responses[row], steps[row]))
-            token_rewards = settings.beta * (np.asarray(policy_part, dtype=np.float64) - np.asarray(ref_part, dtype=np.float64))
+            token_rewards = settings.beta * (
+                np.asarray(policy_part, dtype=np.float64) - np.asarray(ref_part, dtype=np.float64)
+            )
             rewards[row], values[row] = step_rewards_from_tokens(token_rewards, ends)
             if settings.token_rewards:
                 tokens[row] = token_rewards.tolist()
@@ -195,7 +218,9 @@ def score_implicit(frame: pl.DataFrame, policy: Engine, ref: Engine | None, sett
     in_flight: collections.deque = collections.deque()
     for batch in length_batches(lengths, budget):
         batch_requests = [requests[i] for i in batch]
-        in_flight.append((batch, policy.score_async(batch_requests), ref.score_async(batch_requests) if ref is not None else None))
+        in_flight.append(
+            (batch, policy.score_async(batch_requests), ref.score_async(batch_requests) if ref is not None else None)
+        )
         if len(in_flight) > 2:
             collect(*in_flight.popleft())
     while in_flight:
@@ -217,11 +242,14 @@ def classifier_inputs(tokenizer, problem: str, steps: list[str], separator: str)
     return ids, positions
 
 
-def score_with_classifier(frame: pl.DataFrame, classifier: StepClassifier, settings: ScoreSettings,
-                          tracker: Tracker | None = None) -> pl.DataFrame:
+def score_with_classifier(
+    frame: pl.DataFrame, classifier: StepClassifier, settings: ScoreSettings, tracker: Tracker | None = None
+) -> pl.DataFrame:
     """Adds step_rewards and step_values (both P(good) of each step) and prm_score."""
-    inputs = [classifier_inputs(classifier.tokenizer, problem, row_steps, settings.step_separator)
-              for problem, row_steps in zip(frame["problem"].to_list(), frame["steps"].to_list())]
+    inputs = [
+        classifier_inputs(classifier.tokenizer, problem, row_steps, settings.step_separator)
+        for problem, row_steps in zip(frame["problem"].to_list(), frame["steps"].to_list())
+    ]
     probabilities = classifier.step_probabilities([ids for ids, _ in inputs], [positions for _, positions in inputs])
     if tracker is not None:
         tracker.advance(frame.height, sum(len(ids) for ids, _ in inputs))
@@ -254,19 +282,69 @@ Examples:
 def command(
     inputs: Inputs,
     output: Output,
-    policy: Annotated[str | None, typer.Option("--policy", help="implicit: the PRM / policy model, a local folder or .gguf (default: the embedded SmolLM2-135M-Instruct).", show_default=False)] = None,
-    ref: Annotated[str | None, typer.Option("--ref", help="implicit: the reference model; must share the policy's tokenizer.", show_default=False)] = None,
-    no_ref: Annotated[bool, typer.Option("--no-ref", help="implicit: no reference model; rewards are beta * log pi.")] = False,
-    beta: Annotated[float, typer.Option(help="implicit: reward scale (0.001 at inference, as the reference code).", callback=positive)] = 0.001,
-    reward: Annotated[str, typer.Option(help="Which step list prm_score aggregates: single (step_rewards) or cumulative (step_values).")] = "single",
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            help=(
+                "implicit: the PRM / policy model, a local folder or .gguf (default: the embedded "
+                "SmolLM2-135M-Instruct)."
+            ),
+            show_default=False,
+        ),
+    ] = None,
+    ref: Annotated[
+        str | None,
+        typer.Option(
+            "--ref", help="implicit: the reference model; must share the policy's tokenizer.", show_default=False
+        ),
+    ] = None,
+    no_ref: Annotated[
+        bool, typer.Option("--no-ref", help="implicit: no reference model; rewards are beta * log pi.")
+    ] = False,
+    beta: Annotated[
+        float,
+        typer.Option(help="implicit: reward scale (0.001 at inference, as the reference code).", callback=positive),
+    ] = 0.001,
+    reward: Annotated[
+        str,
+        typer.Option(help="Which step list prm_score aggregates: single (step_rewards) or cumulative (step_values)."),
+    ] = "single",
     agg: Annotated[str, typer.Option(help="prm_score over steps: min, sum, mean or last.")] = "min",
-    token_rewards: Annotated[bool, typer.Option("--token-rewards", help="implicit: also write token_rewards, one per response token.")] = False,
-    scorer: Annotated[str, typer.Option(help="implicit (log-likelihood ratio of two models) or token-classification (a PRM trained by TRL's PRMTrainer, see --prm).")] = "implicit",
-    prm: Annotated[str | None, typer.Option("--prm", help="token-classification: the trained PRM folder.", show_default=False)] = None,
-    step_separator: Annotated[str, typer.Option(help="token-classification: the step_separator the PRM was trained with.", show_default="\\n (a newline)")] = "\n",
+    token_rewards: Annotated[
+        bool, typer.Option("--token-rewards", help="implicit: also write token_rewards, one per response token.")
+    ] = False,
+    scorer: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "implicit (log-likelihood ratio of two models) or token-classification (a PRM trained by TRL's "
+                "PRMTrainer, see --prm)."
+            )
+        ),
+    ] = "implicit",
+    prm: Annotated[
+        str | None, typer.Option("--prm", help="token-classification: the trained PRM folder.", show_default=False)
+    ] = None,
+    step_separator: Annotated[
+        str,
+        typer.Option(
+            help="token-classification: the step_separator the PRM was trained with.", show_default="\\n (a newline)"
+        ),
+    ] = "\n",
     system_prompt: Annotated[str | None, typer.Option(help="implicit: the system message generate used.")] = None,
-    prompt_template: Annotated[str | None, typer.Option(help="implicit: the user message generate used ({problem}); default: generate's default.", callback=template)] = None,
-    max_batch_tokens: Annotated[int | None, typer.Option(help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False)] = None,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            help="implicit: the user message generate used ({problem}); default: generate's default.", callback=template
+        ),
+    ] = None,
+    max_batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False
+        ),
+    ] = None,
     engine: EngineName = "hf",
     device: Device = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -307,14 +385,25 @@ def command(
         if engine != "hf":
             raise InputError("--scorer token-classification runs on the hf engine only")
     settings = ScoreSettings(
-        beta=beta, reward=reward, agg=agg, token_rewards=token_rewards, system_prompt=system_prompt,
-        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE, step_separator=step_separator,
+        beta=beta,
+        reward=reward,
+        agg=agg,
+        token_rewards=token_rewards,
+        system_prompt=system_prompt,
+        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE,
+        step_separator=step_separator,
         max_batch_tokens=max_batch_tokens,
     )
     arguments = {"scorer": scorer, "reward": reward, "agg": agg}
     if scorer == "implicit":
-        arguments |= {"policy": policy, "ref": ref, "beta": beta, "token_rewards": token_rewards,
-                      "system_prompt": system_prompt, "prompt_template": settings.prompt_template}
+        arguments |= {
+            "policy": policy,
+            "ref": ref,
+            "beta": beta,
+            "token_rewards": token_rewards,
+            "system_prompt": system_prompt,
+            "prompt_template": settings.prompt_template,
+        }
     else:
         arguments |= {"prm": prm, "step_separator": step_separator}
     stats = RunStats("score", quiet=quiet)

@@ -35,15 +35,24 @@ def shard_set_stats(frame: pl.LazyFrame) -> dict:
             figures["problems_all_correct"] = int((per_problem == 1).sum())
             figures["problems_none_correct"] = int((per_problem == 0).sum())
     if "verify_status" in columns:
-        figures["verify_status"] = dict(frame.group_by("verify_status").len().sort("verify_status").collect().iter_rows())
+        figures["verify_status"] = dict(
+            frame.group_by("verify_status").len().sort("verify_status").collect().iter_rows()
+        )
     if "steps" in columns:
         figures["steps_per_response"] = _describe(frame.select(pl.col("steps").list.len()).collect().to_series())
     if "step_labels" in columns:
         labels = frame.select(pl.col("step_labels").explode()).collect().to_series()
-        figures["step_labels"] = {"good": int((labels == 1).sum()), "bad": int((labels == 0).sum()), "unlabeled": int(labels.is_null().sum())}
+        figures["step_labels"] = {
+            "good": int((labels == 1).sum()),
+            "bad": int((labels == 0).sum()),
+            "unlabeled": int(labels.is_null().sum()),
+        }
     if "first_error" in columns:
         first_error = frame.select("first_error").collect().to_series().drop_nulls()
-        figures["first_error"] = {"none": int((first_error == -1).sum()), **_describe(first_error.filter(first_error >= 0))}
+        figures["first_error"] = {
+            "none": int((first_error == -1).sum()),
+            **_describe(first_error.filter(first_error >= 0)),
+        }
     if "step_mc" in columns:
         figures["step_mc"] = _describe(frame.select(pl.col("step_mc").explode()).collect().to_series().drop_nulls())
     if "prm_score" in columns:
@@ -54,7 +63,13 @@ def shard_set_stats(frame: pl.LazyFrame) -> dict:
 def _describe(values: pl.Series) -> dict:
     if values.len() == 0:
         return {"count": 0}
-    return {"count": values.len(), "mean": round(float(values.mean()), 4), "min": values.min(), "median": values.median(), "max": values.max()}
+    return {
+        "count": values.len(),
+        "mean": round(float(values.mean()), 4),
+        "min": values.min(),
+        "median": values.median(),
+        "max": values.max(),
+    }
 
 
 def mc_values(frame: pl.LazyFrame) -> pl.Series:
@@ -65,7 +80,12 @@ def mc_values(frame: pl.LazyFrame) -> pl.Series:
 def first_error_positions(frame: pl.LazyFrame) -> pl.Series:
     """first_error / len(steps) of the responses that have a first error."""
     steps = pl.col("steps").list.len()
-    return frame.filter((pl.col("first_error") >= 0) & (steps > 0)).select(pl.col("first_error") / steps).collect().to_series()
+    return (
+        frame.filter((pl.col("first_error") >= 0) & (steps > 0))
+        .select(pl.col("first_error") / steps)
+        .collect()
+        .to_series()
+    )
 
 
 def problem_accuracies(frame: pl.LazyFrame) -> pl.Series:
@@ -91,8 +111,20 @@ class Plot(NamedTuple):
 
 PLOTS = (
     Plot("mc_values.png", ("step_mc",), mc_values, plots.mc_values, "step MC values"),
-    Plot("first_error_position.png", ("first_error", "steps"), first_error_positions, plots.first_error_position, "first errors"),
-    Plot("accuracy_per_problem.png", ("correct", "problem_id"), problem_accuracies, plots.accuracy_per_problem, "problems with an outcome"),
+    Plot(
+        "first_error_position.png",
+        ("first_error", "steps"),
+        first_error_positions,
+        plots.first_error_position,
+        "first errors",
+    ),
+    Plot(
+        "accuracy_per_problem.png",
+        ("correct", "problem_id"),
+        problem_accuracies,
+        plots.accuracy_per_problem,
+        "problems with an outcome",
+    ),
     Plot("filter_reasons.png", ("filter_reason",), filter_reason_counts, plots.filter_reasons, "filter outcomes"),
 )
 
@@ -129,8 +161,12 @@ def command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of a table.")] = False,
     plot: Annotated[
         Path | None,
-        typer.Option("--plot", help="Also write PNG plots (MC values, first-error position, accuracy per problem, "
-                     "filter reasons; those whose columns exist) into this directory.", show_default=False),
+        typer.Option(
+            "--plot",
+            help="Also write PNG plots (MC values, first-error position, accuracy per problem, "
+            "filter reasons; those whose columns exist) into this directory.",
+            show_default=False,
+        ),
     ] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -183,4 +219,3 @@ def _fmt(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
-

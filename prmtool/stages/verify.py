@@ -8,7 +8,20 @@ import polars as pl
 import typer
 
 from prmtool.executors import partition_to_run
-from prmtool.cli.options import positive, Inputs, Output, Overwrite, Quiet, Workers, default_workers, CpusPerTask, Executor, GpusPerTask, NumShards, ShardIndex
+from prmtool.cli.options import (
+    positive,
+    Inputs,
+    Output,
+    Overwrite,
+    Quiet,
+    Workers,
+    default_workers,
+    CpusPerTask,
+    Executor,
+    GpusPerTask,
+    NumShards,
+    ShardIndex,
+)
 from prmtool.core.report import RunStats
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.methods.verification import verify_rows
@@ -26,7 +39,9 @@ Examples:
 def command(
     inputs: Inputs,
     output: Output,
-    timeout: Annotated[float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.", callback=positive)] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.", callback=positive)
+    ] = 5.0,
     workers: Workers = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -53,4 +68,3 @@ def command(
     stage = MapStage("verify", transform, {"timeout": timeout}, REQUIRED)
     run_map_stage(stage, inputs, output, overwrite, stats, partition)
     stats.print_summary()
-

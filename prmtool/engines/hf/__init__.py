@@ -102,11 +102,15 @@ class HFEngine(Engine):
         self._compiled_layers: CompiledLayers | None = None
         self._float32_head = None
         self._mm_out_float32 = on_cuda and _mm_writes_float32(self.device)
-        self._scoring_attention = CAUSAL_SCORING_ATTENTION if plain_causal_attention(config) else config._attn_implementation
+        self._scoring_attention = (
+            CAUSAL_SCORING_ATTENTION if plain_causal_attention(config) else config._attn_implementation
+        )
         self._target_log_probs = choose_target_log_probs(self.device, self.compile)
         # On Hopper GPUs the output head and the log-normalizer run as one kernel (hopper.py).
         head = model.get_output_embeddings()
-        self._fused_head = hopper.available(self.device) and hopper.head_fusable(head) and not has_final_logit_transforms(config)
+        self._fused_head = (
+            hopper.available(self.device) and hopper.head_fusable(head) and not has_final_logit_transforms(config)
+        )
         self.sliding_window = sliding_window_of(config)
         self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
         self.decoder_shape: tuple[int, int, int] | None = None
@@ -142,7 +146,9 @@ class HFEngine(Engine):
         except Exception as error:  # refused pickle weights, a broken config, a missing file: one line
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if first_line.startswith("Weights only load failed"):  # torch's refusal runs on for a paragraph
-                first_line = "its weights are a pickle that torch refuses to run (weights_only); convert them to safetensors"
+                first_line = (
+                    "its weights are a pickle that torch refuses to run (weights_only); convert them to safetensors"
+                )
             raise EngineError(f"cannot load model {location.path}: {first_line}") from error
         return cls(loaded.to(device), tokenizer, **options)
 
@@ -440,5 +446,7 @@ def sliding_window_of(config) -> int | None:
     """The attention window when some layers use one, else None."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
-    uses_window = "sliding_attention" in layer_types or (not layer_types and getattr(config, "use_sliding_window", False))
+    uses_window = "sliding_attention" in layer_types or (
+        not layer_types and getattr(config, "use_sliding_window", False)
+    )
     return window if window and uses_window else None

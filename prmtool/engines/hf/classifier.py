@@ -31,8 +31,15 @@ class StepClassifier:
             )
 
     @classmethod
-    def from_pretrained(cls, model: str, *, device: str | None = None, dtype: str | None = None,
-                        trust_remote_code: bool = False, **options) -> StepClassifier:
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        **options,
+    ) -> StepClassifier:
         location = locate_model(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = DTYPES.get(dtype or "", torch.bfloat16 if device.startswith("cuda") else torch.float32)

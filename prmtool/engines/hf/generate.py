@@ -102,7 +102,9 @@ def slot_decode_attention(module, query, key, value, attention_mask, dropout=0.0
     slots, heads, _, head_dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.view(slots, kv_heads, heads // kv_heads, head_dim)
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, scale=scaling
+    )
     return output.reshape(slots, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
@@ -323,6 +325,7 @@ class BatchSampler:
             for start in range(0, request.n, self.decoder.num_slots):
                 samples = list(range(start, min(request.n, start + self.decoder.num_slots)))
                 groups.append(SampleGroup(index, samples, seeds[index]))
+
         def total_length(group: SampleGroup) -> int:
             request = self.requests[group.request_index]
             return len(request.prompt_ids) + request.max_tokens

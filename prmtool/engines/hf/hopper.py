@@ -53,9 +53,7 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether the copy engine can read these (contiguous) tensors: on CUDA, rows starting at
     16-byte aligned addresses. A model's weights nearly always are; a view into an odd offset
     of a larger buffer may not be, and then the torch computation runs instead."""
-    return all(
-        t.is_cuda and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors
-    )
+    return all(t.is_cuda and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 
 def _programs(device: torch.device, tiles: int) -> int:
@@ -84,7 +82,12 @@ def swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) 
         _descriptor(gate_weight, [t["BN"], t["BK"]]),
         _descriptor(up_weight, [t["BN"], t["BK"]]),
         _descriptor(out, [t["BM"], t["BN"]]),
-        m, n, k, NUM_PROGRAMS=programs, **t, **SWIGLU_LAUNCH,
+        m,
+        n,
+        k,
+        NUM_PROGRAMS=programs,
+        **t,
+        **SWIGLU_LAUNCH,
     )
     return out
 
@@ -135,7 +138,10 @@ def head_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if not _tma_ready(hidden, weight):
         weight_t = weight.float().T  # converted once, not per chunk of rows
         return torch.cat(
-            [target_log_probs(rows.float() @ weight_t, part) for rows, part in zip(hidden.split(4096), targets.split(4096))]
+            [
+                target_log_probs(rows.float() @ weight_t, part)
+                for rows, part in zip(hidden.split(4096), targets.split(4096))
+            ]
         )
     from prmtool.engines.hf.kernels import head_log_normalizer_kernel
 
@@ -151,8 +157,16 @@ def head_target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     head_log_normalizer_kernel[(programs,)](
         _descriptor(hidden, [t["BM"], t["BK"]]),
         _descriptor(weight, [t["BN"], t["BK"]]),
-        targets, part_max, part_sum, target_logit,
-        m, n, k, NUM_PROGRAMS=programs, **t, **HEAD_LAUNCH,
+        targets,
+        part_max,
+        part_sum,
+        target_logit,
+        m,
+        n,
+        k,
+        NUM_PROGRAMS=programs,
+        **t,
+        **HEAD_LAUNCH,
     )
     # Combine the tiles' (maximum, sum) pairs: logsumexp = M + log(sum_j s_j * exp(m_j - M)).
     row_max = part_max.amax(1, keepdim=True)

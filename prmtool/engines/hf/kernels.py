@@ -44,8 +44,20 @@ def _tile_coordinates(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def swiglu_kernel(x_desc, gate_desc, up_desc, out_desc, M, N, K, NUM_PROGRAMS: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def swiglu_kernel(
+    x_desc,
+    gate_desc,
+    up_desc,
+    out_desc,
+    M,
+    N,
+    K,
+    NUM_PROGRAMS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """out = silu(x @ gate^T) * (x @ up^T), rounded as transformers' bf16 MLP rounds it: the
     two products never reach device memory (two accumulators per tile)."""
     num_pid_m = tl.cdiv(M, BM)
@@ -67,9 +79,22 @@ def swiglu_kernel(x_desc, gate_desc, up_desc, out_desc, M, N, K, NUM_PROGRAMS: t
 
 
 @triton.jit
-def head_log_normalizer_kernel(x_desc, w_desc, targets_ptr, part_max_ptr, part_sum_ptr, target_logit_ptr,
-                               M, N, K, NUM_PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                               BK: tl.constexpr, GROUP_M: tl.constexpr):
+def head_log_normalizer_kernel(
+    x_desc,
+    w_desc,
+    targets_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    target_logit_ptr,
+    M,
+    N,
+    K,
+    NUM_PROGRAMS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """For each tile of logits = x @ w^T (float32 accumulators, never stored): each row's maximum
     and sum of exp(logit - maximum) over the tile's columns, into part_*[row, column tile], and
     the row's target logit when the target falls in the tile."""

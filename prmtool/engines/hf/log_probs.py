@@ -28,7 +28,9 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def choose_target_log_probs(device: torch.device, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def choose_target_log_probs(
+    device: torch.device, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The fastest implementation for `device`: the one-pass Triton kernel on CUDA, else torch
     (compiled into one fused kernel when `compile`)."""
     if device.type == "cuda" and triton_available():
