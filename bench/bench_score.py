@@ -77,7 +77,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from bench.bench_generate import TINY, build_tokenizer
 from prmtool.engines.base import length_batches
 from prmtool.engines.hf import HFEngine
-from prmtool.stages.score import ScoreSettings, score_implicit
+from prmtool.stages.score import ScoringConfig, score_implicit
 from prmtool.methods.steps import make_splitter, split_steps
 
 QWEN25_15B = dict(
@@ -223,7 +223,7 @@ def main() -> None:
     policy, ref = build_model(config, 0, device), build_model(config, 1, device)
     parameters = sum(p.numel() for p in policy.parameters())
     frame = make_rows(args, config["vocab_size"])
-    settings = ScoreSettings(beta=0.001, prompt_template="{problem}", max_batch_tokens=args.max_batch_tokens)
+    settings = ScoringConfig(beta=0.001, prompt_template="{problem}", max_batch_tokens=args.max_batch_tokens)
     engines = [
         HFEngine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, compile=False if args.no_compile else None)
         for model in (policy, ref)

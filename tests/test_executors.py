@@ -9,7 +9,8 @@ import pytest
 
 from prmtool.core.errors import InputError
 from prmtool.executors import partition_to_run
-from prmtool.executors.ray import task_argv
+from prmtool.executors.ray import run_partition
+from prmtool.stages import stage
 from prmtool.core.partition import Partition
 from prmtool.core.shards import InputShard
 
@@ -71,41 +72,22 @@ def test_ray_options_belong_to_the_ray_executor():
     assert partition_to_run(1, 2) == Partition(1, 2)
 
 
-def test_a_ray_task_runs_the_users_command_line_on_its_own_partition():
-    argv = [
-        "label",
-        "in",
-        "-o",
-        "out",
-        "--k",
-        "8",
-        "--executor",
-        "ray",
-        "--gpus-per-task=1",
-        "--num-shards",
-        "4",
-        "--cpus-per-task",
-        "2",
-    ]
-    assert task_argv(argv, 3, 4) == [
-        "label",
-        "in",
-        "-o",
-        "out",
-        "--k",
-        "8",
-        "--shard-index",
-        "3",
-        "--num-shards",
-        "4",
-        "--quiet",
-    ]
-    assert task_argv(["verify", "in", "-o", "out", "-q", "--executor=ray"], 0, 2)[-4:] == [
-        "--shard-index",
-        "0",
-        "--num-shards",
-        "2",
-    ]
+def test_a_ray_task_runs_the_users_stage_and_settings_on_its_own_partition(prmtool, tmp_path, monkeypatch):
+    """The body of a Ray task, called here without Ray: it runs the stage the user ran, with the
+    same settings, on partition i of n, quietly, and answers with the exit code the command line
+    would give."""
+    responses = tmp_path / "responses"
+    sample = Path(__file__).parents[1] / "data_samples/gsm8k/responses.jsonl"
+    assert prmtool("import", sample, "--shard-rows", "10", "-o", responses, "-q").exit_code == 0
+    settings = stage("verify").settings(workers=1)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # a task moves to the driver's working directory: this one
+    assert run_partition("verify", [str(responses)], out, settings, False, 1, 2, str(tmp_path)) == (0, "")
+    assert (out / "_SUCCESS-00001-of-00002").exists() and not (out / "_SUCCESS").exists()
+    assert run_partition("verify", [str(responses)], out, settings, False, 0, 2, str(tmp_path)) == (0, "")
+    assert (out / "_SUCCESS").exists()
+    code, message = run_partition("verify", [str(tmp_path / "missing")], out, settings, False, 0, 2, str(tmp_path))
+    assert code == 2 and "missing" in message
 
 
 def test_partitions_run_separately_add_up_to_the_whole_run(prmtool, tmp_path):

@@ -21,7 +21,7 @@ from prmtool.methods import interventions as iv
 from prmtool.engines import Completion, Engine
 from prmtool.methods.interventions import Candidate, Rejection, answer_leak, parse_first_error, parse_intervention
 from prmtool.methods.rollouts import RolloutSettings
-from prmtool.stages.intervene import InterveneSettings, intervene_rows
+from prmtool.stages.intervene import InterventionConfig, intervene_rows
 from tests.conftest import SAMPLES, files_under
 
 
@@ -352,8 +352,8 @@ def answers_of(frame: pl.DataFrame) -> dict[str, str]:
     return dict(zip(frame["problem"], frame["reference_answer"]))
 
 
-def settings(**options) -> InterveneSettings:
-    return InterveneSettings(
+def settings(**options) -> InterventionConfig:
+    return InterventionConfig(
         **{"candidates": 2, "verify_rollouts": 4, "rollouts": RolloutSettings(workers=1), **options}
     )
 

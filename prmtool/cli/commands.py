@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import sys
+from contextvars import ContextVar
 
 import typer
 from rich.console import Console
 
 from prmtool import __version__
-from prmtool.core.errors import InputError, StageError
-from prmtool.executors import current_argv
+from prmtool.core.errors import exit_code_of
 
 try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own classes
     from typer._click.exceptions import BadParameter, ClickException, MissingParameter
 except ImportError:
     from click import BadParameter, ClickException, MissingParameter
 from prmtool.cli import recipe
-from prmtool.stages import STAGES, stage_module
+from prmtool.cli.stage_command import stage_command
+from prmtool.stages import STAGES, stage
+from prmtool.stages import stats
 
 app = typer.Typer(
     name="prmtool",
@@ -30,8 +32,8 @@ app = typer.Typer(
 )
 
 for name in STAGES:
-    stage = stage_module(name)
-    app.command(name, epilog=stage.EXAMPLES)(stage.command)
+    app.command(name, epilog=stage(name).examples)(stage_command(stage(name)))
+app.command("stats", epilog=stats.EXAMPLES)(stats.command)  # reads shards, writes none: not a stage
 app.command("run", epilog=recipe.EXAMPLES)(recipe.command)
 
 
@@ -48,10 +50,15 @@ def _root(
     pass
 
 
+# The command line being run, without the program name: `prmtool run` repeats it in the
+# message that says how to resume a failed recipe.
+typed_argv: ContextVar[list[str] | None] = ContextVar("typed_argv", default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error."""
     stderr = Console(stderr=True, highlight=False)
-    current_argv.set(list(sys.argv[1:] if argv is None else argv))  # for --executor ray's tasks
+    typed_argv.set(list(sys.argv[1:] if argv is None else argv))
     try:
         code = app(args=argv, prog_name="prmtool", standalone_mode=False)
     except typer.Exit as exc:
@@ -68,20 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         stderr.print("interrupted; rerun the same command to resume where it stopped")
         return 130
-    except (InputError, StageError) as exc:
-        stderr.print(f"error: {exc}", markup=False, soft_wrap=True)
-        return exc.exit_code
-    except OSError as exc:  # a read-only or full disk, a path that cannot be made: the system's word, on one line
-        where = f"{exc.filename}: " if exc.filename else ""
-        stderr.print(f"error: {where}{exc.strerror or exc}", markup=False, soft_wrap=True)
-        return 2
     except Exception as exc:
-        from prmtool.engines import EngineError  # imported here: only model stages load engines
-
-        if not isinstance(exc, EngineError):
+        known = exit_code_of(exc)
+        if known is None:
             raise
-        stderr.print(f"error: {exc}", markup=False, soft_wrap=True)  # a model that cannot be used as asked
-        return 2
+        stderr.print(f"error: {known[1]}", markup=False, soft_wrap=True)
+        return known[0]
     # typer >= 0.26 returns the code of an Exit it caught instead of raising it; it turns
     # Ctrl-C into Exit(130).
     if code == 130:

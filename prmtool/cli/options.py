@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -121,3 +122,31 @@ CpusPerTask = Annotated[
         rich_help_panel="Scale-out",
     ),
 ]
+
+
+@dataclass(kw_only=True)
+class ScaleOut:
+    """The options that say where a stage's partitions run; every pipeline command ends with them."""
+
+    shard_index: ShardIndex = None
+    num_shards: NumShards = None
+    executor: Executor = "local"
+    gpus_per_task: GpusPerTask = 0.0
+    cpus_per_task: CpusPerTask = 1.0
+
+
+@dataclass(kw_only=True)
+class ModelSettings:
+    """The model a stage runs and where: shared by generate, label and intervene."""
+
+    model: Model = None
+    engine: EngineName = "hf"
+    device: Device = None
+    trust_remote_code: TrustRemoteCode = False
+
+
+@dataclass(kw_only=True)
+class WorkerSettings:
+    """CPU worker processes (answer checking, step splitting)."""
+
+    workers: Workers = 0

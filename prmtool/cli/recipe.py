@@ -44,9 +44,8 @@ import yaml
 from rich.console import Console
 
 from prmtool.core import shards
-from prmtool.stages import PIPELINE_STAGES
-from prmtool.core.errors import InputError, StageError
-from prmtool.executors import current_argv
+from prmtool.stages import STAGES
+from prmtool.core.errors import InputError, StageError, exit_code_of
 from prmtool.engines.loading import keep_models_loaded
 from prmtool.core.outputs import check_outputs, input_roots, plain_name
 
@@ -128,8 +127,8 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         if not isinstance(entry, dict) or "stage" not in entry:
             raise InputError(f"{where}: each stage is a mapping with a `stage:` key")
         stage = entry["stage"]
-        if stage not in PIPELINE_STAGES:
-            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(PIPELINE_STAGES)})")
+        if stage not in STAGES:
+            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
         name = plain_name(str(entry.get("name") or stage), f"{where}: name:")  # it names a directory
         if name in names:
             raise InputError(f"{where}: a second stage named {name!r}; give one a `name:`")
@@ -324,7 +323,9 @@ def command(
     """Run a pipeline recipe: each stage writes WORKDIR/NN-STAGE/; complete, unchanged stages
     are skipped, changed ones rerun with everything after them, interrupted ones resume."""
     console = Console(stderr=True, highlight=False)
-    typed = current_argv.get()
+    from prmtool.cli.commands import typed_argv
+
+    typed = typed_argv.get()
     recipe = load_recipe(recipe_path, overrides, workdir, model)
     check_recipe(recipe)  # every stage's options and inputs, before the first stage runs
     first = recipe.find(from_stage, "--from").number if from_stage else None
@@ -339,19 +340,10 @@ def check_recipe(recipe: Recipe) -> None:
     """Parse every stage's command line as the stage itself will (unknown options, values of
     the wrong type or out of range), check that inputs no stage produces exist, and that the
     workdir is a place the recipe may write. All before any stage runs, in --dry-run too."""
-    import typer.main
-
-    from prmtool.cli.commands import ClickException, app
-
-    commands = typer.main.get_command(app).commands
     produced = {str(step.directory) for step in recipe.steps}
     external: list[str] = []
     for step in recipe.steps:
-        argv = step.argv()
-        try:
-            commands[step.stage].make_context(step.stage, argv[1:])
-        except ClickException as exc:
-            raise InputError(f"{recipe.path}: stage {step.label}: {' '.join(exc.format_message().split())}") from None
+        parse_step(recipe, step, step.argv())
         for spec in step.inputs:
             if spec in produced:
                 continue
@@ -359,6 +351,22 @@ def check_recipe(recipe: Recipe) -> None:
                 raise InputError(f"{recipe.path}: stage {step.label}: input {spec}: no such file or directory")
             external.append(spec)
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
+
+
+def parse_step(recipe: Recipe, step: Step, argv: list[str]):
+    """A step's command line parsed by its stage's own command: a StageCall to run."""
+    import typer.main
+
+    from prmtool.cli.commands import ClickException, app
+    from prmtool.cli.stage_command import stage_call
+    from prmtool.stages import stage
+
+    command = typer.main.get_command(app).commands[step.stage]
+    try:
+        context = command.make_context(step.stage, argv[1:])
+        return stage_call(stage(step.stage), context.params)
+    except ClickException as exc:
+        raise InputError(f"{recipe.path}: stage {step.label}: {' '.join(exc.format_message().split())}") from None
 
 
 def _run_steps(
@@ -371,8 +379,6 @@ def _run_steps(
     console: Console,
     typed: list[str] | None = None,
 ) -> None:
-    from prmtool.cli import main  # the stages run exactly as typed on the command line
-
     started = time.perf_counter()
     rerun_since: int | None = first  # once a stage reruns, every later one must
     for step in recipe.steps[:last]:
@@ -390,14 +396,17 @@ def _run_steps(
         step.directory.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)
         stage_started = time.perf_counter()
-        code = main(argv)
-        if code == 130:  # Ctrl-C: the stage said how to resume; so does a rerun of the recipe
-            raise typer.Exit(130)
-        if code != 0:
+        try:
+            parse_step(recipe, step, argv).run()  # the stage runs exactly as its printed command line
+        except Exception as exc:
+            known = exit_code_of(exc)
+            if known is None:
+                raise
+            console.print(f"error: {known[1]}", markup=False, soft_wrap=True)
             again = "prmtool " + " ".join(_quote(a) for a in (typed or ["run", str(recipe_path)]))
             raise StageError(
-                f"stage {step.label} failed (exit {code}); fix it and rerun `{again}` to resume from there"
-            )
+                f"stage {step.label} failed (exit {known[0]}); fix it and rerun `{again}` to resume from there"
+            ) from None
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
     if not dry_run:

@@ -92,23 +92,48 @@ class RunStats:
         with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
             yield Tracker(bar, bar.add_task(description, total=total, tokens=0))
 
-    def summary(self) -> dict:
-        return {
-            "stage": self.stage,
-            "rows_in": self.rows_in,
-            "rows_out": self.rows_out,
-            "problems": len(self.problem_ids),
-            "shards_written": self.shards_written,
-            "shards_skipped": self.shards_skipped,
-            "seconds": round(time.perf_counter() - self.started, 3),
-            **{k: v for k, v in sorted(self.counts.items())},
-        }
+    def summary(self) -> Summary:
+        return Summary(
+            stage=self.stage,
+            rows_in=self.rows_in,
+            rows_out=self.rows_out,
+            problems=len(self.problem_ids),
+            shards_written=self.shards_written,
+            shards_skipped=self.shards_skipped,
+            seconds=round(time.perf_counter() - self.started, 3),
+            counts=dict(sorted(self.counts.items())),
+        )
 
     def print_summary(self) -> None:
         table = Table(title=f"prmtool {self.stage}", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column(justify="right")
-        for key, value in self.summary().items():
+        for key, value in self.summary().as_dict().items():
             if key != "stage":
                 table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
         self.console.print(table)
+
+    def finish(self) -> Summary:
+        """Print the closing summary (unless quiet) and return it."""
+        self.print_summary()
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one stage run did: the table the command line prints at the end, as data."""
+
+    stage: str
+    rows_in: int  # rows read (of this partition, with --shard-index)
+    rows_out: int  # rows written to -o
+    problems: int  # distinct problem_ids written
+    shards_written: int
+    shards_skipped: int  # complete from an earlier run with the same options and inputs (resume)
+    seconds: float
+    counts: dict = field(default_factory=dict)  # the stage's own: verify statuses, rollouts, rows removed...
+
+    def as_dict(self) -> dict:
+        """One flat dict, the counts after the common fields: the printed table, row by row."""
+        common = {f: getattr(self, f) for f in ("stage", "rows_in", "rows_out", "problems")}
+        common |= {f: getattr(self, f) for f in ("shards_written", "shards_skipped", "seconds")}
+        return {**common, **self.counts}

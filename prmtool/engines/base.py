@@ -11,9 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prmtool.core.errors import InputError
 
-class EngineError(Exception):
-    """A model or engine that cannot be used as asked; the message is one line saying why."""
+
+class EngineError(InputError):
+    """A model or engine that cannot be used as asked; the message is one line saying why.
+    Exit code 2, as for any bad input."""
 
 
 @dataclass(frozen=True)

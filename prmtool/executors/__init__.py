@@ -3,22 +3,22 @@ one partition (`--shard-index i --num-shards n`, or the whole input), and an exe
 how many partitions run and where.
 
 - local (default): this process runs the partition the command line names.
-- ray: this process starts one Ray task per partition, each running the same command line
-  with `--shard-index i --num-shards n` added, and waits for them (executors/ray.py).
+- ray: this process starts one Ray task per partition, each calling the same stage with the
+  same settings on its partition, and waits for them (executors/ray.py).
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from prmtool.core.errors import InputError
 from prmtool.core.partition import Partition
 
-EXECUTORS = ("local", "ray")
+if TYPE_CHECKING:
+    from prmtool.core.report import Summary
+    from prmtool.core.stage import Stage
 
-# The command line being run (without the program name), set by prmtool.cli.main: the ray
-# executor hands it to its tasks.
-current_argv: ContextVar[list[str] | None] = ContextVar("current_argv", default=None)
+EXECUTORS = ("local", "ray")
 
 
 def partition_to_run(
@@ -28,7 +28,8 @@ def partition_to_run(
     gpus_per_task: float = 0.0,
     cpus_per_task: float = 1.0,
 ) -> Partition | None:
-    """The partition this process should run, or None when an executor ran them all already."""
+    """The partition this process runs, or None when the Ray executor is to run them all;
+    every clash between the scale-out options is an InputError here."""
     if executor not in EXECUTORS:
         raise InputError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
     if executor == "local":
@@ -37,10 +38,31 @@ def partition_to_run(
         return Partition.of(shard_index, num_shards)
     if shard_index is not None:
         raise InputError("--shard-index is chosen by --executor ray for each task; give only --num-shards")
-    argv = current_argv.get()
-    if argv is None:
-        raise InputError("--executor ray runs from the prmtool command line (prmtool.cli.main)")
+    return None
+
+
+def run_stage(
+    stage: Stage,
+    inputs: list,
+    output,
+    settings,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    executor: str = "local",
+    gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
+) -> Summary | None:
+    """Run `stage` as the scale-out options say: its summary, or None after Ray ran every
+    partition (each task prints nothing; the driver reports progress)."""
+    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
+    if partition is not None:
+        return stage.run(inputs, output, settings, overwrite=overwrite, quiet=quiet, partition=partition)
     from prmtool.executors.ray import run_partitions_on_ray
 
-    run_partitions_on_ray(argv, num_shards, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task)
+    run_partitions_on_ray(
+        stage, inputs, output, settings, overwrite, num_shards, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task
+    )
     return None

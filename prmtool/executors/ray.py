@@ -1,10 +1,11 @@
 """The Ray executor: a stage's partitions as Ray tasks (`--executor ray`).
 
-Each task runs the very command line the user typed, with `--shard-index i --num-shards n`
-in place of `--executor ray`, in the driver's working directory. Tasks share nothing but the
-file system, exactly like a Slurm array: every input and output path must be on storage all
-nodes see (NFS, Lustre, a mounted bucket). The partition that finishes last writes the
-output's `_SUCCESS` (prmtool/core/partition.py), so the driver only waits and reports.
+Each task calls the stage the user ran, with the same inputs, output and settings, on its
+partition (as `--shard-index i --num-shards n` would), in the driver's working directory.
+Tasks share nothing but the file system, exactly like a Slurm array: every input and output
+path must be on storage all nodes see (NFS, Lustre, a mounted bucket). The partition that
+finishes last writes the output's `_SUCCESS` (prmtool/core/partition.py), so the driver only
+waits and reports.
 
 Cluster: `RAY_ADDRESS` or a cluster started with `ray start` on this machine, else a local one.
 """
@@ -16,55 +17,26 @@ import time
 
 from rich.console import Console
 
-from prmtool.core.errors import InputError, StageError
-
-# Options that only the driver reads: a task runs one partition locally.
-DRIVER_ONLY = {
-    "--executor": True,
-    "--gpus-per-task": True,
-    "--cpus-per-task": True,
-    "--num-shards": True,
-    "--shard-index": True,
-}
+from prmtool.core.errors import InputError, StageError, exit_code_of
+from prmtool.core.partition import Partition
 
 
-def task_argv(argv: list[str], index: int, count: int) -> list[str]:
-    """The command line of partition `index`: the user's, less the driver's options, plus the
-    partition and --quiet (the driver reports for all tasks)."""
-    kept: list[str] = []
-    skip_value = False
-    for token in argv:
-        if skip_value:
-            skip_value = False
-            continue
-        name, has_value, _ = token.partition("=")
-        if name in DRIVER_ONLY:
-            skip_value = not has_value
-            continue
-        kept.append(token)
-    extra = ["--shard-index", str(index), "--num-shards", str(count)]
-    if "--quiet" not in kept and "-q" not in kept:
-        extra.append("--quiet")
-    return kept + extra
-
-
-def _run_partition(argv: list[str], working_directory: str) -> tuple[int, str]:
-    """Body of one Ray task: run prmtool in-process and return its exit code and error text."""
-    import contextlib
-    import io
-
-    from prmtool.cli import main
+def run_partition(
+    stage_name: str, inputs: list, output, settings, overwrite: bool, index: int, count: int, working_directory: str
+) -> tuple[int, str]:
+    """Body of one Ray task: run partition `index` of `count` in-process, quietly (the driver
+    reports for all tasks); returns the exit code the command line would give, and its message."""
+    from prmtool.stages import stage
 
     os.chdir(working_directory)
-    errors = io.StringIO()
-    with contextlib.redirect_stderr(errors):
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # pragma: no cover - main returns codes; belt and braces
-            code = int(exc.code or 0)
-        except BaseException as exc:  # an unexpected crash: report it instead of losing it
-            code, errors = 1, io.StringIO(f"{type(exc).__name__}: {exc}")
-    return code, errors.getvalue().strip()
+    try:
+        stage(stage_name).run(
+            inputs, output, settings, overwrite=overwrite, quiet=True, partition=Partition(index, count)
+        )
+    except BaseException as error:
+        known = exit_code_of(error)
+        return known if known is not None else (1, f"{type(error).__name__}: {error}")
+    return 0, ""
 
 
 def default_task_count(gpus_per_task: float, cpus_per_task: float) -> int:
@@ -96,9 +68,17 @@ def connect() -> None:
 
 
 def run_partitions_on_ray(
-    argv: list[str], num_shards: int | None, *, gpus_per_task: float = 0.0, cpus_per_task: float = 1.0
+    stage,
+    inputs: list,
+    output,
+    settings,
+    overwrite: bool,
+    num_shards: int | None,
+    *,
+    gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
 ) -> None:
-    """Run every partition of `argv`'s stage as a Ray task and wait for all of them."""
+    """Run every partition of `stage` as a Ray task and wait for all of them."""
     import ray
 
     connect()
@@ -106,9 +86,12 @@ def run_partitions_on_ray(
     if count < 1:
         raise InputError(f"--num-shards {count}: must be at least 1")
     stderr = Console(stderr=True, highlight=False)
-    remote = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=0)(_run_partition)
+    remote = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=0)(run_partition)
     start = time.perf_counter()
-    pending = {remote.remote(task_argv(argv, index, count), os.getcwd()): index for index in range(count)}
+    pending = {
+        remote.remote(stage.name, inputs, str(output), settings, overwrite, index, count, os.getcwd()): index
+        for index in range(count)
+    }
     stderr.print(
         f"ray: {count} tasks ({gpus_per_task:g} GPU, {cpus_per_task:g} CPU each) on "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"

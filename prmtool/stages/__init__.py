@@ -1,14 +1,18 @@
-"""One module per pipeline stage: a pure core (rows in, rows out, engine passed in) and a thin
-typer `command` with its `EXAMPLES`. `STAGES` is the registry the command line, recipes and
-executors read: adding a stage is one module here plus one line below.
+"""The pipeline stages, one module each: a settings dataclass, a pure per-frame core (rows in,
+rows out, engine passed in) and a `run` body, joined in the module's `STAGE`
+(prmtool/core/stage.py). `STAGES` is the registry the command line, recipes and the Ray
+executor read: adding a stage is one module here plus one line below.
 
-Modules are imported on first use: a stage's options come from `prmtool.cli.options`, and the
-command line imports the stages."""
+Modules are imported on first use, so `prmtool --help` and `prmtool verify` load no model code.
+"""
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prmtool.core.stage import Stage
 
 # name on the command line -> module, in pipeline order
 STAGES: dict[str, str] = {
@@ -20,12 +24,9 @@ STAGES: dict[str, str] = {
     "filter": "prmtool.stages.filter",
     "intervene": "prmtool.stages.intervene",
     "export": "prmtool.stages.export",
-    "stats": "prmtool.stages.stats",
 }
-# The stages a recipe may run: each reads shards and writes a directory of them.
-PIPELINE_STAGES = tuple(name for name in STAGES if name != "stats")
 
 
-def stage_module(name: str) -> ModuleType:
-    """The module of stage `name`: its `command`, `EXAMPLES` and pure core."""
-    return importlib.import_module(STAGES[name])
+def stage(name: str) -> Stage:
+    """The stage called `name` on the command line."""
+    return importlib.import_module(STAGES[name]).STAGE

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import random
 from collections import Counter
 from pathlib import Path
@@ -10,23 +12,16 @@ from typing import Annotated
 import polars as pl
 import typer
 
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.core.where import check_where, where_filter
 from prmtool.core import outputs, shards
 from prmtool.core.outputs import plain_name
 from prmtool.core.errors import InputError
 from prmtool.methods.formats import FORMATS
-from prmtool.executors import partition_to_run
 from prmtool.cli.options import (
     template,
-    CpusPerTask,
-    Executor,
-    GpusPerTask,
-    Inputs,
-    NumShards,
-    Output,
-    Overwrite,
-    Quiet,
-    ShardIndex,
 )
 from prmtool.core.report import RunStats
 from prmtool.core.schema import check_columns
@@ -100,22 +95,19 @@ Examples:
 """
 
 
-def command(
-    inputs: Inputs,
-    output: Output,
-    format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")],
-    where: Annotated[
-        str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")
-    ] = None,
+@dataclass(kw_only=True)
+class ExportSettings:
+    format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")]
+    where: Annotated[str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")] = None
     split: Annotated[
         str | None, typer.Option(help="Held-out splits by problem, e.g. test=0.05; the rest is train.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the problem split.", min=0)] = 0,
+    ] = None
+    seed: Annotated[int, typer.Option(help="Seed of the problem split.", min=0)] = 0
     prompt_template: Annotated[
         str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)
-    ] = "{problem}",
-    system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None,
-    data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool",
+    ] = "{problem}"
+    system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None
+    data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool"
     open_turn: Annotated[
         bool,
         typer.Option(
@@ -125,69 +117,67 @@ def command(
                 "adds continue_final_message."
             ),
         ),
-    ] = False,
+    ] = False
     hf_dataset: Annotated[
         Path | None,
         typer.Option(help="Also save a datasets DatasetDict folder here (not with --num-shards: it needs every row)."),
-    ] = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+    ] = None
+
+
+def run(
+    inputs: list[str], output: Path, settings: ExportSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Write training data: TRL stepwise supervision, Math-Shepherd, SFT or verl RL parquet,
     as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --split). With
     --num-shards, partitions are sets of whole problems, split as the whole run splits them."""
-    if hf_dataset is not None and (executor == "ray" or (num_shards or 1) > 1):
+    if settings.hf_dataset is not None and not partition.whole:
         raise InputError(
             "--hf-dataset needs every partition's rows in one process: export without --num-shards, "
             "or load the output's Parquet shards with datasets.load_dataset('parquet', data_files=...)"
         )
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
     stats = RunStats("export", quiet=quiet)
-    if format not in FORMATS:
-        raise InputError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
-    fmt = FORMATS[format]
-    if open_turn and not fmt.open_turn:
+    if settings.format not in FORMATS:
+        raise InputError(f"--format {settings.format!r}: expected one of {', '.join(FORMATS)}")
+    fmt = FORMATS[settings.format]
+    if settings.open_turn and not fmt.open_turn:
         raise InputError(
-            f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {format}"
+            f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {settings.format}"
         )
-    fractions = parse_split(split)
-    condition = where_filter(where)
+    fractions = parse_split(settings.split)
+    condition = where_filter(settings.where)
     found = shards.open_inputs(inputs)
     for shard in found:
         check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
         if condition is not None:
-            check_where(condition, where, shard)
-    shards.check_output_dir(output, found, inputs, {"--hf-dataset": hf_dataset})
+            check_where(condition, settings.where, shard)
+    shards.check_output_dir(output, found, inputs, {"--hf-dataset": settings.hf_dataset})
     shards.check_distinct_names(found)
-    if hf_dataset is not None and hf_dataset.exists() and not overwrite:
-        raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
-    if hf_dataset is not None and hf_dataset.exists() and not (hf_dataset / "dataset_dict.json").exists():
+    if settings.hf_dataset is not None and settings.hf_dataset.exists() and not overwrite:
+        raise InputError(f"{settings.hf_dataset}: exists; pass --overwrite to replace it")
+    if (
+        settings.hf_dataset is not None
+        and settings.hf_dataset.exists()
+        and not (settings.hf_dataset / "dataset_dict.json").exists()
+    ):
         raise InputError(
-            f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
+            f"{settings.hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
         )
 
     split_of = None
     if fractions:  # from every input's problems, so that each partition splits as the whole run does
         problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
-        split_of = assign_splits(problem_ids.to_list(), fractions, seed)
+        split_of = assign_splits(problem_ids.to_list(), fractions, settings.seed)
 
     arguments = {
-        "format": format,
-        "where": where,
-        "split": split,
-        "seed": seed,
-        "prompt_template": prompt_template,
-        "system_prompt": system_prompt,
-        "data_source": data_source,
+        "format": settings.format,
+        "where": settings.where,
+        "split": settings.split,
+        "seed": settings.seed,
+        "prompt_template": settings.prompt_template,
+        "system_prompt": settings.system_prompt,
+        "data_source": settings.data_source,
     }
-    if open_turn:  # only when given: earlier complete outputs keep their arguments
+    if settings.open_turn:  # only when given: earlier complete outputs keep their arguments
         arguments["open_turn"] = True
     key = outputs.run_key("export", arguments, [s.describe() for s in found], partition.count)
     with outputs.output_lock([output], key):
@@ -196,27 +186,27 @@ def command(
         ):
             scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
             stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
-            return
+            return stats.summary()
         _export(
             found,
             output,
             fmt,
-            format,
+            settings.format,
             arguments,
             condition,
-            where,
+            settings.where,
             split_of,
             partition,
-            hf_dataset,
+            settings.hf_dataset,
             overwrite,
             quiet,
             stats,
-            prompt_template=prompt_template,
-            system_prompt=system_prompt,
-            data_source=data_source,
-            open_turn=open_turn,
+            prompt_template=settings.prompt_template,
+            system_prompt=settings.system_prompt,
+            data_source=settings.data_source,
+            open_turn=settings.open_turn,
         )
-    stats.print_summary()
+    return stats.finish()
 
 
 def _export(
@@ -344,3 +334,6 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     if target.exists() and overwrite:
         shutil.rmtree(target)
     temporary.rename(target)
+
+
+STAGE = Stage("export", ExportSettings, run, EXAMPLES, required=("problem_id",))

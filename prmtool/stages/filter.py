@@ -44,22 +44,14 @@ from typing import Annotated
 import polars as pl
 import typer
 
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.core import outputs, shards
 from prmtool.core.errors import InputError
-from prmtool.executors import partition_to_run
 from prmtool.cli.options import (
     finite,
-    CpusPerTask,
-    Executor,
-    GpusPerTask,
-    Inputs,
-    NumShards,
-    Output,
-    Overwrite,
-    Quiet,
-    ShardIndex,
 )
-from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats
 from prmtool.core.schema import check_columns
 from prmtool.core.where import check_where, where_filter
@@ -99,7 +91,7 @@ APPLIES = {
 
 
 @dataclass(frozen=True)
-class FilterOptions:
+class FilterConfig:
     method: str = "prof"
     remove: int | None = None  # prof: k per group (default 4 unless --keep)
     keep: int | None = None  # prof: m per group, k = n - m
@@ -184,14 +176,14 @@ def parse_band(spec: str) -> tuple[float, float]:
 # --- the pure core --------------------------------------------------------------------------
 
 
-def row_features(frame: pl.DataFrame, options: FilterOptions) -> pl.DataFrame:
+def row_features(frame: pl.DataFrame, options: FilterConfig) -> pl.DataFrame:
     """Per-row inputs of the decision, one narrow row per input row, same order: problem_id,
     and whichever of _correct, response_id, _n_steps, _value, _first_error, _prm_first,
     _where the method reads. No group operation: shards can be done one at a time."""
     return frame.select(feature_expressions(frame.columns, options))
 
 
-def feature_expressions(names: list[str], options: FilterOptions) -> list[pl.Expr]:
+def feature_expressions(names: list[str], options: FilterConfig) -> list[pl.Expr]:
     """row_features' expressions, for a frame with columns `names` (also run on a lazy scan,
     so that a shard's list columns are reduced as they are read)."""
     expressions = [pl.col("problem_id").cast(pl.String)]
@@ -244,7 +236,7 @@ def _reject(reason: str, condition: pl.Expr) -> pl.Expr:
     )
 
 
-def decide(features: pl.DataFrame, options: FilterOptions) -> pl.Series:
+def decide(features: pl.DataFrame, options: FilterConfig) -> pl.Series:
     """The filter_reason of each row of `features` (null: kept), group-wise over the whole
     frame with window expressions: no Python loop over groups."""
     # Eager steps: polars runs them on its in-memory engine, faster for windows and sorts
@@ -272,7 +264,7 @@ def decide(features: pl.DataFrame, options: FilterOptions) -> pl.Series:
     return frame.sort("_i")["_reason"].alias("filter_reason")
 
 
-def _prof(frame: pl.DataFrame, options: FilterOptions) -> pl.DataFrame:
+def _prof(frame: pl.DataFrame, options: FilterConfig) -> pl.DataFrame:
     group, correct = "problem_id", pl.col("_correct")
     in_group = pl.col("_reason").is_null()
     frame = frame.with_columns(in_group.alias("_in_group"))
@@ -334,12 +326,12 @@ def split_rows(frame: pl.DataFrame, reasons: pl.Series) -> tuple[pl.DataFrame, p
 
 def filter_rows(frame: pl.DataFrame, method: str = "prof", **options) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Pure core: rows in, (kept, rejected) out, with kept + rejected = the input rows.
-    `options` are FilterOptions' fields, e.g. `filter_rows(rows, remove=4, mode="correct")`."""
-    settings = FilterOptions(method=method, **options)
+    `options` are FilterConfig' fields, e.g. `filter_rows(rows, remove=4, mode="correct")`."""
+    settings = FilterConfig(method=method, **options)
     return split_rows(frame, decide(row_features(frame, settings), settings))
 
 
-def summarize(features: pl.DataFrame, reasons: pl.Series, options: FilterOptions) -> dict:
+def summarize(features: pl.DataFrame, reasons: pl.Series, options: FilterConfig) -> dict:
     """The run's figures: groups, kept and removed rows by reason, and the positive/negative
     balance before and after (when there is a `correct` column)."""
     rows = features.with_columns(reasons)
@@ -390,9 +382,8 @@ Examples:
 """
 
 
-def command(
-    inputs: Inputs,
-    output: Output,
+@dataclass(kw_only=True)
+class FilterSettings:
     rejects: Annotated[
         Path,
         typer.Option(
@@ -400,7 +391,7 @@ def command(
             help="Directory for the removed rows, with a filter_reason column: nothing is lost.",
             show_default=False,
         ),
-    ],
+    ]
     method: Annotated[
         str,
         typer.Option(
@@ -409,21 +400,21 @@ def command(
                 "none (only --where)."
             )
         ),
-    ] = "prof",
+    ] = "prof"
     remove: Annotated[
         int | None, typer.Option(help="prof: responses to remove per problem (default 4).", min=0, show_default=False)
-    ] = None,
+    ] = None
     keep: Annotated[
         int | None,
         typer.Option(help="prof: responses to keep per problem, instead of --remove.", min=0, show_default=False),
-    ] = None,
+    ] = None
     mode: Annotated[
         str | None,
         typer.Option(
             help="prof: both (default), correct (remove only correct ones) or incorrect (only wrong ones).",
             show_default=False,
         ),
-    ] = None,
+    ] = None
     value: Annotated[
         str | None,
         typer.Option(
@@ -433,13 +424,13 @@ def command(
             ),
             show_default=False,
         ),
-    ] = None,
+    ] = None
     min_steps: Annotated[
         int | None, typer.Option(help="prof: fewer steps are removed first (default 2).", min=0, show_default=False)
-    ] = None,
+    ] = None
     max_steps: Annotated[
         int | None, typer.Option(help="prof: more steps are removed first (default 30).", min=1, show_default=False)
-    ] = None,
+    ] = None
     threshold: Annotated[
         float | None,
         typer.Option(
@@ -447,16 +438,16 @@ def command(
             callback=finite,
             show_default=False,
         ),
-    ] = None,
+    ] = None
     band: Annotated[
         str | None, typer.Option(help="accuracy-band: LOW,HIGH, inclusive (default 0.2,0.8).", show_default=False)
-    ] = None,
+    ] = None
     where: Annotated[
         str | None,
         typer.Option(
             help="Also keep only rows where this SQL expression holds (applied first), e.g. \"verify_status = 'ok'\"."
         ),
-    ] = None,
+    ] = None
     report: Annotated[
         Path | None,
         typer.Option(
@@ -465,24 +456,29 @@ def command(
                 "FILE's name with the partition in it (prof.00001-of-00004.json)."
             )
         ),
-    ] = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+    ] = None
+
+
+def run(
+    inputs: list[str], output: Path, settings: FilterSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Keep the responses whose process and outcome agree (PROF by default); the removed
     rows go to --rejects with a filter_reason. Groups are problems, over all input shards;
     with --num-shards, partitions are sets of whole problems."""
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
     stats = RunStats("filter", quiet=quiet)
-    options = _options(method, remove, keep, mode, value, min_steps, max_steps, threshold, band, where)
-    condition = where_filter(where)
+    options = _options(
+        settings.method,
+        settings.remove,
+        settings.keep,
+        settings.mode,
+        settings.value,
+        settings.min_steps,
+        settings.max_steps,
+        settings.threshold,
+        settings.band,
+        settings.where,
+    )
+    condition = where_filter(settings.where)
     found = shards.open_inputs(inputs)
     for shard in found:
         if options.value in options.required and options.value not in shard.schema:
@@ -492,25 +488,29 @@ def command(
             )
         check_columns(shard.schema, str(shard.path), options.required)
         if condition is not None:
-            check_where(condition, where, shard)  # an unknown column or a non-boolean result
-    report_file = report if report is None or partition.whole else report.with_name(partition.shard_name(report.name))
-    shards.check_output_dir(output, found, inputs, {"--rejects": rejects}, files={"--report": report_file})
+            check_where(condition, settings.where, shard)  # an unknown column or a non-boolean result
+    report_file = (
+        settings.report
+        if settings.report is None or partition.whole
+        else settings.report.with_name(partition.shard_name(settings.report.name))
+    )
+    shards.check_output_dir(output, found, inputs, {"--rejects": settings.rejects}, files={"--report": report_file})
     shards.check_distinct_names(found)
 
     arguments = options.arguments()
     described = [s.describe() for s in found]
-    parts = {"kept": output, "rejected": rejects}
-    done = f"{output} and {rejects} are already complete for these inputs and options"
+    parts = {"kept": output, "rejected": settings.rejects}
+    done = f"{output} and {settings.rejects} are already complete for these inputs and options"
     if not partition.whole:
         done = f"partition {partition.index} of {partition.count}: {done}"
     # Without --overwrite: is there anything to do? (A directory holding another run is refused
     # here.) With it, the old outputs are cleared only after the ids have been checked, below.
     key = outputs.run_key("filter", arguments, described, partition.count)
-    with outputs.output_lock([output, rejects], key):
-        _filter(found, options, arguments, described, parts, partition, overwrite, report_file, done, stats)
+    with outputs.output_lock([output, settings.rejects], key):
+        return _filter(found, options, arguments, described, parts, partition, overwrite, report_file, done, stats)
 
 
-def _filter(found, options, arguments, described, parts, partition, overwrite, report, done, stats) -> None:
+def _filter(found, options, arguments, described, parts, partition, overwrite, report, done, stats) -> Summary:
     """Decide every group, then write the kept and rejected rows and the report."""
     complete = not overwrite and all(
         [
@@ -520,7 +520,7 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     )
     if complete and report is None:
         stats.log(f"{done}; --overwrite recomputes them")
-        return
+        return stats.summary()
 
     features = pl.concat([_read_features(shard, options) for shard in found], how="diagonal_relaxed")
     if features["problem_id"].null_count():  # groups are problems: a row without one has no group
@@ -554,10 +554,10 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     _warn(summary, options, stats)
     if report is not None:
         shards.write_json_atomic({"stage": "filter", "arguments": arguments, **summary}, report)
-    stats.print_summary()
+    return stats.finish()
 
 
-def _options(method, remove, keep, mode, value, min_steps, max_steps, threshold, band, where) -> FilterOptions:
+def _options(method, remove, keep, mode, value, min_steps, max_steps, threshold, band, where) -> FilterConfig:
     given = {"--remove": remove, "--keep": keep, "--mode": mode, "--min-steps": min_steps, "--max-steps": max_steps,
              "--value": value, "--threshold": threshold, "--band": band}  # fmt: skip
     if method in METHODS:
@@ -566,10 +566,10 @@ def _options(method, remove, keep, mode, value, min_steps, max_steps, threshold,
                 raise InputError(f"{flag} applies to --method {' and '.join(APPLIES[flag])}, not {method}")
     chosen = {"remove": remove, "keep": keep, "mode": mode, "value": value, "min_steps": min_steps,
               "max_steps": max_steps, "threshold": threshold, "band": parse_band(band) if band else None}  # fmt: skip
-    return FilterOptions(method=method, where=where, **{k: v for k, v in chosen.items() if v is not None})
+    return FilterConfig(method=method, where=where, **{k: v for k, v in chosen.items() if v is not None})
 
 
-def _read_features(shard: shards.InputShard, options: FilterOptions) -> pl.DataFrame:
+def _read_features(shard: shards.InputShard, options: FilterConfig) -> pl.DataFrame:
     """Only the columns the decision reads, and list columns reduced to a count or a mean as
     they are read (a lazy scan), so the whole set's decision fits in memory as a few narrow
     columns."""
@@ -662,7 +662,7 @@ def _summary_counts(summary: dict) -> dict[str, int]:
     return counts
 
 
-def _warn(summary: dict, options: FilterOptions, stats: RunStats) -> None:
+def _warn(summary: dict, options: FilterConfig, stats: RunStats) -> None:
     removed = summary["removed_by_reason"]
     if removed.get("group_too_small"):
         stats.warn(
@@ -676,3 +676,6 @@ def _warn(summary: dict, options: FilterOptions, stats: RunStats) -> None:
         stats.warn(f"{summary['values_missing']} responses have no {options.value} value (null, empty or NaN): {fate}")
     if summary["rows_in"] and not summary["kept"]:
         stats.warn("every row was removed")
+
+
+STAGE = Stage("filter", FilterSettings, run, EXAMPLES, required=("problem_id", "response_id"))

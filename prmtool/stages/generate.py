@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from dataclasses import dataclass, field
+
 import hashlib
 import json
 from typing import TYPE_CHECKING, Annotated
@@ -9,30 +13,19 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool.executors import partition_to_run
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.core.errors import InputError
 from prmtool.engines.loading import EngineOnDemand
+from prmtool.cli.options import ModelSettings, WorkerSettings
 from prmtool.cli.options import (
     template,
     finite,
     positive,
-    Device,
-    EngineName,
-    Inputs,
-    Model,
-    Output,
-    Overwrite,
-    Quiet,
     Split,
-    TrustRemoteCode,
-    Workers,
     default_workers,
-    CpusPerTask,
-    Executor,
-    GpusPerTask,
-    NumShards,
-    ShardIndex,
 )
 from prmtool.core.report import RunStats, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
@@ -129,90 +122,76 @@ Examples:
 """
 
 
-def command(
-    inputs: Inputs,
-    output: Output,
-    n: Annotated[int, typer.Option("--n", help="Sampled responses per problem.", min=1)] = 4,
-    temperature: Annotated[
-        float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0, callback=finite)
-    ] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].", max=1, callback=positive)] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per response.", min=1)] = 1024,
-    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same responses and ids.", min=0)] = 0,
-    system_prompt: Annotated[str | None, typer.Option(help="A system message before the problem.")] = None,
+@dataclass(kw_only=True)
+class GenerateSettings(ModelSettings, WorkerSettings):
+    n: Annotated[int, typer.Option("--n", help="Sampled responses per problem.", min=1)] = 4
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0, callback=finite)] = 0.7
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].", max=1, callback=positive)] = 1.0
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per response.", min=1)] = 1024
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same responses and ids.", min=0)] = 0
+    system_prompt: Annotated[str | None, typer.Option(help="A system message before the problem.")] = None
     prompt_template: Annotated[
         str, typer.Option(help="The user message; {problem} is replaced by the problem.", callback=template)
-    ] = DEFAULT_PROMPT_TEMPLATE,
+    ] = DEFAULT_PROMPT_TEMPLATE
     stop: Annotated[
         list[str], typer.Option("--stop", help="A stop string (repeatable); excluded from the response.")
-    ] = [],
-    split: Split = "blank-line",
+    ] = field(default_factory=list)
+    split: Split = "blank-line"
     verify: Annotated[
         bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")
-    ] = False,
-    verify_timeout: Annotated[
-        float, typer.Option(help="With --verify: seconds per comparison.", callback=positive)
-    ] = 5.0,
-    model: Model = None,
-    engine: EngineName = "hf",
-    device: Device = None,
-    trust_remote_code: TrustRemoteCode = False,
-    workers: Workers = 0,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+    ] = False
+    verify_timeout: Annotated[float, typer.Option(help="With --verify: seconds per comparison.", callback=positive)] = (
+        5.0
+    )
+
+
+def run(
+    inputs: list[str], output: Path, settings: GenerateSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Sample N solutions per problem from a policy model. Each response row keeps every
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
     stats = RunStats("generate", quiet=quiet)
-    make_splitter(split)  # a bad --split fails before the model loads
-    stop = tuple(s.encode().decode("unicode_escape") for s in stop)  # '\n' on the shell means a newline
+    make_splitter(settings.split)  # a bad --split fails before the model loads
+    stop = tuple(s.encode().decode("unicode_escape") for s in settings.stop)  # '\n' on the shell means a newline
     arguments = {
-        "n": n,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "system_prompt": system_prompt,
-        "prompt_template": prompt_template,
+        "n": settings.n,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "max_tokens": settings.max_tokens,
+        "seed": settings.seed,
+        "system_prompt": settings.system_prompt,
+        "prompt_template": settings.prompt_template,
         "stop": list(stop),
-        "split": split,
-        "verify": verify,
-        "model": model,
-        "engine": engine,
+        "split": settings.split,
+        "verify": settings.verify,
+        "model": settings.model,
+        "engine": settings.engine,
     }
-    required = ("problem_id", "problem") + (("reference_answer",) if verify else ())
-    engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
+    required = ("problem_id", "problem") + (("reference_answer",) if settings.verify else ())
+    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
         result = generate_rows(
             frame,
             engines.get(),
-            n,
-            temperature,
-            top_p,
-            max_tokens,
-            seed,
-            system_prompt,
-            prompt_template,
+            settings.n,
+            settings.temperature,
+            settings.top_p,
+            settings.max_tokens,
+            settings.seed,
+            settings.system_prompt,
+            settings.prompt_template,
             stop,
-            split,
+            settings.split,
             tracker,
         )
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         stats.counts.update(f"finish_{r}" for r in result["finish_reason"])
-        if verify:
+        if settings.verify:
             from prmtool.methods.verification import verify_rows
 
-            result = verify_rows(result, timeout=verify_timeout, workers=workers or default_workers())
+            result = verify_rows(result, timeout=settings.verify_timeout, workers=settings.workers or default_workers())
             stats.counts["correct"] += int(result["correct"].sum())
         return result
 
@@ -222,12 +201,15 @@ def command(
         arguments,
         required,
         unique_column="problem_id",
-        rows_per_input=n,
+        rows_per_input=settings.n,
         extra_checks=[_no_responses_yet],
     )
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
-    seconds = stats.summary()["seconds"]
+    seconds = stats.summary().seconds
     if seconds and stats.counts["tokens_generated"]:
         stats.counts["tokens_per_second"] = round(stats.counts["tokens_generated"] / seconds)
-    stats.print_summary()
+    return stats.finish()
+
+
+STAGE = Stage("generate", GenerateSettings, run, EXAMPLES, required=("problem_id", "problem"))

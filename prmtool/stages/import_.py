@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import hashlib
 from pathlib import Path
 from typing import Annotated
@@ -10,12 +12,13 @@ from typing import Annotated
 import polars as pl
 import typer
 
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.core import shards
 from prmtool.core.errors import InputError
-from prmtool.executors import partition_to_run
 from prmtool.core.outputs import check_outputs, input_roots, output_lock, run_key
-from prmtool.cli.options import CpusPerTask, Executor, GpusPerTask, NumShards, Overwrite, Quiet, ShardIndex, Split
-from prmtool.core.partition import Partition
+from prmtool.cli.options import Split
 from prmtool.core.report import RunStats
 from prmtool.core.schema import cast_to_contract, check_columns
 from prmtool.methods.steps import make_splitter, split_steps
@@ -259,46 +262,46 @@ Examples:
 """
 
 
-def command(
-    inputs: Annotated[
-        list[Path], typer.Argument(help="JSONL, JSON, CSV or Parquet files, or datasets folders.", show_default=False)
-    ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory of Parquet shards.")],
-    map: Annotated[list[str], typer.Option("--map", help="Rename a column: SRC=DST (repeatable).")] = [],
-    preset: Annotated[str | None, typer.Option(help="Column conventions of a known dataset: gsm8k or math.")] = None,
-    split: Split = "blank-line",
-    shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1)] = 50_000,
-    dataset_split: Annotated[
-        str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")
-    ] = None,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+@dataclass(kw_only=True)
+class ImportSettings:
+    map: Annotated[list[str], typer.Option("--map", help="Rename a column: SRC=DST (repeatable).")] = field(
+        default_factory=list
+    )
+    preset: Annotated[str | None, typer.Option(help="Column conventions of a known dataset: gsm8k or math.")] = None
+    split: Split = "blank-line"
+    shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1)] = 50_000
+    dataset_split: Annotated[str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")] = (
+        None
+    )
+
+
+def run(
+    inputs: list[str], output: Path, settings: ImportSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Bring problems (and optional model responses) into prmtool's row contract. With
     --num-shards, partitions are sets of whole problems."""
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
+    inputs = [Path(path) for path in inputs]  # files and datasets folders, never globs
     stats = RunStats("import", quiet=quiet)
-    arguments = {"map": map, "preset": preset, "split": split, "shard_rows": shard_rows, "dataset_split": dataset_split}
+    arguments = {
+        "map": settings.map,
+        "preset": settings.preset,
+        "split": settings.split,
+        "shard_rows": settings.shard_rows,
+        "dataset_split": settings.dataset_split,
+    }
     sources = [{"path": str(p.resolve()), "size": _size(p), "xxh3": _digest(p)} for p in inputs if p.exists()]
-    renames = parse_maps(map)
+    renames = parse_maps(settings.map)
     check_outputs(input_roots(inputs), {"-o": output})
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: -o exists and is not a directory")
-    frame = import_rows(list(inputs), renames, preset, split, dataset_split, partition)
+    frame = import_rows(list(inputs), renames, settings.preset, settings.split, settings.dataset_split, partition)
     with output_lock([output], run_key("import", arguments, sources, partition.count)):
         if shards.prepare_whole_output(output, "import", arguments, sources, overwrite, partition):
             scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
             stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
-            return
-        _write(frame, output, arguments, sources, shard_rows, partition, stats)
-    stats.print_summary()
+            return stats.summary()
+        _write(frame, output, arguments, sources, settings.shard_rows, partition, stats)
+    return stats.finish()
 
 
 def _write(
@@ -326,3 +329,15 @@ def _write(
         written[name] = piece.height
         stats.shards_written += 1
     shards.write_manifest(output, "import", arguments, sources, written, partition)
+
+
+STAGE = Stage(
+    "import",
+    ImportSettings,
+    run,
+    EXAMPLES,
+    inputs_option=Annotated[
+        list[Path], typer.Argument(help="JSONL, JSON, CSV or Parquet files, or datasets folders.", show_default=False)
+    ],
+    output_option=Annotated[Path, typer.Option("--output", "-o", help="Output directory of Parquet shards.")],
+)

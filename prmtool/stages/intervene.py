@@ -25,30 +25,19 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.core import shards
 from prmtool.methods import interventions as iv
-from prmtool.executors import partition_to_run
 from prmtool.core.errors import InputError, StageError
 from prmtool.engines.loading import EngineOnDemand
+from prmtool.cli.options import ModelSettings, WorkerSettings
 from prmtool.cli.options import (
     template,
     finite,
-    Device,
-    EngineName,
-    Inputs,
-    Model,
-    Output,
-    Overwrite,
-    Quiet,
     Split,
-    TrustRemoteCode,
-    Workers,
     default_workers,
-    CpusPerTask,
-    Executor,
-    GpusPerTask,
-    NumShards,
-    ShardIndex,
 )
 from prmtool.core.report import RunStats, Tracker
 from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings
@@ -83,7 +72,7 @@ REJECT_COLUMNS = {
 
 
 @dataclass
-class InterveneSettings:
+class InterventionConfig:
     candidates: int = 4
     verify_rollouts: int = 32
     min_success: int = 1
@@ -133,7 +122,7 @@ def _answer_text(prefill: str, completion, stop: str) -> str:
 def intervene_rows(
     frame: pl.DataFrame,
     engine: "Engine",
-    settings: InterveneSettings | None = None,
+    settings: InterventionConfig | None = None,
     separator: str = "\n\n",
     tracker: Tracker | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -141,7 +130,7 @@ def intervene_rows(
     skipped response) out. Every input row is the source of at least one row of the two."""
     from prmtool.engines import SamplingRequest
 
-    settings = settings or InterveneSettings()
+    settings = settings or InterventionConfig()
     if settings.first_error not in FIRST_ERROR_MODES:
         raise InputError(f"--first-error {settings.first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
     if settings.first_error == "from-labels" and "first_error" not in frame.columns:
@@ -368,20 +357,19 @@ Examples:
 """
 
 
-def command(
-    inputs: Inputs,
-    output: Output,
-    candidates: Annotated[int, typer.Option(help="Proposals per wrong response.", min=1)] = 4,
+@dataclass(kw_only=True)
+class InterveneSettings(ModelSettings, WorkerSettings):
+    candidates: Annotated[int, typer.Option(help="Proposals per wrong response.", min=1)] = 4
     verify_rollouts: Annotated[
         int,
         typer.Option(
             help="Rollouts from each proposal; the share that reaches the reference answer is its success rate.", min=1
         ),
-    ] = 32,
+    ] = 32
     min_success: Annotated[
         int,
         typer.Option(help="Keep a proposal when at least this many of its rollouts reach the reference answer.", min=1),
-    ] = 1,
+    ] = 1
     first_error: Annotated[
         str,
         typer.Option(
@@ -390,7 +378,7 @@ def command(
                 "first_error (other wrong rows are skipped); model: always ask the model."
             )
         ),
-    ] = "auto",
+    ] = "auto"
     rejects: Annotated[
         Path | None,
         typer.Option(
@@ -399,7 +387,7 @@ def command(
                 "input shard."
             )
         ),
-    ] = None,
+    ] = None
     temperature: Annotated[
         float,
         typer.Option(
@@ -407,11 +395,11 @@ def command(
             min=0,
             callback=finite,
         ),
-    ] = 0.7,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per verification rollout.", min=1)] = 1024,
+    ] = 0.7
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per verification rollout.", min=1)] = 1024
     proposer_max_tokens: Annotated[
         int, typer.Option(help="Most tokens per proposal (and first-error answer).", min=1)
-    ] = 1024,
+    ] = 1024
     prefill_tag: Annotated[
         bool,
         typer.Option(
@@ -421,90 +409,80 @@ def command(
                 "write no analysis first."
             ),
         ),
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same proposals and rollouts.", min=0)] = 0,
-    system_prompt: Annotated[str | None, typer.Option(help="The system message generate used (rollouts).")] = None,
+    ] = False
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same proposals and rollouts.", min=0)] = 0
+    system_prompt: Annotated[str | None, typer.Option(help="The system message generate used (rollouts).")] = None
     prompt_template: Annotated[
         str | None,
         typer.Option(
             help="The user message generate used ({problem}), for the rollouts; default: generate's default.",
             callback=template,
         ),
-    ] = None,
-    split: Split = "blank-line",
-    model: Model = None,
-    engine: EngineName = "hf",
-    device: Device = None,
-    trust_remote_code: TrustRemoteCode = False,
-    workers: Workers = 0,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+    ] = None
+    split: Split = "blank-line"
+
+
+def run(
+    inputs: list[str], output: Path, settings: InterveneSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Propose a corrective step at the first error of every wrong response and keep those from
     which rollouts reach the reference answer. One output row per kept intervention, with
     intervention, intervention_step, intervention_success_rate and guided_response."""
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
     from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 
-    if first_error not in FIRST_ERROR_MODES:
-        raise InputError(f"--first-error {first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
-    if min_success > verify_rollouts:
+    if settings.first_error not in FIRST_ERROR_MODES:
+        raise InputError(f"--first-error {settings.first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
+    if settings.min_success > settings.verify_rollouts:
         raise InputError(
-            f"--min-success {min_success} is more than --verify-rollouts {verify_rollouts}: nothing could be kept"
+            f"--min-success {settings.min_success} is more than --verify-rollouts {settings.verify_rollouts}: "
+            "nothing could be kept"
         )
-    separator = make_splitter(split).separator
+    separator = make_splitter(settings.split).separator
     stats = RunStats("intervene", quiet=quiet)
-    rollout_settings = RolloutSettings(
-        temperature=temperature,
-        max_tokens=max_tokens,
-        seed=seed,
-        system_prompt=system_prompt,
-        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE,
-        workers=workers or default_workers(),
+    rollouts = RolloutSettings(
+        temperature=settings.temperature,
+        max_tokens=settings.max_tokens,
+        seed=settings.seed,
+        system_prompt=settings.system_prompt,
+        prompt_template=settings.prompt_template or DEFAULT_PROMPT_TEMPLATE,
+        workers=settings.workers or default_workers(),
     )
-    settings = InterveneSettings(
-        candidates=candidates,
-        verify_rollouts=verify_rollouts,
-        min_success=min_success,
-        first_error=first_error,
-        temperature=temperature,
-        proposer_max_tokens=proposer_max_tokens,
-        prefill_tag=prefill_tag,
-        rollouts=rollout_settings,
+    config = InterventionConfig(
+        candidates=settings.candidates,
+        verify_rollouts=settings.verify_rollouts,
+        min_success=settings.min_success,
+        first_error=settings.first_error,
+        temperature=settings.temperature,
+        proposer_max_tokens=settings.proposer_max_tokens,
+        prefill_tag=settings.prefill_tag,
+        rollouts=rollouts,
     )
     arguments = {
-        "candidates": candidates,
-        "verify_rollouts": verify_rollouts,
-        "min_success": min_success,
-        "first_error": first_error,
-        "rejects": None if rejects is None else str(rejects),
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "proposer_max_tokens": proposer_max_tokens,
-        "prefill_tag": prefill_tag,
-        "seed": seed,
-        "system_prompt": system_prompt,
-        "prompt_template": rollout_settings.prompt_template,
-        "split": split,
-        "model": model,
-        "engine": engine,
+        "candidates": settings.candidates,
+        "verify_rollouts": settings.verify_rollouts,
+        "min_success": settings.min_success,
+        "first_error": settings.first_error,
+        "rejects": None if settings.rejects is None else str(settings.rejects),
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens,
+        "proposer_max_tokens": settings.proposer_max_tokens,
+        "prefill_tag": settings.prefill_tag,
+        "seed": settings.seed,
+        "system_prompt": settings.system_prompt,
+        "prompt_template": rollouts.prompt_template,
+        "split": settings.split,
+        "model": settings.model,
+        "engine": settings.engine,
     }
-    engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
+    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
     checks = [_verified, _no_interventions_yet]
-    if first_error == "from-labels":
+    if settings.first_error == "from-labels":
         checks.append(_has_first_error)
     pending: dict[str, pl.DataFrame] = {}  # the rejects of the shard just transformed, for write_rejects
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
-        kept, rejected = intervene_rows(frame, engines.get(), settings, separator, tracker)
+        kept, rejected = intervene_rows(frame, engines.get(), config, separator, tracker)
         _count(stats, frame, kept, rejected)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         pending["rejects"] = rejected
@@ -512,10 +490,10 @@ def command(
 
     def write_rejects(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
         rejected = pending.pop("rejects")
-        if rejects is not None:
+        if settings.rejects is not None:
             shards.write_shard(
                 cast_to_contract(rejected),
-                rejects / shard.name,
+                settings.rejects / shard.name,
                 shards.provenance("intervene-rejects", arguments, shard),
             )
 
@@ -528,11 +506,11 @@ def command(
         rows_per_input=None,
         extra_checks=checks,
         side_output=write_rejects,
-        side_directories={"--rejects": rejects},
+        side_directories={"--rejects": settings.rejects},
     )
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
-    stats.print_summary()
+    return stats.finish()
 
 
 def _count(stats: RunStats, frame: pl.DataFrame, kept: pl.DataFrame, rejected: pl.DataFrame) -> None:
@@ -565,3 +543,6 @@ def _has_first_error(shard) -> None:
             f"{shard.path}: missing column 'first_error' for --first-error from-labels; run prmtool label first, or "
             f"use --first-error model"
         )
+
+
+STAGE = Stage("intervene", InterveneSettings, run, EXAMPLES, REQUIRED)

@@ -22,31 +22,20 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.core import shards
-from prmtool.executors import partition_to_run
 from prmtool.core.errors import InputError
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
+from prmtool.cli.options import ModelSettings, WorkerSettings
 from prmtool.cli.options import (
     template,
     finite,
     positive,
-    Device,
-    EngineName,
-    Inputs,
-    Model,
-    Output,
-    Overwrite,
-    Quiet,
     Split,
-    TrustRemoteCode,
-    Workers,
     default_workers,
-    CpusPerTask,
-    Executor,
-    GpusPerTask,
-    NumShards,
-    ShardIndex,
 )
 from prmtool.core.report import RunStats, Tracker
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
@@ -271,9 +260,8 @@ Examples:
 """
 
 
-def command(
-    inputs: Inputs,
-    output: Output,
+@dataclass(kw_only=True)
+class LabelSettings(ModelSettings, WorkerSettings):
     method: Annotated[
         str,
         typer.Option(
@@ -282,38 +270,38 @@ def command(
                 "tree search per question, see --tree-output)."
             )
         ),
-    ] = "binary",
-    k: Annotated[int, typer.Option("--k", help="Rollouts per MC estimate.", min=1)] = 8,
-    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.", min=0, callback=finite)] = 0.7,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per rollout.", min=1)] = 1024,
-    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same labels.", min=0)] = 0,
+    ] = "binary"
+    k: Annotated[int, typer.Option("--k", help="Rollouts per MC estimate.", min=1)] = 8
+    temperature: Annotated[float, typer.Option(help="Rollout sampling temperature.", min=0, callback=finite)] = 0.7
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per rollout.", min=1)] = 1024
+    seed: Annotated[int, typer.Option(help="Same seed and inputs give the same labels.", min=0)] = 0
     label: Annotated[
         str,
         typer.Option("--label", help="hard: thresholded labels; soft: also a measured step_mc for every labeled step."),
-    ] = "hard",
+    ] = "hard"
     bad_below: Annotated[
         float | None,
         typer.Option(help="A step is bad when its MC is below this (default: bad only when MC = 0).", min=0, max=1),
-    ] = None,
+    ] = None
     correct_responses: Annotated[
         str, typer.Option(help="trust: a verified-correct response's steps are all good; estimate: run MC on them too.")
-    ] = "trust",
-    system_prompt: Annotated[str | None, typer.Option(help="The system message generate used.")] = None,
+    ] = "trust"
+    system_prompt: Annotated[str | None, typer.Option(help="The system message generate used.")] = None
     prompt_template: Annotated[
         str | None,
         typer.Option(
             help="The user message generate used ({problem}); default: generate's default.", callback=template
         ),
-    ] = None,
+    ] = None
     tree_output: Annotated[
         Path | None,
         typer.Option(
             help="omegaprm: directory for the search tree, one row per (prefix, MC) state, one shard per input shard."
         ),
-    ] = None,
+    ] = None
     search_budget: Annotated[
         int, typer.Option(help="omegaprm: MC-estimation rollouts per question after screening.", min=0)
-    ] = 100,
+    ] = 100
     screen_rollouts: Annotated[
         int,
         typer.Option(
@@ -323,97 +311,93 @@ def command(
             ),
             min=1,
         ),
-    ] = 32,
+    ] = 32
     alpha: Annotated[
         float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L), in (0, 1].", max=1, callback=positive)
-    ] = 0.5,
+    ] = 0.5
     beta: Annotated[
         float, typer.Option(help="omegaprm: length discount of Q, in (0, 1].", max=1, callback=positive)
-    ] = 0.9,
-    length_scale: Annotated[
-        float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)
-    ] = 500.0,
-    c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125,
-    split: Split = "blank-line",
-    model: Model = None,
-    engine: EngineName = "hf",
-    device: Device = None,
-    trust_remote_code: TrustRemoteCode = False,
-    workers: Workers = 0,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+    ] = 0.9
+    length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)] = 500.0
+    c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125
+    split: Split = "blank-line"
+
+
+def run(
+    inputs: list[str], output: Path, settings: LabelSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Label every step of every response by Monte Carlo rollouts from its prefixes. Writes
     step_mc, step_labels, first_error, label_rollouts and label_tokens."""
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
     from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 
-    if method not in METHODS:
-        raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if label not in ("hard", "soft"):
-        raise InputError(f"--label {label!r}: expected hard or soft")
-    if correct_responses not in ("trust", "estimate"):
-        raise InputError(f"--correct-responses {correct_responses!r}: expected trust or estimate")
-    if method == "omegaprm" and tree_output is None:
+    if settings.method not in METHODS:
+        raise InputError(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
+    if settings.label not in ("hard", "soft"):
+        raise InputError(f"--label {settings.label!r}: expected hard or soft")
+    if settings.correct_responses not in ("trust", "estimate"):
+        raise InputError(f"--correct-responses {settings.correct_responses!r}: expected trust or estimate")
+    if settings.method == "omegaprm" and settings.tree_output is None:
         raise InputError("--method omegaprm needs --tree-output DIR")
-    if method != "omegaprm" and tree_output is not None:
+    if settings.method != "omegaprm" and settings.tree_output is not None:
         raise InputError("--tree-output is only for --method omegaprm")
-    separator = make_splitter(split).separator
+    separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
-    settings = RolloutSettings(
-        temperature=temperature,
-        max_tokens=max_tokens,
-        seed=seed,
-        system_prompt=system_prompt,
-        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE,
-        workers=workers or default_workers(),
+    rollout_settings = RolloutSettings(
+        temperature=settings.temperature,
+        max_tokens=settings.max_tokens,
+        seed=settings.seed,
+        system_prompt=settings.system_prompt,
+        prompt_template=settings.prompt_template or DEFAULT_PROMPT_TEMPLATE,
+        workers=settings.workers or default_workers(),
     )
     arguments = {
-        "method": method,
-        "k": k,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "label": label,
-        "bad_below": bad_below,
-        "correct_responses": correct_responses,
-        "system_prompt": system_prompt,
-        "prompt_template": settings.prompt_template,
-        "split": split,
-        "model": model,
-        "engine": engine,
+        "method": settings.method,
+        "k": settings.k,
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens,
+        "seed": settings.seed,
+        "label": settings.label,
+        "bad_below": settings.bad_below,
+        "correct_responses": settings.correct_responses,
+        "system_prompt": settings.system_prompt,
+        "prompt_template": rollout_settings.prompt_template,
+        "split": settings.split,
+        "model": settings.model,
+        "engine": settings.engine,
     }
     search_config = SearchConfig(
-        k=k,
-        budget=search_budget,
-        screen_rollouts=screen_rollouts,
-        alpha=alpha,
-        beta=beta,
-        length_scale=length_scale,
-        c_puct=c_puct,
+        k=settings.k,
+        budget=settings.search_budget,
+        screen_rollouts=settings.screen_rollouts,
+        alpha=settings.alpha,
+        beta=settings.beta,
+        length_scale=settings.length_scale,
+        c_puct=settings.c_puct,
     )
-    if method == "omegaprm":
+    if settings.method == "omegaprm":
         arguments.update(
-            tree_output=str(tree_output),
-            search_budget=search_budget,
-            screen_rollouts=screen_rollouts,
-            alpha=alpha,
-            beta=beta,
-            length_scale=length_scale,
-            c_puct=c_puct,
+            tree_output=str(settings.tree_output),
+            search_budget=settings.search_budget,
+            screen_rollouts=settings.screen_rollouts,
+            alpha=settings.alpha,
+            beta=settings.beta,
+            length_scale=settings.length_scale,
+            c_puct=settings.c_puct,
         )
-    engines = EngineOnDemand(engine, model, device, trust_remote_code, stats)
+    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         result = label_rows(
-            frame, engines.get(), method, k, settings, separator, label == "soft", bad_below, correct_responses, tracker
+            frame,
+            engines.get(),
+            settings.method,
+            settings.k,
+            rollout_settings,
+            separator,
+            settings.label == "soft",
+            settings.bad_below,
+            settings.correct_responses,
+            tracker,
         )
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
@@ -421,14 +405,16 @@ def command(
         return result
 
     def write_tree(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
-        searches = grow_trees(frame, engines.get(), search_config, settings, make_splitter(split), tracker)
+        searches = grow_trees(
+            frame, engines.get(), search_config, rollout_settings, make_splitter(settings.split), tracker
+        )
         tree = tree_frame(frame, searches, separator)
         stats.counts["tree_rollouts"] += sum(
-            screen_rollouts + question.search_rollouts for question in searches.values()
+            settings.screen_rollouts + question.search_rollouts for question in searches.values()
         )
         stats.counts["tree_questions_kept"] += sum(question.kept for question in searches.values())
         stats.counts["tree_states"] += tree.height
-        shards.write_shard(tree, tree_output / shard.name, shards.provenance("label-tree", arguments, shard))
+        shards.write_shard(tree, settings.tree_output / shard.name, shards.provenance("label-tree", arguments, shard))
 
     stage = MapStage(
         "label",
@@ -436,9 +422,12 @@ def command(
         arguments,
         REQUIRED,
         extra_checks=[_verified],
-        side_output=write_tree if method == "omegaprm" else None,
-        side_directories={"--tree-output": tree_output},
+        side_output=write_tree if settings.method == "omegaprm" else None,
+        side_directories={"--tree-output": settings.tree_output},
     )
     with engines:
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
-    stats.print_summary()
+    return stats.finish()
+
+
+STAGE = Stage("label", LabelSettings, run, EXAMPLES, REQUIRED)

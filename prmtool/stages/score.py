@@ -21,6 +21,8 @@ the separator after it, and a token that straddles two steps belongs to the step
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bisect
 import collections
 import contextlib
@@ -31,7 +33,9 @@ import numpy as np
 import polars as pl
 import typer
 
-from prmtool.executors import partition_to_run
+from prmtool.core.partition import Partition
+from prmtool.core.report import Summary
+from prmtool.core.stage import Stage
 from prmtool.core.errors import InputError
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.cli.options import (
@@ -39,16 +43,7 @@ from prmtool.cli.options import (
     positive,
     Device,
     EngineName,
-    Inputs,
-    Output,
-    Overwrite,
-    Quiet,
     TrustRemoteCode,
-    CpusPerTask,
-    Executor,
-    GpusPerTask,
-    NumShards,
-    ShardIndex,
 )
 from prmtool.core.report import RunStats, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
@@ -64,7 +59,7 @@ REQUIRED = ("problem_id", "problem", "response_id", "response", "steps")
 
 
 @dataclass(frozen=True)
-class ScoreSettings:
+class ScoringConfig:
     beta: float = 0.001
     reward: str = "single"  # which per-step list prm_score aggregates
     agg: str = "min"
@@ -161,7 +156,7 @@ def _result_columns(
     frame: pl.DataFrame,
     rewards: list[list[float]],
     values: list[list[float]],
-    settings: ScoreSettings,
+    settings: ScoringConfig,
     tokens: list[list[float]] | None,
 ) -> pl.DataFrame:
     chosen = rewards if settings.reward == "single" else values
@@ -176,7 +171,7 @@ def _result_columns(
 
 
 def score_implicit(
-    frame: pl.DataFrame, policy: Engine, ref: Engine | None, settings: ScoreSettings, tracker: Tracker | None = None
+    frame: pl.DataFrame, policy: Engine, ref: Engine | None, settings: ScoringConfig, tracker: Tracker | None = None
 ) -> pl.DataFrame:
     """Adds step_rewards, step_values, prm_score (and token_rewards) from an implicit PRM.
     `ref=None` scores with the policy's log-probabilities alone."""
@@ -243,7 +238,7 @@ def classifier_inputs(tokenizer, problem: str, steps: list[str], separator: str)
 
 
 def score_with_classifier(
-    frame: pl.DataFrame, classifier: StepClassifier, settings: ScoreSettings, tracker: Tracker | None = None
+    frame: pl.DataFrame, classifier: StepClassifier, settings: ScoringConfig, tracker: Tracker | None = None
 ) -> pl.DataFrame:
     """Adds step_rewards and step_values (both P(good) of each step) and prm_score."""
     inputs = [
@@ -279,9 +274,8 @@ Examples:
 """
 
 
-def command(
-    inputs: Inputs,
-    output: Output,
+@dataclass(kw_only=True)
+class ScoreSettings:
     policy: Annotated[
         str | None,
         typer.Option(
@@ -292,28 +286,28 @@ def command(
             ),
             show_default=False,
         ),
-    ] = None,
+    ] = None
     ref: Annotated[
         str | None,
         typer.Option(
             "--ref", help="implicit: the reference model; must share the policy's tokenizer.", show_default=False
         ),
-    ] = None,
+    ] = None
     no_ref: Annotated[
         bool, typer.Option("--no-ref", help="implicit: no reference model; rewards are beta * log pi.")
-    ] = False,
+    ] = False
     beta: Annotated[
         float,
         typer.Option(help="implicit: reward scale (0.001 at inference, as the reference code).", callback=positive),
-    ] = 0.001,
+    ] = 0.001
     reward: Annotated[
         str,
         typer.Option(help="Which step list prm_score aggregates: single (step_rewards) or cumulative (step_values)."),
-    ] = "single",
-    agg: Annotated[str, typer.Option(help="prm_score over steps: min, sum, mean or last.")] = "min",
+    ] = "single"
+    agg: Annotated[str, typer.Option(help="prm_score over steps: min, sum, mean or last.")] = "min"
     token_rewards: Annotated[
         bool, typer.Option("--token-rewards", help="implicit: also write token_rewards, one per response token.")
-    ] = False,
+    ] = False
     scorer: Annotated[
         str,
         typer.Option(
@@ -322,101 +316,107 @@ def command(
                 "PRMTrainer, see --prm)."
             )
         ),
-    ] = "implicit",
+    ] = "implicit"
     prm: Annotated[
         str | None, typer.Option("--prm", help="token-classification: the trained PRM folder.", show_default=False)
-    ] = None,
+    ] = None
     step_separator: Annotated[
         str,
         typer.Option(
             help="token-classification: the step_separator the PRM was trained with.", show_default="\\n (a newline)"
         ),
-    ] = "\n",
-    system_prompt: Annotated[str | None, typer.Option(help="implicit: the system message generate used.")] = None,
+    ] = "\n"
+    system_prompt: Annotated[str | None, typer.Option(help="implicit: the system message generate used.")] = None
     prompt_template: Annotated[
         str | None,
         typer.Option(
             help="implicit: the user message generate used ({problem}); default: generate's default.", callback=template
         ),
-    ] = None,
+    ] = None
     max_batch_tokens: Annotated[
         int | None,
         typer.Option(
             help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False
         ),
-    ] = None,
-    engine: EngineName = "hf",
-    device: Device = None,
-    trust_remote_code: TrustRemoteCode = False,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    shard_index: ShardIndex = None,
-    num_shards: NumShards = None,
-    executor: Executor = "local",
-    gpus_per_task: GpusPerTask = 0.0,
-    cpus_per_task: CpusPerTask = 1.0,
-) -> None:
+    ] = None
+    engine: EngineName = "hf"
+    device: Device = None
+    trust_remote_code: TrustRemoteCode = False
+
+
+def run(
+    inputs: list[str], output: Path, settings: ScoreSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
     """Score every step of every response with an implicit PRM (policy vs reference
     log-likelihood ratio) or a trained token-classification PRM. Writes step_rewards,
     step_values and prm_score (and token_rewards with --token-rewards)."""
-    partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
-    if partition is None:  # --executor ray ran every partition
-        return
     from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 
-    if scorer not in SCORERS:
-        raise InputError(f"--scorer {scorer!r}: expected one of {', '.join(SCORERS)}")
-    if reward not in REWARDS:
-        raise InputError(f"--reward {reward!r}: expected one of {', '.join(REWARDS)}")
-    if agg not in AGGREGATIONS:
-        raise InputError(f"--agg {agg!r}: expected one of {', '.join(AGGREGATIONS)}")
-    if scorer == "implicit":
-        if prm is not None:
+    if settings.scorer not in SCORERS:
+        raise InputError(f"--scorer {settings.scorer!r}: expected one of {', '.join(SCORERS)}")
+    if settings.reward not in REWARDS:
+        raise InputError(f"--reward {settings.reward!r}: expected one of {', '.join(REWARDS)}")
+    if settings.agg not in AGGREGATIONS:
+        raise InputError(f"--agg {settings.agg!r}: expected one of {', '.join(AGGREGATIONS)}")
+    if settings.scorer == "implicit":
+        if settings.prm is not None:
             raise InputError("--prm is for --scorer token-classification; the implicit scorer takes --policy and --ref")
-        if ref is None and not no_ref:
+        if settings.ref is None and not settings.no_ref:
             raise InputError("--ref MODEL is required (or --no-ref to score with the policy's log-probabilities alone)")
-        if ref is not None and no_ref:
+        if settings.ref is not None and settings.no_ref:
             raise InputError("--ref and --no-ref exclude each other")
     else:
-        if prm is None:
+        if settings.prm is None:
             raise InputError("--scorer token-classification needs --prm MODEL (a PRM trained by TRL's PRMTrainer)")
-        if policy is not None or ref is not None or no_ref or token_rewards:
+        if settings.policy is not None or settings.ref is not None or settings.no_ref or settings.token_rewards:
             raise InputError("--policy, --ref, --no-ref and --token-rewards are for --scorer implicit")
-        if engine != "hf":
+        if settings.engine != "hf":
             raise InputError("--scorer token-classification runs on the hf engine only")
-    settings = ScoreSettings(
-        beta=beta,
-        reward=reward,
-        agg=agg,
-        token_rewards=token_rewards,
-        system_prompt=system_prompt,
-        prompt_template=prompt_template or DEFAULT_PROMPT_TEMPLATE,
-        step_separator=step_separator,
-        max_batch_tokens=max_batch_tokens,
+    config = ScoringConfig(
+        beta=settings.beta,
+        reward=settings.reward,
+        agg=settings.agg,
+        token_rewards=settings.token_rewards,
+        system_prompt=settings.system_prompt,
+        prompt_template=settings.prompt_template or DEFAULT_PROMPT_TEMPLATE,
+        step_separator=settings.step_separator,
+        max_batch_tokens=settings.max_batch_tokens,
     )
-    arguments = {"scorer": scorer, "reward": reward, "agg": agg}
-    if scorer == "implicit":
+    arguments = {"scorer": settings.scorer, "reward": settings.reward, "agg": settings.agg}
+    if settings.scorer == "implicit":
         arguments |= {
-            "policy": policy,
-            "ref": ref,
-            "beta": beta,
-            "token_rewards": token_rewards,
-            "system_prompt": system_prompt,
-            "prompt_template": settings.prompt_template,
+            "policy": settings.policy,
+            "ref": settings.ref,
+            "beta": settings.beta,
+            "token_rewards": settings.token_rewards,
+            "system_prompt": settings.system_prompt,
+            "prompt_template": config.prompt_template,
         }
     else:
-        arguments |= {"prm": prm, "step_separator": step_separator}
+        arguments |= {"prm": settings.prm, "step_separator": settings.step_separator}
     stats = RunStats("score", quiet=quiet)
-    options = {"max_batch_tokens": max_batch_tokens} if max_batch_tokens else {}
-    if engine == "vllm":
+    options = {"max_batch_tokens": settings.max_batch_tokens} if settings.max_batch_tokens else {}
+    if settings.engine == "vllm":
         # vLLM batches by itself; two instances (policy and ref) must share the GPU.
-        options = {"gpu_memory_utilization": 0.45} if ref is not None else {}
-    if scorer == "implicit":
-        models = [EngineOnDemand(engine, policy, device, trust_remote_code, stats, **options)]
-        if ref is not None:
-            models.append(EngineOnDemand(engine, ref, device, trust_remote_code, stats, **options))
+        options = {"gpu_memory_utilization": 0.45} if settings.ref is not None else {}
+    if settings.scorer == "implicit":
+        models = [
+            EngineOnDemand(
+                settings.engine, settings.policy, settings.device, settings.trust_remote_code, stats, **options
+            )
+        ]
+        if settings.ref is not None:
+            models.append(
+                EngineOnDemand(
+                    settings.engine, settings.ref, settings.device, settings.trust_remote_code, stats, **options
+                )
+            )
     else:
-        models = [EngineOnDemand("token-classification", prm, device, trust_remote_code, stats, **options)]
+        models = [
+            EngineOnDemand(
+                "token-classification", settings.prm, settings.device, settings.trust_remote_code, stats, **options
+            )
+        ]
 
     def loaded_models() -> tuple:
         loaded = tuple(m.get() for m in models)
@@ -425,11 +425,11 @@ def command(
         return loaded
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        if scorer == "token-classification":
-            result = score_with_classifier(frame, models[0].get(), settings, tracker)
+        if settings.scorer == "token-classification":
+            result = score_with_classifier(frame, models[0].get(), config, tracker)
         else:
             policy_engine, *ref_engine = loaded_models()
-            result = score_implicit(frame, policy_engine, ref_engine[0] if ref_engine else None, settings, tracker)
+            result = score_implicit(frame, policy_engine, ref_engine[0] if ref_engine else None, config, tracker)
         stats.counts["responses_scored"] += result.height
         stats.counts["steps_scored"] += int(result["step_rewards"].list.len().sum())
         return result
@@ -439,4 +439,7 @@ def command(
         for model in models:
             stack.enter_context(model)
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
-    stats.print_summary()
+    return stats.finish()
+
+
+STAGE = Stage("score", ScoreSettings, run, EXAMPLES, REQUIRED)

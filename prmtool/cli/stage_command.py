@@ -1,0 +1,79 @@
+"""A stage's subcommand, generated from its `Stage`: the arguments and options are the settings
+dataclass's fields, between the input and -o at the front and --overwrite, --quiet and the
+scale-out options (`ScaleOut`) at the end, which every pipeline command shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+from prmtool.cli.options import Inputs, Output, Overwrite, Quiet, ScaleOut
+from prmtool.core.stage import Stage, default_of, option_fields, option_types
+from prmtool.executors import run_stage
+
+_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _parameters(settings_class: type) -> list[inspect.Parameter]:
+    types = option_types(settings_class)
+    parameters = []
+    for field in option_fields(settings_class):
+        default = default_of(field)
+        default = inspect.Parameter.empty if default is dataclasses.MISSING else default
+        parameters.append(inspect.Parameter(field.name, _KEYWORD, default=default, annotation=types[field.name]))
+    return parameters
+
+
+@dataclasses.dataclass
+class StageCall:
+    """One stage's command line, parsed: what `Stage.run` and the executors take."""
+
+    stage: Stage
+    inputs: list
+    output: object
+    settings: object
+    overwrite: bool = False
+    quiet: bool = False
+    scale_out: ScaleOut = dataclasses.field(default_factory=ScaleOut)
+
+    def run(self):
+        """Run it where the scale-out options say (this process, one partition, or Ray tasks)."""
+        return run_stage(
+            self.stage,
+            self.inputs,
+            self.output,
+            self.settings,
+            overwrite=self.overwrite,
+            quiet=self.quiet,
+            **dataclasses.asdict(self.scale_out),
+        )
+
+
+def stage_call(stage: Stage, options: dict) -> StageCall:
+    """The parsed options of `stage`'s command (click's `ctx.params`), sorted into a StageCall."""
+    options = dict(options)
+    common = {name: options.pop(name) for name in ("inputs", "output", "overwrite", "quiet")}
+    scale_out = ScaleOut(**{f.name: options.pop(f.name) for f in dataclasses.fields(ScaleOut)})
+    return StageCall(stage, settings=stage.settings(**options), scale_out=scale_out, **common)
+
+
+def stage_command(stage: Stage) -> Callable[..., None]:
+    """The typer command of `stage`."""
+
+    def command(**options) -> None:
+        stage_call(stage, options).run()
+
+    command.__name__ = stage.name
+    command.__doc__ = stage.help
+    command.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("inputs", _KEYWORD, annotation=stage.inputs_option or Inputs),
+            inspect.Parameter("output", _KEYWORD, annotation=stage.output_option or Output),
+            *_parameters(stage.settings),
+            inspect.Parameter("overwrite", _KEYWORD, default=False, annotation=Overwrite),
+            inspect.Parameter("quiet", _KEYWORD, default=False, annotation=Quiet),
+            *_parameters(ScaleOut),
+        ]
+    )
+    return command
