@@ -77,7 +77,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from bench.bench_generate import TINY, build_tokenizer
 from prmtool.engines.base import length_batches
 from prmtool.engines.hf import HFEngine
-from prmtool.stages.score import ScoringConfig, score_implicit
+from prmtool.methods.step_rewards import ScoringConfig, score_implicit
 from prmtool.methods.steps import make_splitter, split_steps
 
 QWEN25_15B = dict(

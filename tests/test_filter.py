@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from prmtool.stages.filter import REASONS, filter_rows
+from prmtool.methods.filtering import REASONS, filter_rows
 from tests.conftest import files_under, write_shards
 
 NAN = float("nan")

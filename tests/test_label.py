@@ -13,7 +13,7 @@ import pytest
 
 from prmtool.engines import Completion, Engine
 from prmtool.methods.rollouts import RolloutSettings
-from prmtool.stages.label import label_rows
+from prmtool.methods.labeling import label_rows
 from tests.conftest import SAMPLES
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
-from prmtool.stages.score import step_char_ends, step_end_tokens, token_starts, tokenize_responses
+from prmtool.methods.step_rewards import step_char_ends, step_end_tokens, token_starts, tokenize_responses
 from prmtool.methods.steps import make_splitter, split_steps
 from tests.conftest import SAMPLES
 from tests.engine_fixtures import build_tokenizer, tiny_config

@@ -19,7 +19,7 @@ costs at most screen_rollouts + budget rollouts. The search ends when the budget
 for another probe or the pool is empty.
 
 Each question's search is a state machine (`probes()` / `observe()`), like the row searches of
-`prmtool.stages.label`; `grow_trees` gathers every question's probes into one engine call per
+`prmtool.methods.labeling`; `run_searches` gathers every question's probes into one engine call per
 round.
 """
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
+from prmtool.methods.rollouts import run_searches, Probe, ProbeResult, Rollouts, RolloutSettings
 from prmtool.methods.steps import Splitter, make_splitter, rollout_prefix, split_steps
 
 if TYPE_CHECKING:
@@ -198,16 +198,7 @@ def grow_trees(
     for row, problem_id in enumerate(frame["problem_id"].to_list()):
         if problem_id not in searches:
             searches[problem_id] = QuestionSearch(row, config, splitter)
-    owner = {search.row: search for search in searches.values()}
-    active = dict(searches)
-    while active:
-        round_probes = {problem_id: search.probes() for problem_id, search in active.items()}
-        active = {problem_id: active[problem_id] for problem_id, probes in round_probes.items() if probes}
-        round_results = rollouts.run([probe for probes in round_probes.values() for probe in probes])
-        for result in round_results:
-            owner[result.probe.row].observe(result)
-        if tracker is not None and round_results:
-            tracker.advance(0, sum(result.tokens for result in round_results))
+    run_searches(searches, rollouts, tracker=tracker)
     return searches
 
 

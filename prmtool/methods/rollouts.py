@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Hashable, Protocol
 
 from prmtool.methods.steps import rollout_prefix
 from prmtool.methods.verification import extract_answer, verify_answers
 
 if TYPE_CHECKING:
+    from prmtool.core.report import Tracker
     from prmtool.engines import Engine
 
 
@@ -140,3 +141,39 @@ class Rollouts:
             # owners list the samples in this same order, so the verdicts line up.
             results[position].texts = [(s.text, bool(next(verdict_iter).correct), s.num_tokens) for s in samples]
         return results
+
+
+class Search(Protocol):
+    """What `run_searches` drives: a label row search or an OmegaPRM question search."""
+
+    row: int  # the frame row its probes name
+
+    def probes(self) -> list[Probe]: ...  # this round's; none when the search is done
+
+    def observe(self, result: ProbeResult) -> None: ...
+
+
+def run_searches(
+    searches: dict[Hashable, Search],
+    rollouts: Rollouts,
+    *,
+    on_done: Callable[[Hashable, Search], None] | None = None,
+    tracker: Tracker | None = None,
+) -> None:
+    """Advance every search in lockstep rounds until none asks for more: each round gathers
+    the probes of every active search into one engine call (`Rollouts.run`) and hands each
+    result back to the search whose row it names. `on_done(key, search)` sees each search
+    as it finishes; `tracker` counts the generated tokens."""
+    by_row = {search.row: search for search in searches.values()}
+    active = dict(searches)
+    while active:
+        round_probes = {key: search.probes() for key, search in active.items()}
+        for key in [key for key, probes in round_probes.items() if not probes]:
+            search = active.pop(key)
+            if on_done is not None:
+                on_done(key, search)
+        results = rollouts.run([probe for key in active for probe in round_probes[key]])
+        for result in results:
+            by_row[result.probe.row].observe(result)
+        if tracker is not None and results:
+            tracker.advance(0, sum(result.tokens for result in results))

@@ -145,6 +145,38 @@ class GenerateSettings(ModelSettings, WorkerSettings):
     )
 
 
+def generate_frame(
+    frame: pl.DataFrame, engine: Engine, settings: GenerateSettings | None = None, *, tracker: Tracker | None = None
+) -> pl.DataFrame:
+    """The per-frame core: problem rows in, `settings.n` response rows per problem out, every
+    problem column kept; with `settings.verify`, graded as `prmtool verify` grades them."""
+    settings = settings or GenerateSettings()
+    result = generate_rows(
+        frame,
+        engine,
+        n=settings.n,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_tokens,
+        seed=settings.seed,
+        system_prompt=settings.system_prompt,
+        prompt_template=settings.prompt_template,
+        stop=stop_strings(settings.stop),
+        split=settings.split,
+        tracker=tracker,
+    )
+    if settings.verify:
+        from prmtool.methods.verification import verify_rows  # Math-Verify loads only when asked for
+
+        result = verify_rows(result, timeout=settings.verify_timeout, workers=settings.workers or default_workers())
+    return result
+
+
+def stop_strings(stop: list[str]) -> tuple[str, ...]:
+    """`--stop '\\n'` on the shell means a newline."""
+    return tuple(s.encode().decode("unicode_escape") for s in stop)
+
+
 def run(
     inputs: list[str], output: Path, settings: GenerateSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
@@ -152,7 +184,7 @@ def run(
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
     make_splitter(settings.split)  # a bad --split fails before the model loads
-    stop = tuple(s.encode().decode("unicode_escape") for s in settings.stop)  # '\n' on the shell means a newline
+    stop = stop_strings(settings.stop)
     arguments = {
         "n": settings.n,
         "temperature": settings.temperature,
@@ -172,26 +204,10 @@ def run(
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
-        result = generate_rows(
-            frame,
-            engines.get(),
-            settings.n,
-            settings.temperature,
-            settings.top_p,
-            settings.max_tokens,
-            settings.seed,
-            settings.system_prompt,
-            settings.prompt_template,
-            stop,
-            settings.split,
-            tracker,
-        )
+        result = generate_frame(frame, engines.get(), settings, tracker=tracker)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         stats.counts.update(f"finish_{r}" for r in result["finish_reason"])
         if settings.verify:
-            from prmtool.methods.verification import verify_rows
-
-            result = verify_rows(result, timeout=settings.verify_timeout, workers=settings.workers or default_workers())
             stats.counts["correct"] += int(result["correct"].sum())
         return result
 

@@ -9,13 +9,13 @@ Methods (docs/algorithms.md, "Step labeling by Monte Carlo rollouts"):
   `--tree-output` as one row per searched state (prefix, MC). The main output's rows get the
   same columns as `binary` (its first-error search on the wrong input responses).
 
-Every row's search is a small state machine that proposes probes and reads their results;
-the driver gathers the probes of all active searches into one engine call per round.
+The searches themselves live in `prmtool.methods.labeling` (rows) and
+`prmtool.methods.omegaprm` (questions); this module holds the stage's settings and its run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -38,212 +38,15 @@ from prmtool.cli.options import (
     default_workers,
 )
 from prmtool.core.report import RunStats, Tracker
-from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings
+from prmtool.methods.labeling import METHODS, label_rows
+from prmtool.methods.rollouts import RolloutSettings
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.methods.steps import make_splitter
 
 if TYPE_CHECKING:
-    from prmtool.engines import Engine
+    pass
 
-METHODS = ("binary", "mc", "omegaprm")
 REQUIRED = ("problem_id", "problem", "reference_answer", "response_id", "steps", "correct")
-
-
-@dataclass
-class Threshold:
-    """When is a prefix bad? Default: MC = 0 (Qwen's finding); `--bad-below t`: MC < t."""
-
-    bad_below: float | None = None
-
-    def is_good(self, mc: float) -> bool:
-        return mc > 0 if self.bad_below is None else mc >= self.bad_below
-
-    @property
-    def one_success_proves_good(self) -> bool:
-        # A single correct rollout from a prefix proves MC > 0, which settles only the default rule.
-        return self.bad_below is None
-
-
-@dataclass
-class RowLabels:
-    step_mc: list[float | None]
-    step_labels: list[int | None]
-    first_error: int
-    rollouts: int = 0
-    tokens: int = 0
-
-
-@dataclass
-class PerStepMC:
-    """Math-Shepherd: estimate MC after every step, all in one round.
-
-    The response's own outcome is MC of its full prefix (a correct response is a correct
-    rollout from every one of its prefixes), so with hard labels and the default threshold a
-    correct response needs no rollouts at all: its outcome already proves every prefix good."""
-
-    row: int
-    n_steps: int
-    correct: bool
-    k: int
-    threshold: Threshold
-    soft: bool
-    step_mc: list[float | None] = field(init=False)
-    spent: list[int] = field(default_factory=lambda: [0, 0])
-    asked: bool = False
-
-    def __post_init__(self) -> None:
-        self.step_mc = [None] * self.n_steps
-        if self.n_steps:
-            self.step_mc[-1] = 1.0 if self.correct else 0.0  # the outcome, no rollout needed
-
-    def probes(self) -> list[Probe]:
-        if self.asked:
-            return []
-        self.asked = True
-        if self.correct and not self.soft and self.threshold.one_success_proves_good:
-            return []
-        return [Probe(self.row, prefix, self.k) for prefix in range(1, self.n_steps)]
-
-    def observe(self, result: ProbeResult) -> None:
-        self.step_mc[result.probe.prefix_steps - 1] = result.mc
-        self.spent[0] += result.probe.k
-        self.spent[1] += result.tokens
-
-    def outcome(self) -> RowLabels:
-        known = [self.threshold.is_good(v) if v is not None else True for v in self.step_mc]
-        labels = [int(good) for good in known]
-        first_error = labels.index(0) if 0 in labels else -1
-        return RowLabels(self.step_mc, labels, first_error, *self.spent)
-
-
-@dataclass
-class FirstErrorBinarySearch:
-    """OmegaPRM's binary search for the first step whose prefix has MC = 0.
-
-    Invariant: MC(steps[:good]) is good (the empty prefix is assumed so) and MC(steps[:bad])
-    is bad (the full response is wrong). Each level probes the middle prefix.
-
-    Staged sampling (hard labels, default threshold): one correct rollout proves MC > 0, so a
-    probe first draws k/4 rollouts and draws the other 3k/4 only if none of those was right.
-    "Some of k rollouts is right" has the same probability either way, so labels are
-    distributed exactly as with k rollouts at once, for far fewer rollouts on good prefixes."""
-
-    row: int
-    n_steps: int
-    k: int
-    threshold: Threshold
-    staged: bool = False
-    step_mc: list[float | None] = field(init=False)
-    good: int = 0
-    bad: int = field(init=False)
-    spent: list[int] = field(default_factory=lambda: [0, 0])
-    middle_counts: list[int] = field(default_factory=lambda: [0, 0])  # correct, sampled at the middle
-
-    def __post_init__(self) -> None:
-        self.step_mc = [None] * self.n_steps
-        self.bad = self.n_steps
-
-    def probes(self) -> list[Probe]:
-        if self.bad - self.good <= 1:
-            return []
-        sampled = self.middle_counts[1]
-        first_stage = max(1, self.k // 4) if self.staged else self.k
-        return [Probe(self.row, (self.good + self.bad) // 2, first_stage if sampled == 0 else self.k - sampled)]
-
-    def observe(self, result: ProbeResult) -> None:
-        middle = result.probe.prefix_steps
-        self.spent[0] += result.probe.k
-        self.spent[1] += result.tokens
-        self.middle_counts[0] += result.correct
-        self.middle_counts[1] += result.probe.k
-        correct, sampled = self.middle_counts
-        if sampled < self.k and correct == 0:
-            return  # nothing proven yet: the next round draws the rest of the k rollouts
-        self.step_mc[middle - 1] = correct / sampled
-        if self.threshold.is_good(correct / sampled):
-            self.good = middle
-        else:
-            self.bad = middle
-        self.middle_counts = [0, 0]
-
-    def outcome(self) -> RowLabels:
-        if self.n_steps == 0:
-            return RowLabels([], [], -1, *self.spent)
-        first_error = self.bad - 1  # the step that turns the last good prefix into a bad one
-        labels = [1] * first_error + [0] + [None] * (self.n_steps - first_error - 1)
-        return RowLabels(self.step_mc, labels, first_error, *self.spent)
-
-
-def trusted_correct(n_steps: int) -> RowLabels:
-    """`--correct-responses trust`: a verified-correct response's steps are all good."""
-    return RowLabels([None] * n_steps, [1] * n_steps, -1)
-
-
-def label_rows(
-    frame: pl.DataFrame,
-    engine: "Engine",
-    method: str = "binary",
-    k: int = 8,
-    settings: RolloutSettings | None = None,
-    separator: str = "\n\n",
-    soft: bool = False,
-    bad_below: float | None = None,
-    correct_responses: str = "trust",
-    tracker: Tracker | None = None,
-) -> pl.DataFrame:
-    """Pure core: verified responses in, the same rows with step labels out."""
-    if method not in METHODS:
-        raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    settings = settings or RolloutSettings()
-    threshold = Threshold(bad_below)
-    steps = frame["steps"].to_list()
-    rollouts = Rollouts(
-        engine,
-        frame["problem"].to_list(),
-        steps,
-        frame["reference_answer"].cast(pl.String).to_list(),
-        frame["response_id"].to_list(),
-        separator,
-        settings,
-    )
-    results: list[RowLabels | None] = [None] * frame.height
-    if method == "omegaprm":
-        method = "binary"  # the input rows' labels; the tree itself comes from prmtool.methods.omegaprm
-    searches = {}
-    for row, (row_steps, correct) in enumerate(zip(steps, frame["correct"].to_list())):
-        n_steps = len(row_steps or [])
-        if correct and correct_responses == "trust":
-            results[row] = trusted_correct(n_steps)
-        elif method == "mc":
-            searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft)
-        elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere
-            searches[row] = PerStepMC(row, n_steps, True, k, threshold, soft)
-        else:
-            staged = not soft and threshold.one_success_proves_good
-            searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged)
-    if tracker is not None:
-        tracker.advance(frame.height - len(searches))
-
-    while searches:
-        round_probes = {row: search.probes() for row, search in searches.items()}
-        for row in [row for row, probes in round_probes.items() if not probes]:
-            results[row] = searches.pop(row).outcome()
-            if tracker is not None:
-                tracker.advance(1)
-        probes = [p for row in searches for p in round_probes[row]]
-        round_results = rollouts.run(probes)
-        for result in round_results:
-            searches[result.probe.row].observe(result)
-        if tracker is not None and round_results:
-            tracker.advance(0, sum(r.tokens for r in round_results))
-
-    return frame.with_columns(
-        pl.Series("step_mc", [r.step_mc for r in results], dtype=pl.List(pl.Float64)),
-        pl.Series("step_labels", [r.step_labels for r in results], dtype=pl.List(pl.Int8)),
-        pl.Series("first_error", [r.first_error for r in results], dtype=pl.Int32),
-        pl.Series("label_rollouts", [r.rollouts for r in results], dtype=pl.Int32),
-        pl.Series("label_tokens", [r.tokens for r in results], dtype=pl.Int64),
-    )
 
 
 def _verified(shard) -> None:

@@ -33,16 +33,27 @@ class VerifySettings(WorkerSettings):
     ] = 5.0
 
 
+def verify_frame(frame: pl.DataFrame, settings: VerifySettings | None = None, *, tracker=None) -> pl.DataFrame:
+    """The per-frame core: adds `pred_answer`, `correct` and `verify_status`; every input row
+    and column stays. `tracker` (a `Tracker`, or anything with `advance(rows)`) sees progress."""
+    settings = settings or VerifySettings()
+    return verify_rows(
+        frame,
+        timeout=settings.timeout,
+        workers=settings.workers or default_workers(),
+        on_progress=None if tracker is None else tracker.advance,
+    )
+
+
 def run(
     inputs: list[str], output: Path, settings: VerifySettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Check each response's final answer against `reference_answer` by mathematical
     equivalence (Math-Verify), writing `pred_answer`, `correct` and `verify_status`."""
     stats = RunStats("verify", quiet=quiet)
-    workers = settings.workers or default_workers()
 
     def transform(frame: pl.DataFrame, tracker) -> pl.DataFrame:
-        result = verify_rows(frame, timeout=settings.timeout, workers=workers, on_progress=tracker.advance)
+        result = verify_frame(frame, settings, tracker=tracker)
         stats.counts.update(f"status_{s}" for s in result["verify_status"])
         stats.counts["correct"] += int(result["correct"].sum())
         return result
