@@ -143,3 +143,10 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         self.llm = None
         gc.collect()
+
+
+def load(model: str | None, *, device=None, dtype=None, trust_remote_code: bool = False, **options) -> VLLMEngine:
+    """`load_engine("vllm", ...)`: options go to VLLMEngine (gpu_memory_utilization, ...)."""
+    if device not in (None, "cuda"):
+        raise EngineError(f"the vllm engine runs on CUDA only, not on {device!r}")
+    return VLLMEngine(model, dtype=dtype, trust_remote_code=trust_remote_code, **options)

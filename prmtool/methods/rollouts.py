@@ -56,6 +56,21 @@ class RolloutSettings:
     verify_timeout: float = 5.0
     workers: int = 2
 
+    @classmethod
+    def of(cls, settings, workers: int) -> RolloutSettings:
+        """From a stage's settings (label's, intervene's), which name these options alike;
+        no prompt template means the default one, as generate's."""
+        from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
+
+        return cls(
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+            seed=settings.seed,
+            system_prompt=settings.system_prompt,
+            prompt_template=settings.prompt_template or DEFAULT_PROMPT_TEMPLATE,
+            workers=workers,
+        )
+
 
 class Rollouts:
     """Runs rounds of probes for a frame of responses (problem, steps, reference_answer)."""

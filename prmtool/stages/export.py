@@ -124,6 +124,93 @@ class ExportSettings:
     ] = None
 
 
+def format_options(settings: ExportSettings) -> dict:
+    """What the format's converter takes from the settings."""
+    return {
+        "prompt_template": settings.prompt_template,
+        "system_prompt": settings.system_prompt,
+        "data_source": settings.data_source,
+        "open_turn": settings.open_turn,
+    }
+
+
+def check_format(settings: ExportSettings):
+    """The format named by --format, checked against --open-turn."""
+    if settings.format not in FORMATS:
+        raise InputError(f"--format {settings.format!r}: expected one of {', '.join(FORMATS)}")
+    fmt = FORMATS[settings.format]
+    if settings.open_turn and not fmt.open_turn:
+        raise InputError(
+            f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {settings.format}"
+        )
+    return fmt
+
+
+def export_frame(frame: pl.DataFrame, settings: ExportSettings) -> dict[str, pl.DataFrame]:
+    """The per-frame core: contract rows in, the format's rows out, one frame per split
+    (`train`, and those named by `settings.split`, assigned by problem). The format is
+    documented in prmtool/methods/formats.py and `prmtool export --help`."""
+    fmt = check_format(settings)
+    check_columns(frame.schema, "frame", ("problem_id",) + fmt.required)
+    condition = where_filter(settings.where)
+    if condition is not None:
+        frame = frame.filter(condition)
+    if fmt.per_problem:
+        frame = frame.unique("problem_id", keep="first", maintain_order=True)
+    fractions = parse_split(settings.split)
+    split_of = assign_splits(frame["problem_id"].to_list(), fractions, settings.seed) if fractions else None
+    converted, _ = export_rows(frame, settings.format, split_of, **format_options(settings))
+    return converted
+
+
+@dataclass
+class ExportPlan:
+    """What a run will do, decided from every input before anything is written."""
+
+    fmt: object  # the format (prmtool.methods.formats)
+    found: list[shards.InputShard]
+    condition: pl.Expr | None  # --where
+    split_of: dict[str, str] | None  # problem_id -> split, over every input's problems
+    arguments: dict  # provenance: the options that decide the output
+
+
+def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overwrite: bool) -> ExportPlan:
+    """Every check on the options and inputs, and the split of the problems."""
+    fmt = check_format(settings)
+    fractions = parse_split(settings.split)
+    condition = where_filter(settings.where)
+    found = shards.open_inputs(inputs)
+    for shard in found:
+        check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
+        if condition is not None:
+            check_where(condition, settings.where, shard)
+    shards.check_output_dir(output, found, inputs, {"--hf-dataset": settings.hf_dataset})
+    shards.check_distinct_names(found)
+    hf_dataset = settings.hf_dataset
+    if hf_dataset is not None and hf_dataset.exists() and not overwrite:
+        raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
+    if hf_dataset is not None and hf_dataset.exists() and not (hf_dataset / "dataset_dict.json").exists():
+        raise InputError(
+            f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
+        )
+    split_of = None
+    if fractions:  # from every input's problems, so that each partition splits as the whole run does
+        problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
+        split_of = assign_splits(problem_ids.to_list(), fractions, settings.seed)
+    arguments = {
+        "format": settings.format,
+        "where": settings.where,
+        "split": settings.split,
+        "seed": settings.seed,
+        "prompt_template": settings.prompt_template,
+        "system_prompt": settings.system_prompt,
+        "data_source": settings.data_source,
+    }
+    if settings.open_turn:  # only when given: earlier complete outputs keep their arguments
+        arguments["open_turn"] = True
+    return ExportPlan(fmt, found, condition, split_of, arguments)
+
+
 def run(
     inputs: list[str], output: Path, settings: ExportSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
@@ -136,96 +223,29 @@ def run(
             "or load the output's Parquet shards with datasets.load_dataset('parquet', data_files=...)"
         )
     stats = RunStats("export", quiet=quiet)
-    if settings.format not in FORMATS:
-        raise InputError(f"--format {settings.format!r}: expected one of {', '.join(FORMATS)}")
-    fmt = FORMATS[settings.format]
-    if settings.open_turn and not fmt.open_turn:
-        raise InputError(
-            f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {settings.format}"
-        )
-    fractions = parse_split(settings.split)
-    condition = where_filter(settings.where)
-    found = shards.open_inputs(inputs)
-    for shard in found:
-        check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
-        if condition is not None:
-            check_where(condition, settings.where, shard)
-    shards.check_output_dir(output, found, inputs, {"--hf-dataset": settings.hf_dataset})
-    shards.check_distinct_names(found)
-    if settings.hf_dataset is not None and settings.hf_dataset.exists() and not overwrite:
-        raise InputError(f"{settings.hf_dataset}: exists; pass --overwrite to replace it")
-    if (
-        settings.hf_dataset is not None
-        and settings.hf_dataset.exists()
-        and not (settings.hf_dataset / "dataset_dict.json").exists()
-    ):
-        raise InputError(
-            f"{settings.hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
-        )
-
-    split_of = None
-    if fractions:  # from every input's problems, so that each partition splits as the whole run does
-        problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
-        split_of = assign_splits(problem_ids.to_list(), fractions, settings.seed)
-
-    arguments = {
-        "format": settings.format,
-        "where": settings.where,
-        "split": settings.split,
-        "seed": settings.seed,
-        "prompt_template": settings.prompt_template,
-        "system_prompt": settings.system_prompt,
-        "data_source": settings.data_source,
-    }
-    if settings.open_turn:  # only when given: earlier complete outputs keep their arguments
-        arguments["open_turn"] = True
-    key = outputs.run_key("export", arguments, [s.describe() for s in found], partition.count)
-    with outputs.output_lock([output], key):
-        if shards.prepare_whole_output(
-            output, "export", arguments, [s.describe() for s in found], overwrite, partition
-        ):
+    plan = plan_export(inputs, output, settings, overwrite)
+    described = [s.describe() for s in plan.found]
+    with outputs.output_lock([output], outputs.run_key("export", plan.arguments, described, partition.count)):
+        if shards.prepare_whole_output(output, "export", plan.arguments, described, overwrite, partition):
             scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
             stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
             return stats.summary()
-        _export(
-            found,
-            output,
-            fmt,
-            settings.format,
-            arguments,
-            condition,
-            settings.where,
-            split_of,
-            partition,
-            settings.hf_dataset,
-            overwrite,
-            quiet,
-            stats,
-            prompt_template=settings.prompt_template,
-            system_prompt=settings.system_prompt,
-            data_source=settings.data_source,
-            open_turn=settings.open_turn,
-        )
+        _export(plan, output, settings, partition, overwrite, quiet, stats)
     return stats.finish()
 
 
 def _export(
-    found,
-    output,
-    fmt,
-    format,
-    arguments,
-    condition,
-    where,
-    split_of,
-    partition,
-    hf_dataset,
-    overwrite,
-    quiet,
-    stats,
-    **options,
+    plan: ExportPlan,
+    output: Path,
+    settings: ExportSettings,
+    partition: Partition,
+    overwrite: bool,
+    quiet: bool,
+    stats: RunStats,
 ) -> None:
     """Convert and write every input shard, then the datasets folder, then the manifest."""
+    found, fmt, condition, where, split_of = plan.found, plan.fmt, plan.condition, settings.where, plan.split_of
+    arguments, options, hf_dataset = plan.arguments, format_options(settings), settings.hf_dataset
     # verl numbers its rows (extra_info.index) over the whole run; a partition, which sees only
     # its own problems, takes each problem's number from a narrow pass over every input.
     numbers = _problem_numbers(found, condition, where, split_of) if fmt.per_problem and not partition.whole else None
@@ -255,7 +275,7 @@ def _export(
                 frame = first
             stats.problem_ids.update(frame["problem_id"].to_list())
             try:
-                converted, skipped = export_rows(frame, format, split_of, next_index, **options)
+                converted, skipped = export_rows(frame, settings.format, split_of, next_index, **options)
             except InputError as exc:  # a row the format cannot hold: name its file
                 raise InputError(f"{shard.path}: {exc}") from None
             stats.counts.update(skipped)

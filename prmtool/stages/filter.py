@@ -9,6 +9,7 @@ kept and rejected rows and the report.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import typer
 
 from prmtool.core.partition import Partition
 from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
+from prmtool.core.stage import Stage, default_of
 from prmtool.core import outputs, shards
 from prmtool.core.errors import InputError
 from prmtool.cli.options import (
@@ -36,6 +37,7 @@ from prmtool.methods.filtering import (
     FilterConfig,
     decide,
     feature_expressions,
+    row_features,
     parse_band,
     split_rows,
     summarize,
@@ -132,6 +134,39 @@ class FilterSettings:
     ] = None
 
 
+# The settings that decide which rows go (--rejects and --report say where they are written).
+DECISION_SETTINGS = (
+    "method",
+    "remove",
+    "keep",
+    "mode",
+    "value",
+    "min_steps",
+    "max_steps",
+    "threshold",
+    "band",
+    "where",
+)
+
+
+def filter_config(settings: FilterSettings) -> FilterConfig:
+    """The decision's parameters, from the stage's settings (each checked against --method)."""
+    return _options(*(getattr(settings, name) for name in DECISION_SETTINGS))
+
+
+def filter_frame(frame: pl.DataFrame, **settings) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The per-frame core: one frame holding whole problem groups in; (kept, rejected) out,
+    `rejected` with a filter_reason, kept + rejected = the input rows. `settings` are the
+    stage's decision settings by name, valued as on the command line: `filter_frame(rows,
+    keep=2)`, `filter_frame(rows, method="accuracy-band", band="0.2,0.8")`."""
+    unknown = sorted(set(settings) - set(DECISION_SETTINGS))
+    if unknown:
+        raise InputError(f"filter: unknown setting {unknown[0]!r} (settings: {', '.join(DECISION_SETTINGS)})")
+    defaults = {f.name: default_of(f) for f in dataclasses.fields(FilterSettings) if f.name in DECISION_SETTINGS}
+    config = _options(*({**defaults, **settings}[name] for name in DECISION_SETTINGS))
+    return split_rows(frame, decide(row_features(frame, config), config))
+
+
 def run(
     inputs: list[str], output: Path, settings: FilterSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
@@ -139,18 +174,7 @@ def run(
     rows go to --rejects with a filter_reason. Groups are problems, over all input shards;
     with --num-shards, partitions are sets of whole problems."""
     stats = RunStats("filter", quiet=quiet)
-    options = _options(
-        settings.method,
-        settings.remove,
-        settings.keep,
-        settings.mode,
-        settings.value,
-        settings.min_steps,
-        settings.max_steps,
-        settings.threshold,
-        settings.band,
-        settings.where,
-    )
+    options = filter_config(settings)
     condition = where_filter(settings.where)
     found = shards.open_inputs(inputs)
     for shard in found:

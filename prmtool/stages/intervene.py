@@ -51,7 +51,7 @@ from prmtool.core.schema import cast_to_contract
 from prmtool.methods.steps import make_splitter
 
 if TYPE_CHECKING:
-    pass
+    from prmtool.engines import Engine
 
 REQUIRED = ("problem_id", "problem", "reference_answer", "response_id", "steps", "correct")
 
@@ -143,32 +143,9 @@ class InterveneSettings(ModelSettings, WorkerSettings):
     split: Split = "blank-line"
 
 
-def run(
-    inputs: list[str], output: Path, settings: InterveneSettings, *, overwrite: bool, quiet: bool, partition: Partition
-) -> Summary:
-    """Propose a corrective step at the first error of every wrong response and keep those from
-    which rollouts reach the reference answer. One output row per kept intervention, with
-    intervention, intervention_step, intervention_success_rate and guided_response."""
-    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
-
-    if settings.first_error not in FIRST_ERROR_MODES:
-        raise InputError(f"--first-error {settings.first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
-    if settings.min_success > settings.verify_rollouts:
-        raise InputError(
-            f"--min-success {settings.min_success} is more than --verify-rollouts {settings.verify_rollouts}: "
-            "nothing could be kept"
-        )
-    separator = make_splitter(settings.split).separator
-    stats = RunStats("intervene", quiet=quiet)
-    rollouts = RolloutSettings(
-        temperature=settings.temperature,
-        max_tokens=settings.max_tokens,
-        seed=settings.seed,
-        system_prompt=settings.system_prompt,
-        prompt_template=settings.prompt_template or DEFAULT_PROMPT_TEMPLATE,
-        workers=settings.workers or default_workers(),
-    )
-    config = InterventionConfig(
+def intervention_config(settings: InterveneSettings) -> InterventionConfig:
+    """The rounds' parameters, from the stage's settings."""
+    return InterventionConfig(
         candidates=settings.candidates,
         verify_rollouts=settings.verify_rollouts,
         min_success=settings.min_success,
@@ -176,8 +153,38 @@ def run(
         temperature=settings.temperature,
         proposer_max_tokens=settings.proposer_max_tokens,
         prefill_tag=settings.prefill_tag,
-        rollouts=rollouts,
+        rollouts=RolloutSettings.of(settings, settings.workers or default_workers()),
     )
+
+
+def intervene_frame(
+    frame: pl.DataFrame, engine: Engine, settings: InterveneSettings | None = None, *, tracker: Tracker | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The per-frame core: labeled responses in; (kept, rejected) out. `kept` has one row per
+    kept intervention (every input column, plus intervention, intervention_step,
+    intervention_success_rate, guided_response, ...); `rejected` one row per rejected candidate
+    or skipped response, with intervene_reason. Every input row is in one of the two."""
+    settings = settings or InterveneSettings()
+    separator = make_splitter(settings.split).separator
+    return intervene_rows(frame, engine, intervention_config(settings), separator, tracker)
+
+
+def run(
+    inputs: list[str], output: Path, settings: InterveneSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
+    """Propose a corrective step at the first error of every wrong response and keep those from
+    which rollouts reach the reference answer. One output row per kept intervention, with
+    intervention, intervention_step, intervention_success_rate and guided_response."""
+    if settings.first_error not in FIRST_ERROR_MODES:
+        raise InputError(f"--first-error {settings.first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
+    if settings.min_success > settings.verify_rollouts:
+        raise InputError(
+            f"--min-success {settings.min_success} is more than --verify-rollouts {settings.verify_rollouts}: "
+            "nothing could be kept"
+        )
+    make_splitter(settings.split)  # a bad --split fails before the model loads
+    stats = RunStats("intervene", quiet=quiet)
+    rollouts = intervention_config(settings).rollouts
     arguments = {
         "candidates": settings.candidates,
         "verify_rollouts": settings.verify_rollouts,
@@ -203,7 +210,7 @@ def run(
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
-        kept, rejected = intervene_rows(frame, engines.get(), config, separator, tracker)
+        kept, rejected = intervene_frame(frame, engines.get(), settings, tracker=tracker)
         _count(stats, frame, kept, rejected)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         pending["rejects"] = rejected

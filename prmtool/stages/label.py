@@ -44,7 +44,7 @@ from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.methods.steps import make_splitter
 
 if TYPE_CHECKING:
-    pass
+    from prmtool.engines import Engine
 
 REQUIRED = ("problem_id", "problem", "reference_answer", "response_id", "steps", "correct")
 
@@ -126,33 +126,51 @@ class LabelSettings(ModelSettings, WorkerSettings):
     split: Split = "blank-line"
 
 
-def run(
-    inputs: list[str], output: Path, settings: LabelSettings, *, overwrite: bool, quiet: bool, partition: Partition
-) -> Summary:
-    """Label every step of every response by Monte Carlo rollouts from its prefixes. Writes
-    step_mc, step_labels, first_error, label_rollouts and label_tokens."""
-    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
-
+def check_choices(settings: LabelSettings) -> None:
+    """The options whose values are words: checked before any model loads."""
     if settings.method not in METHODS:
         raise InputError(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
     if settings.label not in ("hard", "soft"):
         raise InputError(f"--label {settings.label!r}: expected hard or soft")
     if settings.correct_responses not in ("trust", "estimate"):
         raise InputError(f"--correct-responses {settings.correct_responses!r}: expected trust or estimate")
+
+
+def label_frame(
+    frame: pl.DataFrame, engine: Engine, settings: LabelSettings | None = None, *, tracker: Tracker | None = None
+) -> pl.DataFrame:
+    """The per-frame core: verified responses in, the same rows with step_mc, step_labels,
+    first_error, label_rollouts and label_tokens out. (`--method omegaprm` labels rows as
+    `binary` does; its tree comes from `prmtool.methods.omegaprm.grow_trees`.)"""
+    settings = settings or LabelSettings()
+    check_choices(settings)
+    return label_rows(
+        frame,
+        engine,
+        settings.method,
+        settings.k,
+        RolloutSettings.of(settings, settings.workers or default_workers()),
+        make_splitter(settings.split).separator,
+        settings.label == "soft",
+        settings.bad_below,
+        settings.correct_responses,
+        tracker,
+    )
+
+
+def run(
+    inputs: list[str], output: Path, settings: LabelSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
+    """Label every step of every response by Monte Carlo rollouts from its prefixes. Writes
+    step_mc, step_labels, first_error, label_rollouts and label_tokens."""
+    check_choices(settings)
     if settings.method == "omegaprm" and settings.tree_output is None:
         raise InputError("--method omegaprm needs --tree-output DIR")
     if settings.method != "omegaprm" and settings.tree_output is not None:
         raise InputError("--tree-output is only for --method omegaprm")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
-    rollout_settings = RolloutSettings(
-        temperature=settings.temperature,
-        max_tokens=settings.max_tokens,
-        seed=settings.seed,
-        system_prompt=settings.system_prompt,
-        prompt_template=settings.prompt_template or DEFAULT_PROMPT_TEMPLATE,
-        workers=settings.workers or default_workers(),
-    )
+    rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
     arguments = {
         "method": settings.method,
         "k": settings.k,
@@ -190,18 +208,7 @@ def run(
     engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        result = label_rows(
-            frame,
-            engines.get(),
-            settings.method,
-            settings.k,
-            rollout_settings,
-            separator,
-            settings.label == "soft",
-            settings.bad_below,
-            settings.correct_responses,
-            tracker,
-        )
+        result = label_frame(frame, engines.get(), settings, tracker=tracker)
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())

@@ -32,7 +32,7 @@ from prmtool.core.report import RunStats, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 
 if TYPE_CHECKING:
-    pass
+    from prmtool.engines import Engine
 
 from prmtool.methods.step_rewards import (
     AGGREGATIONS,
@@ -141,14 +141,8 @@ class ScoreSettings:
     trust_remote_code: TrustRemoteCode = False
 
 
-def run(
-    inputs: list[str], output: Path, settings: ScoreSettings, *, overwrite: bool, quiet: bool, partition: Partition
-) -> Summary:
-    """Score every step of every response with an implicit PRM (policy vs reference
-    log-likelihood ratio) or a trained token-classification PRM. Writes step_rewards,
-    step_values and prm_score (and token_rewards with --token-rewards)."""
-    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
-
+def check_choices(settings: ScoreSettings) -> None:
+    """The options whose values are words, and the ones that go together: before any model loads."""
     if settings.scorer not in SCORERS:
         raise InputError(f"--scorer {settings.scorer!r}: expected one of {', '.join(SCORERS)}")
     if settings.reward not in REWARDS:
@@ -169,7 +163,12 @@ def run(
             raise InputError("--policy, --ref, --no-ref and --token-rewards are for --scorer implicit")
         if settings.engine != "hf":
             raise InputError("--scorer token-classification runs on the hf engine only")
-    config = ScoringConfig(
+
+
+def scoring_config(settings: ScoreSettings) -> ScoringConfig:
+    from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
+
+    return ScoringConfig(
         beta=settings.beta,
         reward=settings.reward,
         agg=settings.agg,
@@ -179,6 +178,36 @@ def run(
         step_separator=settings.step_separator,
         max_batch_tokens=settings.max_batch_tokens,
     )
+
+
+def score_frame(
+    frame: pl.DataFrame,
+    model,
+    settings: ScoreSettings | None = None,
+    *,
+    ref: Engine | None = None,
+    tracker: Tracker | None = None,
+) -> pl.DataFrame:
+    """The per-frame core: responses in, the same rows with step_rewards, step_values and
+    prm_score out. `model` is the policy engine and `ref` the reference one (None: --no-ref)
+    for `--scorer implicit`, or a `StepClassifier` for `--scorer token-classification`."""
+    settings = settings or ScoreSettings(no_ref=ref is None)
+    config = scoring_config(settings)
+    if settings.scorer == "token-classification":
+        return score_with_classifier(frame, model, config, tracker)
+    if ref is not None:  # checked on every call: cheap next to a frame's forward passes
+        check_same_tokenizer(model.tokenizer, ref.tokenizer)
+    return score_implicit(frame, model, ref, config, tracker)
+
+
+def run(
+    inputs: list[str], output: Path, settings: ScoreSettings, *, overwrite: bool, quiet: bool, partition: Partition
+) -> Summary:
+    """Score every step of every response with an implicit PRM (policy vs reference
+    log-likelihood ratio) or a trained token-classification PRM. Writes step_rewards,
+    step_values and prm_score (and token_rewards with --token-rewards)."""
+    check_choices(settings)
+    config = scoring_config(settings)
     arguments = {"scorer": settings.scorer, "reward": settings.reward, "agg": settings.agg}
     if settings.scorer == "implicit":
         arguments |= {
@@ -215,18 +244,9 @@ def run(
             )
         ]
 
-    def loaded_models() -> tuple:
-        loaded = tuple(m.get() for m in models)
-        if len(loaded) == 2:  # checked on every call: cheap next to a shard's forward passes
-            check_same_tokenizer(loaded[0].tokenizer, loaded[1].tokenizer)
-        return loaded
-
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        if settings.scorer == "token-classification":
-            result = score_with_classifier(frame, models[0].get(), config, tracker)
-        else:
-            policy_engine, *ref_engine = loaded_models()
-            result = score_implicit(frame, policy_engine, ref_engine[0] if ref_engine else None, config, tracker)
+        model, *ref = (m.get() for m in models)
+        result = score_frame(frame, model, settings, ref=ref[0] if ref else None, tracker=tracker)
         stats.counts["responses_scored"] += result.height
         stats.counts["steps_scored"] += int(result["step_rewards"].list.len().sum())
         return result

@@ -48,6 +48,17 @@ DTYPES = {
 CACHE_LENGTH_STEP = 128
 
 
+def load(model: str | None, *, device=None, dtype=None, trust_remote_code: bool = False, **options) -> HFEngine:
+    """`load_engine("hf", ...)`: options are HFEngine's own (max_batch_tokens, compile, ...)."""
+    import inspect
+
+    accepted = set(inspect.signature(HFEngine.__init__).parameters) - {"self", "model", "tokenizer"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise EngineError(f"unknown hf engine option(s) {', '.join(unknown)}: expected {', '.join(sorted(accepted))}")
+    return HFEngine.from_pretrained(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+
+
 class HFEngine(Engine):
     """Samples and scores with a transformers causal LM already in memory.
 
