@@ -28,8 +28,8 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's model builders
 
 from prmtool.engines import Completion, Engine  # noqa: E402
-from prmtool.methods.rollouts import RolloutSettings  # noqa: E402
 from prmtool.methods.labeling import label_rows  # noqa: E402
+from prmtool.methods.rollouts import RolloutSettings  # noqa: E402
 
 
 def wrong_responses(count: int, min_steps: int, max_steps: int, seed: int = 0, words_per_step: int = 8) -> pl.DataFrame:

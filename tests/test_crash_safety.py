@@ -40,8 +40,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from prmtool.core import outputs, shards
 from prmtool.cli import main
+from prmtool.core import outputs, shards
 from tests.conftest import ROOT, SAMPLES
 
 RESPONSES_JSONL = SAMPLES / "responses.jsonl"  # 48 responses to 12 problems

@@ -8,11 +8,11 @@ import polars as pl
 import pytest
 
 from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
+from prmtool.core.shards import InputShard
 from prmtool.executors import partition_to_run
 from prmtool.executors.ray import run_partition
 from prmtool.stages import stage
-from prmtool.core.partition import Partition
-from prmtool.core.shards import InputShard
 
 
 def shard(name: str) -> InputShard:

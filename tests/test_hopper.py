@@ -8,9 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prmtool.engines.hf import hopper
-from prmtool.engines.hf import HFEngine, has_final_logit_transforms
 from prmtool.engines.base import ScoringRequest
+from prmtool.engines.hf import HFEngine, has_final_logit_transforms, hopper
 from tests.engine_fixtures import build_tiny_model
 
 on_hopper = pytest.mark.skipif(

@@ -17,11 +17,11 @@ from fractions import Fraction
 import polars as pl
 import pytest
 
-from prmtool.methods import interventions as iv
 from prmtool.engines import Completion, Engine
+from prmtool.methods import interventions as iv
+from prmtool.methods.intervention_rounds import InterventionConfig, intervene_rows
 from prmtool.methods.interventions import Candidate, Rejection, answer_leak, parse_first_error, parse_intervention
 from prmtool.methods.rollouts import RolloutSettings
-from prmtool.methods.intervention_rounds import InterventionConfig, intervene_rows
 from tests.conftest import SAMPLES, files_under
 
 

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from prmtool.engines import Completion, Engine
-from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.labeling import label_rows
+from prmtool.methods.rollouts import RolloutSettings
 from tests.conftest import SAMPLES
 
 

@@ -12,9 +12,9 @@ from collections import Counter
 import polars as pl
 
 from prmtool.engines import Completion
+from prmtool.methods.labeling import label_rows
 from prmtool.methods.omegaprm import TREE_SCHEMA, SearchConfig, grow_trees, tree_frame
 from prmtool.methods.rollouts import RolloutSettings
-from prmtool.methods.labeling import label_rows
 from prmtool.methods.steps import make_splitter
 from tests.test_label import ScriptedRolloutEngine, answers_of, responses
 

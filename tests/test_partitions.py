@@ -23,7 +23,6 @@ from polars.testing import assert_frame_equal
 
 from tests.conftest import SAMPLES, write_shards
 
-
 # --- data -----------------------------------------------------------------------------------
 
 

@@ -3,8 +3,8 @@
 import re
 import subprocess
 
-from prmtool.methods.formats import FORMATS
 from prmtool.core.schema import markdown_table
+from prmtool.methods.formats import FORMATS
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -5,8 +5,8 @@ import time
 import polars as pl
 import pytest
 
-from prmtool.stages.verify import verify_rows
 from prmtool.methods.verification import Verdict, extract_answer, last_boxed, verify_answers
+from prmtool.stages.verify import verify_rows
 
 
 @pytest.mark.parametrize(

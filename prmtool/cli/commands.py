@@ -17,8 +17,7 @@ except ImportError:
     from click import BadParameter, ClickException, MissingParameter
 from prmtool.cli import recipe
 from prmtool.cli.stage_command import stage_command
-from prmtool.stages import STAGES, stage
-from prmtool.stages import stats
+from prmtool.stages import STAGES, stage, stats
 
 app = typer.Typer(
     name="prmtool",

@@ -44,10 +44,10 @@ import yaml
 from rich.console import Console
 
 from prmtool.core import shards
-from prmtool.stages import STAGES
 from prmtool.core.errors import InputError, StageError, exit_code_of
-from prmtool.engines.loading import keep_models_loaded
 from prmtool.core.outputs import check_outputs, input_roots, plain_name
+from prmtool.engines.loading import keep_models_loaded
+from prmtool.stages import STAGES
 
 RESERVED = {"stage", "name", "input"}
 RECORD = "_RECIPE.json"

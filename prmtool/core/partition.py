@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -26,8 +25,6 @@ from prmtool.core.errors import InputError
 
 if TYPE_CHECKING:
     from prmtool.core.shards import InputShard
-
-PARTITION_MANIFEST_GLOB = "_SUCCESS-*-of-*"
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,3 @@ class Partition:
             return name
         stem, dot, suffix = name.rpartition(".")
         return f"{stem}.{self.label}.{suffix}" if dot else f"{name}.{self.label}"
-
-
-def partition_manifests(output: Path) -> list[Path]:
-    return sorted(output.glob(PARTITION_MANIFEST_GLOB)) if output.is_dir() else []

@@ -1,12 +1,18 @@
-"""The local executor for stages that map each input shard to one output shard.
+"""The shard runners: what every stage's `run` hands its per-frame core to.
 
-A stage supplies a pure `transform(frame) -> frame` (rows in, rows out); this module does the
-rest once for all of them: validation of every input before any work, resume, atomic writes,
-provenance, the manifest, and the guarantee that no input row or column is lost.
+- `run_map_stage`, for stages that map each input shard to one output shard (generate, verify,
+  label, score, intervene): the stage supplies a pure `transform(frame) -> frame` (rows in,
+  rows out); this module does the rest once for all of them: validation of every input before
+  any work, resume, atomic writes, provenance, the manifest, and the guarantee that no input
+  row or column is lost.
+- `whole_output`, for stages whose output depends on all their input at once (import and
+  export re-shard it, filter decides whole groups): the lock and the resume decision around
+  the stage's own writing.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -181,3 +187,25 @@ def _warn_stale(output: Path, written: set[str], stats: RunStats) -> None:
     )
     if stale:
         stats.warn(f"{output} also holds shards this run did not write: {', '.join(stale[:5])}")
+
+
+@contextmanager
+def whole_output(
+    stage: str,
+    output: Path,
+    arguments: dict,
+    sources: list[dict],
+    overwrite: bool,
+    partition: Partition,
+    stats: RunStats,
+):
+    """Lock `output` for this run and yield whether there is work to do: an output already
+    complete for the same stage, arguments and sources is kept (resume) and said so; with
+    `overwrite`, or for a different run, it is cleared (`shards.prepare_whole_output`)."""
+    with outputs.output_lock([output], outputs.run_key(stage, arguments, sources, partition.count)):
+        if shards.prepare_whole_output(output, stage, arguments, sources, overwrite, partition):
+            scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
+            stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
+            yield False
+        else:
+            yield True

@@ -64,11 +64,6 @@ COLUMNS: dict[str, Column] = {
     ]
 }
 
-VERIFY_STATUSES = ("ok", "no_answer", "timeout", "error")
-
-PROBLEM_COLUMNS = ("problem_id", "problem", "reference_answer")
-RESPONSE_COLUMNS = ("problem_id", "problem", "response_id", "response")
-
 
 def _compatible(actual: pl.DataType, expected: pl.DataType) -> bool:
     """Accept the natural relatives of a contract type (any float width, any int width)."""

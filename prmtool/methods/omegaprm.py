@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from prmtool.methods.rollouts import run_searches, Probe, ProbeResult, Rollouts, RolloutSettings
+from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
 from prmtool.methods.steps import Splitter, make_splitter, rollout_prefix, split_steps
 
 if TYPE_CHECKING:
-    from prmtool.engines import Engine
     from prmtool.core.report import Tracker
+    from prmtool.engines import Engine
 
 TREE_SCHEMA = {
     "problem_id": pl.String,

@@ -22,13 +22,6 @@ class Splitter:
     opens_step: bool = False  # ...or, when True, matches the text that opens a new step
 
 
-SPLIT_HELP = (
-    "How responses are cut into steps: blank-line (\\n\\n, default), line (\\n), "
-    "step-k (a new step at each line starting 'Step k:'), or regex:PATTERN (a new step "
-    "begins at each match of PATTERN; nothing is removed between steps)."
-)
-
-
 def make_splitter(spec: str) -> Splitter:
     if spec == "blank-line":
         return Splitter(spec, "\n\n", re.compile(re.escape("\n\n")))

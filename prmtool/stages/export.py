@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
-from prmtool.core.where import check_where, where_filter
-from prmtool.core import outputs, shards
-from prmtool.core.outputs import plain_name
-from prmtool.core.errors import InputError
-from prmtool.methods.formats import FORMATS
 from prmtool.cli.options import (
     template,
 )
-from prmtool.core.report import RunStats
+from prmtool.core import shards
+from prmtool.core.errors import InputError
+from prmtool.core.outputs import plain_name
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary
+from prmtool.core.runner import whole_output
 from prmtool.core.schema import check_columns
+from prmtool.core.stage import Stage
+from prmtool.core.where import check_where, where_filter
+from prmtool.methods.formats import FORMATS
 
 
 def parse_split(spec: str | None) -> dict[str, float]:
@@ -225,10 +224,8 @@ def run(
     stats = RunStats("export", quiet=quiet)
     plan = plan_export(inputs, output, settings, overwrite)
     described = [s.describe() for s in plan.found]
-    with outputs.output_lock([output], outputs.run_key("export", plan.arguments, described, partition.count)):
-        if shards.prepare_whole_output(output, "export", plan.arguments, described, overwrite, partition):
-            scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
-            stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
+    with whole_output("export", output, plan.arguments, described, overwrite, partition, stats) as work_to_do:
+        if not work_to_do:
             return stats.summary()
         _export(plan, output, settings, partition, overwrite, quiet, stats)
     return stats.finish()

@@ -19,30 +19,27 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage, default_of
-from prmtool.core import outputs, shards
-from prmtool.core.errors import InputError
 from prmtool.cli.options import (
     finite,
 )
-from prmtool.core.report import RunStats
+from prmtool.core import outputs, shards
+from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary
 from prmtool.core.schema import check_columns
+from prmtool.core.stage import Stage, default_of
 from prmtool.core.where import check_where, where_filter
-
 from prmtool.methods.filtering import (
     APPLIES,
     METHODS,
     FilterConfig,
     decide,
     feature_expressions,
-    row_features,
     parse_band,
+    row_features,
     split_rows,
     summarize,
 )
-
 
 # --- the command ----------------------------------------------------------------------------
 

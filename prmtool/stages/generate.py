@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dataclasses import dataclass, field
-
 import hashlib
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
-from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
-from prmtool.core.errors import InputError
-from prmtool.engines.loading import EngineOnDemand
-from prmtool.cli.options import ModelSettings, WorkerSettings
 from prmtool.cli.options import (
-    template,
+    ModelSettings,
+    Split,
+    WorkerSettings,
+    default_workers,
     finite,
     positive,
-    Split,
-    default_workers,
+    template,
 )
-from prmtool.core.report import RunStats, Tracker
+from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.stage import Stage
+from prmtool.engines.loading import EngineOnDemand
+from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.methods.steps import make_splitter, split_steps
 
 if TYPE_CHECKING:

@@ -3,24 +3,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
+from prmtool.cli.options import Split
 from prmtool.core import shards
 from prmtool.core.errors import InputError
-from prmtool.core.outputs import check_outputs, input_roots, output_lock, run_key
-from prmtool.cli.options import Split
-from prmtool.core.report import RunStats
+from prmtool.core.outputs import check_outputs, input_roots, run_key
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary
+from prmtool.core.runner import whole_output
 from prmtool.core.schema import cast_to_contract, check_columns
+from prmtool.core.stage import Stage
 from prmtool.methods.steps import make_splitter, split_steps
 from prmtool.methods.verification import last_boxed
 
@@ -295,10 +294,8 @@ def run(
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: -o exists and is not a directory")
     frame = import_rows(list(inputs), renames, settings.preset, settings.split, settings.dataset_split, partition)
-    with output_lock([output], run_key("import", arguments, sources, partition.count)):
-        if shards.prepare_whole_output(output, "import", arguments, sources, overwrite, partition):
-            scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
-            stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
+    with whole_output("import", output, arguments, sources, overwrite, partition, stats) as work_to_do:
+        if not work_to_do:
             return stats.summary()
         _write(frame, output, arguments, sources, settings.shard_rows, partition, stats)
     return stats.finish()

@@ -24,10 +24,22 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
+from prmtool.cli.options import (
+    ModelSettings,
+    Split,
+    WorkerSettings,
+    default_workers,
+    finite,
+    template,
+)
 from prmtool.core import shards
+from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary, Tracker
+from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.schema import cast_to_contract
+from prmtool.core.stage import Stage
+from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import interventions as iv
 from prmtool.methods.intervention_rounds import (
     FIRST_ERROR_MODES,
@@ -35,19 +47,7 @@ from prmtool.methods.intervention_rounds import (
     InterventionConfig,
     intervene_rows,
 )
-from prmtool.core.errors import InputError
-from prmtool.engines.loading import EngineOnDemand
-from prmtool.cli.options import ModelSettings, WorkerSettings
-from prmtool.cli.options import (
-    template,
-    finite,
-    Split,
-    default_workers,
-)
-from prmtool.core.report import RunStats, Tracker
 from prmtool.methods.rollouts import RolloutSettings
-from prmtool.core.runner import MapStage, run_map_stage
-from prmtool.core.schema import cast_to_contract
 from prmtool.methods.steps import make_splitter
 
 if TYPE_CHECKING:

@@ -22,25 +22,25 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
-from prmtool.core import shards
-from prmtool.core.errors import InputError
-from prmtool.engines.loading import EngineOnDemand
-from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
-from prmtool.cli.options import ModelSettings, WorkerSettings
 from prmtool.cli.options import (
-    template,
+    ModelSettings,
+    Split,
+    WorkerSettings,
+    default_workers,
     finite,
     positive,
-    Split,
-    default_workers,
+    template,
 )
-from prmtool.core.report import RunStats, Tracker
-from prmtool.methods.labeling import METHODS, label_rows
-from prmtool.methods.rollouts import RolloutSettings
+from prmtool.core import shards
+from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.stage import Stage
+from prmtool.engines.loading import EngineOnDemand
+from prmtool.methods.labeling import METHODS, label_rows
+from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
+from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
 
 if TYPE_CHECKING:
@@ -158,6 +158,49 @@ def label_frame(
     )
 
 
+def provenance_arguments(settings: LabelSettings, prompt_template: str) -> dict:
+    """The options that decide the labels: written into each shard, compared on resume."""
+    arguments = {
+        "method": settings.method,
+        "k": settings.k,
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens,
+        "seed": settings.seed,
+        "label": settings.label,
+        "bad_below": settings.bad_below,
+        "correct_responses": settings.correct_responses,
+        "system_prompt": settings.system_prompt,
+        "prompt_template": prompt_template,
+        "split": settings.split,
+        "model": settings.model,
+        "engine": settings.engine,
+    }
+    if settings.method == "omegaprm":
+        arguments.update(
+            tree_output=str(settings.tree_output),
+            search_budget=settings.search_budget,
+            screen_rollouts=settings.screen_rollouts,
+            alpha=settings.alpha,
+            beta=settings.beta,
+            length_scale=settings.length_scale,
+            c_puct=settings.c_puct,
+        )
+    return arguments
+
+
+def tree_search_config(settings: LabelSettings) -> SearchConfig:
+    """OmegaPRM's search parameters, from the stage's settings."""
+    return SearchConfig(
+        k=settings.k,
+        budget=settings.search_budget,
+        screen_rollouts=settings.screen_rollouts,
+        alpha=settings.alpha,
+        beta=settings.beta,
+        length_scale=settings.length_scale,
+        c_puct=settings.c_puct,
+    )
+
+
 def run(
     inputs: list[str], output: Path, settings: LabelSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
@@ -171,40 +214,8 @@ def run(
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
     rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
-    arguments = {
-        "method": settings.method,
-        "k": settings.k,
-        "temperature": settings.temperature,
-        "max_tokens": settings.max_tokens,
-        "seed": settings.seed,
-        "label": settings.label,
-        "bad_below": settings.bad_below,
-        "correct_responses": settings.correct_responses,
-        "system_prompt": settings.system_prompt,
-        "prompt_template": rollout_settings.prompt_template,
-        "split": settings.split,
-        "model": settings.model,
-        "engine": settings.engine,
-    }
-    search_config = SearchConfig(
-        k=settings.k,
-        budget=settings.search_budget,
-        screen_rollouts=settings.screen_rollouts,
-        alpha=settings.alpha,
-        beta=settings.beta,
-        length_scale=settings.length_scale,
-        c_puct=settings.c_puct,
-    )
-    if settings.method == "omegaprm":
-        arguments.update(
-            tree_output=str(settings.tree_output),
-            search_budget=settings.search_budget,
-            screen_rollouts=settings.screen_rollouts,
-            alpha=settings.alpha,
-            beta=settings.beta,
-            length_scale=settings.length_scale,
-            c_puct=settings.c_puct,
-        )
+    arguments = provenance_arguments(settings, rollout_settings.prompt_template)
+    search_config = tree_search_config(settings)
     engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:

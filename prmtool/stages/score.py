@@ -7,29 +7,27 @@ docstring defines them; this module holds the stage's settings and its run.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import polars as pl
 import typer
 
-from prmtool.core.partition import Partition
-from prmtool.core.report import Summary
-from prmtool.core.stage import Stage
-from prmtool.core.errors import InputError
-from prmtool.engines.loading import EngineOnDemand
 from prmtool.cli.options import (
-    template,
-    positive,
     Device,
     EngineName,
     TrustRemoteCode,
+    positive,
+    template,
 )
-from prmtool.core.report import RunStats, Tracker
+from prmtool.core.errors import InputError
+from prmtool.core.partition import Partition
+from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.stage import Stage
+from prmtool.engines.loading import EngineOnDemand
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
