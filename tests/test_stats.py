@@ -11,7 +11,7 @@ from collections import Counter
 import polars as pl
 import pytest
 
-from prmtool.stages.stats import filter_reason_counts
+from prmtool.cli.stats import filter_reason_counts
 from tests.conftest import SAMPLES, files_under
 
 

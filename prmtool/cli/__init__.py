@@ -2,7 +2,7 @@
 (`options.py`), recipes (`recipe.py`), the charts `stats --plot` draws (`plots.py`) and the
 generated reference (`reference.py`).
 
-The app is imported on first use: stages import `prmtool.cli.options`, and the app imports the
+The app is imported on first use: stages import `prmtool.core.options`, and the app imports the
 stages."""
 
 from __future__ import annotations

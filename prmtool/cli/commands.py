@@ -15,9 +15,9 @@ try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own clas
     from typer._click.exceptions import BadParameter, ClickException, MissingParameter
 except ImportError:
     from click import BadParameter, ClickException, MissingParameter
-from prmtool.cli import recipe
+from prmtool.cli import recipe, stats
 from prmtool.cli.stage_command import stage_command
-from prmtool.stages import STAGES, stage, stats
+from prmtool.stages import STAGES, stage
 
 app = typer.Typer(
     name="prmtool",

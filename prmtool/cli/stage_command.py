@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 from typing import Callable
 
-from prmtool.cli.options import Inputs, Output, Overwrite, Quiet, ScaleOut
+from prmtool.core.options import Inputs, Output, Overwrite, Quiet, ScaleOut
 from prmtool.core.stage import Stage, default_of, option_fields, option_types
 from prmtool.executors import run_stage
 

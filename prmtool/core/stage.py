@@ -40,7 +40,7 @@ class Stage:
     examples: str  # shell examples, shown under `prmtool NAME --help`
     required: tuple[str, ...] = ()  # input columns it needs
     # The command line's first argument and -o, where a stage reads or writes something other
-    # than shards (import reads JSONL and datasets folders): None takes prmtool.cli.options'.
+    # than shards (import reads JSONL and datasets folders): None takes prmtool.core.options'.
     inputs_option: Any = None
     output_option: Any = None
 

@@ -11,11 +11,11 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import (
-    template,
-)
 from prmtool.core import shards
 from prmtool.core.errors import InputError
+from prmtool.core.options import (
+    template,
+)
 from prmtool.core.outputs import plain_name
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary

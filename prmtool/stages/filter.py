@@ -19,11 +19,11 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import (
-    finite,
-)
 from prmtool.core import outputs, shards
 from prmtool.core.errors import InputError
+from prmtool.core.options import (
+    finite,
+)
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
 from prmtool.core.schema import check_columns

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import (
+from prmtool.core.errors import InputError
+from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
@@ -20,7 +21,6 @@ from prmtool.cli.options import (
     positive,
     template,
 )
-from prmtool.core.errors import InputError
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage

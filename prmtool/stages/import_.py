@@ -11,9 +11,9 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import Split
 from prmtool.core import shards
 from prmtool.core.errors import InputError
+from prmtool.core.options import Split
 from prmtool.core.outputs import check_outputs, input_roots, run_key
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import (
+from prmtool.core import shards
+from prmtool.core.errors import InputError
+from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
@@ -32,8 +34,6 @@ from prmtool.cli.options import (
     finite,
     template,
 )
-from prmtool.core import shards
-from prmtool.core.errors import InputError
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import (
+from prmtool.core.errors import InputError
+from prmtool.core.options import (
     Device,
     EngineName,
     TrustRemoteCode,
     positive,
     template,
 )
-from prmtool.core.errors import InputError
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage

@@ -9,7 +9,7 @@ from typing import Annotated
 import polars as pl
 import typer
 
-from prmtool.cli.options import WorkerSettings, default_workers, positive
+from prmtool.core.options import WorkerSettings, default_workers, positive
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
 from prmtool.core.runner import MapStage, run_map_stage

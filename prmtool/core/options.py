@@ -1,4 +1,6 @@
-"""Command-line options shared by every stage, declared once."""
+"""The settings every stage shares, declared once: each is an `Annotated` type whose
+`typer.Option` carries the option's name, help and range, so a stage's settings dataclass
+(prmtool/core/stage.py) gives both its Python fields and its command-line options."""
 
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from prmtool.cli import plots
-from prmtool.cli.options import Inputs, Quiet
 from prmtool.core import shards
 from prmtool.core.errors import InputError
+from prmtool.core.options import Inputs, Quiet
 from prmtool.core.outputs import check_outputs, input_roots
 from prmtool.core.report import RunStats
 
