@@ -79,7 +79,7 @@ def test_verify_rows_adds_three_columns_and_keeps_everything_else():
         }
     )
     result = verify_rows(frame, timeout=2, workers=1)
-    assert result.columns == frame.columns + ["pred_answer", "correct", "verify_status"]
+    assert result.columns == frame.columns + ["pred_answer", "answer_source", "correct", "verify_status"]
     assert result["pred_answer"].to_list() == ["4", "5", None]
     assert result["correct"].to_list() == [True, False, False]
     assert result["verify_status"].to_list() == ["ok", "ok", "no_answer"]

@@ -32,6 +32,12 @@ COLUMNS: dict[str, Column] = {
         Column("response", pl.String(), "the model's solution text", "import, generate"),
         Column("steps", pl.List(pl.String()), "the response split into steps, losslessly", "import, generate"),
         Column("pred_answer", pl.String(), "final answer extracted from the response, null if none", "verify"),
+        Column(
+            "answer_source",
+            pl.String(),
+            "where pred_answer was found: boxed, phrase, final_math, final_sentence, last_number",
+            "verify",
+        ),
         Column("correct", pl.Boolean(), "pred_answer is mathematically equal to reference_answer", "verify"),
         Column("verify_status", pl.String(), "ok, no_answer, timeout or error", "verify"),
         Column("step_mc", pl.List(pl.Float64()), "Monte Carlo value of each step's prefix", "label"),

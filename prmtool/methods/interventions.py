@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from prmtool.methods.verification import extract_answer
+from prmtool.methods.answers import find_answer
 
 # Why a candidate or a row produced no kept intervention (the `intervene_reason` column).
 UNPARSEABLE = "unparseable"
@@ -288,7 +288,7 @@ def answer_leak(content: str, reference_answer: str, problem: str = "") -> str |
 
 
 def _states_answer(content: str, reference_answer: str) -> Rejection | None:
-    stated = extract_answer(content)
+    stated = find_answer(content, mode="strict").text  # an answer it states outright
     if stated is None:
         return None
     if answer_leak(stated, reference_answer) is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Hashable, Protocol
 
 from prmtool.methods.steps import rollout_prefix
-from prmtool.methods.verification import extract_answer, verify_answers
+from prmtool.methods.verification import verify_responses
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -143,9 +143,14 @@ class Rollouts:
             prefix = self.probe_prefix(probe)
             for sample in samples:
                 # The answer may sit in the prefix when the prefix already holds the last step.
-                pairs.append((self.references[probe.row], extract_answer(prefix + sample.text)))
+                pairs.append((self.references[probe.row], prefix + sample.text))
                 owners.append(position)
-        verdicts = verify_answers(pairs, timeout=self.settings.verify_timeout, workers=self.settings.workers)
+        _, verdicts = verify_responses(
+            [text for _, text in pairs],
+            [reference for reference, _ in pairs],
+            timeout=self.settings.verify_timeout,
+            workers=self.settings.workers,
+        )
         results = [ProbeResult(p, 0, 0) for p in probes]
         for position, samples in zip(order, completions):
             results[position].tokens = sum(s.num_tokens for s in samples)

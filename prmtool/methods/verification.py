@@ -1,5 +1,7 @@
-"""Outcome verification: extract a response's final answer and compare it with the gold
-answer by mathematical equivalence (Math-Verify), never by string equality.
+"""Outcome verification: extract a response's final answer (`prmtool.methods.answers`) and
+compare it with the gold answer by mathematical equivalence (Math-Verify), never by string
+equality; when the plain forms differ, once more in the forms a grader reads (units, percent,
+`x = 5`, intervals) and, for a reference that lists several answers, as sets.
 
 Math-Verify's own timeouts use SIGALRM, which works only in a process's main thread, and some
 inputs hang in C code where no signal reaches. So comparisons run in worker processes (pebble),
@@ -10,7 +12,6 @@ each under its own hard timeout, so one hanging answer costs one timeout and sta
 from __future__ import annotations
 
 import atexit
-import re
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,61 +19,18 @@ from typing import Callable, Iterable
 
 import polars as pl
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS = re.compile(r"(?i)\bthe (?:final )?answer is\s*:?\s*([^\n]+)")
-_HASHES = re.compile(r"####\s*([^\n]+)")
-_A_LINE = re.compile(r"(?m)^[ \t]*A:[ \t]*([^\n]+)")  # not \s*: across blank lines it is quadratic
-_BRACE = re.compile(r"[{}]")
-_NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+from prmtool.methods.answers import (
+    EXTRACT_MODES,
+    Answer,
+    answer_list,
+    equivalent_forms,
+    extract_answer,
+    find_answer,
+    last_boxed,
+    split_top_level,
+)
 
-
-def extract_answer(text: str | None) -> str | None:
-    """The final answer of a solution: the last `\\boxed{...}`, else whichever of
-    `The answer is X`, `#### X` or a GSM8K `A: X` line comes last. None when there is none."""
-    if not text:
-        return None
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip() or None
-    candidates = [m for pattern in (_ANSWER_IS, _HASHES, _A_LINE) for m in pattern.finditer(text)]
-    if not candidates:
-        return None
-    last = max(candidates, key=lambda m: m.start(1))
-    return _clean_text_answer(last.group(1))
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` whose braces close, nested braces balanced.
-
-    One pass pairs every brace of the text (a stack), so the time is linear in the text: a
-    response of 20,000 unclosed boxes costs one pass, not one scan to the end per box."""
-    starts = [match.end() for match in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    closing: dict[int, int] = {}  # position just after an opening brace -> its closing brace
-    open_braces: list[int] = []
-    for brace in _BRACE.finditer(text):
-        if brace.group() == "{":
-            open_braces.append(brace.end())
-        elif open_braces:
-            closing[open_braces.pop()] = brace.start()
-    for start in reversed(starts):
-        if start in closing:
-            return text[start : closing[start]]
-    return None
-
-
-def _clean_text_answer(answer: str) -> str | None:
-    """`$1,234.50 dollars.` -> `1,234.50`: plain-text answers carry units and punctuation that
-    Math-Verify would read as symbols. LaTeX answers are left alone."""
-    answer = answer.strip().rstrip(".").strip()
-    if answer.startswith("\\boxed"):
-        return last_boxed(answer)
-    if "\\" not in answer and re.search(r"[A-Za-z$%]", answer):
-        number = _NUMBER.search(answer)
-        if number:
-            return number.group(0).rstrip(",")
-    return answer or None
+__all__ = ["EXTRACT_MODES", "Verdict", "compare", "extract_answer", "last_boxed", "verify_answers", "verify_responses"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +47,36 @@ def _parsed(answer: str, timeout: int):
 
 
 def compare(gold: str, pred: str, timeout: int = 5) -> Verdict:
-    """Gold first, prediction second: Math-Verify is asymmetric. Runs in the calling process."""
+    """Gold first, prediction second: Math-Verify is asymmetric. Runs in the calling process.
+    The plain forms first; when they differ, the forms a grader reads; a reference listing
+    several answers matches a prediction holding the same answers in any order."""
+    golds = answer_list(gold)
+    if golds is not None:
+        preds = split_top_level(pred)
+        if len(preds) != len(golds):
+            return Verdict(False, "ok")
+        unmatched = list(preds)
+        for item in golds:
+            match = next((p for p in unmatched if _equal(item, p, timeout).correct), None)
+            if match is None:
+                return Verdict(False, "ok")
+            unmatched.remove(match)
+        return Verdict(True, "ok")
+    return _equal(gold, pred, timeout)
+
+
+def _equal(gold: str, pred: str, timeout: int) -> Verdict:
+    verdict = _math_verify(gold, pred, timeout)
+    if verdict.correct or verdict.status == "timeout":
+        return verdict
+    gold_form, pred_form = equivalent_forms(gold), equivalent_forms(pred)
+    if (gold_form, pred_form) == (gold.strip(), pred.strip()):
+        return verdict
+    again = _math_verify(gold_form, pred_form, timeout)
+    return again if again.correct or verdict.status != "ok" else verdict
+
+
+def _math_verify(gold: str, pred: str, timeout: int) -> Verdict:
     from math_verify import verify
     from math_verify.errors import TimeoutException
 
@@ -115,14 +102,15 @@ def _verdict(gold: str | None, pred: str | None, timeout: int) -> Verdict:
 
 
 def _compare_chunk(
-    pairs: list[tuple[str | None, str | None]], timeout: int, extract: bool = False
-) -> list[tuple[str | None, Verdict]]:
-    """(answer, verdict) for each (gold, pred) pair; with `extract`, each pair holds a whole
-    response and its answer is extracted here, inside the worker's timeout."""
+    pairs: list[tuple[str | None, str | None]], timeout: int, extract: str | None = None
+) -> list[tuple[Answer, Verdict]]:
+    """(answer, verdict) for each (gold, pred) pair; with `extract` (a mode of EXTRACT_MODES),
+    each pair holds a whole response and its answer is extracted here, inside the worker's
+    timeout."""
     results = []
     for gold, text in pairs:
-        pred = extract_answer(text) if extract else text
-        results.append((pred, _verdict(gold, pred, timeout)))
+        answer = find_answer(text, gold, extract) if extract else Answer(text, None)
+        results.append((answer, _verdict(gold, answer.text, timeout)))
     return results
 
 
@@ -135,24 +123,24 @@ def verify_answers(
 ) -> list[Verdict]:
     """Verdicts for (gold, pred) pairs, in order. A missing pred is `no_answer`, a missing
     gold is `error`; everything else goes through Math-Verify in worker processes."""
-    return [verdict for _, verdict in _in_workers(pairs, False, timeout, workers, chunk_size, on_progress)]
+    return [verdict for _, verdict in _in_workers(pairs, None, timeout, workers, chunk_size, on_progress)]
 
 
 def _in_workers(
     pairs: list[tuple[str | None, str | None]],
-    extract: bool,
+    extract: str | None,
     timeout: float,
     workers: int,
     chunk_size: int,
     on_progress: Callable[[int], None] | None,
-) -> list[tuple[str | None, Verdict]]:
-    results: list[tuple[str | None, Verdict] | None] = [None] * len(pairs)
+) -> list[tuple[Answer, Verdict]]:
+    results: list[tuple[Answer, Verdict] | None] = [None] * len(pairs)
     todo: list[int] = []
     for index, (gold, text) in enumerate(pairs):
         if text is None or (extract and not text.strip()):
-            results[index] = (None, Verdict(False, "no_answer"))
+            results[index] = (Answer(None, None), Verdict(False, "no_answer"))
         elif not extract and (gold is None or not str(gold).strip() or gold.strip() == text.strip()):
-            results[index] = (text, _verdict(gold, text, 1))  # decided without Math-Verify
+            results[index] = (Answer(text, None), _verdict(gold, text, 1))  # decided without Math-Verify
         else:
             todo.append(index)
     if on_progress:
@@ -186,7 +174,7 @@ def _in_workers(
         for i in retry
     ]
     for index, future in singles:
-        unread = None if extract else pairs[index][1]
+        unread = Answer(None if extract else pairs[index][1], None)
         try:
             results[index] = future.result()[0]
         except FutureTimeout:
@@ -234,27 +222,37 @@ def verify_responses(
     workers: int = 2,
     chunk_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
-) -> tuple[list[str | None], list[Verdict]]:
+    extract: str = "cascade",
+) -> tuple[list[Answer], list[Verdict]]:
     """Extract each response's answer and verify it against its reference. Extraction runs in
     the workers too, under the same timeout: no response, however hostile, stalls the stage."""
+    if extract not in EXTRACT_MODES:
+        raise ValueError(f"extract: expected one of {', '.join(EXTRACT_MODES)}, not {extract!r}")
     golds = [None if g is None else str(g) for g in references]
-    results = _in_workers(list(zip(golds, responses)), True, timeout, workers, chunk_size, on_progress)
-    return [pred for pred, _ in results], [verdict for _, verdict in results]
+    results = _in_workers(list(zip(golds, responses)), extract, timeout, workers, chunk_size, on_progress)
+    return [answer for answer, _ in results], [verdict for _, verdict in results]
 
 
 def verify_rows(
-    frame: pl.DataFrame, timeout: float = 5.0, workers: int = 2, on_progress: Callable[[int], None] | None = None
+    frame: pl.DataFrame,
+    timeout: float = 5.0,
+    workers: int = 2,
+    on_progress: Callable[[int], None] | None = None,
+    extract: str = "cascade",
 ) -> pl.DataFrame:
-    """Adds `pred_answer`, `correct` and `verify_status`; every input row and column stays."""
-    predictions, verdicts = verify_responses(
+    """Adds `pred_answer`, `answer_source`, `correct` and `verify_status`; every input row and
+    column stays."""
+    answers, verdicts = verify_responses(
         frame["response"].to_list(),
         frame["reference_answer"].cast(pl.String).to_list(),
         timeout=timeout,
         workers=workers,
         on_progress=on_progress,
+        extract=extract,
     )
     return frame.with_columns(
-        pl.Series("pred_answer", predictions, dtype=pl.String),
+        pl.Series("pred_answer", [a.text for a in answers], dtype=pl.String),
+        pl.Series("answer_source", [a.source for a in answers], dtype=pl.String),
         pl.Series("correct", [v.correct for v in verdicts], dtype=pl.Boolean),
         pl.Series("verify_status", [v.status for v in verdicts], dtype=pl.String),
     )

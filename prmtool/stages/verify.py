@@ -9,12 +9,13 @@ from typing import Annotated
 import polars as pl
 import typer
 
+from prmtool.core.errors import InputError
 from prmtool.core.options import WorkerSettings, default_workers, positive
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.stage import Stage
-from prmtool.methods.verification import verify_rows
+from prmtool.methods.verification import EXTRACT_MODES, verify_rows
 
 REQUIRED = ("problem_id", "response_id", "response", "reference_answer")
 
@@ -31,14 +32,26 @@ class VerifySettings(WorkerSettings):
     timeout: Annotated[
         float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.", callback=positive)
     ] = 5.0
+    extract: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "cascade: the boxed answer, else an answer phrase, else the final sentence's math or number "
+                "(answer_source says which); strict: boxed and answer phrases only."
+            )
+        ),
+    ] = "cascade"
 
 
 def verify_frame(frame: pl.DataFrame, settings: VerifySettings | None = None, *, tracker=None) -> pl.DataFrame:
     """The per-frame core: adds `pred_answer`, `correct` and `verify_status`; every input row
     and column stays. `tracker` (a `Tracker`, or anything with `advance(rows)`) sees progress."""
     settings = settings or VerifySettings()
+    if settings.extract not in EXTRACT_MODES:
+        raise InputError(f"--extract {settings.extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
     return verify_rows(
         frame,
+        extract=settings.extract,
         timeout=settings.timeout,
         workers=settings.workers or default_workers(),
         on_progress=None if tracker is None else tracker.advance,
@@ -49,16 +62,21 @@ def run(
     inputs: list[str], output: Path, settings: VerifySettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Check each response's final answer against `reference_answer` by mathematical
-    equivalence (Math-Verify), writing `pred_answer`, `correct` and `verify_status`."""
+    equivalence (Math-Verify), writing `pred_answer`, `answer_source`, `correct` and
+    `verify_status`."""
+    if settings.extract not in EXTRACT_MODES:
+        raise InputError(f"--extract {settings.extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
     stats = RunStats("verify", quiet=quiet)
 
     def transform(frame: pl.DataFrame, tracker) -> pl.DataFrame:
         result = verify_frame(frame, settings, tracker=tracker)
         stats.counts.update(f"status_{s}" for s in result["verify_status"])
+        stats.counts.update(f"answer_from_{s}" for s in result["answer_source"] if s is not None)
         stats.counts["correct"] += int(result["correct"].sum())
         return result
 
-    stage = MapStage("verify", transform, {"timeout": settings.timeout}, REQUIRED)
+    # `extract` is in the provenance: an output of the strict reading is not resumed as a cascade one.
+    stage = MapStage("verify", transform, {"timeout": settings.timeout, "extract": settings.extract}, REQUIRED)
     run_map_stage(stage, inputs, output, overwrite, stats, partition)
     return stats.finish()
 
