@@ -1,12 +1,22 @@
-"""Verifications per second on GSM8K-style answers (target: >= 500/s on 2 cores).
+"""Verifications per second on GSM8K-style answers (target: >= 500/s on 2 cores), and
+agreement with human labels on a labelled set of real solutions.
 
     python bench/bench_verify.py [--rows 20000] [--workers 2]
+    python bench/bench_verify.py --data data_samples/processbench-gsm8k/gsm8k.jsonl [--show 30]
 
 Responses are built from GSM8K train answers (../shared/data/gsm8k/train.jsonl) in the forms
 models write: `The answer is X`, `\\boxed{X}`, `#### X`, with thousands separators, trailing
-`.0`, dollar signs, and wrong answers. Two figures are printed: the whole mix through
-`verify_rows` (extraction included), and the subset whose answer text differs from the gold,
-which always goes through Math-Verify in the worker processes (no identical-text shortcut).
+`.0`, dollar signs, wrong answers, and sentences that state the answer without a marker. Two
+figures are printed: the whole mix through `verify_rows` (extraction included), and the subset
+whose answer text differs from the gold, which always goes through Math-Verify in the worker
+processes (no identical-text shortcut).
+
+With `--data FILE` (JSONL or Parquet: `response`, or `steps` joined by blank lines;
+`reference_answer`; a boolean label column, `final_answer_correct` by default; and `generator`
+or `source` to group by), it prints the share of rows on which each grader agrees with the
+label, per source and overall, side by side: prmtool (the cascade), prmtool --extract strict,
+Math-Verify alone (its own extraction over the whole response, gold first) and plain string
+equality of the extracted answer with the reference; then the rows where prmtool disagrees.
 """
 
 from __future__ import annotations
@@ -39,6 +49,10 @@ def responses(rows: int, seed: int = 0) -> pl.DataFrame:
             f"The answer is {int(a) + rng.choice([-2, -1, 1, 10])}." if a.lstrip("-").isdigit() else "The answer is 0"
         ),
         lambda a: f"\\boxed{{\\frac{{{2 * int(a)}}}{{2}}}}" if a.lstrip("-").isdigit() else f"\\boxed{{{a}}}",
+        # free-form endings, read by the later steps of the cascade
+        lambda a: f"She has 3 + 4 = 7 of them.\n\nTherefore, she makes ${a} every day at the market.",
+        lambda a: f"Adding both parts: \\(20 + 5 = 25\\).\n\nThus, the total is \\({a}\\) for the day.",
+        lambda a: f"So, after all his transactions, he has **{a} dollars** left.",
     ]
     gold_column, response_column = [], []
     for index in range(rows):
@@ -61,11 +75,88 @@ def measure(frame: pl.DataFrame, workers: int) -> tuple[float, pl.DataFrame]:
     return frame.height / (time.perf_counter() - started), result
 
 
+def read_labelled(path: Path, label: str) -> pl.DataFrame:
+    frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_ndjson(path, infer_schema_length=None)
+    if "response" not in frame.columns:
+        frame = frame.with_columns(response=pl.col("steps").list.join("\n\n"))
+    reference = frame["reference_answer"]
+    if reference.dtype != pl.String:  # a list of answers (OlympiadBench's final_answer): as prmtool reads it
+        frame = frame.with_columns(
+            reference_answer=pl.Series(
+                [repr([str(a) for a in r]) if isinstance(r, list) else str(r) for r in reference]
+            )
+        )
+    source = next((c for c in ("source", "generator") if c in frame.columns), None)
+    frame = frame.with_columns(_source=pl.col(source).cast(pl.String) if source else pl.lit("all"))
+    return frame.with_columns(_label=pl.col(label).cast(pl.Boolean))
+
+
+def math_verify_alone(pair: tuple[str, str]) -> bool:
+    """Math-Verify as its README uses it: gold parsed, the whole response parsed."""
+    from math_verify import parse, verify
+
+    gold, response = pair
+    try:
+        return bool(verify(parse(f"${gold}$"), parse(response)))
+    except Exception:
+        return False
+
+
+def agreement(data: Path, label: str, workers: int, show: int) -> None:
+    import multiprocessing
+
+    from prmtool.methods.verification import verify_responses
+
+    frame = read_labelled(data, label)
+    responses, references = frame["response"].to_list(), frame["reference_answer"].to_list()
+    graders: dict[str, list[bool]] = {}
+    started = time.perf_counter()
+    answers, verdicts = verify_responses(responses, references, workers=workers)
+    seconds = time.perf_counter() - started
+    graders["prmtool"] = [v.correct for v in verdicts]
+    graders["prmtool --extract strict"] = [
+        v.correct for v in verify_responses(responses, references, workers=workers, extract="strict")[1]
+    ]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        graders["Math-Verify alone"] = pool.map(math_verify_alone, list(zip(references, responses)), chunksize=16)
+    graders["string equality"] = [
+        a.text is not None and a.text.strip().strip("$").strip() == str(r).strip() for a, r in zip(answers, references)
+    ]
+    labels = frame["_label"].to_list()
+    sources = frame["_source"].to_list()
+    print(f"{data}: {frame.height} rows, label column {label!r}; prmtool read and graded them in {seconds:.1f} s")
+    names = list(graders)
+    print(f"{'source':<28} {'rows':>5}  " + "  ".join(f"{n:>24}" for n in names))
+    for group in sorted(set(sources)) + ["all"]:
+        rows = [i for i, s in enumerate(sources) if group in ("all", s)]
+        cells = [sum(graders[n][i] == labels[i] for i in rows) / len(rows) for n in names]
+        print(f"{group:<28} {len(rows):>5}  " + "  ".join(f"{c:>24.4f}" for c in cells))
+    found = {}
+    for answer in answers:
+        found[answer.source] = found.get(answer.source, 0) + 1
+    print("answer_source:", ", ".join(f"{k}: {v}" for k, v in sorted(found.items(), key=lambda kv: -kv[1])))
+    ids = frame["id"].to_list() if "id" in frame.columns else list(range(frame.height))
+    wrong = [i for i in range(frame.height) if graders["prmtool"][i] != labels[i]]
+    print(f"\nrows where prmtool disagrees with the label: {len(wrong)} (first {min(show, len(wrong))})")
+    print(f"{'id':<14} {'label':>5} {'mv':>5} {'reference':<14} {'source':<15} prmtool's answer")
+    for i in wrong[:show]:
+        print(
+            f"{str(ids[i]):<14} {str(labels[i]):>5} {str(graders['Math-Verify alone'][i]):>5} "
+            f"{str(references[i])[:14]:<14} {str(answers[i].source):<15} {str(answers[i].text)[:60]}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data", type=Path, help="a labelled set of solutions: prints agreement with its labels")
+    parser.add_argument("--label", default="final_answer_correct", help="the boolean label column of --data")
+    parser.add_argument("--show", type=int, default=30, help="how many disagreements to list")
     args = parser.parse_args()
+    if args.data is not None:
+        agreement(args.data, args.label, args.workers, args.show)
+        return
 
     frame = responses(args.rows)
     mix_rate, result = measure(frame, args.workers)

@@ -122,3 +122,19 @@ def test_answers_are_read_and_compared_in_the_workers():
     assert verdicts == [Verdict(True, "ok"), Verdict(True, "ok"), Verdict(False, "no_answer")]
     # the gold/pred path is unchanged: comma numbers and 1 vs 10
     assert verify_answers([("1000", "1,000"), ("1", "10")], workers=1) == [Verdict(True, "ok"), Verdict(False, "ok")]
+
+
+def test_on_processbench_gsm8k_verify_agrees_with_the_human_labels():
+    """400 solutions by 12 models, many stating the answer in a sentence. The three rows that
+    still disagree: two labelled wrong whose boxed answer equals the reference, and one that
+    boxes "4 blue shoe boxes and 6 red shoe boxes" for a reference of 10."""
+    import json
+
+    from tests.conftest import ROOT
+
+    rows = [json.loads(line) for line in (ROOT / "data_samples/processbench-gsm8k/gsm8k.jsonl").open()]
+    responses = ["\n\n".join(row["steps"]) for row in rows]
+    _, verdicts = verify_responses(responses, [row["reference_answer"] for row in rows], workers=2)
+    disagree = {row["id"] for row, v in zip(rows, verdicts) if v.correct != row["final_answer_correct"]}
+    assert disagree <= {"gsm8k-70", "gsm8k-74", "gsm8k-319"}
+    assert 1 - len(disagree) / len(rows) >= 0.99

@@ -183,7 +183,10 @@ def _math_verify_extraction(sentence: str) -> str | None:
 
 # --- comparison ------------------------------------------------------------------------------
 
-_UNIT_WORDS = re.compile(r"(?<=\d)\s*(?:\\text\{[^{}]*\}|\\mbox\{[^{}]*\}|\\mathrm\{[^{}]*\}|[A-Za-z][A-Za-z ]*)$")
+# a unit after a number: `\text{ cm}`, or a word of two letters or more after a space (`5x` stays 5x)
+_UNIT_WORDS = re.compile(
+    r"(?<=\d)\s*(?:\\text\{[^{}]*\}|\\mbox\{[^{}]*\}|\\mathrm\{[^{}]*\}|\s[A-Za-z]{2,}[A-Za-z ]*)$"
+)
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\{,\}|,)\d{3})+)(?![\d])")
 
 
