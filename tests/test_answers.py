@@ -35,6 +35,12 @@ from prmtool.methods.verification import Verdict, compare, verify_answers, verif
         # the number the sentence states, not the qualifier trailing it
         ("So, Charisma spends a total of 34 hours on yoga in 4 weeks.", "34", "34", "last_number"),
         ("Elvis is 54 miles east of his house after completing his journey.", "54", "54", "last_number"),
+        ("So he runs 9*60=540 meters.", "540", "540", "last_number"),  # a computation: its result
+        ("Thus, the solutions are $x=1$ and $x=2$.", "['1', '2']", "x=1, x=2", "final_math"),
+        ("Therefore, the perimeter is twelve.", "12", None, None),
+        # not a plain-number reference: Math-Verify's reading of the sentence, not last_number
+        ("Therefore, the set has 12 elements.", "\\{1, 2\\}", "12", "final_sentence"),
+        ("Therefore, the set is $\\{1, 2\\}$ here.", "\\{1, 2\\}", "\\{1, 2\\}", "final_math"),
         # an answer phrase in words is what the response says; it compares unequal, not as missing
         (
             "Therefore, the answer is the interval from one half to eight.",
@@ -83,6 +89,10 @@ def test_strict_extraction_reads_only_boxes_and_answer_phrases():
         ("0.5", "\\frac{1}{2}"),
         ("[\\frac{1}{2}, 8]", "\\frac{1}{2} \\leq x \\leq 8"),
         ("(2, 5)", "2 < x < 5"),
+        ("(-\\infty, 3]", "x \\leq 3"),
+        ("(3, \\infty)", "x > 3"),
+        ("3", "\\text{3 days}"),
+        ("['1', '2']", "x=1, x=2"),
         ("f(x)=1", "f(y) = 1"),
         ("5", "x = 5"),
         ("['1', '2']", "\\{2, 1\\}"),  # a reference listing several answers, in any order

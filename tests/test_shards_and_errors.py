@@ -327,7 +327,7 @@ def test_a_finished_shard_from_other_options_needs_overwrite(prmtool, tmp_path, 
     for name in ("a.parquet", "b.parquet"):
         record = json.loads(pq.read_schema(out / name).metadata[b"prmtool"])
         assert record["stage"] == "verify" and record["version"] == __version__
-        assert record["arguments"] == {"timeout": 2.0}
+        assert record["arguments"] == {"timeout": 2.0, "extract": "cascade"}
         assert record["input"] == {
             "path": str((two_shards / name).resolve()),
             "size": (two_shards / name).stat().st_size,
@@ -408,7 +408,7 @@ def test_a_run_keeps_every_input_row_and_column(prmtool, tmp_path, two_shards):
     assert verify(prmtool, two_shards, "-o", tmp_path / "out", "-q").exit_code == 0
     before = pl.read_parquet(two_shards / "a.parquet")
     after = pl.read_parquet(tmp_path / "out" / "a.parquet")
-    assert after.columns == before.columns + ["pred_answer", "correct", "verify_status"]
+    assert after.columns == before.columns + ["pred_answer", "answer_source", "correct", "verify_status"]
     assert after.select(before.columns).equals(before)
 
 

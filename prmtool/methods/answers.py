@@ -85,6 +85,8 @@ def find_answer(text: str | None, reference: str | None = None, mode: str = "cas
         found = _math_verify_extraction(sentence)
         if found is not None:
             return Answer(found, "final_sentence")
+    if not numeric and reference is not None:
+        return Answer(None, None)
     # of a computation, its result; else the first number, before any trailing qualifier
     number = _NUMBER.search(sentence.rsplit("=", 1)[-1])
     if number is not None:
@@ -157,11 +159,23 @@ def _concluding_sentence(text: str) -> str | None:
 
 
 def _last_math(sentence: str) -> str | None:
-    spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN.finditer(sentence)]
-    spans = [s.strip() for s in spans if s.strip() and re.search(r"\d|\\frac|\\sqrt|\\pi|[a-z]", s)]
-    if not spans:
+    """The sentence's last math span; spans joined only by "and", "or" or commas ("$x=1$ and
+    $x=2$") are one answer, listed."""
+    matches = [m for m in _MATH_SPAN.finditer(sentence) if re.search(r"\d|\\frac|\\sqrt|\\pi|[a-z]", _span(m))]
+    if not matches:
         return None
-    return _right_hand_side(spans[-1]) or None
+    last = [matches[-1]]
+    for before in reversed(matches[:-1]):
+        if not re.fullmatch(r"\s*(?:,|and|or|, and|, or)\s*", sentence[before.end() : last[0].start()]):
+            break
+        last.insert(0, before)
+    if len(last) > 1:
+        return ", ".join(_span(m) for m in last)
+    return _right_hand_side(_span(last[0])) or None
+
+
+def _span(match: re.Match) -> str:
+    return next(g for g in match.groups() if g is not None).strip()
 
 
 def _right_hand_side(math: str) -> str:
@@ -187,6 +201,8 @@ def _math_verify_extraction(sentence: str) -> str | None:
 _UNIT_WORDS = re.compile(
     r"(?<=\d)\s*(?:\\text\{[^{}]*\}|\\mbox\{[^{}]*\}|\\mathrm\{[^{}]*\}|\s[A-Za-z]{2,}[A-Za-z ]*)$"
 )
+# `x =`, `f(y) =`, `\\theta =`: a left-hand side that only names the answer
+_LEFT_SIDE = re.compile(r"^\s*(?:[A-Za-z]\w*(?:\([^()=]*\))?|\\[A-Za-z]+)\s*=\s*(?=\S)")
 _THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})((?:(?:\{,\}|,)\d{3})+)(?![\d])")
 
 
@@ -197,10 +213,17 @@ def equivalent_forms(answer: str) -> str:
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     text = re.sub(r"\\(?:left|right)(?=[()[\]|.\\])|\\[!,;: ]", "", text)
     text = re.sub(r"\\text\{\s*([-\d.,]+)\s*\}", r"\1", text)  # \text{5}
+    whole = re.fullmatch(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", text)
+    if whole and re.match(r"\s*-?\d", whole.group(1)):
+        text = whole.group(1).strip()  # \text{3 days}
     text = re.sub(r"\\(?=\d)", "", text)  # \15: a stray backslash before a number
     text = re.sub(r"\\?\$|\\%|%|\^\s*\{?\\circ\}?|°|\\degree", "", text).strip()
     text = _THOUSANDS.sub(lambda m: m.group(1) + re.sub(r"\{,\}|,", "", m.group(2)), text)
-    text = re.sub(r"^\s*(?:[A-Za-z]\w*(?:\([^()=]*\))?|\\[A-Za-z]+(?:\s+[A-Za-z]+)*)\s*=\s*(?=\S)", "", text)
+    items = split_top_level(text) if "," in text and "=" in text else [text]
+    if len(items) > 1:  # x = 1, x = 2
+        text = ", ".join(_LEFT_SIDE.sub("", item) for item in items)
+    else:
+        text = _LEFT_SIDE.sub("", text)
     text = _interval(text)
     unit = _UNIT_WORDS.search(text)
     if unit and _NUMBER.fullmatch(text[: unit.start()].strip()):
@@ -208,15 +231,25 @@ def equivalent_forms(answer: str) -> str:
     return text.strip().rstrip(".").strip() or answer
 
 
+_LESS = r"(\\leq?|\\le|<|≤)"
+_MORE = r"(\\geq?|\\ge|>|≥)"
+
+
 def _interval(text: str) -> str:
-    """`a \\leq x \\leq b` -> `[a, b]` (strict signs give open ends); one-sided ones stay."""
-    match = re.fullmatch(r"(.+?)\s*(\\leq?|\\le|<|≤)\s*[a-z]\s*(\\leq?|\\le|<|≤)\s*(.+)", text)
-    if not match:
-        return text
-    low, left, right, high = match.groups()
-    opening = "(" if left == "<" else "["
-    closing = ")" if right == "<" else "]"
-    return f"{opening}{low.strip()}, {high.strip()}{closing}"
+    """`a \\leq x \\leq b` -> `[a, b]`, `x > a` -> `(a, \\infty)`: strict signs give open ends."""
+    match = re.fullmatch(rf"(.+?)\s*{_LESS}\s*[a-z]\s*{_LESS}\s*(.+)", text)
+    if match:
+        low, left, right, high = match.groups()
+        return f"{'(' if left == '<' else '['}{low.strip()}, {high.strip()}{')' if right == '<' else ']'}"
+    match = re.fullmatch(rf"[a-z]\s*{_LESS}\s*(.+)", text)
+    if match:
+        sign, high = match.groups()
+        return f"(-\\infty, {high.strip()}{')' if sign == '<' else ']'}"
+    match = re.fullmatch(rf"[a-z]\s*{_MORE}\s*(.+)", text)
+    if match:
+        sign, low = match.groups()
+        return f"{'(' if sign == '>' else '['}{low.strip()}, \\infty)"
+    return text
 
 
 def answer_list(reference: str) -> list[str] | None:
