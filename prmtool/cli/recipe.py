@@ -16,6 +16,7 @@ would type, with the options written as YAML keys:
 
 A top-level `model:` (or `prmtool run --model`) is the policy model of every stage that takes
 one and does not name its own: generate's, label's and intervene's --model, score's --policy.
+A top-level `engine:` (or `--engine`) is those stages' --engine, likewise.
 
 Stage number i writes `WORKDIR/NN-NAME/` (NAME: the stage, or its `name:`) and reads the
 previous stage's output unless its `input:` names an earlier stage or a path. Options: `key:
@@ -104,19 +105,26 @@ def _text(value) -> str:
     return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
-def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = None, model: str | None = None) -> Recipe:
-    """Parse and check a recipe; `overrides` are `stage.option=value` (`--set`), `model` replaces
-    the recipe's `model:`."""
+def load_recipe(
+    path: Path,
+    overrides: list[str] = (),
+    workdir: Path | None = None,
+    model: str | None = None,
+    engine: str | None = None,
+) -> Recipe:
+    """Parse and check a recipe; `overrides` are `stage.option=value` (`--set`), `model` and
+    `engine` replace the recipe's `model:` and `engine:`."""
     document = read_yaml(path)
     if not isinstance(document, dict) or not isinstance(document.get("stages"), list) or not document["stages"]:
         raise InputError(f"{path}: a recipe is a mapping with a non-empty `stages:` list")
-    unknown = set(document) - {"workdir", "input", "model", "stages", "description"}
+    unknown = set(document) - {"workdir", "input", "model", "engine", "stages", "description"}
     if unknown:
         raise InputError(
-            f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, stages, "
+            f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, engine, stages, "
             f"description)"
         )
     model = model or document.get("model")
+    engine = engine or document.get("engine")
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
     if recipe.workdir.exists() and not recipe.workdir.is_dir():
         raise InputError(f"{recipe.workdir}: the workdir exists and is not a directory")
@@ -137,6 +145,8 @@ def load_recipe(path: Path, overrides: list[str] = (), workdir: Path | None = No
         options = {str(k): v for k, v in entry.items() if k not in RESERVED}
         if model is not None and stage in POLICY_OPTION:
             options.setdefault(POLICY_OPTION[stage], str(model))  # a stage's own model wins
+        if engine is not None and stage in POLICY_OPTION:
+            options.setdefault("engine", str(engine))
         step = Step(number, stage, name, inputs, options, directory)
         names[name] = names[step.label] = step
         recipe.steps.append(step)
@@ -281,6 +291,7 @@ Examples:
   prmtool run recipes/quickstart.yaml
   prmtool run recipes/quickstart.yaml --dry-run
   prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --workdir runs/qwen
+  prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm
   prmtool run recipes/prof.yaml --set generate.n=8 --set label.k=16 --workdir runs/prof-n8
   prmtool run recipes/omegaprm-gsm8k.yaml --from label --until export
 """
@@ -312,6 +323,14 @@ def command(
             show_default=False,
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="The engine (hf or vllm) of every stage that runs a model, unless the stage names its own.",
+            show_default=False,
+        ),
+    ] = None,
     workdir: Annotated[
         Path | None,
         typer.Option("--workdir", help="Work directory (default: the recipe's workdir).", show_default=False),
@@ -326,7 +345,7 @@ def command(
     from prmtool.cli.commands import typed_argv
 
     typed = typed_argv.get()
-    recipe = load_recipe(recipe_path, overrides, workdir, model)
+    recipe = load_recipe(recipe_path, overrides, workdir, model, engine)
     check_recipe(recipe)  # every stage's options and inputs, before the first stage runs
     first = recipe.find(from_stage, "--from").number if from_stage else None
     last = recipe.find(until, "--until").number if until else len(recipe.steps)

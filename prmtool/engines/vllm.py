@@ -87,7 +87,15 @@ def import_vllm():
 
 class VLLMEngine(Engine):
     """Samples and scores through `vllm.LLM`. Extra options go to `vllm.LLM` unchanged
-    (e.g. gpu_memory_utilization, tensor_parallel_size, max_model_len)."""
+    (e.g. gpu_memory_utilization, tensor_parallel_size, max_model_len, enforce_eager).
+
+    seed: vLLM's global seed (an int: vLLM refuses None); each request carries its own seed
+      as well, so what a request samples does not depend on this one.
+    deterministic: set VLLM_BATCH_INVARIANT=1 (before vLLM loads) and turn the prefix cache
+      off, so the same request gives the same tokens whatever else is in the batch and
+      whatever ran before. Without it, vLLM's batching and its prefix cache can change the
+      tokens of a repeated request (the README's "Determinism" says what repeats).
+    """
 
     def __init__(
         self,
@@ -95,22 +103,31 @@ class VLLMEngine(Engine):
         *,
         dtype: str | None = None,
         trust_remote_code: bool = False,
-        seed: int | None = None,
+        seed: int = 0,
         ignore_eos: bool = False,
+        deterministic: bool = False,
         **llm_options,
     ):
+        if deterministic:
+            import os
+
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         vllm = import_vllm()
         self._vllm = vllm
         location = locate_model(model)
         self.ignore_eos = ignore_eos
-        self.llm = vllm.LLM(
-            model=location.path,
-            dtype=dtype or "auto",
-            trust_remote_code=trust_remote_code,
-            enable_prefix_caching=True,
-            seed=seed,
-            **llm_options,
-        )
+        llm_options.setdefault("enable_prefix_caching", not deterministic)
+        try:
+            self.llm = vllm.LLM(
+                model=location.path,
+                dtype=dtype or "auto",
+                trust_remote_code=trust_remote_code,
+                seed=int(seed),
+                **llm_options,
+            )
+        except (ValueError, RuntimeError, TypeError) as error:  # vLLM's word on a model or an option, on one line
+            message = " ".join(str(error).split())[:300]
+            raise EngineError(f"vllm cannot start {location.path}: {type(error).__name__}: {message}") from None
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(
@@ -145,8 +162,32 @@ class VLLMEngine(Engine):
         gc.collect()
 
 
+OPTIONS_VARIABLE = "PRMTOOL_VLLM_OPTIONS"
+
+
+def options_from_environment() -> dict:
+    """`PRMTOOL_VLLM_OPTIONS='{"tensor_parallel_size": 2, "max_model_len": 4096}'`: vLLM options
+    for every stage that loads a model, since the command line has no option per vLLM setting."""
+    import json
+    import os
+
+    text = os.environ.get(OPTIONS_VARIABLE, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EngineError(f"{OPTIONS_VARIABLE}: not a JSON object ({error.msg} at {error.pos})") from None
+    if not isinstance(options, dict):
+        raise EngineError(f"{OPTIONS_VARIABLE}: expected a JSON object of vLLM options, got {type(options).__name__}")
+    return options
+
+
 def load(model: str | None, *, device=None, dtype=None, trust_remote_code: bool = False, **options) -> VLLMEngine:
-    """`load_engine("vllm", ...)`: options go to VLLMEngine (gpu_memory_utilization, ...)."""
+    """`load_engine("vllm", ...)`: options go to VLLMEngine (gpu_memory_utilization, ...), over
+    those of PRMTOOL_VLLM_OPTIONS."""
     if device not in (None, "cuda"):
         raise EngineError(f"the vllm engine runs on CUDA only, not on {device!r}")
-    return VLLMEngine(model, dtype=dtype, trust_remote_code=trust_remote_code, **options)
+    return VLLMEngine(
+        model, dtype=dtype, trust_remote_code=trust_remote_code, **{**options_from_environment(), **options}
+    )

@@ -1,0 +1,199 @@
+"""Every model stage on a GPU with both engines, through the command line, on random-weight
+model folders saved with `save_pretrained` (tokenizer included). Skipped without CUDA, so CI
+(CPU only) never runs them; on the GPU machine:
+
+    python -m pytest -q -m gpu tests/gpu
+
+The vllm cases need vLLM installed (`pip install 'prmtool[vllm]'`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from prmtool.core.schema import COLUMNS
+from tests.conftest import ROOT
+from tests.engine_fixtures import build_tokenizer
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="needs vllm"))]
+# vLLM starts in a few seconds without CUDA graphs; a test run needs no more speed than that.
+VLLM_ENV = {"PRMTOOL_VLLM_OPTIONS": json.dumps({"enforce_eager": True, "gpu_memory_utilization": 0.3})}
+
+
+def save_model(folder: Path, seed: int) -> Path:
+    """A small Llama whose head size (64) every vLLM attention backend supports."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=0,
+        torch_dtype="bfloat16",
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.15)  # peaked next-token distributions, as in engine_fixtures
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return {
+        "policy": save_model(tmp_path_factory.mktemp("policy"), seed=0),
+        "ref": save_model(tmp_path_factory.mktemp("ref"), seed=1),
+    }
+
+
+def prmtool(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One command in its own process: each vLLM instance gets a clean GPU."""
+    result = subprocess.run(
+        [sys.executable, "-m", "prmtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, f"prmtool {' '.join(map(str, args))}:\n{result.stderr[-3000:]}"
+    return result
+
+
+def columns_of(directory: Path) -> dict[str, pl.DataType]:
+    return dict(pl.read_parquet_schema(sorted(directory.glob("*.parquet"))[0]))
+
+
+def assert_contract(directory: Path, stage: str) -> None:
+    """The columns `stage` adds are there, with the contract's types."""
+    found = columns_of(directory)
+    for column in COLUMNS.values():
+        if stage in column.written_by and column.name in found:
+            assert found[column.name] == column.dtype, (stage, column.name, found[column.name])
+    added = [c.name for c in COLUMNS.values() if stage in c.written_by]
+    assert any(name in found for name in added), (stage, sorted(found))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_model_stage_runs_end_to_end(engine, models, tmp_path):
+    env = VLLM_ENV if engine == "vllm" else None
+    policy, ref = models["policy"], models["ref"]
+    common = ["--engine", engine, "--device", "cuda", "-q"]
+    work = tmp_path
+    prmtool("import", ROOT / "data_samples/gsm8k/test_sample.jsonl", "--preset", "gsm8k", "-o", work / "problems", "-q")
+    prmtool("generate", work / "problems", "-o", work / "responses", "--model", policy, "--n", 2, "--max-tokens", 48,
+            "--temperature", 1.0, *common, env=env)  # fmt: skip
+    assert_contract(work / "responses", "generate")
+    prmtool("verify", work / "responses", "-o", work / "verified", "-q")
+    for method in ("binary", "mc", "omegaprm"):
+        extra = ["--tree-output", work / f"tree-{method}", "--search-budget", 4, "--screen-rollouts", 4]
+        prmtool("label", work / "verified", "-o", work / f"labeled-{method}", "--method", method, "--model", policy,
+                "--k", 2, "--max-tokens", 24, *(extra if method == "omegaprm" else []), *common, env=env)  # fmt: skip
+        assert_contract(work / f"labeled-{method}", "label")
+    prmtool("score", work / "labeled-binary", "-o", work / "scored", "--policy", policy, "--ref", ref, *common, env=env)
+    assert_contract(work / "scored", "score")
+    prmtool("intervene", work / "labeled-binary", "-o", work / "intervened", "--model", policy, "--candidates", 1,
+            "--verify-rollouts", 2, "--max-tokens", 24, "--proposer-max-tokens", 32, "--rejects", work / "rejects",
+            *common, env=env)  # fmt: skip
+    assert (work / "intervened" / "_SUCCESS").exists()
+    prmtool("export", work / "scored", "-o", work / "trl", "--format", "trl-stepwise", "-q")
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vllm")
+def test_score_agrees_between_the_engines(models, tmp_path):
+    """Step values are sums of per-token log-ratios. vLLM computes its log-probabilities in
+    bf16 with its own kernels; the hf engine's fused path keeps the log-normalizer in float32.
+    Per token they differ by up to about 0.1 nats in bf16, so the values, scaled by beta, are
+    compared with a tolerance of beta * 0.1 per token of the prefix."""
+    labeled = tmp_path / "verified"
+    sample = pl.read_parquet(ROOT / "data_samples/gsm8k/labeled/*.parquet").head(8)
+    labeled.mkdir()
+    sample.write_parquet(labeled / "part-00000.parquet")
+    beta = 0.05
+    for engine in ("hf", "vllm"):
+        prmtool("score", labeled, "-o", tmp_path / engine, "--policy", models["policy"], "--ref", models["ref"],
+                "--beta", beta, "--engine", engine, "--device", "cuda", "-q",
+                env=VLLM_ENV if engine == "vllm" else None)  # fmt: skip
+    hf = pl.read_parquet(tmp_path / "hf/*.parquet").sort("response_id")
+    vllm = pl.read_parquet(tmp_path / "vllm/*.parquet").sort("response_id")
+    worst = 0.0
+    for a, b, response in zip(hf["step_values"], vllm["step_values"], hf["response"]):
+        assert len(a) == len(b)
+        tokens = max(1, len(response) // 2)  # an upper bound on the response's tokens (>= 2 chars each)
+        for x, y in zip(a, b):
+            worst = max(worst, abs(x - y))
+            assert abs(x - y) <= beta * 0.1 * tokens
+    print(f"largest step-value difference hf vs vllm: {worst:.4f} (beta {beta})")
+
+
+class CountingEngine:
+    """An engine wrapper that counts `sample` calls: one per round of the label searches."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def sample(self, requests, on_progress=None):
+        self.calls += 1
+        return self.engine.sample(requests, on_progress)
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, models):
+    import prmtool as api
+
+    frame = pl.read_parquet(ROOT / "data_samples/gsm8k/labeled/*.parquet").drop("step_labels", "first_error")
+    frame = frame.with_columns(correct=pl.lit(False))  # every response gets a first-error search
+    options = {"deterministic": True, "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    engine = api.load_engine(
+        engine_name, str(models["policy"]), device="cuda", **(options if engine_name == "vllm" else {})
+    )
+    with engine:
+        counting = CountingEngine(engine)
+        settings = api.label.settings(k=4, max_tokens=16, method="binary")
+        first = api.label.label_frame(frame, counting, settings)
+        longest = max(len(s) for s in frame["steps"])
+        # a binary search over n steps probes ceil(log2(n)) + 1 prefixes, each in at most two
+        # stages (one rollout first, the rest only if it failed): rounds for all rows together
+        assert 1 <= counting.calls <= 2 * ((longest - 1).bit_length() + 1)
+        again = api.label.label_frame(frame, engine, settings)
+    # the same seed and inputs give the same labels (vLLM: with deterministic=True)
+    assert first["step_labels"].to_list() == again["step_labels"].to_list()
+    assert first["label_tokens"].to_list() == again["label_tokens"].to_list()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_quickstart_recipe_runs_with_either_engine(engine, models, tmp_path):
+    """`prmtool run --engine vllm`: one model instance serves every stage of the recipe."""
+    env = VLLM_ENV if engine == "vllm" else None
+    recipe = ROOT / "recipes/quickstart.yaml"
+    result = prmtool(
+        "run", recipe, "--engine", engine, "--model", models["policy"], "--workdir", tmp_path / "qs", "-q", env=env
+    )
+    assert "stages complete" in result.stderr
+    assert (tmp_path / "qs/07-export-prm/_SUCCESS").exists()
+    assert (tmp_path / "qs/09-export-sft/_SUCCESS").exists()
