@@ -51,6 +51,18 @@ QWEN25_05B = dict(
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
 )
+QWEN25_15B = dict(
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 TINY = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -74,6 +86,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slots", default="1024", help="hf engine max_batch_size; a comma list runs each")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: engine,a,b,cb")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", choices=["0.5b", "1.5b"], default="0.5b", help="the Qwen2.5 architecture")
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also bare vllm.LLM.generate (defaults; max_num_seqs = the hf engine's slots; detokenize=False) "
+        "and prmtool's vllm engine, on the same model saved as a folder",
+    )
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.n, args.prompt_len, args.min_tokens, args.max_tokens = 8, 4, 16, 4, 32
@@ -81,8 +100,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def build_model(quick: bool, device: torch.device) -> Qwen2ForCausalLM:
-    config = Qwen2Config(**(TINY if quick else QWEN25_05B), eos_token_id=None, bos_token_id=None, pad_token_id=0)
+ARCHES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+
+
+def build_model(quick: bool, device: torch.device, arch: str = "0.5b") -> Qwen2ForCausalLM:
+    config = Qwen2Config(**(TINY if quick else ARCHES[arch]), eos_token_id=None, bos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     with device:
         model = Qwen2ForCausalLM(config)
@@ -225,13 +247,72 @@ def run_continuous_batching(model, requests, args, device):
     return dict(tokens=tokens, seconds=timer.seconds, peak_gib=timer.peak_gib, warmup_seconds=warmup_seconds)
 
 
+def run_vllm(model, tokenizer, requests, args) -> dict[str, dict]:
+    """Bare vllm.LLM.generate beside prmtool's vllm engine, on the model saved as a folder.
+    Each vLLM instance is timed warm: a first pass over the requests compiles and warms up."""
+    import gc
+    import tempfile
+
+    import vllm
+
+    from prmtool.engines.vllm import VLLMEngine
+
+    folder = tempfile.mkdtemp(prefix="bench-vllm-")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    slots = int(args.slots.split(",")[0])
+    prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+
+    def params(detokenize: bool = True):
+        return [
+            vllm.SamplingParams(
+                n=r.n, temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, seed=r.seed, ignore_eos=True,
+                detokenize=detokenize,
+            )
+            for r in requests
+        ]  # fmt: skip
+
+    def timed(generate) -> dict:
+        generate()  # warm-up: compilation, CUDA graphs, the prefix cache
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = generate()
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+        return dict(tokens=tokens, seconds=seconds, peak_gib=float("nan"))
+
+    def bare_defaults() -> dict[str, dict]:
+        llm = vllm.LLM(model=folder, dtype="bfloat16", seed=0, gpu_memory_utilization=0.6)
+        runs = {
+            "vllm": timed(lambda: llm.generate(prompts, params(), use_tqdm=False)),
+            "vllm-nodetok": timed(lambda: llm.generate(prompts, params(False), use_tqdm=False)),
+        }
+        return runs  # llm goes with this frame: vLLM's engine process ends, and its GPU memory with it
+
+    results = bare_defaults()
+    gc.collect()
+    torch.cuda.empty_cache()
+    engine = VLLMEngine(folder, dtype="bfloat16", ignore_eos=True, max_num_seqs=slots, gpu_memory_utilization=0.6)
+    results[f"vllm@{slots}"] = timed(lambda: engine.llm.generate(prompts, params(), use_tqdm=False))
+
+    def through_engine():
+        completions = engine.sample(requests)
+        return [
+            type("Out", (), {"outputs": [type("O", (), {"token_ids": c.token_ids}) for c in s]}) for s in completions
+        ]
+
+    results["prmtool-vllm"] = timed(through_engine)
+    engine.close()
+    return results
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     skip = set(filter(None, args.skip.split(",")))
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {gpu}", flush=True)
-    model = build_model(args.quick, device)
+    model = build_model(args.quick, device, args.arch)
     tokenizer = build_tokenizer(model.config.vocab_size)
     requests = make_requests(args, model.config.vocab_size)
     print(
@@ -255,6 +336,18 @@ def main() -> None:
         except Exception as error:  # a baseline that cannot run here is reported, not fatal
             print(f"  {name}: failed: {type(error).__name__}: {error}", flush=True)
 
+    if args.vllm:
+        try:
+            results |= run_vllm(model, tokenizer, requests, args)
+        except Exception as error:
+            print(f"  vllm: failed: {type(error).__name__}: {error}", flush=True)
+    slots_first = int(args.slots.split(",")[0])
+    labels |= {
+        "vllm": "bare vllm.LLM.generate, defaults",
+        "vllm-nodetok": "bare vllm, defaults, detokenize=False",
+        f"vllm@{slots_first}": f"bare vllm, max_num_seqs={slots_first}",
+        "prmtool-vllm": f"prmtool vllm engine, max_num_seqs={slots_first}",
+    }
     rate = {name: r["tokens"] / r["seconds"] for name, r in results.items()}
     labels |= {
         "a": f"(a) generate per prompt (extrapolated from {results.get('a', {}).get('prompts', 0)} prompts)",
@@ -270,7 +363,7 @@ def main() -> None:
             f"{labels[name]}: cold run (pool allocation + graph capture included) "
             f"{results[name]['tokens'] / results[name]['cold_seconds']:,.0f} tokens/s"
         )
-        for baseline, target in (("a", 40), ("b", 2), ("cb", None)):
+        for baseline, target in (("a", 40), ("b", 2), ("cb", None), *((v, None) for v in labels if "vllm" in v)):
             if baseline in rate:
                 goal = f" (target >= {target}x)" if target else ""
                 print(f"  ratio to {baseline}: {rate[name] / rate[baseline]:.1f}x{goal}")
