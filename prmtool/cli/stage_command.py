@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
+from pathlib import Path
 from typing import Callable
 
 from prmtool.core.options import Inputs, Output, Overwrite, Quiet, ScaleOut
@@ -55,7 +57,23 @@ def stage_call(stage: Stage, options: dict) -> StageCall:
     options = dict(options)
     common = {name: options.pop(name) for name in ("inputs", "output", "overwrite", "quiet")}
     scale_out = ScaleOut(**{f.name: options.pop(f.name) for f in dataclasses.fields(ScaleOut)})
-    return StageCall(stage, settings=stage.settings(**options), scale_out=scale_out, **common)
+    return StageCall(
+        stage, settings=stage.settings(**_as_paths(stage.settings, options)), scale_out=scale_out, **common
+    )
+
+
+def _as_paths(settings_class: type, options: dict) -> dict:
+    """click's own parse (`make_context`, as recipes use it) leaves path options as text in some
+    typer versions; the settings hold them as `Path`, as the command line gives them."""
+    types = option_types(settings_class)
+    converted = dict(options)
+    for name, value in options.items():
+        declared = types.get(name)
+        if typing.get_origin(declared) is typing.Annotated:
+            declared = typing.get_args(declared)[0]
+        if isinstance(value, str) and Path in (declared, *typing.get_args(declared)):
+            converted[name] = Path(value)
+    return converted
 
 
 def stage_command(stage: Stage) -> Callable[..., None]:

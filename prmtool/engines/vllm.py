@@ -108,10 +108,13 @@ class VLLMEngine(Engine):
         deterministic: bool = False,
         **llm_options,
     ):
-        if deterministic:
-            import os
+        import os
 
+        if deterministic:
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        # vLLM forks its engine process by default, which fails once CUDA is up in this one
+        # (a stage may have touched it); spawn works either way.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         vllm = import_vllm()
         self._vllm = vllm
         location = locate_model(model)
