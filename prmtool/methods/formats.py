@@ -147,7 +147,7 @@ def to_verl(
     frame: pl.DataFrame,
     prompt_template: str = "{problem}",
     system_prompt: str | None = None,
-    data_source: str = "prmtool",
+    data_source: str = "lighteval/MATH",
     split_name: str = "train",
     start_index: int = 0,
     **_,

@@ -43,7 +43,7 @@ class Verdict:
 def _parsed(answer: str, timeout: int):
     from math_verify import parse
 
-    return parse(f"${answer}$", parsing_timeout=timeout, raise_on_error=True)
+    return parse(f"${answer}$", parsing_timeout=timeout or None, raise_on_error=True)  # 0: no alarm
 
 
 def compare(gold: str, pred: str, timeout: int = 5) -> Verdict:
@@ -84,7 +84,11 @@ def _math_verify(gold: str, pred: str, timeout: int) -> Verdict:
         return Verdict(True, "ok")  # identical text is equal; saves a sympy round trip
     try:
         return Verdict(
-            bool(verify(_parsed(gold, timeout), _parsed(pred, timeout), timeout_seconds=timeout, raise_on_error=True)),
+            bool(
+                verify(
+                    _parsed(gold, timeout), _parsed(pred, timeout), timeout_seconds=timeout or None, raise_on_error=True
+                )
+            ),
             "ok",
         )
     except TimeoutException:

@@ -89,7 +89,7 @@ EXAMPLES = """\b
 Examples:
   prmtool export work/verified -o work/sft --format sft-messages --where correct
   prmtool export work/labeled -o work/prm --format trl-stepwise --split test=0.05 --seed 0
-  prmtool export work/problems -o work/verl --format verl --data-source gsm8k --hf-dataset work/verl_hf
+  prmtool export work/problems -o work/verl --format verl --hf-dataset work/verl_hf
   prmtool export work/interventions -o work/int_sft --format sft-messages --open-turn
 """
 
@@ -106,7 +106,15 @@ class ExportSettings:
         str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)
     ] = "{problem}"
     system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None
-    data_source: Annotated[str, typer.Option(help="verl's data_source column.")] = "prmtool"
+    data_source: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "verl's data_source column; verl's built-in reward scores lighteval/MATH by the last \\boxed{}. "
+                "prmtool's own reward ignores it (README, verl)."
+            )
+        ),
+    ] = "lighteval/MATH"
     open_turn: Annotated[
         bool,
         typer.Option(

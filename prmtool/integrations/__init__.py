@@ -1,0 +1,1 @@
+"""Code that other tools call: verl's reward (`verl_reward.compute_score`)."""
