@@ -463,8 +463,21 @@ def test_open_turn_marks_the_assistant_turn_to_be_continued(prmtool, tmp_path, i
     result = prmtool("export", interventions, "-o", tmp_path / "out", "-f", format, "--open-turn")
     assert result.exit_code == 0, result.stderr
     dataset = load(tmp_path / "out" / "train", tmp_path)
-    assert dataset.features == Features({**columns, "continue_final_message": Value("bool")})
+    kwargs = {"continue_final_message": Value("bool")}
+    assert dataset.features == Features(
+        {**columns, "continue_final_message": Value("bool"), "chat_template_kwargs": kwargs}
+    )
     assert dataset["continue_final_message"] == [True] * 3
+    # TRL's SFTTrainer passes a row's chat_template_kwargs to the chat template: the turn stays open
+    assert dataset["chat_template_kwargs"] == [{"continue_final_message": True}] * 3
+    if "messages" in columns:
+        from tests.engine_fixtures import build_tokenizer
+
+        tokenizer = build_tokenizer()
+        messages = dataset["messages"][0]
+        opened = tokenizer.apply_chat_template(messages, tokenize=False, **dataset["chat_template_kwargs"][0])
+        closed = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert opened.endswith(messages[-1]["content"]) and closed.endswith("<|im_end|>\n")
     completions = dataset["completion"] if "completion" in columns else [m[-1]["content"] for m in dataset["messages"]]
     assert completions[0] == pl.read_parquet(interventions / "part-00000.parquet")["guided_response"][0]
 

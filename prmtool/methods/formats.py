@@ -107,9 +107,13 @@ def _assistant_turn(frame: pl.DataFrame) -> tuple[pl.Series, dict[str, int]]:
 
 
 def _open_turn(out: pl.DataFrame, open_turn: bool) -> pl.DataFrame:
-    """--open-turn: the assistant turn has no end-of-turn; `continue_final_message` tells the
-    renderer so (`tokenizer.apply_chat_template(messages, continue_final_message=True)`)."""
-    return out.with_columns(continue_final_message=pl.lit(True)) if open_turn else out
+    """--open-turn: the assistant turn has no end-of-turn. TRL's SFTTrainer reads a row's
+    `chat_template_kwargs` and passes them to the chat template; `continue_final_message` is the
+    same flag for `tokenizer.apply_chat_template(messages, continue_final_message=True)`."""
+    if not open_turn:
+        return out
+    kwargs = pl.Series("chat_template_kwargs", [{"continue_final_message": True}] * out.height)
+    return out.with_columns(continue_final_message=pl.lit(True), chat_template_kwargs=kwargs)
 
 
 def to_sft_messages(
@@ -187,14 +191,15 @@ FORMATS: dict[str, Format] = {
         Format(
             "sft-messages",
             "messages: list[{role, content}] (optional system, user problem, assistant guided_response or response); "
-            "continue_final_message: bool with --open-turn",
+            "continue_final_message: bool and chat_template_kwargs: {continue_final_message} with --open-turn",
             ("problem", "response"),
             to_sft_messages,
             open_turn=True,
         ),
         Format(
             "sft-prompt-completion",
-            "prompt: str, completion: str (guided_response or response); continue_final_message: bool with --open-turn",
+            "prompt: str, completion: str (guided_response or response); continue_final_message: bool and "
+            "chat_template_kwargs: {continue_final_message} with --open-turn",
             ("problem", "response"),
             to_sft_prompt_completion,
             open_turn=True,
