@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +49,20 @@ def parse_split(spec: str | None) -> dict[str, float]:
 
 def assign_splits(problem_ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Split by problem, never by response: every response of a problem lands in one split.
-    Depends only on the set of ids and the seed, not on shard layout or row order."""
-    unique = sorted(set(problem_ids))
-    random.Random(seed).shuffle(unique)
-    assignment, start = {}, 0
-    for name, fraction in fractions.items():
-        count = round(fraction * len(unique))
-        assignment.update((pid, name) for pid in unique[start : start + count])
-        start += count
-    assignment.update((pid, "train") for pid in unique[start:])
+    A problem's split comes from a hash of the seed and its own id (a point in [0, 1) against
+    the cumulative fractions), so it never depends on which other problems are present:
+    exports of two stages of one run, or of overlapping subsets, put a shared problem on the
+    same side. Split sizes are the fractions in expectation, not exactly."""
+    assignment = {}
+    for problem_id in set(problem_ids):
+        digest = hashlib.sha256(f"{seed}\x1f{problem_id}".encode()).digest()
+        point, start = int.from_bytes(digest[:8], "big") / 2**64, 0.0
+        assignment[problem_id] = "train"
+        for name, fraction in fractions.items():
+            if start <= point < start + fraction:
+                assignment[problem_id] = name
+                break
+            start += fraction
     return assignment
 
 
@@ -99,7 +104,10 @@ class ExportSettings:
     format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")]
     where: Annotated[str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")] = None
     split: Annotated[
-        str | None, typer.Option(help="Held-out splits by problem, e.g. test=0.05; the rest is train.")
+        str | None,
+        typer.Option(
+            help="Held-out splits by problem (a hash of --seed and problem_id), e.g. test=0.05; the rest is train."
+        ),
     ] = None
     seed: Annotated[int, typer.Option(help="Seed of the problem split.", min=0)] = 0
     prompt_template: Annotated[
