@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from datasets import Features, List, Value
 
+from prmtool.methods.formats import FORMATS
 from tests.conftest import SAMPLES, files_under
 
 LABELED = SAMPLES / "labeled"
@@ -506,3 +507,16 @@ def test_open_turn_is_only_for_the_sft_formats(prmtool, tmp_path):
     assert result.exit_code == 2
     assert "--open-turn: only for sft-messages, sft-prompt-completion, not trl-stepwise" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("format", list(FORMATS))
+def test_an_export_of_no_rows_writes_an_empty_shard_with_the_formats_columns(prmtool, tmp_path, format):
+    source = PROBLEMS if format == "verl" else LABELED
+    assert prmtool("export", source, "-o", tmp_path / "full", "-f", format, "-q").exit_code == 0
+    result = prmtool("export", source, "-o", tmp_path / "none", "-f", format, "--where", "false", "--split", "test=0.5")
+    assert result.exit_code == 0, result.stderr
+    assert "no rows to export" in result.stderr
+    for split in ("train", "test"):
+        empty = pl.read_parquet(tmp_path / "none" / split / "*.parquet")
+        assert empty.height == 0
+        assert empty.schema == pl.read_parquet(tmp_path / "full" / "train" / "*.parquet").schema

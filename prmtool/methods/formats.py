@@ -14,6 +14,15 @@ import polars as pl
 from prmtool.core.errors import InputError
 
 MATH_SHEPHERD_TAG = "ки"
+# Declared, not inferred: a frame of no rows (everything filtered out) keeps its column types.
+MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+VERL_SCHEMA = {
+    "data_source": pl.String,
+    "prompt": MESSAGES,
+    "ability": pl.String,
+    "reward_model": pl.Struct({"style": pl.String, "ground_truth": pl.String}),
+    "extra_info": pl.Struct({"split": pl.String, "index": pl.Int64, "problem_id": pl.String}),
+}
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ def to_sft_messages(
     prompts = _user_prompt(frame, prompt_template)
     answers, counts = _assistant_turn(frame)
     messages = [_messages(p, system_prompt, r) for p, r in zip(prompts, answers)]
-    return _open_turn(pl.DataFrame({"messages": messages}), open_turn), counts
+    return _open_turn(pl.DataFrame({"messages": messages}, schema={"messages": MESSAGES}), open_turn), counts
 
 
 def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", open_turn: bool = False, **_):
@@ -167,7 +176,8 @@ def to_verl(
                 {"split": split_name, "index": start_index + i, "problem_id": pid}
                 for i, pid in enumerate(frame["problem_id"])
             ],
-        }
+        },
+        schema=VERL_SCHEMA,
     )
     return out, {}
 

@@ -304,6 +304,20 @@ def _export(
                     stats.rows_out += part.height
                     stats.shards_written += 1
             tracker.advance(shard.rows)
+    # A split that got no rows still gets one shard, with no rows and the format's columns:
+    # a loader given the directory then finds data (`datasets` fails on a folder of none).
+    empty = shards.read_shard(found[0]).clear() if found else None
+    for split_name in ["train", *parse_split(settings.split)]:
+        if empty is not None and not any(name.startswith(f"{split_name}/") for name in written):
+            converted, _ = fmt.convert(empty, split_name=split_name, start_index=0, **options)
+            relative = f"{split_name}/{partition.shard_name(found[0].name)}"
+            shards.write_shard(converted, output / relative, shards.provenance("export", arguments, found[0]))
+            written[relative] = 0
+    if not stats.rows_out:
+        stats.warn(
+            f"{output}: no rows to export; each split holds one shard of no rows with the format's columns "
+            "(polars and pyarrow read it; datasets.load_dataset refuses an empty split)"
+        )
     if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
         save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
