@@ -158,7 +158,7 @@ def test_sft_prompt_completion_is_two_strings(prmtool, tmp_path):
     dataset = load(tmp_path / "out" / "train", tmp_path)
     assert dataset.features == Features({"prompt": Value("string"), "completion": Value("string")})
     source = pl.read_parquet(RESPONSES / "part-00000.parquet")
-    assert dataset["prompt"] == source["problem"].to_list()
+    assert dataset["prompt"] == [p + "\n\n" for p in source["problem"]]  # TRL joins the two as they are
     assert dataset["completion"] == source["response"].to_list()
 
 
@@ -505,7 +505,10 @@ def test_open_turn_marks_the_assistant_turn_to_be_continued(prmtool, tmp_path, i
 def test_open_turn_is_only_for_the_sft_formats(prmtool, tmp_path):
     result = prmtool("export", LABELED, "-o", tmp_path / "out", "-f", "trl-stepwise", "--open-turn")
     assert result.exit_code == 2
-    assert "--open-turn: only for sft-messages, sft-prompt-completion, not trl-stepwise" in result.stderr
+    assert (
+        "--open-turn: only for sft-messages, sft-prompt-completion, sft-prompt-completion-chat, not trl-stepwise"
+        in result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -520,3 +523,43 @@ def test_an_export_of_no_rows_writes_an_empty_shard_with_the_formats_columns(prm
         empty = pl.read_parquet(tmp_path / "none" / split / "*.parquet")
         assert empty.height == 0
         assert empty.schema == pl.read_parquet(tmp_path / "full" / "train" / "*.parquet").schema
+
+
+def test_the_prompt_template_shapes_every_formats_prompt(prmtool, tmp_path):
+    """A PRM trains on the prompt the policy saw."""
+    template = "Solve: {problem}"
+    for format, column in [("trl-stepwise", "prompt"), ("math-shepherd", "input"), ("sft-prompt-completion", "prompt")]:
+        out = tmp_path / format
+        assert prmtool("export", LABELED, "-o", out, "-f", format, "--prompt-template", template, "-q").exit_code == 0
+        assert all(text.startswith("Solve: ") for text in pl.read_parquet(out / "train/*.parquet")[column])
+
+
+def test_a_system_prompt_is_refused_where_a_format_has_no_system_turn(prmtool, tmp_path):
+    result = prmtool("export", LABELED, "-o", tmp_path / "out", "-f", "trl-stepwise", "--system-prompt", "Be brief.")
+    assert result.exit_code == 2
+    assert "--system-prompt: trl-stepwise has no system turn" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_completion_plain_and_conversational(prmtool, tmp_path):
+    args = ("--prompt-template", "Q: {problem}", "-q")
+    assert prmtool("export", LABELED, "-o", tmp_path / "plain", "-f", "sft-prompt-completion", *args).exit_code == 0
+    plain = pl.read_parquet(tmp_path / "plain/train/*.parquet")
+    assert all(p.endswith("\n\n") for p in plain["prompt"]), "TRL joins prompt and completion as they are"
+    chat_args = ("-f", "sft-prompt-completion-chat", "--system-prompt", "Be brief.", *args)
+    assert prmtool("export", LABELED, "-o", tmp_path / "chat", *chat_args).exit_code == 0
+    row = pl.read_parquet(tmp_path / "chat/train/*.parquet").row(0, named=True)
+    assert [t["role"] for t in row["prompt"]] == ["system", "user"] and row["prompt"][0]["content"] == "Be brief."
+    assert [t["role"] for t in row["completion"]] == ["assistant"]
+    assert row["completion"][0]["content"] == plain["completion"][0]
+
+
+def test_math_shepherd_takes_a_step_tag_a_tokenizer_keeps_whole(prmtool, tmp_path):
+    out = tmp_path / "out"
+    assert prmtool("export", LABELED, "-o", out, "-f", "math-shepherd", "--step-tag", "<step>", "-q").exit_code == 0
+    row = pl.read_parquet(out / "train/*.parquet").row(0, named=True)
+    steps = row["input"].split("\n")
+    assert all(step.endswith(" <step>") for step in steps)
+    assert all(line.endswith((" +", " -")) for line in row["label"].split("\n")) and len(steps) > 1
+    refused = prmtool("export", LABELED, "-o", tmp_path / "x", "-f", "trl-stepwise", "--step-tag", "<step>")
+    assert refused.exit_code == 2 and "--step-tag is for --format math-shepherd" in refused.stderr

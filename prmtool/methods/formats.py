@@ -33,6 +33,7 @@ class Format:
     convert: Callable[..., tuple[pl.DataFrame, dict[str, int]]]
     per_problem: bool = False  # one row per problem rather than per response
     open_turn: bool = False  # takes --open-turn (an assistant turn left open, no end-of-turn)
+    system_turn: bool = False  # has a place for --system-prompt
 
 
 def labeled_prefix(steps: list[str] | None, labels: list[int | None] | None) -> tuple[list[str], list[bool]]:
@@ -69,11 +70,13 @@ def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], l
     return pairs, keep, counts
 
 
-def to_trl_stepwise(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, int]]:
+def to_trl_stepwise(
+    frame: pl.DataFrame, prompt_template: str = "{problem}", **_
+) -> tuple[pl.DataFrame, dict[str, int]]:
     pairs, keep, counts = _labeled(frame)
     out = pl.DataFrame(
         {
-            "prompt": frame["problem"].gather(keep),
+            "prompt": _user_prompt(frame, prompt_template).gather(keep),
             "completions": pl.Series([s for s, _ in pairs], dtype=pl.List(pl.String)),
             "labels": pl.Series([lab for _, lab in pairs], dtype=pl.List(pl.Boolean)),
         }
@@ -81,11 +84,16 @@ def to_trl_stepwise(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, i
     return out, counts
 
 
-def to_math_shepherd(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, int]]:
+def to_math_shepherd(
+    frame: pl.DataFrame, prompt_template: str = "{problem}", step_tag: str = MATH_SHEPHERD_TAG, **_
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Math-Shepherd's layout: `input` has the step tag after every step, `label` has `+` or `-`
+    in its place. OpenRLHF's PRM trainer reads it with `--placeholder_token` set to the tag;
+    choose a tag your tokenizer keeps as one token (`--step-tag`)."""
     pairs, keep, counts = _labeled(frame)
     inputs, labels = [], []
-    for problem, (steps, step_labels) in zip(frame["problem"].gather(keep), pairs):
-        inputs.append(f"{problem} " + "\n".join(f"{step} {MATH_SHEPHERD_TAG}" for step in steps))
+    for problem, (steps, step_labels) in zip(_user_prompt(frame, prompt_template).gather(keep), pairs):
+        inputs.append(f"{problem} " + "\n".join(f"{step} {step_tag}" for step in steps))
         labels.append(
             f"{problem} " + "\n".join(f"{step} {'+' if good else '-'}" for step, good in zip(steps, step_labels))
         )
@@ -139,10 +147,31 @@ def to_sft_messages(
 
 
 def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", open_turn: bool = False, **_):
+    """Plain text: TRL concatenates prompt and completion, so the prompt ends with a blank line
+    (`...market?\n\nJanet sells...`, not `...market?Janet sells...`)."""
     answers, counts = _assistant_turn(frame)
-    return _open_turn(
-        pl.DataFrame({"prompt": _user_prompt(frame, prompt_template), "completion": answers}), open_turn
-    ), counts
+    prompts = _user_prompt(frame, prompt_template).map_elements(
+        lambda p: p if p.endswith((" ", "\n")) else p + "\n\n", return_dtype=pl.String
+    )
+    return _open_turn(pl.DataFrame({"prompt": prompts, "completion": answers}), open_turn), counts
+
+
+def to_sft_prompt_completion_chat(
+    frame: pl.DataFrame,
+    prompt_template: str = "{problem}",
+    system_prompt: str | None = None,
+    open_turn: bool = False,
+    **_,
+):
+    """TRL's conversational prompt-completion: the chat template renders the prompt turns, and
+    the loss is on the completion turn only."""
+    answers, counts = _assistant_turn(frame)
+    prompts = [_messages(p, system_prompt) for p in _user_prompt(frame, prompt_template)]
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    out = pl.DataFrame(
+        {"prompt": prompts, "completion": completions}, schema={"prompt": MESSAGES, "completion": MESSAGES}
+    )
+    return _open_turn(out, open_turn), counts
 
 
 def _ground_truths(frame: pl.DataFrame) -> list[str]:
@@ -205,14 +234,25 @@ FORMATS: dict[str, Format] = {
             ("problem", "response"),
             to_sft_messages,
             open_turn=True,
+            system_turn=True,
         ),
         Format(
             "sft-prompt-completion",
-            "prompt: str, completion: str (guided_response or response); continue_final_message: bool and "
+            "prompt: str (ends with a blank line), completion: str (guided_response or response); "
+            "continue_final_message: bool and "
             "chat_template_kwargs: {continue_final_message} with --open-turn",
             ("problem", "response"),
             to_sft_prompt_completion,
             open_turn=True,
+        ),
+        Format(
+            "sft-prompt-completion-chat",
+            "prompt: list[{role, content}] (optional system, user problem), completion: list[{role: assistant, "
+            "content}] (guided_response or response); chat_template_kwargs with --open-turn",
+            ("problem", "response"),
+            to_sft_prompt_completion_chat,
+            open_turn=True,
+            system_turn=True,
         ),
         Format(
             "verl",
@@ -221,6 +261,7 @@ FORMATS: dict[str, Format] = {
             ("problem_id", "problem", "reference_answer"),
             to_verl,
             per_problem=True,
+            system_turn=True,
         ),
     ]
 }

@@ -23,7 +23,7 @@ from prmtool.core.runner import whole_output
 from prmtool.core.schema import check_columns
 from prmtool.core.stage import Stage
 from prmtool.core.where import check_where, where_filter
-from prmtool.methods.formats import FORMATS
+from prmtool.methods.formats import FORMATS, MATH_SHEPHERD_TAG
 
 
 def parse_split(spec: str | None) -> dict[str, float]:
@@ -123,6 +123,10 @@ class ExportSettings:
             )
         ),
     ] = "lighteval/MATH"
+    step_tag: Annotated[
+        str,
+        typer.Option(help="math-shepherd: the tag after each step of `input` (one token of your tokenizer)."),
+    ] = MATH_SHEPHERD_TAG
     open_turn: Annotated[
         bool,
         typer.Option(
@@ -146,6 +150,7 @@ def format_options(settings: ExportSettings) -> dict:
         "system_prompt": settings.system_prompt,
         "data_source": settings.data_source,
         "open_turn": settings.open_turn,
+        "step_tag": settings.step_tag,
     }
 
 
@@ -154,6 +159,13 @@ def check_format(settings: ExportSettings):
     if settings.format not in FORMATS:
         raise InputError(f"--format {settings.format!r}: expected one of {', '.join(FORMATS)}")
     fmt = FORMATS[settings.format]
+    if settings.step_tag != MATH_SHEPHERD_TAG and settings.format != "math-shepherd":
+        raise InputError(f"--step-tag is for --format math-shepherd, not {settings.format}")
+    if not settings.step_tag.strip():
+        raise InputError("--step-tag: must not be blank")
+    if settings.system_prompt is not None and not fmt.system_turn:
+        with_turn = ", ".join(f.name for f in FORMATS.values() if f.system_turn)
+        raise InputError(f"--system-prompt: {settings.format} has no system turn (formats with one: {with_turn})")
     if settings.open_turn and not fmt.open_turn:
         raise InputError(
             f"--open-turn: only for {', '.join(f.name for f in FORMATS.values() if f.open_turn)}, not {settings.format}"
@@ -223,6 +235,8 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
     }
     if settings.open_turn:  # only when given: earlier complete outputs keep their arguments
         arguments["open_turn"] = True
+    if settings.step_tag != MATH_SHEPHERD_TAG:
+        arguments["step_tag"] = settings.step_tag
     return ExportPlan(fmt, found, condition, split_of, arguments)
 
 
