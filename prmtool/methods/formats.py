@@ -211,6 +211,11 @@ def to_verl(
     return out, {}
 
 
+def to_jsonl(frame: pl.DataFrame, **_) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The rows as they are, every column: for `-o -` and shell pipelines (`jq`, `head`)."""
+    return frame, {}
+
+
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in [
@@ -263,5 +268,6 @@ FORMATS: dict[str, Format] = {
             per_problem=True,
             system_turn=True,
         ),
+        Format("jsonl", "every column of the input rows, as they are", (), to_jsonl),
     ]
 }

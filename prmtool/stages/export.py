@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -204,6 +204,8 @@ class ExportPlan:
 def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overwrite: bool) -> ExportPlan:
     """Every check on the options and inputs, and the split of the problems."""
     fmt = check_format(settings)
+    if settings.format == "jsonl":
+        raise InputError("--format jsonl writes JSON lines to standard output: give -o -")
     fractions = parse_split(settings.split)
     condition = where_filter(settings.where)
     found = shards.open_inputs(inputs)
@@ -240,12 +242,55 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
     return ExportPlan(fmt, found, condition, split_of, arguments)
 
 
+def export_to_stdout(inputs: list[str], settings: ExportSettings, partition: Partition, quiet: bool) -> Summary:
+    """`-o -`: the format's rows as JSON lines on standard output, shard after shard, for shell
+    pipelines; the summary stays on stderr. Nothing is written to disk, so there is no split."""
+    import sys
+
+    for flag, given in [("--split", settings.split), ("--hf-dataset", settings.hf_dataset)]:
+        if given is not None:
+            raise InputError(f"{flag}: not with -o - (standard output holds one stream of rows)")
+    if not partition.whole:
+        raise InputError("--num-shards: not with -o - (give each partition its own -o DIR)")
+    fmt = check_format(settings)
+    condition = where_filter(settings.where)
+    found = shards.open_inputs(inputs)
+    for shard in found:
+        check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
+        if condition is not None:
+            check_where(condition, settings.where, shard)
+    stats = RunStats("export", quiet=quiet)
+    seen: set[str] = set()  # per-problem formats keep each problem's first row, across shards
+    for shard in found:
+        frame = shards.read_shard(shard)
+        stats.rows_in += frame.height
+        if fmt.per_problem:
+            frame = frame.filter(~pl.col("problem_id").is_in(list(seen)))
+        rows = export_frame(frame, replace(settings, split=None)).get("train") if frame.height else None
+        if rows is None or not rows.height:
+            continue
+        if fmt.per_problem:
+            seen.update(frame["problem_id"].to_list())
+        try:
+            sys.stdout.write(rows.write_ndjson())
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has all it wants
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            break
+        stats.rows_out += rows.height
+    return stats.finish()
+
+
 def run(
     inputs: list[str], output: Path, settings: ExportSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Write training data: TRL stepwise supervision, Math-Shepherd, SFT or verl RL parquet,
     as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --split). With
     --num-shards, partitions are sets of whole problems, split as the whole run splits them."""
+    if str(output) == "-":
+        return export_to_stdout(inputs, settings, partition, quiet)
     if settings.hf_dataset is not None and not partition.whole:
         raise InputError(
             "--hf-dataset needs every partition's rows in one process: export without --num-shards, "

@@ -274,12 +274,28 @@ class ImportSettings:
     )
 
 
+def _stdin_copy() -> Path:
+    """`-`: JSONL on standard input, kept in a private temporary file so that it can be read
+    like any other source (and hashed for provenance)."""
+    import atexit
+    import shutil
+    import sys
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="prmtool-stdin-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    target = folder / "stdin.jsonl"
+    with target.open("wb") as copy:
+        shutil.copyfileobj(sys.stdin.buffer, copy)
+    return target
+
+
 def run(
     inputs: list[str], output: Path, settings: ImportSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Bring problems (and optional model responses) into prmtool's row contract. With
     --num-shards, partitions are sets of whole problems."""
-    inputs = [Path(path) for path in inputs]  # files and datasets folders, never globs
+    inputs = [_stdin_copy() if str(path) == "-" else Path(path) for path in inputs]  # never globs
     stats = RunStats("import", quiet=quiet)
     arguments = {
         "map": settings.map,
