@@ -15,7 +15,7 @@ try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own clas
     from typer._click.exceptions import BadParameter, ClickException, MissingParameter
 except ImportError:
     from click import BadParameter, ClickException, MissingParameter
-from prmtool.cli import recipe, stats
+from prmtool.cli import evaluate, recipe, stats
 from prmtool.cli.stage_command import stage_command
 from prmtool.stages import STAGES, stage
 
@@ -33,6 +33,7 @@ app = typer.Typer(
 for name in STAGES:
     app.command(name, epilog=stage(name).examples)(stage_command(stage(name)))
 app.command("stats", epilog=stats.EXAMPLES)(stats.command)  # reads shards, writes none: not a stage
+app.command("eval", epilog=evaluate.EXAMPLES)(evaluate.command)  # likewise
 app.command("run", epilog=recipe.EXAMPLES)(recipe.command)
 
 

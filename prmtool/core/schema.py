@@ -31,6 +31,12 @@ COLUMNS: dict[str, Column] = {
         Column("response_id", pl.String(), "unique id of a response", "import, generate"),
         Column("response", pl.String(), "the model's solution text", "import, generate"),
         Column("steps", pl.List(pl.String()), "the response split into steps, losslessly", "import, generate"),
+        Column(
+            "human_first_error",
+            pl.Int32(),
+            "a person's earliest wrong step of the response, -1 none (import --preset processbench)",
+            "import",
+        ),
         Column("pred_answer", pl.String(), "final answer extracted from the response, null if none", "verify"),
         Column(
             "answer_source",

@@ -23,7 +23,7 @@ from prmtool.core.stage import Stage
 from prmtool.methods.steps import make_splitter, split_steps
 from prmtool.methods.verification import last_boxed
 
-PRESETS = ("gsm8k", "math")
+PRESETS = ("gsm8k", "math", "processbench")
 ID_COLUMNS = ("problem_id", "response_id", "reference_answer", "reference_solution")
 
 
@@ -100,6 +100,18 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
             raise InputError(
                 f"{source}: row {int(missing.arg_true()[0])}: --preset math found no \\boxed{{}} answer in 'solution'"
             )
+        return frame
+    if preset == "processbench":
+        # ProcessBench: each row a solution, its `steps` as given (the human labels index them),
+        # `label` the earliest wrong step or -1.
+        _require(frame, ("problem", "steps", "label"), source, "--preset processbench")
+        frame = frame.rename({"label": "human_first_error"}).with_columns(
+            response=pl.col("steps").list.join("\n\n"), human_first_error=pl.col("human_first_error").cast(pl.Int32)
+        )
+        if "id" in frame.columns and "response_id" not in frame.columns:
+            frame = frame.rename({"id": "response_id"})
+        if "reference_answer" not in frame.columns:
+            frame = frame.with_columns(reference_answer=pl.lit(None, dtype=pl.String))
         return frame
     raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
 
@@ -266,7 +278,9 @@ class ImportSettings:
     map: Annotated[list[str], typer.Option("--map", help="Rename a column: SRC=DST (repeatable).")] = field(
         default_factory=list
     )
-    preset: Annotated[str | None, typer.Option(help="Column conventions of a known dataset: gsm8k or math.")] = None
+    preset: Annotated[
+        str | None, typer.Option(help="Column conventions of a known dataset: gsm8k, math or processbench.")
+    ] = None
     split: Split = "blank-line"
     shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1)] = 50_000
     dataset_split: Annotated[str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")] = (

@@ -1,0 +1,105 @@
+"""`prmtool eval`: step labels or step scores against human first errors, as ProcessBench
+scores them (prmtool/methods/evaluation.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prmtool.core import shards
+from prmtool.core.errors import InputError
+from prmtool.core.options import Inputs, finite
+from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.methods.evaluation import best_threshold, first_below, first_error_scores
+
+SCORE_COLUMNS = ("step_rewards", "step_values", "step_mc")
+
+EXAMPLES = """\b
+Examples:
+  prmtool import data_samples/processbench-gsm8k/gsm8k.jsonl --preset processbench -o work/pb
+  prmtool label work/pb-verified -o work/pb-labeled --method binary
+  prmtool eval work/pb-labeled --truth human_first_error --pred first_error --by generator
+  prmtool eval work/pb-scored --pred-from step_values --sweep --json work/pb-eval.json
+"""
+
+
+def command(
+    inputs: Inputs,
+    truth: Annotated[str, typer.Option(help="The column of true first errors (-1: no error).")] = "human_first_error",
+    pred: Annotated[str, typer.Option(help="The column of predicted first errors.")] = "first_error",
+    pred_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Predict from step scores instead: step_rewards, step_values or step_mc (first step below "
+            "--threshold).",
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="With --pred-from: a step scoring below this is an error.", callback=finite)
+    ] = 0.0,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="With --pred-from: report the threshold with the best F1.")
+    ] = False,
+    by: Annotated[
+        str | None, typer.Option(help="Also one row per value of this column (e.g. generator).", show_default=False)
+    ] = None,
+    as_json: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table as JSON to this file.", show_default=False)
+    ] = None,
+) -> None:
+    """ProcessBench's first-error metrics: the share of erroneous responses whose first error is
+    found exactly, the share of correct ones called error-free, and their harmonic mean (F1)."""
+    if pred_from is not None and pred_from not in SCORE_COLUMNS:
+        raise InputError(f"--pred-from {pred_from!r}: expected one of {', '.join(SCORE_COLUMNS)}")
+    if sweep and pred_from is None:
+        raise InputError("--sweep needs --pred-from (a score column to threshold)")
+    found = shards.open_inputs(inputs)
+    check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
+    columns = list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])]))
+    for shard in found:
+        for column in columns:
+            if column not in shard.schema:
+                raise InputError(f"{shard.path}: missing column '{column}' (has: {', '.join(shard.schema)})")
+    frame = pl.concat([pl.read_parquet(s.path, columns=columns) for s in found], how="diagonal_relaxed")
+
+    groups = [("all", frame)]
+    if by:
+        groups += [(str(key[0]), part) for key, part in frame.group_by(by, maintain_order=True)]
+    threshold_used = threshold
+    if sweep:  # the threshold is chosen on all rows, then applied to every group
+        threshold_used, _ = best_threshold(frame[truth].to_list(), frame[pred_from].to_list())
+    results = []
+    for name, part in groups:
+        if pred_from is not None:
+            predicted = [first_below(row, threshold_used) for row in part[pred_from].to_list()]
+        else:
+            predicted = part[pred].to_list()
+        scores = first_error_scores(part[truth].to_list(), predicted, part["steps"].list.len().to_list())
+        results.append({"group": name, **scores.as_dict()})
+    report = {
+        "truth": truth,
+        "pred": pred if pred_from is None else f"{pred_from} < {threshold_used:g}",
+        "threshold": threshold_used if pred_from is not None else None,
+        "results": results,
+    }
+    if as_json is not None:
+        shards.write_json_atomic(report, as_json)
+    table = Table(title=f"{report['pred']} against {truth}", title_justify="left")
+    for header in ("group", "rows", "error rows", "error acc", "correct acc", "F1"):
+        table.add_column(header, justify="left" if header == "group" else "right")
+    for row in results:
+        table.add_row(
+            row["group"], f"{row['rows']:,}", f"{row['error_rows']:,}",
+            *(_percent(row[key]) for key in ("error_accuracy", "correct_accuracy", "f1")),
+        )  # fmt: skip
+    Console().print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
