@@ -49,6 +49,8 @@ COLUMNS: dict[str, Column] = {
         Column("step_mc", pl.List(pl.Float64()), "Monte Carlo value of each step's prefix", "label"),
         Column("step_labels", pl.List(pl.Int8()), "1 good, 0 bad, null unlabeled", "label"),
         Column("first_error", pl.Int32(), "index of the first wrong step, -1 none", "label"),
+        Column("judge_first_error", pl.Int32(), "label --method judge: the critic's first error, -1 none", "label"),
+        Column("judge_output", pl.List(pl.String()), "label --method judge: each critique, as written", "label"),
         Column(
             "step_rewards",
             pl.List(pl.Float64()),

@@ -38,7 +38,9 @@ from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
-from prmtool.methods.labeling import METHODS, label_rows
+from prmtool.methods import labeling
+from prmtool.methods.judging import judge_rows
+from prmtool.methods.labeling import label_rows
 from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
@@ -46,6 +48,7 @@ from prmtool.methods.steps import make_splitter
 if TYPE_CHECKING:
     from prmtool.engines import Engine
 
+METHODS = (*labeling.METHODS, "judge")
 REQUIRED = ("problem_id", "problem", "reference_answer", "response_id", "steps", "correct")
 
 
@@ -60,6 +63,7 @@ Examples:
   prmtool label work/verified -o work/labeled --method mc --k 8 --label soft
   prmtool label work/verified -o work/labeled --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
   prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
+  prmtool label work/verified -o work/judged --method judge --judge-model ./critic --judge-samples 3
 """
 
 
@@ -69,8 +73,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
         str,
         typer.Option(
             help=(
-                "binary (first-error search), mc (k rollouts after every step) or omegaprm (binary labels plus a "
-                "tree search per question, see --tree-output)."
+                "binary (first-error search), mc (k rollouts after every step), omegaprm (binary labels plus a "
+                "tree search per question, see --tree-output) or judge (an LLM critic names the first error)."
             )
         ),
     ] = "binary"
@@ -123,11 +127,20 @@ class LabelSettings(ModelSettings, WorkerSettings):
     ] = 0.9
     length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)] = 500.0
     c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125
+    judge_samples: Annotated[
+        int, typer.Option(help="judge: critiques per response; the most frequent verdict wins.", min=1)
+    ] = 1
+    judge_model: Annotated[
+        str | None,
+        typer.Option(help="judge: the critic model, if not --model (a folder or .gguf).", show_default=False),
+    ] = None
     split: Split = "blank-line"
 
 
 def check_choices(settings: LabelSettings) -> None:
     """The options whose values are words: checked before any model loads."""
+    if settings.judge_model is not None and settings.method != "judge":
+        raise InputError("--judge-model is for --method judge")
     if settings.method not in METHODS:
         raise InputError(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
     if settings.label not in ("hard", "soft"):
@@ -144,6 +157,17 @@ def label_frame(
     `binary` does; its tree comes from `prmtool.methods.omegaprm.grow_trees`.)"""
     settings = settings or LabelSettings()
     check_choices(settings)
+    if settings.method == "judge":
+        return judge_rows(
+            frame,
+            engine,
+            samples=settings.judge_samples,
+            temperature=0.0 if settings.judge_samples == 1 else settings.temperature,  # one sample: greedy
+            max_tokens=settings.max_tokens,
+            seed=settings.seed,
+            trust_correct=settings.correct_responses == "trust",
+            tracker=tracker,
+        )
     return label_rows(
         frame,
         engine,
@@ -175,6 +199,8 @@ def provenance_arguments(settings: LabelSettings, prompt_template: str) -> dict:
         "model": settings.model,
         "engine": settings.engine,
     }
+    if settings.method == "judge":
+        arguments.update(judge_samples=settings.judge_samples, judge_model=settings.judge_model)
     if settings.method == "omegaprm":
         arguments.update(
             tree_output=str(settings.tree_output),
@@ -216,13 +242,17 @@ def run(
     rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)
-    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    model = settings.judge_model if settings.method == "judge" and settings.judge_model else settings.model
+    engines = EngineOnDemand(settings.engine, model, settings.device, settings.trust_remote_code, stats)
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         result = label_frame(frame, engines.get(), settings, tracker=tracker)
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())
+        if settings.method == "judge":  # asked, but the reply named no step: left null, not guessed
+            asked = result["judge_output"].is_not_null()
+            stats.counts["judge_unparseable"] += int((asked & result["judge_first_error"].is_null()).sum())
         return result
 
     def write_tree(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
