@@ -92,3 +92,47 @@ def test_label_method_judge_end_to_end_with_the_embedded_model(prmtool, tmp_path
     assert "judge unparseable" in result.stderr or judged["judge_first_error"].is_not_null().any()
     evaluated = prmtool("eval", tmp_path / "judged")
     assert evaluated.exit_code == 0 and "F1" in evaluated.stdout
+
+
+def test_consensus_keeps_the_rows_where_mc_and_the_judge_agree():
+    from prmtool.stages.label import consensus
+
+    labeled = pl.DataFrame(
+        {
+            "response_id": ["a", "b", "c", "d"],
+            "correct": [False, False, True, False],
+            "first_error": pl.Series([1, 0, -1, 2], dtype=pl.Int32),
+            "label_tokens": pl.Series([10, 10, 0, 10], dtype=pl.Int64),
+        }
+    )
+    judged = pl.DataFrame(
+        {
+            "judge_first_error": pl.Series([1, 2, None, None], dtype=pl.Int32),
+            "judge_output": [["\\boxed{1}"], ["\\boxed{2}"], None, ["?"]],
+            "label_tokens": pl.Series([5, 5, 0, 5], dtype=pl.Int64),
+        }
+    )
+    result = consensus(labeled, judged, trusted=True)
+    assert result["label_reason"].to_list() == [None, "disagree", None, "judge_unparseable"]
+    assert result["label_tokens"].to_list() == [15, 15, 0, 15]
+
+
+@pytest.mark.slow
+def test_label_method_consensus_splits_rows_between_output_and_rejects(prmtool, tmp_path):
+    rows = pl.read_ndjson(ROOT / "data_samples/processbench-gsm8k/gsm8k.jsonl").head(4)
+    rows.write_ndjson(tmp_path / "pb.jsonl")
+    assert (
+        prmtool("import", tmp_path / "pb.jsonl", "--preset", "processbench", "-o", tmp_path / "pb", "-q").exit_code == 0
+    )
+    assert prmtool("verify", tmp_path / "pb", "-o", tmp_path / "v", "--workers", "1", "-q").exit_code == 0
+    refused = prmtool("label", tmp_path / "v", "-o", tmp_path / "x", "--method", "consensus")
+    assert refused.exit_code == 2 and "needs --rejects" in refused.stderr
+    result = prmtool(
+        "label", tmp_path / "v", "-o", tmp_path / "kept", "--method", "consensus", "--rejects", tmp_path / "rejects",
+        "--k", "2", "--max-tokens", "16", "--correct-responses", "estimate", "--device", "cpu", "--workers", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    kept, rejected = pl.read_parquet(tmp_path / "kept/*.parquet"), pl.read_parquet(tmp_path / "rejects/*.parquet")
+    assert kept.height + rejected.height == 4
+    assert set(rejected["label_reason"]) <= {"disagree", "judge_unparseable"}
+    assert (kept["first_error"] == kept["judge_first_error"]).all()

@@ -51,6 +51,7 @@ COLUMNS: dict[str, Column] = {
         Column("first_error", pl.Int32(), "index of the first wrong step, -1 none", "label"),
         Column("judge_first_error", pl.Int32(), "label --method judge: the critic's first error, -1 none", "label"),
         Column("judge_output", pl.List(pl.String()), "label --method judge: each critique, as written", "label"),
+        Column("label_reason", pl.String(), "label --method consensus rejects: disagree or judge_unparseable", "label"),
         Column(
             "step_rewards",
             pl.List(pl.Float64()),

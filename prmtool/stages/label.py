@@ -15,6 +15,7 @@ The searches themselves live in `prmtool.methods.labeling` (rows) and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -36,6 +37,7 @@ from prmtool.core.options import (
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.schema import cast_to_contract
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import labeling
@@ -48,7 +50,7 @@ from prmtool.methods.steps import make_splitter
 if TYPE_CHECKING:
     from prmtool.engines import Engine
 
-METHODS = (*labeling.METHODS, "judge")
+METHODS = (*labeling.METHODS, "judge", "consensus")
 REQUIRED = ("problem_id", "problem", "reference_answer", "response_id", "steps", "correct")
 
 
@@ -64,6 +66,7 @@ Examples:
   prmtool label work/verified -o work/labeled --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
   prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
   prmtool label work/verified -o work/judged --method judge --judge-model ./critic --judge-samples 3
+  prmtool label work/verified -o work/agreed --method consensus --rejects work/disagreed --judge-model ./critic
 """
 
 
@@ -74,7 +77,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
         typer.Option(
             help=(
                 "binary (first-error search), mc (k rollouts after every step), omegaprm (binary labels plus a "
-                "tree search per question, see --tree-output) or judge (an LLM critic names the first error)."
+                "tree search per question, see --tree-output), judge (an LLM critic names the first error) or "
+                "consensus (binary and judge; rows where they disagree go to --rejects)."
             )
         ),
     ] = "binary"
@@ -127,6 +131,13 @@ class LabelSettings(ModelSettings, WorkerSettings):
     ] = 0.9
     length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)] = 500.0
     c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help="consensus: directory for the rows whose two first errors disagree, with label_reason.",
+            show_default=False,
+        ),
+    ] = None
     judge_samples: Annotated[
         int, typer.Option(help="judge: critiques per response; the most frequent verdict wins.", min=1)
     ] = 1
@@ -139,8 +150,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
 
 def check_choices(settings: LabelSettings) -> None:
     """The options whose values are words: checked before any model loads."""
-    if settings.judge_model is not None and settings.method != "judge":
-        raise InputError("--judge-model is for --method judge")
+    if settings.judge_model is not None and settings.method not in ("judge", "consensus"):
+        raise InputError("--judge-model is for --method judge or consensus")
     if settings.method not in METHODS:
         raise InputError(f"--method {settings.method!r}: expected one of {', '.join(METHODS)}")
     if settings.label not in ("hard", "soft"):
@@ -150,28 +161,38 @@ def check_choices(settings: LabelSettings) -> None:
 
 
 def label_frame(
-    frame: pl.DataFrame, engine: Engine, settings: LabelSettings | None = None, *, tracker: Tracker | None = None
+    frame: pl.DataFrame,
+    engine: Engine,
+    settings: LabelSettings | None = None,
+    *,
+    judge_engine: Engine | None = None,
+    tracker: Tracker | None = None,
 ) -> pl.DataFrame:
     """The per-frame core: verified responses in, the same rows with step_mc, step_labels,
     first_error, label_rollouts and label_tokens out. (`--method omegaprm` labels rows as
-    `binary` does; its tree comes from `prmtool.methods.omegaprm.grow_trees`.)"""
+    `binary` does; its tree comes from `prmtool.methods.omegaprm.grow_trees`.) `judge` and
+    `consensus` add judge_first_error and judge_output; `consensus` also label_reason, null
+    where the binary search and the judge agree (`judge_engine`: the critic, if not `engine`)."""
     settings = settings or LabelSettings()
     check_choices(settings)
-    if settings.method == "judge":
-        return judge_rows(
+    judged = None
+    if settings.method in ("judge", "consensus"):
+        judged = judge_rows(
             frame,
-            engine,
+            judge_engine or engine,
             samples=settings.judge_samples,
             temperature=0.0 if settings.judge_samples == 1 else settings.temperature,  # one sample: greedy
             max_tokens=settings.max_tokens,
             seed=settings.seed,
             trust_correct=settings.correct_responses == "trust",
-            tracker=tracker,
+            tracker=None if settings.method == "consensus" else tracker,
         )
-    return label_rows(
+        if settings.method == "judge":
+            return judged
+    labeled = label_rows(
         frame,
         engine,
-        settings.method,
+        "binary" if settings.method == "consensus" else settings.method,
         settings.k,
         RolloutSettings.of(settings, settings.workers or default_workers()),
         make_splitter(settings.split).separator,
@@ -179,6 +200,30 @@ def label_frame(
         settings.bad_below,
         settings.correct_responses,
         tracker,
+    )
+    if judged is None:
+        return labeled
+    return consensus(labeled, judged, trusted=settings.correct_responses == "trust")
+
+
+def consensus(labeled: pl.DataFrame, judged: pl.DataFrame, trusted: bool) -> pl.DataFrame:
+    """Qwen's consensus filtering: a row's MC labels stand where the judge names the same first
+    error; `label_reason` says why the others do not (disagree, judge_unparseable)."""
+    mc, critic = labeled["first_error"].to_list(), judged["judge_first_error"].to_list()
+    correct = labeled["correct"].to_list()
+    reasons = []
+    for row, (mc_first, judge_first) in enumerate(zip(mc, critic)):
+        if trusted and correct[row]:
+            reasons.append(None)  # neither was asked: a verified-correct response is all good
+        elif judge_first is None:
+            reasons.append("judge_unparseable")
+        else:
+            reasons.append(None if mc_first == judge_first else "disagree")
+    return labeled.with_columns(
+        judged["judge_first_error"],
+        judged["judge_output"],
+        pl.Series("label_reason", reasons, dtype=pl.String),
+        label_tokens=labeled["label_tokens"] + judged["label_tokens"],
     )
 
 
@@ -199,8 +244,10 @@ def provenance_arguments(settings: LabelSettings, prompt_template: str) -> dict:
         "model": settings.model,
         "engine": settings.engine,
     }
-    if settings.method == "judge":
+    if settings.method in ("judge", "consensus"):
         arguments.update(judge_samples=settings.judge_samples, judge_model=settings.judge_model)
+    if settings.method == "consensus":
+        arguments.update(rejects=str(settings.rejects))
     if settings.method == "omegaprm":
         arguments.update(
             tree_output=str(settings.tree_output),
@@ -237,27 +284,54 @@ def run(
         raise InputError("--method omegaprm needs --tree-output DIR")
     if settings.method != "omegaprm" and settings.tree_output is not None:
         raise InputError("--tree-output is only for --method omegaprm")
+    if settings.method == "consensus" and settings.rejects is None:
+        raise InputError("--method consensus needs --rejects DIR, for the rows whose first errors disagree")
+    if settings.method != "consensus" and settings.rejects is not None:
+        raise InputError("--rejects is only for --method consensus")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
     rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)
-    model = settings.judge_model if settings.method == "judge" and settings.judge_model else settings.model
-    engines = EngineOnDemand(settings.engine, model, settings.device, settings.trust_remote_code, stats)
+    policy = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    critic = policy
+    if settings.judge_model is not None:
+        critic = EngineOnDemand(
+            settings.engine, settings.judge_model, settings.device, settings.trust_remote_code, stats
+        )
+    pending: dict[str, pl.DataFrame] = {}  # consensus: the rejects of the shard just labeled
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
-        result = label_frame(frame, engines.get(), settings, tracker=tracker)
+        if settings.method == "judge":
+            result = label_frame(frame, critic.get(), settings, tracker=tracker)
+        else:
+            judge = critic.get() if settings.method == "consensus" else None
+            result = label_frame(frame, policy.get(), settings, judge_engine=judge, tracker=tracker)
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())
         if settings.method == "judge":  # asked, but the reply named no step: left null, not guessed
             asked = result["judge_output"].is_not_null()
             stats.counts["judge_unparseable"] += int((asked & result["judge_first_error"].is_null()).sum())
+        if settings.method == "consensus":
+            for reason, count in result["label_reason"].drop_nulls().value_counts().iter_rows():
+                stats.counts[f"rejected_{reason}"] += count
+            kept = result["label_reason"].is_null()
+            pending["rejects"] = result.filter(~kept)
+            stats.counts["consensus_kept"] += int(kept.sum())
+            return result.filter(kept).drop("label_reason")
         return result
+
+    def write_rejects(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
+        shards.write_shard(
+            cast_to_contract(pending.pop("rejects")),
+            settings.rejects / shard.name,
+            shards.provenance("label-rejects", arguments, shard),
+        )
 
     def write_tree(shard: shards.InputShard, frame: pl.DataFrame, tracker: Tracker) -> None:
         searches = grow_trees(
-            frame, engines.get(), search_config, rollout_settings, make_splitter(settings.split), tracker
+            frame, policy.get(), search_config, rollout_settings, make_splitter(settings.split), tracker
         )
         tree = tree_frame(frame, searches, separator)
         stats.counts["tree_rollouts"] += sum(
@@ -267,16 +341,21 @@ def run(
         stats.counts["tree_states"] += tree.height
         shards.write_shard(tree, settings.tree_output / shard.name, shards.provenance("label-tree", arguments, shard))
 
+    side_output = {"omegaprm": write_tree, "consensus": write_rejects}.get(settings.method)
     stage = MapStage(
         "label",
         transform,
         arguments,
         REQUIRED,
+        # consensus: the rows it keeps; every other input row is in --rejects
+        rows_per_input=None if settings.method == "consensus" else 1,
         extra_checks=[_verified],
-        side_output=write_tree if settings.method == "omegaprm" else None,
-        side_directories={"--tree-output": settings.tree_output},
+        side_output=side_output,
+        side_directories={"--tree-output": settings.tree_output, "--rejects": settings.rejects},
     )
-    with engines:
+    with contextlib.ExitStack() as models:
+        for model in {id(policy): policy, id(critic): critic}.values():
+            models.enter_context(model)
         run_map_stage(stage, inputs, output, overwrite, stats, partition)
     return stats.finish()
 
