@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from prmtool.methods.answers import last_boxed
+from prmtool.methods.labeling import labels_from_first_error
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -56,15 +57,6 @@ def majority(verdicts: list[int | None]) -> int | None:
     top = max(counts.values())
     tied = [v for v, c in counts.items() if c == top]
     return min(tied, key=lambda v: (v == -1, v))
-
-
-def labels_from_first_error(first_error: int | None, n_steps: int) -> list[int | None] | None:
-    """Good before the first error, bad at it, unlabeled after; all good for -1."""
-    if first_error is None:
-        return None
-    if first_error < 0:
-        return [1] * n_steps
-    return [1] * first_error + [0] + [None] * (n_steps - first_error - 1)
 
 
 def judge_rows(

@@ -148,13 +148,21 @@ class FirstErrorBinarySearch:
         if self.n_steps == 0:
             return RowLabels([], [], -1, *self.spent)
         first_error = self.bad - 1  # the step that turns the last good prefix into a bad one
-        labels = [1] * first_error + [0] + [None] * (self.n_steps - first_error - 1)
-        return RowLabels(self.step_mc, labels, first_error, *self.spent)
+        return RowLabels(self.step_mc, labels_from_first_error(first_error, self.n_steps), first_error, *self.spent)
+
+
+def labels_from_first_error(first_error: int | None, n_steps: int) -> list[int | None] | None:
+    """Good before the first error, bad at it, unlabeled after; all good for -1; None for None."""
+    if first_error is None:
+        return None
+    if first_error < 0:
+        return [1] * n_steps
+    return [1] * first_error + [0] + [None] * (n_steps - first_error - 1)
 
 
 def trusted_correct(n_steps: int) -> RowLabels:
     """`--correct-responses trust`: a verified-correct response's steps are all good."""
-    return RowLabels([None] * n_steps, [1] * n_steps, -1)
+    return RowLabels([None] * n_steps, labels_from_first_error(-1, n_steps), -1)
 
 
 def label_rows(

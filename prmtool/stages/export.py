@@ -201,18 +201,24 @@ class ExportPlan:
     arguments: dict  # provenance: the options that decide the output
 
 
-def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overwrite: bool) -> ExportPlan:
-    """Every check on the options and inputs, and the split of the problems."""
-    fmt = check_format(settings)
-    if settings.format == "jsonl":
-        raise InputError("--format jsonl writes JSON lines to standard output: give -o -")
-    fractions = parse_split(settings.split)
+def open_checked_inputs(inputs: list[str], settings: ExportSettings, fmt) -> tuple[list, pl.Expr | None]:
+    """The input shards, each checked for the format's columns and for --where; and --where."""
     condition = where_filter(settings.where)
     found = shards.open_inputs(inputs)
     for shard in found:
         check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
         if condition is not None:
             check_where(condition, settings.where, shard)
+    return found, condition
+
+
+def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overwrite: bool) -> ExportPlan:
+    """Every check on the options and inputs, and the split of the problems."""
+    fmt = check_format(settings)
+    if settings.format == "jsonl":
+        raise InputError("--format jsonl writes JSON lines to standard output: give -o -")
+    fractions = parse_split(settings.split)
+    found, condition = open_checked_inputs(inputs, settings, fmt)
     shards.check_output_dir(output, found, inputs, {"--hf-dataset": settings.hf_dataset})
     shards.check_distinct_names(found)
     hf_dataset = settings.hf_dataset
@@ -253,12 +259,7 @@ def export_to_stdout(inputs: list[str], settings: ExportSettings, partition: Par
     if not partition.whole:
         raise InputError("--num-shards: not with -o - (give each partition its own -o DIR)")
     fmt = check_format(settings)
-    condition = where_filter(settings.where)
-    found = shards.open_inputs(inputs)
-    for shard in found:
-        check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
-        if condition is not None:
-            check_where(condition, settings.where, shard)
+    found, condition = open_checked_inputs(inputs, settings, fmt)
     stats = RunStats("export", quiet=quiet)
     seen: set[str] = set()  # per-problem formats keep each problem's first row, across shards
     for shard in found:
@@ -365,10 +366,10 @@ def _export(
             tracker.advance(shard.rows)
     # A split that got no rows still gets one shard, with no rows and the format's columns:
     # a loader given the directory then finds data (`datasets` fails on a folder of none).
-    empty = shards.read_shard(found[0]).clear() if found else None
     for split_name in ["train", *parse_split(settings.split)]:
-        if empty is not None and not any(name.startswith(f"{split_name}/") for name in written):
-            converted, _ = fmt.convert(empty, split_name=split_name, start_index=0, **options)
+        if found and not any(name.startswith(f"{split_name}/") for name in written):
+            no_rows = pl.DataFrame(schema=found[0].schema)  # the input's columns, from its footer
+            converted, _ = fmt.convert(no_rows, split_name=split_name, start_index=0, **options)
             relative = f"{split_name}/{partition.shard_name(found[0].name)}"
             shards.write_shard(converted, output / relative, shards.provenance("export", arguments, found[0]))
             written[relative] = 0

@@ -43,12 +43,16 @@ class VerifySettings(WorkerSettings):
     ] = "cascade"
 
 
+def check_extract(settings: VerifySettings) -> None:
+    if settings.extract not in EXTRACT_MODES:
+        raise InputError(f"--extract {settings.extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
+
+
 def verify_frame(frame: pl.DataFrame, settings: VerifySettings | None = None, *, tracker=None) -> pl.DataFrame:
     """The per-frame core: adds `pred_answer`, `correct` and `verify_status`; every input row
     and column stays. `tracker` (a `Tracker`, or anything with `advance(rows)`) sees progress."""
     settings = settings or VerifySettings()
-    if settings.extract not in EXTRACT_MODES:
-        raise InputError(f"--extract {settings.extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
+    check_extract(settings)
     return verify_rows(
         frame,
         extract=settings.extract,
@@ -64,8 +68,7 @@ def run(
     """Check each response's final answer against `reference_answer` by mathematical
     equivalence (Math-Verify), writing `pred_answer`, `answer_source`, `correct` and
     `verify_status`."""
-    if settings.extract not in EXTRACT_MODES:
-        raise InputError(f"--extract {settings.extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
+    check_extract(settings)
     stats = RunStats("verify", quiet=quiet)
 
     def transform(frame: pl.DataFrame, tracker) -> pl.DataFrame:
