@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's
 from prmtool.engines import Completion, Engine  # noqa: E402
 from prmtool.methods.labeling import label_rows  # noqa: E402
 from prmtool.methods.rollouts import RolloutSettings  # noqa: E402
+from prmtool.methods.verification import verify_responses  # noqa: E402
 
 
 def wrong_responses(count: int, min_steps: int, max_steps: int, seed: int = 0, words_per_step: int = 8) -> pl.DataFrame:
@@ -109,10 +110,12 @@ def economy(args) -> None:
 
 
 class RecordingEngine(Engine):
-    """Passes every call through to the real engine and keeps the requests."""
+    """Passes every call through to the real engine and keeps the requests, follow-ups included.
+    With `lockstep`, it offers only `sample`: the searches then advance in lockstep rounds."""
 
-    def __init__(self, inner: Engine):
-        self.inner, self.tokenizer, self.requests = inner, inner.tokenizer, []
+    def __init__(self, inner: Engine, lockstep: bool = False):
+        self.inner, self.tokenizer, self.requests, self.calls = inner, inner.tokenizer, [], 0
+        self.lockstep = lockstep
 
     def chat_prompt_ids(self, *args, **kwargs):
         return self.inner.chat_prompt_ids(*args, **kwargs)
@@ -121,8 +124,22 @@ class RecordingEngine(Engine):
         return self.inner.continuation_ids(*args, **kwargs)
 
     def sample(self, requests, on_progress=None):
+        self.calls += 1
         self.requests.extend(requests)
         return self.inner.sample(requests, on_progress)
+
+    def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
+        if self.lockstep:
+            return super().sample_continuously(requests, on_done, on_progress, longest)
+        self.calls += 1
+        self.requests.extend(requests)
+
+        def recorded(finished):
+            follow_ups = on_done(finished)
+            self.requests.extend(follow_ups)
+            return follow_ups
+
+        return self.inner.sample_continuously(requests, recorded, on_progress, longest)
 
     def score(self, requests):
         return self.inner.score(requests)
@@ -133,41 +150,68 @@ def overhead(args) -> None:
     from bench_generate import build_model, build_tokenizer
 
     from prmtool.engines import SamplingRequest
-    from prmtool.engines.hf import HFEngine
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.quick, device)
     tokenizer = build_tokenizer(model.config.vocab_size)
-    engine = HFEngine(model, tokenizer, ignore_eos=True, max_batch_size=args.slots)
-    engine.sample([SamplingRequest([5] * 64, n=8, max_tokens=32, seed=0)])  # warm-up: pools and graph capture
+    if args.engine == "vllm":
+        import tempfile
+
+        import vllm
+
+        from prmtool.engines.vllm import VLLMEngine, sampling_params_kwargs, tokens_prompt
+
+        folder = tempfile.mkdtemp(prefix="bench-label-")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+        engine = VLLMEngine(folder, ignore_eos=True, max_num_seqs=args.slots, gpu_memory_utilization=0.6)
+
+        def bare(requests):  # vllm.LLM.generate itself, not prmtool's engine
+            params = [vllm.SamplingParams(**sampling_params_kwargs(r, ignore_eos=True)) for r in requests]
+            outputs = engine.llm.generate([tokens_prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
+            return sum(len(o.token_ids) for out in outputs for o in out.outputs)
+    else:
+        from prmtool.engines.hf import HFEngine
+
+        engine = HFEngine(model, tokenizer, ignore_eos=True, max_batch_size=args.slots)
+
+        def bare(requests):
+            return sum(c.num_tokens for samples in engine.sample(requests) for c in samples)
+
+    # warm-up: pools, graph capture, compilation, the verifier's worker processes
+    verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=2)
+    bare([SamplingRequest([5] * 64, n=8, max_tokens=32, seed=s) for s in range(64)])
     frame = wrong_responses(args.responses, 4, 16, words_per_step=40)
-    recorder = RecordingEngine(engine)
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=2)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    labeled = label_rows(frame, recorder, "binary", k=args.k, settings=settings)
-    label_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    bare = engine.sample(recorder.requests)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    bare_seconds = time.perf_counter() - started
-    tokens = sum(c.num_tokens for samples in bare for c in samples)
     print(
-        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {args.responses} wrong "
-        f"responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}"
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; engine {args.engine}; "
+        f"{args.responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}",
+        flush=True,
     )
-    print(
-        f"label: {labeled['label_rollouts'].sum():,} rollouts in {len(recorder.requests):,} requests, "
-        f"{labeled['label_tokens'].sum():,} tokens, {label_seconds:.2f} s "
-        f"({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
-    )
-    print(
-        f"bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
-        f"({tokens / bare_seconds:,.0f} tok/s)"
-    )
-    print(f"label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f} (target >= 0.9)")
+    modes = ["continuous", "lockstep"] if args.engine == "hf" or args.lockstep else ["continuous"]
+    for mode in modes:
+        recorder = RecordingEngine(engine, lockstep=mode == "lockstep")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        labeled = label_rows(frame, recorder, "binary", k=args.k, settings=settings)
+        label_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        tokens = bare(recorder.requests)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        bare_seconds = time.perf_counter() - started
+        print(
+            f"label, {mode} rounds ({recorder.calls} engine calls): {labeled['label_rollouts'].sum():,} rollouts "
+            f"in {len(recorder.requests):,} requests, {labeled['label_tokens'].sum():,} tokens, "
+            f"{label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
+        )
+        print(f"  bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
+              f"({tokens / bare_seconds:,.0f} tok/s)")  # fmt: skip
+        print(f"  label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f}", flush=True)
+    engine.close()
 
 
 def main() -> None:
@@ -179,6 +223,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
+    parser.add_argument("--lockstep", action="store_true", help="overhead: also lockstep rounds (always on hf)")
     args = parser.parse_args()
     if args.which == "economy":
         args.responses = args.responses or 500

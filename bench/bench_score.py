@@ -105,6 +105,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--no-compile", action="store_true", help="eager scoring forward (no torch.compile)")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--vllm", action="store_true", help="also score through the vllm engine (two instances)")
     parser.add_argument("--profile", action="store_true", help="print the GPU kernels of one warm prmtool pass")
     parser.add_argument(
         "--trace", metavar="FILE", help="with --profile: also write that pass as a Chrome trace (shapes recorded)"
@@ -215,6 +216,44 @@ def reference_step_values(
     return values, collating
 
 
+def score_through_vllm(args, policy, ref, tokenizer, frame, settings, hf_scored, report) -> None:
+    """The same rows scored by two vLLM instances in this process (prompt_logprobs), warm,
+    against the hf engine's fused path: tokens/s and how far the step values are apart."""
+    import gc
+    import tempfile
+
+    from prmtool.engines.vllm import VLLMEngine
+
+    folders = []
+    for model in (policy, ref):
+        folders.append(tempfile.mkdtemp(prefix="bench-score-vllm-"))
+        model.save_pretrained(folders[-1])
+        tokenizer.save_pretrained(folders[-1])
+    gc.collect()
+    torch.cuda.empty_cache()
+    engines = [VLLMEngine(folder, dtype="bfloat16", gpu_memory_utilization=0.3) for folder in folders]
+    scored = {}
+
+    def run():
+        scored["frame"] = score_implicit(frame, engines[0], engines[1], settings)
+
+    seconds, peak = measure(torch.device("cuda"), run)
+    report("vllm (first pass)", seconds, peak)
+    seconds, peak = measure(torch.device("cuda"), run)
+    report("vllm (warm)", seconds, peak)
+    ours = [v for row in hf_scored["step_values"] for v in row]
+    theirs = [v for row in scored["frame"]["step_values"] for v in row]
+    worst = max(abs(a - b) for a, b in zip(ours, theirs))
+    correlation = float(torch.corrcoef(torch.tensor([ours, theirs], dtype=torch.float64))[0, 1])
+    print(
+        f"step values, hf engine vs vllm: correlation {correlation:.4f}, largest difference {worst:.2e} "
+        f"(beta {settings.beta}), spread (std) {torch.tensor(ours).std().item():.2e}",
+        flush=True,
+    )
+    for engine in engines:
+        engine.close()
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -268,6 +307,8 @@ def main() -> None:
     lengths = [len(tokenizer.encode(p)) + len(tokenizer.encode(r)) for p, r in zip(frame["problem"], frame["response"])]
     padded = sum(max(lengths[i] for i in b) * len(b) for b in length_batches(lengths, args.max_batch_tokens))
     print(f"padding: {padded / sum(lengths) - 1:.2%} of the real tokens", flush=True)
+    if args.vllm:
+        score_through_vllm(args, policy, ref, tokenizer, frame, settings, scored["frame"], report)
     if args.skip_reference:
         return
     models = [policy, ref]

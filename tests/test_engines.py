@@ -461,3 +461,23 @@ def test_scoring_builds_no_mask_and_never_waits_for_the_device(tiny_engine, monk
     continuation = tiny_engine.tokenizer.encode("Step 1: 5.", add_special_tokens=False)
     [log_probs] = tiny_engine.score([ScoringRequest(prompt, continuation)])
     assert len(log_probs) == len(continuation) and all(p < 0 for p in log_probs)
+
+
+def test_hf_engine_starts_a_follow_up_while_longer_requests_still_decode(tiny_engine):
+    """Continuous rounds: a short request's follow-up is admitted into the freed slots and
+    finishes before the long request does; every sample is what `sample` gives for its seed."""
+    short = SamplingRequest([5, 6, 7], n=2, max_tokens=4, seed=1)
+    long = SamplingRequest([5, 6, 8], n=2, max_tokens=60, seed=2)
+    follow_up = SamplingRequest([5, 6, 9], n=2, max_tokens=4, seed=3)
+    finished_order, samples_of = [], {}
+
+    def on_done(finished):
+        for key, samples in finished:
+            finished_order.append(key)
+            samples_of[key] = samples
+        return [follow_up] if 0 in [key for key, _ in finished] else []
+
+    tiny_engine.sample_continuously([short, long], on_done)
+    assert finished_order.index(2) < finished_order.index(1), finished_order
+    alone = tiny_engine.sample([short, long, follow_up])
+    assert [[c.token_ids for c in samples_of[key]] for key in range(3)] == [[c.token_ids for c in s] for s in alone]

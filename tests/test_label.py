@@ -113,6 +113,29 @@ def test_all_searches_advance_together_one_engine_call_per_round():
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
 
 
+class OneAtATimeEngine(ScriptedRolloutEngine):
+    """Finishes one request at a time, in a shuffled order, and queues follow-ups as they come:
+    how an engine with continuous rounds hands results back."""
+
+    def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
+        queue = list(enumerate(requests))
+        next_key, shuffle = len(queue), random.Random(1)
+        while queue:
+            key, request = queue.pop(shuffle.randrange(len(queue)))
+            follow_ups = on_done([(key, self.sample([request])[0])])
+            queue += list(enumerate(follow_ups, start=next_key))
+            next_key += len(follow_ups)
+
+
+@pytest.mark.parametrize("method", ["binary", "mc", "omegaprm"])
+def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method):
+    frame = responses(30)
+    lockstep = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), method, k=4, settings=SETTINGS)
+    continuous = label_rows(frame, OneAtATimeEngine(answers_of(frame), p=0.5), method, k=4, settings=SETTINGS)
+    assert continuous.equals(lockstep)
+    assert lockstep["first_error"].n_unique() > 3  # p = 0.5: searches of different lengths
+
+
 def test_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
     frame = responses(30)
     labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS)

@@ -63,6 +63,10 @@ class ScoringRequest:
 # (cumulative), and tokens generated since the previous call (an increment).
 ProgressCallback = Callable[[int, int], None]
 
+# on_done(finished) -> follow-ups: `finished` holds (request key, its completions) for requests
+# that just finished; the answer lists new requests to sample (possibly none).
+FollowUp = Callable[[list[tuple[int, list["Completion"]]]], list[SamplingRequest]]
+
 
 class Engine(ABC):
     """A loaded model that samples and scores token sequences. Close it to free its memory."""
@@ -74,6 +78,29 @@ class Engine(ABC):
         self, requests: list[SamplingRequest], on_progress: ProgressCallback | None = None
     ) -> list[list[Completion]]:
         """One list of `request.n` completions per request, in request order."""
+
+    def sample_continuously(
+        self,
+        requests: list[SamplingRequest],
+        on_done: FollowUp,
+        on_progress: ProgressCallback | None = None,
+        longest: int = 0,
+    ) -> None:
+        """Sample `requests` and hand each finished one to `on_done`, which may answer with more
+        requests to sample; ends when nothing is left. Request keys count up from 0 in the order
+        requests are given (the first list, then each answer of `on_done`). `longest` is a hint:
+        the most tokens (prompt + max_tokens) a later request may need.
+
+        This default runs in rounds: a round's follow-ups wait for the whole round. Engines that
+        admit new requests while others decode (hf, vllm) start a follow-up as soon as the
+        request it follows is done, so one slow search no longer holds the others back."""
+        pending = list(enumerate(requests))
+        next_key = len(pending)
+        while pending:
+            results = self.sample([request for _, request in pending], on_progress)
+            follow_ups = on_done([(key, samples) for (key, _), samples in zip(pending, results)])
+            pending = list(enumerate(follow_ups, start=next_key))
+            next_key += len(pending)
 
     @abstractmethod
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:

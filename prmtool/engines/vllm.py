@@ -14,6 +14,7 @@ from prmtool.engines.base import (
     Completion,
     Engine,
     EngineError,
+    FollowUp,
     ProgressCallback,
     SamplingRequest,
     ScoringRequest,
@@ -146,6 +147,44 @@ class VLLMEngine(Engine):
         if on_progress is not None:
             on_progress(len(results), sum(c.num_tokens for samples in results for c in samples))
         return results
+
+    def sample_continuously(
+        self,
+        requests: list[SamplingRequest],
+        on_done: FollowUp,
+        on_progress: ProgressCallback | None = None,
+        longest: int = 0,
+    ) -> None:
+        """As `Engine.sample_continuously`, through vLLM's engine loop (`add_request`, `step`):
+        a follow-up joins the running batch as soon as the request it follows is done."""
+        engine = getattr(self.llm, "llm_engine", None)
+        if not all(hasattr(engine, name) for name in ("add_request", "step", "has_unfinished_requests")):
+            return super().sample_continuously(requests, on_done, on_progress, longest)
+        from vllm.sampling_params import RequestOutputKind
+
+        next_key = 0
+
+        def add(new_requests: list[SamplingRequest]) -> None:
+            nonlocal next_key
+            check_requests(new_requests)
+            for request in new_requests:
+                params = self._vllm.SamplingParams(**sampling_params_kwargs(request, self.ignore_eos))
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when done
+                engine.add_request(f"p{next_key}", tokens_prompt(request.prompt_ids), params)
+                next_key += 1
+
+        add(requests)
+        done = 0
+        while engine.has_unfinished_requests():
+            finished = [output for output in engine.step() if output.finished]
+            if not finished:
+                continue
+            # vLLM may add a suffix of its own to a request id ("p12-ab34"): the key is before it.
+            results = [(int(out.request_id.split("-")[0][1:]), completions_from_output(out)) for out in finished]
+            done += len(results)
+            if on_progress is not None:
+                on_progress(done, sum(c.num_tokens for _, samples in results for c in samples))
+            add(on_done(results))
 
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         for number, request in enumerate(requests):

@@ -19,7 +19,7 @@ from prmtool.methods.verification import verify_responses
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
-    from prmtool.engines import Engine
+    from prmtool.engines import Completion, Engine, SamplingRequest
 
 
 @dataclass(frozen=True)
@@ -105,22 +105,20 @@ class Rollouts:
             )
         return self.engine.continuation_ids(self._chat_ids[problem], self.probe_prefix(probe))
 
-    def _seed(self, probe: Probe) -> int:
-        # Fixed by the response, the prefix and the round: reruns give the same labels.
-        key = f"{self.settings.seed}\x1f{self.response_ids[probe.row]}\x1f{probe.prefix_steps}\x1f{self.rounds}"
+    def _seed(self, probe: Probe, round_number: int) -> int:
+        # Fixed by the response, the prefix and the search's round: reruns give the same labels,
+        # in lockstep rounds or continuous ones.
+        key = f"{self.settings.seed}\x1f{self.response_ids[probe.row]}\x1f{probe.prefix_steps}\x1f{round_number}"
         if probe.prefix is not None:
             key += f"\x1f{probe.prefix}"  # explicit prefixes only: step-indexed seeds stay as they were
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
-    def run(self, probes: list[Probe]) -> list[ProbeResult]:
-        """One engine call for every probe of the round, then one verification pass."""
+    def requests_for(self, probes: list[Probe], rounds: list[int]) -> tuple[list[int], list[SamplingRequest]]:
+        """Engine requests for `probes` (each with the round of the search that asks it), and
+        the order they are in: probes of one problem are adjacent, so shared prefixes reach the
+        engine together (its prefix cache, where it has one, serves them)."""
         from prmtool.engines import SamplingRequest
 
-        if not probes:
-            return []
-        self.rounds += 1
-        # Probes of one problem are adjacent, so shared prefixes reach the engine together
-        # (its prefix cache, where it has one, serves them).
         order = sorted(
             range(len(probes)),
             key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps, probes[i].prefix or ""),
@@ -132,35 +130,52 @@ class Rollouts:
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,
                 max_tokens=self.settings.max_tokens,
-                seed=self._seed(probes[i]),
+                seed=self._seed(probes[i], rounds[i]),
             )
             for i in order
         ]
-        completions = self.engine.sample(requests)
-        pairs, owners = [], []
-        for position, samples in zip(order, completions):
-            probe = probes[position]
+        return order, requests
+
+    def results_of(self, probes: list[Probe], completions: list[list[Completion]]) -> list[ProbeResult]:
+        """Each probe's result from its completions (aligned with `probes`), after one
+        verification pass over all of them."""
+        texts, references = [], []
+        for probe, samples in zip(probes, completions):
             prefix = self.probe_prefix(probe)
             for sample in samples:
                 # The answer may sit in the prefix when the prefix already holds the last step.
-                pairs.append((self.references[probe.row], prefix + sample.text))
-                owners.append(position)
+                texts.append(prefix + sample.text)
+                references.append(self.references[probe.row])
         _, verdicts = verify_responses(
-            [text for _, text in pairs],
-            [reference for reference, _ in pairs],
-            timeout=self.settings.verify_timeout,
-            workers=self.settings.workers,
+            texts, references, timeout=self.settings.verify_timeout, workers=self.settings.workers
         )
-        results = [ProbeResult(p, 0, 0) for p in probes]
-        for position, samples in zip(order, completions):
-            results[position].tokens = sum(s.num_tokens for s in samples)
-        for position, verdict in zip(owners, verdicts):
-            results[position].correct += int(verdict.correct)
         verdict_iter = iter(verdicts)
-        for position, samples in zip(order, completions):
-            # owners list the samples in this same order, so the verdicts line up.
-            results[position].texts = [(s.text, bool(next(verdict_iter).correct), s.num_tokens) for s in samples]
+        results = []
+        for probe, samples in zip(probes, completions):
+            texts_of_probe = [(s.text, bool(next(verdict_iter).correct), s.num_tokens) for s in samples]
+            correct = sum(right for _, right, _ in texts_of_probe)
+            results.append(ProbeResult(probe, correct, sum(s.num_tokens for s in samples), texts_of_probe))
         return results
+
+    def run(self, probes: list[Probe]) -> list[ProbeResult]:
+        """One round: one engine call for every probe, then one verification pass."""
+        if not probes:
+            return []
+        self.rounds += 1
+        order, requests = self.requests_for(probes, [self.rounds] * len(probes))
+        completions: list[list[Completion]] = [[] for _ in probes]
+        for position, samples in zip(order, self.engine.sample(requests)):
+            completions[position] = samples
+        return self.results_of(probes, completions)
+
+    def longest_request(self, rows: list[int]) -> int:
+        """Prompt plus max_tokens for a rollout after all but the last step of each row: the
+        longest request a step search of these rows makes (the engine sizes its cache by it)."""
+        longest = 0
+        for row in rows:
+            probe = Probe(row, max(0, len(self.steps[row] or []) - 1), 1)
+            longest = max(longest, len(self._prompt_ids(probe)))
+        return longest + self.settings.max_tokens
 
 
 class Search(Protocol):
@@ -180,20 +195,52 @@ def run_searches(
     on_done: Callable[[Hashable, Search], None] | None = None,
     tracker: Tracker | None = None,
 ) -> None:
-    """Advance every search in lockstep rounds until none asks for more: each round gathers
-    the probes of every active search into one engine call (`Rollouts.run`) and hands each
-    result back to the search whose row it names. `on_done(key, search)` sees each search
-    as it finishes; `tracker` counts the generated tokens."""
+    """Advance every search until none asks for more. Each search's probes go to the engine
+    together; when they are all back and verified, the search reads the results and its next
+    probes go out at once, while other searches' rollouts are still running (the engine's
+    `sample_continuously`; an engine that cannot do that runs lockstep rounds, with the same
+    results). `on_done(key, search)` sees each search as it finishes; `tracker` counts the
+    generated tokens."""
+    keys = {search.row: key for key, search in searches.items()}
     by_row = {search.row: search for search in searches.values()}
-    active = dict(searches)
-    while active:
-        round_probes = {key: search.probes() for key, search in active.items()}
-        for key in [key for key, probes in round_probes.items() if not probes]:
-            search = active.pop(key)
-            if on_done is not None:
-                on_done(key, search)
-        results = rollouts.run([probe for key in active for probe in round_probes[key]])
+    rounds = dict.fromkeys(by_row, 0)  # each search's round: part of its probes' seeds
+    waiting: dict[int, tuple[list[Probe], list]] = {}  # row -> (its probes, their completions so far)
+    owners: list[tuple[int, int]] = []  # request key -> (row, position among the row's probes)
+
+    def next_requests(rows: list[int]) -> list:
+        asked: list[tuple[int, int, Probe]] = []
+        for row in rows:
+            probes = by_row[row].probes()
+            if not probes:
+                if on_done is not None:
+                    on_done(keys[row], by_row[row])
+                continue
+            rounds[row] += 1
+            waiting[row] = (probes, [None] * len(probes))
+            asked.extend((row, position, probe) for position, probe in enumerate(probes))
+        order, requests = rollouts.requests_for([p for _, _, p in asked], [rounds[row] for row, _, _ in asked])
+        owners.extend(asked[i][:2] for i in order)
+        return requests
+
+    def finished(done: list) -> list:
+        complete = []
+        for key, samples in done:
+            row, position = owners[key]
+            waiting[row][1][position] = samples
+            if all(s is not None for s in waiting[row][1]):
+                complete.append(row)
+        probes, completions = [], []
+        for row in complete:
+            row_probes, row_completions = waiting.pop(row)
+            probes += row_probes
+            completions += row_completions
+        results = rollouts.results_of(probes, completions)
         for result in results:
             by_row[result.probe.row].observe(result)
         if tracker is not None and results:
             tracker.advance(0, sum(result.tokens for result in results))
+        return next_requests(complete)
+
+    first = next_requests(list(by_row))
+    if first:
+        rollouts.engine.sample_continuously(first, finished, longest=rollouts.longest_request(list(waiting)))

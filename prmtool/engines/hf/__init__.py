@@ -16,6 +16,7 @@ from prmtool.engines.base import (
     Completion,
     Engine,
     EngineError,
+    FollowUp,
     ProgressCallback,
     SamplingRequest,
     ScoringRequest,
@@ -172,22 +173,85 @@ class HFEngine(Engine):
         check_requests(requests)
         if not requests:
             return []
-        longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
+        self._check_window(max(len(r.prompt_ids) + r.max_tokens for r in requests))
+        return self._run_sampler(requests, on_progress)
+
+    def sample_continuously(
+        self,
+        requests: list[SamplingRequest],
+        on_done: FollowUp,
+        on_progress: ProgressCallback | None = None,
+        longest: int = 0,
+    ) -> None:
+        """As `Engine.sample_continuously`, with follow-ups admitted into free decode slots while
+        the other samples decode. The cache is sized for `longest` tokens (or the longest first
+        request); a follow-up that needs more waits for a second pass sized for it."""
+        pending = list(enumerate(requests))
+        next_key = len(pending)
+        while pending:
+            check_requests([request for _, request in pending])
+            need = max([longest] + [len(r.prompt_ids) + r.max_tokens for _, r in pending])
+            self._check_window(need)
+            max_tokens = max(r.max_tokens for _, r in pending)
+            keys = [key for key, _ in pending]
+            later: list[tuple[int, SamplingRequest]] = []
+
+            def follow_up(finished: list[int]) -> list[tuple[SamplingRequest, int]]:
+                nonlocal next_key
+                answer = on_done([(keys[index], sampler.results[index]) for index in finished])
+                check_requests(answer)
+                admitted = []
+                for request in answer:
+                    key, next_key = next_key, next_key + 1
+                    if len(request.prompt_ids) + request.max_tokens <= need and request.max_tokens <= max_tokens:
+                        keys.append(key)
+                        admitted.append((request, self._seed_of(request)))
+                    else:
+                        later.append((key, request))
+                return admitted
+
+            sampler = self._sampler([request for _, request in pending], on_progress, follow_up, need, max_tokens)
+            with torch.inference_mode():
+                sampler.run()
+            self.last_stats = sampler.stats
+            pending = later
+
+    def _check_window(self, longest: int) -> None:
         if self.sliding_window is not None and longest > self.sliding_window:
             raise EngineError(
                 f"a request needs {longest} tokens but the model attends over a sliding window of "
                 f"{self.sliding_window}, which the hf engine does not implement: use the vllm engine"
             )
-        # Drawn up front, in request order, so a run is reproducible for a fixed engine seed.
-        seeds = [r.seed if r.seed is not None else self.seed_source.getrandbits(63) for r in requests]
-        max_len = round_up(longest, CACHE_LENGTH_STEP)
-        max_tokens = round_up(max(r.max_tokens for r in requests), CACHE_LENGTH_STEP)
+
+    def _seed_of(self, request: SamplingRequest) -> int:
+        return request.seed if request.seed is not None else self.seed_source.getrandbits(63)
+
+    def _sampler(self, requests, on_progress, follow_up=None, longest=0, max_tokens=0) -> BatchSampler:
+        # Seeds are drawn up front, in request order, so a run is reproducible for a fixed engine seed.
+        seeds = [self._seed_of(r) for r in requests]
+        max_len = round_up(max([longest] + [len(r.prompt_ids) + r.max_tokens for r in requests]), CACHE_LENGTH_STEP)
+        max_tokens = round_up(max([max_tokens] + [r.max_tokens for r in requests]), CACHE_LENGTH_STEP)
         total_samples = sum(r.n for r in requests)
+        if follow_up is not None:
+            # A follow-up replaces the request it follows, but may ask for more samples (label's
+            # staged sampling draws k/4 rollouts first, then the other 3k/4): room for 4x.
+            total_samples *= 4
         with torch.inference_mode():
             decoder = self._decoder_for(total_samples, max_len, max_tokens)
-            sampler = BatchSampler(
-                decoder, self.tokenizer, requests, seeds, self.eos_token_ids, self.max_batch_tokens, on_progress
-            )
+        return BatchSampler(
+            decoder,
+            self.tokenizer,
+            requests,
+            seeds,
+            self.eos_token_ids,
+            self.max_batch_tokens,
+            on_progress,
+            follow_up,
+        )
+
+    def _run_sampler(self, requests, on_progress) -> list[list[Completion]]:
+        sampler = self._sampler(requests, on_progress)
+        with torch.inference_mode():
             results = sampler.run()
         self.last_stats = sampler.stats
         return results

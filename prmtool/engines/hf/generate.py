@@ -12,9 +12,11 @@ How one `HFEngine.sample` call runs:
   row `s` of a static cache, at positions 0 .. end[s]; the new token is written at end[s] and the
   attention mask admits positions <= end[s]. Slots are independent, so a finished slot (EOS, stop
   string, max_tokens) is refilled with a new sample while the others keep decoding.
-* On CUDA the decode step is captured once as a CUDA graph and replayed: the static cache and
-  input buffers never move, which removes the per-step Python and kernel-launch overhead of the
-  transformers forward.
+* Attention reads only as many cache positions as the longest active sequence needs (rounded
+  up to a multiple of 256), not the whole cache row.
+* On CUDA the decode step is captured as a CUDA graph (one per attention width) and replayed:
+  the static cache and input buffers never move, which removes the per-step Python and
+  kernel-launch overhead of the transformers forward.
 * The host never waits for the step it just queued: it reads step t-1's tokens (finishing
   samples, refilling slots) while the device computes step t.
 * Sampling draws one uniform number per token from a stream seeded by (request seed, sample
@@ -38,6 +40,8 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from prmtool.engines.base import Completion, ProgressCallback, SamplingRequest, first_stop_index
+
+ATTENTION_WIDTH_STEP = 256
 
 
 @dataclass
@@ -63,9 +67,11 @@ class SlotLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_position: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_position: torch.Tensor, width: list[int]):
         super().__init__()
         self.keys, self.values = keys, values
+        # width[0]: how many cache positions attention reads this step (shared by all layers).
+        self.width = width
         slots, heads, _, _ = keys.shape
         # Views of the decoder's position buffer, shaped for scatter_ along the sequence axis.
         self.key_index = write_position.view(slots, 1, 1, 1).expand(slots, heads, 1, keys.shape[-1])
@@ -78,10 +84,11 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.keys.scatter_(2, self.key_index, key_states)
         self.values.scatter_(2, self.value_index, value_states)
-        return self.keys, self.values
+        width = self.width[0]
+        return self.keys[:, :, :width], self.values[:, :, :width]
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.keys.shape[2], 0
+        return self.width[0], 0
 
     def get_seq_length(self, *args) -> int:
         return self.keys.shape[2]
@@ -225,6 +232,11 @@ class SlotDecoder:
         shape = (num_slots, kv_heads, max_len, head_dim)
         # end[s]: where slot s writes its next token's keys and values = that token's position.
         self.end = torch.zeros(num_slots, dtype=torch.long, device=device)
+        # Attention reads only the first `width` positions of each row: the smallest multiple of
+        # ATTENTION_WIDTH_STEP that holds every active slot's sequence, so short sequences do
+        # not pay for a cache sized for the longest one. One CUDA graph per width.
+        self.widths = [*range(ATTENTION_WIDTH_STEP, max_len, ATTENTION_WIDTH_STEP), max_len]
+        self.width = [max_len]
         # A transformers Cache of SlotLayers: the model's own forward decodes into it unchanged.
         self.cache = Cache(
             layers=[
@@ -232,6 +244,7 @@ class SlotDecoder:
                     torch.zeros(shape, dtype=parts.dtype, device=device),
                     torch.zeros(shape, dtype=parts.dtype, device=device),
                     self.end,
+                    self.width,
                 )
                 for _ in range(config.num_hidden_layers)
             ]
@@ -247,46 +260,58 @@ class SlotDecoder:
         # Two host buffers for sampled tokens: one being filled while the other is read.
         pinned = device.type == "cuda"
         self.host_tokens = [torch.zeros(num_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_logits: torch.Tensor | None = None
-        if use_cuda_graph and device.type == "cuda":
-            try:
-                self._capture_graph()
-            except RuntimeError as error:  # a model whose forward cannot be captured still decodes, eagerly
-                warnings.warn(f"decoding without a CUDA graph: capture failed ({error})", stacklevel=2)
-                self.graph = None
+        # width -> (graph, its logits); the graphs share one memory pool (they never run at once).
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None
+        self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+        if self.use_cuda_graph:
+            self._capture_graph(max_len)  # the widest first: the pool is sized once
 
     def _decode_forward(self) -> torch.Tensor:
         with attention_implementation(self.parts.config, SLOT_DECODE_ATTENTION):
             hidden = self.parts.backbone(
                 input_ids=self.input_ids,
-                attention_mask=self.attention_mask,
+                attention_mask=self.attention_mask[..., : self.width[0]],
                 position_ids=self.end.view(-1, 1),
                 past_key_values=self.cache,
                 use_cache=True,
             ).last_hidden_state
         return self.parts.logits_from_hidden(hidden[:, -1])
 
-    def _capture_graph(self) -> None:
+    def _capture_graph(self, width: int) -> None:
         # Warm-up on a side stream, then capture (the recipe of torch.cuda.graphs). The warm-up
-        # writes into position 0 of every slot, which each admission overwrites.
-        side_stream = torch.cuda.Stream()
-        side_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side_stream):
-            for _ in range(2):
-                self._decode_forward()
-        torch.cuda.current_stream().wait_stream(side_stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.graph_logits = self._decode_forward()
-        self.graph = graph
+        # runs the decode step for real: it writes each slot's keys and values at `end`, exactly
+        # what the step itself writes next, so it is harmless before a step and mid-run alike.
+        self.width[0] = width
+        try:
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                for _ in range(2):
+                    self._decode_forward()
+            torch.cuda.current_stream().wait_stream(side_stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                logits = self._decode_forward()
+        except RuntimeError as error:  # a model whose forward cannot be captured still decodes, eagerly
+            warnings.warn(f"decoding without a CUDA graph: capture failed ({error})", stacklevel=2)
+            self.use_cuda_graph = False
+            return
+        self.graph_pool = self.graph_pool or graph.pool()
+        self.graphs[width] = (graph, logits)
 
-    def decode_logits(self) -> torch.Tensor:
-        """Logits of the next token for every slot, after feeding `input_ids` at `end`."""
+    def decode_logits(self, needed: int | None = None) -> torch.Tensor:
+        """Logits of the next token for every slot, after feeding `input_ids` at `end`;
+        attention reads `needed` positions of each row (rounded up to a width), all by default."""
+        width = next(w for w in self.widths if w >= min(needed or self.max_len, self.max_len))
         torch.le(self.key_positions.view(1, 1, 1, -1), self.end.view(-1, 1, 1, 1), out=self.attention_mask)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.graph_logits
+        if self.use_cuda_graph and width not in self.graphs:
+            self._capture_graph(width)
+        self.width[0] = width
+        if self.use_cuda_graph:
+            graph, logits = self.graphs[width]
+            graph.replay()
+            return logits
         return self._decode_forward()
 
 
@@ -302,36 +327,54 @@ class BatchSampler:
         eos_token_ids: set[int],
         max_prefill_tokens: int,
         on_progress: ProgressCallback | None,
+        follow_up: Callable[[list[int]], list[tuple[SamplingRequest, int]]] | None = None,
     ):
         self.decoder = decoder
         self.tokenizer = tokenizer
-        self.requests = requests
+        self.requests: list[SamplingRequest] = []
         self.eos_token_ids = eos_token_ids
         self.max_prefill_tokens = max_prefill_tokens
         self.on_progress = on_progress
+        # follow_up(indices of requests just finished) -> (request, seed) pairs to add: new
+        # requests join the queue while the others decode (continuous rounds).
+        self.follow_up = follow_up
+        self.just_finished: list[int] = []
         self.stats = GenerationStats(
-            num_slots=decoder.num_slots, cache_length=decoder.max_len, cuda_graph=decoder.graph is not None
+            num_slots=decoder.num_slots, cache_length=decoder.max_len, cuda_graph=decoder.use_cuda_graph
         )
-        self.results: list[list[Completion | None]] = [[None] * r.n for r in requests]
-        self.unfinished_samples = [r.n for r in requests]
+        self.results: list[list[Completion | None]] = []
+        self.unfinished_samples: list[int] = []
         self.requests_done = 0
         self.tokens_since_progress = 0
         self.slots: list[SlotState | None] = [None] * decoder.num_slots
-        self.queue = deque(self._sample_groups(seeds))
+        # Longest first (Python's sort is stable, so equal lengths keep request order): prompts
+        # prefilled together have similar lengths and the longest generations start early.
+        self.queue = deque(sorted(self._add(requests, seeds), key=self._total_length, reverse=True))
 
-    def _sample_groups(self, seeds: list[int]) -> list[SampleGroup]:
+    def _add(self, requests: list[SamplingRequest], seeds: list[int]) -> list[SampleGroup]:
+        """Take on more requests; returns their sample groups, for the caller to queue."""
         groups = []
-        for index, request in enumerate(self.requests):
+        for request, seed in zip(requests, seeds):
+            index = len(self.requests)
+            self.requests.append(request)
+            self.results.append([None] * request.n)
+            self.unfinished_samples.append(request.n)
             for start in range(0, request.n, self.decoder.num_slots):
                 samples = list(range(start, min(request.n, start + self.decoder.num_slots)))
-                groups.append(SampleGroup(index, samples, seeds[index]))
+                groups.append(SampleGroup(index, samples, seed))
+        return groups
 
-        def total_length(group: SampleGroup) -> int:
-            request = self.requests[group.request_index]
-            return len(request.prompt_ids) + request.max_tokens
+    def _total_length(self, group: SampleGroup) -> int:
+        request = self.requests[group.request_index]
+        return len(request.prompt_ids) + request.max_tokens
 
-        # Longest first; Python's sort is stable, so equal lengths keep request order.
-        return sorted(groups, key=total_length, reverse=True)
+    def _hand_back(self) -> None:
+        """Tell the caller which requests finished and queue the follow-ups it answers with
+        ahead of everything else: a search's next probe is on its critical path."""
+        finished, self.just_finished = self.just_finished, []
+        pairs = self.follow_up(finished)
+        groups = self._add([request for request, _ in pairs], [seed for _, seed in pairs])
+        self.queue.extendleft(reversed(groups))
 
     def run(self) -> list[list[Completion]]:
         refill_threshold = max(1, self.decoder.num_slots // 8)
@@ -423,7 +466,10 @@ class BatchSampler:
         """Queue one decode step on the device; its tokens reach the host without blocking it."""
         decoder = self.decoder
         states = [(row, state) for row, state in enumerate(self.slots) if state is not None]
-        logits = decoder.decode_logits().float()
+        # A slot's next position is at most its prompt plus the tokens the host has seen, plus
+        # one for the step still in flight; one more for safety.
+        needed = max(len(state.request.prompt_ids) + len(state.token_ids) for _, state in states) + 2
+        logits = decoder.decode_logits(needed).float()
         uniform = decoder.uniforms.gather(1, decoder.generated.view(-1, 1)).squeeze(1)
         tokens = sample_from_logits(
             logits,
@@ -476,6 +522,8 @@ class BatchSampler:
         if self.on_progress is not None:
             self.on_progress(self.requests_done, self.tokens_since_progress)
             self.tokens_since_progress = 0
+        if self.just_finished and self.follow_up is not None:
+            self._hand_back()
 
     def _check_stop_strings(self, rows: list[int]) -> list[tuple[int, str]]:
         # Decode only the tail that could hold a stop string completed by the newest token: each
@@ -510,6 +558,8 @@ class BatchSampler:
         self.unfinished_samples[state.request_index] -= 1
         if self.unfinished_samples[state.request_index] == 0:
             self.requests_done += 1
+            if self.follow_up is not None:
+                self.just_finished.append(state.request_index)
 
 
 def prefill(parts: ModelParts, prompts: list[list[int]]):
