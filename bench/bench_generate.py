@@ -22,6 +22,25 @@ Measured 2026-11-22 on one H200 (torch 2.11, transformers 5.17), default argumen
   vs 1.1 (a) and 19.9 (b). Two earlier runs of the baselines gave (a) 260-279 and (b) 15,340-16,056,
   the engine 79,076 (1024 slots; 2048 slots: 55,032, as every request starts at once and the
   batch then drains). (cb) ran once, 2,124 tokens/s and 122 GiB (no flash-attention on that machine).
+
+With --vllm, on 2026-12-03, one H200, vLLM 0.26.0 (CUDA graphs on, each vLLM run warm: a first
+pass over the requests compiles), `PYTHONPATH=. python bench/bench_generate.py --vllm --skip a,b,cb`:
+
+  | Qwen2.5-0.5B arch, bf16                     | tokens/s | hf engine / it |
+  |---------------------------------------------|---------:|---------------:|
+  | hf engine, 1024 slots (warm; cold 72,878)   |   85,490 |                |
+  | bare vllm.LLM.generate, defaults            |   31,803 |           2.7x |
+  | bare vllm, defaults, detokenize=False       |   28,198 |           3.0x |
+  | bare vllm, max_num_seqs=1024                |   32,643 |           2.6x |
+  | prmtool's vllm engine, max_num_seqs=1024    |   33,072 |           2.6x |
+
+detokenize=False is no faster (28,198 against 31,803: run-to-run noise), so vLLM is not held
+back by detokenizing here; its default max_num_seqs (1024 on this GPU) is already the hf
+engine's slot count. prmtool's vllm engine costs nothing over bare vLLM. The 1.5B architecture
+was not run in this lease (device time); the issue's earlier run measured 47,865 (hf) against
+20,271 (bare, max_num_seqs 1024) and 22,919 (prmtool's vllm engine) tokens/s. The hf engine's
+85,490 here against 78,390 on 2026-11-22 is after its decode attention began reading only the
+cache positions that active sequences fill (generate.py), in another lease.
 """
 
 from __future__ import annotations

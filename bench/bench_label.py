@@ -10,9 +10,30 @@ prefix (less is left to write). Prints the generated tokens of each, their ratio
 the two methods find the same first error. Targets: agreement >= 0.95 at <= 35% of mc's tokens.
 
 overhead: a random-weight Qwen2.5-0.5B (bf16) labels wrong responses with `--method binary`
-through the hf engine; every request label sends is recorded, then the bare engine samples the
-identical list of requests in one call. Prints both wall times and label's throughput as a
-fraction of the bare engine's (target >= 0.9).
+through the hf engine (`--engine vllm`: vLLM); every request label sends is recorded, then the
+bare engine (hf: `engine.sample`; vllm: `vllm.LLM.generate` itself) samples the identical list
+of requests in one call. Prints both wall times and label's throughput as a fraction of the
+bare engine's, for lockstep rounds (label's default: one engine call per round) and continuous
+rounds (a search's next probe goes out as soon as its own results are verified; always on hf,
+`--continuous` on vllm). Targets: >= 0.9 at 512 responses, >= 0.95 at 2,048 (vllm).
+
+Measured 2026-12-03 on one H200, random weights (no rollout is ever right, so every search runs
+to full depth and staged sampling always draws all k = 8), vLLM 0.26.0:
+
+  | engine, responses, max_tokens | rounds     | label s | bare s | label / bare |
+  |-------------------------------|------------|--------:|-------:|-------------:|
+  | hf, 512, 128                  | lockstep   |   23.74 |  17.20 |        0.724 |
+  | hf, 512, 128                  | continuous |   29.91 |  17.87 |        0.598 |
+  | vllm, 512, 64                 | continuous |   32.35 |  24.05 |        0.743 |
+
+  (hf: `python bench/bench_label.py overhead --responses 512 --max-tokens 128`; vllm: `...
+  --engine vllm --responses 512 --max-tokens 64`, run before lockstep became the default, so it
+  measured continuous rounds; 11,440 rollouts in 2,860 requests each.) The targets are not met.
+  Continuous rounds lose on hf: every finished request's rollouts are verified on the host
+  thread that launches the decode steps, so the GPU waits while Math-Verify's workers answer,
+  many times per round instead of once. The 2,048-response vllm run and a vllm lockstep run did
+  not fit the lease's device time. An earlier lease measured hf lockstep at 0.795 with
+  --max-tokens 256 (longer rollouts hide more of the per-round host work).
 """
 
 from __future__ import annotations
@@ -110,12 +131,10 @@ def economy(args) -> None:
 
 
 class RecordingEngine(Engine):
-    """Passes every call through to the real engine and keeps the requests, follow-ups included.
-    With `lockstep`, it offers only `sample`: the searches then advance in lockstep rounds."""
+    """Passes every call through to the real engine and keeps the requests, follow-ups included."""
 
-    def __init__(self, inner: Engine, lockstep: bool = False):
+    def __init__(self, inner: Engine):
         self.inner, self.tokenizer, self.requests, self.calls = inner, inner.tokenizer, [], 0
-        self.lockstep = lockstep
 
     def chat_prompt_ids(self, *args, **kwargs):
         return self.inner.chat_prompt_ids(*args, **kwargs)
@@ -129,8 +148,6 @@ class RecordingEngine(Engine):
         return self.inner.sample(requests, on_progress)
 
     def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
-        if self.lockstep:
-            return super().sample_continuously(requests, on_done, on_progress, longest)
         self.calls += 1
         self.requests.extend(requests)
 
@@ -167,6 +184,7 @@ def overhead(args) -> None:
         del model
         torch.cuda.empty_cache()
         engine = VLLMEngine(folder, ignore_eos=True, max_num_seqs=args.slots, gpu_memory_utilization=0.6)
+        engine.tokenizer = tokenizer  # the word-level tokenizer as built (vLLM's reload encodes nothing)
 
         def bare(requests):  # vllm.LLM.generate itself, not prmtool's engine
             params = [vllm.SamplingParams(**sampling_params_kwargs(r, ignore_eos=True)) for r in requests]
@@ -190,13 +208,13 @@ def overhead(args) -> None:
         f"{args.responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}",
         flush=True,
     )
-    modes = ["continuous", "lockstep"] if args.engine == "hf" or args.lockstep else ["continuous"]
+    modes = ["lockstep", "continuous"] if args.engine == "hf" or args.continuous else ["lockstep"]
     for mode in modes:
-        recorder = RecordingEngine(engine, lockstep=mode == "lockstep")
+        recorder = RecordingEngine(engine)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        labeled = label_rows(frame, recorder, "binary", k=args.k, settings=settings)
+        labeled = label_rows(frame, recorder, "binary", k=args.k, settings=settings, continuous=mode == "continuous")
         label_seconds = time.perf_counter() - started
         started = time.perf_counter()
         tokens = bare(recorder.requests)
@@ -224,7 +242,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
-    parser.add_argument("--lockstep", action="store_true", help="overhead: also lockstep rounds (always on hf)")
+    parser.add_argument("--continuous", action="store_true", help="overhead: also continuous rounds (always on hf)")
     args = parser.parse_args()
     if args.which == "economy":
         args.responses = args.responses or 500

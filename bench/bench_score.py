@@ -232,6 +232,8 @@ def score_through_vllm(args, policy, ref, tokenizer, frame, settings, hf_scored,
     gc.collect()
     torch.cuda.empty_cache()
     engines = [VLLMEngine(folder, dtype="bfloat16", gpu_memory_utilization=0.3) for folder in folders]
+    for engine in engines:
+        engine.tokenizer = tokenizer  # the word-level tokenizer as built (vLLM's reload encodes nothing)
     scored = {}
 
     def run():

@@ -131,8 +131,10 @@ class OneAtATimeEngine(ScriptedRolloutEngine):
 def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method):
     frame = responses(30)
     lockstep = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), method, k=4, settings=SETTINGS)
-    continuous = label_rows(frame, OneAtATimeEngine(answers_of(frame), p=0.5), method, k=4, settings=SETTINGS)
+    engine = OneAtATimeEngine(answers_of(frame), p=0.5)
+    continuous = label_rows(frame, engine, method, k=4, settings=SETTINGS, continuous=True)
     assert continuous.equals(lockstep)
+    assert engine.calls and all(len(call) == 1 for call in engine.calls)  # it did run one request at a time
     assert lockstep["first_error"].n_unique() > 3  # p = 0.5: searches of different lengths
 
 

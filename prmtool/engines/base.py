@@ -91,16 +91,9 @@ class Engine(ABC):
         requests are given (the first list, then each answer of `on_done`). `longest` is a hint:
         the most tokens (prompt + max_tokens) a later request may need.
 
-        This default runs in rounds: a round's follow-ups wait for the whole round. Engines that
-        admit new requests while others decode (hf, vllm) start a follow-up as soon as the
-        request it follows is done, so one slow search no longer holds the others back."""
-        pending = list(enumerate(requests))
-        next_key = len(pending)
-        while pending:
-            results = self.sample([request for _, request in pending], on_progress)
-            follow_ups = on_done([(key, samples) for (key, _), samples in zip(pending, results)])
-            pending = list(enumerate(follow_ups, start=next_key))
-            next_key += len(pending)
+        This default runs in rounds (`sample_in_rounds`). Engines that admit new requests while
+        others decode (hf, vllm) start a follow-up as soon as the request it follows is done."""
+        sample_in_rounds(self, requests, on_done, on_progress)
 
     @abstractmethod
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
@@ -163,6 +156,20 @@ class Engine(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def sample_in_rounds(
+    engine: Engine, requests: list[SamplingRequest], on_done: FollowUp, on_progress: ProgressCallback | None = None
+) -> None:
+    """`sample_continuously` in lockstep rounds: one `sample` call for the pending requests,
+    then one for all the follow-ups they gave, and so on."""
+    pending = list(enumerate(requests))
+    next_key = len(pending)
+    while pending:
+        results = engine.sample([request for _, request in pending], on_progress)
+        follow_ups = on_done([(key, samples) for (key, _), samples in zip(pending, results)])
+        pending = list(enumerate(follow_ups, start=next_key))
+        next_key += len(pending)
 
 
 def length_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:

@@ -176,8 +176,10 @@ def label_rows(
     bad_below: float | None = None,
     correct_responses: str = "trust",
     tracker: Tracker | None = None,
+    continuous: bool = False,
 ) -> pl.DataFrame:
-    """Pure core: verified responses in, the same rows with step labels out."""
+    """Pure core: verified responses in, the same rows with step labels out. `continuous`:
+    continuous rounds instead of lockstep ones (`run_searches`), the same labels."""
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     settings = settings or RolloutSettings()
@@ -215,7 +217,7 @@ def label_rows(
         if tracker is not None:
             tracker.advance(1)
 
-    run_searches(searches, rollouts, on_done=finished, tracker=tracker)
+    run_searches(searches, rollouts, on_done=finished, tracker=tracker, continuous=continuous)
 
     return frame.with_columns(
         pl.Series("step_mc", [r.step_mc for r in results], dtype=pl.List(pl.Float64)),

@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Hashable, Protocol
 
+from prmtool.engines.base import sample_in_rounds
 from prmtool.methods.steps import rollout_prefix
 from prmtool.methods.verification import verify_responses
 
@@ -194,13 +195,16 @@ def run_searches(
     *,
     on_done: Callable[[Hashable, Search], None] | None = None,
     tracker: Tracker | None = None,
+    continuous: bool = False,
 ) -> None:
-    """Advance every search until none asks for more. Each search's probes go to the engine
-    together; when they are all back and verified, the search reads the results and its next
-    probes go out at once, while other searches' rollouts are still running (the engine's
-    `sample_continuously`; an engine that cannot do that runs lockstep rounds, with the same
-    results). `on_done(key, search)` sees each search as it finishes; `tracker` counts the
-    generated tokens."""
+    """Advance every search until none asks for more. By default in lockstep rounds: each
+    round gathers the probes of every active search into one engine call. With `continuous`,
+    a search's next probes go out as soon as its own results are in and verified, while other
+    searches' rollouts still run (the engine's `sample_continuously`); the seeds, and so the
+    labels, are the same either way. Lockstep is the default because it measured faster on an
+    H200 (bench/bench_label.py): continuous rounds verify on the thread that feeds the GPU.
+    `on_done(key, search)` sees each search as it finishes; `tracker` counts the generated
+    tokens."""
     keys = {search.row: key for key, search in searches.items()}
     by_row = {search.row: search for search in searches.values()}
     rounds = dict.fromkeys(by_row, 0)  # each search's round: part of its probes' seeds
@@ -242,5 +246,7 @@ def run_searches(
         return next_requests(complete)
 
     first = next_requests(list(by_row))
-    if first:
+    if first and continuous:
         rollouts.engine.sample_continuously(first, finished, longest=rollouts.longest_request(list(waiting)))
+    elif first:
+        sample_in_rounds(rollouts.engine, first, finished)

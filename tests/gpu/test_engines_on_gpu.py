@@ -20,7 +20,6 @@ import polars as pl
 import pytest
 
 from prmtool.core.schema import COLUMNS
-from prmtool.engines import Engine
 from tests.conftest import ROOT
 from tests.engine_fixtures import build_tokenizer
 
@@ -167,29 +166,11 @@ class CountingEngine:
         return self.engine.sample_continuously(*args, **kwargs)
 
 
-class LockstepEngine(Engine):
-    """Only `sample`: the searches then advance in lockstep rounds, one call per round."""
-
-    def __init__(self, engine):
-        self.engine, self.tokenizer, self.calls = engine, engine.tokenizer, 0
-
-    def sample(self, requests, on_progress=None):
-        self.calls += 1
-        return self.engine.sample(requests, on_progress)
-
-    def score(self, requests):
-        return self.engine.score(requests)
-
-    def chat_prompt_ids(self, *args):
-        return self.engine.chat_prompt_ids(*args)
-
-    def continuation_ids(self, *args):
-        return self.engine.continuation_ids(*args)
-
-
 @pytest.mark.parametrize("engine_name", ENGINES)
-def test_label_makes_one_continuous_engine_call_and_seeds_repeat(engine_name, models):
+def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, models):
     import prmtool as api
+    from prmtool.methods.labeling import label_rows
+    from prmtool.methods.rollouts import RolloutSettings
 
     frame = pl.read_parquet(ROOT / "data_samples/gsm8k/labeled/*.parquet").drop("step_labels", "first_error")
     frame = frame.with_columns(correct=pl.lit(False))  # every response gets a first-error search
@@ -201,14 +182,14 @@ def test_label_makes_one_continuous_engine_call_and_seeds_repeat(engine_name, mo
         counting = CountingEngine(engine)
         settings = api.label.settings(k=4, max_tokens=16, method="binary")
         first = api.label.label_frame(frame, counting, settings)
-        # every search's probes, follow-ups included, go through one continuous call
-        assert counting.calls == {"sample": 0, "sample_continuously": 1}
-        lockstep = LockstepEngine(engine)
-        again = api.label.label_frame(frame, lockstep, settings)
         longest = max(len(s) for s in frame["steps"])
         # a binary search over n steps probes ceil(log2(n)) + 1 prefixes, each in at most two
         # stages (one rollout first, the rest only if it failed): rounds for all rows together
-        assert 1 <= lockstep.calls <= 2 * ((longest - 1).bit_length() + 1)
+        assert 1 <= counting.calls["sample"] <= 2 * ((longest - 1).bit_length() + 1)
+        # continuous rounds: every probe, follow-ups included, through one engine call
+        continuous = CountingEngine(engine)
+        again = label_rows(frame, continuous, "binary", k=4, settings=RolloutSettings.of(settings, 2), continuous=True)
+        assert continuous.calls == {"sample": 0, "sample_continuously": 1}
     # the same seed and inputs give the same labels, in continuous or lockstep rounds (vLLM:
     # with deterministic=True). Token counts are not compared on hf: a sample's tokens depend
     # on its seed only up to bf16 differences between batch shapes, which can move an EOS.
