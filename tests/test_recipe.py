@@ -171,9 +171,12 @@ stages:
     where: "no_such_column > 1"
 """,
     )
-    result = prmtool("run", recipe, "-q")
-    assert result.exit_code == 1
-    assert "stage 02-export failed" in result.stderr and "rerun `prmtool run" in result.stderr
+    result = prmtool("run", recipe, "-q", "--workdir", tmp_path / "elsewhere")
+    assert result.exit_code == 2  # as the stage exits: the --where names no column of the input
+    assert "stage 02-export failed" in result.stderr
+    # the hint repeats the command exactly as typed, workdir and all
+    assert f"rerun `prmtool run {recipe} -q --workdir {tmp_path / 'elsewhere'}`" in result.stderr
+    assert result.stderr.count("failed") == 1
 
 
 @pytest.mark.parametrize(
@@ -193,6 +196,30 @@ def test_a_bad_recipe_is_a_one_line_error_naming_the_file(prmtool, tmp_path, tex
     assert result.exit_code == 2
     assert message in result.stderr and str(recipe) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override", ["filter.kep=2", "verify.workers=many", "filter.method=prfo"])
+def test_a_typo_in_any_stage_fails_before_the_first_stage_runs_even_in_dry_run(prmtool, small_recipe, override):
+    for extra in ([], ["--dry-run"]):
+        result = prmtool("run", small_recipe, "--set", override, *extra)
+        assert result.exit_code == 2, result.stderr
+        assert "03-filter" in result.stderr or "02-verify" in result.stderr
+        assert "] run" not in result.stderr  # no stage was started
+    assert not (small_recipe.parent / "work").exists()
+
+
+def test_input_paths_are_relative_to_the_recipe_file(prmtool, tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (tmp_path / "data.jsonl").write_text((SAMPLES / "responses.jsonl").read_text())
+    recipe = write_recipe(folder, "input: ../data.jsonl\nstages:\n  - stage: import\n  - stage: verify\n")
+    monkeypatch.chdir(tmp_path.parent)  # anywhere but the recipe's folder
+    result = prmtool("run", recipe, "--dry-run", "--workdir", tmp_path / "work")
+    assert result.exit_code == 0, result.stderr
+    assert str(tmp_path / "data.jsonl") in result.stderr
+    missing = write_recipe(folder, "input: data.jsonl\nstages:\n  - stage: import\n")
+    result = prmtool("run", missing, "--dry-run", "--workdir", tmp_path / "work")
+    assert result.exit_code == 2 and "no such file" in result.stderr
 
 
 def test_set_needs_stage_dot_option_and_a_known_stage(prmtool, small_recipe):
@@ -229,22 +256,24 @@ def test_the_quickstart_recipe_runs_the_whole_pipeline_with_the_embedded_model(p
         "intervene.proposer-max-tokens=32",
     )
     assert result.exit_code == 0, result.stderr
+    problems = pl.read_parquet(work / "01-import" / "*.parquet")
     generated = pl.read_parquet(work / "02-generate" / "*.parquet")
-    assert generated.height == 16  # 8 problems x 2 samples
+    assert generated.height == 2 * problems.height  # 2 samples per problem
     scored = pl.read_parquet(work / "05-score" / "*.parquet")
     for column in ("correct", "step_labels", "first_error", "step_rewards", "prm_score"):
         assert column in scored.columns
     kept = pl.read_parquet(work / "06-filter" / "*.parquet")
     rejected = pl.read_parquet(work / "06-filter-rejects" / "*.parquet")
-    assert kept.height + rejected.height == 16
+    assert kept.height + rejected.height == generated.height
     for done in ("07-export-prm", "08-intervene", "09-export-sft"):
         assert (work / done / "_SUCCESS").exists()
     assert os.listdir(work / "08-intervene-rejects")
 
 
-def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch):
+def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch, tmp_path):
     """recipes/Makefile chains the same stages with the same options as quickstart.yaml, as
-    plain CLI calls: `make -n` prints the commands the recipe's plan would run."""
+    plain CLI calls: `make -n` prints the commands the recipe's plan would run. Both plan a
+    fresh workdir under tmp_path, whatever a run of the main job left in work/."""
     import shlex
     import shutil
     import subprocess
@@ -252,12 +281,13 @@ def test_the_makefile_runs_the_quickstart_recipes_commands(prmtool, monkeypatch)
     if shutil.which("make") is None:
         pytest.skip("needs make")
     monkeypatch.chdir(ROOT)
+    work = tmp_path / "quickstart"
     made = subprocess.run(
-        ["make", "-n", "-f", "recipes/Makefile", "WORK=work/quickstart"], capture_output=True, text=True, check=True
+        ["make", "-n", "-f", "recipes/Makefile", f"WORK={work}"], capture_output=True, text=True, check=True
     ).stdout.replace("\\\n", " ")
     planned = [
         line.split("] ", 1)[1].split(None, 1)[1]
-        for line in prmtool("run", "recipes/quickstart.yaml", "--dry-run").stderr.splitlines()
+        for line in prmtool("run", "recipes/quickstart.yaml", "--dry-run", "--workdir", work).stderr.splitlines()
         if line.startswith("[")
     ]
 

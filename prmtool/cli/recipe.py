@@ -35,6 +35,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,9 @@ def load_recipe(
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
     if recipe.workdir.exists() and not recipe.workdir.is_dir():
         raise InputError(f"{recipe.workdir}: the workdir exists and is not a directory")
-    previous: list[str] | None = [str(document["input"])] if document.get("input") is not None else None
+    previous: list[str] | None = None
+    if document.get("input") is not None:
+        previous = [beside(path, document["input"])]
     names: dict[str, Step] = {}
     for number, entry in enumerate(document["stages"], start=1):
         where = f"{path}: stage {number}"
@@ -141,7 +144,7 @@ def load_recipe(
         if name in names:
             raise InputError(f"{where}: a second stage named {name!r}; give one a `name:`")
         directory = recipe.workdir / f"{number:02d}-{name}"
-        inputs = _stage_inputs(entry.get("input"), names, previous, where)
+        inputs = _stage_inputs(entry.get("input"), names, previous, where, path)
         options = {str(k): v for k, v in entry.items() if k not in RESERVED}
         if model is not None and stage in POLICY_OPTION:
             options.setdefault(POLICY_OPTION[stage], str(model))  # a stage's own model wins
@@ -203,14 +206,23 @@ def _expanded_size(node, sizes: dict) -> int:
     return sizes[id(node)]
 
 
-def _stage_inputs(spec, names: dict[str, Step], previous: list[str] | None, where: str) -> list[str]:
+def beside(recipe_path: Path, spec) -> str:
+    """An input path written in a recipe, relative to the recipe file (so a recipe runs the same
+    from any directory); absolute paths stay as they are."""
+    text = str(spec)
+    if os.path.isabs(text) or text == "-":
+        return text
+    return os.path.normpath(recipe_path.parent / text)
+
+
+def _stage_inputs(spec, names: dict[str, Step], previous: list[str] | None, where: str, path: Path) -> list[str]:
     if spec is None:
         if previous is None:
             raise InputError(f"{where}: no input: give the recipe an `input:` or the stage one")
         return previous
     specs = spec if isinstance(spec, list) else [spec]
     # An earlier stage's name stands for its output directory; anything else is a path.
-    return [str(names[s].directory) if s in names else str(s) for s in map(str, specs)]
+    return [str(names[s].directory) if s in names else beside(path, s) for s in map(str, specs)]
 
 
 def _apply_override(recipe: Recipe, override: str) -> None:
@@ -362,7 +374,11 @@ def check_recipe(recipe: Recipe) -> None:
     produced = {str(step.directory) for step in recipe.steps}
     external: list[str] = []
     for step in recipe.steps:
-        parse_step(recipe, step, step.argv())
+        call = parse_step(recipe, step, step.argv())
+        try:
+            call.stage.validate(call.settings)
+        except InputError as exc:
+            raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
         for spec in step.inputs:
             if spec in produced:
                 continue
@@ -423,9 +439,11 @@ def _run_steps(
                 raise
             console.print(f"error: {known[1]}", markup=False, soft_wrap=True)
             again = "prmtool " + " ".join(_quote(a) for a in (typed or ["run", str(recipe_path)]))
-            raise StageError(
+            failure = StageError(
                 f"stage {step.label} failed (exit {known[0]}); fix it and rerun `{again}` to resume from there"
-            ) from None
+            )
+            failure.exit_code = known[0]  # run exits as the stage did: 2 for bad input
+            raise failure from None
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
     if not dry_run:

@@ -43,6 +43,9 @@ class Stage:
     # than shards (import reads JSONL and datasets folders): None takes prmtool.core.options'.
     inputs_option: Any = None
     output_option: Any = None
+    # check(settings): the checks of option values that depend on each other or on a list of
+    # words (--method, --format), raising InputError; run before any input is read.
+    check: Callable[[Any], Any] | None = None
 
     @property
     def help(self) -> str:
@@ -64,7 +67,7 @@ class Stage:
         settings = self.settings() if settings is None else settings
         if not isinstance(settings, self.settings):
             raise InputError(f"{self.name}: settings must be a {self.settings.__name__}, not {type(settings).__name__}")
-        check_settings(settings)
+        self.validate(settings)
         if isinstance(partition, tuple):
             partition = Partition.of(*partition)
         paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
@@ -76,6 +79,13 @@ class Stage:
             quiet=quiet,
             partition=partition,
         )
+
+    def validate(self, settings: Any) -> None:
+        """Every check of `settings` that needs no input: ranges, callbacks and `check`.
+        `prmtool run` calls it for every stage of a recipe before the first one runs."""
+        check_settings(settings)
+        if self.check is not None:
+            self.check(settings)
 
     def __call__(self, inputs, output, *, overwrite: bool = False, quiet: bool = False, partition=WHOLE, **options):
         """`prmtool.verify("in", "out", timeout=2)`: settings given as keywords."""

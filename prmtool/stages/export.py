@@ -443,4 +443,9 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     temporary.rename(target)
 
 
-STAGE = Stage("export", ExportSettings, run, EXAMPLES, required=("problem_id",))
+def check_settings(settings: ExportSettings) -> None:
+    check_format(settings)
+    parse_split(settings.split)
+
+
+STAGE = Stage("export", ExportSettings, run, EXAMPLES, required=("problem_id",), check=check_settings)

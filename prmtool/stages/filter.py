@@ -372,4 +372,4 @@ def _warn(summary: dict, options: FilterConfig, stats: RunStats) -> None:
         stats.warn("every row was removed")
 
 
-STAGE = Stage("filter", FilterSettings, run, EXAMPLES, required=("problem_id", "response_id"))
+STAGE = Stage("filter", FilterSettings, run, EXAMPLES, required=("problem_id", "response_id"), check=filter_config)

@@ -358,6 +358,12 @@ def _write(
     shards.write_manifest(output, "import", arguments, sources, written, partition)
 
 
+def check_choices(settings: ImportSettings) -> None:
+    if settings.preset is not None and settings.preset not in PRESETS:
+        raise InputError(f"--preset {settings.preset!r}: expected one of {', '.join(PRESETS)}")
+    parse_maps(settings.map or [])
+
+
 STAGE = Stage(
     "import",
     ImportSettings,
@@ -367,4 +373,5 @@ STAGE = Stage(
         list[Path], typer.Argument(help="JSONL, JSON, CSV or Parquet files, or datasets folders.", show_default=False)
     ],
     output_option=Annotated[Path, typer.Option("--output", "-o", help="Output directory of Parquet shards.")],
+    check=check_choices,
 )

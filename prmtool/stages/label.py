@@ -360,4 +360,4 @@ def run(
     return stats.finish()
 
 
-STAGE = Stage("label", LabelSettings, run, EXAMPLES, REQUIRED)
+STAGE = Stage("label", LabelSettings, run, EXAMPLES, REQUIRED, check=check_choices)
