@@ -4,7 +4,8 @@ agreement with human labels on a labelled set of real solutions.
     python bench/bench_verify.py [--rows 20000] [--workers 2]
     python bench/bench_verify.py --data data_samples/processbench-gsm8k/gsm8k.jsonl [--show 30]
 
-Responses are built from GSM8K train answers (../shared/data/gsm8k/train.jsonl) in the forms
+Responses are built from GSM8K answers (`--gsm8k FILE`, any GSM8K JSONL such as the train
+split; by default the 40 problems of data_samples/gsm8k/test_sample.jsonl) in the forms
 models write: `The answer is X`, `\\boxed{X}`, `#### X`, with thousands separators, trailing
 `.0`, dollar signs, wrong answers, and sentences that state the answer without a marker. Two
 figures are printed: the whole mix through `verify_rows` (extraction included), and the subset
@@ -31,13 +32,13 @@ import polars as pl
 
 from prmtool.stages.verify import verify_rows
 
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = Path(__file__).resolve().parents[1] / "data_samples" / "gsm8k" / "test_sample.jsonl"
 
 
-def responses(rows: int, seed: int = 0) -> pl.DataFrame:
+def responses(rows: int, seed: int = 0, gsm8k: Path = GSM8K) -> pl.DataFrame:
     rng = random.Random(seed)
     golds = [
-        json.loads(line)["answer"].split("####")[1].strip().replace(",", "") for line in GSM8K.read_text().splitlines()
+        json.loads(line)["answer"].split("####")[1].strip().replace(",", "") for line in gsm8k.read_text().splitlines()
     ]
     forms = [
         lambda a: f"Adding up the parts.\n\nThe answer is {a}",
@@ -149,6 +150,7 @@ def agreement(data: Path, label: str, workers: int, show: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--gsm8k", type=Path, default=GSM8K, help="GSM8K JSONL whose answers the responses use")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, help="a labelled set of solutions: prints agreement with its labels")
     parser.add_argument("--label", default="final_answer_correct", help="the boolean label column of --data")
@@ -158,7 +160,7 @@ def main() -> None:
         agreement(args.data, args.label, args.workers, args.show)
         return
 
-    frame = responses(args.rows)
+    frame = responses(args.rows, gsm8k=args.gsm8k)
     mix_rate, result = measure(frame, args.workers)
     differs = result.filter(pl.col("pred_answer") != pl.col("reference_answer")).select(frame.columns)
     hard_rate, hard = measure(differs, args.workers)

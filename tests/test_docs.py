@@ -39,6 +39,25 @@ def test_every_sample_path_in_a_help_example_exists():
             assert not word.startswith("../"), f"{' '.join(words)}: points outside the repository"
 
 
+def test_every_recipe_example_in_help_plans_with_its_sets_from_and_until(tmp_path, monkeypatch):
+    """`prmtool run` examples: the --set stages and options exist and parse, and --from and
+    --until name stages of the recipe (a --model folder need not exist: it is the user's)."""
+    from prmtool.cli.recipe import check_recipe, load_recipe
+
+    monkeypatch.chdir(ROOT)
+    examples = [words for words in help_examples() if words[1] == "run"]
+    assert examples
+    for words in examples:
+        options = dict(zip(words[3::2], words[4::2]))
+        sets = [value for flag, value in zip(words[3::2], words[4::2]) if flag == "--set"]
+        recipe = load_recipe(ROOT / words[2], sets, tmp_path / "work", options.get("--model"), options.get("--engine"))
+        if "--model" not in options:
+            check_recipe(recipe)
+        for flag in ("--from", "--until"):
+            if flag in options:
+                recipe.find(options[flag], flag)
+
+
 def test_every_pointer_into_the_algorithms_page_names_one_of_its_sections():
     sections = set(re.findall(r"^## (.+)$", (ROOT / "docs" / "algorithms.md").read_text(), flags=re.M))
     sources = [*(ROOT / "prmtool").rglob("*.py"), *(ROOT / "tests").glob("*.py")]
@@ -51,7 +70,8 @@ def test_every_pointer_into_the_algorithms_page_names_one_of_its_sections():
 
 
 def test_no_module_points_to_files_users_do_not_have():
-    for path in [*(ROOT / "prmtool").rglob("*.py"), ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+    shipped = [*(ROOT / "prmtool").rglob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "recipes").iterdir()]
+    for path in [*shipped, ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         assert "ALGORITHMS.md" not in path.read_text() and "../shared" not in path.read_text(), path
 
 

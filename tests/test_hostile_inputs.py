@@ -115,7 +115,7 @@ def test_two_outputs_of_one_command_may_not_nest(prmtool, verified, tmp_path):
 @pytest.mark.parametrize("name", ["..", "../../escaped", "_SUCCESS", ".hidden", "a/b", ""])
 def test_split_names_are_plain_names(prmtool, verified, tmp_path, name):
     result = prmtool("export", verified, "-o", tmp_path / "out", "--format", "trl-stepwise", "--split", f"{name}=0.5")
-    one_line_error(result, "--split")
+    one_line_error(result, "--holdout")
     assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists()
 
 

@@ -348,3 +348,13 @@ def test_run_model_puts_the_model_on_every_model_stages_command_line(prmtool):
     lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
     assert sum("--model ./my-model" in line for line in lines) == 3  # generate, label, intervene
     assert sum("--policy ./my-model" in line for line in lines) == 1  # score
+
+
+def test_dry_run_says_when_stages_run_different_policy_models(prmtool, tmp_path):
+    mixed = prmtool("run", ROOT / "recipes/quickstart.yaml", "--dry-run", "--workdir", tmp_path / "w",
+                    "--set", f"generate.model={tmp_path / 'Qwen2.5-Math-7B'}")  # fmt: skip
+    assert "note: the stages run different policy models" in mixed.stderr
+    assert f"02-generate: {tmp_path / 'Qwen2.5-Math-7B'}" in mixed.stderr
+    assert "04-label, 05-score, 08-intervene: the embedded SmolLM2-135M-Instruct" in mixed.stderr
+    same = prmtool("run", ROOT / "recipes/quickstart.yaml", "--dry-run", "--workdir", tmp_path / "w")
+    assert "different policy models" not in same.stderr

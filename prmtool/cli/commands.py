@@ -30,11 +30,21 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def first_sentence(doc: str) -> str:
+    """A command's line in `prmtool --help`: its help's first sentence, whole (click would cut
+    it at 45 characters)."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
 for name in STAGES:
-    app.command(name, epilog=stage(name).examples)(stage_command(stage(name)))
-app.command("stats", epilog=stats.EXAMPLES)(stats.command)  # reads shards, writes none: not a stage
-app.command("eval", epilog=evaluate.EXAMPLES)(evaluate.command)  # likewise
-app.command("run", epilog=recipe.EXAMPLES)(recipe.command)
+    app.command(name, epilog=stage(name).examples, short_help=first_sentence(stage(name).help))(
+        stage_command(stage(name))
+    )
+# stats and eval read shards and write none: they are not stages
+for name, module in (("stats", stats), ("eval", evaluate), ("run", recipe)):
+    app.command(name, epilog=module.EXAMPLES, short_help=first_sentence(module.command.__doc__))(module.command)
 
 
 def _version(value: bool) -> None:

@@ -304,7 +304,7 @@ Examples:
   prmtool run recipes/quickstart.yaml --dry-run
   prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --workdir runs/qwen
   prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm
-  prmtool run recipes/prof.yaml --set generate.n=8 --set label.k=16 --workdir runs/prof-n8
+  prmtool run recipes/prof.yaml --set generate.n=16 --set filter.remove=8 --workdir runs/prof-n16
   prmtool run recipes/omegaprm-gsm8k.yaml --from label --until export
 """
 
@@ -328,6 +328,7 @@ def command(
         str | None,
         typer.Option(
             "--model",
+            "-m",
             help=(
                 "The policy model of every stage that takes one (generate, label, intervene; score's --policy), "
                 "unless the stage names its own."
@@ -404,6 +405,16 @@ def parse_step(recipe: Recipe, step: Step, argv: list[str]):
         raise InputError(f"{recipe.path}: stage {step.label}: {' '.join(exc.format_message().split())}") from None
 
 
+def policy_models(recipe: Recipe) -> dict[str, list[str]]:
+    """Policy model -> the stages that run it (the embedded model where a stage names none)."""
+    models: dict[str, list[str]] = {}
+    for step in recipe.steps:
+        if step.stage in POLICY_OPTION:
+            given = step.options.get(POLICY_OPTION[step.stage]) or step.options.get("model")
+            models.setdefault(str(given) if given else "the embedded SmolLM2-135M-Instruct", []).append(step.label)
+    return models
+
+
 def _run_steps(
     recipe: Recipe,
     recipe_path: Path,
@@ -415,6 +426,14 @@ def _run_steps(
     typed: list[str] | None = None,
 ) -> None:
     started = time.perf_counter()
+    models = policy_models(recipe)
+    if len(models) > 1:  # e.g. --set generate.model=X leaves the other stages on their own model
+        listed = "; ".join(f"{', '.join(labels)}: {model}" for model, labels in models.items())
+        console.print(
+            f"note: the stages run different policy models ({listed}); --model gives them all one",
+            markup=False,
+            soft_wrap=True,
+        )
     rerun_since: int | None = first  # once a stage reruns, every later one must
     for step in recipe.steps[:last]:
         forced = rerun_since is not None and step.number >= rerun_since

@@ -39,6 +39,10 @@ class InputShard:
 
     @property
     def name(self) -> str:
+        """The output shard's name: the file's, with its split folder in front when it sits in
+        one (`train/part-0.parquet` -> `train-part-0.parquet`), so splits never collide."""
+        if not (self.path.parent / MANIFEST).exists() and (self.path.parent.parent / MANIFEST).exists():
+            return f"{self.path.parent.name}-{self.path.name}"
         return self.path.name
 
     def describe(self) -> dict:
@@ -63,6 +67,10 @@ def _is_shard_file(path: Path) -> bool:
     return path.suffix == ".parquet" and not path.name.startswith((".", "_"))
 
 
+def _is_split(folder: Path) -> bool:
+    return not folder.name.startswith((".", "_"))
+
+
 def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[Path]:
     """Parquet files from any mix of files, directories and glob patterns, in a stable order."""
     if not specs:
@@ -79,8 +87,10 @@ def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[Path]:
             files.extend(matched)
         elif path.is_dir():
             found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
+            if not found:  # an export's folder: one subfolder of shards per split (train/, test/)
+                found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
             if not found:
-                raise InputError(f"{spec}: the directory holds no Parquet file")
+                raise InputError(f"{spec}: the directory holds no Parquet file (nor do its split folders)")
             files.extend(found)
         elif path.is_file():
             files.append(path)

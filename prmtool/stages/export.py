@@ -38,12 +38,12 @@ def parse_split(spec: str | None) -> dict[str, float]:
         except ValueError:
             fraction = -1.0
         if not sep or not name.strip() or not 0 <= fraction <= 1:
-            raise InputError(f"--split {spec!r}: expected NAME=FRACTION[,NAME=FRACTION] with fractions in [0, 1]")
-        fractions[plain_name(name.strip(), "--split: the split name")] = fraction  # it names a folder
+            raise InputError(f"--holdout {spec!r}: expected NAME=FRACTION[,NAME=FRACTION] with fractions in [0, 1]")
+        fractions[plain_name(name.strip(), "--holdout: the split name")] = fraction  # it names a folder
     if "train" in fractions:
-        raise InputError(f"--split {spec!r}: name the held-out splits only; the rest goes to train")
+        raise InputError(f"--holdout {spec!r}: name the held-out splits only; the rest goes to train")
     if sum(fractions.values()) > 1:
-        raise InputError(f"--split {spec!r}: fractions add up to more than 1")
+        raise InputError(f"--holdout {spec!r}: fractions add up to more than 1")
     return fractions
 
 
@@ -93,7 +93,7 @@ def export_rows(
 EXAMPLES = """\b
 Examples:
   prmtool export work/verified -o work/sft --format sft-messages --where correct
-  prmtool export work/labeled -o work/prm --format trl-stepwise --split test=0.05 --seed 0
+  prmtool export work/labeled -o work/prm --format trl-stepwise --holdout test=0.05 --seed 0
   prmtool export work/problems -o work/verl --format verl --hf-dataset work/verl_hf
   prmtool export work/interventions -o work/int_sft --format sft-messages --open-turn
 """
@@ -103,10 +103,13 @@ Examples:
 class ExportSettings:
     format: Annotated[str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.")]
     where: Annotated[str | None, typer.Option(help="Keep rows where this SQL expression holds, e.g. 'correct'.")] = None
-    split: Annotated[
+    holdout: Annotated[
         str | None,
         typer.Option(
-            help="Held-out splits by problem (a hash of --seed and problem_id), e.g. test=0.05; the rest is train."
+            "--holdout",
+            "--split",
+            help="Held-out splits by problem (a hash of --seed and problem_id), e.g. test=0.05; the rest is train. "
+            "(--split: the old spelling, still accepted.)",
         ),
     ] = None
     seed: Annotated[int, typer.Option(help="Seed of the problem split.", min=0)] = 0
@@ -175,7 +178,7 @@ def check_format(settings: ExportSettings):
 
 def export_frame(frame: pl.DataFrame, settings: ExportSettings) -> dict[str, pl.DataFrame]:
     """The per-frame core: contract rows in, the format's rows out, one frame per split
-    (`train`, and those named by `settings.split`, assigned by problem). The format is
+    (`train`, and those named by `settings.holdout`, assigned by problem). The format is
     documented in prmtool/methods/formats.py and `prmtool export --help`."""
     fmt = check_format(settings)
     check_columns(frame.schema, "frame", ("problem_id",) + fmt.required)
@@ -184,7 +187,7 @@ def export_frame(frame: pl.DataFrame, settings: ExportSettings) -> dict[str, pl.
         frame = frame.filter(condition)
     if fmt.per_problem:
         frame = frame.unique("problem_id", keep="first", maintain_order=True)
-    fractions = parse_split(settings.split)
+    fractions = parse_split(settings.holdout)
     split_of = assign_splits(frame["problem_id"].to_list(), fractions, settings.seed) if fractions else None
     converted, _ = export_rows(frame, settings.format, split_of, **format_options(settings))
     return converted
@@ -217,7 +220,7 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
     fmt = check_format(settings)
     if settings.format == "jsonl":
         raise InputError("--format jsonl writes JSON lines to standard output: give -o -")
-    fractions = parse_split(settings.split)
+    fractions = parse_split(settings.holdout)
     found, condition = open_checked_inputs(inputs, settings, fmt)
     shards.check_output_dir(output, found, inputs, {"--hf-dataset": settings.hf_dataset})
     shards.check_distinct_names(found)
@@ -235,7 +238,7 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
     arguments = {
         "format": settings.format,
         "where": settings.where,
-        "split": settings.split,
+        "split": settings.holdout,
         "seed": settings.seed,
         "prompt_template": settings.prompt_template,
         "system_prompt": settings.system_prompt,
@@ -253,7 +256,7 @@ def export_to_stdout(inputs: list[str], settings: ExportSettings, partition: Par
     pipelines; the summary stays on stderr. Nothing is written to disk, so there is no split."""
     import sys
 
-    for flag, given in [("--split", settings.split), ("--hf-dataset", settings.hf_dataset)]:
+    for flag, given in [("--holdout", settings.holdout), ("--hf-dataset", settings.hf_dataset)]:
         if given is not None:
             raise InputError(f"{flag}: not with -o - (standard output holds one stream of rows)")
     if not partition.whole:
@@ -288,7 +291,7 @@ def run(
     inputs: list[str], output: Path, settings: ExportSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Write training data: TRL stepwise supervision, Math-Shepherd, SFT or verl RL parquet,
-    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --split). With
+    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --holdout). With
     --num-shards, partitions are sets of whole problems, split as the whole run splits them."""
     if str(output) == "-":
         return export_to_stdout(inputs, settings, partition, quiet)
@@ -366,7 +369,7 @@ def _export(
             tracker.advance(shard.rows)
     # A split that got no rows still gets one shard, with no rows and the format's columns:
     # a loader given the directory then finds data (`datasets` fails on a folder of none).
-    for split_name in ["train", *parse_split(settings.split)]:
+    for split_name in ["train", *parse_split(settings.holdout)]:
         if found and not any(name.startswith(f"{split_name}/") for name in written):
             no_rows = pl.DataFrame(schema=found[0].schema)  # the input's columns, from its footer
             converted, _ = fmt.convert(no_rows, split_name=split_name, start_index=0, **options)
@@ -445,7 +448,23 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
 
 def check_settings(settings: ExportSettings) -> None:
     check_format(settings)
-    parse_split(settings.split)
+    parse_split(settings.holdout)
 
 
-STAGE = Stage("export", ExportSettings, run, EXAMPLES, required=("problem_id",), check=check_settings)
+STAGE = Stage(
+    "export",
+    ExportSettings,
+    run,
+    EXAMPLES,
+    required=("problem_id",),
+    check=check_settings,
+    output_option=Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output directory: OUTPUT/train/SHARD.parquet, and OUTPUT/NAME/ for each --holdout split, one "
+            "shard per input shard; - with --format jsonl writes JSON lines to standard output.",
+        ),
+    ],
+)

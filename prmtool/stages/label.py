@@ -124,10 +124,18 @@ class LabelSettings(ModelSettings, WorkerSettings):
         ),
     ] = 32
     alpha: Annotated[
-        float, typer.Option(help="omegaprm: Q = alpha^(1-MC) * beta^(len/L), in (0, 1].", max=1, callback=positive)
+        float,
+        typer.Option(help="omegaprm: Q = alpha^(1-MC) * length_discount^(len/L), in (0, 1].", max=1, callback=positive),
     ] = 0.5
-    beta: Annotated[
-        float, typer.Option(help="omegaprm: length discount of Q, in (0, 1].", max=1, callback=positive)
+    length_discount: Annotated[
+        float,
+        typer.Option(
+            "--length-discount",
+            "--beta",
+            help="omegaprm: length discount of Q (the paper's beta), in (0, 1]. (--beta: the old spelling.)",
+            max=1,
+            callback=positive,
+        ),
     ] = 0.9
     length_scale: Annotated[float, typer.Option(help="omegaprm: L, in rollout tokens.", min=1, callback=finite)] = 500.0
     c_puct: Annotated[float, typer.Option(help="omegaprm: exploration weight of U.", min=0, callback=finite)] = 0.125
@@ -254,7 +262,7 @@ def provenance_arguments(settings: LabelSettings, prompt_template: str) -> dict:
             search_budget=settings.search_budget,
             screen_rollouts=settings.screen_rollouts,
             alpha=settings.alpha,
-            beta=settings.beta,
+            beta=settings.length_discount,
             length_scale=settings.length_scale,
             c_puct=settings.c_puct,
         )
@@ -268,7 +276,7 @@ def tree_search_config(settings: LabelSettings) -> SearchConfig:
         budget=settings.search_budget,
         screen_rollouts=settings.screen_rollouts,
         alpha=settings.alpha,
-        beta=settings.beta,
+        beta=settings.length_discount,
         length_scale=settings.length_scale,
         c_puct=settings.c_puct,
     )

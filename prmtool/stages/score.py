@@ -75,9 +75,11 @@ class ScoreSettings:
         str | None,
         typer.Option(
             "--policy",
+            "--model",
+            "-m",
             help=(
                 "implicit: the PRM / policy model, a local folder or .gguf (default: the embedded "
-                "SmolLM2-135M-Instruct)."
+                "SmolLM2-135M-Instruct); --model and -m say the same."
             ),
             show_default=False,
         ),
