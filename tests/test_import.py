@@ -103,6 +103,9 @@ def test_import_datasets_dict_with_several_splits_asks_for_dataset_split(prmtool
     assert result.exit_code == 2
     assert "--dataset-split" in result.stderr and "train, test" in result.stderr
     assert not (tmp_path / "out").exists()
+    typo = prmtool("import", tmp_path / "hf", "-o", tmp_path / "out", "--dataset-split", "tset")
+    assert typo.exit_code == 2
+    assert "--dataset-split 'tset': no such split (has: train, test); did you mean 'test'?" in typo.stderr
 
 
 def test_import_several_files_into_one_shard_set(prmtool, write_jsonl, tmp_path):

@@ -56,7 +56,7 @@ def test_answers_are_compared_by_mathematical_equivalence(gold, pred, correct):
 
 def test_missing_answers_and_references_get_their_own_status():
     verdicts = verify_answers([("5", None), (None, "5"), ("", "5")], workers=1)
-    assert verdicts == [Verdict(False, "no_answer"), Verdict(False, "error"), Verdict(False, "error")]
+    assert verdicts == [Verdict(False, "no_answer"), Verdict(False, "no_reference"), Verdict(False, "no_reference")]
 
 
 def test_a_hanging_comparison_times_out_without_stalling_the_others():
@@ -99,3 +99,20 @@ def test_verify_command_on_the_sample(prmtool, responses_dir, tmp_path):
     assert not any(by_kind["wrong"]) and not any(by_kind["truncated"])
     assert set(verified.filter(pl.col("response_id").str.ends_with("truncated"))["verify_status"]) == {"no_answer"}
     assert "correct" in result.stderr and "24" in result.stderr
+
+
+def test_problems_imported_without_answers_verify_as_no_reference_and_get_no_labels(prmtool, tmp_path):
+    """Prompts alone import (for generation); verify cannot judge them: correct is null."""
+    import polars as pl
+
+    from prmtool.methods.labeling import label_rows
+
+    source = tmp_path / "prompts.jsonl"
+    source.write_text('{"problem": "What is 2 + 2?", "response": "2 + 2 = 4.\\n\\nThe answer is 4."}\n')
+    assert prmtool("import", source, "-o", tmp_path / "imported", "-q").exit_code == 0
+    assert prmtool("verify", tmp_path / "imported", "-o", tmp_path / "verified", "-q").exit_code == 0
+    verified = pl.read_parquet(tmp_path / "verified" / "*.parquet")
+    assert verified["verify_status"].to_list() == ["no_reference"]
+    assert verified["correct"].to_list() == [None]
+    labeled = label_rows(verified, engine=None, method="binary")  # no search runs: no engine needed
+    assert labeled["first_error"].to_list() == [None] and labeled["step_labels"].to_list() == [None]

@@ -45,8 +45,8 @@ class Threshold:
 @dataclass
 class RowLabels:
     step_mc: list[float | None]
-    step_labels: list[int | None]
-    first_error: int
+    step_labels: list[int | None] | None
+    first_error: int | None
     rollouts: int = 0
     tokens: int = 0
 
@@ -200,7 +200,9 @@ def label_rows(
     searches = {}
     for row, (row_steps, correct) in enumerate(zip(steps, frame["correct"].to_list())):
         n_steps = len(row_steps or [])
-        if correct and correct_responses == "trust":
+        if correct is None:  # no reference answer (verify_status no_reference): no rollout can be judged
+            results[row] = RowLabels([None] * n_steps, None, None)
+        elif correct and correct_responses == "trust":
             results[row] = trusted_correct(n_steps)
         elif method == "mc":
             searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft)

@@ -36,7 +36,7 @@ __all__ = ["EXTRACT_MODES", "Verdict", "compare", "extract_answer", "last_boxed"
 @dataclass(frozen=True)
 class Verdict:
     correct: bool
-    status: str  # ok | no_answer | timeout | error
+    status: str  # ok | no_answer | no_reference | timeout | error
 
 
 @lru_cache(maxsize=65536)
@@ -98,10 +98,10 @@ def _math_verify(gold: str, pred: str, timeout: int) -> Verdict:
 
 
 def _verdict(gold: str | None, pred: str | None, timeout: int) -> Verdict:
+    if gold is None or not str(gold).strip():
+        return Verdict(False, "no_reference")  # a problem imported without its answer
     if pred is None:
         return Verdict(False, "no_answer")
-    if gold is None or not str(gold).strip():
-        return Verdict(False, "error")
     return compare(gold, pred, timeout)
 
 
@@ -126,7 +126,7 @@ def verify_answers(
     on_progress: Callable[[int], None] | None = None,
 ) -> list[Verdict]:
     """Verdicts for (gold, pred) pairs, in order. A missing pred is `no_answer`, a missing
-    gold is `error`; everything else goes through Math-Verify in worker processes."""
+    gold is `no_reference`; everything else goes through Math-Verify in worker processes."""
     return [verdict for _, verdict in _in_workers(pairs, None, timeout, workers, chunk_size, on_progress)]
 
 
@@ -257,6 +257,7 @@ def verify_rows(
     return frame.with_columns(
         pl.Series("pred_answer", [a.text for a in answers], dtype=pl.String),
         pl.Series("answer_source", [a.source for a in answers], dtype=pl.String),
-        pl.Series("correct", [v.correct for v in verdicts], dtype=pl.Boolean),
+        # Without a reference nothing is known: null, not False.
+        pl.Series("correct", [None if v.status == "no_reference" else v.correct for v in verdicts], dtype=pl.Boolean),
         pl.Series("verify_status", [v.status for v in verdicts], dtype=pl.String),
     )

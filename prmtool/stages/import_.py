@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +61,14 @@ def _read_datasets_folder(path: Path, dataset_split: str | None) -> pl.DataFrame
         names = list(loaded)
         if dataset_split is None and len(names) == 1:
             dataset_split = names[0]
-        if dataset_split not in loaded:
+        if dataset_split is None:
             raise InputError(f"{path}: pick a split with --dataset-split (has: {', '.join(names)})")
+        if dataset_split not in loaded:
+            close = difflib.get_close_matches(dataset_split, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InputError(
+                f"{path}: --dataset-split {dataset_split!r}: no such split (has: {', '.join(names)}){hint}"
+            )
         loaded = loaded[dataset_split]
     return pl.from_arrow(loaded.data.table)
 
@@ -133,7 +140,9 @@ def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> 
 
 def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
     """Every check of a renamed frame, and its ids: `problem_id` and `response_id`."""
-    _require(frame, ("problem", "reference_answer"), source, "import")
+    _require(frame, ("problem",), source, "import")
+    if "reference_answer" not in frame.columns:  # prompts alone, for generation; verify says no_reference
+        frame = frame.with_columns(reference_answer=pl.lit(None, dtype=pl.String))
     frame = frame.with_columns(
         pl.col(c).cast(pl.String)
         for c in ID_COLUMNS

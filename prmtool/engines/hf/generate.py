@@ -27,6 +27,8 @@ How one `HFEngine.sample` call runs:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import warnings
 from collections import deque
@@ -128,6 +130,17 @@ def attention_implementation(config, name: str):
         yield
     finally:
         config._attn_implementation = previous
+
+
+@functools.cache
+def _forward_takes_cache(model_class: type) -> bool:
+    return "cache" in inspect.signature(model_class.forward).parameters
+
+
+def cache_keyword(backbone: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: transformers 5.25 renamed `past_key_values` to
+    `cache` (the old name still works there, with a FutureWarning on every call)."""
+    return "cache" if _forward_takes_cache(type(backbone)) else "past_key_values"
 
 
 def kv_heads_and_dim(config) -> tuple[int, int]:
@@ -273,7 +286,7 @@ class SlotDecoder:
                 input_ids=self.input_ids,
                 attention_mask=self.attention_mask[..., : self.width[0]],
                 position_ids=self.end.view(-1, 1),
-                past_key_values=self.cache,
+                **{cache_keyword(self.parts.backbone): self.cache},
                 use_cache=True,
             ).last_hidden_state
         return self.parts.logits_from_hidden(hidden[:, -1])
@@ -577,7 +590,7 @@ def prefill(parts: ModelParts, prompts: list[list[int]]):
     attention_mask = (torch.arange(longest, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
     cache = DynamicCache()
     hidden = parts.backbone(
-        input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+        input_ids=input_ids, attention_mask=attention_mask, **{cache_keyword(parts.backbone): cache}, use_cache=True
     ).last_hidden_state
     last_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
     logits = parts.logits_from_hidden(last_hidden).float()
