@@ -5,6 +5,7 @@ Stats are collected in one place (`RunStats`) and printed once at the end, as da
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -18,7 +19,6 @@ from rich.progress import (
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -51,7 +51,26 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else "")
+        # The mean since the start, and only after a few seconds: rows often arrive in bulk
+        # (a shard, trusted rows at once), and rich's windowed speed then shows absurd rates.
+        elapsed = task.elapsed or 0.0
+        if elapsed < MIN_RATE_SECONDS or not task.completed:
+            return Text("")
+        return Text(f"{task.completed / elapsed:,.1f} {self.unit}/s")
+
+
+MIN_RATE_SECONDS = 3.0
+
+
+class RemainingColumn(ProgressColumn):
+    """Time left at the mean rate since the start (rich's own follows the same bursty window)."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if task.total is None or elapsed < MIN_RATE_SECONDS or not task.completed:
+            return Text("-:--:--")
+        left = (task.total - task.completed) * elapsed / task.completed
+        return Text(str(datetime.timedelta(seconds=int(max(0.0, left)))))
 
 
 @dataclass
@@ -87,7 +106,7 @@ class RunStats:
             RateColumn(unit),
             TokenRateColumn(),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            RemainingColumn(),
         ]
         with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
             yield Tracker(bar, bar.add_task(description, total=total, tokens=0))
