@@ -304,6 +304,8 @@ def test_executor_ray_runs_the_partitions_as_tasks(prmtool, tmp_path, responses,
     )
     assert on_ray.exit_code == 0, on_ray.stderr
     assert "all 2 partitions done" in on_ray.stderr
+    rows = rows_of(tmp_path / "verified").height
+    assert f"rows in {rows:,}, rows out {rows:,}" in on_ray.stderr
     assert (tmp_path / "verified-ray" / "_SUCCESS").exists()
     assert_frame_equal(rows_of(tmp_path / "verified-ray"), rows_of(tmp_path / "verified"))
 

@@ -30,13 +30,13 @@ def run_partition(
 
     os.chdir(working_directory)
     try:
-        stage(stage_name).run(
+        summary = stage(stage_name).run(
             inputs, output, settings, overwrite=overwrite, quiet=True, partition=Partition(index, count)
         )
     except BaseException as error:
         known = exit_code_of(error)
         return known if known is not None else (1, f"{type(error).__name__}: {error}")
-    return 0, ""
+    return 0, "", summary.rows_in, summary.rows_out
 
 
 def default_task_count(gpus_per_task: float, cpus_per_task: float) -> int:
@@ -98,10 +98,13 @@ def run_partitions_on_ray(
     )
     failures: list[str] = []
     codes: set[int] = set()
+    rows = [0, 0]  # in, out, over the partitions that finished
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
-        code, message = ray.get(done[0])
+        code, message, *counts = ray.get(done[0])
+        if counts:
+            rows = [total + count for total, count in zip(rows, counts)]
         if code == 0:
             stderr.print(f"ray: partition {index} of {count} done ({time.perf_counter() - start:.1f} s)")
         else:
@@ -115,4 +118,7 @@ def run_partitions_on_ray(
     if failures:
         # The partitions that finished stay finished: a rerun of the same command redoes only the rest.
         raise StageError("; ".join(failures) + "; rerun the same command to redo only the failed partitions")
-    stderr.print(f"ray: all {count} partitions done in {time.perf_counter() - start:.1f} s")
+    stderr.print(
+        f"ray: all {count} partitions done in {time.perf_counter() - start:.1f} s; rows in {rows[0]:,}, "
+        f"rows out {rows[1]:,}"
+    )
