@@ -29,7 +29,9 @@ _STAGES = {
     "export": "export",
 }
 
-__all__ = [*_STAGES, "stage", "load_engine", "Partition", "Summary", "InputError", "StageError", "__version__"]
+__all__ = [
+    *_STAGES, "evaluation", "stage", "load_engine", "Partition", "Summary", "InputError", "StageError", "__version__"
+]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -37,6 +39,10 @@ def __getattr__(name: str):
         from prmtool.stages import stage
 
         return stage(_STAGES[name])
+    if name == "evaluation":  # `prmtool eval`'s metrics as functions of plain lists
+        from prmtool.methods import evaluation
+
+        return evaluation
     if name == "stage":
         from prmtool.stages import stage
 

@@ -66,3 +66,75 @@ def test_eval_refuses_what_it_cannot_compute(prmtool, tmp_path):
     assert missing.exit_code == 2 and "missing column 'human_first_error'" in missing.stderr
     sweep = prmtool("eval", responses, "--sweep")
     assert sweep.exit_code == 2 and "--sweep needs --pred-from" in sweep.stderr
+
+
+def test_step_auroc_ranks_good_steps_above_bad_ones_over_the_steps_the_truth_labels():
+    from prmtool.methods.evaluation import auroc, step_auroc, step_labels_from_first_error
+
+    assert step_labels_from_first_error(2, 5) == [1, 1, 0, None, None]
+    assert step_labels_from_first_error(-1, 2) == [1, 1] and step_labels_from_first_error(None, 2) == [None, None]
+    assert auroc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert auroc([0.1, 0.8, 0.9], [1, 1, 0]) == 0.0
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5  # a tie counts half
+    assert auroc([0.3, 0.4], [1, 1]) is None  # no bad step: undefined
+    # row 1: steps 0, 1 good, step 2 bad, step 3 unknown (its 0.95 is left out); row 2: all good.
+    # good scores 0.9, 0.7, 0.6, 0.2; bad 0.3: 3 of 4 good steps outscore it -> 0.75
+    assert step_auroc([2, -1], [[0.9, 0.7, 0.3, 0.95], [0.6, 0.2]]) == 0.75
+
+
+def test_agreement_counts_each_way_two_first_error_columns_can_relate():
+    from prmtool.methods.evaluation import agreement
+
+    mc = [0, 1, -1, 2, -1, None, 5]
+    judge = [0, 2, -1, -1, 1, 3, 9]  # the last: both past the last of 3 steps, i.e. no error
+    counts = agreement(mc, judge, [3, 3, 3, 3, 3, 3, 3])
+    assert counts == {
+        "rows": 7, "same_step": 1, "both_error_free": 2, "different_steps": 1,
+        "only_first_finds_error": 1, "only_second_finds_error": 1, "missing": 1,
+    }  # fmt: skip
+
+
+def test_best_of_n_beside_majority_vote_and_the_oracle():
+    from prmtool.methods.evaluation import best_of_n
+
+    groups = [
+        # the highest score is wrong; the majority "5" is right; one right answer
+        [(0.9, "4", False), (0.2, "5", True), (0.1, "5", True)],
+        # the highest score is right, the majority wrong
+        [(0.1, "7", False), (0.8, "8", True), (0.3, "7", False)],
+        # nothing right
+        [(0.5, "1", False), (0.4, None, False), (0.3, "2", False)],
+    ]
+    result = best_of_n(groups, 3)
+    assert result == {"n": 3, "problems": 3, "best_of_n": 1 / 3, "majority": 1 / 3, "oracle": 2 / 3}
+    first_one = best_of_n(groups, 1)  # one response per problem: all three methods agree
+    assert first_one["best_of_n"] == first_one["majority"] == first_one["oracle"] == 0.0
+    assert best_of_n(groups, 4)["problems"] == 0  # no group has 4 responses
+
+
+def test_eval_best_of_n_and_agreement_from_the_command_line(prmtool, tmp_path):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    pl.DataFrame(
+        {
+            "problem_id": ["p1", "p1", "p2", "p2"],
+            "response_id": ["a", "b", "c", "d"],
+            "steps": [["x", "y"], ["x"], ["x", "y"], ["x"]],
+            "pred_answer": ["1", "2", "3", "3"],
+            "correct": [False, True, True, True],
+            "prm_score": [0.9, 0.1, 0.2, 0.8],
+            "first_error": [0, -1, -1, -1],
+            "judge_first_error": [0, 0, -1, None],
+        }
+    ).write_parquet(rows / "part-00000.parquet")
+    bon = prmtool("eval", rows, "--best-of-n", "--n", "1,2", "--json", tmp_path / "bon.json")
+    assert bon.exit_code == 0, bon.stderr
+    results = json.loads((tmp_path / "bon.json").read_text())["results"]
+    assert [r["best_of_n"] for r in results] == [0.5, 0.5] and [r["oracle"] for r in results] == [0.5, 1.0]
+    agree = prmtool("eval", rows, "--against", "judge_first_error", "--json", tmp_path / "agree.json")
+    assert agree.exit_code == 0, agree.stderr
+    report = json.loads((tmp_path / "agree.json").read_text())
+    assert (report["same_step"], report["both_error_free"], report["only_second_finds_error"]) == (1, 1, 1)
+    assert report["missing"] == 1 and report["agreement"] == 2 / 3
+    bad = prmtool("eval", rows, "--best-of-n", "--n", "4,x")
+    assert bad.exit_code == 2 and "--n '4,x'" in bad.stderr
