@@ -63,3 +63,68 @@ def test_open_turn_stays_open_in_trl_sft_trainers_tokens(prmtool, tmp_path, tiny
         counts[name] = first["input_ids"].count(end_of_turn)
     # one end-of-turn per message when closed (user, assistant); the assistant's is gone when open
     assert counts["open"] == counts["closed"] - 1
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """The embedded model's own tokenizer (SmolLM2's byte-level BPE), as a trainer would load it."""
+    from transformers import AutoTokenizer
+
+    from prmtool.engines.model_files import locate_model
+
+    location = locate_model(None)
+    return AutoTokenizer.from_pretrained(location.folder, gguf_file=location.gguf_file)
+
+
+def test_math_shepherd_reads_as_openrlhf_reads_it_one_placeholder_token_per_labeled_step(
+    prmtool, tmp_path, smollm2_tokenizer
+):
+    """OpenRLHF's PRM dataset (`--input_key input --label_key value --placeholder_token TAG
+    --reward_tokens + -`) tokenizes `input`, finds the placeholder token's positions and puts the
+    i-th `value` there; it needs the tag to be one token. SmolLM2 splits the default ` ки` in
+    two, so this export picks ` §`, which it keeps whole."""
+    import polars as pl
+
+    assert len(smollm2_tokenizer.encode(" ки", add_special_tokens=False)) == 2  # why --step-tag exists
+    out = tmp_path / "ms"
+    assert prmtool("export", LABELED, "-o", out, "-f", "math-shepherd", "--step-tag", "§", "-q").exit_code == 0
+    rows = load(out / "train", tmp_path)
+    (placeholder,) = smollm2_tokenizer.encode(" §", add_special_tokens=False)
+    reward_ids = {sign: smollm2_tokenizer.encode(sign, add_special_tokens=False) for sign in "+-"}
+    assert all(len(ids) == 1 for ids in reward_ids.values())
+    exported = pl.read_parquet(out / "train" / "*.parquet")
+    assert exported.columns == ["input", "label", "value", "task"]
+    for row in rows:
+        ids = smollm2_tokenizer(row["input"], add_special_tokens=False)["input_ids"]
+        positions = [i for i, token in enumerate(ids) if token == placeholder]
+        assert len(positions) == len(row["value"]) > 0
+        assert set(row["value"]) <= {"+", "-"}
+
+
+def test_math_shepherd_converts_back_to_trl_stepwise_rows_as_trls_old_script_did(prmtool, tmp_path):
+    """TRL's Math-Shepherd conversion script turned each row into prompt, completions (the
+    steps) and labels by cutting `input` at the tag and reading `+`/`-` from `label` at the same
+    places; done here on the export, it gives back trl-stepwise's own rows."""
+    import polars as pl
+
+    tag = "ки"
+    ms, stepwise = tmp_path / "ms", tmp_path / "stepwise"
+    assert prmtool("export", LABELED, "-o", ms, "-f", "math-shepherd", "-q").exit_code == 0
+    assert prmtool("export", LABELED, "-o", stepwise, "-f", "trl-stepwise", "-q").exit_code == 0
+    converted = []
+    for row in pl.read_parquet(ms / "train" / "*.parquet").iter_rows(named=True):
+        pieces = row["input"].split(f" {tag}")[:-1]  # each step ends with its tag
+        label = row["label"]
+        labels, cursor = [], 0
+        for piece in pieces:
+            cursor += len(piece)
+            labels.append(label[cursor + 1] == "+")  # the sign stands where the tag stood
+            cursor += 2
+        converted.append((pieces, labels))
+    trl_rows = pl.read_parquet(stepwise / "train" / "*.parquet")
+    assert len(converted) == trl_rows.height
+    for (pieces, labels), prompt, completions, expected in zip(
+        converted, trl_rows["prompt"].to_list(), trl_rows["completions"].to_list(), trl_rows["labels"].to_list()
+    ):
+        steps = [pieces[0].removeprefix(prompt + " ")] + [p.removeprefix("\n") for p in pieces[1:]]
+        assert steps == completions and labels == expected

@@ -105,7 +105,9 @@ def test_math_shepherd_tags_each_step_and_labels_it_plus_or_minus(prmtool, tmp_p
     result = prmtool("export", LABELED, "-o", tmp_path / "out", "-f", "math-shepherd")
     assert result.exit_code == 0, result.stderr
     dataset = load(tmp_path / "out" / "train", tmp_path)
-    assert dataset.features == Features({"input": Value("string"), "label": Value("string")})
+    assert dataset.features == Features(
+        {"input": Value("string"), "label": Value("string"), "value": List(Value("string")), "task": Value("string")}
+    )
     assert dataset.num_rows == 24
 
     for row, source in zip(dataset, labeled_jsonl()):
@@ -343,7 +345,7 @@ def test_split_with_several_held_out_sets(prmtool, tmp_path):
 def test_bad_split_is_refused(prmtool, tmp_path, spec):
     result = prmtool("export", PROBLEMS, "-o", tmp_path / "out", "-f", "verl", "--split", spec)
     assert result.exit_code == 2
-    assert f"--split {spec!r}" in result.stderr
+    assert f"--holdout {spec!r}" in result.stderr  # --split is the old spelling of --holdout
     assert not (tmp_path / "out").exists()
 
 

@@ -358,3 +358,28 @@ def test_dry_run_says_when_stages_run_different_policy_models(prmtool, tmp_path)
     assert "04-label, 05-score, 08-intervene: the embedded SmolLM2-135M-Instruct" in mixed.stderr
     same = prmtool("run", ROOT / "recipes/quickstart.yaml", "--dry-run", "--workdir", tmp_path / "w")
     assert "different policy models" not in same.stderr
+
+
+def test_a_recipe_can_end_with_eval_which_writes_its_report_and_is_skipped_when_unchanged(prmtool, tmp_path):
+    sample = tmp_path / "pb.jsonl"
+    sample.write_text("".join((ROOT / "data_samples/processbench-gsm8k/gsm8k.jsonl").read_text().splitlines(True)[:20]))
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+workdir: {tmp_path / "work"}
+input: {sample}
+stages:
+  - stage: import
+    preset: processbench
+  - stage: eval
+    truth: human_first_error
+    pred: human_first_error   # the truth against itself: every metric is 1
+""",
+    )
+    first = prmtool("run", recipe)
+    assert first.exit_code == 0, first.stderr
+    report = json.loads((tmp_path / "work/02-eval/eval.json").read_text())
+    overall = report["results"][0]
+    assert overall["rows"] == 20
+    assert {overall[k] for k in ("error_accuracy", "correct_accuracy", "f1") if overall[k] is not None} == {1.0}
+    assert actions(prmtool("run", recipe).stderr) == {"01-import": "skip", "02-eval": "skip"}

@@ -52,6 +52,9 @@ from prmtool.engines.loading import keep_models_loaded
 from prmtool.stages import STAGES
 
 RESERVED = {"stage", "name", "input"}
+# Commands a recipe may end with that read a stage's output and write a report, not shards:
+# the report file stands in for _SUCCESS.
+REPORTS = {"eval": "eval.json"}
 RECORD = "_RECIPE.json"
 # The option each stage takes the policy model by (a recipe's `model:` fills it in).
 POLICY_OPTION = {"generate": "model", "label": "model", "intervene": "model", "score": "policy"}
@@ -72,7 +75,10 @@ class Step:
 
     def argv(self) -> list[str]:
         """The command line, as a user would type it after `prmtool`."""
-        argv = [self.stage, *self.inputs, "-o", str(self.directory)]
+        if self.stage in REPORTS:
+            argv = [self.stage, *self.inputs, "--json", str(self.directory / REPORTS[self.stage])]
+        else:
+            argv = [self.stage, *self.inputs, "-o", str(self.directory)]
         for key, value in self.options.items():
             flag = f"--{key}"
             if value is True:
@@ -138,8 +144,9 @@ def load_recipe(
         if not isinstance(entry, dict) or "stage" not in entry:
             raise InputError(f"{where}: each stage is a mapping with a `stage:` key")
         stage = entry["stage"]
-        if stage not in STAGES:
-            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+        if stage not in STAGES and stage not in REPORTS:
+            known = ", ".join([*STAGES, *REPORTS])
+            raise InputError(f"{where}: unknown stage {stage!r} (expected one of {known})")
         name = plain_name(str(entry.get("name") or stage), f"{where}: name:")  # it names a directory
         if name in names:
             raise InputError(f"{where}: a second stage named {name!r}; give one a `name:`")
@@ -283,7 +290,7 @@ def decide(step: Step, forced: bool) -> str:
     """skip (complete and unchanged), resume (interrupted, unchanged), run (new) or rerun
     (changed options or input, or --from: recomputed with --overwrite)."""
     old = read_record(step)
-    complete = (step.directory / shards.MANIFEST).exists()
+    complete = (step.directory / REPORTS.get(step.stage, shards.MANIFEST)).exists()
     if forced:
         return "rerun" if complete or old is not None else "run"
     if old is not None and old.get("pending_overwrite"):
@@ -377,7 +384,8 @@ def check_recipe(recipe: Recipe) -> None:
     for step in recipe.steps:
         call = parse_step(recipe, step, step.argv())
         try:
-            call.stage.validate(call.settings)
+            if not isinstance(call, ReportCall):
+                call.stage.validate(call.settings)
         except InputError as exc:
             raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
         for spec in step.inputs:
@@ -387,6 +395,17 @@ def check_recipe(recipe: Recipe) -> None:
                 raise InputError(f"{recipe.path}: stage {step.label}: input {spec}: no such file or directory")
             external.append(spec)
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
+
+
+@dataclass
+class ReportCall:
+    """A report step's command line, parsed (`prmtool eval` in a recipe)."""
+
+    callback: object
+    params: dict
+
+    def run(self) -> None:
+        self.callback(**self.params)
 
 
 def parse_step(recipe: Recipe, step: Step, argv: list[str]):
@@ -400,6 +419,8 @@ def parse_step(recipe: Recipe, step: Step, argv: list[str]):
     command = typer.main.get_command(app).commands[step.stage]
     try:
         context = command.make_context(step.stage, argv[1:])
+        if step.stage in REPORTS:
+            return ReportCall(command.callback, context.params)
         return stage_call(stage(step.stage), context.params)
     except ClickException as exc:
         raise InputError(f"{recipe.path}: stage {step.label}: {' '.join(exc.format_message().split())}") from None
@@ -438,7 +459,9 @@ def _run_steps(
     for step in recipe.steps[:last]:
         forced = rerun_since is not None and step.number >= rerun_since
         action = decide(step, forced)
-        argv = step.argv() + (["--overwrite"] if action == "rerun" else []) + (["--quiet"] if quiet else [])
+        # A report has no --overwrite (it rewrites its one file) and prints only its table.
+        flags = [] if step.stage in REPORTS else ["--overwrite"] * (action == "rerun") + ["--quiet"] * quiet
+        argv = step.argv() + flags
         console.print(
             f"[{step.label}] {action:<6} prmtool {' '.join(_quote(a) for a in argv)}", markup=False, soft_wrap=True
         )

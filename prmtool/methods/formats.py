@@ -88,16 +88,23 @@ def to_math_shepherd(
     frame: pl.DataFrame, prompt_template: str = "{problem}", step_tag: str = MATH_SHEPHERD_TAG, **_
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """Math-Shepherd's layout: `input` has the step tag after every step, `label` has `+` or `-`
-    in its place. OpenRLHF's PRM trainer reads it with `--placeholder_token` set to the tag;
-    choose a tag your tokenizer keeps as one token (`--step-tag`)."""
+    in its place, `task` names the source (a `task` column of the input; null without one).
+    `value` lists the same `+`/`-` per step: OpenRLHF's PRM trainer reads `--input_key input
+    --label_key value --placeholder_token TAG --reward_tokens + -`, and wants the tag to be one
+    token of its tokenizer (pick it with `--step-tag`; ` ки` is two tokens for SmolLM2)."""
     pairs, keep, counts = _labeled(frame)
-    inputs, labels = [], []
+    inputs, labels, values = [], [], []
     for problem, (steps, step_labels) in zip(_user_prompt(frame, prompt_template).gather(keep), pairs):
+        signs = ["+" if good else "-" for good in step_labels]
         inputs.append(f"{problem} " + "\n".join(f"{step} {step_tag}" for step in steps))
-        labels.append(
-            f"{problem} " + "\n".join(f"{step} {'+' if good else '-'}" for step, good in zip(steps, step_labels))
-        )
-    return pl.DataFrame({"input": inputs, "label": labels}, schema={"input": pl.String, "label": pl.String}), counts
+        labels.append(f"{problem} " + "\n".join(f"{step} {sign}" for step, sign in zip(steps, signs)))
+        values.append(signs)
+    task = frame["task"].cast(pl.String).gather(keep) if "task" in frame.columns else [None] * len(inputs)
+    out = pl.DataFrame(
+        {"input": inputs, "label": labels, "value": values, "task": task},
+        schema={"input": pl.String, "label": pl.String, "value": pl.List(pl.String), "task": pl.String},
+    )
+    return out, counts
 
 
 def _user_prompt(frame: pl.DataFrame, prompt_template: str) -> pl.Series:
@@ -228,7 +235,7 @@ FORMATS: dict[str, Format] = {
         Format(
             "math-shepherd",
             f"input: str (problem, then each step followed by ' {MATH_SHEPHERD_TAG}'), label: str (the same with '+' "
-            f"or '-')",
+            f"or '-'), value: list[str] (the '+'/'-' per step), task: str (the input's task column, else null)",
             ("problem", "steps", "step_labels"),
             to_math_shepherd,
         ),
