@@ -48,8 +48,8 @@ def test_import_reads_json_lines_from_stdin(tmp_path):
 
 
 def test_stdout_takes_no_split_and_jsonl_takes_no_directory(tmp_path):
-    split = shell(f"{PRMTOOL} export {SAMPLES}/labeled --format jsonl -o - --split test=0.5")
-    assert split.returncode == 2 and "--split: not with -o -" in split.stderr and not split.stdout
+    split = shell(f"{PRMTOOL} export {SAMPLES}/labeled --format jsonl -o - --holdout test=0.5")
+    assert split.returncode == 2 and "--holdout: not with -o -" in split.stderr and not split.stdout
     folder = shell(f"{PRMTOOL} export {SAMPLES}/labeled --format jsonl -o {tmp_path / 'out'}")
     assert folder.returncode == 2 and "give -o -" in folder.stderr
     assert not (tmp_path / "out").exists() and not (ROOT / "-").exists()

@@ -270,7 +270,7 @@ def export_to_stdout(inputs: list[str], settings: ExportSettings, partition: Par
         stats.rows_in += frame.height
         if fmt.per_problem:
             frame = frame.filter(~pl.col("problem_id").is_in(list(seen)))
-        rows = export_frame(frame, replace(settings, split=None)).get("train") if frame.height else None
+        rows = export_frame(frame, replace(settings, holdout=None)).get("train") if frame.height else None
         if rows is None or not rows.height:
             continue
         if fmt.per_problem:
