@@ -383,3 +383,13 @@ stages:
     assert overall["rows"] == 20
     assert {overall[k] for k in ("error_accuracy", "correct_accuracy", "f1") if overall[k] is not None} == {1.0}
     assert actions(prmtool("run", recipe).stderr) == {"01-import": "skip", "02-eval": "skip"}
+
+
+def test_the_closing_line_says_what_each_export_holds(prmtool, small_recipe, tmp_path):
+    first = prmtool("run", small_recipe)
+    assert first.exit_code == 0, first.stderr
+    rows = pl.read_parquet(tmp_path / "work/04-export/train/*.parquet").height
+    closing = first.stderr.strip().splitlines()[-1]
+    assert f"04-export/: {rows:,} rows (" in closing and "problems)" in closing
+    again = prmtool("run", small_recipe).stderr.strip().splitlines()[-1]  # skipped: rows from the manifest
+    assert f"04-export/: {rows:,} rows" in again

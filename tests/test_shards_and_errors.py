@@ -431,3 +431,23 @@ def test_version(prmtool):
     result = prmtool("--version")
     assert result.exit_code == 0
     assert result.stdout.strip() == f"prmtool {__version__}"
+
+
+def test_a_directory_of_split_folders_is_read_whole_and_its_shard_names_keep_the_split(prmtool, tmp_path):
+    """An export's layout (OUT/train/, OUT/test/): stats and every stage read the split folders,
+    and two splits' files of the same name become two output shards, never one."""
+    import polars as pl
+
+    rows = pl.read_parquet(SAMPLES / "responses" / "*.parquet")
+    half = rows.height // 2
+    for split, part in (("train", rows.head(half)), ("test", rows.tail(rows.height - half))):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        part.write_parquet(tmp_path / "data" / split / "part-00000.parquet")
+    assert prmtool("stats", tmp_path / "data").exit_code == 0
+    given_apart = prmtool("verify", tmp_path / "data/train", tmp_path / "data/test", "-o", tmp_path / "a", "-q")
+    assert given_apart.exit_code == 2 and "share the name part-00000.parquet" in given_apart.stderr
+    nested = prmtool("verify", tmp_path / "data", "-o", tmp_path / "v", "-q")
+    assert nested.exit_code == 0, nested.stderr
+    names = sorted(p.name for p in (tmp_path / "v").glob("*.parquet"))
+    assert names == ["test-part-00000.parquet", "train-part-00000.parquet"]
+    assert pl.read_parquet(tmp_path / "v" / "*.parquet").height == rows.height

@@ -456,6 +456,7 @@ def _run_steps(
             soft_wrap=True,
         )
     rerun_since: int | None = first  # once a stage reruns, every later one must
+    summaries: dict = {}  # label -> Summary of the stages that ran now
     for step in recipe.steps[:last]:
         forced = rerun_since is not None and step.number >= rerun_since
         action = decide(step, forced)
@@ -474,7 +475,9 @@ def _run_steps(
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)
         stage_started = time.perf_counter()
         try:
-            parse_step(recipe, step, argv).run()  # the stage runs exactly as its printed command line
+            summary = parse_step(recipe, step, argv).run()  # the stage runs exactly as its printed command line
+            if summary is not None:
+                summaries[step.label] = summary
         except Exception as exc:
             known = exit_code_of(exc)
             if known is None:
@@ -489,11 +492,24 @@ def _run_steps(
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
     if not dry_run:
+        exports = [
+            export_line(step, summaries.get(step.label)) for step in recipe.steps[:last] if step.stage == "export"
+        ]
         console.print(
             f"recipe {recipe_path}: {last} stages complete in {time.perf_counter() - started:.1f} s; outputs under "
-            f"{recipe.workdir}/",
+            f"{recipe.workdir}/" + (f"; {', '.join(exports)}" if exports else ""),
             markup=False,
+            soft_wrap=True,
         )
+
+
+def export_line(step: Step, summary) -> str:
+    """`07-export-prm/: 16 rows (12 problems)`: what an export holds, from its manifest (the
+    problem count only when it ran now: the manifest does not keep it)."""
+    manifest = shards.read_manifest(step.directory)
+    rows = sum(entry["rows"] for entry in (manifest or {}).get("outputs", []))
+    problems = f" ({summary.problems:,} problems)" if summary is not None else ""
+    return f"{step.label}/: {rows:,} rows{problems}"
 
 
 def _quote(argument: str) -> str:

@@ -37,13 +37,13 @@ class InputShard:
     schema: pl.Schema
     digest: str = ""  # a hash of the file's bytes: an input edited in place is a new input
 
+    # The output shard's name when it is not the file's: a shard found in a split folder of
+    # the directory given (`train/part-0.parquet`) is `train-part-0.parquet`, so splits never collide.
+    shard_name: str = ""
+
     @property
     def name(self) -> str:
-        """The output shard's name: the file's, with its split folder in front when it sits in
-        one (`train/part-0.parquet` -> `train-part-0.parquet`), so splits never collide."""
-        if not (self.path.parent / MANIFEST).exists() and (self.path.parent.parent / MANIFEST).exists():
-            return f"{self.path.parent.name}-{self.path.name}"
-        return self.path.name
+        return self.shard_name or self.path.name
 
     def describe(self) -> dict:
         return {"path": str(self.path.resolve()), "size": self.size, "rows": self.rows, "xxh3": self.digest}
@@ -71,11 +71,13 @@ def _is_split(folder: Path) -> bool:
     return not folder.name.startswith((".", "_"))
 
 
-def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[Path]:
-    """Parquet files from any mix of files, directories and glob patterns, in a stable order."""
+def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]:
+    """Parquet files from any mix of files, directories and glob patterns, in a stable order,
+    each with its shard name: the file's, or `SPLIT-FILE` for one found in a split folder."""
     if not specs:
         raise InputError("no input given: pass Parquet files, directories or globs")
     files: list[Path] = []
+    split_files: set[Path] = set()
     for spec in specs:
         path = Path(spec)
         if glob.has_magic(spec):
@@ -89,6 +91,7 @@ def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[Path]:
             found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
             if not found:  # an export's folder: one subfolder of shards per split (train/, test/)
                 found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
+                split_files.update(f.resolve() for f in found)
             if not found:
                 raise InputError(f"{spec}: the directory holds no Parquet file (nor do its split folders)")
             files.extend(found)
@@ -96,28 +99,26 @@ def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[Path]:
             files.append(path)
         else:
             raise InputError(f"{spec}: no such file or directory")
-    unique: list[Path] = []
+    unique: list[tuple[Path, str]] = []
     seen: set[Path] = set()
     for f in files:
         if f.resolve() not in seen:
             seen.add(f.resolve())
-            unique.append(f)
+            unique.append((f, f"{f.parent.name}-{f.name}" if f.resolve() in split_files else f.name))
     return unique
 
 
 def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
     """Resolve inputs and read each shard's footer; a corrupt file is an InputError."""
     shards = []
-    for path in resolve_inputs(specs):
+    for path, name in resolve_inputs(specs):
         try:
             parquet = pq.ParquetFile(path)
             schema = pl.Schema(pl.from_arrow(parquet.schema_arrow.empty_table()).schema)
             rows = parquet.metadata.num_rows
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
-        shards.append(
-            InputShard(path=path, size=path.stat().st_size, rows=rows, schema=schema, digest=content_digest(path))
-        )
+        shards.append(InputShard(path, path.stat().st_size, rows, schema, digest=content_digest(path), shard_name=name))
     return shards
 
 
