@@ -110,6 +110,8 @@ def test_best_of_n_beside_majority_vote_and_the_oracle():
     first_one = best_of_n(groups, 1)  # one response per problem: all three methods agree
     assert first_one["best_of_n"] == first_one["majority"] == first_one["oracle"] == 0.0
     assert best_of_n(groups, 4)["problems"] == 0  # no group has 4 responses
+    ties = best_of_n([[(0.5, "1", False), (0.5, "2", True)]], 2)  # equal scores, one vote each
+    assert (ties["best_of_n"], ties["majority"], ties["oracle"]) == (0.0, 0.0, 1.0)  # the earlier one wins
 
 
 def test_eval_best_of_n_and_agreement_from_the_command_line(prmtool, tmp_path):

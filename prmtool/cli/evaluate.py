@@ -84,28 +84,19 @@ def command(
     found exactly, the share of correct ones called error-free, and their harmonic mean (F1);
     with --pred-from, also the step-level AUROC of the scores. --against compares two label
     sets; --best-of-n evaluates response scores by Best-of-N."""
+    if not (best or against):
+        if pred_from is not None and pred_from not in SCORE_COLUMNS:
+            raise InputError(f"--pred-from {pred_from!r}: expected one of {', '.join(SCORE_COLUMNS)}")
+        if sweep and pred_from is None:
+            raise InputError("--sweep needs --pred-from (a score column to threshold)")
+    found = shards.open_inputs(inputs)
+    check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
     if best or against:
-        found = shards.open_inputs(inputs)
-        check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
-        if best:
-            report = _best_of_n_report(found, score, _sizes(n))
-        else:
-            report = _agreement_report(found, pred, against)
+        report = _best_of_n_report(found, score, _sizes(n)) if best else _agreement_report(found, pred, against)
         if as_json is not None:
             shards.write_json_atomic(report, as_json)
         return
-    if pred_from is not None and pred_from not in SCORE_COLUMNS:
-        raise InputError(f"--pred-from {pred_from!r}: expected one of {', '.join(SCORE_COLUMNS)}")
-    if sweep and pred_from is None:
-        raise InputError("--sweep needs --pred-from (a score column to threshold)")
-    found = shards.open_inputs(inputs)
-    check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
-    columns = list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])]))
-    for shard in found:
-        for column in columns:
-            if column not in shard.schema:
-                raise InputError(f"{shard.path}: missing column '{column}' (has: {', '.join(shard.schema)})")
-    frame = pl.concat([pl.read_parquet(s.path, columns=columns) for s in found], how="diagonal_relaxed")
+    frame = _read(found, list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])])))
 
     groups = [("all", frame)]
     if by:

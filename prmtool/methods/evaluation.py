@@ -160,16 +160,16 @@ def best_of_n(groups: list[list[tuple[float | None, str | None, bool]]], n: int)
         return {"n": n, "problems": 0, "best_of_n": None, "majority": None, "oracle": None}
     chosen, voted, oracle = 0, 0, 0
     for group in used:
-        scored = [(score, index) for index, (score, _, _) in enumerate(group) if score is not None and score == score]
+        # max() keeps the first of equal keys: ties go to the earlier response, the answer seen first.
+        scored = [(score, correct) for score, _, correct in group if score is not None and score == score]
         if scored:
-            best = max(scored, key=lambda pair: (pair[0], -pair[1]))[1]
-            chosen += group[best][2]
-        votes: dict[str, int] = {}
+            chosen += max(scored, key=lambda pair: pair[0])[1]
+        votes: dict[str, int] = {}  # in order of first appearance
         for _, answer, _ in group:
             if answer is not None:
                 votes[answer] = votes.get(answer, 0) + 1
         if votes:
-            winner = max(votes, key=lambda answer: (votes[answer], -list(votes).index(answer)))
+            winner = max(votes, key=votes.get)
             voted += any(correct for _, answer, correct in group if answer == winner)
         oracle += any(correct for _, _, correct in group)
     count = len(used)
