@@ -48,9 +48,10 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's model builders
 
+from prmtool.core.options import default_workers  # noqa: E402
 from prmtool.engines import Completion, Engine  # noqa: E402
 from prmtool.methods.labeling import label_rows  # noqa: E402
-from prmtool.methods.rollouts import RolloutSettings  # noqa: E402
+from prmtool.methods.rollouts import Rollouts, RolloutSettings  # noqa: E402
 from prmtool.methods.verification import verify_responses  # noqa: E402
 
 
@@ -162,6 +163,22 @@ class RecordingEngine(Engine):
         return self.inner.score(requests)
 
 
+def timed_method(cls, name: str) -> list[float]:
+    """Wrap `cls.name` to record each call's wall time, in a list the caller clears between runs."""
+    seconds: list[float] = []
+    method = getattr(cls, name)
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    setattr(cls, name, timed)
+    return seconds
+
+
 def overhead(args) -> None:
     import torch
     from bench_generate import build_model, build_tokenizer
@@ -176,14 +193,16 @@ def overhead(args) -> None:
 
         import vllm
 
-        from prmtool.engines.vllm import VLLMEngine, sampling_params_kwargs, tokens_prompt
+        from prmtool.engines.vllm import VLLMEngine, options_from_environment, sampling_params_kwargs, tokens_prompt
 
         folder = tempfile.mkdtemp(prefix="bench-label-")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
         torch.cuda.empty_cache()
-        engine = VLLMEngine(folder, ignore_eos=True, max_num_seqs=args.slots, gpu_memory_utilization=0.6)
+        options = {"max_num_seqs": args.slots, "gpu_memory_utilization": 0.6, **options_from_environment()}
+        print(f"vllm options: {options}", flush=True)
+        engine = VLLMEngine(folder, ignore_eos=True, **options)
         engine.tokenizer = tokenizer  # the word-level tokenizer as built (vLLM's reload encodes nothing)
 
         def bare(requests):  # vllm.LLM.generate itself, not prmtool's engine
@@ -199,10 +218,12 @@ def overhead(args) -> None:
             return sum(c.num_tokens for samples in engine.sample(requests) for c in samples)
 
     # warm-up: pools, graph capture, compilation, the verifier's worker processes
-    verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=2)
+    verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
+    verifying = timed_method(Rollouts, "results_of")  # the rollouts' verification passes
+    preparing = timed_method(Rollouts, "requests_for")  # prompts of the next probes (tokenizing)
     bare([SamplingRequest([5] * 64, n=8, max_tokens=32, seed=s) for s in range(64)])
     frame = wrong_responses(args.responses, 4, 16, words_per_step=40)
-    settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=2)
+    settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
     print(
         f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; engine {args.engine}; "
         f"{args.responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}",
@@ -211,6 +232,7 @@ def overhead(args) -> None:
     modes = ["lockstep", "continuous"] if args.engine == "hf" or args.continuous else ["lockstep"]
     for mode in modes:
         recorder = RecordingEngine(engine)
+        verifying.clear(), preparing.clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -228,6 +250,9 @@ def overhead(args) -> None:
         )
         print(f"  bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
               f"({tokens / bare_seconds:,.0f} tok/s)")  # fmt: skip
+        where = "blocking the engine" if mode == "lockstep" else "on worker threads, beside the engine"
+        print(f"  verification: {sum(verifying):.2f} s in {len(verifying)} passes ({where})")
+        print(f"  preparing requests (tokenizing prefixes, on the engine's thread): {sum(preparing):.2f} s")
         print(f"  label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f}", flush=True)
     engine.close()
 
@@ -243,6 +268,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
     parser.add_argument("--continuous", action="store_true", help="overhead: also continuous rounds (always on hf)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     if args.which == "economy":
         args.responses = args.responses or 500

@@ -222,7 +222,7 @@ def score_through_vllm(args, policy, ref, tokenizer, frame, settings, hf_scored,
     import gc
     import tempfile
 
-    from prmtool.engines.vllm import VLLMEngine
+    from prmtool.engines.vllm import VLLMEngine, options_from_environment
 
     folders = []
     for model in (policy, ref):
@@ -231,7 +231,11 @@ def score_through_vllm(args, policy, ref, tokenizer, frame, settings, hf_scored,
         tokenizer.save_pretrained(folders[-1])
     gc.collect()
     torch.cuda.empty_cache()
-    engines = [VLLMEngine(folder, dtype="bfloat16", gpu_memory_utilization=0.3) for folder in folders]
+    # PRMTOOL_VLLM_OPTIONS as for the stages, e.g. {"enforce_eager": true}: scoring is prefill
+    # only, so CUDA graphs (decode) do not matter, and eager mode skips minutes of compiling.
+    options = {"gpu_memory_utilization": 0.3, **options_from_environment()}
+    print(f"vllm options: {options}", flush=True)
+    engines = [VLLMEngine(folder, dtype="bfloat16", **options) for folder in folders]
     for engine in engines:
         engine.tokenizer = tokenizer  # the word-level tokenizer as built (vLLM's reload encodes nothing)
     scored = {}

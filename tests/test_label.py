@@ -7,6 +7,7 @@ never does. So the true first error of every response is known.
 
 import math
 import random
+import time
 
 import polars as pl
 import pytest
@@ -115,16 +116,22 @@ def test_all_searches_advance_together_one_engine_call_per_round():
 
 class OneAtATimeEngine(ScriptedRolloutEngine):
     """Finishes one request at a time, in a shuffled order, and queues follow-ups as they come:
-    how an engine with continuous rounds hands results back."""
+    how an engine with continuous rounds hands results back. Between requests it asks for
+    follow-ups that became ready meanwhile (an empty hand-back), as the hf and vllm engines do
+    while they have room: verification runs on another thread in continuous rounds."""
 
     def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
         queue = list(enumerate(requests))
         next_key, shuffle = len(queue), random.Random(1)
+        self.empty_hand_backs_answered = 0
         while queue:
             key, request = queue.pop(shuffle.randrange(len(queue)))
             follow_ups = on_done([(key, self.sample([request])[0])])
-            queue += list(enumerate(follow_ups, start=next_key))
-            next_key += len(follow_ups)
+            time.sleep(0.001)  # the verifier thread's chance to finish while this "decodes"
+            ready = on_done([])
+            self.empty_hand_backs_answered += bool(ready)
+            queue += list(enumerate(follow_ups + ready, start=next_key))
+            next_key += len(follow_ups + ready)
 
 
 @pytest.mark.parametrize("method", ["binary", "mc", "omegaprm"])
@@ -135,6 +142,8 @@ def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method):
     continuous = label_rows(frame, engine, method, k=4, settings=SETTINGS, continuous=True)
     assert continuous.equals(lockstep)
     assert engine.calls and all(len(call) == 1 for call in engine.calls)  # it did run one request at a time
+    if method != "mc":  # mc asks every probe in its first round: it has no follow-ups
+        assert engine.empty_hand_backs_answered > 0  # follow-ups did arrive between hand-backs
     assert lockstep["first_error"].n_unique() > 3  # p = 0.5: searches of different lengths
 
 

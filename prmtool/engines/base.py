@@ -89,7 +89,10 @@ class Engine(ABC):
         """Sample `requests` and hand each finished one to `on_done`, which may answer with more
         requests to sample; ends when nothing is left. Request keys count up from 0 in the order
         requests are given (the first list, then each answer of `on_done`). `longest` is a hint:
-        the most tokens (prompt + max_tokens) a later request may need.
+        the most tokens (prompt + max_tokens) a later request may need. An engine may also call
+        `on_done([])` while it has room, to collect follow-ups that became ready since (the
+        caller may prepare them on another thread); `on_done` must not answer an empty call
+        with an empty list while it still owes follow-ups and the engine has nothing running.
 
         This default runs in rounds (`sample_in_rounds`). Engines that admit new requests while
         others decode (hf, vllm) start a follow-up as soon as the request it follows is done."""

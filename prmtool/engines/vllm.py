@@ -177,14 +177,13 @@ class VLLMEngine(Engine):
         done = 0
         while engine.has_unfinished_requests():
             finished = [output for output in engine.step() if output.finished]
-            if not finished:
-                continue
             # vLLM may add a suffix of its own to a request id ("p12-ab34"): the key is before it.
             results = [(int(out.request_id.split("-")[0][1:]), completions_from_output(out)) for out in finished]
-            done += len(results)
-            if on_progress is not None:
-                on_progress(done, sum(c.num_tokens for _, samples in results for c in samples))
-            add(on_done(results))
+            if results:
+                done += len(results)
+                if on_progress is not None:
+                    on_progress(done, sum(c.num_tokens for _, samples in results for c in samples))
+            add(on_done(results))  # an empty list collects follow-ups that became ready meanwhile
 
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         for number, request in enumerate(requests):

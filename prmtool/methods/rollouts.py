@@ -201,17 +201,19 @@ def run_searches(
     round gathers the probes of every active search into one engine call. With `continuous`,
     a search's next probes go out as soon as its own results are in and verified, while other
     searches' rollouts still run (the engine's `sample_continuously`); the seeds, and so the
-    labels, are the same either way. Lockstep is the default because it measured faster on an
-    H200 (bench/bench_label.py): continuous rounds verify on the thread that feeds the GPU.
-    `on_done(key, search)` sees each search as it finishes; `tracker` counts the generated
-    tokens."""
+    labels, are the same either way. In continuous rounds the verification runs on a worker
+    thread, so the thread that feeds the GPU never waits on it; its follow-ups join at the
+    engine's next hand-back. `on_done(key, search)` sees each search as it finishes;
+    `tracker` counts the generated tokens."""
     keys = {search.row: key for key, search in searches.items()}
     by_row = {search.row: search for search in searches.values()}
     rounds = dict.fromkeys(by_row, 0)  # each search's round: part of its probes' seeds
     waiting: dict[int, tuple[list[Probe], list]] = {}  # row -> (its probes, their completions so far)
     owners: list[tuple[int, int]] = []  # request key -> (row, position among the row's probes)
+    in_engine = 0  # requests handed to the engine and not yet back
 
     def next_requests(rows: list[int]) -> list:
+        nonlocal in_engine
         asked: list[tuple[int, int, Probe]] = []
         for row in rows:
             probes = by_row[row].probes()
@@ -224,9 +226,13 @@ def run_searches(
             asked.extend((row, position, probe) for position, probe in enumerate(probes))
         order, requests = rollouts.requests_for([p for _, _, p in asked], [rounds[row] for row, _, _ in asked])
         owners.extend(asked[i][:2] for i in order)
+        in_engine += len(requests)
         return requests
 
-    def finished(done: list) -> list:
+    def complete_rows(done: list) -> tuple[list[Probe], list]:
+        """Record finished requests; the probes and completions of rows whose probes are all back."""
+        nonlocal in_engine
+        in_engine -= len(done)
         complete = []
         for key, samples in done:
             row, position = owners[key]
@@ -238,15 +244,45 @@ def run_searches(
             row_probes, row_completions = waiting.pop(row)
             probes += row_probes
             completions += row_completions
-        results = rollouts.results_of(probes, completions)
+        return probes, completions
+
+    def advance(results: list[ProbeResult]) -> list:
         for result in results:
             by_row[result.probe.row].observe(result)
         if tracker is not None and results:
             tracker.advance(0, sum(result.tokens for result in results))
-        return next_requests(complete)
+        return next_requests(list(dict.fromkeys(result.probe.row for result in results)))
+
+    def finished(done: list) -> list:  # lockstep: verify inline, one pass per round
+        return advance(rollouts.results_of(*complete_rows(done)))
 
     first = next_requests(list(by_row))
-    if first and continuous:
-        rollouts.engine.sample_continuously(first, finished, longest=rollouts.longest_request(list(waiting)))
-    elif first:
+    if not first:
+        return
+    if not continuous:
         sample_in_rounds(rollouts.engine, first, finished)
+        return
+
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    verifying: list = []  # futures of ProbeResult lists, oldest first
+
+    def finished_soon(done: list) -> list:
+        probes, completions = complete_rows(done)
+        if probes:
+            verifying.append(verifier.submit(rollouts.results_of, probes, completions))
+        follow_ups = []
+        while verifying:
+            if in_engine + len(follow_ups) == 0:  # the engine would stop: wait for a verdict
+                wait(verifying, return_when=FIRST_COMPLETED)
+            ready = [future for future in verifying if future.done()]
+            if not ready:
+                break
+            for future in ready:
+                verifying.remove(future)
+                follow_ups += advance(future.result())
+        return follow_ups
+
+    # Several threads: each verification waits on the worker processes, not on the GIL.
+    with ThreadPoolExecutor(max_workers=max(1, rollouts.settings.workers), thread_name_prefix="verify") as verifier:
+        rollouts.engine.sample_continuously(first, finished_soon, longest=rollouts.longest_request(list(waiting)))

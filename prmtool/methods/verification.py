@@ -12,6 +12,7 @@ each under its own hard timeout, so one hanging answer costs one timeout and sta
 from __future__ import annotations
 
 import atexit
+import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
@@ -191,6 +192,7 @@ def _in_workers(
 
 
 _POOLS: dict[int, object] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _shared_pool(workers: int):
@@ -199,14 +201,15 @@ def _shared_pool(workers: int):
     more than the comparisons. A worker killed on a timeout is replaced by pebble."""
     from pebble import ProcessPool
 
-    if workers not in _POOLS:
-        # Each worker loads Math-Verify (and sympy) before its first task: pebble's timeouts
-        # count from a task's start, and an import that a busy machine stretches past the
-        # timeout would otherwise turn a fresh worker's first comparisons into `timeout`.
-        pool = ProcessPool(max_workers=workers, initializer=_load_math_verify)
-        atexit.register(_stop_pool, pool)
-        _POOLS[workers] = pool
-    return _POOLS[workers]
+    with _POOLS_LOCK:  # continuous labeling verifies from several threads at once
+        if workers not in _POOLS:
+            # Each worker loads Math-Verify (and sympy) before its first task: pebble's timeouts
+            # count from a task's start, and an import that a busy machine stretches past the
+            # timeout would otherwise turn a fresh worker's first comparisons into `timeout`.
+            pool = ProcessPool(max_workers=workers, initializer=_load_math_verify)
+            atexit.register(_stop_pool, pool)
+            _POOLS[workers] = pool
+        return _POOLS[workers]
 
 
 def _load_math_verify() -> None:

@@ -385,7 +385,7 @@ class BatchSampler:
         """Tell the caller which requests finished and queue the follow-ups it answers with
         ahead of everything else: a search's next probe is on its critical path."""
         finished, self.just_finished = self.just_finished, []
-        pairs = self.follow_up(finished)
+        pairs = self.follow_up(finished)  # [] asks only for follow-ups ready since the last call
         groups = self._add([request for request, _ in pairs], [seed for _, seed in pairs])
         self.queue.extendleft(reversed(groups))
 
@@ -535,8 +535,12 @@ class BatchSampler:
         if self.on_progress is not None:
             self.on_progress(self.requests_done, self.tokens_since_progress)
             self.tokens_since_progress = 0
-        if self.just_finished and self.follow_up is not None:
+        if self.follow_up is not None and (self.just_finished or self._has_room()):
             self._hand_back()
+
+    def _has_room(self) -> bool:
+        """Whether follow-ups could be admitted now: nothing queued and slots to spare."""
+        return not self.queue and self.slots.count(None) >= max(1, self.decoder.num_slots // 8)
 
     def _check_stop_strings(self, rows: list[int]) -> list[tuple[int, str]]:
         # Decode only the tail that could hold a stop string completed by the newest token: each
