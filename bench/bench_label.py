@@ -17,23 +17,33 @@ bare engine's, for lockstep rounds (label's default: one engine call per round) 
 rounds (a search's next probe goes out as soon as its own results are verified; always on hf,
 `--continuous` on vllm). Targets: >= 0.9 at 512 responses, >= 0.95 at 2,048 (vllm).
 
-Measured 2026-12-03 on one H200, random weights (no rollout is ever right, so every search runs
-to full depth and staged sampling always draws all k = 8), vLLM 0.26.0:
+Measured on one H200, random weights (no rollout is ever right, so every search runs to full
+depth and staged sampling always draws all k = 8), vLLM 0.26.0, 11,440 rollouts in 2,860
+requests each at 512 responses:
 
-  | engine, responses, max_tokens | rounds     | label s | bare s | label / bare |
-  |-------------------------------|------------|--------:|-------:|-------------:|
-  | hf, 512, 128                  | lockstep   |   23.74 |  17.20 |        0.724 |
-  | hf, 512, 128                  | continuous |   29.91 |  17.87 |        0.598 |
-  | vllm, 512, 64                 | continuous |   32.35 |  24.05 |        0.743 |
+  | engine, responses, max_tokens | rounds     | label s | bare s | label / bare | when           |
+  |-------------------------------|------------|--------:|-------:|-------------:|----------------|
+  | hf, 512, 128                  | lockstep   |   25.32 |  18.63 |        0.736 | 2026-12-04     |
+  | hf, 512, 128                  | continuous |   25.28 |  17.55 |        0.694 | 2026-12-04     |
+  | hf, 512, 128                  | lockstep   |   23.74 |  17.20 |        0.724 | 2026-12-03     |
+  | hf, 512, 128                  | continuous |   29.91 |  17.87 |        0.598 | 2026-12-03 (a) |
+  | vllm, 512, 64                 | continuous |   32.35 |  24.05 |        0.743 | 2026-12-03 (a) |
 
   (hf: `python bench/bench_label.py overhead --responses 512 --max-tokens 128`; vllm: `...
-  --engine vllm --responses 512 --max-tokens 64`, run before lockstep became the default, so it
-  measured continuous rounds; 11,440 rollouts in 2,860 requests each.) The targets are not met.
-  Continuous rounds lose on hf: every finished request's rollouts are verified on the host
-  thread that launches the decode steps, so the GPU waits while Math-Verify's workers answer,
-  many times per round instead of once. The 2,048-response vllm run and a vllm lockstep run did
-  not fit the lease's device time. An earlier lease measured hf lockstep at 0.795 with
-  --max-tokens 256 (longer rollouts hide more of the per-round host work).
+  --engine vllm --responses 512 --max-tokens 64 --continuous`.) (a): before verification moved
+  off the engine's thread. On 2026-12-04 label's host work was measured inside the run:
+  verification 0.31 s (lockstep, 8 passes) and 0.48 s (continuous, 32 passes on worker threads),
+  tokenizing the next probes' prefixes 0.56 / 0.69 s, of 25.3 s. Moving verification off the
+  engine's thread brought continuous rounds from 29.9 s to 25.3 s, level with lockstep.
+
+  The targets (>= 0.9 at 512) are not met, and host work is not what is missing: at this size
+  the workload is bounded by its chain of dependent samples. A search over 16 steps makes 5
+  probes one after another, each in two stages (one rollout, then the other 7 once it failed),
+  so its last rollout cannot start before 9 others of 128 tokens have ended: 1,280 decode steps
+  in a chain, against the 1,430 steps (1,464,320 tokens / 1,024 slots) in which the bare engine
+  does all the work at once. Towards the end of the chain too few searches are left to fill the
+  slots. More responses per call amortize the chain (the 2,048-response target); the
+  2,048-response vllm run did not fit the lease (it ran past 297 s with its start).
 """
 
 from __future__ import annotations

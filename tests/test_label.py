@@ -252,3 +252,27 @@ def test_label_command_with_the_embedded_model(prmtool, tmp_path):
             assert 0 <= first_error < len(steps) and labels[first_error] == 0
             assert rollouts <= 2 * (math.ceil(math.log2(max(len(steps), 1))) + 1)
     assert labeled["label_tokens"].sum() > 0
+
+
+def test_label_starts_the_verifier_workers_before_it_loads_the_model(prmtool, tmp_path, monkeypatch):
+    """A process forked from one that runs an engine's threads (vLLM's) can inherit a held lock
+    and hang: the command forks its verifier workers first."""
+    import prmtool.stages.label as label_stage
+    from prmtool.engines.loading import EngineOnDemand
+
+    frame = pl.read_parquet(SAMPLES / "labeled" / "*.parquet").drop("step_labels", "first_error").head(3)
+    frame = frame.with_columns(correct=pl.lit(False))  # every row gets a first-error search
+    (tmp_path / "verified").mkdir()
+    frame.write_parquet(tmp_path / "verified" / "part-00000.parquet")
+    events: list[str] = []
+    start_workers = label_stage.start_workers
+    monkeypatch.setattr(label_stage, "start_workers", lambda workers: events.append("workers") or start_workers(1))
+
+    def load(engine_on_demand):
+        events.append("model")
+        return ScriptedRolloutEngine(answers_of(frame), p=0.5)
+
+    monkeypatch.setattr(EngineOnDemand, "_load", load)
+    result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--k", "2", "--workers", "1", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert events[:2] == ["workers", "model"]

@@ -47,8 +47,10 @@ from rich.console import Console
 
 from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
+from prmtool.core.options import default_workers
 from prmtool.core.outputs import check_outputs, input_roots, plain_name
 from prmtool.engines.loading import keep_models_loaded
+from prmtool.methods.verification import start_workers
 from prmtool.stages import STAGES
 
 RESERVED = {"stage", "name", "input"}
@@ -58,6 +60,8 @@ REPORTS = {"eval": "eval.json"}
 RECORD = "_RECIPE.json"
 # The option each stage takes the policy model by (a recipe's `model:` fills it in).
 POLICY_OPTION = {"generate": "model", "label": "model", "intervene": "model", "score": "policy"}
+# Stages that verify rollouts in worker processes while a model is loaded.
+VERIFY_ROLLOUTS = {"label", "intervene"}
 
 
 @dataclass
@@ -470,6 +474,10 @@ def _run_steps(
             continue
         if action in ("run", "rerun") and rerun_since is None:
             rerun_since = step.number
+        verifies_later = any(later.stage in VERIFY_ROLLOUTS for later in recipe.steps[step.number - 1 : last])
+        if step.stage in POLICY_OPTION and verifies_later:
+            # the verifier's workers are forked before the first model load starts threads here
+            start_workers(default_workers())
         record = record_of(step)
         step.directory.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)

@@ -203,8 +203,9 @@ def run_searches(
     searches' rollouts still run (the engine's `sample_continuously`); the seeds, and so the
     labels, are the same either way. In continuous rounds the verification runs on a worker
     thread, so the thread that feeds the GPU never waits on it; its follow-ups join at the
-    engine's next hand-back. `on_done(key, search)` sees each search as it finishes;
-    `tracker` counts the generated tokens."""
+    engine's next hand-back. Lockstep stays the default: on an H200 the two measured the same
+    (bench/bench_label.py), and lockstep makes fewer, larger engine calls. `on_done(key,
+    search)` sees each search as it finishes; `tracker` counts the generated tokens."""
     keys = {search.row: key for key, search in searches.items()}
     by_row = {search.row: search for search in searches.values()}
     rounds = dict.fromkeys(by_row, 0)  # each search's round: part of its probes' seeds

@@ -212,6 +212,14 @@ def _shared_pool(workers: int):
         return _POOLS[workers]
 
 
+def start_workers(workers: int) -> None:
+    """Start the verifier's worker processes now, if they are not running. Commands call this
+    before they load a model: the workers are then forked before the engine starts threads of
+    its own (vLLM's), since a process forked from a threaded one can inherit a held lock and
+    hang before its first task."""
+    _shared_pool(max(1, workers)).schedule(_load_math_verify).result()
+
+
 def _load_math_verify() -> None:
     """A first comparison, so that every lazily imported module is in place."""
     compare("1/2", "0.5")

@@ -49,6 +49,7 @@ from prmtool.methods.intervention_rounds import (
 )
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
+from prmtool.methods.verification import start_workers
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -210,6 +211,7 @@ def run(
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
+        start_workers(settings.workers or default_workers())  # before a model load starts threads here
         kept, rejected = intervene_frame(frame, engines.get(), settings, tracker=tracker)
         _count(stats, frame, kept, rejected)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before

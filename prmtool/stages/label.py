@@ -46,6 +46,7 @@ from prmtool.methods.labeling import label_rows
 from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
+from prmtool.methods.verification import start_workers
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -310,6 +311,8 @@ def run(
     pending: dict[str, pl.DataFrame] = {}  # consensus: the rejects of the shard just labeled
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
+        if settings.method != "judge":
+            start_workers(rollout_settings.workers)  # before a model load starts threads here
         if settings.method == "judge":
             result = label_frame(frame, critic.get(), settings, tracker=tracker)
         else:

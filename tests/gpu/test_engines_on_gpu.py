@@ -69,15 +69,21 @@ def models(tmp_path_factory):
     }
 
 
+COMMAND_TIMEOUT = 240  # seconds: a vLLM start takes about 40 s; more than this is a hang
+
+
 def prmtool(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     """One command in its own process: each vLLM instance gets a clean GPU."""
-    result = subprocess.run(
-        [sys.executable, "-m", "prmtool", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+    command = [sys.executable, "-m", "prmtool", *map(str, args)]
+    environment = {**os.environ, **(env or {})}
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, cwd=ROOT, env=environment, timeout=COMMAND_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as timeout:
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
+        shown = " ".join(map(str, args))
+        pytest.fail(f"prmtool {shown}: no answer in {COMMAND_TIMEOUT} s; its stderr:\n{(stderr or '')[-3000:]}")
     assert result.returncode == 0, f"prmtool {' '.join(map(str, args))}:\n{result.stderr[-3000:]}"
     return result
 
