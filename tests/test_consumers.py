@@ -3,9 +3,15 @@ format is loaded, tokenized and trained on for a step, as a user would."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import SAMPLES
+from tests.conftest import ROOT, SAMPLES
 
 trl = pytest.importorskip("trl", reason="the consumer tests need trl (in the test extra)")
 
@@ -128,3 +134,64 @@ def test_math_shepherd_converts_back_to_trl_stepwise_rows_as_trls_old_script_did
     ):
         steps = [pieces[0].removeprefix(prompt + " ")] + [p.removeprefix("\n") for p in pieces[1:]]
         assert steps == completions and labels == expected
+
+
+CONSUMERS = ROOT / ".consumers"
+
+
+@pytest.fixture(scope="session")
+def consumers() -> Path:
+    """TRL 1.13.0 and verl 0.9.1, each in its own folder (tests/consumers/install.sh; pip, once)."""
+    result = subprocess.run(["bash", str(ROOT / "tests/consumers/install.sh")], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"tests/consumers/install.sh failed (it needs pip to reach an index):\n{result.stderr[-2000:]}")
+    return CONSUMERS
+
+
+def run_consumer(script: str, site: Path, *args) -> dict:
+    """A consumer script in its own process, with its consumer's folder first on the path."""
+    environment = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/consumers" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{script}:\n{result.stderr[-3000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_trl_1_13_prm_trainer_trains_on_trl_stepwise(prmtool, tmp_path, tiny_model_dir, consumers):
+    """PRMTrainer (trl.experimental.prm in TRL 1.13.0, gone from 1.14 on) tokenizes each row's
+    steps with its separator and labels one token per step, then trains."""
+    out = tmp_path / "prm"
+    assert prmtool("export", LABELED, "-o", out, "-f", "trl-stepwise", "-q").exit_code == 0
+    report = run_consumer("trl_prm_trainer.py", consumers / "trl-1.13.0", out, tiny_model_dir, tmp_path / "run")
+    assert report["rows"] > 0 and report["loss"] > 0
+    assert report["labeled_tokens_of_first_row"] == report["steps_of_first_row"]
+
+
+def test_verl_reads_the_export_as_its_trainer_does_and_both_rewards_accept_boxed_answers(
+    prmtool, tmp_path, tiny_model_dir, consumers
+):
+    """verl 0.9.1's RLHFDataset loads OUT/train.parquet (a file: verl's data.train_files), the
+    prompt renders through the chat template, and a right `\\boxed{}` answer scores 1.0, a wrong
+    one 0.0, both by verl's routing of the default data_source and by prmtool's reward loaded
+    as `reward.custom_reward_function.path/name`."""
+    import polars as pl
+
+    out = tmp_path / "verl"
+    assert prmtool("export", LABELED, "-o", out, "-f", "verl", "--holdout", "test=0.3", "-q").exit_code == 0
+    for split in ("train", "test"):  # one file per split, holding the split folder's rows
+        assert pl.read_parquet(out / f"{split}.parquet").equals(pl.read_parquet(out / split / "*.parquet"))
+    report = run_consumer("verl_rows.py", consumers / "verl-0.9.1", out, tiny_model_dir, tmp_path / "run")
+    first = pl.read_parquet(out / "train.parquet").row(0, named=True)
+    assert report["rows"] == pl.read_parquet(out / "train.parquet").height
+    assert report["data_source"] == "lighteval/MATH"
+    assert report["prompt"].startswith("<|im_start|>user\n" + first["prompt"][0]["content"])
+    assert report["prompt"].endswith("<|im_start|>assistant\n")
+    assert report["ground_truth"] == first["reward_model"]["ground_truth"]
+    assert report["extra_info"] == {"split": "train", "index": 0, "problem_id": first["extra_info"]["problem_id"]}
+    assert report["builtin_reward"] == [1.0, 0.0]
+    assert report["prmtool_reward"] == [1.0, 0.0]

@@ -371,8 +371,10 @@ def test_verl_numbers_extra_info_index_within_each_split(prmtool, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert files_under(tmp_path / "out") == [
         "_SUCCESS",
+        "test.parquet",  # one file per split, for verl's data.train_files / data.val_files
         "test/part-00000.parquet",
         "test/part-00001.parquet",
+        "train.parquet",
         "train/part-00000.parquet",
         "train/part-00001.parquet",
     ]
@@ -380,6 +382,7 @@ def test_verl_numbers_extra_info_index_within_each_split(prmtool, tmp_path):
     for split in ("train", "test"):
         infos = load(tmp_path / "out" / split, tmp_path)["extra_info"]
         assert [info["index"] for info in infos] == list(range(len(infos)))
+        assert pl.read_parquet(tmp_path / "out" / f"{split}.parquet")["extra_info"].to_list() == infos
         assert {info["split"] for info in infos} == {split}
         ids = {info["problem_id"] for info in infos}
         assert ids.isdisjoint(seen)

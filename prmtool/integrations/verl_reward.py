@@ -2,8 +2,8 @@
 
 verl reads a custom reward from a file and a function name:
 
-    custom_reward_function.path=$(python -c "import prmtool.integrations.verl_reward as m; print(m.__file__)")
-    custom_reward_function.name=compute_score
+    reward.custom_reward_function.path=$(python -c "import prmtool.integrations.verl_reward as m; print(m.__file__)")
+    reward.custom_reward_function.name=compute_score
 
 and calls it once per response with keywords: `compute_score(data_source=..., solution_str=...,
 ground_truth=..., extra_info=...)`. The score is 1.0 when the response's final answer (read as

@@ -291,7 +291,8 @@ def run(
     inputs: list[str], output: Path, settings: ExportSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Write training data: TRL stepwise supervision, Math-Shepherd, SFT or verl RL parquet,
-    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --holdout). With
+    as OUTPUT/SPLIT/SHARD.parquet for each split (train, and those named by --holdout); verl
+    also as OUTPUT/SPLIT.parquet, one file per split. With
     --num-shards, partitions are sets of whole problems, split as the whole run splits them."""
     if str(output) == "-":
         return export_to_stdout(inputs, settings, partition, quiet)
@@ -381,10 +382,28 @@ def _export(
             f"{output}: no rows to export; each split holds one shard of no rows with the format's columns "
             "(polars and pyarrow read it; datasets.load_dataset refuses an empty split)"
         )
+    if settings.format == "verl" and partition.whole:  # before the manifest, as the datasets folder
+        for split_name, path in write_split_files(output, written, shards.provenance("export", arguments, found[0])):
+            stats.log(f"{split_name}: {path} (for verl's data.{'train' if split_name == 'train' else 'val'}_files)")
     if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
         save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
     shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written, partition)
+
+
+def write_split_files(output: Path, written: dict[str, int], record: dict) -> list[tuple[str, Path]]:
+    """One file per split, OUTPUT/SPLIT.parquet, with the rows of the split's shards in order:
+    verl's data.train_files and data.val_files take files, not folders."""
+    by_split: dict[str, list[Path]] = {}
+    for relative in written:
+        split_name, _ = relative.split("/", 1)
+        by_split.setdefault(split_name, []).append(output / relative)
+    files = []
+    for split_name, paths in by_split.items():
+        frame = pl.concat([pl.read_parquet(path) for path in sorted(paths)], how="vertical")
+        shards.write_shard(frame, output / f"{split_name}.parquet", record)
+        files.append((split_name, output / f"{split_name}.parquet"))
+    return files
 
 
 def _problem_numbers(
