@@ -53,3 +53,29 @@ def test_stdout_takes_no_split_and_jsonl_takes_no_directory(tmp_path):
     folder = shell(f"{PRMTOOL} export {SAMPLES}/labeled --format jsonl -o {tmp_path / 'out'}")
     assert folder.returncode == 2 and "give -o -" in folder.stderr
     assert not (tmp_path / "out").exists() and not (ROOT / "-").exists()
+
+
+def test_a_stage_reads_rows_as_json_lines_from_stdin(tmp_path):
+    """`-` is standard input for every stage that reads rows: here verify, fed by export."""
+    piped = shell(
+        f"{PRMTOOL} export {SAMPLES}/responses --format jsonl -o - -q | {PRMTOOL} verify - -o {tmp_path / 'piped'} -q"
+    )
+    assert piped.returncode == 0, piped.stderr
+    direct = shell(f"{PRMTOOL} verify {SAMPLES}/responses -o {tmp_path / 'direct'} -q")
+    assert direct.returncode == 0, direct.stderr
+    import polars as pl
+
+    from_pipe = pl.read_parquet(tmp_path / "piped" / "*.parquet")
+    from_files = pl.read_parquet(tmp_path / "direct" / "*.parquet")
+    assert from_pipe.select(from_files.columns).equals(from_files)
+    stats = shell(f"{PRMTOOL} export {tmp_path / 'piped'} --format jsonl -o - -q | {PRMTOOL} stats - --json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["rows"] == from_files.height
+
+
+def test_stdin_that_is_not_json_lines_is_refused_in_one_line(tmp_path):
+    refused = {"printf 'no json{\\n'": "standard input is not JSON lines", "true": "standard input is empty"}
+    for given, message in refused.items():
+        result = shell(f"{given} | {PRMTOOL} verify - -o {tmp_path / 'out'}")
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()

@@ -451,3 +451,34 @@ def test_a_directory_of_split_folders_is_read_whole_and_its_shard_names_keep_the
     names = sorted(p.name for p in (tmp_path / "v").glob("*.parquet"))
     assert names == ["test-part-00000.parquet", "train-part-00000.parquet"]
     assert pl.read_parquet(tmp_path / "v" / "*.parquet").height == rows.height
+
+
+def test_a_stage_that_keeps_no_rows_writes_a_zero_row_shard_every_loader_takes(prmtool, tmp_path):
+    """The shard keeps the full schema and its provenance, polars reads it, and `datasets`
+    reads the folder it sits in beside shards with rows (a row group of no rows would stop it)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    assert prmtool("verify", SAMPLES / "responses", "-o", tmp_path / "verified", "-q").exit_code == 0
+    result = prmtool(
+        "filter", tmp_path / "verified", "-o", tmp_path / "none", "--rejects", tmp_path / "rejects",
+        "--method", "none", "--where", "1 = 0", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    empty = tmp_path / "none" / "part-00000.parquet"
+    verified = pl.read_parquet(tmp_path / "verified" / "*.parquet")
+    assert pl.read_parquet(empty).schema == verified.schema and pl.read_parquet(empty).height == 0
+    assert b"prmtool" in pq.read_schema(empty).metadata  # provenance, for resume
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "part-00000.parquet").write_bytes((tmp_path / "verified" / "part-00000.parquet").read_bytes())
+    (mixed / "part-00001.parquet").write_bytes(empty.read_bytes())
+    loaded = datasets.load_dataset(
+        "parquet", data_files=str(mixed / "*.parquet"), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    assert loaded.num_rows == verified.height
+    again = prmtool(
+        "filter", tmp_path / "verified", "-o", tmp_path / "none", "--rejects", tmp_path / "rejects",
+        "--method", "none", "--where", "1 = 0",
+    )  # fmt: skip
+    assert again.exit_code == 0 and "already complete" in again.stderr  # a rerun skips it

@@ -35,7 +35,13 @@ def template(value: str | None) -> str | None:
     return value
 
 
-Inputs = Annotated[list[str], typer.Argument(help="Parquet files, directories of them, or globs.", show_default=False)]
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        help="Parquet files, directories of them, or globs; - reads JSON lines of rows from standard input.",
+        show_default=False,
+    ),
+]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory: one shard per input shard, same name.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute shards that are already complete.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or summary on stderr.")]

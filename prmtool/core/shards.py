@@ -71,16 +71,49 @@ def _is_split(folder: Path) -> bool:
     return not folder.name.startswith((".", "_"))
 
 
+_STDIN_SHARD: list[Path] = []  # standard input as a shard, made once per process
+
+
+def stdin_shard() -> Path:
+    """`-` as an input: JSON lines of rows on standard input (e.g. `prmtool export ... -o -`),
+    read once into a private Parquet file with the contract's column types, then read like any
+    other shard."""
+    if not _STDIN_SHARD:
+        import atexit
+        import io
+        import shutil
+        import sys
+        import tempfile
+
+        from prmtool.core.schema import cast_to_contract
+
+        data = sys.stdin.buffer.read()
+        if not data.strip():
+            raise InputError("-: standard input is empty (expected JSON lines, one row per line)")
+        try:
+            frame = cast_to_contract(pl.read_ndjson(io.BytesIO(data), infer_schema_length=None))
+        except Exception as exc:
+            raise InputError(f"-: standard input is not JSON lines of rows: {_one_line(exc)}") from None
+        folder = Path(tempfile.mkdtemp(prefix="prmtool-stdin-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        frame.write_parquet(folder / "stdin.parquet")
+        _STDIN_SHARD.append(folder / "stdin.parquet")
+    return _STDIN_SHARD[0]
+
+
 def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]:
     """Parquet files from any mix of files, directories and glob patterns, in a stable order,
-    each with its shard name: the file's, or `SPLIT-FILE` for one found in a split folder."""
+    each with its shard name: the file's, or `SPLIT-FILE` for one found in a split folder.
+    `-` is standard input, as JSON lines."""
     if not specs:
         raise InputError("no input given: pass Parquet files, directories or globs")
     files: list[Path] = []
     split_files: set[Path] = set()
     for spec in specs:
         path = Path(spec)
-        if glob.has_magic(spec):
+        if str(spec) == "-":
+            files.append(stdin_shard())
+        elif glob.has_magic(spec):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             matched = [m for m in matches if m.is_file() and _is_shard_file(m)]
             matched += [f for m in matches if m.is_dir() for f in sorted(m.glob("*.parquet")) if _is_shard_file(f)]
@@ -203,7 +236,13 @@ def write_shard(frame: pl.DataFrame | pa.Table, path: Path, record: dict) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(table, temporary)
+        if table.num_rows:
+            pq.write_table(table, temporary)
+        else:
+            # No rows: the schema and no row group at all. pyarrow would write one empty row
+            # group, on which `datasets` fails for the whole folder ("BatchSize must be greater
+            # than 0"); a file of no row groups it skips, and polars and pyarrow read either.
+            pq.ParquetWriter(temporary, table.schema).close()
         _fsync(temporary)
         os.replace(temporary, path)
         _fsync(path.parent)
