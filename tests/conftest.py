@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data_samples" / "gsm8k"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Recipe runs remember their throughput (for --dry-run) in PRMTOOL_CACHE_DIR: a test's own
+    folder, never the user's cache."""
+    monkeypatch.setenv("PRMTOOL_CACHE_DIR", str(tmp_path / "prmtool-cache"))
+
+
 @dataclass
 class Result:
     exit_code: int

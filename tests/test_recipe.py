@@ -142,6 +142,37 @@ def test_dry_run_prints_the_plan_and_writes_nothing(prmtool, small_recipe, tmp_p
     assert not (tmp_path / "work").exists()
 
 
+def test_dry_run_estimates_rows_tokens_and_time_for_every_stage(prmtool, tmp_path):
+    """Upper bounds from the options: 20 problems x n 4 = 80 responses; binary search over the
+    assumed 8 steps probes 4 prefixes of k rollouts each; time at the given throughput."""
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    work = tmp_path / "work"
+    result = prmtool("run", recipe, "--dry-run", "--workdir", work, "--tokens-per-second", "100")
+    assert result.exit_code == 0, result.stderr
+    estimates = [line.strip() for line in result.stderr.splitlines() if line.startswith("    ")]
+    assert estimates[1].startswith("20 rows in; at most 5,120 generated tokens (4 responses x 64 tokens per problem)")
+    assert "about 51 s at 100 tokens/s (given)" in estimates[1]
+    assert estimates[3].startswith("80 rows in; at most 61,440 generated tokens (4 prefixes x 4 rollouts x 48")
+    assert "about 10 min at 100 tokens/s" in estimates[3]
+    assert estimates[6].startswith("40 rows in")  # PROF keeps 2 of each problem's 4
+    assert "estimate: at most 102,400 generated tokens in all; about 17 min" in result.stderr
+    assert not work.exists()
+
+
+def test_dry_run_times_a_stage_by_the_throughput_an_earlier_run_measured(prmtool, tmp_path):
+    from prmtool.cli.estimate import record_throughput
+    from prmtool.stages import stage
+
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    unknown = prmtool("run", recipe, "--dry-run", "--workdir", tmp_path / "work")
+    assert "time unknown: give --tokens-per-second" in unknown.stderr
+    settings = stage("generate").settings(engine="hf", device=None, model=None)
+    record_throughput(settings, tokens=5_000, seconds=10.0)  # as a run of the embedded model here would
+    measured = prmtool("run", recipe, "--dry-run", "--workdir", tmp_path / "work")
+    assert "about 10 s at 500 tokens/s (measured here" in measured.stderr
+    assert "estimate: at most 102,400 generated tokens in all; about 3 min" in measured.stderr
+
+
 def test_an_interrupted_stage_resumes_from_its_finished_shards(prmtool, small_recipe, tmp_path):
     assert prmtool("run", small_recipe, "-q").exit_code == 0
     verified = tmp_path / "work" / "02-verify"

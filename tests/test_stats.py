@@ -206,3 +206,22 @@ def test_the_cli_does_not_import_matplotlib_until_it_plots():
     """matplotlib takes a while to import; `prmtool --help` and the other stages never need it."""
     check = "import sys, prmtool.cli; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_progress_shows_no_rate_early_and_a_token_based_upper_bound_for_time_left():
+    """Rows that arrive in bulk in the first seconds show no rate (not `64,430.9 rows/s`); a
+    stage that says how many tokens a row may cost gets its time left from tokens, marked as at
+    most, before any row is done."""
+    from types import SimpleNamespace
+
+    from prmtool.core.report import RateColumn, RemainingColumn
+
+    def task(elapsed, completed, total=100, **fields):
+        return SimpleNamespace(elapsed=elapsed, completed=completed, total=total, fields=fields)
+
+    assert RateColumn("rows").render(task(0.5, 60)).plain == ""
+    assert RateColumn("rows").render(task(10.0, 60)).plain == "6.0 rows/s"
+    assert RemainingColumn().render(task(10.0, 0)).plain == "-:--:--"
+    assert RemainingColumn().render(task(10.0, 50)).plain == "0:00:10"
+    # 100 rows x 64 tokens at most; 1,600 tokens in 10 s: 4,800 tokens left at 160 tokens/s
+    assert RemainingColumn().render(task(10.0, 0, tokens=1600, tokens_per_row=64)).plain == "≤0:00:30"

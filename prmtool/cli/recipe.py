@@ -45,6 +45,7 @@ import typer
 import yaml
 from rich.console import Console
 
+from prmtool.cli import estimate
 from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
 from prmtool.core.options import default_workers
@@ -335,6 +336,18 @@ def command(
     overrides: Annotated[
         list[str], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE (repeatable).")
     ] = [],
+    tokens_per_second: Annotated[
+        float | None,
+        typer.Option(
+            "--tokens-per-second",
+            help=(
+                "--dry-run: the generation throughput to estimate times with (default: what earlier runs "
+                "measured here for the stage's model, engine and device)."
+            ),
+            min=0.001,
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -376,7 +389,7 @@ def command(
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
     with keep_models_loaded():  # a model loaded by one stage serves the next that uses it
-        _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed)
+        _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed, tokens_per_second)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -430,6 +443,37 @@ def parse_step(recipe: Recipe, step: Step, argv: list[str]):
         raise InputError(f"{recipe.path}: stage {step.label}: {' '.join(exc.format_message().split())}") from None
 
 
+def print_estimate(
+    recipe: Recipe, step: Step, argv: list[str], sizes: dict, tokens_per_second: float | None, console: Console
+) -> tuple[int | None, float | None]:
+    """--dry-run: the stage's rows, generated tokens (at most) and time; returns the last two."""
+    if step.stage in REPORTS:
+        return 0, 0.0
+    settings = parse_step(recipe, step, argv).settings
+    given = [sizes.get(path) or estimate.count_input(path) for path in step.inputs]
+    rows = None if any(g.rows is None for g in given) else sum(g.rows for g in given)
+    problems = None if any(g.problems is None for g in given) else sum(g.problems for g in given)
+    cost, sizes[str(step.directory)] = estimate.stage_cost(step.stage, settings, estimate.Size(rows, problems))
+    line = f"    {'?' if rows is None else f'{rows:,}'} rows in"
+    seconds = None
+    if cost.tokens:
+        measured = None if tokens_per_second else estimate.measured_throughput(settings)
+        rate = tokens_per_second or (measured or {}).get("tokens_per_second")
+        line += f"; at most {cost.tokens:,} generated tokens ({cost.how})"
+        if rate:
+            seconds = cost.tokens / rate
+            source = "given" if tokens_per_second else f"measured here {measured['when']}"
+            line += f"; about {estimate.duration(seconds)} at {rate:,.0f} tokens/s ({source})"
+        else:
+            line += "; time unknown: give --tokens-per-second, or run a model stage of this model here once"
+    elif cost.tokens is None:
+        line += f"; generated tokens unknown ({cost.how})"
+    else:
+        line += f"; {cost.how}"
+    console.print(line, markup=False, soft_wrap=True)
+    return cost.tokens, seconds if cost.tokens else 0.0
+
+
 def policy_models(recipe: Recipe) -> dict[str, list[str]]:
     """Policy model -> the stages that run it (the embedded model where a stage names none)."""
     models: dict[str, list[str]] = {}
@@ -449,8 +493,11 @@ def _run_steps(
     quiet: bool,
     console: Console,
     typed: list[str] | None = None,
+    tokens_per_second: float | None = None,
 ) -> None:
     started = time.perf_counter()
+    sizes: dict[str, estimate.Size] = {}  # --dry-run: each stage's output, as estimated
+    total_tokens, total_seconds, timed = 0, 0.0, True
     models = policy_models(recipe)
     if len(models) > 1:  # e.g. --set generate.model=X leaves the other stages on their own model
         listed = "; ".join(f"{', '.join(labels)}: {model}" for model, labels in models.items())
@@ -470,7 +517,13 @@ def _run_steps(
         console.print(
             f"[{step.label}] {action:<6} prmtool {' '.join(_quote(a) for a in argv)}", markup=False, soft_wrap=True
         )
-        if dry_run or action == "skip":
+        if dry_run:
+            tokens, seconds = print_estimate(recipe, step, argv, sizes, tokens_per_second, console)
+            total_tokens += tokens or 0
+            total_seconds += seconds or 0.0
+            timed = timed and (seconds is not None or not tokens)
+            continue
+        if action == "skip":
             continue
         if action in ("run", "rerun") and rerun_since is None:
             rerun_since = step.number
@@ -483,9 +536,13 @@ def _run_steps(
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)
         stage_started = time.perf_counter()
         try:
-            summary = parse_step(recipe, step, argv).run()  # the stage runs exactly as its printed command line
+            call = parse_step(recipe, step, argv)
+            summary = call.run()  # the stage runs exactly as its printed command line
             if summary is not None:
                 summaries[step.label] = summary
+                if step.stage in estimate.MODEL_STAGES:  # for later --dry-run estimates
+                    generated = summary.counts.get("tokens_generated", 0)
+                    estimate.record_throughput(call.settings, generated, summary.seconds)
         except Exception as exc:
             known = exit_code_of(exc)
             if known is None:
@@ -499,6 +556,9 @@ def _run_steps(
             raise failure from None
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
+    if dry_run:
+        when = f"; about {estimate.duration(total_seconds)}" if timed and total_tokens else ""
+        console.print(f"estimate: at most {total_tokens:,} generated tokens in all{when}", markup=False)
     if not dry_run:
         exports = [
             export_line(step, summaries.get(step.label)) for step in recipe.steps[:last] if step.stage == "export"

@@ -34,6 +34,11 @@ class Tracker:
         self.tokens += tokens
         self.bar.update(self.task, advance=rows, tokens=self.tokens)
 
+    def expect_tokens_per_row(self, tokens: int) -> None:
+        """The most tokens a row can cost (e.g. n x max-tokens): the time left is then estimated
+        from tokens, which arrive steadily, rather than from rows, which finish in bursts."""
+        self.bar.update(self.task, tokens_per_row=tokens)
+
 
 class TokenRateColumn(ProgressColumn):
     """Generated tokens per second, shown once a stage reports tokens."""
@@ -63,11 +68,19 @@ MIN_RATE_SECONDS = 3.0
 
 
 class RemainingColumn(ProgressColumn):
-    """Time left at the mean rate since the start (rich's own follows the same bursty window)."""
+    """Time left at the mean rate since the start (rich's own follows the same bursty window):
+    of tokens where the stage gave the most tokens per row (an upper bound, marked ≤), else of
+    rows."""
 
     def render(self, task) -> Text:
         elapsed = task.elapsed or 0.0
-        if task.total is None or elapsed < MIN_RATE_SECONDS or not task.completed:
+        tokens, per_row = task.fields.get("tokens", 0), task.fields.get("tokens_per_row")
+        if task.total is None or elapsed < MIN_RATE_SECONDS:
+            return Text("-:--:--")
+        if per_row and tokens:  # at most: every sample may stop before max-tokens
+            left = (task.total * per_row - tokens) * elapsed / tokens
+            return Text("≤" + str(datetime.timedelta(seconds=int(max(0.0, left)))))
+        if not task.completed:
             return Text("-:--:--")
         left = (task.total - task.completed) * elapsed / task.completed
         return Text(str(datetime.timedelta(seconds=int(max(0.0, left)))))

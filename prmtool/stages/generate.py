@@ -202,6 +202,7 @@ def run(
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
+        tracker.expect_tokens_per_row(settings.n * settings.max_tokens)
         result = generate_frame(frame, engines.get(), settings, tracker=tracker)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before
         stats.counts.update(f"finish_{r}" for r in result["finish_reason"])

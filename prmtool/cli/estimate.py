@@ -1,0 +1,147 @@
+"""What a recipe will cost before it runs: rows and generated tokens per stage, for `prmtool run
+--dry-run`, and the time they take at a throughput (given, or measured by earlier runs here).
+
+Counts are upper bounds where the outcome decides: every response is assumed wrong (a first-error
+search runs for each), every search runs to full depth, every rollout runs to max-tokens, and
+responses that do not exist yet are assumed to have STEPS_PER_RESPONSE steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STEPS_PER_RESPONSE = 8  # assumed for responses a recipe has not generated yet
+MODEL_STAGES = {"generate", "label", "intervene"}  # the stages whose cost is generated tokens
+
+
+@dataclass
+class Size:
+    rows: int | None  # None: unknown (an input that cannot be counted without reading it)
+    problems: int | None
+
+
+@dataclass
+class StageCost:
+    label: str
+    rows_in: int | None
+    tokens: int | None  # generated tokens, at most (None: unknown)
+    how: str  # the formula, in words
+
+
+def count_input(path: str) -> Size:
+    """Rows and problems of an external input: Parquet footers, or the lines of a JSONL file."""
+    from prmtool.core import shards
+
+    candidate = Path(path)
+    if candidate.suffix in (".jsonl", ".ndjson") and candidate.is_file():
+        with candidate.open("rb") as lines:
+            rows = sum(1 for line in lines if line.strip())
+        return Size(rows, rows)  # an import: one row per problem
+    try:
+        found = shards.open_inputs([path])
+    except Exception:
+        return Size(None, None)
+    rows = sum(shard.rows for shard in found)
+    try:
+        import polars as pl
+
+        problems = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()
+        return Size(rows, problems["problem_id"].n_unique())
+    except Exception:
+        return Size(rows, None)
+
+
+def _times(*factors: int | None) -> int | None:
+    return None if any(f is None for f in factors) else math.prod(factors)  # type: ignore[arg-type]
+
+
+def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
+    """The cost of one stage given the size of its input, and the size of its output."""
+    rows, problems = size.rows, size.problems
+    tokens, how, out = 0, "no sampling", size
+    if stage == "generate":
+        tokens = _times(rows, settings.n, settings.max_tokens)
+        how = f"{settings.n} responses x {settings.max_tokens} tokens per problem"
+        out = Size(_times(rows, settings.n), problems)
+    elif stage == "label":
+        method, k, max_tokens = settings.method, settings.k, settings.max_tokens
+        probes = {"binary": (STEPS_PER_RESPONSE - 1).bit_length() + 1, "mc": STEPS_PER_RESPONSE}
+        if method in probes:
+            tokens = _times(rows, probes[method], k, max_tokens)
+            how = f"{probes[method]} prefixes x {k} rollouts x {max_tokens} tokens per response"
+        elif method == "omegaprm":
+            tokens = _times(problems, settings.search_budget + settings.screen_rollouts, max_tokens)
+            how = f"{settings.screen_rollouts} + {settings.search_budget} rollouts x {max_tokens} tokens per question"
+        else:  # judge, or consensus: a binary search and the judge
+            tokens = _times(rows, settings.judge_samples, max_tokens)
+            how = f"{settings.judge_samples} critiques x {max_tokens} tokens per response"
+            if method == "consensus":
+                search = _times(rows, probes["binary"], k, max_tokens)
+                tokens = None if tokens is None or search is None else tokens + search
+                how = f"{probes['binary']} prefixes x {k} rollouts x {max_tokens} tokens, and {how}"
+    elif stage == "intervene":
+        per_candidate = settings.proposer_max_tokens + settings.verify_rollouts * settings.max_tokens
+        tokens = _times(rows, settings.candidates, per_candidate)
+        how = (
+            f"{settings.candidates} candidates x ({settings.proposer_max_tokens} + {settings.verify_rollouts} "
+            f"rollouts x {settings.max_tokens}) tokens per response"
+        )
+    elif stage == "score":
+        how = "no sampling: one forward pass per model over each response"
+    elif stage == "filter" and settings.method == "prof" and settings.keep is not None:
+        out = Size(_times(problems, settings.keep), problems)
+    if stage in ("import",):
+        how = "reads the input"
+    return StageCost("", rows, tokens, how), out
+
+
+# -------------------------------------------------------------------- measured throughput
+
+
+def throughput_file() -> Path:
+    """Where recipe runs keep the throughput they measured: PRMTOOL_CACHE_DIR, else the
+    user's cache folder."""
+    if os.environ.get("PRMTOOL_CACHE_DIR"):
+        return Path(os.environ["PRMTOOL_CACHE_DIR"]) / "throughput.json"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prmtool" / "throughput.json"
+
+
+def throughput_key(settings) -> str:
+    model = getattr(settings, "model", None) or "embedded SmolLM2-135M-Instruct"
+    return f"{settings.engine}|{settings.device or 'auto'}|{model}"
+
+
+def record_throughput(settings, tokens: int, seconds: float) -> None:
+    """Remember a model stage's generated tokens per second on this machine, for --dry-run."""
+    if tokens <= 0 or seconds <= 0:
+        return
+    path = throughput_file()
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known[throughput_key(settings)] = {"tokens_per_second": tokens / seconds, "when": time.strftime("%Y-%m-%d")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        temporary.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(temporary, path)
+    except (OSError, ValueError):  # a cache: never fail a run over it
+        pass
+
+
+def measured_throughput(settings) -> dict | None:
+    try:
+        return json.loads(throughput_file().read_text()).get(throughput_key(settings))
+    except (OSError, ValueError):
+        return None
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
