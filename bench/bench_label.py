@@ -2,6 +2,7 @@
 
     python bench/bench_label.py economy            # CPU: rollout tokens of binary vs mc
     python bench/bench_label.py overhead           # GPU: label vs the bare engine on the same requests
+    python bench/bench_label.py judge              # GPU: rows/s of --method judge (LLM-as-judge)
 
 economy: the same wrong responses labeled by first-error binary search and by per-step MC
 (Math-Shepherd), with a scripted policy whose rollouts reach the right answer with probability
@@ -44,6 +45,21 @@ requests each at 512 responses:
   does all the work at once. Towards the end of the chain too few searches are left to fill the
   slots. More responses per call amortize the chain (the 2,048-response target); the
   2,048-response vllm run did not fit the lease (it ran past 297 s with its start).
+
+judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
+and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
+2026-12-04 on one H200 with the hf engine and a random-weight Qwen2.5-0.5B (bf16; it never stops
+early, so every critique runs to --max-tokens; prompts are the sample's words, about 185 words of
+steps per row, each word one token of the bench's word-level tokenizer):
+
+  | rows  | critiques x max_tokens | seconds | rows/s | generated tokens/s |
+  |------:|------------------------|--------:|-------:|-------------------:|
+  | 2,048 | 1 x 512                |   23.18 |   88.4 |             45,240 |
+  | 1,024 | 4 x 1,024              |   62.70 |   16.3 |             66,893 |
+
+  (`python bench/bench_label.py judge --responses 2048 --max-tokens 512`; `... --responses 1024
+  --max-tokens 1024 --judge-samples 4`.) A real critic stops at its verdict, so these are
+  floors for a 0.5B critic.
 """
 
 from __future__ import annotations
@@ -267,9 +283,47 @@ def overhead(args) -> None:
     engine.close()
 
 
+def judge(args) -> None:
+    """Rows/s of `label --method judge` on ProcessBench's GSM8K sample (its problems and steps,
+    repeated to --responses rows): one critique per row with a random-weight Qwen2.5-0.5B,
+    which never emits EOS, so every critique runs to --max-tokens (the slowest case)."""
+    import torch
+    from bench_generate import build_model, build_tokenizer
+
+    from prmtool.engines.hf import HFEngine
+    from prmtool.methods.judging import judge_rows
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.quick, device)
+    engine = HFEngine(model, build_tokenizer(model.config.vocab_size), max_batch_size=args.slots)
+    sample = pl.read_ndjson(Path(__file__).resolve().parents[1] / "data_samples/processbench-gsm8k/gsm8k.jsonl")
+    repeats = -(-args.responses // sample.height)
+    frame = pl.concat([sample] * repeats).head(args.responses)
+    frame = frame.with_columns(
+        response_id=pl.format("r{}", pl.int_range(pl.len())),
+        correct=pl.lit(False),  # every row asked
+    ).select("problem", "steps", "response_id", "correct")
+    judge_rows(frame.head(8), engine, max_tokens=8)  # warm-up: graph capture, pools
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    judged = judge_rows(frame, engine, samples=args.judge_samples, max_tokens=args.max_tokens, temperature=1.0)
+    seconds = time.perf_counter() - started
+    prompt_words = sum(len(" ".join(steps).split()) for steps in frame["steps"]) / frame.height
+    print(
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {frame.height} rows "
+        f"(ProcessBench GSM8K steps, {prompt_words:.0f} words of steps per row), {args.judge_samples} critique(s) of "
+        f"{args.max_tokens} tokens each"
+    )
+    print(
+        f"judge: {seconds:.2f} s, {frame.height / seconds:,.1f} rows/s, "
+        f"{judged['label_tokens'].sum() / seconds:,.0f} generated tokens/s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["economy", "overhead"])
+    parser.add_argument("which", choices=["economy", "overhead", "judge"])
     parser.add_argument("--responses", type=int, default=None)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
@@ -278,11 +332,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
     parser.add_argument("--continuous", action="store_true", help="overhead: also continuous rounds (always on hf)")
+    parser.add_argument("--judge-samples", type=int, default=1, help="judge: critiques per row")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     if args.which == "economy":
         args.responses = args.responses or 500
         economy(args)
+    elif args.which == "judge":
+        args.responses = args.responses or 1024
+        judge(args)
     else:
         args.responses = args.responses or 512
         overhead(args)

@@ -4,7 +4,9 @@ model folders saved with `save_pretrained` (tokenizer included). Skipped without
 
     python -m pytest -q -m gpu tests/gpu
 
-The vllm cases need vLLM installed (`pip install 'prmtool[vllm]'`).
+The vllm cases need vLLM installed (`pip install 'prmtool[vllm]'`). On one H200 (2026-12-04) the
+hf cases took 165 s together; the vllm ones about 40 s per vLLM start (eager), so the
+every-stage case, with seven starts, takes about 5 minutes: give a per-test timeout of 600 s.
 """
 
 from __future__ import annotations
