@@ -38,3 +38,12 @@ def test_ci_runs_the_readme_test_command():
     ).stdout.strip()
     assert printed.endswith("python -m pytest -q")
     assert "sed -n '/^Install the test dependencies/" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_example_rows_are_what_export_writes():
+    import polars as pl
+
+    from prmtool.stages.export import example_rows_markdown
+    from tests.conftest import SAMPLES
+
+    assert _between("format-examples") == example_rows_markdown(pl.read_parquet(SAMPLES / "labeled" / "*.parquet"))

@@ -527,10 +527,11 @@ def _run_steps(
             continue
         if action in ("run", "rerun") and rerun_since is None:
             rerun_since = step.number
-        verifies_later = any(later.stage in VERIFY_ROLLOUTS for later in recipe.steps[step.number - 1 : last])
-        if step.stage in POLICY_OPTION and verifies_later:
+        verifying = [later for later in recipe.steps[step.number - 1 : last] if later.stage in VERIFY_ROLLOUTS]
+        if step.stage in POLICY_OPTION and verifying:
             # the verifier's workers are forked before the first model load starts threads here
-            start_workers(default_workers())
+            settings = parse_step(recipe, verifying[0], verifying[0].argv()).settings
+            start_workers(settings.workers or default_workers())
         record = record_of(step)
         step.directory.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)

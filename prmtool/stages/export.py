@@ -487,3 +487,25 @@ STAGE = Stage(
         ),
     ],
 )
+
+
+def example_rows_markdown(frame: pl.DataFrame, longest: int = 60) -> str:
+    """One example row of every format, exported from `frame`'s first labeled row, as JSON with
+    long texts shortened: README.md's "Example rows" (a test keeps the two in sync)."""
+    import json
+
+    def shortened(value):
+        if isinstance(value, str) and len(value) > longest:  # its start and its end (the step tags)
+            return value[: longest // 2 - 2] + " … " + value[-(longest // 2 - 1) :]
+        if isinstance(value, list):
+            return [shortened(item) for item in value]
+        if isinstance(value, dict):
+            return {key: shortened(item) for key, item in value.items()}
+        return value
+
+    labeled = frame.filter(pl.col("first_error") >= 0).head(1)
+    parts = []
+    for name in FORMATS:
+        rows = export_frame(labeled, ExportSettings(format=name))["train"]
+        parts.append(f"`{name}`:\n```json\n{json.dumps(shortened(rows.row(0, named=True)), ensure_ascii=False)}\n```")
+    return "\n".join(parts)

@@ -110,7 +110,7 @@ class ScoreSettings:
         typer.Option(
             help=(
                 "implicit (log-likelihood ratio of two models) or token-classification (a PRM trained by TRL's "
-                "PRMTrainer, see --prm)."
+                "PRMTrainer, TRL 1.13 and earlier, see --prm)."
             )
         ),
     ] = "implicit"
