@@ -13,6 +13,7 @@ What a user can rely on, for every stage:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from prmtool.executors.ray import run_partition
 from tests.conftest import SAMPLES, write_shards
 
 # --- data -----------------------------------------------------------------------------------
@@ -326,3 +328,29 @@ def test_executor_ray_runs_the_partitions_as_tasks(prmtool, tmp_path, responses,
     for part in ("kept", "rejected"):
         assert (tmp_path / f"{part}-ray" / "_SUCCESS").exists()
         assert_frame_equal(rows_of(tmp_path / f"{part}-ray"), rows_of(tmp_path / part))
+
+
+def die_in_the_second_partition(stage_name, inputs, output, settings, overwrite, index, count, working_directory):
+    """The body of a Ray task whose worker dies in partition 1, as when its node is lost."""
+    if index == 1:
+        os._exit(1)
+    return run_partition(stage_name, inputs, output, settings, overwrite, index, count, working_directory)
+
+
+def test_a_partition_whose_ray_task_dies_is_reported_and_only_it_reruns(
+    prmtool, tmp_path, responses, local_ray, monkeypatch
+):
+    import prmtool.executors.ray as executor
+
+    command = ["verify", responses, "-o", tmp_path / "out", "--workers", "1", "--executor", "ray", "--num-shards", "2"]
+    monkeypatch.setattr(executor, "run_partition", die_in_the_second_partition)
+    failed = prmtool(*command)
+    assert failed.exit_code == 1
+    assert "partition 1 of 2 exited 1: its Ray task died" in failed.stderr
+    assert "rerun the same command to redo only the failed partitions" in failed.stderr
+    assert not (tmp_path / "out" / "_SUCCESS").exists()  # the output is not complete
+    monkeypatch.undo()
+    again = prmtool(*command)
+    assert again.exit_code == 0, again.stderr
+    assert prmtool("verify", responses, "-o", tmp_path / "whole", "--workers", "1", "-q").exit_code == 0
+    assert_frame_equal(rows_of(tmp_path / "out"), rows_of(tmp_path / "whole"))

@@ -577,8 +577,12 @@ def export_line(step: Step, summary) -> str:
     problem count only when it ran now: the manifest does not keep it)."""
     manifest = shards.read_manifest(step.directory)
     rows = sum(entry["rows"] for entry in (manifest or {}).get("outputs", []))
-    problems = f" ({summary.problems:,} problems)" if summary is not None else ""
-    return f"{step.label}/: {rows:,} rows{problems}"
+    problems = f" ({plural(summary.problems, 'problem')})" if summary is not None else ""
+    return f"{step.label}/: {plural(rows, 'row')}{problems}"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _quote(argument: str) -> str:

@@ -102,7 +102,11 @@ def run_partitions_on_ray(
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
-        code, message, *counts = ray.get(done[0])
+        try:
+            code, message, *counts = ray.get(done[0])
+        except ray.exceptions.RayError as error:  # its worker or node died: the partition is not done
+            reason = " ".join(str(error).split())[:200]
+            code, message, counts = 1, f"its Ray task died ({type(error).__name__}: {reason})", []
         if counts:
             rows = [total + count for total, count in zip(rows, counts)]
         if code == 0:
