@@ -37,3 +37,11 @@ def test_bench_kernels_fallbacks_match_the_unfused_path():
     out = run_bench("bench/bench_kernels.py", "--quick")
     errors = [float(e) for e in re.findall(r"relative error (\S+)", out)]
     assert len(errors) == 2 and max(errors) < 1e-5
+
+
+def test_bench_scale_runs_each_way_and_every_way_gives_the_one_process_labels():
+    """One process, Ray tasks, and `xargs -P` with --shard-index: the same labels row for row."""
+    out = run_bench("bench/bench_scale.py", "--quick")
+    assert re.search(r"2 GPUs, ray +[\d.]+ s", out) and re.search(r"2 GPUs, xargs -P +[\d.]+ s", out)
+    assert "ray output equals the one-GPU run row for row: True" in out
+    assert "xargs output equals the one-GPU run row for row: True" in out
