@@ -4,6 +4,7 @@ through RAY_ADDRESS spreads its partitions over both nodes and writes the whole 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,24 +46,31 @@ def ray(*args: str, temp_dir: str) -> None:
     assert result.returncode == 0, f"ray {' '.join(args)}:\n{result.stderr[-2000:]}"
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    """`ray start --head` and a second node joining it; only these two are stopped afterwards."""
+@contextlib.contextmanager
+def two_node_cluster():
+    """`ray start --head` and a second node joining it, each with its own temporary folder;
+    yields (address, the second node's folder). Only these two are stopped afterwards."""
     if RAY is None:
         pytest.fail("the ray command is missing (pip install 'prmtool[ray]')")
     # short folders: Ray's socket paths must stay under the 107 characters Unix allows
     head_dir, second_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rs", dir="/tmp")
     port = free_port()
+    address = f"127.0.0.1:{port}"
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0"]
     common += ["--object-store-memory", str(200 * 2**20)]
-    ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common, temp_dir=head_dir)
-    address = f"127.0.0.1:{port}"
     try:
+        ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common, temp_dir=head_dir)
         second = ["--address", address, *common, "--resources", json.dumps({"second_node": 1})]
         ray("start", *second, temp_dir=second_dir)
-        yield address
+        yield address, second_dir
     finally:
         stop_nodes(head_dir, second_dir)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with two_node_cluster() as (address, _):
+        yield address
 
 
 def prmtool(*args, address: str) -> subprocess.CompletedProcess:
@@ -125,20 +133,13 @@ def test_a_partition_on_a_lost_node_is_reported_and_a_rerun_finishes_only_the_re
     alone) redoes only what is missing."""
     import time
 
-    head_dir, second_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp"), tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0"]
-    common += ["--object-store-memory", str(200 * 2**20)]
     inputs = tmp_path / "responses"
     inputs.mkdir()
     rows = pl.read_parquet(SAMPLES / "responses" / "*.parquet")
     many = pl.concat([rows] * 4000).with_columns(response_id=pl.format("r{}", pl.int_range(pl.len())))
     for number in range(4):  # 4 shards, 2 partitions: each partition verifies two shards in turn
         many.gather_every(4, offset=number).write_parquet(inputs / f"part-{number:05d}.parquet")
-    try:
-        ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common, temp_dir=head_dir)
-        ray("start", "--address", address, *common, temp_dir=second_dir)
+    with two_node_cluster() as (address, second_dir):
         command = [sys.executable, "-m", "prmtool", "verify", str(inputs), "-o", str(tmp_path / "out")]
         command += ["--workers", "1", "--executor", "ray", "--num-shards", "2"]
         run = subprocess.Popen(
@@ -161,5 +162,3 @@ def test_a_partition_on_a_lost_node_is_reported_and_a_rerun_finishes_only_the_re
         )
         assert again.returncode == 0, again.stderr
         assert pl.read_parquet(tmp_path / "out" / "*.parquet").height == many.height
-    finally:
-        stop_nodes(head_dir, second_dir)
