@@ -14,37 +14,47 @@ overhead: a random-weight Qwen2.5-0.5B (bf16) labels wrong responses with `--met
 through the hf engine (`--engine vllm`: vLLM); every request label sends is recorded, then the
 bare engine (hf: `engine.sample`; vllm: `vllm.LLM.generate` itself) samples the identical list
 of requests in one call. Prints both wall times and label's throughput as a fraction of the
-bare engine's, for lockstep rounds (label's default: one engine call per round) and continuous
-rounds (a search's next probe goes out as soon as its own results are verified; always on hf,
-`--continuous` on vllm). Targets: >= 0.9 at 512 responses, >= 0.95 at 2,048 (vllm).
+bare engine's for each of `--modes` (default: all four): lockstep rounds (one engine call per
+round), continuous rounds (a search's next probe goes out as soon as its own results are
+verified), each with and without speculation (idle slots sample the probes a search may ask
+next; the labels are the same, and each mode says so). The first mode must be one without
+speculation: what it asks is the work the bare engine replays. Targets: >= 0.9 at 512
+responses, >= 0.95 at 2,048 (vllm).
 
 Measured on one H200, random weights (no rollout is ever right, so every search runs to full
 depth and staged sampling always draws all k = 8), vLLM 0.26.0, 11,440 rollouts in 2,860
 requests each at 512 responses:
 
-  | engine, responses, max_tokens | rounds     | label s | bare s | label / bare | when           |
-  |-------------------------------|------------|--------:|-------:|-------------:|----------------|
-  | hf, 512, 128                  | lockstep   |   25.32 |  18.63 |        0.736 | 2026-12-04     |
-  | hf, 512, 128                  | continuous |   25.28 |  17.55 |        0.694 | 2026-12-04     |
-  | hf, 512, 128                  | lockstep   |   23.74 |  17.20 |        0.724 | 2026-12-03     |
-  | hf, 512, 128                  | continuous |   29.91 |  17.87 |        0.598 | 2026-12-03 (a) |
-  | vllm, 512, 64                 | continuous |   32.35 |  24.05 |        0.743 | 2026-12-03 (a) |
+  | engine, responses, max_tokens | rounds                 | label s | bare s | label / bare | when           |
+  |-------------------------------|------------------------|--------:|-------:|-------------:|----------------|
+  | hf, 512, 128                  | lockstep               |   26.90 |  18.07 |        0.672 | 2026-12-04 (b) |
+  | hf, 512, 128                  | lockstep+speculation   |   21.09 |  18.07 |        0.857 | 2026-12-04 (b) |
+  | hf, 512, 128                  | continuous             |   26.51 |  18.07 |        0.682 | 2026-12-04 (b) |
+  | hf, 512, 128                  | continuous+speculation |   22.98 |  18.07 |        0.787 | 2026-12-04 (b) |
+  | hf, 512, 128                  | lockstep               |   25.32 |  18.63 |        0.736 | 2026-12-04     |
+  | hf, 512, 128                  | continuous             |   25.28 |  17.55 |        0.694 | 2026-12-04     |
+  | hf, 512, 128                  | lockstep               |   23.74 |  17.20 |        0.724 | 2026-12-03     |
+  | hf, 512, 128                  | continuous             |   29.91 |  17.87 |        0.598 | 2026-12-03 (a) |
+  | vllm, 512, 64                 | continuous             |   32.35 |  24.05 |        0.743 | 2026-12-03 (a) |
 
   (hf: `python bench/bench_label.py overhead --responses 512 --max-tokens 128`; vllm: `...
-  --engine vllm --responses 512 --max-tokens 64 --continuous`.) (a): before verification moved
-  off the engine's thread. On 2026-12-04 label's host work was measured inside the run:
-  verification 0.31 s (lockstep, 8 passes) and 0.48 s (continuous, 32 passes on worker threads),
-  tokenizing the next probes' prefixes 0.56 / 0.69 s, of 25.3 s. Moving verification off the
-  engine's thread brought continuous rounds from 29.9 s to 25.3 s, level with lockstep.
+  --engine vllm --responses 512 --max-tokens 64 --modes continuous`.) (a): before verification
+  moved off the engine's thread. (b): one run, all four modes against one bare replay; the
+  speculation rows sampled 464 rollouts ahead of their round, 2 of them never asked for
+  (lockstep: 7 engine calls instead of 8), and 2,556 ahead, 438 unused (continuous). Label's
+  host work, measured inside the runs: verification 0.3-0.8 s, tokenizing the next probes'
+  prefixes 0.5-1.1 s, of 21-27 s.
 
-  The targets (>= 0.9 at 512) are not met, and host work is not what is missing: at this size
-  the workload is bounded by its chain of dependent samples. A search over 16 steps makes 5
-  probes one after another, each in two stages (one rollout, then the other 7 once it failed),
-  so its last rollout cannot start before 9 others of 128 tokens have ended: 1,280 decode steps
-  in a chain, against the 1,430 steps (1,464,320 tokens / 1,024 slots) in which the bare engine
-  does all the work at once. Towards the end of the chain too few searches are left to fill the
-  slots. More responses per call amortize the chain (the 2,048-response target); the
-  2,048-response vllm run did not fit the lease (it ran past 297 s with its start).
+  Without speculation the targets are far off, and host work is not what is missing: at this
+  size the workload is bounded by its chain of dependent samples. A search over 16 steps makes
+  5 probes one after another, each in two stages (one rollout, then the other 7 once it
+  failed), so its last rollout cannot start before 9 others of 128 tokens have ended: 1,280
+  decode steps in a chain, against the 1,430 steps (1,464,320 tokens / 1,024 slots) in which
+  the bare engine does all the work at once. Towards the end of the chain too few searches are
+  left to fill the slots. Speculation shortens the chain where slots are idle (a probe's second
+  stage and both possible next probes are sampled beside its first stage): 0.672 -> 0.857 in
+  lockstep, label's default. The 0.9 target at 512 is not met yet. The 2,048-response vllm run
+  has not fitted a lease so far.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
@@ -75,7 +85,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's model builders
 
 from prmtool.core.options import default_workers  # noqa: E402
-from prmtool.engines import Completion, Engine  # noqa: E402
+from prmtool.engines import Completion, Engine, SamplingRequest  # noqa: E402
 from prmtool.methods.labeling import label_rows  # noqa: E402
 from prmtool.methods.rollouts import Rollouts, RolloutSettings  # noqa: E402
 from prmtool.methods.verification import verify_responses  # noqa: E402
@@ -179,11 +189,14 @@ class RecordingEngine(Engine):
         self.requests.extend(requests)
 
         def recorded(finished):
-            follow_ups = on_done(finished)
-            self.requests.extend(follow_ups)
-            return follow_ups
+            answer = on_done(finished)
+            self.requests.extend(item for item in answer if isinstance(item, SamplingRequest))
+            return answer
 
         return self.inner.sample_continuously(requests, recorded, on_progress, longest)
+
+    def sampling_capacity(self):
+        return self.inner.sampling_capacity()
 
     def score(self, requests):
         return self.inner.score(requests)
@@ -248,38 +261,80 @@ def overhead(args) -> None:
     verifying = timed_method(Rollouts, "results_of")  # the rollouts' verification passes
     preparing = timed_method(Rollouts, "requests_for")  # prompts of the next probes (tokenizing)
     bare([SamplingRequest([5] * 64, n=8, max_tokens=32, seed=s) for s in range(64)])
-    frame = wrong_responses(args.responses, 4, 16, words_per_step=40)
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
-    print(
-        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; engine {args.engine}; "
-        f"{args.responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}",
-        flush=True,
-    )
-    modes = ["lockstep", "continuous"] if args.engine == "hf" or args.continuous else ["lockstep"]
-    for mode in modes:
-        recorder = RecordingEngine(engine)
-        verifying.clear(), preparing.clear()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        labeled = label_rows(frame, recorder, "binary", k=args.k, settings=settings, continuous=mode == "continuous")
-        label_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        tokens = bare(recorder.requests)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        bare_seconds = time.perf_counter() - started
+    # The work label needs is what it asks without speculation: the bare engine samples exactly
+    # those requests (speculation adds requests, some unused; the labels are the same).
+    runs = {
+        "lockstep": ("lockstep", False),
+        "lockstep+speculation": ("lockstep", True),
+        "continuous": ("continuous", False),
+        "continuous+speculation": ("continuous", True),
+    }
+    modes = args.modes.split(",")
+    if unknown := [mode for mode in modes if mode not in runs]:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (expected some of {', '.join(runs)})")
+    if runs[modes[0]][1]:
+        raise SystemExit("--modes: the first mode must be one without speculation (it records the work)")
+    table = []  # (responses, mode, label s, bare s, ratio)
+    for responses in [int(count) for count in str(args.responses).split(",")]:
+        frame = wrong_responses(responses, 4, 16, words_per_step=40)
         print(
-            f"label, {mode} rounds ({recorder.calls} engine calls): {labeled['label_rollouts'].sum():,} rollouts "
-            f"in {len(recorder.requests):,} requests, {labeled['label_tokens'].sum():,} tokens, "
-            f"{label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
+            f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; engine {args.engine}; "
+            f"{responses} wrong responses of 4-16 steps, k={args.k}, max_tokens={args.max_tokens}",
+            flush=True,
         )
-        print(f"  bare engine, same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
-              f"({tokens / bare_seconds:,.0f} tok/s)")  # fmt: skip
-        where = "blocking the engine" if mode == "lockstep" else "on worker threads, beside the engine"
-        print(f"  verification: {sum(verifying):.2f} s in {len(verifying)} passes ({where})")
-        print(f"  preparing requests (tokenizing prefixes, on the engine's thread): {sum(preparing):.2f} s")
-        print(f"  label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f}", flush=True)
+        bare_seconds = None
+        for name in modes:
+            rounds, speculate = runs[name]
+            recorder = RecordingEngine(engine)
+            verifying.clear(), preparing.clear()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            counts: dict[str, int] = {}
+            started = time.perf_counter()
+            labeled = label_rows(
+                frame,
+                recorder,
+                "binary",
+                k=args.k,
+                settings=settings,
+                continuous=rounds == "continuous",
+                speculate=speculate,
+                counts=counts,
+            )
+            label_seconds = time.perf_counter() - started
+            print(
+                f"label, {name} ({recorder.calls} engine calls): {labeled['label_rollouts'].sum():,} rollouts used "
+                f"in {len(recorder.requests):,} requests sent, {labeled['label_tokens'].sum():,} tokens, "
+                f"{label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
+            )
+            if speculate:
+                print(
+                    f"  speculation: {counts.get('speculative_rollouts', 0):,} rollouts sampled ahead, "
+                    f"{counts.get('speculative_rollouts_unused', 0):,} of them never asked for "
+                    f"({counts.get('speculative_tokens_unused', 0):,} tokens of those that finished)"
+                )
+            if bare_seconds is None:
+                first_labels = labeled
+                started = time.perf_counter()
+                tokens = bare(recorder.requests)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                bare_seconds = time.perf_counter() - started
+                print(f"  bare engine, the same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
+                      f"({tokens / bare_seconds:,.0f} tok/s)")  # fmt: skip
+            else:
+                same = labeled.select("step_mc", "first_error").equals(first_labels.select("step_mc", "first_error"))
+                print(f"  labels as in {modes[0]}: {same}")
+            where = "blocking the engine" if rounds == "lockstep" else "on worker threads, beside the engine"
+            print(f"  verification: {sum(verifying):.2f} s in {len(verifying)} passes ({where})")
+            print(f"  preparing requests (tokenizing prefixes, on the engine's thread): {sum(preparing):.2f} s")
+            print(f"  label throughput / bare engine throughput: {bare_seconds / label_seconds:.3f}", flush=True)
+            table.append((responses, name, label_seconds, bare_seconds, bare_seconds / label_seconds))
+    print("\n| engine, responses, max_tokens | rounds | label s | bare s | label / bare |")
+    for responses, name, label_seconds, bare_seconds, ratio in table:
+        row = f"{args.engine}, {responses}, {args.max_tokens}"
+        print(f"| {row} | {name} | {label_seconds:.2f} | {bare_seconds:.2f} | {ratio:.3f} |")
     engine.close()
 
 
@@ -324,22 +379,26 @@ def judge(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["economy", "overhead", "judge"])
-    parser.add_argument("--responses", type=int, default=None)
+    parser.add_argument("--responses", default=None, help="overhead: a comma list runs each size on one engine")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
-    parser.add_argument("--continuous", action="store_true", help="overhead: also continuous rounds (always on hf)")
+    parser.add_argument(
+        "--modes",
+        default="lockstep,lockstep+speculation,continuous,continuous+speculation",
+        help="overhead: label runs, in order; the first (one without speculation) is what the bare engine replays",
+    )
     parser.add_argument("--judge-samples", type=int, default=1, help="judge: critiques per row")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     if args.which == "economy":
-        args.responses = args.responses or 500
+        args.responses = int(args.responses or 500)
         economy(args)
     elif args.which == "judge":
-        args.responses = args.responses or 1024
+        args.responses = int(args.responses or 1024)
         judge(args)
     else:
         args.responses = args.responses or 512

@@ -6,6 +6,7 @@ Fixtures (tiny_model_dir, tiny_engine) come from tests/engine_fixtures.py throug
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -367,6 +368,19 @@ def test_vllm_engine_without_vllm_names_the_extra():
         load_engine("vllm")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
+@pytest.mark.parametrize("users_choice", [None, "1"])
+def test_vllm_engine_turns_flashinfers_sampler_off_before_vllm_loads_unless_the_user_chose(monkeypatch, users_choice):
+    """prmtool seeds every request, and vLLM samples seeded requests with its own sampler:
+    FlashInfer's would only add its JIT build to the start."""
+    monkeypatch.delenv("VLLM_USE_FLASHINFER_SAMPLER", raising=False)
+    if users_choice is not None:
+        monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", users_choice)
+    with pytest.raises(EngineError):
+        load_engine("vllm")
+    assert os.environ["VLLM_USE_FLASHINFER_SAMPLER"] == (users_choice or "0")
+
+
 # ---------------------------------------------------------------------- vLLM adapter
 
 
@@ -481,3 +495,37 @@ def test_hf_engine_starts_a_follow_up_while_longer_requests_still_decode(tiny_en
     assert finished_order.index(2) < finished_order.index(1), finished_order
     alone = tiny_engine.sample([short, long, follow_up])
     assert [[c.token_ids for c in samples_of[key]] for key in range(3)] == [[c.token_ids for c in s] for s in alone]
+
+
+def test_a_request_split_in_two_samples_what_the_whole_one_would(tiny_engine):
+    # label's staged probes and speculation rest on this: samples 2..7 of a seed's stream are
+    # the same whether they come with samples 0 and 1 or in a request of their own.
+    prompt = [5, 6, 7]
+    whole = tiny_engine.sample([SamplingRequest(prompt, n=8, max_tokens=12, seed=11)])[0]
+    first, rest = tiny_engine.sample(
+        [
+            SamplingRequest(prompt, n=2, max_tokens=12, seed=11),
+            SamplingRequest(prompt, n=6, max_tokens=12, seed=11, first_sample=2),
+        ]
+    )
+    assert [c.token_ids for c in first + rest] == [c.token_ids for c in whole]
+    assert len({tuple(c.token_ids) for c in whole}) > 1  # a real stream, not one sample repeated
+
+
+def test_hf_engine_stops_a_cancelled_request_and_never_hands_it_back(tiny_engine):
+    from prmtool.engines import Cancel
+
+    short = SamplingRequest([5, 6, 7], n=2, max_tokens=4, seed=1)
+    long = SamplingRequest([5, 6, 8], n=2, max_tokens=200, seed=2)
+    [uncancelled] = tiny_engine.sample([long])
+    assert min(c.num_tokens for c in uncancelled) > 50  # left alone, it decodes for a while
+    handed_back = []
+
+    def on_done(finished):
+        handed_back.extend(key for key, _ in finished)
+        return [Cancel(1)] if 0 in [key for key, _ in finished] else []
+
+    tiny_engine.sample_continuously([short, long], on_done)
+    steps = tiny_engine.last_stats.decode_steps
+    assert handed_back == [0]
+    assert steps < 20, f"{steps} decode steps: the cancelled request ran on towards its 200 tokens"

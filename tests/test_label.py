@@ -12,7 +12,7 @@ import time
 import polars as pl
 import pytest
 
-from prmtool.engines import Completion, Engine
+from prmtool.engines import Cancel, Completion, Engine
 from prmtool.methods.labeling import label_rows
 from prmtool.methods.rollouts import RolloutSettings
 from tests.conftest import SAMPLES
@@ -37,9 +37,11 @@ class ScriptedRolloutEngine(Engine):
             end = request.prompt_ids.index(0)
             problem = "".join(map(chr, request.prompt_ids[:end]))
             prefix = "".join(map(chr, request.prompt_ids[end + 1 :]))
-            rng = random.Random(request.seed)
             samples = []
-            for _ in range(request.n):
+            for number in range(request.first_sample, request.first_sample + request.n):
+                # One stream per (seed, sample number), as the real engines: a split request
+                # samples what the whole one would have.
+                rng = random.Random(f"{request.seed}:{number}")
                 right = "WRONG" not in prefix and rng.random() < self.p
                 gold = int(self.answers[problem])
                 # Written as a fraction: only a mathematical verifier counts it as right.
@@ -47,6 +49,9 @@ class ScriptedRolloutEngine(Engine):
                 samples.append(Completion(f"So the result is \\boxed{{{answer}}}.", [1, 2, 3], 3, "stop"))
             results.append(samples)
         return results
+
+    def sampling_capacity(self):
+        return getattr(self, "capacity", 0)  # 0: no idle slots to speculate into
 
     def score(self, requests):
         raise NotImplementedError("label never scores")
@@ -124,14 +129,20 @@ class OneAtATimeEngine(ScriptedRolloutEngine):
         queue = list(enumerate(requests))
         next_key, shuffle = len(queue), random.Random(1)
         self.empty_hand_backs_answered = 0
+        self.cancelled = 0
         while queue:
             key, request = queue.pop(shuffle.randrange(len(queue)))
             follow_ups = on_done([(key, self.sample([request])[0])])
             time.sleep(0.001)  # the verifier thread's chance to finish while this "decodes"
             ready = on_done([])
             self.empty_hand_backs_answered += bool(ready)
-            queue += list(enumerate(follow_ups + ready, start=next_key))
-            next_key += len(follow_ups + ready)
+            answer = follow_ups + ready
+            stopped = {item.key for item in answer if isinstance(item, Cancel)}
+            self.cancelled += len(stopped)
+            queue = [(key, request) for key, request in queue if key not in stopped]
+            new = [item for item in answer if not isinstance(item, Cancel)]
+            queue += list(enumerate(new, start=next_key))
+            next_key += len(new)
 
 
 @pytest.mark.parametrize("method", ["binary", "mc", "omegaprm"])
@@ -145,6 +156,23 @@ def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method):
     if method != "mc":  # mc asks every probe in its first round: it has no follow-ups
         assert engine.empty_hand_backs_answered > 0  # follow-ups did arrive between hand-backs
     assert lockstep["first_error"].n_unique() > 3  # p = 0.5: searches of different lengths
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["lockstep", "continuous"])
+def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without(continuous):
+    frame = responses(30)
+    plain_engine = ScriptedRolloutEngine(answers_of(frame), p=0.5)
+    plain = label_rows(frame, plain_engine, "binary", k=8, settings=SETTINGS, speculate=False)
+    engine = OneAtATimeEngine(answers_of(frame), p=0.5)
+    engine.capacity = 256  # more slots than the searches' own probes fill
+    counts = {}
+    ahead = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=continuous, counts=counts)
+    assert ahead.equals(plain)  # label_rollouts and label_tokens count only the rollouts used
+    assert counts["speculative_rollouts"] > counts["speculative_rollouts_unused"] > 0
+    if continuous:
+        assert engine.cancelled > 0  # probes a search stopped needing were stopped, not sampled to the end
+    else:
+        assert len(engine.calls) < len(plain_engine.calls)  # searches skipped rounds their probes were sampled in
 
 
 def test_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
@@ -214,6 +242,13 @@ def test_label_refuses_unverified_input(prmtool, tmp_path):
     result = prmtool("label", SAMPLES / "responses", "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert "missing required column 'correct'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_refuses_an_unknown_rounds_mode_before_loading_a_model(prmtool, tmp_path):
+    result = prmtool("label", SAMPLES / "labeled", "-o", tmp_path / "out", "--rounds", "sideways")
+    assert result.exit_code == 2
+    assert "--rounds 'sideways': expected lockstep or continuous" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -14,6 +14,7 @@ import importlib
 import re
 
 from prmtool.engines.base import (
+    Cancel,
     Completion,
     Engine,
     EngineError,
@@ -23,6 +24,7 @@ from prmtool.engines.base import (
 from prmtool.engines.model_files import default_model_path
 
 __all__ = [
+    "Cancel",
     "Completion",
     "Engine",
     "EngineError",

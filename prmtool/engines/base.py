@@ -24,7 +24,9 @@ class SamplingRequest:
     """Sample `n` continuations of a prompt given as token ids (so step prefixes continue exactly).
 
     `temperature == 0` means greedy decoding. `seed` fixes the samples of this request whatever
-    else runs in the same batch; `None` draws a fresh seed.
+    else runs in the same batch; `None` draws a fresh seed. A seed drives a stream of samples,
+    and the request takes numbers `first_sample` to `first_sample + n - 1` of it: two requests
+    that split one (n=2, then n=6 with first_sample=2) sample exactly what it would have.
     """
 
     prompt_ids: list[int]
@@ -34,6 +36,7 @@ class SamplingRequest:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    first_sample: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,19 @@ class ScoringRequest:
 # (cumulative), and tokens generated since the previous call (an increment).
 ProgressCallback = Callable[[int, int], None]
 
+
+@dataclass(frozen=True)
+class Cancel:
+    """In an answer of `on_done`: stop the request of this key, whose samples are no longer
+    wanted; it is never handed back (an engine that cannot stop it drops its result)."""
+
+    key: int
+
+
 # on_done(finished) -> follow-ups: `finished` holds (request key, its completions) for requests
-# that just finished; the answer lists new requests to sample (possibly none).
-FollowUp = Callable[[list[tuple[int, list["Completion"]]]], list[SamplingRequest]]
+# that just finished; the answer lists new requests to sample (possibly none), and may cancel
+# requests still running.
+FollowUp = Callable[[list[tuple[int, list["Completion"]]]], list["SamplingRequest | Cancel"]]
 
 
 class Engine(ABC):
@@ -78,6 +91,11 @@ class Engine(ABC):
         self, requests: list[SamplingRequest], on_progress: ProgressCallback | None = None
     ) -> list[list[Completion]]:
         """One list of `request.n` completions per request, in request order."""
+
+    def sampling_capacity(self) -> int:
+        """How many samples the engine decodes side by side (its batch slots); 0 when unknown.
+        label fills slots that would idle with samples it may need next (speculative probes)."""
+        return 0
 
     def sample_continuously(
         self,
@@ -170,7 +188,9 @@ def sample_in_rounds(
     next_key = len(pending)
     while pending:
         results = engine.sample([request for _, request in pending], on_progress)
-        follow_ups = on_done([(key, samples) for (key, _), samples in zip(pending, results)])
+        answer = on_done([(key, samples) for (key, _), samples in zip(pending, results)])
+        # A round has ended when on_done runs: nothing is left to cancel.
+        follow_ups = [request for request in answer if not isinstance(request, Cancel)]
         pending = list(enumerate(follow_ups, start=next_key))
         next_key += len(pending)
 
@@ -205,5 +225,7 @@ def check_requests(requests: list[SamplingRequest]) -> None:
             raise EngineError(f"sampling request {number}: empty prompt_ids")
         if request.n < 1 or request.max_tokens < 1:
             raise EngineError(f"sampling request {number}: n and max_tokens must be at least 1")
+        if request.first_sample < 0:
+            raise EngineError(f"sampling request {number}: first_sample must be at least 0")
         if request.temperature < 0 or not 0 < request.top_p <= 1:
             raise EngineError(f"sampling request {number}: need temperature >= 0 and 0 < top_p <= 1")

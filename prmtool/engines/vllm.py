@@ -11,6 +11,7 @@ import gc
 from typing import Any
 
 from prmtool.engines.base import (
+    Cancel,
     Completion,
     Engine,
     EngineError,
@@ -37,7 +38,9 @@ def sampling_params_kwargs(request: SamplingRequest, ignore_eos: bool = False) -
         "top_p": request.top_p,
         "max_tokens": request.max_tokens,
         "stop": list(request.stop),
-        "seed": request.seed,
+        # vLLM seeds sample i of a request with seed + i: starting at seed + first_sample
+        # continues the stream of an earlier request of the same seed.
+        "seed": None if request.seed is None else request.seed + request.first_sample,
         "ignore_eos": ignore_eos,
     }
 
@@ -116,6 +119,10 @@ class VLLMEngine(Engine):
         # vLLM forks its engine process by default, which fails once CUDA is up in this one
         # (a stage may have touched it); spawn works either way.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # Every request prmtool sends carries a seed, and vLLM samples seeded requests with its
+        # PyTorch sampler, never FlashInfer's; FlashInfer's would only cost its JIT build at
+        # start-up (about 100 s on a fresh H200 machine, in vLLM 0.26's sampler warm-up).
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
         vllm = import_vllm()
         self._vllm = vllm
         location = locate_model(model)
@@ -164,8 +171,12 @@ class VLLMEngine(Engine):
 
         next_key = 0
 
-        def add(new_requests: list[SamplingRequest]) -> None:
+        def add(answer: list) -> None:
             nonlocal next_key
+            cancelled = [f"p{item.key}" for item in answer if isinstance(item, Cancel)]
+            if cancelled:
+                engine.abort_request(cancelled)
+            new_requests = [item for item in answer if not isinstance(item, Cancel)]
             check_requests(new_requests)
             for request in new_requests:
                 params = self._vllm.SamplingParams(**sampling_params_kwargs(request, self.ignore_eos))
@@ -184,6 +195,12 @@ class VLLMEngine(Engine):
                 if on_progress is not None:
                     on_progress(done, sum(c.num_tokens for _, samples in results for c in samples))
             add(on_done(results))  # an empty list collects follow-ups that became ready meanwhile
+
+    def sampling_capacity(self) -> int:
+        try:
+            return int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        except (AttributeError, TypeError, ValueError):  # another vLLM's layout: no speculation
+            return 0
 
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         for number, request in enumerate(requests):

@@ -12,6 +12,7 @@ engine call per round, as it does for OmegaPRM's question searches.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -121,12 +122,36 @@ class FirstErrorBinarySearch:
         self.step_mc = [None] * self.n_steps
         self.bad = self.n_steps
 
+    @property
+    def first_stage(self) -> int:
+        return max(1, self.k // 4) if self.staged else self.k
+
     def probes(self) -> list[Probe]:
         if self.bad - self.good <= 1:
             return []
-        sampled = self.middle_counts[1]
-        first_stage = max(1, self.k // 4) if self.staged else self.k
-        return [Probe(self.row, (self.good + self.bad) // 2, first_stage if sampled == 0 else self.k - sampled)]
+        middle, sampled = (self.good + self.bad) // 2, self.middle_counts[1]
+        if sampled == 0:
+            return [Probe(self.row, middle, self.first_stage)]
+        return [Probe(self.row, middle, self.k - sampled, first_sample=sampled)]  # the rest of the k
+
+    def speculative_probes(self) -> list[Probe]:
+        """What this search may ask next, whatever the probe it just asked shows, most likely
+        first: the rest of a staged probe (needed unless a first-stage rollout is right), then the
+        first stage of the next level's middle if this one is good, and if it is bad, then the
+        rests of those two. Seeds depend on the prefix alone, so a probe sampled early gives what
+        it would have given when asked."""
+        if self.bad - self.good <= 1:
+            return []
+        middle, sampled = (self.good + self.bad) // 2, self.middle_counts[1]
+        rest = self.k - self.first_stage  # 0 unless staged
+        ahead = []
+        if sampled == 0 and rest:
+            ahead.append(Probe(self.row, middle, rest, first_sample=self.first_stage))
+        next_middles = [(good + bad) // 2 for good, bad in ((middle, self.bad), (self.good, middle)) if bad - good > 1]
+        ahead += [Probe(self.row, next_middle, self.first_stage) for next_middle in next_middles]
+        if rest:
+            ahead += [Probe(self.row, next_middle, rest, first_sample=self.first_stage) for next_middle in next_middles]
+        return ahead
 
     def observe(self, result: ProbeResult) -> None:
         middle = result.probe.prefix_steps
@@ -177,9 +202,14 @@ def label_rows(
     correct_responses: str = "trust",
     tracker: Tracker | None = None,
     continuous: bool = False,
+    speculate: bool = True,
+    counts: MutableMapping[str, int] | None = None,
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `continuous`:
-    continuous rounds instead of lockstep ones (`run_searches`), the same labels."""
+    continuous rounds instead of lockstep ones; `speculate`: sample probes a search may ask
+    next into idle engine slots (`run_searches`); the same labels either way. `counts`, when
+    given, gains what speculation cost (speculative_rollouts, speculative_rollouts_unused,
+    speculative_tokens_unused); label_rollouts and label_tokens count only rollouts used."""
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     settings = settings or RolloutSettings()
@@ -219,7 +249,13 @@ def label_rows(
         if tracker is not None:
             tracker.advance(1)
 
-    run_searches(searches, rollouts, on_done=finished, tracker=tracker, continuous=continuous)
+    spent = run_searches(
+        searches, rollouts, on_done=finished, tracker=tracker, continuous=continuous, speculate=speculate
+    )
+    if counts is not None and spent.speculative_rollouts:
+        counts["speculative_rollouts"] = counts.get("speculative_rollouts", 0) + spent.speculative_rollouts
+        counts["speculative_rollouts_unused"] = counts.get("speculative_rollouts_unused", 0) + spent.unused_rollouts
+        counts["speculative_tokens_unused"] = counts.get("speculative_tokens_unused", 0) + spent.unused_tokens
 
     return frame.with_columns(
         pl.Series("step_mc", [r.step_mc for r in results], dtype=pl.List(pl.Float64)),

@@ -31,6 +31,9 @@ class Probe:
     # When set, the rollout continues this text instead (the row then only names the problem
     # and its reference answer); prefix_steps is then just the number of steps it holds.
     prefix: str | None = None
+    # Rollouts first_sample .. first_sample + k - 1 of the prefix's seeded stream: a staged
+    # probe's second stage continues the stream of its first instead of drawing a new one.
+    first_sample: int = 0
 
 
 @dataclass
@@ -107,11 +110,14 @@ class Rollouts:
         return self.engine.continuation_ids(self._chat_ids[problem], self.probe_prefix(probe))
 
     def _seed(self, probe: Probe, round_number: int) -> int:
-        # Fixed by the response, the prefix and the search's round: reruns give the same labels,
-        # in lockstep rounds or continuous ones.
-        key = f"{self.settings.seed}\x1f{self.response_ids[probe.row]}\x1f{probe.prefix_steps}\x1f{round_number}"
+        # Fixed by the response and the prefix, so reruns give the same labels in lockstep
+        # rounds or continuous ones, and a probe sampled ahead of its round (speculation) draws
+        # what it would have drawn in it: a search probes each step prefix once. Explicit
+        # prefixes (OmegaPRM's states, intervene's candidates) may be probed again in a later
+        # round, so their seeds take the search's round too.
+        key = f"{self.settings.seed}\x1f{self.response_ids[probe.row]}\x1f{probe.prefix_steps}"
         if probe.prefix is not None:
-            key += f"\x1f{probe.prefix}"  # explicit prefixes only: step-indexed seeds stay as they were
+            key += f"\x1f{round_number}\x1f{probe.prefix}"
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
     def requests_for(self, probes: list[Probe], rounds: list[int]) -> tuple[list[int], list[SamplingRequest]]:
@@ -122,7 +128,13 @@ class Rollouts:
 
         order = sorted(
             range(len(probes)),
-            key=lambda i: (self.problems[probes[i].row], probes[i].row, probes[i].prefix_steps, probes[i].prefix or ""),
+            key=lambda i: (
+                self.problems[probes[i].row],
+                probes[i].row,
+                probes[i].prefix_steps,
+                probes[i].prefix or "",
+                probes[i].first_sample,
+            ),
         )
         requests = [
             SamplingRequest(
@@ -132,6 +144,7 @@ class Rollouts:
                 top_p=self.settings.top_p,
                 max_tokens=self.settings.max_tokens,
                 seed=self._seed(probes[i], rounds[i]),
+                first_sample=probes[i].first_sample,
             )
             for i in order
         ]
@@ -180,13 +193,25 @@ class Rollouts:
 
 
 class Search(Protocol):
-    """What `run_searches` drives: a label row search or an OmegaPRM question search."""
+    """What `run_searches` drives: a label row search or an OmegaPRM question search. A search
+    may also have `speculative_probes()`, the probes it may ask next, most likely first, whatever
+    its probes just asked show (label's binary search has them)."""
 
     row: int  # the frame row its probes name
 
     def probes(self) -> list[Probe]: ...  # this round's; none when the search is done
 
     def observe(self, result: ProbeResult) -> None: ...
+
+
+@dataclass
+class SearchStats:
+    """What speculation cost: rollouts sampled ahead of their round, and those of them no
+    search asked for after all (their tokens where they finished before being dropped)."""
+
+    speculative_rollouts: int = 0
+    unused_rollouts: int = 0
+    unused_tokens: int = 0
 
 
 def run_searches(
@@ -196,55 +221,119 @@ def run_searches(
     on_done: Callable[[Hashable, Search], None] | None = None,
     tracker: Tracker | None = None,
     continuous: bool = False,
-) -> None:
+    speculate: bool = True,
+) -> SearchStats:
     """Advance every search until none asks for more. By default in lockstep rounds: each
     round gathers the probes of every active search into one engine call. With `continuous`,
     a search's next probes go out as soon as its own results are in and verified, while other
     searches' rollouts still run (the engine's `sample_continuously`); the seeds, and so the
     labels, are the same either way. In continuous rounds the verification runs on a worker
     thread, so the thread that feeds the GPU never waits on it; its follow-ups join at the
-    engine's next hand-back. Lockstep stays the default: on an H200 the two measured the same
-    (bench/bench_label.py), and lockstep makes fewer, larger engine calls. `on_done(key,
-    search)` sees each search as it finishes; `tracker` counts the generated tokens."""
+    engine's next hand-back. `on_done(key, search)` sees each search as it finishes; `tracker`
+    counts the generated tokens.
+
+    Speculation (`speculate`, for searches with `speculative_probes`): when the engine has
+    slots that nothing asked for fills, they sample the probes searches may ask next, so a
+    search whose next probe was sampled ahead moves on at once instead of waiting a rollout's
+    length. Seeds depend on the prefix alone, so a probe sampled ahead gives exactly what it
+    would have given in its round: the labels are the same with or without speculation. A
+    speculative probe no search asks for is dropped (cancelled if still sampling); what that
+    cost is in the returned SearchStats. Slots are never taken from asked-for probes: the
+    engine has idle ones only towards the end of a job, when too few searches are left to fill
+    it and each waits on its own chain of dependent probes."""
+    from prmtool.engines import Cancel
+
     keys = {search.row: key for key, search in searches.items()}
     by_row = {search.row: search for search in searches.values()}
-    rounds = dict.fromkeys(by_row, 0)  # each search's round: part of its probes' seeds
-    waiting: dict[int, tuple[list[Probe], list]] = {}  # row -> (its probes, their completions so far)
-    owners: list[tuple[int, int]] = []  # request key -> (row, position among the row's probes)
-    in_engine = 0  # requests handed to the engine and not yet back
+    rounds = dict.fromkeys(by_row, 0)  # each search's round: part of explicit prefixes' seeds
+    stats = SearchStats()
+    owners: dict[int, tuple[int, Probe]] = {}  # request key -> (row, probe), while in the engine
+    in_engine: dict[tuple[int, Probe], int] = {}  # (row, probe) -> its request key
+    samples_in_engine = 0
+    next_key = 0  # the engine numbers requests in the order they are handed to it
+    waiting: dict[int, tuple[list[Probe], list]] = {}  # row -> (its probes asked, their completions so far)
+    # row -> probes sampled ahead and not asked yet: their completions, None while sampling
+    ahead: dict[int, dict[Probe, list | None]] = {}
+    unsent: dict[int, list[Probe]] = {}  # row -> speculative probes not sampled yet, most likely first
+    answered: list[int] = []  # rows whose asked probes all have their completions, to verify
+    cancels: list = []
 
-    def next_requests(rows: list[int]) -> list:
-        nonlocal in_engine
-        asked: list[tuple[int, int, Probe]] = []
-        for row in rows:
-            probes = by_row[row].probes()
-            if not probes:
-                if on_done is not None:
-                    on_done(keys[row], by_row[row])
-                continue
-            rounds[row] += 1
-            waiting[row] = (probes, [None] * len(probes))
-            asked.extend((row, position, probe) for position, probe in enumerate(probes))
-        order, requests = rollouts.requests_for([p for _, _, p in asked], [rounds[row] for row, _, _ in asked])
-        owners.extend(asked[i][:2] for i in order)
-        in_engine += len(requests)
+    def send(pairs: list[tuple[int, Probe]]) -> list:
+        nonlocal next_key, samples_in_engine
+        if not pairs:
+            return []
+        order, requests = rollouts.requests_for([probe for _, probe in pairs], [rounds[row] for row, _ in pairs])
+        for index in order:
+            owners[next_key] = pairs[index]
+            in_engine[pairs[index]] = next_key
+            next_key += 1
+        samples_in_engine += sum(request.n for request in requests)
         return requests
 
-    def complete_rows(done: list) -> tuple[list[Probe], list]:
-        """Record finished requests; the probes and completions of rows whose probes are all back."""
-        nonlocal in_engine
-        in_engine -= len(done)
-        complete = []
+    def drop_ahead(row: int, keep: set[Probe]) -> None:
+        """Forget the row's speculative probes that it no longer may ask; stop those sampling."""
+        nonlocal samples_in_engine
+        for probe in [probe for probe in ahead.get(row, {}) if probe not in keep]:
+            completions = ahead[row].pop(probe)
+            stats.unused_rollouts += probe.k
+            if completions is None:
+                key = in_engine.pop((row, probe))
+                del owners[key]
+                cancels.append(Cancel(key))
+                samples_in_engine -= probe.k
+            else:
+                stats.unused_tokens += sum(sample.num_tokens for sample in completions)
+
+    def next_requests(rows: list[int]) -> list:
+        to_send: list[tuple[int, Probe]] = []
+        for row in rows:
+            search = by_row[row]
+            probes = search.probes()
+            may_ask = getattr(search, "speculative_probes", None) if speculate and probes else None
+            wanted = may_ask() if may_ask is not None else []
+            drop_ahead(row, set(probes) | set(wanted))
+            if not probes:
+                unsent.pop(row, None)
+                if on_done is not None:
+                    on_done(keys[row], search)
+                continue
+            rounds[row] += 1
+            completions = [None] * len(probes)
+            waiting[row] = (probes, completions)
+            for position, probe in enumerate(probes):
+                if probe in ahead.get(row, {}):  # sampled ahead: done, or its result will come here
+                    completions[position] = ahead[row].pop(probe)
+                else:
+                    to_send.append((row, probe))
+            if all(samples is not None for samples in completions):
+                answered.append(row)
+            unsent[row] = [probe for probe in wanted if probe not in ahead.get(row, {}) and probe not in probes]
+        return send(to_send)
+
+    def record(done: list) -> None:
+        """File finished requests under their probes; ignore those cancelled meanwhile."""
+        nonlocal samples_in_engine
         for key, samples in done:
-            row, position = owners[key]
-            waiting[row][1][position] = samples
-            if all(s is not None for s in waiting[row][1]):
-                complete.append(row)
+            if key not in owners:
+                continue
+            row, probe = owners.pop(key)
+            del in_engine[(row, probe)]
+            samples_in_engine -= probe.k
+            if probe in ahead.get(row, {}):  # speculative, not asked yet
+                ahead[row][probe] = samples
+                continue
+            probes, completions = waiting[row]
+            completions[probes.index(probe)] = samples
+            if all(samples is not None for samples in completions):
+                answered.append(row)
+
+    def take_answered() -> tuple[list[Probe], list]:
         probes, completions = [], []
-        for row in complete:
+        for row in answered:
             row_probes, row_completions = waiting.pop(row)
             probes += row_probes
             completions += row_completions
+        answered.clear()
         return probes, completions
 
     def advance(results: list[ProbeResult]) -> list:
@@ -254,27 +343,59 @@ def run_searches(
             tracker.advance(0, sum(result.tokens for result in results))
         return next_requests(list(dict.fromkeys(result.probe.row for result in results)))
 
+    def sample_ahead() -> list:
+        """Speculative probes into the engine's idle slots, the most likely of every row first."""
+        spare = rollouts.engine.sampling_capacity() - samples_in_engine if speculate else 0
+        if spare <= 0 or not unsent:
+            return []
+        chosen: list[tuple[int, Probe]] = []
+        for rank, row in sorted((rank, row) for row, probes in unsent.items() for rank in range(len(probes))):
+            probe = unsent[row][rank]
+            if probe.k <= spare:
+                chosen.append((row, probe))
+                spare -= probe.k
+        for row, probe in chosen:
+            ahead.setdefault(row, {})[probe] = None
+            unsent[row].remove(probe)
+            if not unsent[row]:
+                del unsent[row]
+        stats.speculative_rollouts += sum(probe.k for _, probe in chosen)
+        return send(chosen)
+
+    def answer(requests: list) -> list:
+        requests += sample_ahead()
+        out = cancels + requests
+        cancels.clear()
+        return out
+
     def finished(done: list) -> list:  # lockstep: verify inline, one pass per round
-        return advance(rollouts.results_of(*complete_rows(done)))
+        record(done)
+        requests = []
+        while answered:  # rows answered by speculative samples are verified in the same pass
+            requests += advance(rollouts.results_of(*take_answered()))
+        return answer(requests)
 
     first = next_requests(list(by_row))
     if not first:
-        return
+        return stats
     if not continuous:
-        sample_in_rounds(rollouts.engine, first, finished)
-        return
+        sample_in_rounds(rollouts.engine, answer(first), finished)
+        return stats
 
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     verifying: list = []  # futures of ProbeResult lists, oldest first
 
+    def submit_answered() -> None:
+        if answered:
+            verifying.append(verifier.submit(rollouts.results_of, *take_answered()))
+
     def finished_soon(done: list) -> list:
-        probes, completions = complete_rows(done)
-        if probes:
-            verifying.append(verifier.submit(rollouts.results_of, probes, completions))
-        follow_ups = []
+        record(done)
+        submit_answered()
+        follow_ups: list = []
         while verifying:
-            if in_engine + len(follow_ups) == 0:  # the engine would stop: wait for a verdict
+            if samples_in_engine == 0:  # the engine would stop: wait for a verdict
                 wait(verifying, return_when=FIRST_COMPLETED)
             ready = [future for future in verifying if future.done()]
             if not ready:
@@ -282,8 +403,12 @@ def run_searches(
             for future in ready:
                 verifying.remove(future)
                 follow_ups += advance(future.result())
-        return follow_ups
+            submit_answered()
+        return answer(follow_ups)
 
     # Several threads: each verification waits on the worker processes, not on the GIL.
     with ThreadPoolExecutor(max_workers=max(1, rollouts.settings.workers), thread_name_prefix="verify") as verifier:
-        rollouts.engine.sample_continuously(first, finished_soon, longest=rollouts.longest_request(list(waiting)))
+        rollouts.engine.sample_continuously(
+            answer(first), finished_soon, longest=rollouts.longest_request(list(waiting))
+        )
+    return stats

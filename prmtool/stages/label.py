@@ -49,6 +49,8 @@ from prmtool.methods.steps import make_splitter
 from prmtool.methods.verification import start_workers
 
 if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+
     from prmtool.engines import Engine
 
 METHODS = (*labeling.METHODS, "judge", "consensus")
@@ -155,6 +157,24 @@ class LabelSettings(ModelSettings, WorkerSettings):
         typer.Option(help="judge: the critic model, if not --model (a folder or .gguf).", show_default=False),
     ] = None
     split: Split = "blank-line"
+    rounds: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "lockstep: the probes of every search in one engine call per round; continuous: a search's next probe "
+                "starts as soon as its own rollouts are verified, while the others still sample. The same labels."
+            )
+        ),
+    ] = "lockstep"
+    speculate: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "binary: sample the probes a search may ask next into engine slots that would otherwise idle, so it "
+                "moves on without waiting; those it never asks for are dropped. The same labels."
+            )
+        ),
+    ] = True
 
 
 def check_choices(settings: LabelSettings) -> None:
@@ -167,6 +187,8 @@ def check_choices(settings: LabelSettings) -> None:
         raise InputError(f"--label {settings.label!r}: expected hard or soft")
     if settings.correct_responses not in ("trust", "estimate"):
         raise InputError(f"--correct-responses {settings.correct_responses!r}: expected trust or estimate")
+    if settings.rounds not in ("lockstep", "continuous"):
+        raise InputError(f"--rounds {settings.rounds!r}: expected lockstep or continuous")
 
 
 def label_frame(
@@ -176,12 +198,14 @@ def label_frame(
     *,
     judge_engine: Engine | None = None,
     tracker: Tracker | None = None,
+    counts: MutableMapping[str, int] | None = None,
 ) -> pl.DataFrame:
     """The per-frame core: verified responses in, the same rows with step_mc, step_labels,
     first_error, label_rollouts and label_tokens out. (`--method omegaprm` labels rows as
     `binary` does; its tree comes from `prmtool.methods.omegaprm.grow_trees`.) `judge` and
     `consensus` add judge_first_error and judge_output; `consensus` also label_reason, null
-    where the binary search and the judge agree (`judge_engine`: the critic, if not `engine`)."""
+    where the binary search and the judge agree (`judge_engine`: the critic, if not `engine`).
+    `counts` gains what speculation cost (see `label_rows`)."""
     settings = settings or LabelSettings()
     check_choices(settings)
     judged = None
@@ -209,6 +233,9 @@ def label_frame(
         settings.bad_below,
         settings.correct_responses,
         tracker,
+        continuous=settings.rounds == "continuous",
+        speculate=settings.speculate,
+        counts=counts,
     )
     if judged is None:
         return labeled
@@ -317,7 +344,9 @@ def run(
             result = label_frame(frame, critic.get(), settings, tracker=tracker)
         else:
             judge = critic.get() if settings.method == "consensus" else None
-            result = label_frame(frame, policy.get(), settings, judge_engine=judge, tracker=tracker)
+            result = label_frame(
+                frame, policy.get(), settings, judge_engine=judge, tracker=tracker, counts=stats.counts
+            )
         stats.counts["rollouts"] += int(result["label_rollouts"].sum())
         stats.counts["tokens_generated"] += int(result["label_tokens"].sum())
         stats.counts["wrong_responses_with_first_error"] += int((result["first_error"] >= 0).sum())

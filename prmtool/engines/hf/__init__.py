@@ -13,6 +13,7 @@ import transformers
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from prmtool.engines.base import (
+    Cancel,
     Completion,
     Engine,
     EngineError,
@@ -193,17 +194,24 @@ class HFEngine(Engine):
             need = max([longest] + [len(r.prompt_ids) + r.max_tokens for _, r in pending])
             self._check_window(need)
             max_tokens = max(r.max_tokens for _, r in pending)
-            keys = [key for key, _ in pending]
+            keys = [key for key, _ in pending]  # sampler request index -> request key
+            index_of = {key: index for index, key in enumerate(keys)}
             later: list[tuple[int, SamplingRequest]] = []
 
             def follow_up(finished: list[int]) -> list[tuple[SamplingRequest, int]]:
-                nonlocal next_key
+                nonlocal next_key, later
                 answer = on_done([(keys[index], sampler.results[index]) for index in finished])
-                check_requests(answer)
+                cancelled = {item.key for item in answer if isinstance(item, Cancel)}
+                requests = [item for item in answer if not isinstance(item, Cancel)]
+                check_requests(requests)
+                if cancelled:
+                    sampler.cancel({index_of[key] for key in cancelled if key in index_of})
+                    later = [(key, request) for key, request in later if key not in cancelled]
                 admitted = []
-                for request in answer:
+                for request in requests:
                     key, next_key = next_key, next_key + 1
                     if len(request.prompt_ids) + request.max_tokens <= need and request.max_tokens <= max_tokens:
+                        index_of[key] = len(keys)
                         keys.append(key)
                         admitted.append((request, self._seed_of(request)))
                     else:
@@ -215,6 +223,10 @@ class HFEngine(Engine):
                 sampler.run()
             self.last_stats = sampler.stats
             pending = later
+
+    def sampling_capacity(self) -> int:
+        # The slots of the decoder in use (sized by the calls so far): 0 before the first call.
+        return self.decoder.num_slots if self.decoder is not None else 0
 
     def _check_window(self, longest: int) -> None:
         if self.sliding_window is not None and longest > self.sliding_window:

@@ -389,6 +389,14 @@ class BatchSampler:
         groups = self._add([request for request, _ in pairs], [seed for _, seed in pairs])
         self.queue.extendleft(reversed(groups))
 
+    def cancel(self, request_indices: set[int]) -> None:
+        """Stop these requests: their queued samples are dropped and their slots freed (the
+        step in flight writes nothing for a freed slot); they are never handed back."""
+        self.queue = deque(group for group in self.queue if group.request_index not in request_indices)
+        for row, state in enumerate(self.slots):
+            if state is not None and state.request_index in request_indices:
+                self.slots[row] = None
+
     def run(self) -> list[list[Completion]]:
         refill_threshold = max(1, self.decoder.num_slots // 8)
         in_flight: LaunchedStep | None = None
@@ -445,7 +453,9 @@ class BatchSampler:
                 temperatures.append(request.temperature)
                 top_ps.append(request.top_p)
                 stream = np.zeros(decoder.max_tokens, dtype=np.float32)
-                stream[: request.max_tokens] = sample_uniforms(group.seed, sample_index, request.max_tokens)
+                stream[: request.max_tokens] = sample_uniforms(
+                    group.seed, request.first_sample + sample_index, request.max_tokens
+                )
                 uniforms.append(stream)
                 self.slots[row] = SlotState(group.request_index, sample_index, request)
 
