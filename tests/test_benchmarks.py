@@ -45,3 +45,16 @@ def test_bench_scale_runs_each_way_and_every_way_gives_the_one_process_labels():
     assert re.search(r"2 GPUs, ray +[\d.]+ s", out) and re.search(r"2 GPUs, xargs -P +[\d.]+ s", out)
     assert "ray output equals the one-GPU run row for row: True" in out
     assert "xargs output equals the one-GPU run row for row: True" in out
+
+
+def test_bench_label_overhead_replays_labels_work_and_every_mode_gives_its_labels():
+    """Each mode labels the same rows as the first, and the bare engine replays what it asked;
+    a list of sizes runs on one engine and ends in one table."""
+    out = run_bench(
+        "bench/bench_label.py", "overhead", "--quick", "--responses", "6,8", "--max-tokens", "8",
+        "--modes", "lockstep,lockstep+speculation,continuous+speculation", "--workers", "1",
+    )  # fmt: skip
+    assert out.count("bare engine, the same requests in one call") == 2
+    assert out.count("labels as in lockstep: True") == 4 and "False" not in out
+    rows = re.findall(r"^\| hf, (\d+), 8 \| (\S+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, flags=re.MULTILINE)
+    assert len(rows) == 6 and {size for size, _ in rows} == {"6", "8"}
