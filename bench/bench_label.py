@@ -21,12 +21,16 @@ next; the labels are the same, and each mode says so). The first mode must be on
 speculation: what it asks is the work the bare engine replays. Targets: >= 0.9 at 512
 responses, >= 0.95 at 2,048 (vllm).
 
-Measured on one H200, random weights (no rollout is ever right, so every search runs to full
-depth and staged sampling always draws all k = 8), vLLM 0.26.0, 11,440 rollouts in 2,860
-requests each at 512 responses:
+Measured on one H200 (one H100 where the row says so), random weights (no rollout is ever
+right, so every search runs to full depth and staged sampling always draws all k = 8), vLLM
+0.26.0, 11,440 rollouts in 2,860 requests each at 512 responses. Compare ratios within one
+run (one card, one bare replay), not across rows of different runs:
 
   | engine, responses, max_tokens | rounds                 | label s | bare s | label / bare | when           |
   |-------------------------------|------------------------|--------:|-------:|-------------:|----------------|
+  | hf, 512, 128                  | lockstep               |   27.57 |  19.10 |        0.693 | 2026-12-06 (c) |
+  | hf, 512, 128                  | lockstep+speculation   |   21.86 |  19.10 |        0.874 | 2026-12-06 (c) |
+  | hf, 512, 128                  | continuous+speculation |   22.82 |  19.10 |        0.837 | 2026-12-06 (c) |
   | hf, 512, 128                  | lockstep               |   26.90 |  18.07 |        0.672 | 2026-12-04 (b) |
   | hf, 512, 128                  | lockstep+speculation   |   21.09 |  18.07 |        0.857 | 2026-12-04 (b) |
   | hf, 512, 128                  | continuous             |   26.51 |  18.07 |        0.682 | 2026-12-04 (b) |
@@ -43,7 +47,11 @@ requests each at 512 responses:
   speculation rows sampled 464 rollouts ahead of their round, 2 of them never asked for
   (lockstep: 7 engine calls instead of 8), and 2,556 ahead, 438 unused (continuous). Label's
   host work, measured inside the runs: verification 0.3-0.8 s, tokenizing the next probes'
-  prefixes 0.5-1.1 s, of 21-27 s.
+  prefixes 0.5-1.1 s, of 21-27 s. (c): one H100, one run, `--modes lockstep,lockstep+speculation,
+  continuous+speculation`, after speculation reached one level further (the rests of both next
+  probes too): lockstep sampled the same 464 rollouts ahead, 2 unused, in 7 engine calls, as in
+  (b) (its idle slots were all taken by the nearer probes); continuous 2,562 ahead, 1,076
+  unused. vLLM's wheels were being installed on the host during the continuous run.
 
   Without speculation the targets are far off, and host work is not what is missing: at this
   size the workload is bounded by its chain of dependent samples. A search over 16 steps makes
@@ -53,8 +61,10 @@ requests each at 512 responses:
   the bare engine does all the work at once. Towards the end of the chain too few searches are
   left to fill the slots. Speculation shortens the chain where slots are idle (a probe's second
   stage and both possible next probes are sampled beside its first stage): 0.672 -> 0.857 in
-  lockstep, label's default. The 0.9 target at 512 is not met yet. The 2,048-response vllm run
-  has not fitted a lease so far.
+  lockstep, label's default, on an H200, and 0.693 -> 0.874 on an H100. The 0.9 target at 512
+  is not met. The 2,048-response vllm run has not fitted a lease so far (2026-12-06: its vLLM
+  start, with compilation and CUDA graphs, took 2 min 12 s on a fresh H100, after the GPU tests
+  had spent the rest of the lease).
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured

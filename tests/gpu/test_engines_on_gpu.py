@@ -7,11 +7,14 @@ model folders saved with `save_pretrained` (tokenizer included). Skipped without
     python -m pytest -v -m gpu tests/gpu -k "vllm and command_line and (generate or binary or mc)"
 
 The vllm cases need vLLM installed (`pip install 'prmtool[vllm]'`). Each command starts its own
-engine. Measured on one H200 (2026-12-04, vLLM 0.26.0, eager): the hf cases about 3 minutes
-together; a vLLM start about a minute, and on a fresh machine the first one 173 s, 101 s of it
-in vLLM's engine warm-up, where its FlashInfer sampler was JIT-built (the engine now turns that
-sampler off: seeded requests never use it). Give each test 600 s (`--timeout 600`) and run the
-vllm cases in groups of three or four per 10-minute command.
+engine. Measured on one H200 (2026-12-04, vLLM 0.26.0, eager): a vLLM start about a minute, and
+on a fresh machine the first one 173 s, 101 s of it in vLLM's engine warm-up, where its
+FlashInfer sampler was JIT-built (the engine now turns that sampler off: seeded requests never
+use it). On one H100 (2026-12-06, vLLM 0.26.0, transformers 5.17, torch 2.11), all passed:
+`-k "hf and not agrees"` 8 in 3 min 36 s; `-k "vllm or agrees"` 9 in 11 min 58 s, each test
+47-127 s (score agreement, two engines and three model loads, the longest). Give each test
+600 s (`--timeout 600`) and, under a 10-minute limit per command, run the vllm cases in groups
+of four or five, or in the background.
 """
 
 from __future__ import annotations
