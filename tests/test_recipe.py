@@ -424,3 +424,25 @@ def test_the_closing_line_says_what_each_export_holds(prmtool, small_recipe, tmp
     assert f"04-export/: {rows:,} rows (" in closing and "problems)" in closing
     again = prmtool("run", small_recipe).stderr.strip().splitlines()[-1]  # skipped: rows from the manifest
     assert f"04-export/: {rows:,} rows" in again
+
+
+def test_false_turns_a_switch_that_is_on_by_default_off_and_leaves_others_out(prmtool, tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+workdir: {tmp_path / "work"}
+input: {SAMPLES / "responses.jsonl"}
+stages:
+  - stage: import
+  - stage: generate
+    verify: false
+  - stage: label
+    speculate: false
+""",
+    )
+    argv = {step.stage: step.argv() for step in load_recipe(recipe).steps}
+    assert "--no-speculate" in argv["label"]  # label's --speculate is on unless turned off
+    assert not any(arg.startswith(("--verify", "--no-verify")) for arg in argv["generate"])  # off by default
+    planned = prmtool("run", recipe, "--dry-run")
+    assert planned.exit_code == 0, planned.stderr
+    assert "--no-speculate" in planned.stderr

@@ -20,8 +20,8 @@ A top-level `engine:` (or `--engine`) is those stages' --engine, likewise.
 
 Stage number i writes `WORKDIR/NN-NAME/` (NAME: the stage, or its `name:`) and reads the
 previous stage's output unless its `input:` names an earlier stage or a path. Options: `key:
-value` becomes `--key value`, `key: true` the flag `--key`, `key: false` nothing, a list a
-repeated option.
+value` becomes `--key value`, `key: true` the flag `--key`, `key: false` nothing (or `--no-key`
+for a switch that is on by default, such as label's `speculate`), a list a repeated option.
 
 What runs: before a stage runs, its exact command line and a fingerprint of each input (an
 upstream `_SUCCESS` manifest less its time stamp, or a hash of a file's bytes) are recorded in
@@ -32,6 +32,7 @@ stage too; a stage interrupted mid-way resumes from its finished shards.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -88,7 +89,9 @@ class Step:
             flag = f"--{key}"
             if value is True:
                 argv.append(flag)
-            elif value is False or value is None:
+            elif value is False:
+                argv += [f"--no-{key}"] if f"--no-{key}" in switches_off(self.stage) else []
+            elif value is None:
                 continue
             elif isinstance(value, list):
                 for item in value:
@@ -111,6 +114,18 @@ class Recipe:
         raise InputError(
             f"{self.path}: {option} {name!r}: no such stage (stages: {', '.join(s.label for s in self.steps)})"
         )
+
+
+@functools.cache
+def switches_off(stage: str) -> frozenset[str]:
+    """The `--no-KEY` halves of a stage's on-by-default switches (label's `--no-speculate`):
+    what `key: false` turns into, where a missing flag would leave the switch on."""
+    import typer.main
+
+    from prmtool.cli.commands import app
+
+    command = typer.main.get_command(app).commands.get(stage)
+    return frozenset(opt for param in getattr(command, "params", []) for opt in getattr(param, "secondary_opts", []))
 
 
 def _text(value) -> str:
