@@ -3,6 +3,7 @@
     python bench/bench_label.py economy            # CPU: rollout tokens of binary vs mc
     python bench/bench_label.py overhead           # GPU: label vs the bare engine on the same requests
     python bench/bench_label.py judge              # GPU: rows/s of --method judge (LLM-as-judge)
+    python bench/bench_label.py schedule           # CPU: overhead's workload as waves of engine slots
 
 economy: the same wrong responses labeled by first-error binary search and by per-step MC
 (Math-Shepherd), with a scripted policy whose rollouts reach the right answer with probability
@@ -65,6 +66,34 @@ run (one card, one bare replay), not across rows of different runs:
   is not met. The 2,048-response vllm run has not fitted a lease so far (2026-12-06: its vLLM
   start, with compilation and CUDA graphs, took 2 min 12 s on a fresh H100, after the GPU tests
   had spent the rest of the lease).
+
+schedule: overhead's workload (wrong responses of 4-16 steps, k = 8, no rollout ever right) run
+through label's own code on a WaveEngine: `--slots` samples side by side, each lasting one
+wave, as every rollout of a random-weight model runs to max_tokens; continuous rounds follow
+the hf engine's queue. It counts the waves each mode needs against the bare engine's
+ceil(samples / slots), a model of the GPU run without its per-step costs, in seconds on a CPU.
+Its ratios sit above the GPU's (lockstep 0.857 against 0.693 measured on an H100, lockstep
+with speculation 1.000 against 0.874) but rank the modes as the GPU did, so it is where a
+scheduling change is tried before a lease. `python bench/bench_label.py schedule` (1,024
+slots; continuous modes move by a wave between runs, as verification runs on threads):
+
+  | responses | rounds                 | waves | bare waves | label / bare | continuous, before its gate |
+  |----------:|------------------------|------:|-----------:|-------------:|-----------------------------|
+  |       512 | lockstep               |    14 |         12 |        0.857 |                             |
+  |       512 | lockstep+speculation   |    12 |         12 |        1.000 |                             |
+  |       512 | continuous             |    14 |         12 |        0.857 | 14 waves, 0.857             |
+  |       512 | continuous+speculation | 13-14 |         12 |  0.857-0.923 | 14 waves, 0.857             |
+  |     2,048 | lockstep               |    46 |         45 |        0.978 |                             |
+  |     2,048 | lockstep+speculation   |    46 |         45 |        0.978 |                             |
+  |     2,048 | continuous             |    45 |         45 |        1.000 | 49 waves, 0.918             |
+  |     2,048 | continuous+speculation |    45 |         45 |        1.000 | 50 waves, 0.900             |
+
+  The gate (2026-12-06, not yet measured on a GPU): continuous rounds hand the engine probes
+  only while it has free slots, the searches with the longest chains of probes left first;
+  before it, a round's probes queued in the engine in the order they came and long chains
+  waited behind short ones. A gate of two batches (one running, one queued) was worse, 15
+  to 16 waves at 512. In the model lockstep with speculation (label's default) stays best at 512 and
+  continuous rounds lead at 2,048; the GPU has the last word (overhead, above).
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
@@ -175,6 +204,80 @@ def economy(args) -> None:
     print(
         f"first-error agreement binary vs mc: {agreement:.3f} (target >= 0.95); binary vs injected truth: {truth:.3f}"
     )
+
+
+class WaveEngine(ScriptedPolicy):
+    """overhead's GPU workload as a schedule, on CPU: `slots` samples run side by side, each for
+    one wave (a random-weight model's rollout always runs to max_tokens), and no rollout is ever
+    right. Lockstep rounds take ceil(samples / slots) waves each; continuous ones follow the hf
+    engine's order (a queue, follow-ups to its front; a request handed back once all its samples
+    ran). The bare engine needs ceil(all samples / slots) waves."""
+
+    def __init__(self, slots: int):
+        super().__init__(p=0.0)
+        self.slots, self.waves = slots, 0
+
+    def sampling_capacity(self) -> int:
+        return self.slots
+
+    def sample(self, requests, on_progress=None):
+        self.waves += -(-sum(request.n for request in requests) // self.slots)
+        return super().sample(requests)
+
+    def sample_continuously(self, requests, on_done, on_progress=None, longest=None):
+        from prmtool.engines import Cancel
+
+        queue = [[key, request, request.n] for key, request in enumerate(requests)]  # samples not started
+        running: dict[int, tuple] = {}  # key -> (request, samples still running)
+        next_key = len(queue)
+        while queue or running:
+            free = self.slots
+            for entry in queue:
+                take = min(free, entry[2])
+                entry[2], free = entry[2] - take, free - take
+                running[entry[0]] = entry[1]
+                if not free:
+                    break
+            self.waves += 1
+            started = {entry[0] for entry in queue if entry[2] == 0}
+            queue = [entry for entry in queue if entry[2] > 0]
+            waiting = {entry[0] for entry in queue}
+            finished = [(key, super(WaveEngine, self).sample([running.pop(key)])[0]) for key in started - waiting]
+            answer = on_done(finished)
+            for _ in range(50):  # verification is fast next to a wave: collect what it makes ready
+                time.sleep(0.002)
+                more = on_done([])
+                answer += more
+                if not more and len(running) + len(queue) > 0:
+                    break
+            cancelled = {item.key for item in answer if isinstance(item, Cancel)}
+            queue = [entry for entry in queue if entry[0] not in cancelled]
+            new = [item for item in answer if not isinstance(item, Cancel)]
+            queue[:0] = [[next_key + index, request, request.n] for index, request in enumerate(new)]
+            next_key += len(new)
+
+
+def schedule(args) -> None:
+    """The waves each mode needs on overhead's workload (WaveEngine), against the bare engine's."""
+    settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
+    runs = {
+        "lockstep": ("lockstep", False),
+        "lockstep+speculation": ("lockstep", True),
+        "continuous": ("continuous", False),
+        "continuous+speculation": ("continuous", True),
+    }
+    print("| responses | rounds | waves | bare waves | label / bare |")
+    for responses in [int(count) for count in str(args.responses).split(",")]:
+        frame = wrong_responses(responses, 4, 16, words_per_step=40)
+        for name in args.modes.split(","):
+            rounds, speculate = runs[name]
+            engine = WaveEngine(args.slots)
+            labeled = label_rows(
+                frame, engine, "binary", k=args.k, settings=settings, continuous=rounds == "continuous",
+                speculate=speculate,
+            )  # fmt: skip
+            bare = -(-int(labeled["label_rollouts"].sum()) // args.slots)
+            print(f"| {responses} | {name} | {engine.waves} | {bare} | {bare / engine.waves:.3f} |", flush=True)
 
 
 class RecordingEngine(Engine):
@@ -388,7 +491,7 @@ def judge(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["economy", "overhead", "judge"])
+    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule"])
     parser.add_argument("--responses", default=None, help="overhead: a comma list runs each size on one engine")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
@@ -407,6 +510,9 @@ def main() -> None:
     if args.which == "economy":
         args.responses = int(args.responses or 500)
         economy(args)
+    elif args.which == "schedule":
+        args.responses = args.responses or "512,2048"
+        schedule(args)
     elif args.which == "judge":
         args.responses = int(args.responses or 1024)
         judge(args)

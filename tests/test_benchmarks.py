@@ -58,3 +58,16 @@ def test_bench_label_overhead_replays_labels_work_and_every_mode_gives_its_label
     assert out.count("labels as in lockstep: True") == 4 and "False" not in out
     rows = re.findall(r"^\| hf, (\d+), 8 \| (\S+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, flags=re.MULTILINE)
     assert len(rows) == 6 and {size for size, _ in rows} == {"6", "8"}
+
+
+def test_bench_label_schedule_counts_the_waves_of_each_mode_on_label_itself():
+    """The schedule model drives label's own code: speculation never needs more waves than
+    lockstep rounds alone, and no mode needs fewer than the bare engine."""
+    out = run_bench("bench/bench_label.py", "schedule", "--responses", "64", "--slots", "128", "--workers", "1")
+    rows = dict(
+        (mode, (int(waves), int(bare)))
+        for mode, waves, bare in re.findall(r"^\| 64 \| (\S+) \| (\d+) \| (\d+) \|", out, flags=re.MULTILINE)
+    )
+    assert set(rows) == {"lockstep", "lockstep+speculation", "continuous", "continuous+speculation"}
+    assert all(waves >= bare for waves, bare in rows.values())
+    assert rows["lockstep+speculation"][0] <= rows["lockstep"][0]

@@ -158,6 +158,45 @@ def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method):
     assert lockstep["first_error"].n_unique() > 3  # p = 0.5: searches of different lengths
 
 
+class QueueingEngine(ScriptedRolloutEngine):
+    """A continuous engine of `capacity` slots that samples its queue in order, a request at a
+    time, and records what it was handed, in order, and the most samples it ever held."""
+
+    capacity = 8
+
+    def sampling_capacity(self):
+        return self.capacity
+
+    def sample_continuously(self, requests, on_done, on_progress=None, longest=None):
+        queue, next_key = list(enumerate(requests)), len(requests)
+        self.handed, self.most_held = list(requests), sum(request.n for request in requests)
+        while queue:
+            key, request = queue.pop(0)
+            answer = on_done([(key, self.sample([request])[0])])
+            time.sleep(0.001)  # the verifier thread's chance to finish
+            answer += on_done([])
+            new = [item for item in answer if not isinstance(item, Cancel)]
+            queue += list(enumerate(new, start=next_key))
+            next_key += len(new)
+            self.handed += new
+            self.most_held = max(self.most_held, sum(request.n for _, request in queue))
+
+
+def test_continuous_rounds_feed_the_engine_the_longest_chains_first_and_no_more_than_it_has_slots():
+    frame = responses(40, max_steps=12)
+    plain = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "binary", k=8, settings=SETTINGS)
+    engine = QueueingEngine(answers_of(frame), p=0.5)
+    fed = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=True, speculate=False)
+    assert fed.equals(plain)
+    assert engine.most_held <= engine.capacity + 8  # its slots, and at most one probe more
+    # 8 slots: four first-stage probes (2 rollouts each), all of responses of 9-12 steps, whose
+    # searches have the most levels left; their prefixes hold half the steps.
+    first = engine.handed[:4]
+    prefixes = ["".join(map(chr, request.prompt_ids[request.prompt_ids.index(0) + 1 :])) for request in first]
+    assert all(prefix.count("Step ") >= 4 for prefix in prefixes), prefixes
+    assert min(len(steps) for steps in frame["steps"]) < 9  # shorter responses were there to pick
+
+
 @pytest.mark.parametrize("continuous", [False, True], ids=["lockstep", "continuous"])
 def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without(continuous):
     frame = responses(30)

@@ -134,6 +134,14 @@ class FirstErrorBinarySearch:
             return [Probe(self.row, middle, self.first_stage)]
         return [Probe(self.row, middle, self.k - sampled, first_sample=sampled)]  # the rest of the k
 
+    def probes_left(self) -> int:
+        """At most how many probes this search still asks, the one asked now included: the
+        length of its chain of dependent probes, which continuous rounds serve longest first."""
+        levels = (self.bad - self.good - 1).bit_length()
+        if not (self.staged and self.first_stage < self.k):
+            return levels
+        return 2 * levels - (1 if self.middle_counts[1] else 0)  # two stages a level; one done
+
     def speculative_probes(self) -> list[Probe]:
         """What this search may ask next, whatever the probe it just asked shows, most likely
         first: the rest of a staged probe (needed unless a first-stage rollout is right), then the

@@ -195,7 +195,8 @@ class Rollouts:
 class Search(Protocol):
     """What `run_searches` drives: a label row search or an OmegaPRM question search. A search
     may also have `speculative_probes()`, the probes it may ask next, most likely first, whatever
-    its probes just asked show (label's binary search has them)."""
+    its probes just asked show, and `probes_left()`, how long its chain of dependent probes may
+    still be (label's binary search has both)."""
 
     row: int  # the frame row its probes name
 
@@ -229,8 +230,10 @@ def run_searches(
     searches' rollouts still run (the engine's `sample_continuously`); the seeds, and so the
     labels, are the same either way. In continuous rounds the verification runs on a worker
     thread, so the thread that feeds the GPU never waits on it; its follow-ups join at the
-    engine's next hand-back. `on_done(key, search)` sees each search as it finishes; `tracker`
-    counts the generated tokens.
+    engine's next hand-back, and the engine is fed only while it has free slots, the searches
+    with the longest chains of probes left first (`release`).
+    `on_done(key, search)` sees each search as it finishes; `tracker` counts the generated
+    tokens.
 
     Speculation (`speculate`, for searches with `speculative_probes`): when the engine has
     slots that nothing asked for fills, they sample the probes searches may ask next, so a
@@ -257,6 +260,8 @@ def run_searches(
     unsent: dict[int, list[Probe]] = {}  # row -> speculative probes not sampled yet, most likely first
     answered: list[int] = []  # rows whose asked probes all have their completions, to verify
     cancels: list = []
+    # Continuous rounds: asked probes wait here until the engine has room (see `release`).
+    held: list[tuple[int, Probe]] = []
 
     def send(pairs: list[tuple[int, Probe]]) -> list:
         nonlocal next_key, samples_in_engine
@@ -308,6 +313,9 @@ def run_searches(
             if all(samples is not None for samples in completions):
                 answered.append(row)
             unsent[row] = [probe for probe in wanted if probe not in ahead.get(row, {}) and probe not in probes]
+        if continuous:
+            held.extend(to_send)
+            return []
         return send(to_send)
 
     def record(done: list) -> None:
@@ -343,6 +351,33 @@ def run_searches(
             tracker.advance(0, sum(result.tokens for result in results))
         return next_requests(list(dict.fromkeys(result.probe.row for result in results)))
 
+    def chain_left(row: int) -> int:
+        probes_left = getattr(by_row[row], "probes_left", None)
+        return probes_left() if probes_left is not None else 0
+
+    def release() -> list:
+        """Held probes into the engine while it holds fewer samples than it has slots, those
+        of the searches with the longest chains left first. Handed over all at once, probes
+        queue in the engine in the order they came, and a search far from its end waits behind
+        searches about to end: the job then ends with a few long chains and idle slots. Served
+        longest first, the chains end together (`bench/bench_label.py schedule`). The engines
+        ask again whenever slots are free. An engine of unknown capacity gets them all."""
+        capacity = rollouts.engine.sampling_capacity()
+        room = capacity - samples_in_engine
+        if not held or (capacity > 0 and room <= 0):
+            return []
+        if capacity <= 0:
+            chosen = held[:]
+        else:
+            held.sort(key=lambda pair: -chain_left(pair[0]))  # stable: row order among equals
+            count = 0
+            while count < len(held) and room > 0:
+                room -= held[count][1].k
+                count += 1
+            chosen = held[:count]
+        del held[: len(chosen)]
+        return send(chosen)
+
     def sample_ahead() -> list:
         """Speculative probes into the engine's idle slots, the most likely of every row first."""
         spare = rollouts.engine.sampling_capacity() - samples_in_engine if speculate else 0
@@ -363,6 +398,7 @@ def run_searches(
         return send(chosen)
 
     def answer(requests: list) -> list:
+        requests += release()
         requests += sample_ahead()
         out = cancels + requests
         cancels.clear()
@@ -376,7 +412,7 @@ def run_searches(
         return answer(requests)
 
     first = next_requests(list(by_row))
-    if not first:
+    if not first and not held:
         return stats
     if not continuous:
         sample_in_rounds(rollouts.engine, answer(first), finished)
@@ -395,7 +431,7 @@ def run_searches(
         submit_answered()
         follow_ups: list = []
         while verifying:
-            if samples_in_engine == 0:  # the engine would stop: wait for a verdict
+            if samples_in_engine == 0 and not held:  # the engine would stop: wait for a verdict
                 wait(verifying, return_when=FIRST_COMPLETED)
             ready = [future for future in verifying if future.done()]
             if not ready:
