@@ -206,6 +206,22 @@ def economy(args) -> None:
     )
 
 
+# label's ways of running its searches: rounds, and whether idle slots sample ahead
+MODES = {
+    "lockstep": ("lockstep", False),
+    "lockstep+speculation": ("lockstep", True),
+    "continuous": ("continuous", False),
+    "continuous+speculation": ("continuous", True),
+}
+
+
+def chosen_modes(text: str) -> list[str]:
+    modes = text.split(",")
+    if unknown := [mode for mode in modes if mode not in MODES]:
+        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (expected some of {', '.join(MODES)})")
+    return modes
+
+
 class WaveEngine(ScriptedPolicy):
     """overhead's GPU workload as a schedule, on CPU: `slots` samples run side by side, each for
     one wave (a random-weight model's rollout always runs to max_tokens), and no rollout is ever
@@ -260,17 +276,11 @@ class WaveEngine(ScriptedPolicy):
 def schedule(args) -> None:
     """The waves each mode needs on overhead's workload (WaveEngine), against the bare engine's."""
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
-    runs = {
-        "lockstep": ("lockstep", False),
-        "lockstep+speculation": ("lockstep", True),
-        "continuous": ("continuous", False),
-        "continuous+speculation": ("continuous", True),
-    }
     print("| responses | rounds | waves | bare waves | label / bare |")
     for responses in [int(count) for count in str(args.responses).split(",")]:
         frame = wrong_responses(responses, 4, 16, words_per_step=40)
-        for name in args.modes.split(","):
-            rounds, speculate = runs[name]
+        for name in chosen_modes(args.modes):
+            rounds, speculate = MODES[name]
             engine = WaveEngine(args.slots)
             labeled = label_rows(
                 frame, engine, "binary", k=args.k, settings=settings, continuous=rounds == "continuous",
@@ -377,16 +387,8 @@ def overhead(args) -> None:
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
     # The work label needs is what it asks without speculation: the bare engine samples exactly
     # those requests (speculation adds requests, some unused; the labels are the same).
-    runs = {
-        "lockstep": ("lockstep", False),
-        "lockstep+speculation": ("lockstep", True),
-        "continuous": ("continuous", False),
-        "continuous+speculation": ("continuous", True),
-    }
-    modes = args.modes.split(",")
-    if unknown := [mode for mode in modes if mode not in runs]:
-        raise SystemExit(f"--modes: unknown {', '.join(unknown)} (expected some of {', '.join(runs)})")
-    if runs[modes[0]][1]:
+    modes = chosen_modes(args.modes)
+    if MODES[modes[0]][1]:
         raise SystemExit("--modes: the first mode must be one without speculation (it records the work)")
     table = []  # (responses, mode, label s, bare s, ratio)
     for responses in [int(count) for count in str(args.responses).split(",")]:
@@ -398,7 +400,7 @@ def overhead(args) -> None:
         )
         bare_seconds = None
         for name in modes:
-            rounds, speculate = runs[name]
+            rounds, speculate = MODES[name]
             recorder = RecordingEngine(engine)
             verifying.clear(), preparing.clear()
             if device.type == "cuda":
