@@ -126,6 +126,10 @@ class FirstErrorBinarySearch:
     def first_stage(self) -> int:
         return max(1, self.k // 4) if self.staged else self.k
 
+    @property
+    def second_stage(self) -> int:
+        return self.k - self.first_stage  # 0 unless staged
+
     def probes(self) -> list[Probe]:
         if self.bad - self.good <= 1:
             return []
@@ -138,7 +142,7 @@ class FirstErrorBinarySearch:
         """At most how many probes this search still asks, the one asked now included: the
         length of its chain of dependent probes, which continuous rounds serve longest first."""
         levels = (self.bad - self.good - 1).bit_length()
-        if not (self.staged and self.first_stage < self.k):
+        if not self.second_stage:
             return levels
         return 2 * levels - (1 if self.middle_counts[1] else 0)  # two stages a level; one done
 
@@ -151,7 +155,7 @@ class FirstErrorBinarySearch:
         if self.bad - self.good <= 1:
             return []
         middle, sampled = (self.good + self.bad) // 2, self.middle_counts[1]
-        rest = self.k - self.first_stage  # 0 unless staged
+        rest = self.second_stage
         ahead = []
         if sampled == 0 and rest:
             ahead.append(Probe(self.row, middle, rest, first_sample=self.first_stage))
@@ -261,9 +265,12 @@ def label_rows(
         searches, rollouts, on_done=finished, tracker=tracker, continuous=continuous, speculate=speculate
     )
     if counts is not None and spent.speculative_rollouts:
-        counts["speculative_rollouts"] = counts.get("speculative_rollouts", 0) + spent.speculative_rollouts
-        counts["speculative_rollouts_unused"] = counts.get("speculative_rollouts_unused", 0) + spent.unused_rollouts
-        counts["speculative_tokens_unused"] = counts.get("speculative_tokens_unused", 0) + spent.unused_tokens
+        for name, count in (
+            ("speculative_rollouts", spent.speculative_rollouts),
+            ("speculative_rollouts_unused", spent.unused_rollouts),
+            ("speculative_tokens_unused", spent.unused_tokens),
+        ):
+            counts[name] = counts.get(name, 0) + count
 
     return frame.with_columns(
         pl.Series("step_mc", [r.step_mc for r in results], dtype=pl.List(pl.Float64)),
