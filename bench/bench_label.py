@@ -29,6 +29,16 @@ run (one card, one bare replay), not across rows of different runs:
 
   | engine, responses, max_tokens | rounds                 | label s | bare s | label / bare | when           |
   |-------------------------------|------------------------|--------:|-------:|-------------:|----------------|
+  | vllm, 2,048, 64               | lockstep               |  137.50 | 126.01 |        0.916 | 2026-12-06 (d) |
+  | vllm, 2,048, 64               | lockstep+speculation   |  135.42 | 126.01 |        0.931 | 2026-12-06 (d) |
+  | vllm, 2,048, 64               | continuous             |  153.42 | 126.01 |        0.821 | 2026-12-06 (d) |
+  | vllm, 512, 64                 | lockstep               |   37.36 |  33.37 |        0.893 | 2026-12-06 (d) |
+  | vllm, 512, 64                 | lockstep+speculation   |   38.27 |  33.37 |        0.872 | 2026-12-06 (d) |
+  | vllm, 512, 64                 | continuous             |   37.50 |  33.37 |        0.890 | 2026-12-06 (d) |
+  | hf, 512, 128                  | lockstep               |   28.49 |  19.12 |        0.671 | 2026-12-06 (e) |
+  | hf, 512, 128                  | lockstep+speculation   |   22.15 |  19.12 |        0.863 | 2026-12-06 (e) |
+  | hf, 512, 128                  | continuous             |   21.99 |  19.12 |        0.869 | 2026-12-06 (e) |
+  | hf, 512, 128                  | continuous+speculation |   21.72 |  19.12 |        0.880 | 2026-12-06 (e) |
   | hf, 512, 128                  | lockstep               |   27.57 |  19.10 |        0.693 | 2026-12-06 (c) |
   | hf, 512, 128                  | lockstep+speculation   |   21.86 |  19.10 |        0.874 | 2026-12-06 (c) |
   | hf, 512, 128                  | continuous+speculation |   22.82 |  19.10 |        0.837 | 2026-12-06 (c) |
@@ -53,6 +63,19 @@ run (one card, one bare replay), not across rows of different runs:
   probes too): lockstep sampled the same 464 rollouts ahead, 2 unused, in 7 engine calls, as in
   (b) (its idle slots were all taken by the nearer probes); continuous 2,562 ahead, 1,076
   unused. vLLM's wheels were being installed on the host during the continuous run.
+  (d): one H100, vLLM 0.26.0, `--engine vllm --responses 2048,512 --max-tokens 64 --modes
+  lockstep,lockstep+speculation,continuous`, one vLLM start for all six runs (1 min 53 s from
+  `vllm.LLM` to ready, compilation 25 s of it), each run (label's and the bare replay) starting
+  with vLLM's prefix cache emptied. 2,048 responses: 45,536 rollouts in 11,384 requests, 2,914,304
+  tokens; label's host work blocking the engine in lockstep+speculation: verification 1.28 s,
+  tokenizing the next prefixes 2.32 s (one `encode` per prefix then; now one batched call, below).
+  Continuous rounds lose through vLLM, for reasons not yet measured apart: 1,150 verification
+  passes of a few requests each (5.6 s on threads) share the interpreter with vLLM's own host
+  loop, and the gate keeps vLLM's queue short, so its scheduler may idle between a request's end
+  and its follow-up's arrival. (e): the same lease, before
+  (d), `--responses 512 --max-tokens 128 --modes
+  lockstep,lockstep+speculation,continuous,continuous+speculation`: continuous rounds with their
+  gate (below), first measured here, went from 0.682 and 0.787 (b) to 0.869 and 0.880.
 
   Without speculation the targets are far off, and host work is not what is missing: at this
   size the workload is bounded by its chain of dependent samples. A search over 16 steps makes
@@ -62,10 +85,17 @@ run (one card, one bare replay), not across rows of different runs:
   the bare engine does all the work at once. Towards the end of the chain too few searches are
   left to fill the slots. Speculation shortens the chain where slots are idle (a probe's second
   stage and both possible next probes are sampled beside its first stage): 0.672 -> 0.857 in
-  lockstep, label's default, on an H200, and 0.693 -> 0.874 on an H100. The 0.9 target at 512
-  is not met. The 2,048-response vllm run has not fitted a lease so far (2026-12-06: its vLLM
-  start, with compilation and CUDA graphs, took 2 min 12 s on a fresh H100, after the GPU tests
-  had spent the rest of the lease).
+  lockstep, label's default, on an H200, and 0.693 -> 0.874 on an H100.
+
+  Targets, as of 2026-12-06 (one H100), none met: vllm at 2,048 responses 0.931 (lockstep with
+  speculation, label's default; target 0.95); vllm at 512 0.893 (lockstep; 0.872 with
+  speculation; target 0.9); hf at 512 0.880 (continuous with speculation; 0.863 for the
+  default; target 0.9). Host work that blocks the engine is a third of what remains in
+  lockstep: at 2,048 through vLLM, 3.6 s of the 9.4 s between label and the bare replay. Since then the
+  next probes' prefixes are tokenized in one batched call of the Rust tokenizer over all cores
+  (`Engine.continuation_ids_batch`): 10,240 prefixes of this workload in 0.92 s instead of
+  1.69 s on 2 CPU cores (a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384);
+  not yet measured on a GPU.
 
 schedule: overhead's workload (wrong responses of 4-16 steps, k = 8, no rollout ever right) run
 through label's own code on a WaveEngine: `--slots` samples side by side, each lasting one
@@ -302,6 +332,9 @@ class RecordingEngine(Engine):
     def continuation_ids(self, *args, **kwargs):
         return self.inner.continuation_ids(*args, **kwargs)
 
+    def continuation_ids_batch(self, *args, **kwargs):
+        return self.inner.continuation_ids_batch(*args, **kwargs)
+
     def sample(self, requests, on_progress=None):
         self.calls += 1
         self.requests.extend(requests)
@@ -371,6 +404,9 @@ def overhead(args) -> None:
             params = [vllm.SamplingParams(**sampling_params_kwargs(r, ignore_eos=True)) for r in requests]
             outputs = engine.llm.generate([tokens_prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
             return sum(len(o.token_ids) for out in outputs for o in out.outputs)
+
+        def cold_start():  # every run starts with vLLM's prefix cache empty: none reuses another's prefixes
+            engine.llm.reset_prefix_cache()
     else:
         from prmtool.engines.hf import HFEngine
 
@@ -378,6 +414,9 @@ def overhead(args) -> None:
 
         def bare(requests):
             return sum(c.num_tokens for samples in engine.sample(requests) for c in samples)
+
+        def cold_start():  # the hf engine keeps nothing between calls
+            pass
 
     # warm-up: pools, graph capture, compilation, the verifier's worker processes
     verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
@@ -406,6 +445,7 @@ def overhead(args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             counts: dict[str, int] = {}
+            cold_start()
             started = time.perf_counter()
             labeled = label_rows(
                 frame,
@@ -431,6 +471,7 @@ def overhead(args) -> None:
                 )
             if bare_seconds is None:
                 first_labels = labeled
+                cold_start()
                 started = time.perf_counter()
                 tokens = bare(recorder.requests)
                 if device.type == "cuda":

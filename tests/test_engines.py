@@ -330,6 +330,21 @@ def test_continuation_ids_reproduce_the_tokens_of_a_canonically_tokenized_comple
     assert tiny_engine.continuation_ids(prompt, text) == prompt + answer_ids
 
 
+def test_continuation_ids_batch_gives_each_pairs_continuation_ids(tiny_engine):
+    # label prepares a round's step prefixes in one call of the Rust tokenizer; the ids must not change
+    assert tiny_engine.tokenizer.is_fast
+    prompts = [tiny_engine.chat_prompt_ids("What is 2 + 3?"), tiny_engine.chat_prompt_ids("x")]
+    answers = [
+        "Step 1: Add 2 and 3 to get 5.\n\n",
+        "",  # a probe before the first step
+        "  leading spaces, $\\frac{1}{2}$, émigré, 数学, 🙂\r\n\n\n",
+        "x" * 5000,  # longer than any truncation a tokenizer file may carry
+    ]
+    pairs = [(prompt, answer) for prompt in prompts for answer in answers]
+    batch = tiny_engine.continuation_ids_batch([p for p, _ in pairs], [a for _, a in pairs])
+    assert batch == [tiny_engine.continuation_ids(prompt, answer) for prompt, answer in pairs]
+
+
 # ---------------------------------------------------------------------- errors
 
 

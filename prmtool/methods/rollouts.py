@@ -101,13 +101,18 @@ class Rollouts:
     def probe_prefix(self, probe: Probe) -> str:
         return probe.prefix if probe.prefix is not None else self.prefix_text(probe.row, probe.prefix_steps)
 
-    def _prompt_ids(self, probe: Probe) -> list[int]:
-        problem = self.problems[probe.row]
+    def _chat_prompt_ids(self, row: int) -> list[int]:
+        problem = self.problems[row]
         if problem not in self._chat_ids:
             self._chat_ids[problem] = self.engine.chat_prompt_ids(
                 problem, self.settings.system_prompt, self.settings.prompt_template
             )
-        return self.engine.continuation_ids(self._chat_ids[problem], self.probe_prefix(probe))
+        return self._chat_ids[problem]
+
+    def _prompt_ids(self, probes: list[Probe]) -> list[list[int]]:
+        """Each probe's prompt: the problem's chat prompt, then its step prefix (one tokenizer call)."""
+        chat_prompts = [self._chat_prompt_ids(probe.row) for probe in probes]
+        return self.engine.continuation_ids_batch(chat_prompts, [self.probe_prefix(probe) for probe in probes])
 
     def _seed(self, probe: Probe, round_number: int) -> int:
         # Fixed by the response and the prefix, so reruns give the same labels in lockstep
@@ -136,9 +141,10 @@ class Rollouts:
                 probes[i].first_sample,
             ),
         )
+        prompt_ids = self._prompt_ids([probes[i] for i in order])
         requests = [
             SamplingRequest(
-                prompt_ids=self._prompt_ids(probes[i]),
+                prompt_ids=prompt_ids[position],
                 n=probes[i].k,
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,
@@ -146,7 +152,7 @@ class Rollouts:
                 seed=self._seed(probes[i], rounds[i]),
                 first_sample=probes[i].first_sample,
             )
-            for i in order
+            for position, i in enumerate(order)
         ]
         return order, requests
 
@@ -185,11 +191,8 @@ class Rollouts:
     def longest_request(self, rows: list[int]) -> int:
         """Prompt plus max_tokens for a rollout after all but the last step of each row: the
         longest request a step search of these rows makes (the engine sizes its cache by it)."""
-        longest = 0
-        for row in rows:
-            probe = Probe(row, max(0, len(self.steps[row] or []) - 1), 1)
-            longest = max(longest, len(self._prompt_ids(probe)))
-        return longest + self.settings.max_tokens
+        probes = [Probe(row, max(0, len(self.steps[row] or []) - 1), 1) for row in rows]
+        return max((len(ids) for ids in self._prompt_ids(probes)), default=0) + self.settings.max_tokens
 
 
 class Search(Protocol):
