@@ -94,8 +94,12 @@ run (one card, one bare replay), not across rows of different runs:
   lockstep: at 2,048 through vLLM, 3.6 s of the 9.4 s between label and the bare replay. Since then the
   next probes' prefixes are tokenized in one batched call of the Rust tokenizer over all cores
   (`Engine.continuation_ids_batch`): 10,240 prefixes of this workload in 0.92 s instead of
-  1.69 s on 2 CPU cores (a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384);
-  not yet measured on a GPU.
+  1.69 s on 2 CPU cores (a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384).
+  And the hf engine keeps its decoder for a call whose prompts are shorter than the ones it was
+  sized for (before, each lockstep round whose longest request fell in another 128-token step
+  built a new KV cache and captured new CUDA graphs, which the bare replay's one call does
+  once); each run now prints its decoders built and their set-up seconds. Neither is measured
+  on a GPU yet.
 
 schedule: overhead's workload (wrong responses of 4-16 steps, k = 8, no rollout ever right) run
 through label's own code on a WaveEngine: `--slots` samples side by side, each lasting one
@@ -374,6 +378,20 @@ def timed_method(cls, name: str) -> list[float]:
     return seconds
 
 
+def setup_of(engine) -> tuple[int, float] | None:
+    """(decoders built, seconds building them) so far, for the hf engine; None for vLLM."""
+    if not hasattr(engine, "setup_seconds"):
+        return None
+    return engine.decoders_built, engine.setup_seconds()
+
+
+def print_setup(engine, before: tuple[int, float] | None) -> None:
+    after = setup_of(engine)
+    if before is not None and after is not None:
+        built, seconds = after[0] - before[0], after[1] - before[1]
+        print(f"  engine set-up: {built} decoders built, {seconds:.2f} s (caches, CUDA graphs)")
+
+
 def overhead(args) -> None:
     import torch
     from bench_generate import build_model, build_tokenizer
@@ -446,6 +464,7 @@ def overhead(args) -> None:
                 torch.cuda.synchronize()
             counts: dict[str, int] = {}
             cold_start()
+            setup_before = setup_of(engine)
             started = time.perf_counter()
             labeled = label_rows(
                 frame,
@@ -463,6 +482,7 @@ def overhead(args) -> None:
                 f"in {len(recorder.requests):,} requests sent, {labeled['label_tokens'].sum():,} tokens, "
                 f"{label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
             )
+            print_setup(engine, setup_before)
             if speculate:
                 print(
                     f"  speculation: {counts.get('speculative_rollouts', 0):,} rollouts sampled ahead, "
@@ -472,6 +492,7 @@ def overhead(args) -> None:
             if bare_seconds is None:
                 first_labels = labeled
                 cold_start()
+                setup_before = setup_of(engine)
                 started = time.perf_counter()
                 tokens = bare(recorder.requests)
                 if device.type == "cuda":
@@ -479,6 +500,7 @@ def overhead(args) -> None:
                 bare_seconds = time.perf_counter() - started
                 print(f"  bare engine, the same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
                       f"({tokens / bare_seconds:,.0f} tok/s)")  # fmt: skip
+                print_setup(engine, setup_before)
             else:
                 same = labeled.select("step_mc", "first_error").equals(first_labels.select("step_mc", "first_error"))
                 print(f"  labels as in {modes[0]}: {same}")

@@ -111,6 +111,32 @@ def test_a_sample_does_not_depend_on_what_else_is_in_the_batch(tiny_engine):
     assert single[0] == alone[0]  # sample 0 of a request is the same whatever n is
 
 
+def test_calls_reuse_the_decoder_while_its_slots_match_and_its_rows_are_long_enough(tiny_engine):
+    # A new decoder means a new cache and new CUDA graphs; label's rounds differ mostly in
+    # their prompts' lengths, so a decoder sized for longer rows serves the shorter ones.
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, max_batch_size=8)
+    short = tiny_engine.chat_prompt_ids("What is 2 + 3?")
+    long = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(60))))
+    longer = long + long
+
+    def sample(prompt, n=8, seed=0):
+        return engine.sample([SamplingRequest(prompt, n=n, max_tokens=8, seed=seed)])
+
+    sample(long)
+    first = engine.decoder
+    shorter_on_it = sample(short, seed=1)
+    assert engine.decoder is first and engine.decoders_built == 1
+    # ... and samples what a decoder sized for the short request samples
+    fresh = HFEngine(tiny_engine.model, tiny_engine.tokenizer, max_batch_size=8)
+    assert shorter_on_it == fresh.sample([SamplingRequest(short, n=8, max_tokens=8, seed=1)])
+    assert fresh.decoder.max_len < first.max_len
+    sample(longer)  # rows too short for it: a longer decoder
+    assert engine.decoder is not first and engine.decoders_built == 2
+    sample(short, n=2)  # fewer slots: every slot costs each decode step, so a smaller pool
+    assert engine.decoder.num_slots == 2 and engine.decoders_built == 3
+    assert engine.setup_seconds() > 0
+
+
 def test_n_samples_share_one_prefill(tiny_engine):
     prompt_lengths = []
     hook = tiny_engine.model.base_model.register_forward_pre_hook(

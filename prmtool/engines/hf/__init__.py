@@ -127,7 +127,9 @@ class HFEngine(Engine):
         )
         self.sliding_window = sliding_window_of(config)
         self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
-        self.decoder_shape: tuple[int, int, int] | None = None
+        self.decoder_shape: tuple[int, int, int] | None = None  # (wanted slots, max_len, max_tokens)
+        self.decoders_built = 0
+        self.retired_setup_seconds = 0.0  # setup_seconds of the decoders already replaced
         self.last_stats = GenerationStats()
 
     @classmethod
@@ -270,18 +272,35 @@ class HFEngine(Engine):
 
     def _decoder_for(self, total_samples: int, max_len: int, max_tokens: int) -> SlotDecoder:
         # Pool sizes are powers of two and lengths multiples of CACHE_LENGTH_STEP, so repeated
-        # calls of a stage find the decoder (and its captured graph) of the previous call.
+        # calls of a stage find the decoder (and its captured graphs) of the previous call.
+        # A decoder with as many slots and longer rows serves shorter requests at no cost per
+        # step (attention reads only the positions its active rows fill), and saves a new
+        # cache and new graphs: label's rounds differ mostly in their prompts' lengths.
         wanted_slots = min(self.max_batch_size, 1 << (total_samples - 1).bit_length())
-        shape = (wanted_slots, max_len, max_tokens)
-        if self.decoder is not None and self.decoder_shape == shape:
-            return self.decoder
-        self.decoder = None  # free the old buffers before sizing the new ones
+        old = self.decoder
+        if (
+            old is not None
+            and self.decoder_shape[0] == wanted_slots
+            and old.max_len >= max_len
+            and old.max_tokens >= max_tokens
+            and (old.num_slots == wanted_slots or old.max_len == max_len)  # its slots were not cut for memory
+        ):
+            return old
+        if old is not None:
+            self.retired_setup_seconds += old.setup_seconds
+        self.decoder = old = None  # free the old buffers before sizing the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         num_slots = choose_num_slots(self.parts, max_len, wanted_slots, self.vocab_size)
         self.decoder = SlotDecoder(self.parts, num_slots, max_len, max_tokens, self.use_cuda_graph)
-        self.decoder_shape = shape
+        self.decoder_shape = (wanted_slots, max_len, max_tokens)
+        self.decoders_built += 1
         return self.decoder
+
+    def setup_seconds(self) -> float:
+        """Seconds spent so far building decoders (caches, CUDA graphs): work a call pays for
+        on top of sampling whenever it needs a decoder of another shape."""
+        return self.retired_setup_seconds + (self.decoder.setup_seconds if self.decoder is not None else 0.0)
 
     # ------------------------------------------------------------------ scoring
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -238,6 +239,7 @@ class SlotDecoder:
     """Static decode buffers for `num_slots` sequences of up to `max_len` tokens, reusable across calls."""
 
     def __init__(self, parts: ModelParts, num_slots: int, max_len: int, max_tokens: int, use_cuda_graph: bool):
+        started = time.perf_counter()
         self.parts = parts
         self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
         device, config = parts.device, parts.config
@@ -277,8 +279,10 @@ class SlotDecoder:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+        self.setup_seconds = 0.0  # building these buffers and capturing graphs, so far
         if self.use_cuda_graph:
             self._capture_graph(max_len)  # the widest first: the pool is sized once
+        self.setup_seconds = time.perf_counter() - started
 
     def _decode_forward(self) -> torch.Tensor:
         with attention_implementation(self.parts.config, SLOT_DECODE_ATTENTION):
@@ -295,6 +299,7 @@ class SlotDecoder:
         # Warm-up on a side stream, then capture (the recipe of torch.cuda.graphs). The warm-up
         # runs the decode step for real: it writes each slot's keys and values at `end`, exactly
         # what the step itself writes next, so it is harmless before a step and mid-run alike.
+        started = time.perf_counter()
         self.width[0] = width
         try:
             side_stream = torch.cuda.Stream()
@@ -312,6 +317,8 @@ class SlotDecoder:
             return
         self.graph_pool = self.graph_pool or graph.pool()
         self.graphs[width] = (graph, logits)
+        torch.cuda.current_stream().synchronize()  # rare: lets setup_seconds count the device's part too
+        self.setup_seconds += time.perf_counter() - started
 
     def decode_logits(self, needed: int | None = None) -> torch.Tensor:
         """Logits of the next token for every slot, after feeding `input_ids` at `end`;
