@@ -259,6 +259,27 @@ def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, mod
         assert first["label_tokens"].to_list() == again["label_tokens"].to_list()
 
 
+def test_hf_engine_reuses_its_decoder_and_graphs_for_shorter_requests(models):
+    import prmtool as api
+    from prmtool.engines import SamplingRequest
+
+    def sample(engine, prompt, seed):
+        return engine.sample([SamplingRequest(prompt, n=8, max_tokens=16, temperature=1.0, seed=seed)])[0]
+
+    with api.load_engine("hf", str(models["policy"]), device="cuda") as engine:
+        short = engine.chat_prompt_ids("What is 2 + 3?")
+        long = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(150))))
+        sample(engine, long, seed=0)
+        sized_for_long = engine.decoder
+        on_it = sample(engine, short, seed=1)
+        assert engine.decoder is sized_for_long and engine.decoders_built == 1
+        assert sized_for_long.graphs and engine.setup_seconds() > 0  # decoding replays CUDA graphs
+    with api.load_engine("hf", str(models["policy"]), device="cuda") as fresh:
+        alone = sample(fresh, short, seed=1)
+        assert fresh.decoder.max_len < sized_for_long.max_len
+    assert [c.token_ids for c in on_it] == [c.token_ids for c in alone]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_the_quickstart_recipe_runs_with_either_engine(engine, models, tmp_path):
     """`prmtool run --engine vllm`: one model instance serves every stage of the recipe."""
