@@ -72,10 +72,9 @@ run (one card, one bare replay), not across rows of different runs:
   Continuous rounds lose through vLLM, for reasons not yet measured apart: 1,150 verification
   passes of a few requests each (5.6 s on threads) share the interpreter with vLLM's own host
   loop, and the gate keeps vLLM's queue short, so its scheduler may idle between a request's end
-  and its follow-up's arrival. (e): the same lease, before
-  (d), `--responses 512 --max-tokens 128 --modes
-  lockstep,lockstep+speculation,continuous,continuous+speculation`: continuous rounds with their
-  gate (below), first measured here, went from 0.682 and 0.787 (b) to 0.869 and 0.880.
+  and its follow-up's arrival. (e): the same lease, before (d), `--responses 512 --max-tokens 128
+  --modes lockstep,lockstep+speculation,continuous,continuous+speculation`: continuous rounds with
+  their gate (below), first measured here, went from 0.682 and 0.787 (b) to 0.869 and 0.880.
 
   Without speculation the targets are far off, and host work is not what is missing: at this
   size the workload is bounded by its chain of dependent samples. A search over 16 steps makes
@@ -88,18 +87,17 @@ run (one card, one bare replay), not across rows of different runs:
   lockstep, label's default, on an H200, and 0.693 -> 0.874 on an H100.
 
   Targets, as of 2026-12-06 (one H100), none met: vllm at 2,048 responses 0.931 (lockstep with
-  speculation, label's default; target 0.95); vllm at 512 0.893 (lockstep; 0.872 with
-  speculation; target 0.9); hf at 512 0.880 (continuous with speculation; 0.863 for the
-  default; target 0.9). Host work that blocks the engine is a third of what remains in
-  lockstep: at 2,048 through vLLM, 3.6 s of the 9.4 s between label and the bare replay. Since then the
-  next probes' prefixes are tokenized in one batched call of the Rust tokenizer over all cores
-  (`Engine.continuation_ids_batch`): 10,240 prefixes of this workload in 0.92 s instead of
-  1.69 s on 2 CPU cores (a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384).
-  And the hf engine keeps its decoder for a call whose prompts are shorter than the ones it was
-  sized for (before, each lockstep round whose longest request fell in another 128-token step
-  built a new KV cache and captured new CUDA graphs, which the bare replay's one call does
-  once); each run now prints its decoders built and their set-up seconds. Neither is measured
-  on a GPU yet.
+  speculation, label's default; target 0.95); vllm at 512 0.893 (lockstep; 0.872 with speculation;
+  target 0.9); hf at 512 0.880 (continuous with speculation; 0.863 for the default; target 0.9).
+  Host work that blocks the engine is a third of what remains in lockstep: at 2,048 through vLLM,
+  3.6 s of the 9.4 s between label and the bare replay. Since then the next probes' prefixes are
+  tokenized in one batched call of the Rust tokenizer over all cores
+  (`Engine.continuation_ids_batch`): 10,240 prefixes of this workload in 0.92 s instead of 1.69 s
+  on 2 CPU cores (a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384). And the hf
+  engine keeps its decoder for a call whose prompts are shorter than the ones it was sized for
+  (before, each lockstep round whose longest request fell in another 128-token step built a new KV
+  cache and captured new CUDA graphs, which the bare replay's one call does once); each run now
+  prints its decoders built and their set-up seconds. Neither is measured on a GPU yet.
 
 schedule: overhead's workload (wrong responses of 4-16 steps, k = 8, no rollout ever right) run
 through label's own code on a WaveEngine: `--slots` samples side by side, each lasting one
@@ -433,7 +431,7 @@ def overhead(args) -> None:
         def bare(requests):
             return sum(c.num_tokens for samples in engine.sample(requests) for c in samples)
 
-        def cold_start():  # the hf engine keeps nothing between calls
+        def cold_start():  # the hf engine caches no prefixes between calls (only its decoder's buffers)
             pass
 
     # warm-up: pools, graph capture, compilation, the verifier's worker processes
