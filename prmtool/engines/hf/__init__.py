@@ -127,7 +127,7 @@ class HFEngine(Engine):
         )
         self.sliding_window = sliding_window_of(config)
         self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
-        self.decoder_shape: tuple[int, int, int] | None = None  # (wanted slots, max_len, max_tokens)
+        self.decoder_wanted_slots = 0  # the slots asked of the decoder (memory may have given fewer)
         self.decoders_built = 0
         self.retired_setup_seconds = 0.0  # setup_seconds of the decoders already replaced
         self.last_stats = GenerationStats()
@@ -280,7 +280,7 @@ class HFEngine(Engine):
         old = self.decoder
         if (
             old is not None
-            and self.decoder_shape[0] == wanted_slots
+            and self.decoder_wanted_slots == wanted_slots
             and old.max_len >= max_len
             and old.max_tokens >= max_tokens
             and (old.num_slots == wanted_slots or old.max_len == max_len)  # its slots were not cut for memory
@@ -293,7 +293,7 @@ class HFEngine(Engine):
             torch.cuda.empty_cache()
         num_slots = choose_num_slots(self.parts, max_len, wanted_slots, self.vocab_size)
         self.decoder = SlotDecoder(self.parts, num_slots, max_len, max_tokens, self.use_cuda_graph)
-        self.decoder_shape = (wanted_slots, max_len, max_tokens)
+        self.decoder_wanted_slots = wanted_slots
         self.decoders_built += 1
         return self.decoder
 
