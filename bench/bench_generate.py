@@ -36,11 +36,30 @@ pass over the requests compiles), `PYTHONPATH=. python bench/bench_generate.py -
 
 detokenize=False is no faster (28,198 against 31,803: run-to-run noise), so vLLM is not held
 back by detokenizing here; its default max_num_seqs (1024 on this GPU) is already the hf
-engine's slot count. prmtool's vllm engine costs nothing over bare vLLM. The 1.5B architecture
-was not run in this lease (device time); the issue's earlier run measured 47,865 (hf) against
-20,271 (bare, max_num_seqs 1024) and 22,919 (prmtool's vllm engine) tokens/s. The hf engine's
-85,490 here against 78,390 on 2026-11-22 is after its decode attention began reading only the
-cache positions that active sequences fill (generate.py), in another lease.
+engine's slot count. prmtool's vllm engine costs nothing over bare vLLM on this run. The hf
+engine's 85,490 here against 78,390 on 2026-11-22 is after its decode attention began reading
+only the cache positions that active sequences fill (generate.py), in another lease.
+
+The 1.5B architecture on 2026-12-06, one H200, vLLM 0.26.0, `PYTHONPATH=. python
+bench/bench_generate.py --vllm --arch 1.5b --skip a,b,cb` (7 min 18 s in all, two vLLM starts):
+
+  | Qwen2.5-1.5B arch, bf16                     | tokens/s | hf engine / it |
+  |---------------------------------------------|---------:|---------------:|
+  | hf engine, 1024 slots (warm; cold 41,725)   |   52,200 |                |
+  | bare vllm.LLM.generate, defaults            |   28,320 |           1.8x |
+  | bare vllm, defaults, detokenize=False       |   26,655 |           2.0x |
+  | bare vllm, max_num_seqs=1024                |   32,711 |           1.6x |
+  | prmtool's vllm engine, max_num_seqs=1024    |   23,260 |           2.2x |
+
+(hf engine peak 23.7 GiB.) The last two rows ran on one vLLM instance, one after the other, on
+identical requests and sampling parameters, yet differ by 29%. Nothing in prmtool's path
+accounts for it: it adds `stop=[]` and, after vLLM returns, copies the token ids into its
+Completions. On the 0.5B run above the two rows were equal (32,643 and 33,072), and the issue's
+first 1.5B run had them the other way round (20,271 bare, 22,919 prmtool's engine). Whether
+this is vLLM's run-to-run spread or something of prmtool's that shows only on this model is
+not settled (`--repeats 3` times each variant three times, alternating the two that share an
+instance, and reports the median); until then read the hf engine against vLLM as a range:
+1.6 to 2.2x on the 1.5B architecture, 2.6 to 3.0x on the 0.5B.
 """
 
 from __future__ import annotations
@@ -49,6 +68,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import time
 
 import torch
@@ -111,6 +131,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also bare vllm.LLM.generate (defaults; max_num_seqs = the hf engine's slots; detokenize=False) "
         "and prmtool's vllm engine, on the same model saved as a folder",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --vllm: timed passes of each vLLM variant after its warm-up; the median is reported and every "
+        "pass printed (the two variants that share an instance alternate, so neither always runs last)",
     )
     args = parser.parse_args()
     if args.quick:
@@ -291,28 +318,39 @@ def run_vllm(model, tokenizer, requests, args) -> dict[str, dict]:
             for r in requests
         ]  # fmt: skip
 
-    def timed(generate) -> dict:
-        generate()  # warm-up: compilation, CUDA graphs, the prefix cache
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs = generate()
-        seconds = time.perf_counter() - start
-        tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
-        return dict(tokens=tokens, seconds=seconds, peak_gib=float("nan"))
+    def warmed_up(name: str, generate) -> dict:
+        """One warm-up pass (compilation, CUDA graphs, the prefix cache), then args.repeats timed ones."""
+        generate()
+        return {"name": name, "generate": generate, "seconds": []}
+
+    def run_passes(variants: list[dict]) -> dict[str, dict]:
+        # Passes alternate between the variants: a drift over time (clocks, caches) hits each alike.
+        for _ in range(args.repeats):
+            for variant in variants:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                outputs = variant["generate"]()
+                variant["seconds"].append(time.perf_counter() - start)
+                variant["tokens"] = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+                print(f"  {variant['name']}: {variant['tokens'] / variant['seconds'][-1]:,.0f} tokens/s", flush=True)
+        return {
+            v["name"]: dict(tokens=v["tokens"], seconds=statistics.median(v["seconds"]), peak_gib=float("nan"))
+            for v in variants
+        }
 
     def bare_defaults() -> dict[str, dict]:
         llm = vllm.LLM(model=folder, dtype="bfloat16", seed=0, gpu_memory_utilization=0.6)
-        runs = {
-            "vllm": timed(lambda: llm.generate(prompts, params(), use_tqdm=False)),
-            "vllm-nodetok": timed(lambda: llm.generate(prompts, params(False), use_tqdm=False)),
-        }
-        return runs  # llm goes with this frame: vLLM's engine process ends, and its GPU memory with it
+        return run_passes(
+            [
+                warmed_up("vllm", lambda: llm.generate(prompts, params(), use_tqdm=False)),
+                warmed_up("vllm-nodetok", lambda: llm.generate(prompts, params(False), use_tqdm=False)),
+            ]
+        )  # llm goes with this frame: vLLM's engine process ends, and its GPU memory with it
 
     results = bare_defaults()
     gc.collect()
     torch.cuda.empty_cache()
     engine = VLLMEngine(folder, dtype="bfloat16", ignore_eos=True, max_num_seqs=slots, gpu_memory_utilization=0.6)
-    results[f"vllm@{slots}"] = timed(lambda: engine.llm.generate(prompts, params(), use_tqdm=False))
 
     def through_engine():
         completions = engine.sample(requests)
@@ -320,7 +358,12 @@ def run_vllm(model, tokenizer, requests, args) -> dict[str, dict]:
             type("Out", (), {"outputs": [type("O", (), {"token_ids": c.token_ids}) for c in s]}) for s in completions
         ]
 
-    results["prmtool-vllm"] = timed(through_engine)
+    results |= run_passes(
+        [
+            warmed_up(f"vllm@{slots}", lambda: engine.llm.generate(prompts, params(), use_tqdm=False)),
+            warmed_up("prmtool-vllm", through_engine),
+        ]
+    )
     engine.close()
     return results
 

@@ -19,7 +19,8 @@ bare engine's for each of `--modes` (default: all four): lockstep rounds (one en
 round), continuous rounds (a search's next probe goes out as soon as its own results are
 verified), each with and without speculation (idle slots sample the probes a search may ask
 next; the labels are the same, and each mode says so). The first mode must be one without
-speculation: what it asks is the work the bare engine replays. Targets: >= 0.9 at 512
+speculation: what it asks is the work the bare engine replays. A lockstep run also prints the
+wall time of each engine call and label's work between them. Targets: >= 0.9 at 512
 responses, >= 0.95 at 2,048 (vllm).
 
 Measured on one H200 (one H100 where the row says so), random weights (no rollout is ever
@@ -29,6 +30,15 @@ run (one card, one bare replay), not across rows of different runs:
 
   | engine, responses, max_tokens | rounds                 | label s | bare s | label / bare | when           |
   |-------------------------------|------------------------|--------:|-------:|-------------:|----------------|
+  | vllm, 2,048, 64               | lockstep               |  114.40 | 105.72 |        0.924 | 2026-12-06 (f) |
+  | vllm, 2,048, 64               | lockstep+speculation   |  100.72 | 105.72 |        1.050 | 2026-12-06 (f) |
+  | vllm, 512, 64                 | lockstep               |   27.36 |  26.53 |        0.970 | 2026-12-06 (f) |
+  | vllm, 512, 64                 | lockstep+speculation   |   29.20 |  26.53 |        0.909 | 2026-12-06 (f) |
+  | hf, 512, 128                  | lockstep               |   23.89 |  18.06 |        0.756 | 2026-12-06 (f) |
+  | hf, 512, 128                  | lockstep+speculation   |   20.43 |  18.06 |        0.884 | 2026-12-06 (f) |
+  | hf, 512, 128                  | continuous+speculation |   20.27 |  18.06 |        0.891 | 2026-12-06 (f) |
+  | hf, 512, 128                  | lockstep               |   25.22 |  18.63 |        0.739 | 2026-12-06 (g) |
+  | hf, 512, 128                  | lockstep+speculation   |   20.90 |  18.63 |        0.891 | 2026-12-06 (g) |
   | vllm, 2,048, 64               | lockstep               |  137.50 | 126.01 |        0.916 | 2026-12-06 (d) |
   | vllm, 2,048, 64               | lockstep+speculation   |  135.42 | 126.01 |        0.931 | 2026-12-06 (d) |
   | vllm, 2,048, 64               | continuous             |  153.42 | 126.01 |        0.821 | 2026-12-06 (d) |
@@ -75,29 +85,51 @@ run (one card, one bare replay), not across rows of different runs:
   and its follow-up's arrival. (e): the same lease, before (d), `--responses 512 --max-tokens 128
   --modes lockstep,lockstep+speculation,continuous,continuous+speculation`: continuous rounds with
   their gate (below), first measured here, went from 0.682 and 0.787 (b) to 0.869 and 0.880.
+  (f): one H200, a later lease, after the batched tokenizing and the hf engine's decoder reuse
+  (below); hf: `--responses 512 --max-tokens 128 --modes lockstep,lockstep+speculation,
+  continuous+speculation`; vllm: `--engine vllm --responses 512,2048 --max-tokens 64 --modes
+  lockstep,lockstep+speculation`, one vLLM start. Decoders the hf engine built: lockstep 3 in
+  0.55 s (4 before the reuse), lockstep+speculation 1 in 0.12 s, the bare replay 1 in 0.13 s.
+  Label's host work blocking the engine, lockstep+speculation: hf at 512 0.29 s verifying and
+  0.12 s tokenizing; vllm at 2,048 0.72 s verifying and 0.40 s tokenizing (2.32 s in (d), one
+  `encode` per prefix on an H100 host). Through vLLM at 2,048 label with speculation beat the
+  bare replay of its own requests (1.050): vLLM sampled the 11,384 requests given at once more
+  slowly (27,567 tokens/s) than the same work in label's eight rounds (28,933). vLLM's
+  run-to-run spread is wide on these machines (two passes of identical requests on one instance
+  differed by 29% in bench_generate's 1.5B run), so rows of a few percent apart in one run are
+  not told apart by it. (g): one H100, the same code with each engine call timed, `--responses
+  512 --max-tokens 128 --modes lockstep,lockstep+speculation`: with speculation label spent 20.50 s
+  in its 7 engine calls (1.90, 6.23, 1.63, 5.51, 1.47, 2.74, 1.01 s: each probe's first stage of
+  2 rollouts, then its other 6) and 0.40 s between them, against the bare replay's 18.63 s in one
+  call; lockstep alone 24.83 s in 8 calls and 0.40 s between them.
 
   Without speculation the targets are far off, and host work is not what is missing: at this
   size the workload is bounded by its chain of dependent samples. A search over 16 steps makes
-  5 probes one after another, each in two stages (one rollout, then the other 7 once it
-  failed), so its last rollout cannot start before 9 others of 128 tokens have ended: 1,280
+  4 probes one after another, each in two stages (2 rollouts, then the other 6 once both
+  failed), so its last rollouts cannot start before 7 others of 128 tokens have ended: 1,024
   decode steps in a chain, against the 1,430 steps (1,464,320 tokens / 1,024 slots) in which
   the bare engine does all the work at once. Towards the end of the chain too few searches are
   left to fill the slots. Speculation shortens the chain where slots are idle (a probe's second
   stage and both possible next probes are sampled beside its first stage): 0.672 -> 0.857 in
   lockstep, label's default, on an H200, and 0.693 -> 0.874 on an H100.
 
-  Targets, as of 2026-12-06 (one H100), none met: vllm at 2,048 responses 0.931 (lockstep with
-  speculation, label's default; target 0.95); vllm at 512 0.893 (lockstep; 0.872 with speculation;
-  target 0.9); hf at 512 0.880 (continuous with speculation; 0.863 for the default; target 0.9).
-  Host work that blocks the engine is a third of what remains in lockstep: at 2,048 through vLLM,
-  3.6 s of the 9.4 s between label and the bare replay. Since then the next probes' prefixes are
-  tokenized in one batched call of the Rust tokenizer over all cores
-  (`Engine.continuation_ids_batch`): 10,240 prefixes of this workload in 0.92 s instead of 1.69 s
-  on 2 CPU cores (a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384). And the hf
+  Targets, as of 2026-12-06, (f) on one H200: vllm at 2,048 responses met by label's default,
+  lockstep with speculation (1.050; lockstep alone 0.924; on an H100 in (d), before the batched
+  tokenizing, 0.931); vllm at 512 met (0.909 default, 0.970 lockstep alone; (d): 0.872 and 0.893).
+  hf at 512 not met: 0.884 for the default and 0.891 with continuous rounds and speculation (f),
+  0.891 for the default on an H100 (g) (target 0.9). What remains there is not host work: in (g)
+  label spent 0.40 s between its engine calls and 20.50 s in them, against 18.63 s for the bare
+  replay; the 1.87 s lost are inside the engine, in seven calls, each of which prefills its
+  prompts before its slots fill and ends as its last samples drain, where the bare replay has one
+  (speculation cannot fill a call whose asked-for samples already fill the slots, as each first
+  stage here does: 512 probes of 2 rollouts for 1,024 slots). Since (d) the next probes' prefixes
+  are tokenized in one batched call of the Rust tokenizer over all cores
+  (`Engine.continuation_ids_batch`: 10,240 prefixes of this workload in 0.92 s instead of 1.69 s
+  on 2 CPU cores; a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384). And the hf
   engine keeps its decoder for a call whose prompts are shorter than the ones it was sized for
   (before, each lockstep round whose longest request fell in another 128-token step built a new KV
-  cache and captured new CUDA graphs, which the bare replay's one call does once); each run now
-  prints its decoders built and their set-up seconds. Neither is measured on a GPU yet.
+  cache and captured new CUDA graphs, which the bare replay's one call does once); each run prints
+  its decoders built and their set-up seconds.
 
 schedule: overhead's workload (wrong responses of 4-16 steps, k = 8, no rollout ever right) run
 through label's own code on a WaveEngine: `--slots` samples side by side, each lasting one
@@ -323,10 +355,12 @@ def schedule(args) -> None:
 
 
 class RecordingEngine(Engine):
-    """Passes every call through to the real engine and keeps the requests, follow-ups included."""
+    """Passes every call through to the real engine and keeps the requests, follow-ups included,
+    and the wall time of each lockstep call (`sample`)."""
 
     def __init__(self, inner: Engine):
         self.inner, self.tokenizer, self.requests, self.calls = inner, inner.tokenizer, [], 0
+        self.sample_seconds: list[float] = []
 
     def chat_prompt_ids(self, *args, **kwargs):
         return self.inner.chat_prompt_ids(*args, **kwargs)
@@ -340,7 +374,11 @@ class RecordingEngine(Engine):
     def sample(self, requests, on_progress=None):
         self.calls += 1
         self.requests.extend(requests)
-        return self.inner.sample(requests, on_progress)
+        started = time.perf_counter()
+        try:
+            return self.inner.sample(requests, on_progress)
+        finally:
+            self.sample_seconds.append(time.perf_counter() - started)
 
     def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
         self.calls += 1
@@ -481,6 +519,12 @@ def overhead(args) -> None:
                 f"{label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
             )
             print_setup(engine, setup_before)
+            if rounds == "lockstep":  # where label's time goes: in the engine's calls, or between them
+                inside = sum(recorder.sample_seconds)
+                print(
+                    f"  engine calls {inside:.2f} s ({', '.join(f'{s:.2f}' for s in recorder.sample_seconds)}), "
+                    f"label's work between them {label_seconds - inside:.2f} s"
+                )
             if speculate:
                 print(
                     f"  speculation: {counts.get('speculative_rollouts', 0):,} rollouts sampled ahead, "

@@ -56,6 +56,8 @@ def test_bench_label_overhead_replays_labels_work_and_every_mode_gives_its_label
     )  # fmt: skip
     assert out.count("bare engine, the same requests in one call") == 2
     assert out.count("labels as in lockstep: True") == 4 and "False" not in out
+    # Lockstep runs split label's time into its engine calls and the work between them.
+    assert len(re.findall(r"engine calls [\d.]+ s \([\d., ]+\), label's work between them [\d.]+ s", out)) == 4
     rows = re.findall(r"^\| hf, (\d+), 8 \| (\S+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, flags=re.MULTILINE)
     assert len(rows) == 6 and {size for size, _ in rows} == {"6", "8"}
 
