@@ -355,12 +355,10 @@ def schedule(args) -> None:
 
 
 class RecordingEngine(Engine):
-    """Passes every call through to the real engine and keeps the requests, follow-ups included,
-    and the wall time of each lockstep call (`sample`)."""
+    """Passes every call through to the real engine and keeps the requests, follow-ups included."""
 
     def __init__(self, inner: Engine):
         self.inner, self.tokenizer, self.requests, self.calls = inner, inner.tokenizer, [], 0
-        self.sample_seconds: list[float] = []
 
     def chat_prompt_ids(self, *args, **kwargs):
         return self.inner.chat_prompt_ids(*args, **kwargs)
@@ -374,11 +372,7 @@ class RecordingEngine(Engine):
     def sample(self, requests, on_progress=None):
         self.calls += 1
         self.requests.extend(requests)
-        started = time.perf_counter()
-        try:
-            return self.inner.sample(requests, on_progress)
-        finally:
-            self.sample_seconds.append(time.perf_counter() - started)
+        return self.inner.sample(requests, on_progress)
 
     def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
         self.calls += 1
@@ -476,6 +470,7 @@ def overhead(args) -> None:
     verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
     verifying = timed_method(Rollouts, "results_of")  # the rollouts' verification passes
     preparing = timed_method(Rollouts, "requests_for")  # prompts of the next probes (tokenizing)
+    engine_calls = timed_method(RecordingEngine, "sample")  # label's lockstep calls, not the bare replay's
     bare([SamplingRequest([5] * 64, n=8, max_tokens=32, seed=s) for s in range(64)])
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
     # The work label needs is what it asks without speculation: the bare engine samples exactly
@@ -495,7 +490,7 @@ def overhead(args) -> None:
         for name in modes:
             rounds, speculate = MODES[name]
             recorder = RecordingEngine(engine)
-            verifying.clear(), preparing.clear()
+            verifying.clear(), preparing.clear(), engine_calls.clear()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             counts: dict[str, int] = {}
@@ -520,9 +515,9 @@ def overhead(args) -> None:
             )
             print_setup(engine, setup_before)
             if rounds == "lockstep":  # where label's time goes: in the engine's calls, or between them
-                inside = sum(recorder.sample_seconds)
+                inside = sum(engine_calls)
                 print(
-                    f"  engine calls {inside:.2f} s ({', '.join(f'{s:.2f}' for s in recorder.sample_seconds)}), "
+                    f"  engine calls {inside:.2f} s ({', '.join(f'{s:.2f}' for s in engine_calls)}), "
                     f"label's work between them {label_seconds - inside:.2f} s"
                 )
             if speculate:
