@@ -104,15 +104,27 @@ def test_a_stage_runs_across_two_ray_nodes_through_ray_address(two_nodes, tmp_pa
 
 
 def node_processes(temp_dir: str) -> list[int]:
-    """The process ids of the node started with `temp_dir` (its raylet and the rest), from /proc."""
-    found = []
+    """The process ids of the node started with `temp_dir`: those whose command line names it
+    (its raylet and the rest) and all their descendants. Ray's workers and agents rename
+    themselves (`ray::verify`), so only their parent ties them to the node."""
+    parents: dict[int, int] = {}
+    named = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and temp_dir.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # gone meanwhile
+            if not entry.name.isdigit():
+                continue
+            # /proc/PID/stat: "pid (name) state ppid ...", and the name may hold spaces
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                named.append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
-    return found
+    found = set(named)
+    while True:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        if not children:
+            return sorted(found)
+        found |= children
 
 
 def stop_nodes(*temp_dirs: str) -> None:
