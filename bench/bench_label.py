@@ -116,29 +116,42 @@ run (one card, one bare replay), not across rows of different runs:
   Targets, as of 2026-12-06, (f) on one H200: vllm at 2,048 responses met by label's default,
   lockstep with speculation (1.050; lockstep alone 0.924; on an H100 in (d), before the batched
   tokenizing, 0.931); vllm at 512 met (0.909 default, 0.970 lockstep alone; (d): 0.872 and 0.893).
-  hf at 512 not met: 0.884 for the default and 0.891 with continuous rounds and speculation (f),
-  0.891 for the default on an H100 (g) (target 0.9). What remains there is not host work: in (g)
-  label spent 0.40 s between its engine calls and 20.50 s in them, against 18.63 s for the bare
-  replay; the 1.87 s lost are inside the engine, in seven calls, each of which prefills its
-  prompts before its slots fill and ends as its last samples drain, where the bare replay has one
-  (speculation cannot fill a call whose asked-for samples already fill the slots, as each first
-  stage here does: 512 probes of 2 rollouts for 1,024 slots). Since (d) the next probes' prefixes
-  are tokenized in one batched call of the Rust tokenizer over all cores
-  (`Engine.continuation_ids_batch`: 10,240 prefixes of this workload in 0.92 s instead of 1.69 s
-  on 2 CPU cores; a real BPE tokenizer, SmolLM2's, 3.2 s instead of 6.3 s for 11,384). And the hf
-  engine keeps its decoder for a call whose prompts are shorter than the ones it was sized for
-  (before, each lockstep round whose longest request fell in another 128-token step built a new KV
-  cache and captured new CUDA graphs, which the bare replay's one call does once); each run prints
-  its decoders built and their set-up seconds.
+  hf at 512 not met on a GPU yet: 0.884 for the default and 0.891 with continuous rounds and
+  speculation (f), 0.891 for the default on an H100 (g) (target 0.9). What was lost there is not
+  host work: in (g) label spent 0.40 s between its engine calls and 20.50 s in them, against
+  18.63 s for the bare replay. It was the hf engine's admission: a request's samples started
+  only once all of them fitted in free slots, so each round of second stages (512 requests of n=6, 3,072
+  samples) fitted 170 requests (1,020 samples) into 1,024 slots and took four generations of 128
+  tokens where three hold the work, the fourth running 12 samples; twice in the run. Since
+  2026-12-06 (after (g)) the engine starts the samples that fit and keeps the rest first in line
+  (each sample draws from its own stream, so no token changes). Counted on a CPU with the tiny
+  model (`overhead --quick --responses 512 --max-tokens 128`; the engine's decode steps, each of
+  which runs every slot, busy or idle), before -> after: lockstep 2,048 -> 1,792, lockstep with
+  speculation (the default) 1,792 -> 1,536, continuous with speculation 1,536 both times, and the
+  bare replay 1,536 both times (that CPU's label / bare, which says little of a GPU's: lockstep
+  0.798 -> 0.935, the default 0.886 -> 0.966). In (g) the default's two four-generation calls took
+  6.23 and 5.51 s against 1.63 s for a call of one generation, so about 2 of its 20.90 s should
+  go: to be timed on a GPU. Other changes before: the next probes' prefixes are tokenized in one
+  batched call of the Rust tokenizer over all cores (`Engine.continuation_ids_batch`: 10,240
+  prefixes of this workload in 0.92 s instead of 1.69 s on 2 CPU cores; a real BPE tokenizer,
+  SmolLM2's, 3.2 s instead of 6.3 s for 11,384). And the hf engine keeps its decoder for a call
+  whose prompts are shorter than the ones it was sized for (before, each lockstep round whose
+  longest request fell in another 128-token step built a new KV cache and captured new CUDA
+  graphs, which the bare replay's one call does once); each run prints its decoders built and
+  their set-up seconds, and with the hf engine its decode steps.
 
 schedule: overhead's workload (wrong responses of 4-16 steps, k = 8, no rollout ever right) run
 through label's own code on a WaveEngine: `--slots` samples side by side, each lasting one
 wave, as every rollout of a random-weight model runs to max_tokens; continuous rounds follow
 the hf engine's queue. It counts the waves each mode needs against the bare engine's
 ceil(samples / slots), a model of the GPU run without its per-step costs, in seconds on a CPU.
-Its ratios sit above the GPU's (lockstep 0.857 against 0.693 measured on an H100, lockstep
-with speculation 1.000 against 0.874) but rank the modes as the GPU did, so it is where a
-scheduling change is tried before a lease. `python bench/bench_label.py schedule` (1,024
+Its ratios sat above the GPU's (lockstep 0.857 against 0.693 measured on an H100, lockstep
+with speculation 1.000 against 0.874) but ranked the modes as the GPU did, so it is where a
+scheduling change is tried before a lease. Part of that gap was the hf engine's admission,
+which the model never copied: a request's samples waited for room for all of them. Since the
+engine starts those that fit, its decode steps on this workload (CPU, `overhead --quick`) are
+the model's waves times max_tokens: lockstep 14 waves and 1,792 steps, lockstep with
+speculation 12 and 1,536. `python bench/bench_label.py schedule` (1,024
 slots; continuous modes move by a wave between runs, as verification runs on threads):
 
   | responses | rounds                 | waves | bare waves | label / bare | continuous, before its gate |
@@ -355,10 +368,16 @@ def schedule(args) -> None:
 
 
 class RecordingEngine(Engine):
-    """Passes every call through to the real engine and keeps the requests, follow-ups included."""
+    """Passes every call through to the real engine and keeps the requests, follow-ups included,
+    and the hf engine's decode steps (each runs every slot, busy or idle: the GPU time's unit)."""
 
     def __init__(self, inner: Engine):
         self.inner, self.tokenizer, self.requests, self.calls = inner, inner.tokenizer, [], 0
+        self.decode_steps = 0
+
+    def _count_steps(self) -> None:
+        stats = getattr(self.inner, "last_stats", None)
+        self.decode_steps += stats.decode_steps if stats is not None else 0
 
     def chat_prompt_ids(self, *args, **kwargs):
         return self.inner.chat_prompt_ids(*args, **kwargs)
@@ -372,7 +391,9 @@ class RecordingEngine(Engine):
     def sample(self, requests, on_progress=None):
         self.calls += 1
         self.requests.extend(requests)
-        return self.inner.sample(requests, on_progress)
+        results = self.inner.sample(requests, on_progress)
+        self._count_steps()
+        return results
 
     def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
         self.calls += 1
@@ -383,7 +404,8 @@ class RecordingEngine(Engine):
             self.requests.extend(item for item in answer if isinstance(item, SamplingRequest))
             return answer
 
-        return self.inner.sample_continuously(requests, recorded, on_progress, longest)
+        self.inner.sample_continuously(requests, recorded, on_progress, longest)
+        self._count_steps()
 
     def sampling_capacity(self):
         return self.inner.sampling_capacity()
@@ -514,6 +536,8 @@ def overhead(args) -> None:
                 f"{label_seconds:.2f} s ({labeled['label_tokens'].sum() / label_seconds:,.0f} tok/s)"
             )
             print_setup(engine, setup_before)
+            if recorder.decode_steps:
+                print(f"  decode steps: {recorder.decode_steps:,}")
             if rounds == "lockstep":  # where label's time goes: in the engine's calls, or between them
                 inside = sum(engine_calls)
                 print(
@@ -538,6 +562,8 @@ def overhead(args) -> None:
                 print(f"  bare engine, the same requests in one call: {tokens:,} tokens, {bare_seconds:.2f} s "
                       f"({tokens / bare_seconds:,.0f} tok/s)")  # fmt: skip
                 print_setup(engine, setup_before)
+                if getattr(engine, "last_stats", None) is not None:
+                    print(f"  bare engine's decode steps: {engine.last_stats.decode_steps:,}")
             else:
                 same = labeled.select("step_mc", "first_error").equals(first_labels.select("step_mc", "first_error"))
                 print(f"  labels as in {modes[0]}: {same}")

@@ -111,6 +111,22 @@ def test_a_sample_does_not_depend_on_what_else_is_in_the_batch(tiny_engine):
     assert single[0] == alone[0]  # sample 0 of a request is the same whatever n is
 
 
+def test_a_request_whose_samples_do_not_all_fit_starts_those_that_do(tiny_engine):
+    # 2 + 3 + 3 samples on 4 slots: two generations' worth of work. Waiting for room for a whole
+    # request would leave slots idle and take three (label's second stages, n=6 on 1,024 slots,
+    # took 4 generations instead of 3).
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=4)
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Solve for y.", "Add 1 to 10."])
+    requests = [SamplingRequest(prompt, n=n, max_tokens=10, seed=index) for index, (prompt, n) in enumerate(
+        zip(prompts, [2, 3, 3])
+    )]  # fmt: skip
+    results = engine.sample(requests)
+    assert engine.last_stats.num_slots == 4
+    assert engine.last_stats.decode_steps <= 2 * 10
+    # A sample is the same whichever generation it ran in, beside whichever others.
+    assert results == [engine.sample([request])[0] for request in requests]
+
+
 def test_calls_reuse_the_decoder_while_its_slots_match_and_its_rows_are_long_enough(tiny_engine):
     # A new decoder means a new cache and new CUDA graphs; label's rounds differ mostly in
     # their prompts' lengths, so a decoder sized for longer rows serves the shorter ones.
