@@ -120,8 +120,8 @@ run (one card, one bare replay), not across rows of different runs:
   speculation (f), 0.891 for the default on an H100 (g) (target 0.9). What was lost there is not
   host work: in (g) label spent 0.40 s between its engine calls and 20.50 s in them, against
   18.63 s for the bare replay. It was the hf engine's admission: a request's samples started
-  only once all of them fitted in free slots, so each round of second stages (512 requests of n=6, 3,072
-  samples) fitted 170 requests (1,020 samples) into 1,024 slots and took four generations of 128
+  only once all of them fitted in free slots, so each round of second stages (512 requests of
+  n=6, 3,072 samples) fitted 170 requests (1,020 samples) into 1,024 slots and took four generations of 128
   tokens where three hold the work, the fourth running 12 samples; twice in the run. Since
   2026-12-06 (after (g)) the engine starts the samples that fit and keeps the rest first in line
   (each sample draws from its own stream, so no token changes). Counted on a CPU with the tiny

@@ -117,9 +117,10 @@ def test_a_request_whose_samples_do_not_all_fit_starts_those_that_do(tiny_engine
     # took 4 generations instead of 3).
     engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=4)
     prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Solve for y.", "Add 1 to 10."])
-    requests = [SamplingRequest(prompt, n=n, max_tokens=10, seed=index) for index, (prompt, n) in enumerate(
-        zip(prompts, [2, 3, 3])
-    )]  # fmt: skip
+    requests = [
+        SamplingRequest(prompt, n=n, max_tokens=10, seed=seed)
+        for seed, (prompt, n) in enumerate(zip(prompts, [2, 3, 3]))
+    ]
     results = engine.sample(requests)
     assert engine.last_stats.num_slots == 4
     assert engine.last_stats.decode_steps <= 2 * 10
