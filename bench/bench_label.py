@@ -30,6 +30,11 @@ run (one card, one bare replay), not across rows of different runs:
 
   | engine, responses, max_tokens | rounds                 | label s | bare s | label / bare | when           |
   |-------------------------------|------------------------|--------:|-------:|-------------:|----------------|
+  | hf, 512, 128                  | lockstep               |   22.71 |  18.75 |        0.826 | 2026-12-06 (h) |
+  | hf, 512, 128                  | lockstep+speculation   |   18.49 |  18.75 |        1.014 | 2026-12-06 (h) |
+  | hf, 512, 128                  | continuous+speculation |   20.46 |  18.75 |        0.916 | 2026-12-06 (h) |
+  | hf, 512, 128                  | lockstep               |   22.16 |  19.76 |        0.892 | 2026-12-06 (h) |
+  | hf, 512, 128                  | lockstep+speculation   |   19.70 |  19.76 |        1.003 | 2026-12-06 (h) |
   | vllm, 2,048, 64               | lockstep               |  114.40 | 105.72 |        0.924 | 2026-12-06 (f) |
   | vllm, 2,048, 64               | lockstep+speculation   |  100.72 | 105.72 |        1.050 | 2026-12-06 (f) |
   | vllm, 512, 64                 | lockstep               |   27.36 |  26.53 |        0.970 | 2026-12-06 (f) |
@@ -102,6 +107,13 @@ run (one card, one bare replay), not across rows of different runs:
   in its 7 engine calls (1.90, 6.23, 1.63, 5.51, 1.47, 2.74, 1.01 s: each probe's first stage of
   2 rollouts, then its other 6) and 0.40 s between them, against the bare replay's 18.63 s in one
   call; lockstep alone 24.83 s in 8 calls and 0.40 s between them.
+  (h): one H100, a later session, after the hf engine's split admission (below), two runs on one
+  warm machine: `--modes lockstep,lockstep+speculation,continuous+speculation`, then `--modes
+  lockstep,lockstep+speculation`. Decode steps, the same as on the CPU: lockstep 1,792, the
+  default 1,536, continuous with speculation 1,536, the bare replay 1,536. The default's 7
+  engine calls took 1.89, 4.95, 1.69, 4.24, 1.45, 2.82, 1.03 s (in (g) the second and fourth
+  took 6.23 and 5.51 s) and label's work between them 0.42 s. Label at or a little above its
+  bare replay (1.014, 1.003) is run-to-run spread on equal decode steps, not label beating it.
 
   Without speculation the targets are far off, and host work is not what is missing: at this
   size the workload is bounded by its chain of dependent samples. A search over 16 steps makes
@@ -113,25 +125,27 @@ run (one card, one bare replay), not across rows of different runs:
   stage and both possible next probes are sampled beside its first stage): 0.672 -> 0.857 in
   lockstep, label's default, on an H200, and 0.693 -> 0.874 on an H100.
 
-  Targets, as of 2026-12-06, (f) on one H200: vllm at 2,048 responses met by label's default,
-  lockstep with speculation (1.050; lockstep alone 0.924; on an H100 in (d), before the batched
-  tokenizing, 0.931); vllm at 512 met (0.909 default, 0.970 lockstep alone; (d): 0.872 and 0.893).
-  hf at 512 not met on a GPU yet: 0.884 for the default and 0.891 with continuous rounds and
-  speculation (f), 0.891 for the default on an H100 (g) (target 0.9). What was lost there is not
-  host work: in (g) label spent 0.40 s between its engine calls and 20.50 s in them, against
-  18.63 s for the bare replay. It was the hf engine's admission: a request's samples started
-  only once all of them fitted in free slots, so each round of second stages (512 requests of
-  n=6, 3,072 samples) fitted 170 requests (1,020 samples) into 1,024 slots and took four generations of 128
-  tokens where three hold the work, the fourth running 12 samples; twice in the run. Since
-  2026-12-06 (after (g)) the engine starts the samples that fit and keeps the rest first in line
-  (each sample draws from its own stream, so no token changes). Counted on a CPU with the tiny
-  model (`overhead --quick --responses 512 --max-tokens 128`; the engine's decode steps, each of
-  which runs every slot, busy or idle), before -> after: lockstep 2,048 -> 1,792, lockstep with
-  speculation (the default) 1,792 -> 1,536, continuous with speculation 1,536 both times, and the
-  bare replay 1,536 both times (that CPU's label / bare, which says little of a GPU's: lockstep
-  0.798 -> 0.935, the default 0.886 -> 0.966). In (g) the default's two four-generation calls took
-  6.23 and 5.51 s against 1.63 s for a call of one generation, so about 2 of its 20.90 s should
-  go: to be timed on a GPU. Other changes before: the next probes' prefixes are tokenized in one
+  Targets, as of 2026-12-06, all met. vllm at 2,048 responses, (f) on one H200: label's default,
+  lockstep with speculation, 1.050 (lockstep alone 0.924; on an H100 in (d), before the batched
+  tokenizing, 0.931); vllm at 512 (f): 0.909 default, 0.970 lockstep alone ((d): 0.872 and 0.893).
+  hf at 512, (h) on one H100: 1.014 and 1.003 for the default in two runs (0.916 with continuous
+  rounds and speculation); before the split admission 0.884 (f, H200) and 0.891 (g, H100).
+  What was lost there was not host work: in (g) label spent 0.40 s between its engine calls and
+  20.50 s in them, against 18.63 s for the bare replay. It was the hf engine's admission: a
+  request's samples started only once all of them fitted in free slots, so each round of second
+  stages (512 requests of n=6, 3,072 samples) fitted 170 requests (1,020 samples) into 1,024
+  slots and took four generations of 128 tokens where three hold the work, the fourth running 12
+  samples; twice in the run. Since 2026-12-06 (between (g) and (h)) the engine starts the
+  samples that fit and keeps the rest first in line (each sample draws from its own stream, so
+  no token changes). Counted on a CPU with the tiny model (`overhead --quick --responses 512
+  --max-tokens 128`; the engine's decode steps, each of which runs every slot, busy or idle),
+  before -> after: lockstep 2,048 -> 1,792, lockstep with speculation (the default) 1,792 ->
+  1,536, continuous with speculation 1,536 both times, and the bare replay 1,536 both times
+  (that CPU's label / bare, which says little of a GPU's: lockstep 0.798 -> 0.935, the default
+  0.886 -> 0.966). In (g) the default's two four-generation calls took 6.23 and 5.51 s against
+  1.63 s for a call of one generation; in (h) they took 4.95 and 4.24 s, and the default's
+  whole run 18.49 s against (g)'s 20.90 s.
+  Other changes before: the next probes' prefixes are tokenized in one
   batched call of the Rust tokenizer over all cores (`Engine.continuation_ids_batch`: 10,240
   prefixes of this workload in 0.92 s instead of 1.69 s on 2 CPU cores; a real BPE tokenizer,
   SmolLM2's, 3.2 s instead of 6.3 s for 11,384). And the hf engine keeps its decoder for a call
@@ -151,7 +165,8 @@ scheduling change is tried before a lease. Part of that gap was the hf engine's 
 which the model never copied: a request's samples waited for room for all of them. Since the
 engine starts those that fit, its decode steps on this workload (CPU, `overhead --quick`) are
 the model's waves times max_tokens: lockstep 14 waves and 1,792 steps, lockstep with
-speculation 12 and 1,536. `python bench/bench_label.py schedule` (1,024
+speculation 12 and 1,536, and a GPU then measured the default at its bare replay's time
+(1.014, (h)), as the model's 12 waves against 12 said. `python bench/bench_label.py schedule` (1,024
 slots; continuous modes move by a wave between runs, as verification runs on threads):
 
   | responses | rounds                 | waves | bare waves | label / bare | continuous, before its gate |
@@ -165,7 +180,7 @@ slots; continuous modes move by a wave between runs, as verification runs on thr
   |     2,048 | continuous             |    45 |         45 |        1.000 | 49 waves, 0.918             |
   |     2,048 | continuous+speculation |    45 |         45 |        1.000 | 50 waves, 0.900             |
 
-  The gate (2026-12-06, not yet measured on a GPU): continuous rounds hand the engine probes
+  The gate (2026-12-06; on a GPU in (e) and (h), overhead above): continuous rounds hand the engine probes
   only while it has free slots, the searches with the longest chains of probes left first;
   before it, a round's probes queued in the engine in the order they came and long chains
   waited behind short ones. A gate of two batches (one running, one queued) was worse, 15
