@@ -15,7 +15,7 @@ try:  # typer >= 0.26 vendors click: its usage errors are not `click`'s own clas
     from typer._click.exceptions import BadParameter, ClickException, MissingParameter
 except ImportError:
     from click import BadParameter, ClickException, MissingParameter
-from prmtool.cli import evaluate, recipe, stats
+from prmtool.cli import evaluate, recipe, review, stats, view
 from prmtool.cli.stage_command import stage_command
 from prmtool.stages import STAGES, stage
 
@@ -42,8 +42,8 @@ for name in STAGES:
     app.command(name, epilog=stage(name).examples, short_help=first_sentence(stage(name).help))(
         stage_command(stage(name))
     )
-# stats and eval read shards and write none: they are not stages
-for name, module in (("stats", stats), ("eval", evaluate), ("run", recipe)):
+# stats and eval read shards and write none, view and review are for a person: they are not stages
+for name, module in (("stats", stats), ("eval", evaluate), ("view", view), ("review", review), ("run", recipe)):
     app.command(name, epilog=module.EXAMPLES, short_help=first_sentence(module.command.__doc__))(module.command)
 
 
