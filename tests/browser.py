@@ -174,13 +174,12 @@ class Browser:
             raise BrowserError(f"{expression[:80]}: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")
 
-    def wait_until(self, expression: str, timeout: float = 10.0):
-        """Poll a JavaScript expression until it is truthy; returns its value."""
+    def wait_until(self, expression: str, timeout: float = 10.0) -> None:
+        """Poll a JavaScript expression until it is truthy (an element found, a count reached)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
+            if self.evaluate(f"Boolean({expression})"):
+                return
             time.sleep(0.05)
         raise BrowserError(f"timed out waiting for: {expression}")
 

@@ -331,7 +331,7 @@ def start(
         raise InputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
     try:  # one session per output: a second `prmtool review` into it fails at once
         sources = [shard.describe() for shard in found]
-        server.closing.enter_context(outputs.output_lock([output], outputs.run_key(STAGE, os.getpid(), sources)))
+        server.closing.enter_context(outputs.output_lock([output], outputs.run_key(STAGE, server.token, sources)))
         server.attach(Reviews(found, frame, output, overwrite))
     except BaseException:
         server.server_close()

@@ -34,8 +34,8 @@ COLUMNS: dict[str, Column] = {
         Column(
             "human_first_error",
             pl.Int32(),
-            "a person's earliest wrong step of the response, -1 none (import --preset processbench)",
-            "import",
+            "a person's earliest wrong step of the response, -1 none (import --preset processbench, or review)",
+            "import, review",
         ),
         Column("pred_answer", pl.String(), "final answer extracted from the response, null if none", "verify"),
         Column(
@@ -66,6 +66,13 @@ COLUMNS: dict[str, Column] = {
         Column("step_values", pl.List(pl.Float64()), "cumulative process value q at each step's end", "score"),
         Column("prm_score", pl.Float64(), "response-level process score (--agg over the chosen --reward)", "score"),
         Column("token_rewards", pl.List(pl.Float64()), "per-token implicit reward, with --token-rewards", "score"),
+        Column("review_note", pl.String(), "the reviewer's note on the response, null where not reviewed", "review"),
+        Column(
+            "reviewed_at",
+            pl.String(),
+            "when a person set human_first_error (ISO 8601), null where not reviewed",
+            "review",
+        ),
         Column("filter_reason", pl.String(), "why filter removed the row (in --rejects only)", "filter"),
         Column("intervention", pl.String(), "the corrective step that replaces the first error", "intervene"),
         Column("intervention_step", pl.Int32(), "index of the step the intervention replaces", "intervene"),
