@@ -66,13 +66,6 @@ COLUMNS: dict[str, Column] = {
         Column("step_values", pl.List(pl.Float64()), "cumulative process value q at each step's end", "score"),
         Column("prm_score", pl.Float64(), "response-level process score (--agg over the chosen --reward)", "score"),
         Column("token_rewards", pl.List(pl.Float64()), "per-token implicit reward, with --token-rewards", "score"),
-        Column("review_note", pl.String(), "the reviewer's note on the response, null where not reviewed", "review"),
-        Column(
-            "reviewed_at",
-            pl.String(),
-            "when a person set human_first_error (ISO 8601), null where not reviewed",
-            "review",
-        ),
         Column("filter_reason", pl.String(), "why filter removed the row (in --rejects only)", "filter"),
         Column("intervention", pl.String(), "the corrective step that replaces the first error", "intervene"),
         Column("intervention_step", pl.Int32(), "index of the step the intervention replaces", "intervene"),
@@ -87,6 +80,13 @@ COLUMNS: dict[str, Column] = {
             pl.String(),
             "steps before the error plus the intervention (the failed suffix dropped)",
             "intervene",
+        ),
+        Column("review_note", pl.String(), "the reviewer's note on the response, null where not reviewed", "review"),
+        Column(
+            "reviewed_at",
+            pl.String(),
+            "when a person set human_first_error (ISO 8601), null where not reviewed",
+            "review",
         ),
     ]
 }
