@@ -202,17 +202,18 @@ class Browser:
         self.send("Input.insertText", session=True, text=text)
 
     def screenshot(self, selector: str | None = None) -> bytes:
-        """A PNG of the viewport, or of the element matching `selector`."""
+        """A PNG of the viewport, or of the element matching `selector` (which must fit in the
+        viewport when the page is scrolled to the top)."""
         params: dict = {"format": "png"}
         if selector is not None:
             box = self.evaluate(
                 # from the top of the page, where a sticky header covers nothing below it
                 f"(() => {{ const e = document.querySelector({json.dumps(selector)}); window.scrollTo(0, 0);"
-                " const r = e.getBoundingClientRect(); const m = 8;"
-                " return [r.x - m, r.y - m, r.width + 2 * m, r.height + 2 * m]; })()"
+                " const r = e.getBoundingClientRect(); const m = 8; const x = Math.max(0, r.x - m);"
+                " const right = Math.min(document.documentElement.clientWidth, r.right + m);"
+                " return [x, r.y - m, right - x, r.height + 2 * m]; })()"
             )
             params["clip"] = {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "scale": 1}
-            params["captureBeyondViewport"] = True
         return base64.b64decode(self.send("Page.captureScreenshot", session=True, **params)["data"])
 
     def close(self) -> None:

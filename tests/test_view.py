@@ -114,6 +114,10 @@ def labelled_rows() -> pl.DataFrame:
         pl.col("step_mc").list.eval((pl.element() > 0).cast(pl.Int8)).alias("step_labels"),
         pl.col("first_error", "human_first_error", "judge_first_error", "thinking_steps").cast(pl.Int32),
         pl.lit("18").alias("reference_answer"),
+        pl.when(pl.col("problem").str.starts_with("Janet"))
+        .then(pl.lit("model-a"))
+        .otherwise(pl.lit("model-b"))
+        .alias("generator"),
     )
 
 
@@ -211,6 +215,10 @@ def test_page_loads_without_errors_and_filters_rows(prmtool, labelled, tmp_path)
         assert shown(browser) == (2, ["ducks-right", "robe-markup"])
         choose(browser, "filter-value", "missing")
         assert shown(browser) == (1, ["robe-right"])
+        # a column of the user's own, such as the model that wrote the response
+        choose(browser, "filter-column", "generator")
+        choose(browser, "filter-value", "model-b")
+        assert shown(browser) == (3, ["robe-right", "robe-thinking", "robe-markup"])
         choose(browser, "filter-column", "")
 
         # first_error against human_first_error: they differ on ducks-early only (robe-markup has no human label)
@@ -225,6 +233,9 @@ def test_page_loads_without_errors_and_filters_rows(prmtool, labelled, tmp_path)
             " s.dispatchEvent(new Event('input')); })()"
         )
         browser.wait_until("document.getElementById('count').dataset.count === '3'")
+        # step MC closest to the threshold (0.5) first: robe-thinking and robe-markup have a 0.5
+        choose(browser, "order", "threshold")
+        assert shown(browser)[1][:2] == ["robe-thinking", "robe-markup"]
         assert browser.console_errors == []
 
 
@@ -265,7 +276,7 @@ def test_screenshot_of_a_labelled_response(prmtool, labelled, tmp_path):
     """The picture in the README (docs/view.png). PRMTOOL_UPDATE_SCREENSHOT=1 writes it anew."""
     page = tmp_path / "labelled.html"
     assert prmtool("view", labelled, "-o", page, "--compare", "first_error,judge_first_error", "-q").exit_code == 0
-    with Browser(width=1000, height=700) as browser:
+    with Browser(width=1000, height=1000) as browser:
         open_page(browser, page)
         png = browser.screenshot("article[data-response-id='ducks-wrong']")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -176,6 +176,9 @@ class ReviewServer(ThreadingHTTPServer):
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}/?token={self.token}"
         self.hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", shown)}
+        # Bound to another address (--host), the page is reached by names this server cannot
+        # know: the token alone guards it there.
+        self.loopback = host in ("127.0.0.1", "::1", "localhost")
         data["review"] = {
             "token": self.token,
             "endpoint": "/api/review",
@@ -222,11 +225,11 @@ class ReviewHandler(BaseHTTPRequestHandler):
 
     def _allowed(self, token: str | None) -> bool:
         """This server's own Host (not a rebound name), no foreign Origin, and the run's token."""
-        if self.headers.get("Host") not in self.server.hosts:
+        if self.server.loopback and self.headers.get("Host") not in self.server.hosts:
             self._reply(HTTPStatus.FORBIDDEN, {"error": "unexpected Host header"})
             return False
         origin = self.headers.get("Origin")
-        if origin is not None and origin.removeprefix("http://") not in self.server.hosts:
+        if origin is not None and origin.removeprefix("http://") not in {*self.server.hosts, self.headers.get("Host")}:
             self._reply(HTTPStatus.FORBIDDEN, {"error": "requests from other sites are refused"})
             return False
         if token is None or not hmac.compare_digest(token.encode(), self.server.token.encode()):

@@ -48,6 +48,20 @@ SHOWN_COLUMNS = (
 )
 
 
+def extra_columns(frame: pl.DataFrame) -> list[str]:
+    """Columns outside the row contract with one short value per row (`generator`, `source`,
+    `task`): shown with each response, and offered by the label filter when they have few values."""
+    from prmtool.core.schema import COLUMNS
+
+    names = []
+    for name, dtype in frame.schema.items():
+        if name in COLUMNS or name.startswith("_") or name.endswith("first_error") or name == "thinking_steps":
+            continue
+        if (dtype == pl.String and frame[name].n_unique() <= 50) or dtype.is_numeric() or dtype == pl.Boolean:
+            names.append(name)
+    return names[:8]
+
+
 def first_error_columns(schema: pl.Schema | dict) -> list[str]:
     """The first-error columns present: the three known ones, then any other integer `*first_error`."""
     known = [name for name in FIRST_ERROR_COLUMNS if name in schema]
@@ -141,7 +155,7 @@ def page_rows(frame: pl.DataFrame, color: str | None) -> dict:
     step_lists = {name for name in (*COLOR_COLUMNS, color, "step_labels") if name and name in frame.columns}
     for name in step_lists:
         columns[name] = [_rounded_list(values) for values in frame[name].to_list()]
-    for name in [*SHOWN_COLUMNS, *first_error_columns(frame.schema)]:
+    for name in [*SHOWN_COLUMNS, *first_error_columns(frame.schema), *extra_columns(frame)]:
         if name in frame.columns and name not in columns:
             values = frame[name].to_list()
             columns[name] = [_rounded(value) for value in values] if frame.schema[name].is_float() else values
@@ -216,7 +230,9 @@ def page_data(
         "color": color_scale(frame, color),
         "compare": compare,
         "first_error_columns": first_error_columns(frame.schema),
-        "value_columns": [name for name in VALUE_COLUMNS if name in frame.columns],
+        "value_columns": [name for name in VALUE_COLUMNS if name in frame.columns]
+        + [name for name in extra_columns(frame) if frame.schema[name] == pl.String],
+        "extra_columns": extra_columns(frame),
         "threshold": threshold,
         "page_size": page_size,
         "rows": page_rows(frame, color),

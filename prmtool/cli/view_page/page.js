@@ -223,7 +223,7 @@ function metaLine(row) {
   add("answer", cell("pred_answer", row));
   add("reference", cell("reference_answer", row));
   add("prm_score", cell("prm_score", row));
-  for (const column of DATA.value_columns) add(column, cell(column, row));
+  for (const column of new Set([...DATA.value_columns, ...DATA.extra_columns])) add(column, cell(column, row));
   return meta;
 }
 
