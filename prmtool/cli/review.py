@@ -35,7 +35,7 @@ import typer
 from prmtool.cli import view
 from prmtool.core import outputs, shards
 from prmtool.core.errors import InputError
-from prmtool.core.options import Inputs, Overwrite, Quiet
+from prmtool.core.options import Inputs, Quiet
 from prmtool.core.report import RunStats
 from prmtool.core.schema import check_columns
 
@@ -373,7 +373,7 @@ def command(
         str,
         typer.Option(
             help="Which responses come first: input (as stored), disagreement (where the first-error columns "
-            "differ) or threshold (a step MC value closest to --threshold)."
+            "differ; with --compare, where that pair does) or threshold (a step MC value closest to --threshold)."
         ),
     ] = "input",
     color: view.Color = None,
@@ -383,7 +383,10 @@ def command(
     no_browser: Annotated[
         bool, typer.Option("--no-browser", help="Do not open a browser (never opened without a display).")
     ] = False,
-    overwrite: Overwrite = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Start over: replace what OUT holds, the reviews saved there included."),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Serve the view page on this machine to correct first errors by hand: click the first

@@ -267,8 +267,8 @@ Compare = Annotated[
     str | None,
     typer.Option(
         "--compare",
-        help="Two first-error columns, e.g. first_error,human_first_error: the page's disagreement filter and "
-        "review order start on this pair.",
+        help="Two first-error columns, e.g. first_error,human_first_error: the pair the page's disagreement filter "
+        "starts on, and the one the disagreement order puts first where they differ.",
         show_default=False,
     ),
 ]

@@ -125,8 +125,10 @@ function passes(row, query) {
   return true;
 }
 
-// How many different first errors the label columns give (2 or more: they disagree).
+// How much the label columns disagree: with --compare, 1 where that pair does; else how many
+// different first errors the first-error columns give (2 or more: they disagree).
 function disagreement(row) {
+  if (DATA.compare.length) return disagree(row, DATA.compare[0], DATA.compare[1]) ? 1 : 0;
   const seen = new Set();
   for (const column of FIRST_ERRORS) {
     const value = cell(column, row);
