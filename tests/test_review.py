@@ -18,10 +18,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import polars as pl
+import pytest
 
 from prmtool.cli import review
 from tests.browser import Browser, browser_test
 from tests.conftest import ROOT
+from tests.test_hostile_inputs import TARGETS, snapshot
 from tests.test_view import digests, labelled  # noqa: F401  (the labelled shard set fixture)
 
 
@@ -191,3 +193,14 @@ def test_clicking_a_step_saves_the_correction(labelled, tmp_path):  # noqa: F811
         browser.wait_until("document.querySelector(\"article[data-response-id='robe-right'] .review-bar .done\")")
         assert server.reviews.saved["robe-right"]["human_first_error"] == -1
         assert browser.console_errors == []
+
+
+@pytest.mark.parametrize("command", ["view", "review"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_neither_command_writes_into_over_or_above_its_input(prmtool, labelled, command, target):  # noqa: F811
+    before = snapshot(labelled)
+    result = prmtool(
+        command, labelled, "-o", TARGETS[target](labelled), "-q", *(["--port", "0"] * (command == "review"))
+    )
+    assert result.exit_code == 2 and "-o" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(labelled) == before

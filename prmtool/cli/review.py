@@ -275,6 +275,9 @@ class ReviewHandler(BaseHTTPRequestHandler):
         except (ValueError, InputError) as exc:
             self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return
+        except OSError as exc:  # a full or read-only disk: the page says the correction was not saved
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"cannot write {exc.filename}: {exc.strerror}"})
+            return
         with reviews.lock:
             values = self.server._sync(change["response_id"])
         self._reply(HTTPStatus.OK, {"row": values, "reviewed": len(reviews.saved)})
