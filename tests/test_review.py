@@ -95,6 +95,7 @@ def test_a_correction_is_saved_reloaded_and_read_by_eval_and_export(prmtool, lab
         status, reply = post(server, {"response_id": "ducks-early", "human_first_error": 3})
         assert status == 400 and reply["error"] == "human_first_error 3: expected -1 or a step of 0 to 2"
         assert post(server, {"response_id": "nobody", "human_first_error": 0})[0] == 400
+        assert post(server, {"response_id": "nobody", "clear": True})[0] == 400
 
     rows = pl.read_parquet(reviewed / "*.parquet").sort("response_id")
     by_id = {row["response_id"]: row for row in rows.iter_rows(named=True)}

@@ -108,21 +108,34 @@ class Reviews:
             raise InputError(f"human_first_error {first_error!r}: expected -1 or a step of 0 to {self.steps[row] - 1}")
         if not isinstance(note, str) or len(note) > 10_000:
             raise InputError("note: expected text of at most 10,000 characters")
-        with self.lock:
-            self.saved[response_id] = {
-                "human_first_error": first_error,
-                "review_note": note,
-                "reviewed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            self._save(row)
+        review = {"human_first_error": first_error, "review_note": note, "reviewed_at": time.strftime("%FT%T%z")}
+        self._change(response_id, review)
         return self.row(response_id)
 
     def clear(self, response_id: str) -> dict:
+        self._row(response_id)  # an unknown id is an error, not a no-op
+        if response_id in self.saved:
+            self._change(response_id, None)
+        return self.row(response_id)
+
+    def _change(self, response_id: str, review: dict | None) -> None:
+        """Set (or, with None, remove) one review and save its shard; memory and disk stay alike
+        when the save fails."""
         row = self._row(response_id)
         with self.lock:
-            if self.saved.pop(response_id, None) is not None:
+            before = self.saved.get(response_id)
+            self._put(response_id, review)
+            try:
                 self._save(row)
-        return self.row(response_id)
+            except BaseException:
+                self._put(response_id, before)
+                raise
+
+    def _put(self, response_id: str, review: dict | None) -> None:
+        if review is None:
+            self.saved.pop(response_id, None)
+        else:
+            self.saved[response_id] = review
 
     def _row(self, response_id) -> int:
         if response_id not in self.row_of:
@@ -142,7 +155,8 @@ class Reviews:
         for number, response_id in enumerate(part["response_id"].to_list()):
             saved = self.saved.get(response_id)
             if saved is not None:
-                first_errors[number], notes[number], times[number] = saved.values()
+                first_errors[number] = saved["human_first_error"]
+                notes[number], times[number] = saved["review_note"], saved["reviewed_at"]
                 labels[number] = labels_from_first_error(saved["human_first_error"], len(part["steps"][number]))
         review = pl.DataFrame(
             {"human_first_error": first_errors, "review_note": notes, "reviewed_at": times, "step_labels": labels},
