@@ -242,10 +242,10 @@ def shard_files(directory: Path) -> dict[str, Path]:
 
 
 def leftover_temporaries(directory: Path) -> list[Path]:
-    """Hidden files other than the output lock, which stays (an flock goes with its process)."""
+    """Hidden files other than the output locks, which stay (an flock goes with its process)."""
     if not directory.exists():
         return []
-    return sorted(p for p in directory.rglob(".*") if p.is_file() and p.name != outputs.LOCK)
+    return sorted(p for p in directory.rglob(".*") if p.is_file() and not p.name.startswith(outputs.LOCK))
 
 
 def manifest_without_time(directory: Path) -> dict:
@@ -292,9 +292,11 @@ def assert_nothing_partial_is_visible(stage: str, run: Path, pipeline: Pipeline)
             assert_same_shard(path, expected[name])
         for leftover in leftover_temporaries(output):
             match = TEMPORARY.match(leftover.name)
-            assert match and match["final"] in {Path(n).name for n in expected} | {shards.MANIFEST}, leftover
+            assert match and match["final"] in {Path(n).name for n in expected} | {shards.MANIFEST, shards.JOURNAL}, (
+                leftover
+            )
         others = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and not p.name.startswith(".")}
-        assert others - set(visible) <= {shards.MANIFEST}, (
+        assert others - set(visible) <= {shards.MANIFEST, shards.JOURNAL}, (
             f"unexpected files in {output}: {sorted(others - set(visible))}"
         )
         if (output / shards.MANIFEST).exists():

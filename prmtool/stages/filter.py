@@ -200,7 +200,7 @@ def run(
     # Without --overwrite: is there anything to do? (A directory holding another run is refused
     # here.) With it, the old outputs are cleared only after the ids have been checked, below.
     key = outputs.run_key("filter", arguments, described, partition.count)
-    with outputs.output_lock([output, settings.rejects], key):
+    with outputs.output_lock([output, settings.rejects], key, partition.label):
         return _filter(found, options, arguments, described, parts, partition, overwrite, report_file, done, stats)
 
 
@@ -212,6 +212,7 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
             for part, d in parts.items()
         ]
     )
+    names = [partition.shard_name(shard.name) for shard in found]
     if complete and report is None:
         stats.log(f"{done}; --overwrite recomputes them")
         return stats.summary()
@@ -236,11 +237,10 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     if complete:
         stats.log(f"{done}; writing only the report")
     else:
-        if overwrite:
-            for part, directory in parts.items():
-                shards.prepare_whole_output(
-                    directory, "filter", {**arguments, "part": part}, described, True, partition
-                )
+        for part, directory in parts.items():  # the earlier runs' files go with --overwrite; a stranger is refused
+            shards.prepare_whole_output(
+                directory, "filter", {**arguments, "part": part}, described, overwrite, partition, names
+            )
         _write(found, owned, reasons, parts, arguments, partition, stats)
     stats.rows_in, stats.rows_out = summary["rows_in"], summary["kept"]
     stats.problem_ids.update(features.filter(reasons.is_null())["problem_id"].unique().to_list())
