@@ -205,8 +205,9 @@ class Pipeline:
         return [str(part) for part in command]
 
     def renames(self, stage: str) -> int:
-        """How many renames a run of the stage makes: one per output file, manifests included."""
-        return sum(len(shard_files(self.references[stage] / d)) + 1 for d in OUTPUT_DIRS[stage])
+        """How many renames a run of the stage makes: one per output file, and per output
+        directory its journal (before its first shard) and its manifest."""
+        return sum(len(shard_files(self.references[stage] / d)) + 2 for d in OUTPUT_DIRS[stage])
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +337,9 @@ def resume_and_check(stage: str, run: Path, pipeline: Pipeline, capsys) -> None:
 
 @dataclass(frozen=True)
 class KillPoint:
-    """SIGKILL at a rename (just `before` it, `writing` its file or just `after` it; a negative
-    number counts from the end, -1 being the last manifest's), or at a `fraction` of a span of
+    """SIGKILL at a rename (just `before` it, `writing` its file or just `after` it; a positive
+    number counts the shards' renames, after the journals'; a negative number counts from the
+    end, -1 being the last manifest's), or at a `fraction` of a span of
     the uninterrupted run: its main() from start to end (`of_span="run"`), or the time it
     spent writing, from its first rename to its last (`of_span="writing"`)."""
 
@@ -358,7 +360,9 @@ class KillPoint:
         return start + self.fraction * (end - start)
 
     def rename_number(self, pipeline: Pipeline) -> int:
-        return self.rename if self.rename > 0 else pipeline.renames(self.stage) + 1 + self.rename
+        # A positive number counts shards: the output directories' journals are renamed first.
+        first_shard = len(OUTPUT_DIRS[self.stage]) + 1
+        return self.rename + first_shard - 1 if self.rename > 0 else pipeline.renames(self.stage) + 1 + self.rename
 
     def kill(self, pipeline: Pipeline, run: Path) -> Finished:
         command, log = pipeline.command(self.stage, run), run / "stderr.txt"

@@ -414,7 +414,7 @@ def check_recipe(recipe: Recipe) -> None:
     """Parse every stage's command line as the stage itself will (unknown options, values of
     the wrong type or out of range), check that inputs no stage produces exist, and that the
     workdir is a place the recipe may write. All before any stage runs, in --dry-run too."""
-    produced = {str(step.directory) for step in recipe.steps}
+    produced = {os.path.abspath(step.directory) for step in recipe.steps}  # and, as they come, side outputs
     external: list[str] = []
     written: dict[str, Path] = {}  # every path a stage writes, by stage and option
     for step in recipe.steps:
@@ -425,7 +425,7 @@ def check_recipe(recipe: Recipe) -> None:
         except InputError as exc:
             raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
         for spec in step.inputs:
-            if spec in produced:
+            if os.path.abspath(spec) in produced:
                 continue
             if not (glob.glob(spec) if glob.has_magic(spec) else Path(spec).exists()):
                 raise InputError(f"{recipe.path}: stage {step.label}: input {spec}: no such file or directory")
@@ -435,6 +435,7 @@ def check_recipe(recipe: Recipe) -> None:
         for name, value in values.items():  # --rejects, --tree-output, --hf-dataset, --report: paths it writes
             if isinstance(value, Path) and str(value) != "-":
                 written[f"stage {step.label} --{name.replace('_', '-')}"] = value
+                produced.add(os.path.abspath(value))  # a later stage may read it (an earlier stage's rejects)
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
     # No stage may write into another's folder (a `rejects:` that is a later stage's output
     # would be cleared by that stage's --overwrite), nor two stages to one path.

@@ -217,6 +217,15 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
         stats.log(f"{done}; --overwrite recomputes them")
         return stats.summary()
 
+    def claim_outputs() -> None:  # a folder of another run is refused; with --overwrite, its files go
+        for part, directory in parts.items():
+            shards.prepare_whole_output(
+                directory, "filter", {**arguments, "part": part}, described, overwrite, partition, names
+            )
+
+    if not complete and not overwrite:
+        claim_outputs()  # before any work
+
     features = pl.concat([_read_features(shard, options) for shard in found], how="diagonal_relaxed")
     if features["problem_id"].null_count():  # groups are problems: a row without one has no group
         row = int(features["problem_id"].is_null().arg_true()[0])
@@ -237,10 +246,8 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     if complete:
         stats.log(f"{done}; writing only the report")
     else:
-        for part, directory in parts.items():  # the earlier runs' files go with --overwrite; a stranger is refused
-            shards.prepare_whole_output(
-                directory, "filter", {**arguments, "part": part}, described, overwrite, partition, names
-            )
+        if overwrite:  # only now that the ids are checked
+            claim_outputs()
         _write(found, owned, reasons, parts, arguments, partition, stats)
     stats.rows_in, stats.rows_out = summary["rows_in"], summary["kept"]
     stats.problem_ids.update(features.filter(reasons.is_null())["problem_id"].unique().to_list())
