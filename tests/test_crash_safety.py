@@ -478,7 +478,10 @@ def test_ctrl_c_stops_a_run_cleanly_and_says_how_to_resume(pipeline, tmp_path, c
 def test_ctrl_c_at_a_rename_stops_cleanly(pipeline, tmp_path, capsys, moment):
     run = tmp_path / "run"
 
-    interrupted = run_stage(pipeline.command("verify", run), tmp_path / "stderr.txt", f"{moment}:3", "SIGINT")
+    third_shard = KillPoint("verify", 3).rename_number(pipeline)  # after the journal's rename
+    interrupted = run_stage(
+        pipeline.command("verify", run), tmp_path / "stderr.txt", f"{moment}:{third_shard}", "SIGINT"
+    )
 
     assert interrupted.returncode == 130, interrupted.stderr
     assert RESUME_HINT in interrupted.stderr
