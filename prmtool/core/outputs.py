@@ -31,6 +31,7 @@ from pathlib import Path
 from prmtool.core.errors import InputError
 
 LOCK = ".lock"
+JOURNAL = "_JOURNAL"  # a run's record of the files it may write (prmtool.core.shards)
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -212,14 +213,15 @@ def _is_lock(name: str) -> bool:
 
 
 def _remove_if_unused(directory: Path, descriptor: int) -> None:
-    """Remove a directory that holds only its locks, if no partition of the run still holds it."""
+    """Remove a directory that holds only its locks (and the journals of a run that wrote
+    nothing), if no partition of the run still holds it."""
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # another partition is still writing here
     try:
         names = [p.name for p in directory.iterdir()]
-        if all(_is_lock(name) for name in names):
+        if all(_is_lock(name) or name.startswith(JOURNAL) for name in names):
             for name in names:
                 (directory / name).unlink()
             directory.rmdir()

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prmtool import __version__
+from prmtool.core import outputs
 from prmtool.core.errors import InputError
 from prmtool.core.outputs import check_outputs, check_regular_file, input_roots, replace_atomically
 from prmtool.core.partition import Partition
@@ -39,7 +40,7 @@ from prmtool.core.partition import Partition
 WHOLE = Partition()
 
 MANIFEST = "_SUCCESS"
-JOURNAL = "_JOURNAL"
+JOURNAL = outputs.JOURNAL
 METADATA_KEY = b"prmtool"
 
 # --allow-incomplete: read a folder a prmtool run left unfinished, shards as they are. Set by
