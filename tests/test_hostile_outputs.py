@@ -22,9 +22,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -432,6 +434,23 @@ def test_a_folder_a_killed_run_left_is_refused_and_allow_incomplete_reads_it(prm
     assert listed_rows(tmp_path / "exported") == 36  # three shards of 12, as they are
     stats = prmtool("stats", out, "--allow-incomplete", "--json")
     assert json.loads(stats.stdout)["rows"] == 36
+
+
+def test_a_folder_a_sigkilled_run_left_is_refused_by_the_next_stage(prmtool, tmp_path):
+    imported = tmp_path / "imported"
+    assert prmtool("import", RESPONSES_JSONL, "-o", imported, "--shard-rows", "2", "-q").exit_code == 0
+    out = tmp_path / "verified"
+    writer = start("verify", imported, "-o", out, "--workers", "1", "-q")
+    deadline = time.monotonic() + 120
+    while not (out / shards.JOURNAL).exists() and writer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(writer.pid, signal.SIGKILL)  # with its verify workers
+    writer.wait()
+    assert not (out / shards.MANIFEST).exists(), "killed before its manifest"
+    one_line_error(prmtool("export", out, "-o", tmp_path / "exported", "--format", "sft-messages"), str(out))
+    assert not (tmp_path / "exported").exists()
+    assert prmtool("verify", imported, "-o", out, "--workers", "1", "-q").exit_code == 0  # the same command resumes
+    assert listed_rows(out) == 48 and len(shards.read_manifest(out)["outputs"]) == 24
 
 
 def test_a_completed_folder_is_read_exactly_as_its_manifest_lists_it(prmtool, verified, tmp_path):
