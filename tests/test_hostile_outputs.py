@@ -252,6 +252,16 @@ def test_export_hf_dataset_never_removes_an_input_named_like_its_temporary(prmto
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds.tmp-")], "its own temporary is gone"
 
 
+def test_overwrite_replaces_only_a_datasets_folder_an_export_into_the_same_output_wrote(prmtool, verified, tmp_path):
+    export = ["export", verified, "--format", "sft-messages", "--hf-dataset", tmp_path / "ds", "-q"]
+    assert prmtool(*export, "-o", tmp_path / "a").exit_code == 0
+    before = snapshot(tmp_path / "ds")
+    line = one_line_error(prmtool(*export, "-o", tmp_path / "b", "--overwrite"), str(tmp_path / "ds"))
+    assert "no earlier export into" in line and snapshot(tmp_path / "ds") == before
+    assert prmtool(*export, "-o", tmp_path / "a", "--overwrite", "--holdout", "test=0.25").exit_code == 0
+    assert (tmp_path / "ds" / "test").is_dir()
+
+
 # --- 4. --json, --report, --plot: regular files only ---------------------------------------------
 
 

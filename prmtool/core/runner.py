@@ -194,13 +194,14 @@ def whole_output(
     partition: Partition,
     stats: RunStats,
     names: list[str],
+    beside: list[Path] = (),
 ):
     """Lock `output` for this run and yield whether there is work to do: an output already
     complete for the same stage, arguments and sources is kept (resume) and said so; else the
     folder is made ready for the files `names` (relative paths) the run may write
     (`shards.prepare_whole_output`)."""
     with outputs.output_lock([output], outputs.run_key(stage, arguments, sources, partition.count), partition.label):
-        if shards.prepare_whole_output(output, stage, arguments, sources, overwrite, partition, names):
+        if shards.prepare_whole_output(output, stage, arguments, sources, overwrite, partition, names, beside):
             scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
             stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
             yield False

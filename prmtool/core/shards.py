@@ -372,6 +372,7 @@ def write_manifest(
     outputs: dict[str, int],
     partition: Partition = WHOLE,
     also: list[str] = (),
+    beside: list[Path] = (),
 ) -> None:
     """The `_SUCCESS` manifest, written last: its presence means the whole run is complete.
     Each output file is listed with its rows, size and hash, so a reader can tell it is still
@@ -389,6 +390,8 @@ def write_manifest(
     }
     if also:
         record["also"] = [_entry(output, name) for name in sorted(also)]
+    if beside:  # what it wrote outside `output`, which only a later run into `output` may replace
+        record["beside"] = [str(path.resolve()) for path in beside]
     if partition.whole:
         write_json_atomic(record, output / MANIFEST)
     else:
@@ -482,9 +485,11 @@ def claim_output(
     partition: Partition,
     names: list[str],
     overwrite: bool,
+    beside: list[Path] = (),
 ) -> None:
     """Before a run writes its first file into `output` (holding its lock): make room, then
-    journal the `names` it may write.
+    journal the `names` it may write (and `beside`: what it writes outside `output`, export's
+    --hf-dataset folder).
 
     Without --overwrite, a record (manifest or journal) of another run there is refused: a
     partition never joins a folder whose other partitions ran with other settings. With it,
@@ -525,6 +530,8 @@ def claim_output(
     files = sorted(set(names) | set(kept if _identity_of(journal) == run else []))
     output.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "arguments": arguments, "inputs": inputs, "partitions": partition.count, "files": files}
+    if beside:
+        record["beside"] = [str(path.resolve()) for path in beside]
     write_json_atomic(record, output / partition.journal_name())
 
 
@@ -536,6 +543,7 @@ def prepare_whole_output(
     overwrite: bool,
     partition: Partition = WHOLE,
     names: list[str] | None = None,
+    beside: list[Path] = (),
 ) -> bool:
     """For stages that write their whole output in one go (import, export, filter). True when
     `output` already holds a complete run of the same stage, options and inputs (of this
@@ -564,8 +572,13 @@ def prepare_whole_output(
         for name in sorted(journaled):  # this very command, stopped before its manifest: do it again
             if _still_as_written(output / name, {"file": name}):
                 (output / name).unlink()
-    claim_output(output, stage, arguments, inputs, partition, names, overwrite)
+    claim_output(output, stage, arguments, inputs, partition, names, overwrite, beside)
     return False
+
+
+def wrote_beside(output: Path, path: Path) -> bool:
+    """Whether a run into `output` (its manifest or journal) wrote `path` outside it."""
+    return any(str(path.resolve()) in record.get("beside", []) for _, record in _records(output))
 
 
 def _one_line(exc: Exception) -> str:

@@ -231,6 +231,11 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
         raise InputError(
             f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
         )
+    if hf_dataset is not None and hf_dataset.exists() and not shards.wrote_beside(output, hf_dataset):
+        raise InputError(
+            f"{hf_dataset}: --hf-dataset exists and no earlier export into {output} wrote it; --overwrite replaces "
+            "only what a run wrote itself: move it away or choose another --hf-dataset"
+        )
     split_of = None
     if fractions:  # from every input's problems, so that each partition splits as the whole run does
         problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
@@ -308,7 +313,10 @@ def run(
     names = [f"{split}/{partition.shard_name(s.name)}" for split in splits for s in plan.found]
     if settings.format == "verl" and partition.whole:
         names += [f"{split}.parquet" for split in splits]
-    with whole_output("export", output, plan.arguments, described, overwrite, partition, stats, names) as work_to_do:
+    beside = [settings.hf_dataset] if settings.hf_dataset is not None else []
+    with whole_output(
+        "export", output, plan.arguments, described, overwrite, partition, stats, names, beside
+    ) as work_to_do:
         if not work_to_do:
             return stats.summary()
         _export(plan, output, settings, partition, overwrite, quiet, stats)
@@ -394,8 +402,9 @@ def _export(
     if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
         save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
+    beside = [hf_dataset] if hf_dataset is not None else []
     shards.write_manifest(
-        output, "export", arguments, [s.describe() for s in found], written, partition, also=split_files
+        output, "export", arguments, [s.describe() for s in found], written, partition, also=split_files, beside=beside
     )
 
 
