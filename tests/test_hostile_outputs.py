@@ -435,6 +435,7 @@ def test_a_folder_a_killed_run_left_is_refused_and_allow_incomplete_reads_it(prm
         ["filter", out, "-o", tmp_path / "kept", "--rejects", tmp_path / "rej", "--method", "accuracy-band"],
         ["verify", out, "-o", tmp_path / "again", "--workers", "1"],
         ["stats", out],
+        ["stats", str(tmp_path / "verifi*")],  # a glob that matches the folder
         ["eval", out, "--truth", "correct", "--pred", "correct"],
     ):
         one_line_error(prmtool(*argv), str(out), "has no _SUCCESS", "--allow-incomplete")

@@ -59,7 +59,6 @@ class InputShard:
     # The output shard's name when it is not the file's: a shard found in a split folder of
     # the directory given (`train/part-0.parquet`) is `train-part-0.parquet`, so splits never collide.
     shard_name: str = ""
-    listed: str = ""  # the manifest that lists it, for errors: `DIR/_SUCCESS`
 
     @property
     def name(self) -> str:
@@ -140,26 +139,12 @@ def resolve_inputs(
         elif glob.has_magic(spec):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             matched = [m for m in matches if m.is_file() and _is_shard_file(m)]
-            matched += [f for m in matches if m.is_dir() for f in sorted(m.glob("*.parquet")) if _is_shard_file(f)]
+            matched += [f for m in matches if m.is_dir() for f in _directory_files(m, expected, split_files, False)]
             if not matched:
                 raise InputError(f"{spec}: the glob matches no Parquet file")
             files.extend(matched)
-        elif path.is_dir() and read_manifest(path) is not None:
-            found = _listed_files(path, expected)
-            split_files.update(f.resolve() for f in found if f.parent != path)
-            files.extend(found)
-        elif path.is_dir() and read_manifest(path.parent) is not None and _is_split(path):
-            # a split folder of a complete export (`work/trl/train`): the files its manifest lists there
-            files.extend(_listed_files(path.parent, expected, within=path.name))
         elif path.is_dir():
-            found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
-            if not found:  # an export's folder: one subfolder of shards per split (train/, test/)
-                found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
-                split_files.update(f.resolve() for f in found)
-            if not found:
-                raise InputError(f"{spec}: the directory holds no Parquet file (nor do its split folders)")
-            _refuse_unfinished(path, found)
-            files.extend(found)
+            files.extend(_directory_files(path, expected, split_files))
         elif path.is_file():
             files.append(path)
         else:
@@ -171,6 +156,29 @@ def resolve_inputs(
             seen.add(f.resolve())
             unique.append((f, f"{f.parent.name}-{f.name}" if f.resolve() in split_files else f.name))
     return unique
+
+
+def _directory_files(
+    path: Path, expected: dict[Path, tuple[dict, Path]], split_files: set[Path], whole: bool = True
+) -> list[Path]:
+    """A directory's shards: those its `_SUCCESS` lists (or its parent's, for a split folder
+    of a complete export such as `work/trl/train`); else its Parquet files (or, with `whole`,
+    its split folders'), refused if a prmtool run left them unfinished."""
+    if read_manifest(path) is not None:
+        found = _listed_files(path, expected)
+        split_files.update(f.resolve() for f in found if f.parent != path)
+        return found
+    if read_manifest(path.parent) is not None and _is_split(path):
+        return _listed_files(path.parent, expected, within=path.name)
+    found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
+    if not found and whole:  # an export's folder: one subfolder of shards per split (train/, test/)
+        found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
+        split_files.update(f.resolve() for f in found)
+        if not found:
+            raise InputError(f"{path}: the directory holds no Parquet file (nor do its split folders)")
+    if found:
+        _refuse_unfinished(path, found)
+    return found
 
 
 def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
@@ -187,9 +195,7 @@ def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
             raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
         shard = InputShard(path, path.stat().st_size, rows, schema, digest=content_digest(path), shard_name=name)
         if path in expected:
-            entry, manifest = expected[path]
-            _check_listed(shard, entry, manifest)
-            shard = InputShard(**{**shard.__dict__, "listed": str(manifest)})
+            _check_listed(shard, *expected[path])
         shards.append(shard)
     return shards
 
