@@ -63,9 +63,9 @@ def responses_dir(tmp_path) -> Path:
 
 
 def files_under(path: Path) -> list[str]:
-    """The files a shard set holds, less the `.lock` each output directory keeps."""
+    """The files a shard set holds, less the locks each output directory keeps (`.lock`, `.lock-SLOT`)."""
     return (
-        sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != ".lock")
+        sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and not p.name.startswith(".lock"))
         if path.exists()
         else []
     )

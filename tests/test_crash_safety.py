@@ -205,8 +205,9 @@ class Pipeline:
         return [str(part) for part in command]
 
     def renames(self, stage: str) -> int:
-        """How many renames a run of the stage makes: one per output file, manifests included."""
-        return sum(len(shard_files(self.references[stage] / d)) + 1 for d in OUTPUT_DIRS[stage])
+        """How many renames a run of the stage makes: one per output file, and per output
+        directory its journal (before its first shard) and its manifest."""
+        return sum(len(shard_files(self.references[stage] / d)) + 2 for d in OUTPUT_DIRS[stage])
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +243,10 @@ def shard_files(directory: Path) -> dict[str, Path]:
 
 
 def leftover_temporaries(directory: Path) -> list[Path]:
-    """Hidden files other than the output lock, which stays (an flock goes with its process)."""
+    """Hidden files other than the output locks, which stay (an flock goes with its process)."""
     if not directory.exists():
         return []
-    return sorted(p for p in directory.rglob(".*") if p.is_file() and p.name != outputs.LOCK)
+    return sorted(p for p in directory.rglob(".*") if p.is_file() and not p.name.startswith(outputs.LOCK))
 
 
 def manifest_without_time(directory: Path) -> dict:
@@ -292,9 +293,11 @@ def assert_nothing_partial_is_visible(stage: str, run: Path, pipeline: Pipeline)
             assert_same_shard(path, expected[name])
         for leftover in leftover_temporaries(output):
             match = TEMPORARY.match(leftover.name)
-            assert match and match["final"] in {Path(n).name for n in expected} | {shards.MANIFEST}, leftover
+            assert match and match["final"] in {Path(n).name for n in expected} | {shards.MANIFEST, shards.JOURNAL}, (
+                leftover
+            )
         others = {str(p.relative_to(output)) for p in output.rglob("*") if p.is_file() and not p.name.startswith(".")}
-        assert others - set(visible) <= {shards.MANIFEST}, (
+        assert others - set(visible) <= {shards.MANIFEST, shards.JOURNAL}, (
             f"unexpected files in {output}: {sorted(others - set(visible))}"
         )
         if (output / shards.MANIFEST).exists():
@@ -334,8 +337,9 @@ def resume_and_check(stage: str, run: Path, pipeline: Pipeline, capsys) -> None:
 
 @dataclass(frozen=True)
 class KillPoint:
-    """SIGKILL at a rename (just `before` it, `writing` its file or just `after` it; a negative
-    number counts from the end, -1 being the last manifest's), or at a `fraction` of a span of
+    """SIGKILL at a rename (just `before` it, `writing` its file or just `after` it; a positive
+    number counts the shards' renames, after the journals'; a negative number counts from the
+    end, -1 being the last manifest's), or at a `fraction` of a span of
     the uninterrupted run: its main() from start to end (`of_span="run"`), or the time it
     spent writing, from its first rename to its last (`of_span="writing"`)."""
 
@@ -356,7 +360,9 @@ class KillPoint:
         return start + self.fraction * (end - start)
 
     def rename_number(self, pipeline: Pipeline) -> int:
-        return self.rename if self.rename > 0 else pipeline.renames(self.stage) + 1 + self.rename
+        # A positive number counts shards: the output directories' journals are renamed first.
+        first_shard = len(OUTPUT_DIRS[self.stage]) + 1
+        return self.rename + first_shard - 1 if self.rename > 0 else pipeline.renames(self.stage) + 1 + self.rename
 
     def kill(self, pipeline: Pipeline, run: Path) -> Finished:
         command, log = pipeline.command(self.stage, run), run / "stderr.txt"
@@ -472,7 +478,10 @@ def test_ctrl_c_stops_a_run_cleanly_and_says_how_to_resume(pipeline, tmp_path, c
 def test_ctrl_c_at_a_rename_stops_cleanly(pipeline, tmp_path, capsys, moment):
     run = tmp_path / "run"
 
-    interrupted = run_stage(pipeline.command("verify", run), tmp_path / "stderr.txt", f"{moment}:3", "SIGINT")
+    third_shard = KillPoint("verify", 3).rename_number(pipeline)  # after the journal's rename
+    interrupted = run_stage(
+        pipeline.command("verify", run), tmp_path / "stderr.txt", f"{moment}:{third_shard}", "SIGINT"
+    )
 
     assert interrupted.returncode == 130, interrupted.stderr
     assert RESUME_HINT in interrupted.stderr

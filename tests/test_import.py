@@ -338,7 +338,11 @@ def test_success_manifest_lists_inputs_outputs_and_arguments(prmtool, write_json
     assert manifest["inputs"] == [
         {"path": str(source), "size": source.stat().st_size, "xxh3": shards.content_digest(source)}
     ]
-    assert manifest["outputs"] == [{"file": "part-00000.parquet", "rows": 2}, {"file": "part-00001.parquet", "rows": 1}]
+    out = tmp_path / "out"
+    assert manifest["outputs"] == [  # each with its size and hash: a reader checks it is still the file written
+        {"file": name, "rows": rows, "size": (out / name).stat().st_size, "xxh3": shards.content_digest(out / name)}
+        for name, rows in [("part-00000.parquet", 2), ("part-00001.parquet", 1)]
+    ]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", manifest["finished"])
 
 

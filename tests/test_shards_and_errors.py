@@ -263,7 +263,11 @@ def test_inputs_may_mix_a_file_a_directory_and_a_glob(prmtool, tmp_path):
     assert sorted(out["response_id"]) == sorted(rows["response_id"])
     manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
     assert [Path(i["path"]).name for i in manifest["inputs"]] == ["a.parquet", "b.parquet", "c.parquet"]
-    assert manifest["outputs"] == [{"file": name, "rows": 2} for name in ("a.parquet", "b.parquet", "c.parquet")]
+    assert manifest["outputs"] == [
+        {"file": name, "rows": 2, "size": (tmp_path / "out" / name).stat().st_size,
+         "xxh3": shards.content_digest(tmp_path / "out" / name)}
+        for name in ("a.parquet", "b.parquet", "c.parquet")
+    ]  # fmt: skip
 
 
 def test_two_inputs_sharing_a_file_name_are_refused(prmtool, tmp_path):
@@ -353,7 +357,7 @@ def test_an_interrupted_run_exits_130_and_the_rerun_finishes_it(prmtool, tmp_pat
     result = verify(prmtool, two_shards, "-o", out)
     assert result.exit_code == 130
     assert "rerun the same command to resume" in result.stderr
-    assert files_under(out) == ["a.parquet"], "no _SUCCESS: the run is not complete"
+    assert files_under(out) == ["_JOURNAL", "a.parquet"], "no _SUCCESS: the run is not complete, its journal says"
 
     monkeypatch.setattr(verify_stage, "verify_rows", real_verify_rows)
     result = verify(prmtool, two_shards, "-o", out)

@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prmtool.core.errors import InputError
+from prmtool.core.outputs import replace_atomically
+
 STEPS_PER_RESPONSE = 8  # assumed for responses a recipe has not generated yet
 MODEL_STAGES = {"generate", "label", "intervene"}  # the stages whose cost is generated tokens
 
@@ -124,11 +127,9 @@ def record_throughput(settings, tokens: int, seconds: float) -> None:
     try:
         known = json.loads(path.read_text()) if path.exists() else {}
         known[throughput_key(settings)] = {"tokens_per_second": tokens / seconds, "when": time.strftime("%Y-%m-%d")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(temporary, path)
-    except (OSError, ValueError):  # a cache: never fail a run over it
+        text = json.dumps(known, indent=1, sort_keys=True).encode()
+        replace_atomically(path, lambda handle: handle.write(text))
+    except (OSError, ValueError, InputError):  # a cache: never fail a run over it
         pass
 
 

@@ -3,6 +3,9 @@ scores them (prmtool/methods/evaluation.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,8 +16,8 @@ from rich.table import Table
 
 from prmtool.core import shards
 from prmtool.core.errors import InputError
-from prmtool.core.options import Inputs, finite
-from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.core.options import AllowIncomplete, Inputs, finite
+from prmtool.core.outputs import check_outputs, check_regular_file, input_roots
 from prmtool.methods.evaluation import agreement, best_of_n, best_threshold, first_below, first_error_scores, step_auroc
 
 SCORE_COLUMNS = ("step_rewards", "step_values", "step_mc")
@@ -77,8 +80,14 @@ def command(
         ),
     ] = None,
     as_json: Annotated[
-        Path | None, typer.Option("--json", help="Also write the table as JSON to this file.", show_default=False)
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Also write the table as JSON to this file (- prints it to standard output).",
+            show_default=False,
+        ),
     ] = None,
+    allow_incomplete: AllowIncomplete = False,
 ) -> None:
     """ProcessBench's first-error metrics: the share of erroneous responses whose first error is
     found exactly, the share of correct ones called error-free, and their harmonic mean (F1);
@@ -89,49 +98,62 @@ def command(
             raise InputError(f"--pred-from {pred_from!r}: expected one of {', '.join(SCORE_COLUMNS)}")
         if sweep and pred_from is None:
             raise InputError("--sweep needs --pred-from (a score column to threshold)")
-    found = shards.open_inputs(inputs)
-    check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
-    if best or against:
-        report = _best_of_n_report(found, score, _sizes(n)) if best else _agreement_report(found, pred, against)
-        if as_json is not None:
-            shards.write_json_atomic(report, as_json)
-        return
-    frame = _read(found, list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])])))
+    allowed = shards.READ_INCOMPLETE.set(allow_incomplete)
+    try:
+        found = shards.open_inputs(inputs)
+    finally:
+        shards.READ_INCOMPLETE.reset(allowed)
+    to_stdout = as_json is not None and str(as_json) == "-"
+    if as_json is not None and not to_stdout:
+        check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
+        if as_json.is_dir():
+            raise InputError(f"{as_json}: --json is a directory; give a file path")
+        check_regular_file(as_json, "--json")
+    # --json -: the JSON alone on standard output, the table on standard error
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+        if best or against:
+            report = _best_of_n_report(found, score, _sizes(n)) if best else _agreement_report(found, pred, against)
+            if as_json is not None:
+                _write_json(report, as_json, stdout)
+            return
+        frame = _read(found, list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])])))
 
-    groups = [("all", frame)]
-    if by:
-        groups += [(str(key[0]), part) for key, part in frame.group_by(by, maintain_order=True)]
-    threshold_used = threshold
-    if sweep:  # the threshold is chosen on all rows, then applied to every group
-        threshold_used, _ = best_threshold(frame[truth].to_list(), frame[pred_from].to_list())
-    results = []
-    for name, part in groups:
-        if pred_from is not None:
-            predicted = [first_below(row, threshold_used) for row in part[pred_from].to_list()]
-        else:
-            predicted = part[pred].to_list()
-        scores = first_error_scores(part[truth].to_list(), predicted, part["steps"].list.len().to_list())
-        extra = {"step_auroc": step_auroc(part[truth].to_list(), part[pred_from].to_list())} if pred_from else {}
-        results.append({"group": name, **scores.as_dict(), **extra})
-    report = {
-        "truth": truth,
-        "pred": pred if pred_from is None else f"{pred_from} < {threshold_used:g}",
-        "threshold": threshold_used if pred_from is not None else None,
-        "results": results,
-    }
-    if as_json is not None:
-        shards.write_json_atomic(report, as_json)
-    table = Table(title=f"{report['pred']} against {truth}", title_justify="left")
-    headers = ["group", "rows", "error rows", "error acc", "correct acc", "F1"] + (["step AUROC"] if pred_from else [])
-    for header in headers:
-        table.add_column(header, justify="left" if header == "group" else "right")
-    for row in results:
-        table.add_row(
-            row["group"], f"{row['rows']:,}", f"{row['error_rows']:,}",
-            *(_percent(row[key]) for key in ("error_accuracy", "correct_accuracy", "f1")),
-            *([_percent(row["step_auroc"])] if pred_from else []),
-        )  # fmt: skip
-    Console().print(table)
+        groups = [("all", frame)]
+        if by:
+            groups += [(str(key[0]), part) for key, part in frame.group_by(by, maintain_order=True)]
+        threshold_used = threshold
+        if sweep:  # the threshold is chosen on all rows, then applied to every group
+            threshold_used, _ = best_threshold(frame[truth].to_list(), frame[pred_from].to_list())
+        results = []
+        for name, part in groups:
+            if pred_from is not None:
+                predicted = [first_below(row, threshold_used) for row in part[pred_from].to_list()]
+            else:
+                predicted = part[pred].to_list()
+            scores = first_error_scores(part[truth].to_list(), predicted, part["steps"].list.len().to_list())
+            extra = {"step_auroc": step_auroc(part[truth].to_list(), part[pred_from].to_list())} if pred_from else {}
+            results.append({"group": name, **scores.as_dict(), **extra})
+        report = {
+            "truth": truth,
+            "pred": pred if pred_from is None else f"{pred_from} < {threshold_used:g}",
+            "threshold": threshold_used if pred_from is not None else None,
+            "results": results,
+        }
+        if as_json is not None:
+            _write_json(report, as_json, stdout)
+        table = Table(title=f"{report['pred']} against {truth}", title_justify="left")
+        headers = ["group", "rows", "error rows", "error acc", "correct acc", "F1"]
+        headers += ["step AUROC"] if pred_from else []
+        for header in headers:
+            table.add_column(header, justify="left" if header == "group" else "right")
+        for row in results:
+            table.add_row(
+                row["group"], f"{row['rows']:,}", f"{row['error_rows']:,}",
+                *(_percent(row[key]) for key in ("error_accuracy", "correct_accuracy", "f1")),
+                *([_percent(row["step_auroc"])] if pred_from else []),
+            )  # fmt: skip
+        Console().print(table)
 
 
 def _read(found, columns: list[str]) -> pl.DataFrame:
@@ -152,6 +174,16 @@ def _sizes(spec: str | None) -> list[int | None]:
     if any(size < 1 for size in sizes):
         raise InputError(f"--n {spec!r}: sizes must be at least 1")
     return sizes
+
+
+def _write_json(report: dict, path: Path, stdout) -> None:
+    """`--json FILE` writes the file atomically; `--json -` prints to standard output (never
+    through a device path such as /dev/stdout, which would be replaced)."""
+    if str(path) == "-":
+        stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        stdout.flush()
+    else:
+        shards.write_json_atomic(report, path, "--json")
 
 
 def _best_of_n_report(found, score: str, sizes: list[int | None]) -> dict:

@@ -6,7 +6,6 @@ stage import this package and should not pay for it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,10 +76,8 @@ def _figure(height: float = 4.0, counts_on: str = "y"):
 
 
 def _save(figure, path: Path) -> None:
-    """Write the PNG under a hidden temporary name and rename it, so `path` is always a whole file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        figure.savefig(temporary, format="png", dpi=100)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write the PNG through a new hidden file renamed into place, so `path` is always a whole
+    file, and never a link or a device replaced (prmtool.core.outputs.replace_atomically)."""
+    from prmtool.core.outputs import replace_atomically
+
+    replace_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=100), "--plot")

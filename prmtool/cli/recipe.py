@@ -32,6 +32,7 @@ stage too; a stage interrupted mid-way resumes from its finished shards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -50,7 +51,7 @@ from prmtool.cli import estimate
 from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
 from prmtool.core.options import default_workers
-from prmtool.core.outputs import check_outputs, input_roots, plain_name
+from prmtool.core.outputs import check_outputs, exclusive_lock, input_roots, plain_name
 from prmtool.engines.loading import keep_models_loaded
 from prmtool.methods.verification import start_workers
 from prmtool.stages import STAGES
@@ -403,7 +404,9 @@ def command(
     last = recipe.find(until, "--until").number if until else len(recipe.steps)
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
-    with keep_models_loaded():  # a model loaded by one stage serves the next that uses it
+    # One run of a workdir at a time: a second `prmtool run` there fails at once, touching nothing.
+    held = contextlib.nullcontext() if dry_run else exclusive_lock(recipe.workdir, "`prmtool run`")
+    with held, keep_models_loaded():  # a model loaded by one stage serves the next that uses it
         _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed, tokens_per_second)
 
 
@@ -411,8 +414,9 @@ def check_recipe(recipe: Recipe) -> None:
     """Parse every stage's command line as the stage itself will (unknown options, values of
     the wrong type or out of range), check that inputs no stage produces exist, and that the
     workdir is a place the recipe may write. All before any stage runs, in --dry-run too."""
-    produced = {str(step.directory) for step in recipe.steps}
+    produced = {os.path.abspath(step.directory) for step in recipe.steps}  # and, as they come, side outputs
     external: list[str] = []
+    written: dict[str, Path] = {}  # every path a stage writes, by stage and option
     for step in recipe.steps:
         call = parse_step(recipe, step, step.argv())
         try:
@@ -421,12 +425,25 @@ def check_recipe(recipe: Recipe) -> None:
         except InputError as exc:
             raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
         for spec in step.inputs:
-            if spec in produced:
+            if os.path.abspath(spec) in produced:
                 continue
             if not (glob.glob(spec) if glob.has_magic(spec) else Path(spec).exists()):
                 raise InputError(f"{recipe.path}: stage {step.label}: input {spec}: no such file or directory")
             external.append(spec)
+        written[f"stage {step.label}"] = step.directory
+        values = {} if isinstance(call, ReportCall) else vars(call.settings)  # a report writes in its folder
+        for name, value in values.items():  # --rejects, --tree-output, --hf-dataset, --report: paths it writes
+            if isinstance(value, Path) and str(value) != "-":
+                written[f"stage {step.label} --{name.replace('_', '-')}"] = value
+                produced.add(os.path.abspath(value))  # a later stage may read it (an earlier stage's rejects)
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
+    # No stage may write into another's folder (a `rejects:` that is a later stage's output
+    # would be cleared by that stage's --overwrite), nor two stages to one path.
+    try:
+        check_outputs(input_roots(external), {what: path for what, path in written.items() if what.count(" ") > 1})
+        check_outputs([], written)
+    except InputError as exc:
+        raise InputError(f"{recipe.path}: {exc}") from None
 
 
 @dataclass

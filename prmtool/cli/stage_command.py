@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
-from prmtool.core.options import Inputs, Output, Overwrite, Quiet, ScaleOut
+from prmtool.core.options import AllowIncomplete, Inputs, Output, Overwrite, Quiet, ScaleOut
 from prmtool.core.stage import Stage, default_of, option_fields, option_types
 from prmtool.executors import run_stage
 
@@ -37,6 +37,7 @@ class StageCall:
     settings: object
     overwrite: bool = False
     quiet: bool = False
+    allow_incomplete: bool = False
     scale_out: ScaleOut = dataclasses.field(default_factory=ScaleOut)
 
     def run(self):
@@ -48,6 +49,7 @@ class StageCall:
             self.settings,
             overwrite=self.overwrite,
             quiet=self.quiet,
+            allow_incomplete=self.allow_incomplete,
             **dataclasses.asdict(self.scale_out),
         )
 
@@ -55,7 +57,7 @@ class StageCall:
 def stage_call(stage: Stage, options: dict) -> StageCall:
     """The parsed options of `stage`'s command (click's `ctx.params`), sorted into a StageCall."""
     options = dict(options)
-    common = {name: options.pop(name) for name in ("inputs", "output", "overwrite", "quiet")}
+    common = {name: options.pop(name) for name in ("inputs", "output", "overwrite", "quiet", "allow_incomplete")}
     scale_out = ScaleOut(**{f.name: options.pop(f.name) for f in dataclasses.fields(ScaleOut)})
     return StageCall(
         stage, settings=stage.settings(**_as_paths(stage.settings, options)), scale_out=scale_out, **common
@@ -91,6 +93,7 @@ def stage_command(stage: Stage) -> Callable[..., None]:
             *_parameters(stage.settings),
             inspect.Parameter("overwrite", _KEYWORD, default=False, annotation=Overwrite),
             inspect.Parameter("quiet", _KEYWORD, default=False, annotation=Quiet),
+            inspect.Parameter("allow_incomplete", _KEYWORD, default=False, annotation=AllowIncomplete),
             *_parameters(ScaleOut),
         ]
     )

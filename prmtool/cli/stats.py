@@ -15,8 +15,8 @@ from rich.table import Table
 from prmtool.cli import plots
 from prmtool.core import shards
 from prmtool.core.errors import InputError
-from prmtool.core.options import Inputs, Quiet
-from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.core.options import AllowIncomplete, Inputs, Quiet
+from prmtool.core.outputs import check_outputs, check_regular_file, input_roots
 from prmtool.core.report import RunStats
 
 
@@ -169,12 +169,21 @@ def command(
         ),
     ] = None,
     quiet: Quiet = False,
+    allow_incomplete: AllowIncomplete = False,
 ) -> None:
     """Rows, problems, responses per problem, accuracy, steps, labels and first errors of a
     shard set. Prints to stdout."""
-    found = shards.open_inputs(inputs)
+    allowed = shards.READ_INCOMPLETE.set(allow_incomplete)
+    try:
+        found = shards.open_inputs(inputs)
+    finally:
+        shards.READ_INCOMPLETE.reset(allowed)
     check_outputs(input_roots(inputs, [s.path for s in found]), {"--plot": plot})
     if plot is not None:
+        if plot.exists() and not plot.is_dir():
+            raise InputError(f"{plot}: --plot exists and is not a directory")
+        for each in PLOTS:  # a plot's file is replaced only if it is a regular file
+            check_regular_file(plot / each.file, "--plot")
         try:  # before any work, so that a bad --plot is a usage error with nothing printed
             plot.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -45,6 +45,16 @@ Inputs = Annotated[
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output directory: one shard per input shard, same name.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute shards that are already complete.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or summary on stderr.")]
+AllowIncomplete = Annotated[
+    bool,
+    typer.Option(
+        "--allow-incomplete",
+        help=(
+            "Read an input folder that a prmtool run wrote but did not complete (no _SUCCESS: killed, still "
+            "running, or partitions missing), its shards as they are."
+        ),
+    ),
+]
 Workers = Annotated[
     int, typer.Option("--workers", help="Worker processes (default: CPU count).", min=0, show_default=False)
 ]

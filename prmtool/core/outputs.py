@@ -7,6 +7,11 @@ be an input, lie inside an input directory, or hold an input below it (an `--ove
 an output directory's Parquet files, which would then be the input's), and two outputs of one
 command may not be the same or nested. Names that become paths (export's split names, recipe
 stage names) go through `plain_name`.
+
+Every file is written by `replace_atomically`: into a new hidden file created exclusively
+beside its final name (so never through a link, never onto a file someone else made), renamed
+into place when whole; a final name that is a symbolic link, a FIFO, a device or anything else
+but a regular file is refused, never replaced.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from prmtool.core.errors import InputError
 
 LOCK = ".lock"
+JOURNAL = "_JOURNAL"  # a run's record of the files it may write (prmtool.core.shards)
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -77,6 +84,72 @@ def check_outputs(inputs: list[Path], outputs: dict[str, Path | None]) -> None:
                 )
 
 
+def check_regular_file(path: Path, option: str = "output") -> None:
+    """A file prmtool is to write: absent, or a regular file it may replace. A symbolic link
+    (even to a regular file), a FIFO or a device is refused: replacing it would break the link
+    or the device, writing through it would write somewhere else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InputError(f"{path}: cannot use the {option} file ({exc.strerror})") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = (
+        "a symbolic link"
+        if stat.S_ISLNK(mode)
+        else "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device or socket"
+    )
+    hint = "; give - to print to standard output" if option == "--json" else ""
+    raise InputError(f"{path}: {option} is {kind}, not a regular file; prmtool writes only regular files{hint}")
+
+
+def replace_atomically(path: Path, write: Callable[[object], None], option: str = "output") -> None:
+    """Write `path` whole or not at all: `write(handle)` fills a new hidden file, created
+    exclusively beside `path` (`.NAME.tmp-PID`, a name no input has: hidden files are never
+    read as shards), which is synced and renamed over `path`. A `path` that is not a regular
+    file is refused before and again just before the rename."""
+    check_regular_file(path, option)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary, descriptor = _new_temporary(path)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        check_regular_file(path, option)
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """A file of our own beside `path`: O_EXCL, so an existing file or link of that name is
+    never opened (a stale one from a killed process with this pid gets the next number)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for attempt in range(1000):
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}{attempt or ''}")
+        try:
+            return temporary, os.open(temporary, flags, 0o644)
+        except FileExistsError:
+            continue
+    raise InputError(f"{path.parent}: cannot create a temporary file beside {path.name}")
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _absolute(path: Path | str) -> Path:
     """The real path, symbolic links followed, for a path that need not exist yet."""
     return Path(os.path.realpath(os.path.abspath(path)))
@@ -103,42 +176,98 @@ os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 @contextmanager
-def output_lock(directories: Iterable[Path], key: str) -> Iterator[None]:
+def output_lock(directories: Iterable[Path], key: str, slot: str | None = None) -> Iterator[None]:
     """Hold `DIR/.lock` for every output directory while the run writes there.
 
     The partitions of one run (same `key`) share the lock and write side by side; a run with
     another key finds it held and fails at once, instead of mixing its shards with the other's.
-    The lock is an flock, so it goes with the process: a killed run leaves no stale lock. A
-    directory the run made and left with nothing but its lock (a model that failed to load) is
-    removed again: nothing half-written.
+    `slot` names the part of the run this process writes (a partition's label, `00000-of-00001`
+    for a whole run): it is held alone (`DIR/.lock-SLOT`), so the same command started twice at
+    once fails at once too, instead of taking the other's half-written files for an interrupted
+    run of its own. The locks are flocks, so they go with the process: a killed run leaves no
+    stale lock. A directory the run made and left with nothing but its locks (a model that
+    failed to load) is removed again: nothing half-written.
     """
-    held: list[tuple[Path, int, bool]] = []
+    held: list[tuple[Path, list[int], bool]] = []
     try:
         for directory in directories:
             made = not directory.exists()
-            held.append((directory, _lock(directory, key), made))
-            _HELD.add(held[-1][1])
+            descriptors = [_lock(directory, key)]
+            held.append((directory, descriptors, made))
+            _HELD.add(descriptors[0])
+            if slot is not None:
+                descriptors.append(_lock_slot(directory, slot))
+                _HELD.add(descriptors[1])
         yield
     finally:
-        for directory, descriptor, made in held:
+        for directory, descriptors, made in held:
             if made:
-                _remove_if_unused(directory, descriptor)
-            _HELD.discard(descriptor)
-            os.close(descriptor)  # closing releases the flock
+                _remove_if_unused(directory, descriptors[0])
+            for descriptor in descriptors:
+                _HELD.discard(descriptor)
+                os.close(descriptor)  # closing releases the flock
+
+
+def _is_lock(name: str) -> bool:
+    return name == LOCK or name.startswith(f"{LOCK}-")
 
 
 def _remove_if_unused(directory: Path, descriptor: int) -> None:
-    """Remove a directory that holds only its lock, if no partition of the run still holds it."""
+    """Remove a directory that holds only its locks (and the journals of a run that wrote
+    nothing), if no partition of the run still holds it."""
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return  # another partition is still writing here
     try:
-        if [p.name for p in directory.iterdir()] == [LOCK]:
-            (directory / LOCK).unlink()
+        names = [p.name for p in directory.iterdir()]
+        if all(_is_lock(name) or name.startswith(JOURNAL) for name in names):
+            for name in names:
+                (directory / name).unlink()
             directory.rmdir()
     except OSError:
         pass
+
+
+def _lock_slot(directory: Path, slot: str) -> int:
+    descriptor = os.open(directory / f"{LOCK}-{slot}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        part = "" if slot.endswith("-of-00001") else f" (partition {slot})"
+        raise InputError(
+            f"{directory}: the same prmtool command{part} is already writing here; wait for it to end"
+        ) from None
+    return descriptor
+
+
+@contextmanager
+def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
+    """Hold `DIR/.lock-run` alone while `what` (a `prmtool run` of a recipe) uses the directory:
+    a second one fails at once, having touched nothing but the lock file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(directory / f"{LOCK}-run", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot use the directory ({exc.strerror})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        os.close(descriptor)
+        raise InputError(
+            f"{directory}: another {what} is using this directory{f' (pid {holder})' if holder else ''}; "
+            "wait for it to end, or give another --workdir"
+        ) from None
+    _HELD.add(descriptor)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        _HELD.discard(descriptor)
+        os.close(descriptor)
 
 
 def _lock(directory: Path, key: str) -> int:

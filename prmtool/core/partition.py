@@ -59,6 +59,10 @@ class Partition:
     def manifest_name(self) -> str:
         return "_SUCCESS" if self.whole else f"_SUCCESS-{self.label}"
 
+    def journal_name(self) -> str:
+        """The record of the files this partition may write, kept until its manifest is."""
+        return "_JOURNAL" if self.whole else f"_JOURNAL-{self.label}"
+
     def take_shards(self, found: list[InputShard]) -> list[InputShard]:
         """This partition's input shards (all of them for the whole run)."""
         if self.whole:

@@ -71,12 +71,14 @@ def run_map_stage(
     input is validated either way, so all partitions agree on what the run is."""
     found = validate_inputs(stage, inputs, output)
     directories = [output, *(d for d in stage.side_directories.values() if d is not None)]
-    key = outputs.run_key(stage.name, stage.arguments, [s.describe() for s in found], partition.count)
-    with outputs.output_lock(directories, key):
+    described = [s.describe() for s in found]
+    key = outputs.run_key(stage.name, stage.arguments, described, partition.count)
+    with outputs.output_lock(directories, key, slot=partition.label):
+        mine = [s.name for s in partition.take_shards(found)]
         for option, directory in stage.side_directories.items():
-            if directory is not None and overwrite:
-                (directory / partition.manifest_name()).unlink(missing_ok=True)
-                (directory / shards.MANIFEST).unlink(missing_ok=True)
+            if directory is not None:
+                side = f"{stage.name}{option.removeprefix('-')}"
+                shards.claim_output(directory, side, stage.arguments, described, partition, mine, overwrite)
         _run_locked(stage, found, output, overwrite, stats, partition)
         for option, directory in stage.side_directories.items():
             if directory is not None:  # a manifest like -o's: a later stage or `make` sees it complete
@@ -84,7 +86,7 @@ def run_map_stage(
                     directory,
                     f"{stage.name}{option.removeprefix('-')}",
                     stage.arguments,
-                    [s.describe() for s in found],
+                    described,
                     _listing(directory, found, partition),
                     partition,
                 )
@@ -107,10 +109,11 @@ def _run_locked(
 ) -> None:
     mine = partition.take_shards(found)
     plan = _plan(stage, mine, output, overwrite)
-    if overwrite:
-        (output / partition.manifest_name()).unlink(missing_ok=True)
-        (output / shards.MANIFEST).unlink(missing_ok=True)
-        _remove_orphans(output, {s.name for s in found})
+    described = [s.describe() for s in found]
+    # With --overwrite, the earlier runs' listed files go (a re-import into fewer shards
+    # leaves none of its old ones to be read beside the new); without it, a folder holding
+    # another run, or other partitions that ran with other options, is refused.
+    shards.claim_output(output, stage.name, stage.arguments, described, partition, [s.name for s in mine], overwrite)
     if not partition.whole:
         stats.log(f"partition {partition.index} of {partition.count}: {len(mine)} of {len(found)} input shards")
 
@@ -137,7 +140,7 @@ def _run_locked(
             stats.rows_out += result.height
             stats.shards_written += 1
             stats.problem_ids.update(result["problem_id"].to_list())
-    shards.write_manifest(output, stage.name, stage.arguments, [s.describe() for s in found], written, partition)
+    shards.write_manifest(output, stage.name, stage.arguments, described, written, partition)
     if partition.whole:  # a partition's directory also holds the other partitions' shards
         _warn_stale(output, set(written), stats)
 
@@ -173,14 +176,6 @@ def _check_nothing_lost(
         raise StageError(f"{shard.path}: internal error: columns lost: {', '.join(missing)}")
 
 
-def _remove_orphans(output: Path, names: set[str]) -> None:
-    """--overwrite: shards an earlier prmtool run wrote for inputs that are gone (a re-import
-    into fewer shards) would otherwise stay beside the new ones and be read by the next stage."""
-    for old in output.glob("*.parquet") if output.is_dir() else []:
-        if old.name not in names and not old.name.startswith((".", "_")) and shards.read_provenance(old) is not None:
-            old.unlink()
-
-
 def _warn_stale(output: Path, written: set[str], stats: RunStats) -> None:
     stale = sorted(
         f.name for f in output.glob("*.parquet") if not f.name.startswith((".", "_")) and f.name not in written
@@ -198,12 +193,15 @@ def whole_output(
     overwrite: bool,
     partition: Partition,
     stats: RunStats,
+    names: list[str],
+    beside: list[Path] = (),
 ):
     """Lock `output` for this run and yield whether there is work to do: an output already
-    complete for the same stage, arguments and sources is kept (resume) and said so; with
-    `overwrite`, or for a different run, it is cleared (`shards.prepare_whole_output`)."""
-    with outputs.output_lock([output], outputs.run_key(stage, arguments, sources, partition.count)):
-        if shards.prepare_whole_output(output, stage, arguments, sources, overwrite, partition):
+    complete for the same stage, arguments and sources is kept (resume) and said so; else the
+    folder is made ready for the files `names` (relative paths) the run may write
+    (`shards.prepare_whole_output`)."""
+    with outputs.output_lock([output], outputs.run_key(stage, arguments, sources, partition.count), partition.label):
+        if shards.prepare_whole_output(output, stage, arguments, sources, overwrite, partition, names, beside):
             scope = "" if partition.whole else f"partition {partition.index} of {partition.count}: "
             stats.log(f"{scope}{output} is already complete for these inputs and options; --overwrite recomputes it")
             yield False

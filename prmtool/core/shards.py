@@ -2,14 +2,27 @@
 
 A shard set is a directory of Parquet files. Every output file is written under a hidden
 temporary name and renamed when complete, so a file under its final name is always whole; a
-`_SUCCESS` manifest is written last, when every shard of the run is in place.
+`_SUCCESS` manifest is written last, when every shard of the run is in place, listing each
+file with its rows, size and xxh3 hash.
+
+What a run owns: before its first file, a run writes a journal (`_JOURNAL`, or
+`_JOURNAL-00002-of-00008` for a partition) naming every file it may write; its manifest
+replaces the journal when it completes. A command deletes or replaces only files listed in
+such a record of an earlier run in the same folder, and only while they are still what that
+run wrote (the size and hash its manifest lists; for a journal, prmtool's provenance): never a
+subfolder or a file it did not write.
+
+What a stage reads: a folder with a `_SUCCESS` exactly as that manifest lists it (a listed
+file missing or changed is an error); a folder a prmtool run wrote but did not finish (shards
+with prmtool's provenance, a journal or a partition's manifest, and no `_SUCCESS`) is refused
+unless --allow-incomplete; a folder of Parquet files prmtool never wrote is read whole.
 """
 
 from __future__ import annotations
 
+import contextvars
 import glob
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +32,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prmtool import __version__
+from prmtool.core import outputs
 from prmtool.core.errors import InputError
-from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.core.outputs import check_outputs, check_regular_file, input_roots, replace_atomically
 from prmtool.core.partition import Partition
 
 WHOLE = Partition()
 
 MANIFEST = "_SUCCESS"
+JOURNAL = outputs.JOURNAL
 METADATA_KEY = b"prmtool"
+
+# --allow-incomplete: read a folder a prmtool run left unfinished, shards as they are. Set by
+# `Stage.run` (and stats, eval) for the command's whole run.
+READ_INCOMPLETE: contextvars.ContextVar[bool] = contextvars.ContextVar("read_incomplete", default=False)
 
 
 @dataclass(frozen=True)
@@ -101,10 +120,14 @@ def stdin_shard() -> Path:
     return _STDIN_SHARD[0]
 
 
-def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]:
+def resolve_inputs(
+    specs: list[str] | tuple[str, ...], expected: dict[Path, tuple[dict, Path]] | None = None
+) -> list[tuple[Path, str]]:
     """Parquet files from any mix of files, directories and glob patterns, in a stable order,
     each with its shard name: the file's, or `SPLIT-FILE` for one found in a split folder.
-    `-` is standard input, as JSON lines."""
+    `-` is standard input, as JSON lines. A directory with a `_SUCCESS` gives the files it
+    lists, and `expected` gets each one's manifest entry (its size and hash) and manifest."""
+    expected = {} if expected is None else expected
     if not specs:
         raise InputError("no input given: pass Parquet files, directories or globs")
     files: list[Path] = []
@@ -116,18 +139,12 @@ def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]
         elif glob.has_magic(spec):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             matched = [m for m in matches if m.is_file() and _is_shard_file(m)]
-            matched += [f for m in matches if m.is_dir() for f in sorted(m.glob("*.parquet")) if _is_shard_file(f)]
+            matched += [f for m in matches if m.is_dir() for f in _directory_files(m, expected, split_files, False)]
             if not matched:
                 raise InputError(f"{spec}: the glob matches no Parquet file")
             files.extend(matched)
         elif path.is_dir():
-            found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
-            if not found:  # an export's folder: one subfolder of shards per split (train/, test/)
-                found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
-                split_files.update(f.resolve() for f in found)
-            if not found:
-                raise InputError(f"{spec}: the directory holds no Parquet file (nor do its split folders)")
-            files.extend(found)
+            files.extend(_directory_files(path, expected, split_files))
         elif path.is_file():
             files.append(path)
         else:
@@ -141,18 +158,98 @@ def resolve_inputs(specs: list[str] | tuple[str, ...]) -> list[tuple[Path, str]]
     return unique
 
 
+def _directory_files(
+    path: Path, expected: dict[Path, tuple[dict, Path]], split_files: set[Path], whole: bool = True
+) -> list[Path]:
+    """A directory's shards: those its `_SUCCESS` lists (or its parent's, for a split folder
+    of a complete export such as `work/trl/train`); else its Parquet files (or, with `whole`,
+    its split folders'), refused if a prmtool run left them unfinished."""
+    if read_manifest(path) is not None:
+        found = _listed_files(path, expected)
+        split_files.update(f.resolve() for f in found if f.parent != path)
+        return found
+    if read_manifest(path.parent) is not None and _is_split(path):
+        return _listed_files(path.parent, expected, within=path.name)
+    found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
+    if not found and whole:  # an export's folder: one subfolder of shards per split (train/, test/)
+        found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
+        split_files.update(f.resolve() for f in found)
+        if not found:
+            raise InputError(f"{path}: the directory holds no Parquet file (nor do its split folders)")
+    if found:
+        _refuse_unfinished(path, found)
+    return found
+
+
 def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:
-    """Resolve inputs and read each shard's footer; a corrupt file is an InputError."""
+    """Resolve inputs and read each shard's footer; a corrupt file is an InputError, and so is
+    a file that is no longer what its folder's `_SUCCESS` lists (size or hash)."""
     shards = []
-    for path, name in resolve_inputs(specs):
+    expected: dict[Path, tuple[dict, Path]] = {}
+    for path, name in resolve_inputs(specs, expected):
         try:
             parquet = pq.ParquetFile(path)
             schema = pl.Schema(pl.from_arrow(parquet.schema_arrow.empty_table()).schema)
             rows = parquet.metadata.num_rows
         except Exception as exc:  # pyarrow raises several types for damaged files
             raise InputError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
-        shards.append(InputShard(path, path.stat().st_size, rows, schema, digest=content_digest(path), shard_name=name))
+        shard = InputShard(path, path.stat().st_size, rows, schema, digest=content_digest(path), shard_name=name)
+        if path in expected:
+            _check_listed(shard, *expected[path])
+        shards.append(shard)
     return shards
+
+
+def _listed_files(folder: Path, expected: dict[Path, tuple[dict, Path]], within: str | None = None) -> list[Path]:
+    """The files a folder's `_SUCCESS` lists (those in its subfolder `within`, if given), each
+    present (and noted in `expected`)."""
+    manifest_path = folder / MANIFEST
+    entries = (read_manifest(folder) or {}).get("outputs")
+    named = isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in entries)
+    if not named:
+        raise InputError(f"{manifest_path}: not a prmtool manifest (no list of output files)")
+    if within is not None:
+        entries = [entry for entry in entries if Path(entry["file"]).parent == Path(within)]
+    files = []
+    for entry in entries:
+        file = folder / entry["file"]
+        if not file.is_file() or ".." in Path(entry["file"]).parts:
+            raise InputError(
+                f"{file}: listed in {manifest_path} but missing; the folder changed after its run completed: "
+                "rerun the command that wrote it"
+            )
+        expected[file] = (entry, manifest_path)
+        files.append(file)
+    if not files:
+        where = folder if within is None else folder / within
+        raise InputError(f"{where}: {manifest_path} lists no Parquet file there")
+    return files
+
+
+def _check_listed(shard: InputShard, entry: dict, manifest: Path) -> None:
+    """A listed file must be the one its run wrote: same rows, size and hash (a manifest
+    written before hashes were recorded gives rows only)."""
+    for key, actual in (("rows", shard.rows), ("size", shard.size), ("xxh3", shard.digest)):
+        if key in entry and entry[key] != actual:
+            raise InputError(
+                f"{shard.path}: its {key} is not what {manifest} lists; the file changed after its run completed: "
+                "rerun the command that wrote it"
+            )
+
+
+def _refuse_unfinished(folder: Path, files: list[Path]) -> None:
+    """A folder without `_SUCCESS` that a prmtool run wrote (a journal, a partition's manifest,
+    or shards with prmtool's provenance) is unfinished: a killed run, a run still writing, or
+    partitions not all done. Refused unless --allow-incomplete."""
+    if READ_INCOMPLETE.get():
+        return
+    records = sorted(p.name for p in folder.glob("_SUCCESS-*")) + sorted(p.name for p in folder.glob("_JOURNAL*"))
+    if records or any(read_provenance(f) is not None for f in files):
+        why = f"it holds {records[0]}" if records else "its shards were written by prmtool"
+        raise InputError(
+            f"{folder}: has no {MANIFEST}, and {why}: the run that writes it has not completed; finish that run "
+            "(rerun its command), or pass --allow-incomplete to read the shards there as they are"
+        )
 
 
 def read_shard(shard: InputShard) -> pl.DataFrame:
@@ -206,6 +303,8 @@ def check_output_dir(
     for option, path in (files or {}).items():
         if path is not None and path.is_dir():
             raise InputError(f"{path}: {option} is a directory; give a file path")
+        if path is not None:
+            check_regular_file(path, option)
 
 
 def check_distinct_names(inputs: list[InputShard]) -> None:
@@ -233,21 +332,17 @@ def write_shard(frame: pl.DataFrame | pa.Table, path: Path, record: dict) -> Non
     metadata = dict(table.schema.metadata or {})
     metadata[METADATA_KEY] = json.dumps(record, sort_keys=True).encode()
     table = table.replace_schema_metadata(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(handle) -> None:
         if table.num_rows:
-            pq.write_table(table, temporary)
+            pq.write_table(table, handle)
         else:
             # No rows: the schema and no row group at all. pyarrow would write one empty row
             # group, on which `datasets` fails for the whole folder ("BatchSize must be greater
             # than 0"); a file of no row groups it skips, and polars and pyarrow read either.
-            pq.ParquetWriter(temporary, table.schema).close()
-        _fsync(temporary)
-        os.replace(temporary, path)
-        _fsync(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
+            pq.ParquetWriter(handle, table.schema).close()
+
+    replace_atomically(path, write)
 
 
 def _standard_type(dtype: pa.DataType) -> pa.DataType:
@@ -270,39 +365,54 @@ def read_provenance(path: Path) -> dict | None:
         return None
 
 
-def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def write_json_atomic(data: dict, path: Path, option: str = "output") -> None:
+    text = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    replace_atomically(path, lambda handle: handle.write(text), option)
 
 
 def write_manifest(
-    output: Path, stage: str, arguments: dict, inputs: list[dict], outputs: dict[str, int], partition: Partition = WHOLE
+    output: Path,
+    stage: str,
+    arguments: dict,
+    inputs: list[dict],
+    outputs: dict[str, int],
+    partition: Partition = WHOLE,
+    also: list[str] = (),
+    beside: list[Path] = (),
 ) -> None:
     """The `_SUCCESS` manifest, written last: its presence means the whole run is complete.
-    A partition writes its own (`_SUCCESS-00002-of-00008`), and the one that completes the set
-    writes `_SUCCESS` for all of them."""
+    Each output file is listed with its rows, size and hash, so a reader can tell it is still
+    the file this run wrote; `also` lists files the run wrote beside its shards (verl's
+    SPLIT.parquet), which are not read as its rows but are its own. A partition writes its own
+    (`_SUCCESS-00002-of-00008`), and the one that completes the set writes `_SUCCESS` for all
+    of them. The run's journal, which the manifest replaces, is removed."""
     record = {
         "stage": stage,
         "version": __version__,
         "arguments": arguments,
         "inputs": inputs,
-        "outputs": [{"file": name, "rows": rows} for name, rows in sorted(outputs.items())],
+        "outputs": [_entry(output, name, rows) for name, rows in sorted(outputs.items())],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if also:
+        record["also"] = [_entry(output, name) for name in sorted(also)]
+    if beside:  # what it wrote outside `output`, which only a later run into `output` may replace
+        record["beside"] = [str(path.resolve()) for path in beside]
     if partition.whole:
         write_json_atomic(record, output / MANIFEST)
-        return
-    write_json_atomic(
-        {**record, "partition": {"index": partition.index, "count": partition.count}},
-        output / partition.manifest_name(),
-    )
-    _complete_partitions(output, record, partition.count)
+    else:
+        write_json_atomic(
+            {**record, "partition": {"index": partition.index, "count": partition.count}},
+            output / partition.manifest_name(),
+        )
+        _complete_partitions(output, record, partition.count)
+    (output / partition.journal_name()).unlink(missing_ok=True)
+
+
+def _entry(output: Path, name: str, rows: int | None = None) -> dict:
+    path = output / name
+    entry = {"file": name, "size": path.stat().st_size, "xxh3": content_digest(path)}
+    return entry if rows is None else {**entry, "rows": rows}
 
 
 def _complete_partitions(output: Path, record: dict, count: int) -> None:
@@ -318,67 +428,163 @@ def _complete_partitions(output: Path, record: dict, count: int) -> None:
 
 def read_manifest(output: Path, name: str = MANIFEST) -> dict | None:
     try:
-        return json.loads((output / name).read_text())
+        record = json.loads((output / name).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+# --- what a run owns --------------------------------------------------------------------------
+
+
+def _identity(stage: str, arguments: dict, inputs: list[dict], count: int) -> tuple:
+    """What a run is, as its records (manifests, journals) hold it after a trip through JSON."""
+    return (stage, *json.loads(json.dumps([arguments, inputs], sort_keys=True, default=str)), count)
+
+
+def _identity_of(record: dict) -> tuple:
+    count = record.get("partitions") or (record.get("partition") or {}).get("count") or 1
+    return (record.get("stage"), record.get("arguments"), record.get("inputs"), count)
+
+
+def _records(output: Path) -> list[tuple[Path, dict]]:
+    """Every manifest and journal in `output`, whole and per partition."""
+    if not output.is_dir():
+        return []
+    paths = sorted(output.glob(f"{MANIFEST}*")) + sorted(output.glob(f"{JOURNAL}*"))
+    return [(path, record) for path in paths if (record := read_manifest(output, path.name)) is not None]
+
+
+def _listed(record: dict) -> list[dict]:
+    """The files a record says its run wrote: a manifest's entries (with size and hash), a
+    journal's names."""
+    entries = [e for e in [*record.get("outputs", []), *record.get("also", [])] if isinstance(e, dict)]
+    entries += [{"file": name} for name in record.get("files", []) if isinstance(name, str)]
+    return [e for e in entries if isinstance(e.get("file"), str) and ".." not in Path(e["file"]).parts]
+
+
+def _still_as_written(path: Path, entry: dict) -> bool:
+    """`path` is still the file a record lists: a regular file of the listed size and hash (an
+    older manifest lists rows only; a journal, names only: then prmtool's provenance must be in
+    it)."""
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        if "xxh3" in entry:
+            return path.stat().st_size == entry.get("size") and content_digest(path) == entry["xxh3"]
+        if read_provenance(path) is None:
+            return False
+        return "rows" not in entry or pq.ParquetFile(path).metadata.num_rows == entry["rows"]
+    except Exception:
+        return False
+
+
+def _from_prmtool(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and read_provenance(path) is not None
+
+
+def claim_output(
+    output: Path,
+    stage: str,
+    arguments: dict,
+    inputs: list[dict],
+    partition: Partition,
+    names: list[str],
+    overwrite: bool,
+    beside: list[Path] = (),
+) -> None:
+    """Before a run writes its first file into `output` (holding its lock): make room, then
+    journal the `names` it may write (and `beside`: what it writes outside `output`, export's
+    --hf-dataset folder).
+
+    Without --overwrite, a record (manifest or journal) of another run there is refused: a
+    partition never joins a folder whose other partitions ran with other settings. With it,
+    every earlier run's listed files are removed (only those still as written), with their
+    records, but never those of this run's other partitions; a file at one of `names` that no
+    record lists (someone else's) is refused before anything is removed.
+    """
+    run = _identity(stage, arguments, inputs, partition.count)
+    own = {partition.manifest_name(), partition.journal_name()}
+    records = _records(output)
+    if not overwrite:
+        for path, record in records:
+            if _identity_of(record) != run:
+                raise InputError(
+                    f"{output}: holds {path.name} of a different run (other stage, options, inputs or --num-shards); "
+                    "pass --overwrite to replace that run's files, or choose another output"
+                )
+    else:
+        earlier = [(path, record) for path, record in records if path.name in own or _identity_of(record) != run]
+        listed = {entry["file"]: entry for _, record in earlier for entry in _listed(record)}
+        ours = {name for name, entry in listed.items() if _still_as_written(output / name, entry)}
+        for name in names:
+            target = output / name
+            # A prmtool shard at a name this run writes is replaced even if no record lists it
+            # (its manifest deleted by hand); any other file there is someone else's.
+            if (target.exists() or target.is_symlink()) and name not in ours and not _from_prmtool(target):
+                raise InputError(
+                    f"{target}: exists and no earlier prmtool run here lists it; --overwrite replaces only the files "
+                    "a run wrote itself: move it away or choose another output"
+                )
+        for name in sorted(ours):
+            (output / name).unlink()
+        for path, _ in earlier:
+            path.unlink(missing_ok=True)
+        (output / MANIFEST).unlink(missing_ok=True)  # this partition's files change: the set is not complete
+    journal = read_manifest(output, partition.journal_name()) or {}
+    kept = [name for name in journal.get("files", []) if isinstance(name, str) and (output / name).exists()]
+    files = sorted(set(names) | set(kept if _identity_of(journal) == run else []))
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "arguments": arguments, "inputs": inputs, "partitions": partition.count, "files": files}
+    if beside:
+        record["beside"] = [str(path.resolve()) for path in beside]
+    write_json_atomic(record, output / partition.journal_name())
 
 
 def prepare_whole_output(
-    output: Path, stage: str, arguments: dict, inputs: list[dict], overwrite: bool, partition: Partition = WHOLE
+    output: Path,
+    stage: str,
+    arguments: dict,
+    inputs: list[dict],
+    overwrite: bool,
+    partition: Partition = WHOLE,
+    names: list[str] | None = None,
+    beside: list[Path] = (),
 ) -> bool:
     """For stages that write their whole output in one go (import, export, filter). True when
     `output` already holds a complete run of the same stage, options and inputs (of this
-    partition, with --num-shards): nothing to do."""
+    partition, with --num-shards): nothing to do. Otherwise the folder is made ready for the
+    files `names` (relative paths): an interrupted run of this same command has its journaled
+    files removed, --overwrite removes the earlier runs' listed files (`claim_output`), and
+    any other Parquet file there is refused without --overwrite and left alone with it."""
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a directory")
     manifest = read_manifest(output, partition.manifest_name())
-    existing = sorted(f for f in output.rglob("*.parquet") if not f.name.startswith(".")) if output.exists() else []
-    if not partition.whole:  # the other partitions' files are theirs
-        existing = [f for f in existing if f".{partition.label}." in f.name]
-    if not overwrite:
-        if manifest and (manifest.get("stage"), manifest.get("arguments"), manifest.get("inputs")) == (
-            stage,
-            arguments,
-            inputs,
-        ):
-            return True
-        if manifest is None and existing and _from_an_interrupted_run(existing, stage, arguments, inputs):
-            for old in existing:  # this very command, stopped before its manifest: do it again
-                old.unlink()
-            return False
-        if manifest or existing:
-            raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
+    run = _identity(stage, arguments, inputs, partition.count)
+    if not overwrite and manifest and _identity_of(manifest) == run:
+        (output / partition.journal_name()).unlink(missing_ok=True)  # a kill after the manifest left it
+        return True
+    if names is None:  # only asking whether the output is complete
         return False
-    # --overwrite: clear what an earlier prmtool run wrote here (and only that) so nothing stale remains.
-    (output / partition.manifest_name()).unlink(missing_ok=True)
-    (output / MANIFEST).unlink(missing_ok=True)
-    for old in existing:
-        if read_provenance(old) is not None:
-            old.unlink()
+    if not overwrite:
+        journal = read_manifest(output, partition.journal_name())
+        journaled = set(journal.get("files", [])) if journal and _identity_of(journal) == run else set()
+        existing = sorted(f for f in output.rglob("*.parquet") if not f.name.startswith(".")) if output.exists() else []
+        if not partition.whole:  # the other partitions' files are theirs
+            existing = [f for f in existing if f".{partition.label}." in f.name]
+        strangers = [f for f in existing if str(f.relative_to(output)) not in journaled]
+        if manifest or strangers:
+            raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
+        for name in sorted(journaled):  # this very command, stopped before its manifest: do it again
+            if _still_as_written(output / name, {"file": name}):
+                (output / name).unlink()
+    claim_output(output, stage, arguments, inputs, partition, names, overwrite, beside)
     return False
 
 
-def _from_an_interrupted_run(files: list[Path], stage: str, arguments: dict, inputs: list[dict]) -> bool:
-    """Every file was written by this stage with these arguments (and, where its provenance
-    names one, from one of these inputs): a run of the same command that a crash or Ctrl-C
-    stopped before its manifest."""
-    expected = provenance(stage, arguments)
-    for path in files:
-        record = read_provenance(path)
-        if record is None:
-            return False
-        source = record.pop("input", None)
-        if record != expected or (source is not None and source not in inputs):
-            return False
-    return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def wrote_beside(output: Path, path: Path) -> bool:
+    """Whether a run into `output` (its manifest or journal) wrote `path` outside it."""
+    return any(str(path.resolve()) in record.get("beside", []) for _, record in _records(output))
 
 
 def _one_line(exc: Exception) -> str:

@@ -61,9 +61,13 @@ class Stage:
         overwrite: bool = False,
         quiet: bool = False,
         partition: Partition | tuple[int, int] = WHOLE,
+        allow_incomplete: bool = False,
     ) -> Summary:
         """Run the stage over `inputs` (files, directories or globs) into the directory `output`,
-        or over one partition of them: `partition=(index, count)`, as `--shard-index`."""
+        or over one partition of them: `partition=(index, count)`, as `--shard-index`.
+        `allow_incomplete`: read input folders a prmtool run left without `_SUCCESS`."""
+        from prmtool.core.shards import READ_INCOMPLETE
+
         settings = self.settings() if settings is None else settings
         if not isinstance(settings, self.settings):
             raise InputError(f"{self.name}: settings must be a {self.settings.__name__}, not {type(settings).__name__}")
@@ -71,14 +75,18 @@ class Stage:
         if isinstance(partition, tuple):
             partition = Partition.of(*partition)
         paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-        return self.body(
-            [str(path) for path in paths],
-            Path(output),
-            settings,
-            overwrite=overwrite,
-            quiet=quiet,
-            partition=partition,
-        )
+        allowed = READ_INCOMPLETE.set(allow_incomplete)
+        try:
+            return self.body(
+                [str(path) for path in paths],
+                Path(output),
+                settings,
+                overwrite=overwrite,
+                quiet=quiet,
+                partition=partition,
+            )
+        finally:
+            READ_INCOMPLETE.reset(allowed)
 
     def validate(self, settings: Any) -> None:
         """Every check of `settings` that needs no input: ranges, callbacks and `check`.
@@ -87,7 +95,17 @@ class Stage:
         if self.check is not None:
             self.check(settings)
 
-    def __call__(self, inputs, output, *, overwrite: bool = False, quiet: bool = False, partition=WHOLE, **options):
+    def __call__(
+        self,
+        inputs,
+        output,
+        *,
+        overwrite: bool = False,
+        quiet: bool = False,
+        partition=WHOLE,
+        allow_incomplete: bool = False,
+        **options,
+    ):
         """`prmtool.verify("in", "out", timeout=2)`: settings given as keywords."""
         fields = {f.name for f in dataclasses.fields(self.settings)}
         unknown = sorted(set(options) - fields)
@@ -97,7 +115,15 @@ class Stage:
             settings = self.settings(**options)
         except TypeError as error:  # a required setting left out
             raise InputError(f"{self.name}: {error}") from None
-        return self.run(inputs, output, settings, overwrite=overwrite, quiet=quiet, partition=partition)
+        return self.run(
+            inputs,
+            output,
+            settings,
+            overwrite=overwrite,
+            quiet=quiet,
+            partition=partition,
+            allow_incomplete=allow_incomplete,
+        )
 
     def __getattr__(self, name: str):
         # The stage's module holds its per-frame core: `prmtool.label.label_frame(df, engine)`.

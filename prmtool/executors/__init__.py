@@ -49,6 +49,7 @@ def run_stage(
     *,
     overwrite: bool = False,
     quiet: bool = False,
+    allow_incomplete: bool = False,
     shard_index: int | None = None,
     num_shards: int | None = None,
     executor: str = "local",
@@ -59,10 +60,26 @@ def run_stage(
     partition (each task prints nothing; the driver reports progress)."""
     partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
     if partition is not None:
-        return stage.run(inputs, output, settings, overwrite=overwrite, quiet=quiet, partition=partition)
+        return stage.run(
+            inputs,
+            output,
+            settings,
+            overwrite=overwrite,
+            quiet=quiet,
+            partition=partition,
+            allow_incomplete=allow_incomplete,
+        )
     from prmtool.executors.ray import run_partitions_on_ray
 
     run_partitions_on_ray(
-        stage, inputs, output, settings, overwrite, num_shards, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task
+        stage,
+        inputs,
+        output,
+        settings,
+        overwrite,
+        num_shards,
+        gpus_per_task=gpus_per_task,
+        cpus_per_task=cpus_per_task,
+        allow_incomplete=allow_incomplete,
     )
     return None

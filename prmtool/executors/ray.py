@@ -22,7 +22,15 @@ from prmtool.core.partition import Partition
 
 
 def run_partition(
-    stage_name: str, inputs: list, output, settings, overwrite: bool, index: int, count: int, working_directory: str
+    stage_name: str,
+    inputs: list,
+    output,
+    settings,
+    overwrite: bool,
+    index: int,
+    count: int,
+    working_directory: str,
+    allow_incomplete: bool = False,
 ) -> tuple[int, str]:
     """Body of one Ray task: run partition `index` of `count` in-process, quietly (the driver
     reports for all tasks); returns the exit code the command line would give, and its message."""
@@ -31,7 +39,13 @@ def run_partition(
     os.chdir(working_directory)
     try:
         summary = stage(stage_name).run(
-            inputs, output, settings, overwrite=overwrite, quiet=True, partition=Partition(index, count)
+            inputs,
+            output,
+            settings,
+            overwrite=overwrite,
+            quiet=True,
+            partition=Partition(index, count),
+            allow_incomplete=allow_incomplete,
         )
     except BaseException as error:
         known = exit_code_of(error)
@@ -77,6 +91,7 @@ def run_partitions_on_ray(
     *,
     gpus_per_task: float = 0.0,
     cpus_per_task: float = 1.0,
+    allow_incomplete: bool = False,
 ) -> None:
     """Run every partition of `stage` as a Ray task and wait for all of them."""
     import ray
@@ -88,8 +103,9 @@ def run_partitions_on_ray(
     stderr = Console(stderr=True, highlight=False)
     remote = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=0)(run_partition)
     start = time.perf_counter()
+    allowed = {"allow_incomplete": True} if allow_incomplete else {}  # --allow-incomplete, when given
     pending = {
-        remote.remote(stage.name, inputs, str(output), settings, overwrite, index, count, os.getcwd()): index
+        remote.remote(stage.name, inputs, str(output), settings, overwrite, index, count, os.getcwd(), **allowed): index
         for index in range(count)
     }
     stderr.print(

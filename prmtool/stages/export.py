@@ -231,6 +231,11 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
         raise InputError(
             f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
         )
+    if hf_dataset is not None and hf_dataset.exists() and not shards.wrote_beside(output, hf_dataset):
+        raise InputError(
+            f"{hf_dataset}: --hf-dataset exists and no earlier export into {output} wrote it; --overwrite replaces "
+            "only what a run wrote itself: move it away or choose another --hf-dataset"
+        )
     split_of = None
     if fractions:  # from every input's problems, so that each partition splits as the whole run does
         problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
@@ -304,7 +309,14 @@ def run(
     stats = RunStats("export", quiet=quiet)
     plan = plan_export(inputs, output, settings, overwrite)
     described = [s.describe() for s in plan.found]
-    with whole_output("export", output, plan.arguments, described, overwrite, partition, stats) as work_to_do:
+    splits = ["train", *parse_split(settings.holdout)]
+    names = [f"{split}/{partition.shard_name(s.name)}" for split in splits for s in plan.found]
+    if settings.format == "verl" and partition.whole:
+        names += [f"{split}.parquet" for split in splits]
+    beside = [settings.hf_dataset] if settings.hf_dataset is not None else []
+    with whole_output(
+        "export", output, plan.arguments, described, overwrite, partition, stats, names, beside
+    ) as work_to_do:
         if not work_to_do:
             return stats.summary()
         _export(plan, output, settings, partition, overwrite, quiet, stats)
@@ -382,13 +394,18 @@ def _export(
             f"{output}: no rows to export; each split holds one shard of no rows with the format's columns "
             "(polars and pyarrow read it; datasets.load_dataset refuses an empty split)"
         )
+    split_files = []
     if settings.format == "verl" and partition.whole:  # before the manifest, as the datasets folder
         for split_name, path in write_split_files(output, written, shards.provenance("export", arguments, found[0])):
             stats.log(f"{split_name}: {path} (for verl's data.{'train' if split_name == 'train' else 'val'}_files)")
+            split_files.append(path.name)
     if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
         save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
         stats.log(f"datasets folder: {hf_dataset}")
-    shards.write_manifest(output, "export", arguments, [s.describe() for s in found], written, partition)
+    beside = [hf_dataset] if hf_dataset is not None else []
+    shards.write_manifest(
+        output, "export", arguments, [s.describe() for s in found], written, partition, also=split_files, beside=beside
+    )
 
 
 def write_split_files(output: Path, written: dict[str, int], record: dict) -> list[tuple[str, Path]]:
@@ -446,9 +463,12 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
         {name: datasets.Dataset(pa.concat_tables(pq.read_table(f) for f in files)) for name, files in by_split.items()}
     )
     import shutil
+    import tempfile
 
-    temporary = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
+    # A new folder of our own beside the target (mkdtemp: a name no one else has), so that
+    # no existing folder, an input with a name like ours included, is ever removed.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     bars_were_enabled = datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
@@ -460,7 +480,7 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     finally:
         if quiet and bars_were_enabled:
             datasets.enable_progress_bars()
-    if target.exists() and overwrite:
+    if target.exists() and overwrite:  # plan_export made sure it is a datasets folder
         shutil.rmtree(target)
     temporary.rename(target)
 

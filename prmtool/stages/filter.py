@@ -200,7 +200,7 @@ def run(
     # Without --overwrite: is there anything to do? (A directory holding another run is refused
     # here.) With it, the old outputs are cleared only after the ids have been checked, below.
     key = outputs.run_key("filter", arguments, described, partition.count)
-    with outputs.output_lock([output, settings.rejects], key):
+    with outputs.output_lock([output, settings.rejects], key, partition.label):
         return _filter(found, options, arguments, described, parts, partition, overwrite, report_file, done, stats)
 
 
@@ -212,9 +212,19 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
             for part, d in parts.items()
         ]
     )
+    names = [partition.shard_name(shard.name) for shard in found]
     if complete and report is None:
         stats.log(f"{done}; --overwrite recomputes them")
         return stats.summary()
+
+    def claim_outputs() -> None:  # a folder of another run is refused; with --overwrite, its files go
+        for part, directory in parts.items():
+            shards.prepare_whole_output(
+                directory, "filter", {**arguments, "part": part}, described, overwrite, partition, names
+            )
+
+    if not complete and not overwrite:
+        claim_outputs()  # before any work
 
     features = pl.concat([_read_features(shard, options) for shard in found], how="diagonal_relaxed")
     if features["problem_id"].null_count():  # groups are problems: a row without one has no group
@@ -236,11 +246,8 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     if complete:
         stats.log(f"{done}; writing only the report")
     else:
-        if overwrite:
-            for part, directory in parts.items():
-                shards.prepare_whole_output(
-                    directory, "filter", {**arguments, "part": part}, described, True, partition
-                )
+        if overwrite:  # only now that the ids are checked
+            claim_outputs()
         _write(found, owned, reasons, parts, arguments, partition, stats)
     stats.rows_in, stats.rows_out = summary["rows_in"], summary["kept"]
     stats.problem_ids.update(features.filter(reasons.is_null())["problem_id"].unique().to_list())

@@ -333,7 +333,9 @@ def run(
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: -o exists and is not a directory")
     frame = import_rows(list(inputs), renames, settings.preset, settings.split, settings.dataset_split, partition)
-    with whole_output("import", output, arguments, sources, overwrite, partition, stats) as work_to_do:
+    count = max(1, -(-frame.height // settings.shard_rows))
+    names = [partition.shard_name(f"part-{number:05d}.parquet") for number in range(count)]
+    with whole_output("import", output, arguments, sources, overwrite, partition, stats, names) as work_to_do:
         if not work_to_do:
             return stats.summary()
         _write(frame, output, arguments, sources, settings.shard_rows, partition, stats)
