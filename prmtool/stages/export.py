@@ -23,7 +23,7 @@ from prmtool.core.runner import whole_output
 from prmtool.core.schema import check_columns
 from prmtool.core.stage import Stage
 from prmtool.core.where import check_where, where_filter
-from prmtool.methods.formats import FORMATS, MATH_SHEPHERD_TAG
+from prmtool.methods.formats import FORMATS, MATH_SHEPHERD_TAG, check_values
 
 
 def parse_split(spec: str | None) -> dict[str, float]:
@@ -182,6 +182,7 @@ def export_frame(frame: pl.DataFrame, settings: ExportSettings) -> dict[str, pl.
     documented in prmtool/methods/formats.py and `prmtool export --help`."""
     fmt = check_format(settings)
     check_columns(frame.schema, "frame", ("problem_id",) + fmt.required)
+    check_values(frame, fmt.required)
     condition = where_filter(settings.where)
     if condition is not None:
         frame = frame.filter(condition)
@@ -212,6 +213,11 @@ def open_checked_inputs(inputs: list[str], settings: ExportSettings, fmt) -> tup
         check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
         if condition is not None:
             check_where(condition, settings.where, shard)
+        # Every value the format would write, before any is written (rows --where drops aside)
+        scan = pl.scan_parquet(shard.path).with_row_index("row_in_file")
+        needed = [c for c in (*fmt.required, "guided_response") if c in shard.schema]
+        rows = (scan if condition is None else scan.filter(condition)).select("row_in_file", *needed).collect()
+        check_values(rows, fmt.required, str(shard.path), rows["row_in_file"])
     return found, condition
 
 
