@@ -49,7 +49,7 @@ from rich.console import Console
 from prmtool.cli import estimate
 from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
-from prmtool.core.options import default_workers
+from prmtool.core.options import worker_count
 from prmtool.core.outputs import check_outputs, input_roots, plain_name
 from prmtool.engines.loading import keep_models_loaded
 from prmtool.methods.verification import start_workers
@@ -546,7 +546,7 @@ def _run_steps(
         if step.stage in POLICY_OPTION and verifying:
             # the verifier's workers are forked before the first model load starts threads here
             settings = parse_step(recipe, verifying[0], verifying[0].argv()).settings
-            start_workers(settings.workers or default_workers())
+            start_workers(worker_count(settings.workers))
         record = record_of(step)
         step.directory.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)

@@ -30,7 +30,7 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    default_workers,
+    worker_count,
     finite,
     template,
 )
@@ -154,7 +154,7 @@ def intervention_config(settings: InterveneSettings) -> InterventionConfig:
         temperature=settings.temperature,
         proposer_max_tokens=settings.proposer_max_tokens,
         prefill_tag=settings.prefill_tag,
-        rollouts=RolloutSettings.of(settings, settings.workers or default_workers()),
+        rollouts=RolloutSettings.of(settings, worker_count(settings.workers)),
     )
 
 
@@ -185,6 +185,7 @@ def run(
         )
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stats = RunStats("intervene", quiet=quiet)
+    worker_count(settings.workers, stats.warn)  # says so when --workers is capped
     rollouts = intervention_config(settings).rollouts
     arguments = {
         "candidates": settings.candidates,
@@ -211,7 +212,7 @@ def run(
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
-        start_workers(settings.workers or default_workers())  # before a model load starts threads here
+        start_workers(worker_count(settings.workers))  # before a model load starts threads here
         kept, rejected = intervene_frame(frame, engines.get(), settings, tracker=tracker)
         _count(stats, frame, kept, rejected)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before

@@ -29,7 +29,7 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    default_workers,
+    worker_count,
     finite,
     positive,
     template,
@@ -227,7 +227,7 @@ def label_frame(
         engine,
         "binary" if settings.method == "consensus" else settings.method,
         settings.k,
-        RolloutSettings.of(settings, settings.workers or default_workers()),
+        RolloutSettings.of(settings, worker_count(settings.workers)),
         make_splitter(settings.split).separator,
         settings.label == "soft",
         settings.bad_below,
@@ -326,7 +326,7 @@ def run(
         raise InputError("--rejects is only for --method consensus")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
-    rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
+    rollout_settings = RolloutSettings.of(settings, worker_count(settings.workers, stats.warn))
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)
     policy = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
