@@ -5,20 +5,13 @@ ownership cases live in tests/test_hostile_inputs.py."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, SAMPLES
-from tests.test_hostile_inputs import one_line_error, write_recipe
+from tests.conftest import SAMPLES
+from tests.test_hostile_inputs import one_line_error
 
 LABELED = SAMPLES / "labeled" / "part-00000.parquet"
 
@@ -87,7 +80,11 @@ EXPORT_VALUES = {
     ),
     "a null step": (
         "steps",
-        lambda: on_row(2, pl.col("steps").list.eval(pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.element())), "steps"),
+        lambda: on_row(
+            2,
+            pl.col("steps").list.eval(pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.element())),
+            "steps",
+        ),
         "trl-stepwise",
         "'steps' holds a null step",
     ),
@@ -153,3 +150,47 @@ def test_an_empty_reference_answer_is_refused(prmtool, write_jsonl, tmp_path, pr
     source = write_jsonl([row])
     preset_options = ["--preset", preset] if preset else []
     one_line_error(prmtool("import", source, *preset_options, "-o", tmp_path / "out"), "row 0", message)
+
+
+# --- tracebacks -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_loads(monkeypatch) -> list:
+    """A stand-in for every model loader: it records the load and refuses it, so a test sees
+    whether a command got as far as loading a model (20 s for the embedded one on CPU)."""
+    import prmtool.engines as engines
+    from prmtool.core.errors import InputError
+
+    loads = []
+
+    def stand_in(*args, **kwargs):
+        loads.append(args)
+        raise InputError("stand-in loader: a model would load here")
+
+    monkeypatch.setattr(engines, "load_engine", stand_in)
+    monkeypatch.setattr(engines, "load_step_classifier", stand_in)
+    return loads
+
+
+NULL_STEP_COMMANDS = {
+    "score": ["--no-ref"],
+    "label": [],
+    "intervene": [],
+}
+
+
+@pytest.mark.parametrize("command", NULL_STEP_COMMANDS)
+@pytest.mark.parametrize("null", ["a null step", "null steps"])
+def test_a_null_step_is_refused_before_any_model_loads(prmtool, tmp_path, labeled, model_loads, command, null):
+    steps = (
+        pl.col("steps").list.eval(pl.when(pl.int_range(pl.len()) == 1).then(None).otherwise(pl.element()))
+        if null == "a null step"
+        else pl.lit(None, pl.List(pl.String))
+    )
+    frame = labeled.with_columns(correct=pl.col("first_error") < 0, steps=on_row(3, steps, "steps"))
+    folder = shard_of(tmp_path, frame)
+    result = prmtool(command, folder, "-o", tmp_path / "out", *NULL_STEP_COMMANDS[command])
+    one_line_error(result, str(folder / "part-00000.parquet"), "row 3", "'steps'")
+    assert model_loads == [], "the input is checked before any model loads"
+    assert not list((tmp_path / "out").glob("*.parquet")) if (tmp_path / "out").exists() else True

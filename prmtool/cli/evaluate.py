@@ -121,9 +121,7 @@ def command(
             predicted = part[pred].to_list()
         scores = first_error_scores(part[truth].to_list(), predicted, part["steps"].list.len().to_list())
         extra = {"step_auroc": step_auroc(part[truth].to_list(), part[pred_from].to_list())} if pred_from else {}
-        results.append(
-            {"group": name, **scores.as_dict(), "rows_without_truth": part[truth].null_count(), **extra}
-        )
+        results.append({"group": name, **scores.as_dict(), "rows_without_truth": part[truth].null_count(), **extra})
     report = {
         "truth": truth,
         "pred": pred if pred_from is None else f"{pred_from} < {threshold_used:g}",
@@ -145,13 +143,19 @@ def command(
     Console().print(table)
 
 
+def _numbers(dtype) -> bool:
+    return dtype.is_numeric() or dtype == pl.Null
+
+
 # What each column eval reads must hold: (a test of its type, what the error calls it)
 FIRST_ERROR = (lambda dtype: dtype.is_integer() or dtype == pl.Null, "integer first errors (-1: no error)")
 STEP_SCORES = (
-    lambda dtype: dtype == pl.Null or (isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner == pl.Null)),
+    lambda dtype: (
+        dtype == pl.Null or (isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner == pl.Null))
+    ),
     "a list of numbers per row (one score per step)",
 )
-SCORE = (lambda dtype: dtype.is_numeric() or dtype == pl.Null, "a number per response")
+SCORE = (lambda dtype: _numbers(dtype), "a number per response")
 STEPS = (lambda dtype: isinstance(dtype, pl.List), "a list of steps")
 
 
@@ -190,7 +194,9 @@ def _check_first_errors(frame: pl.DataFrame, column: str, option: str, path, wit
     if wrong.any():
         row = int(wrong.arg_true()[0])
         steps = f" (the response has {frame['steps'][row].len()} steps)" if "steps" in frame.columns else ""
-        raise InputError(f"{path}: row {row}: {option} {column} {values[row]} is not -1 (no error) or a step index{steps}")
+        raise InputError(
+            f"{path}: row {row}: {option} {column} {values[row]} is not -1 (no error) or a step index{steps}"
+        )
 
 
 def _sizes(spec: str | None) -> list[int | None]:

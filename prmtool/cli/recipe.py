@@ -56,6 +56,9 @@ from prmtool.methods.verification import start_workers
 from prmtool.stages import STAGES
 
 RESERVED = {"stage", "name", "input"}
+# Options the recipe sets itself (-o is the stage's folder, eval's --json its report) or that
+# would stop the stage instead of running it (--help, --version): a recipe may not set them.
+RECIPES_OWN = {"output", "o", "json", "overwrite", "help", "h", "version"}
 # Commands a recipe may end with that read a stage's output and write a report, not shards:
 # the report file stands in for _SUCCESS.
 REPORTS = {"eval": "eval.json"}
@@ -150,6 +153,9 @@ def load_recipe(
             f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, engine, stages, "
             f"description)"
         )
+    for key in ("workdir", "input", "model", "engine", "description"):
+        if document.get(key) is not None and not isinstance(document[key], str):  # `workdir: 123`
+            raise InputError(f"{path}: {key}: expected a path or name as text, not {document[key]!r}")
     model = model or document.get("model")
     engine = engine or document.get("engine")
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
@@ -183,6 +189,13 @@ def load_recipe(
         previous = [str(directory)]
     for override in overrides:
         _apply_override(recipe, override)
+    for step in recipe.steps:
+        owned = sorted(RECIPES_OWN & set(step.options))
+        if owned:
+            raise InputError(
+                f"{path}: stage {step.label}: {owned[0]}: not an option a recipe may give (it sets -o WORKDIR/NN-NAME "
+                "and --overwrite itself, and --help or --version would stop the stage instead of running it)"
+            )
     for step in recipe.steps:  # placeholders last, so --set values may use them too
         step.options = {k: _fill(v, recipe.workdir, step.directory) for k, v in step.options.items()}
     return recipe

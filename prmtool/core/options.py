@@ -47,9 +47,7 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Recompute shards t
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, logs or summary on stderr.")]
 Workers = Annotated[
     int,
-    typer.Option(
-        "--workers", help="Worker processes (default and most: the CPU count).", min=0, show_default=False
-    ),
+    typer.Option("--workers", help="Worker processes (default and most: the CPU count).", min=0, show_default=False),
 ]
 Split = Annotated[
     str,

@@ -16,10 +16,10 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    worker_count,
     finite,
     positive,
     template,
+    worker_count,
 )
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
@@ -139,10 +139,9 @@ class GenerateSettings(ModelSettings, WorkerSettings):
         bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")
     ] = False
     verify_timeout: Annotated[
-        float, typer.Option(help="With --verify: seconds per comparison (at most an hour).", callback=positive, max=3600)
-    ] = (
-        5.0
-    )
+        float,
+        typer.Option(help="With --verify: seconds per comparison (at most an hour).", callback=positive, max=3600),
+    ] = 5.0
 
 
 def generate_frame(

@@ -30,14 +30,14 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    worker_count,
     finite,
     template,
+    worker_count,
 )
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
-from prmtool.core.schema import cast_to_contract
+from prmtool.core.schema import cast_to_contract, check_steps
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import interventions as iv
@@ -205,7 +205,7 @@ def run(
         "engine": settings.engine,
     }
     engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
-    checks = [_verified, _no_interventions_yet]
+    checks = [_verified, check_steps, _no_interventions_yet]
     if settings.first_error == "from-labels":
         checks.append(_has_first_error)
     pending: dict[str, pl.DataFrame] = {}  # the rejects of the shard just transformed, for write_rejects

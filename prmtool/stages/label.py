@@ -29,15 +29,15 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    worker_count,
     finite,
     positive,
     template,
+    worker_count,
 )
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
-from prmtool.core.schema import cast_to_contract
+from prmtool.core.schema import cast_to_contract, check_steps
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import labeling
@@ -389,7 +389,7 @@ def run(
         REQUIRED,
         # consensus: the rows it keeps; every other input row is in --rejects
         rows_per_input=None if settings.method == "consensus" else 1,
-        extra_checks=[_verified],
+        extra_checks=[_verified, check_steps],
         side_output=side_output,
         side_directories={"--tree-output": settings.tree_output, "--rejects": settings.rejects},
     )
