@@ -150,12 +150,10 @@ def _numbers(dtype) -> bool:
 # What each column eval reads must hold: (a test of its type, what the error calls it)
 FIRST_ERROR = (lambda dtype: dtype.is_integer() or dtype == pl.Null, "integer first errors (-1: no error)")
 STEP_SCORES = (
-    lambda dtype: (
-        dtype == pl.Null or (isinstance(dtype, pl.List) and (dtype.inner.is_numeric() or dtype.inner == pl.Null))
-    ),
+    lambda dtype: dtype == pl.Null or (isinstance(dtype, pl.List) and _numbers(dtype.inner)),
     "a list of numbers per row (one score per step)",
 )
-SCORE = (lambda dtype: _numbers(dtype), "a number per response")
+SCORE = (_numbers, "a number per response")
 STEPS = (lambda dtype: isinstance(dtype, pl.List), "a list of steps")
 
 
