@@ -25,13 +25,18 @@ from prmtool.core.stage import Stage
 from prmtool.core.where import check_where, where_filter
 from prmtool.methods.formats import FORMATS, MATH_SHEPHERD_TAG, check_values
 
+MAX_HOLDOUT_SPLITS = 100
+
 
 def parse_split(spec: str | None) -> dict[str, float]:
     """`test=0.05` or `test=0.05,valid=0.05`; whatever remains goes to `train`."""
     if not spec:
         return {}
+    parts = spec.split(",")
+    if len(parts) > MAX_HOLDOUT_SPLITS:  # each is a folder with at least one shard: thousands would take minutes
+        raise InputError(f"--holdout: {len(parts):,} splits; at most {MAX_HOLDOUT_SPLITS} may be held out")
     fractions: dict[str, float] = {}
-    for part in spec.split(","):
+    for part in parts:
         name, sep, value = part.partition("=")
         try:
             fraction = float(value)
