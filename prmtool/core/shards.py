@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,18 @@ def provenance(stage: str, arguments: dict, source: InputShard | None = None) ->
     return record
 
 
+@contextmanager
+def naming_the_path(path: Path):
+    """An OSError without a file name (pyarrow's full disk: `No space left on device`) names
+    `path`, the file that could not be written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or " ".join(str(error).split()), str(path)) from None
+
+
 def write_shard(frame: pl.DataFrame | pa.Table, path: Path, record: dict) -> None:
     """Write a Parquet file atomically, with `record` in its key-value metadata."""
     table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
@@ -256,19 +269,20 @@ def write_shard(frame: pl.DataFrame | pa.Table, path: Path, record: dict) -> Non
     table = table.replace_schema_metadata(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if table.num_rows:
-            pq.write_table(table, temporary)
-        else:
-            # No rows: the schema and no row group at all. pyarrow would write one empty row
-            # group, on which `datasets` fails for the whole folder ("BatchSize must be greater
-            # than 0"); a file of no row groups it skips, and polars and pyarrow read either.
-            pq.ParquetWriter(temporary, table.schema).close()
-        _fsync(temporary)
-        os.replace(temporary, path)
-        _fsync(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with naming_the_path(path):
+        try:
+            if table.num_rows:
+                pq.write_table(table, temporary)
+            else:
+                # No rows: the schema and no row group at all. pyarrow would write one empty row
+                # group, on which `datasets` fails for the whole folder ("BatchSize must be greater
+                # than 0"); a file of no row groups it skips, and polars and pyarrow read either.
+                pq.ParquetWriter(temporary, table.schema).close()
+            _fsync(temporary)
+            os.replace(temporary, path)
+            _fsync(path.parent)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def _standard_type(dtype: pa.DataType) -> pa.DataType:
@@ -294,12 +308,13 @@ def read_provenance(path: Path) -> dict | None:
 def write_json_atomic(data: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with naming_the_path(path):
+        try:
+            temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            _fsync(temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def write_manifest(

@@ -464,7 +464,8 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     if quiet:
         datasets.disable_progress_bars()
     try:
-        dataset.save_to_disk(str(temporary))
+        with shards.naming_the_path(target):  # a full disk names the folder it could not write
+            dataset.save_to_disk(str(temporary))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)  # a full disk leaves no half-written folder
         raise
