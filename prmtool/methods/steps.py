@@ -15,8 +15,9 @@ import regex
 from prmtool.core.errors import InputError
 
 # A --split regex: pattern may backtrack catastrophically (`(a|aa)+$`) and never finish: each
-# split runs under a time limit, generous for the text's length (the `regex` module's own).
-SPLIT_SECONDS = 2.0
+# split runs under a time limit, generous for the text's length (the `regex` module's own):
+# a plain pattern splits a megabyte in milliseconds.
+SPLIT_SECONDS = 1.0
 SPLIT_SECONDS_PER_MB = 10.0
 
 
