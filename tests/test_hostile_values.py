@@ -158,6 +158,13 @@ def test_an_empty_reference_answer_is_refused(prmtool, write_jsonl, tmp_path, pr
     one_line_error(prmtool("import", source, *preset_options, "-o", tmp_path / "out"), "row 0", message)
 
 
+def test_problems_without_any_reference_answer_still_import(prmtool, write_jsonl, tmp_path):
+    source = write_jsonl([{"problem": "q", "reference_answer": None}])  # an all-null column: no type at all
+    result = prmtool("import", source, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "1 rows have no reference_answer" in result.stderr
+
+
 def eval_rows(labeled: pl.DataFrame) -> pl.DataFrame:
     """Labeled rows with a human first error (the labels' own) and what --best-of-n reads."""
     return labeled.with_columns(

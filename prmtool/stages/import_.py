@@ -196,7 +196,8 @@ def _check_processbench(frame: pl.DataFrame, source: str) -> None:
 
 
 def _no_blank_answers(frame: pl.DataFrame, source: str, message: str) -> None:
-    blank = frame["reference_answer"].is_not_null() & (frame["reference_answer"].str.strip_chars() == "")
+    answers = frame["reference_answer"].cast(pl.String)  # an all-null column has no type of its own
+    blank = answers.is_not_null() & (answers.str.strip_chars() == "")
     if blank.any():
         raise InputError(f"{source}: row {int(blank.arg_true()[0])}: {message}")
 
