@@ -488,11 +488,19 @@ def test_five_thousand_holdout_names_are_refused_at_once(prmtool, tmp_path):
 
 
 ORPHAN = """
-import multiprocessing, time
+import multiprocessing, os, sys, time
 from prmtool.methods import verification
+
+
+def busy(marker):  # a comparison that takes two minutes
+    open(marker, "w").close()
+    time.sleep(120)
+
+
 pool = verification._shared_pool(1)
-pool.schedule(time.sleep, args=(120,))  # a worker busy for two minutes
-time.sleep(2)
+pool.schedule(busy, args=(sys.argv[1],))
+while not os.path.exists(sys.argv[1]):  # the worker is inside its task
+    time.sleep(0.05)
 print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
 time.sleep(120)
 """
@@ -509,7 +517,10 @@ def running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_verify_workers_die_with_their_killed_parent(tmp_path):
     parent = subprocess.Popen(
-        [sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        [sys.executable, "-c", ORPHAN, str(tmp_path / "started")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     workers = [int(pid) for pid in parent.stdout.readline().split()]
     assert workers and all(running(pid) for pid in workers)
@@ -518,7 +529,10 @@ def test_verify_workers_die_with_their_killed_parent(tmp_path):
     deadline = time.monotonic() + 5
     while any(running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(running(pid) for pid in workers), "a worker outlived its parent"
+    survivors = [pid for pid in workers if running(pid)]
+    for pid in survivors:  # leave no process behind, even when failing
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "a worker outlived its parent"
 
 
 # --- a full disk ------------------------------------------------------------------------------
