@@ -191,7 +191,8 @@ def _check_first_errors(frame: pl.DataFrame, column: str, option: str, path, wit
     wrong = wrong.fill_null(False)
     if wrong.any():
         row = int(wrong.arg_true()[0])
-        steps = f" (the response has {frame['steps'][row].len()} steps)" if "steps" in frame.columns else ""
+        count = frame["steps"].list.len()[row] if "steps" in frame.columns else None
+        steps = f" (the response has {count} steps)" if count is not None else ""
         raise InputError(
             f"{path}: row {row}: {option} {column} {values[row]} is not -1 (no error) or a step index{steps}"
         )
