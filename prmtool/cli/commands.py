@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import sys
 from contextvars import ContextVar
 
@@ -65,8 +68,42 @@ def _root(
 typed_argv: ContextVar[list[str] | None] = ContextVar("typed_argv", default=None)
 
 
+class ClosedStream(io.TextIOBase):
+    """Standard input or output that the shell closed (`prmtool stats DIR >&-`): Python has None
+    there. Reading or printing is then an OSError that names it, a one-line error."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def buffer(self):
+        return self
+
+    def _closed(self, *args):
+        raise OSError(errno.EBADF, f"standard {self.name} is closed", "-")
+
+    read = readline = write = _closed
+
+
+def guard_closed_streams() -> None:
+    """A closed descriptor 0, 1 or 2 would be handed to the next file opened (a shard being
+    written would then get whatever a library prints): hold each with /dev/null, and make
+    Python's own stream one that says it is closed."""
+    for fd, name, said in ((0, "stdin", "input"), (1, "stdout", "output"), (2, "stderr", "error")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w") if fd == 2 else ClosedStream(said))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error."""
+    guard_closed_streams()
     stderr = Console(stderr=True, highlight=False)
     typed_argv.set(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -117,7 +117,16 @@ def command(
             if as_json is not None:
                 _write_json(report, as_json, stdout)
             return
-        frame = _read(found, list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])])))
+        kinds = {truth: ("--truth", FIRST_ERROR), "steps": ("steps", STEPS)}
+        kinds[pred_from or pred] = ("--pred-from", STEP_SCORES) if pred_from else ("--pred", FIRST_ERROR)
+        frame = _read(found, list(dict.fromkeys([truth, pred_from or pred, "steps", *([by] if by else [])])), kinds)
+        if not frame.height:
+            raise InputError(f"{', '.join(inputs)}: no rows to evaluate")
+        without_truth = frame[truth].null_count()
+        if without_truth:  # a row without a true first error tells nothing: left out, and said so
+            Console(stderr=True).print(
+                f"warning: {without_truth:,} rows have no --truth {truth} (null) and are left out", markup=False
+            )
 
         groups = [("all", frame)]
         if by:
@@ -133,7 +142,7 @@ def command(
                 predicted = part[pred].to_list()
             scores = first_error_scores(part[truth].to_list(), predicted, part["steps"].list.len().to_list())
             extra = {"step_auroc": step_auroc(part[truth].to_list(), part[pred_from].to_list())} if pred_from else {}
-            results.append({"group": name, **scores.as_dict(), **extra})
+            results.append({"group": name, **scores.as_dict(), "rows_without_truth": part[truth].null_count(), **extra})
         report = {
             "truth": truth,
             "pred": pred if pred_from is None else f"{pred_from} < {threshold_used:g}",
@@ -156,12 +165,59 @@ def command(
         Console().print(table)
 
 
-def _read(found, columns: list[str]) -> pl.DataFrame:
+def _numbers(dtype) -> bool:
+    return dtype.is_numeric() or dtype == pl.Null
+
+
+# What each column eval reads must hold: (a test of its type, what the error calls it)
+FIRST_ERROR = (lambda dtype: dtype.is_integer() or dtype == pl.Null, "integer first errors (-1: no error)")
+STEP_SCORES = (
+    lambda dtype: dtype == pl.Null or (isinstance(dtype, pl.List) and _numbers(dtype.inner)),
+    "a list of numbers per row (one score per step)",
+)
+SCORE = (_numbers, "a number per response")
+STEPS = (lambda dtype: isinstance(dtype, pl.List), "a list of steps")
+
+
+def _read(found, columns: list[str], kinds: dict[str, tuple[str, tuple]] | None = None) -> pl.DataFrame:
+    """The columns of every shard, each checked: present, of the type it is read as (`kinds`:
+    column -> the option naming it and what it must hold), and a first error -1 or a step
+    index (a truth also within the response's steps)."""
+    kinds = kinds or {}
     for shard in found:
         for column in columns:
             if column not in shard.schema:
                 raise InputError(f"{shard.path}: missing column '{column}' (has: {', '.join(shard.schema)})")
-    return pl.concat([pl.read_parquet(s.path, columns=columns) for s in found], how="diagonal_relaxed")
+            option, (accepts, expected) = kinds.get(column, ("", (lambda dtype: True, "")))
+            if not accepts(shard.schema[column]):
+                raise InputError(
+                    f"{shard.path}: {option} {column!r} has type {shard.schema[column]}; expected {expected}"
+                )
+    frames = []
+    for shard in found:
+        frame = pl.read_parquet(shard.path, columns=columns)
+        for column, (option, kind) in kinds.items():
+            if kind is FIRST_ERROR:
+                _check_first_errors(frame, column, option, shard.path, within_steps=option == "--truth")
+        frames.append(frame)
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _check_first_errors(frame: pl.DataFrame, column: str, option: str, path, within_steps: bool) -> None:
+    """A first error is -1 (none) or a step index: -5 is no "no error", and a true first error
+    past the last step is no step at all (a predicted one there counts as "no error found")."""
+    values = frame[column].cast(pl.Int64)
+    wrong = values < -1
+    if within_steps and "steps" in frame.columns:
+        wrong = wrong | (values >= frame["steps"].list.len())
+    wrong = wrong.fill_null(False)
+    if wrong.any():
+        row = int(wrong.arg_true()[0])
+        count = frame["steps"].list.len()[row] if "steps" in frame.columns else None
+        steps = f" (the response has {count} steps)" if count is not None else ""
+        raise InputError(
+            f"{path}: row {row}: {option} {column} {values[row]} is not -1 (no error) or a step index{steps}"
+        )
 
 
 def _sizes(spec: str | None) -> list[int | None]:
@@ -187,9 +243,18 @@ def _write_json(report: dict, path: Path, stdout) -> None:
 
 
 def _best_of_n_report(found, score: str, sizes: list[int | None]) -> dict:
-    frame = _read(found, ["problem_id", "response_id", score, "pred_answer", "correct"]).sort(
+    kinds = {score: ("--score", SCORE)}
+    frame = _read(found, ["problem_id", "response_id", score, "pred_answer", "correct"], kinds).sort(
         "problem_id", "response_id"
     )
+    if not frame.height:
+        raise InputError(f"{', '.join(str(s.path) for s in found)}: no rows to evaluate")
+    unscored = frame.select(pl.col(score).cast(pl.Float64).fill_nan(None).null_count()).item()
+    if unscored:  # best-of-N never picks them: a problem whose responses have none counts as wrong
+        Console(stderr=True).print(
+            f"warning: {unscored:,} responses have no --score {score} (null or NaN); best of N never picks them",
+            markup=False,
+        )
     groups = [
         list(zip(part[score].to_list(), part["pred_answer"].to_list(), part["correct"].fill_null(False).to_list()))
         for _, part in frame.group_by("problem_id", maintain_order=True)
@@ -204,11 +269,12 @@ def _best_of_n_report(found, score: str, sizes: list[int | None]) -> dict:
             str(row["n"]), f"{row['problems']:,}", *(_percent(row[k]) for k in ("best_of_n", "majority", "oracle"))
         )
     Console().print(table)
-    return {"score": score, "results": results}
+    return {"score": score, "responses_without_score": unscored, "results": results}
 
 
 def _agreement_report(found, pred: str, against: str) -> dict:
-    frame = _read(found, list(dict.fromkeys([pred, against, "steps"])))
+    kinds = {pred: ("--pred", FIRST_ERROR), against: ("--against", FIRST_ERROR), "steps": ("steps", STEPS)}
+    frame = _read(found, list(dict.fromkeys([pred, against, "steps"])), kinds)
     counts = agreement(frame[pred].to_list(), frame[against].to_list(), frame["steps"].list.len().to_list())
     compared = counts["rows"] - counts["missing"]
     table = Table(title=f"{pred} against {against}", title_justify="left", show_header=False)

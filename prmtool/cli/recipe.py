@@ -50,13 +50,16 @@ from rich.console import Console
 from prmtool.cli import estimate
 from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
-from prmtool.core.options import default_workers
+from prmtool.core.options import worker_count
 from prmtool.core.outputs import check_outputs, exclusive_lock, input_roots, plain_name
 from prmtool.engines.loading import keep_models_loaded
 from prmtool.methods.verification import start_workers
 from prmtool.stages import STAGES
 
 RESERVED = {"stage", "name", "input"}
+# Options the recipe sets itself (-o is the stage's folder, eval's --json its report) or that
+# would stop the stage instead of running it (--help, --version): a recipe may not set them.
+RECIPES_OWN = {"output", "o", "json", "overwrite", "help", "h", "version"}
 # Commands a recipe may end with that read a stage's output and write a report, not shards:
 # the report file stands in for _SUCCESS.
 REPORTS = {"eval": "eval.json"}
@@ -151,6 +154,9 @@ def load_recipe(
             f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected workdir, input, model, engine, stages, "
             f"description)"
         )
+    for key in ("workdir", "input", "model", "engine", "description"):
+        if document.get(key) is not None and not isinstance(document[key], str):  # `workdir: 123`
+            raise InputError(f"{path}: {key}: expected a path or name as text, not {document[key]!r}")
     model = model or document.get("model")
     engine = engine or document.get("engine")
     recipe = Recipe(path=path, workdir=Path(workdir or document.get("workdir") or "work"))
@@ -184,6 +190,13 @@ def load_recipe(
         previous = [str(directory)]
     for override in overrides:
         _apply_override(recipe, override)
+    for step in recipe.steps:
+        owned = sorted(RECIPES_OWN & set(step.options))
+        if owned:
+            raise InputError(
+                f"{path}: stage {step.label}: {owned[0]}: not an option a recipe may give (it sets -o WORKDIR/NN-NAME "
+                "and --overwrite itself, and --help or --version would stop the stage instead of running it)"
+            )
     for step in recipe.steps:  # placeholders last, so --set values may use them too
         step.options = {k: _fill(v, recipe.workdir, step.directory) for k, v in step.options.items()}
     return recipe
@@ -563,7 +576,7 @@ def _run_steps(
         if step.stage in POLICY_OPTION and verifying:
             # the verifier's workers are forked before the first model load starts threads here
             settings = parse_step(recipe, verifying[0], verifying[0].argv()).settings
-            start_workers(settings.workers or default_workers())
+            start_workers(worker_count(settings.workers))
         record = record_of(step)
         step.directory.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic({**record, "pending_overwrite": action == "rerun"}, step.directory / RECORD)

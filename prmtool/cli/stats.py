@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NamedTuple
@@ -18,6 +19,7 @@ from prmtool.core.errors import InputError
 from prmtool.core.options import AllowIncomplete, Inputs, Quiet
 from prmtool.core.outputs import check_outputs, check_regular_file, input_roots
 from prmtool.core.report import RunStats
+from prmtool.core.schema import check_columns
 
 
 def shard_set_stats(frame: pl.LazyFrame) -> dict:
@@ -61,9 +63,14 @@ def shard_set_stats(frame: pl.LazyFrame) -> dict:
 
 
 def _describe(values: pl.Series) -> dict:
+    """Count, mean, min, median and max; NaN values are counted apart (`nan`), not described."""
+    nan = int(values.is_nan().sum()) if values.dtype.is_float() else 0
+    if nan:
+        values = values.filter(~values.is_nan())
     if values.len() == 0:
-        return {"count": 0}
+        return {"count": 0, **({"nan": nan} if nan else {})}
     return {
+        **({"nan": nan} if nan else {}),
         "count": values.len(),
         "mean": round(float(values.mean()), 4),
         "min": values.min(),
@@ -178,6 +185,8 @@ def command(
         found = shards.open_inputs(inputs)
     finally:
         shards.READ_INCOMPLETE.reset(allowed)
+    for shard in found:  # a contract column of another type (text scores, a struct) is named, not summed
+        check_columns(shard.schema, str(shard.path))
     check_outputs(input_roots(inputs, [s.path for s in found]), {"--plot": plot})
     if plot is not None:
         if plot.exists() and not plot.is_dir():
@@ -198,7 +207,7 @@ def command(
     except (pl.exceptions.PolarsError, OSError) as exc:  # a damaged page is found only as it is read
         raise InputError(f"{_damaged(found)}: cannot read the data ({shards._one_line(exc)})") from None
     if as_json:
-        print(json.dumps(figures, indent=2, default=str))
+        print(json.dumps(_json_safe(figures), indent=2, default=str, allow_nan=False))
         return
     table = Table(title=f"{len(found)} shard(s)", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -208,6 +217,17 @@ def command(
             value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
         table.add_row(key.replace("_", " "), _fmt(value))
     Console().print(table)
+
+
+def _json_safe(value):
+    """JSON has no NaN or infinity: such a figure is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _damaged(found: list[shards.InputShard]) -> str:

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import typer
 
@@ -56,7 +56,8 @@ AllowIncomplete = Annotated[
     ),
 ]
 Workers = Annotated[
-    int, typer.Option("--workers", help="Worker processes (default: CPU count).", min=0, show_default=False)
+    int,
+    typer.Option("--workers", help="Worker processes (default and most: the CPU count).", min=0, show_default=False),
 ]
 Split = Annotated[
     str,
@@ -69,6 +70,20 @@ Split = Annotated[
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_count(requested: int, warn: Callable[[str], None] | None = None) -> int:
+    """--workers as run: the CPU count for 0 (the default), and never more than the CPUs. The
+    work is CPU-bound: a worker more only waits for a CPU, its comparisons run past their
+    timeouts, and a thousand of them take minutes to start (each loads Math-Verify)."""
+    cpus = default_workers()
+    if not requested:
+        return cpus
+    if requested > cpus:
+        if warn is not None:
+            warn(f"--workers {requested}: capped at {cpus}, the CPUs this process may use")
+        return cpus
+    return requested
 
 
 # Model options, shared by every stage that runs a model.

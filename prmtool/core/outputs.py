@@ -109,6 +109,18 @@ def check_regular_file(path: Path, option: str = "output") -> None:
     raise InputError(f"{path}: {option} is {kind}, not a regular file; prmtool writes only regular files{hint}")
 
 
+@contextmanager
+def naming_the_path(path: Path):
+    """An OSError without a file name (pyarrow's full disk: `No space left on device`) names
+    `path`, the file that could not be written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or " ".join(str(error).split()), str(path)) from None
+
+
 def replace_atomically(path: Path, write: Callable[[object], None], option: str = "output") -> None:
     """Write `path` whole or not at all: `write(handle)` fills a new hidden file, created
     exclusively beside `path` (`.NAME.tmp-PID`, a name no input has: hidden files are never
@@ -118,7 +130,7 @@ def replace_atomically(path: Path, write: Callable[[object], None], option: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary, descriptor = _new_temporary(path)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
+        with naming_the_path(path), os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -117,6 +117,19 @@ def check_columns(schema: pl.Schema | dict, source: str, required: tuple[str, ..
             raise InputError(f"{source}: column '{name}' has type {dtype}, expected {column.dtype}")
 
 
+def check_steps(shard) -> None:
+    """A shard's `steps` (an `InputShard`), checked before any model loads: each row's a list,
+    none of them null (a model stage would otherwise fail on it after the load)."""
+    steps = pl.read_parquet(shard.path, columns=["steps"])["steps"]
+    for bad, what in [
+        (steps.is_null(), "is null"),
+        (steps.list.eval(pl.element().is_null()).list.any(), "holds a null step"),
+    ]:
+        bad = bad.fill_null(False)
+        if bad.any():
+            raise InputError(f"{shard.path}: row {int(bad.arg_true()[0])}: column 'steps' {what}")
+
+
 def cast_to_contract(frame: pl.DataFrame) -> pl.DataFrame:
     """Cast contract columns to their exact types (e.g. all-null columns read from JSON)."""
     casts = [

@@ -138,7 +138,7 @@ def resolve_inputs(
             files.append(stdin_shard())
         elif glob.has_magic(spec):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
-            matched = [m for m in matches if m.is_file() and _is_shard_file(m)]
+            matched = [m for m in matches if not m.is_dir() and _is_shard_file(m)]
             matched += [f for m in matches if m.is_dir() for f in _directory_files(m, expected, split_files, False)]
             if not matched:
                 raise InputError(f"{spec}: the glob matches no Parquet file")
@@ -147,8 +147,11 @@ def resolve_inputs(
             files.extend(_directory_files(path, expected, split_files))
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            raise InputError(f"{spec}: not a regular file (a FIFO, socket or device); a shard is a Parquet file")
         else:
             raise InputError(f"{spec}: no such file or directory")
+    _refuse_special_files(files)
     unique: list[tuple[Path, str]] = []
     seen: set[Path] = set()
     for f in files:
@@ -171,14 +174,38 @@ def _directory_files(
     if read_manifest(path.parent) is not None and _is_split(path):
         return _listed_files(path.parent, expected, within=path.name)
     found = sorted(f for f in path.glob("*.parquet") if _is_shard_file(f))
-    if not found and whole:  # an export's folder: one subfolder of shards per split (train/, test/)
-        found = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
+    in_splits = sorted(f for f in path.glob("*/*.parquet") if _is_shard_file(f) and _is_split(f.parent))
+    if found:  # shards at the top: a split folder beside them would be left unread
+        _refuse_unread_splits(str(path), found, in_splits)
+    elif whole:  # an export's folder: one subfolder of shards per split (train/, test/)
+        found = in_splits
         split_files.update(f.resolve() for f in found)
         if not found:
             raise InputError(f"{path}: the directory holds no Parquet file (nor do its split folders)")
     if found:
+        _refuse_special_files(found)
         _refuse_unfinished(path, found)
     return found
+
+
+def _refuse_special_files(files: list[Path]) -> None:
+    """A FIFO named *.parquet in a folder would block the first read of it forever."""
+    for f in files:
+        if f.exists() and not f.is_file():
+            raise InputError(f"{f}: not a regular file (a FIFO, socket or device); a shard is a Parquet file")
+
+
+def _refuse_unread_splits(spec: str, top: list[Path], in_splits: list[Path]) -> None:
+    """A folder with shards at its top is read as those shards; shards in its subfolders too
+    would be ignored without a word, so such a folder is refused (verl's export, whose
+    `train.parquet` holds the rows of `train/`, is read as its top files)."""
+    copies = {f.stem for f in top}
+    unread = sorted({f.parent.name for f in in_splits if f.parent.name not in copies})
+    if unread:
+        raise InputError(
+            f"{spec}: holds shards at its top and in the subfolder {unread[0]}/ too; give them as separate inputs "
+            f"({Path(spec) / '*.parquet'}, {Path(spec) / unread[0]})"
+        )
 
 
 def open_inputs(specs: list[str] | tuple[str, ...]) -> list[InputShard]:

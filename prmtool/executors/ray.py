@@ -65,7 +65,8 @@ def default_task_count(gpus_per_task: float, cpus_per_task: float) -> int:
     return max(1, int(resources.get("CPU", 1) // cpus_per_task))
 
 
-def connect() -> None:
+def connect():
+    """The `ray` module, connected to its cluster; without Ray installed, an InputError."""
     try:
         import ray
     except ImportError:
@@ -79,6 +80,7 @@ def connect() -> None:
             logging_level="ERROR",
             include_dashboard=False,
         )
+    return ray
 
 
 def run_partitions_on_ray(
@@ -94,9 +96,7 @@ def run_partitions_on_ray(
     allow_incomplete: bool = False,
 ) -> None:
     """Run every partition of `stage` as a Ray task and wait for all of them."""
-    import ray
-
-    connect()
+    ray = connect()  # first: without Ray installed, a one-line error
     count = num_shards or default_task_count(gpus_per_task, cpus_per_task)
     if count < 1:
         raise InputError(f"--num-shards {count}: must be at least 1")

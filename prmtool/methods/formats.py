@@ -36,6 +36,34 @@ class Format:
     system_turn: bool = False  # has a place for --system-prompt
 
 
+def check_values(
+    frame: pl.DataFrame, required: tuple[str, ...], where: str = "frame", rows: pl.Series | None = None
+) -> None:
+    """Refuse rows a format would write wrongly, naming `where` (a file), the row (`rows`: each
+    row's number in it) and column: a null problem or response (it would read `None`), a null
+    step among `steps`, a step label that is not 1 (good), 0 (bad) or null (unlabeled)."""
+    for column in ("problem", "response"):
+        if column not in required or column not in frame.columns:
+            continue
+        values = frame[column]
+        if column == "response" and "guided_response" in frame.columns:  # the assistant turn is either
+            values = frame.select(pl.coalesce("guided_response", "response"))["guided_response"]
+        _refuse(values.is_null(), where, rows, f"column '{column}' is null")
+    if "steps" in required and "steps" in frame.columns:
+        null_step = frame["steps"].list.eval(pl.element().is_null()).list.any()
+        _refuse(null_step, where, rows, "column 'steps' holds a null step")
+    if "step_labels" in required and "step_labels" in frame.columns:
+        wrong = frame["step_labels"].list.eval(pl.element().is_not_null() & ~pl.element().is_in([0, 1])).list.any()
+        _refuse(wrong, where, rows, "column 'step_labels' holds a value other than 1 (good), 0 (bad) or null")
+
+
+def _refuse(bad: pl.Series, where: str, rows: pl.Series | None, message: str) -> None:
+    bad = bad.fill_null(False)
+    if bad.any():
+        first = int(bad.arg_true()[0])
+        raise InputError(f"{where}: row {first if rows is None else rows[first]}: {message}")
+
+
 def labeled_prefix(steps: list[str] | None, labels: list[int | None] | None) -> tuple[list[str], list[bool]]:
     """Steps up to the first unlabeled one, with their labels as bools. Steps after a first
     error are unlabeled (binary search leaves them so); training on them would invent labels."""

@@ -8,32 +8,39 @@ continues `prompt + separator.join(steps[:i]) + separator`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+import regex
+
 from prmtool.core.errors import InputError
+
+# A --split regex: pattern may backtrack catastrophically (`(a|aa)+$`) and never finish: each
+# split runs under a time limit, generous for the text's length (the `regex` module's own):
+# a plain pattern splits a megabyte in milliseconds.
+SPLIT_SECONDS = 1.0
+SPLIT_SECONDS_PER_MB = 10.0
 
 
 @dataclass(frozen=True)
 class Splitter:
     name: str
     separator: str  # the exact text between two steps
-    boundary: re.Pattern  # matches exactly `separator` wherever a new step begins...
+    boundary: regex.Pattern  # matches exactly `separator` wherever a new step begins...
     opens_step: bool = False  # ...or, when True, matches the text that opens a new step
 
 
 def make_splitter(spec: str) -> Splitter:
     if spec == "blank-line":
-        return Splitter(spec, "\n\n", re.compile(re.escape("\n\n")))
+        return Splitter(spec, "\n\n", regex.compile(regex.escape("\n\n")))
     if spec == "line":
-        return Splitter(spec, "\n", re.compile(re.escape("\n")))
+        return Splitter(spec, "\n", regex.compile(regex.escape("\n")))
     if spec == "step-k":
-        return Splitter(spec, "\n", re.compile(r"\n(?=[ \t]*Step \d+\s*:)"))
+        return Splitter(spec, "\n", regex.compile(r"\n(?=[ \t]*Step \d+\s*:)"))
     if spec.startswith("regex:"):
         pattern = spec.removeprefix("regex:")
         try:
-            compiled = re.compile(pattern)
-        except re.error as exc:
+            compiled = regex.compile(pattern)
+        except (regex.error, ValueError) as exc:
             raise InputError(f"--split {spec!r}: invalid regular expression: {exc}") from None
         # The matched text opens the new step; nothing stands between steps.
         return Splitter(spec, "", compiled, opens_step=True)
@@ -43,9 +50,16 @@ def make_splitter(spec: str) -> Splitter:
 def split_steps(text: str, splitter: Splitter) -> list[str]:
     pieces: list[str] = []
     start = 0
-    for match in splitter.boundary.finditer(text):
-        pieces.append(text[start : match.start()])
-        start = match.start() if splitter.opens_step else match.end()
+    limit = SPLIT_SECONDS + SPLIT_SECONDS_PER_MB * len(text) / 1e6
+    try:
+        for match in splitter.boundary.finditer(text, timeout=limit):
+            pieces.append(text[start : match.start()])
+            start = match.start() if splitter.opens_step else match.end()
+    except TimeoutError:
+        raise InputError(
+            f"--split {splitter.name!r}: the pattern ran past {limit:.0f} s on one text of {len(text):,} characters; "
+            "it backtracks without end (nested or overlapping repeats such as (a|aa)+): write it without"
+        ) from None
     pieces.append(text[start:])
     return _merge_blank(pieces, splitter.separator)
 

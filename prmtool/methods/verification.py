@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import lru_cache
@@ -206,10 +207,64 @@ def _shared_pool(workers: int):
             # Each worker loads Math-Verify (and sympy) before its first task: pebble's timeouts
             # count from a task's start, and an import that a busy machine stretches past the
             # timeout would otherwise turn a fresh worker's first comparisons into `timeout`.
-            pool = ProcessPool(max_workers=workers, initializer=_load_math_verify)
+            pool = ProcessPool(max_workers=workers, initializer=_start_worker)
             atexit.register(_stop_pool, pool)
+            _start_in_a_lasting_thread(pool)
             _POOLS[workers] = pool
         return _POOLS[workers]
+
+
+def _start_in_a_lasting_thread(pool) -> None:
+    """Start the pool's first workers from a thread that lasts as long as the process: a worker
+    dies with the thread that forked it (PR_SET_PDEATHSIG), and pebble forks the first ones in
+    whichever thread schedules first (later ones in its own manager thread, which lasts as
+    long as the pool)."""
+    started = threading.Event()
+
+    def start_and_stay() -> None:
+        pool.schedule(_no_work)
+        started.set()
+        threading.Event().wait()
+
+    threading.Thread(target=start_and_stay, name="prmtool-verify-workers", daemon=True).start()
+    started.wait()
+
+
+def _no_work() -> None:
+    pass
+
+
+def _start_worker() -> None:
+    """A worker's first act: die with its parent, then load Math-Verify."""
+    _die_with_parent()
+    _load_math_verify()
+
+
+def _die_with_parent() -> None:
+    """A parent killed with SIGKILL runs no cleanup, and its workers would go on comparing for as
+    long as their task lasts: on Linux the kernel kills them with it (PR_SET_PDEATHSIG);
+    elsewhere a thread watches for the parent to go."""
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        set_parent_death_signal = 1  # PR_SET_PDEATHSIG, <linux/prctl.h>
+        if ctypes.CDLL(None, use_errno=True).prctl(set_parent_death_signal, signal.SIGKILL) == 0:
+            if os.getppid() != parent:  # it died before the signal was set
+                os._exit(1)
+            return
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="prmtool-parent-watch", daemon=True).start()
 
 
 def start_workers(workers: int) -> None:

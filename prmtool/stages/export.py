@@ -16,22 +16,27 @@ from prmtool.core.errors import InputError
 from prmtool.core.options import (
     template,
 )
-from prmtool.core.outputs import plain_name
+from prmtool.core.outputs import naming_the_path, plain_name
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
 from prmtool.core.runner import whole_output
 from prmtool.core.schema import check_columns
 from prmtool.core.stage import Stage
 from prmtool.core.where import check_where, where_filter
-from prmtool.methods.formats import FORMATS, MATH_SHEPHERD_TAG
+from prmtool.methods.formats import FORMATS, MATH_SHEPHERD_TAG, check_values
+
+MAX_HOLDOUT_SPLITS = 100
 
 
 def parse_split(spec: str | None) -> dict[str, float]:
     """`test=0.05` or `test=0.05,valid=0.05`; whatever remains goes to `train`."""
     if not spec:
         return {}
+    parts = spec.split(",")
+    if len(parts) > MAX_HOLDOUT_SPLITS:  # each is a folder with at least one shard: thousands would take minutes
+        raise InputError(f"--holdout: {len(parts):,} splits; at most {MAX_HOLDOUT_SPLITS} may be held out")
     fractions: dict[str, float] = {}
-    for part in spec.split(","):
+    for part in parts:
         name, sep, value = part.partition("=")
         try:
             fraction = float(value)
@@ -182,6 +187,7 @@ def export_frame(frame: pl.DataFrame, settings: ExportSettings) -> dict[str, pl.
     documented in prmtool/methods/formats.py and `prmtool export --help`."""
     fmt = check_format(settings)
     check_columns(frame.schema, "frame", ("problem_id",) + fmt.required)
+    check_values(frame, fmt.required)
     condition = where_filter(settings.where)
     if condition is not None:
         frame = frame.filter(condition)
@@ -212,6 +218,11 @@ def open_checked_inputs(inputs: list[str], settings: ExportSettings, fmt) -> tup
         check_columns(shard.schema, str(shard.path), ("problem_id",) + fmt.required)
         if condition is not None:
             check_where(condition, settings.where, shard)
+        # Every value the format would write, before any is written (rows --where drops aside)
+        scan = pl.scan_parquet(shard.path).with_row_index("row_in_file")
+        needed = [c for c in (*fmt.required, "guided_response") if c in shard.schema]
+        rows = (scan if condition is None else scan.filter(condition)).select("row_in_file", *needed).collect()
+        check_values(rows, fmt.required, str(shard.path), rows["row_in_file"])
     return found, condition
 
 
@@ -473,7 +484,8 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     if quiet:
         datasets.disable_progress_bars()
     try:
-        dataset.save_to_disk(str(temporary))
+        with naming_the_path(target):  # a full disk names the folder it could not write
+            dataset.save_to_disk(str(temporary))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)  # a full disk leaves no half-written folder
         raise

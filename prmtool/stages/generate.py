@@ -16,10 +16,10 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    default_workers,
     finite,
     positive,
     template,
+    worker_count,
 )
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
@@ -138,9 +138,10 @@ class GenerateSettings(ModelSettings, WorkerSettings):
     verify: Annotated[
         bool, typer.Option("--verify", help="Also run verify on the responses (needs reference_answer).")
     ] = False
-    verify_timeout: Annotated[float, typer.Option(help="With --verify: seconds per comparison.", callback=positive)] = (
-        5.0
-    )
+    verify_timeout: Annotated[
+        float,
+        typer.Option(help="With --verify: seconds per comparison (at most an hour).", callback=positive, max=3600),
+    ] = 5.0
 
 
 def generate_frame(
@@ -166,7 +167,7 @@ def generate_frame(
     if settings.verify:
         from prmtool.methods.verification import verify_rows  # Math-Verify loads only when asked for
 
-        result = verify_rows(result, timeout=settings.verify_timeout, workers=settings.workers or default_workers())
+        result = verify_rows(result, timeout=settings.verify_timeout, workers=worker_count(settings.workers))
     return result
 
 
@@ -182,6 +183,8 @@ def run(
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
     make_splitter(settings.split)  # a bad --split fails before the model loads
+    if settings.verify:
+        worker_count(settings.workers, stats.warn)  # says so when --workers is capped
     stop = stop_strings(settings.stop)
     arguments = {
         "n": settings.n,

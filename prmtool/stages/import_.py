@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -32,13 +34,17 @@ def read_source(path: Path, dataset_split: str | None = None) -> pl.DataFrame:
     """One input file or `datasets` folder as a frame; errors name the file."""
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
+    if not path.is_dir() and not path.is_file():  # a FIFO or a device would block the read
+        raise InputError(f"{path}: not a regular file (a FIFO, socket or device); give a file or a datasets folder")
     try:
         if path.is_dir():
             return _read_datasets_folder(path, dataset_split)
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
+            _check_surrogates(path, lines=True)
             return pl.read_ndjson(path, infer_schema_length=None)
         if suffix == ".json":
+            _check_surrogates(path, lines=False)
             return pl.read_json(path, infer_schema_length=None)
         if suffix == ".csv":
             return pl.read_csv(path, infer_schema_length=0)  # all text: ids and answers stay as written
@@ -51,6 +57,44 @@ def read_source(path: Path, dataset_split: str | None = None) -> pl.DataFrame:
             f"{path}: cannot be read as {path.suffix or 'a datasets folder'} ({shards._one_line(exc)})"
         ) from None
     raise InputError(f"{path}: unknown format; expected .jsonl, .json, .csv, .parquet or a datasets folder")
+
+
+# A JSON escape of a UTF-16 surrogate; paired ones are one character, a lone one is no text at
+# all (polars would store it as a NUL byte).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(path: Path, lines: bool) -> None:
+    """Refuse a JSON source holding a lone surrogate escape (`"\\ud800"`), naming its row and
+    column. Only a file with such an escape is parsed a second time, by Python's json."""
+    data = path.read_bytes()
+    if not _SURROGATE_ESCAPE.search(data):
+        return
+    try:
+        records = [json.loads(line) for line in data.splitlines() if line.strip()] if lines else json.loads(data)
+    except ValueError:
+        return  # not valid JSON: polars' reader says so, with its own message
+    for row, record in enumerate(records if isinstance(records, list) else [records]):
+        for column, value in record.items() if isinstance(record, dict) else [("", record)]:
+            if _holds_lone_surrogate(value):
+                raise InputError(
+                    f"{path}: row {row}: column {column!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                    "without its pair), which is not text"
+                )
+
+
+def _holds_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(_holds_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_lone_surrogate(item) for item in value.values())
+    return False
 
 
 def _read_datasets_folder(path: Path, dataset_split: str | None) -> pl.DataFrame:
@@ -86,7 +130,7 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
                 f"line"
             )
         solution_and_answer = pl.col("answer").str.split_exact("####", 1)
-        return (
+        frame = (
             frame.rename({"question": "problem"})
             .with_columns(
                 reference_solution=solution_and_answer.struct.field("field_0").str.strip_chars(),
@@ -94,6 +138,8 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
             )
             .drop("answer")
         )
+        _no_blank_answers(frame, source, "--preset gsm8k: the '####' line of 'answer' has no answer")
+        return frame
     if preset == "math":
         _require(frame, ("problem", "solution"), source, "--preset math")
         frame = frame.rename({"solution": "reference_solution"})
@@ -107,11 +153,13 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
             raise InputError(
                 f"{source}: row {int(missing.arg_true()[0])}: --preset math found no \\boxed{{}} answer in 'solution'"
             )
+        _no_blank_answers(frame, source, "--preset math: the last \\boxed{} of 'solution' is empty")
         return frame
     if preset == "processbench":
         # ProcessBench: each row a solution, its `steps` as given (the human labels index them),
         # `label` the earliest wrong step or -1.
         _require(frame, ("problem", "steps", "label"), source, "--preset processbench")
+        _check_processbench(frame, source)
         frame = frame.rename({"label": "human_first_error"}).with_columns(
             response=pl.col("steps").list.join("\n\n"), human_first_error=pl.col("human_first_error").cast(pl.Int32)
         )
@@ -121,6 +169,37 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
             frame = frame.with_columns(reference_answer=pl.lit(None, dtype=pl.String))
         return frame
     raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+
+
+def _check_processbench(frame: pl.DataFrame, source: str) -> None:
+    """ProcessBench's `steps` are a list of step texts, and its `label` the index of the earliest
+    wrong one or -1: a label that is not a whole number, or names no step, is refused."""
+    what = "--preset processbench"
+    steps, label = frame["steps"], frame["label"]
+    if not isinstance(steps.dtype, pl.List) or steps.dtype.inner not in (pl.String, pl.Null):
+        raise InputError(f"{source}: {what}: column 'steps' must be a list of step texts, not {steps.dtype}")
+    bad = steps.is_null() | (steps.list.len() == 0) | (steps.list.eval(pl.element().is_null()).list.any())
+    if bad.any():
+        row = int(bad.arg_true()[0])
+        raise InputError(f"{source}: row {row}: {what}: column 'steps' is empty or holds a null step")
+    if not (label.dtype.is_numeric() or label.dtype == pl.Null):
+        raise InputError(f"{source}: {what}: column 'label' must hold step indices (-1: no error), not {label.dtype}")
+    values = label.cast(pl.Float64, strict=False)
+    whole = values.is_not_null() & values.is_finite() & (values == values.floor())
+    in_range = whole & (values >= -1) & (values < steps.list.len().cast(pl.Float64))
+    if not in_range.all():
+        row = int((~in_range).arg_true()[0])
+        raise InputError(
+            f"{source}: row {row}: {what}: label {label[row]!r} is not a step index: expected -1 (no error) or 0 to "
+            f"{steps[row].len() - 1} (the response has {steps[row].len()} steps)"
+        )
+
+
+def _no_blank_answers(frame: pl.DataFrame, source: str, message: str) -> None:
+    answers = frame["reference_answer"].cast(pl.String)  # an all-null column has no type of its own
+    blank = answers.is_not_null() & (answers.str.strip_chars() == "")
+    if blank.any():
+        raise InputError(f"{source}: row {int(blank.arg_true()[0])}: {message}")
 
 
 def _require(frame: pl.DataFrame, columns: tuple[str, ...], source: str, what: str) -> None:
@@ -150,6 +229,7 @@ def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.
     )
     check_columns(frame.schema, source)
     _no_nulls(frame, "problem", source)
+    _no_blank_answers(frame, source, "column 'reference_answer' is blank; leave it null for a problem without one")
     if "problem_id" not in frame.columns:
         frame = frame.with_columns(
             problem_id=pl.col("problem").map_elements(lambda p: stable_id(p), return_dtype=pl.String)
@@ -186,9 +266,9 @@ def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
     """`steps` for responses that came without them, the contract's column order and types."""
     if "response" in frame.columns and "steps" not in frame.columns:
         splitter = make_splitter(split)
-        frame = frame.with_columns(
-            steps=pl.col("response").map_elements(lambda r: split_steps(r, splitter), return_dtype=pl.List(pl.String))
-        )
+        # a loop, not map_elements: a split that runs out of time is its own one-line error
+        steps = [split_steps(response, splitter) for response in frame["response"].to_list()]
+        frame = frame.with_columns(steps=pl.Series(steps, dtype=pl.List(pl.String)))
     leading = [
         c
         for c in ("problem_id", "problem", "reference_answer", "reference_solution", "response_id", "response", "steps")
@@ -291,7 +371,7 @@ class ImportSettings:
         str | None, typer.Option(help="Column conventions of a known dataset: gsm8k, math or processbench.")
     ] = None
     split: Split = "blank-line"
-    shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1)] = 50_000
+    shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1, max=1_000_000_000)] = 50_000
     dataset_split: Annotated[str | None, typer.Option(help="Which split of a datasets DatasetDict folder to read.")] = (
         None
     )

@@ -30,14 +30,14 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    default_workers,
     finite,
     template,
+    worker_count,
 )
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
-from prmtool.core.schema import cast_to_contract
+from prmtool.core.schema import cast_to_contract, check_steps
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import interventions as iv
@@ -154,7 +154,7 @@ def intervention_config(settings: InterveneSettings) -> InterventionConfig:
         temperature=settings.temperature,
         proposer_max_tokens=settings.proposer_max_tokens,
         prefill_tag=settings.prefill_tag,
-        rollouts=RolloutSettings.of(settings, settings.workers or default_workers()),
+        rollouts=RolloutSettings.of(settings, worker_count(settings.workers)),
     )
 
 
@@ -185,6 +185,7 @@ def run(
         )
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stats = RunStats("intervene", quiet=quiet)
+    worker_count(settings.workers, stats.warn)  # says so when --workers is capped
     rollouts = intervention_config(settings).rollouts
     arguments = {
         "candidates": settings.candidates,
@@ -204,14 +205,14 @@ def run(
         "engine": settings.engine,
     }
     engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
-    checks = [_verified, _no_interventions_yet]
+    checks = [_verified, check_steps, _no_interventions_yet]
     if settings.first_error == "from-labels":
         checks.append(_has_first_error)
     pending: dict[str, pl.DataFrame] = {}  # the rejects of the shard just transformed, for write_rejects
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens
-        start_workers(settings.workers or default_workers())  # before a model load starts threads here
+        start_workers(worker_count(settings.workers))  # before a model load starts threads here
         kept, rejected = intervene_frame(frame, engines.get(), settings, tracker=tracker)
         _count(stats, frame, kept, rejected)
         stats.counts["tokens_generated"] += tracker.tokens - tokens_before

@@ -29,15 +29,15 @@ from prmtool.core.options import (
     ModelSettings,
     Split,
     WorkerSettings,
-    default_workers,
     finite,
     positive,
     template,
+    worker_count,
 )
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
-from prmtool.core.schema import cast_to_contract
+from prmtool.core.schema import cast_to_contract, check_steps
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import labeling
@@ -227,7 +227,7 @@ def label_frame(
         engine,
         "binary" if settings.method == "consensus" else settings.method,
         settings.k,
-        RolloutSettings.of(settings, settings.workers or default_workers()),
+        RolloutSettings.of(settings, worker_count(settings.workers)),
         make_splitter(settings.split).separator,
         settings.label == "soft",
         settings.bad_below,
@@ -326,7 +326,7 @@ def run(
         raise InputError("--rejects is only for --method consensus")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
-    rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
+    rollout_settings = RolloutSettings.of(settings, worker_count(settings.workers, stats.warn))
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)
     policy = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
@@ -389,7 +389,7 @@ def run(
         REQUIRED,
         # consensus: the rows it keeps; every other input row is in --rejects
         rows_per_input=None if settings.method == "consensus" else 1,
-        extra_checks=[_verified],
+        extra_checks=[_verified, check_steps],
         side_output=side_output,
         side_directories={"--tree-output": settings.tree_output, "--rejects": settings.rejects},
     )

@@ -26,6 +26,7 @@ from prmtool.core.options import (
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
+from prmtool.core.schema import check_steps
 from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 
@@ -48,6 +49,7 @@ REQUIRED = ("problem_id", "problem", "response_id", "response", "steps")
 
 def _check_text(shard) -> None:
     """Before any model loads: no missing text, and steps that are the response's pieces."""
+    check_steps(shard)
     frame = pl.read_parquet(shard.path, columns=["problem", "response", "steps"])
     for column in frame.columns:
         nulls = frame[column].is_null()

@@ -10,7 +10,7 @@ import polars as pl
 import typer
 
 from prmtool.core.errors import InputError
-from prmtool.core.options import WorkerSettings, default_workers, positive
+from prmtool.core.options import WorkerSettings, positive, worker_count
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
 from prmtool.core.runner import MapStage, run_map_stage
@@ -30,7 +30,12 @@ Examples:
 @dataclass(kw_only=True)
 class VerifySettings(WorkerSettings):
     timeout: Annotated[
-        float, typer.Option(help="Seconds allowed for one comparison; then verify_status = timeout.", callback=positive)
+        float,
+        typer.Option(
+            help="Seconds allowed for one comparison (at most an hour); then verify_status = timeout.",
+            callback=positive,
+            max=3600,
+        ),
     ] = 5.0
     extract: Annotated[
         str,
@@ -57,7 +62,7 @@ def verify_frame(frame: pl.DataFrame, settings: VerifySettings | None = None, *,
         frame,
         extract=settings.extract,
         timeout=settings.timeout,
-        workers=settings.workers or default_workers(),
+        workers=worker_count(settings.workers),
         on_progress=None if tracker is None else tracker.advance,
     )
 
@@ -70,6 +75,7 @@ def run(
     `verify_status`."""
     check_extract(settings)
     stats = RunStats("verify", quiet=quiet)
+    worker_count(settings.workers, stats.warn)  # says so when --workers is capped
 
     def transform(frame: pl.DataFrame, tracker) -> pl.DataFrame:
         result = verify_frame(frame, settings, tracker=tracker)
