@@ -1,0 +1,257 @@
+"""Reasoning-model traces: a thinking block, then a written solution.
+
+A trace is recognised by its tags: `<think>...</think>` (DeepSeek-R1, QwQ, Qwen3), or
+`<|begin_of_thought|>...<|end_of_thought|>` followed by
+`<|begin_of_solution|>...<|end_of_solution|>` (Sky-T1, Bespoke-Stratos), or a pair given with
+`--think-tags OPEN,CLOSE`. The opening tag may be missing from the response: a thinking model's
+chat template often puts it at the end of the generation prompt, so the response starts inside
+the thinking (`opened`). A trace whose thinking never closes was cut off: all of it is thinking.
+
+`split_trace` is the `--split think` splitter. It stays lossless with the one separator of the
+blank-line split, "\\n\\n": the response is first cut into paragraphs at blank lines, and a
+step is a run of whole paragraphs joined by the same "\\n\\n" they were cut at, so
+`"\\n\\n".join(steps) == response` whatever is merged. The thinking's paragraphs are merged
+into steps of at least `min_step_tokens`; the paragraph holding the closing tag ends the last
+thinking step; the solution is cut as a blank-line response is. No step ends inside a LaTeX
+display (`$$...$$`, `\\[...\\]`, `\\begin{...}...\\end{...}`) or a code block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from prmtool.core.errors import InputError
+from prmtool.methods.steps import make_splitter, split_steps
+
+
+@dataclass(frozen=True)
+class ThinkTags:
+    open: str
+    close: str
+    solution_open: str | None = None  # a solution between its own tags (Sky-T1's format)
+    solution_close: str | None = None
+
+
+KNOWN_TAGS = (
+    ThinkTags("<think>", "</think>"),
+    ThinkTags("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"),
+)
+
+# Chosen on 80 Sky-T1 traces (data_samples/long-cot, 900 to 39,000 tokens): a median of 29
+# steps, 15 of them thinking, 79 traces within 10 to 40 (tests/test_thinking.py pins these).
+DEFAULT_MIN_STEP_TOKENS = 200
+DEFAULT_MAX_STEPS = 40
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """Words and symbols: a tokenizer-free count, within a few percent of a BPE tokenizer's on
+    English math text (import runs without a model)."""
+    return len(_TOKEN.findall(text))
+
+
+def parse_think_tags(spec: str | None) -> tuple[ThinkTags, ...]:
+    """`--think-tags OPEN,CLOSE`: that pair alone; none: the known ones."""
+    if spec is None:
+        return KNOWN_TAGS
+    open_tag, sep, close_tag = spec.partition(",")
+    if not sep or not open_tag.strip() or not close_tag.strip() or "," in close_tag:
+        raise InputError(f"--think-tags {spec!r}: expected OPEN,CLOSE, e.g. '<think>,</think>'")
+    return (ThinkTags(open_tag.strip(), close_tag.strip()),)
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """Where a trace's thinking is: `text[:end]` holds it, `solution` is what follows."""
+
+    tags: ThinkTags
+    end: int  # the thinking is text[:end] (its closing tag and the rest of that paragraph)
+    closed: bool
+    solution: str  # the written solution, its own tags removed; "" when there is none
+    finished: bool  # the thinking closed and a complete solution followed
+
+
+def find_thinking(text: str, tags: tuple[ThinkTags, ...] = KNOWN_TAGS, opened: bool = False) -> Thinking | None:
+    """The thinking of a trace, or None for a response without one. `opened`: the response
+    starts inside the thinking (its opening tag was in the prompt)."""
+    chosen = next((t for t in tags if t.open in text or t.close in text), None)
+    if chosen is None:
+        if not opened:
+            return None
+        return Thinking(tags[0], len(text), False, "", False)
+    close = text.find(chosen.close, max(0, text.find(chosen.open)))
+    if close < 0:  # cut off while thinking
+        return Thinking(chosen, len(text), False, "", False)
+    after = close + len(chosen.close)
+    cut = text.find("\n\n", after)
+    rest = text[cut + 2 :] if cut >= 0 else ""
+    if cut < 0 or not rest.strip():
+        end, rest = len(text), text[after:]  # no blank line after the tag: one last step holds both
+    else:
+        end = cut
+    solution = text[after:]
+    complete = bool(solution.strip())
+    if chosen.solution_open is not None and chosen.solution_open in solution:
+        complete = chosen.solution_close in solution.split(chosen.solution_open, 1)[1]
+        solution = solution.split(chosen.solution_open, 1)[1].split(chosen.solution_close, 1)[0]
+    return Thinking(chosen, end, True, solution.strip(), complete)
+
+
+def solution_text(text: str | None, tags: tuple[ThinkTags, ...] = KNOWN_TAGS, opened: bool = False) -> str | None:
+    """What verify reads: the solution of a finished trace, None for an unfinished one, the
+    whole text of a response without thinking."""
+    if text is None:
+        return None
+    thinking = find_thinking(text, tags, opened)
+    if thinking is None:
+        return text
+    return thinking.solution if thinking.finished else None
+
+
+@dataclass(frozen=True)
+class ThinkSplit:
+    """The settings of `--split think`."""
+
+    min_step_tokens: int = DEFAULT_MIN_STEP_TOKENS
+    max_steps: int | None = DEFAULT_MAX_STEPS
+    tags: tuple[ThinkTags, ...] = KNOWN_TAGS
+    opened: bool = False
+
+
+def think_split_of(settings) -> ThinkSplit:
+    """From a stage's settings (import's, generate's: `TraceSettings`)."""
+    return ThinkSplit(
+        settings.min_step_tokens, settings.max_steps, parse_think_tags(settings.think_tags), settings.thinking_opened
+    )
+
+
+@dataclass
+class Trace:
+    steps: list[str]
+    thinking_steps: int  # leading steps that are thinking
+    finished: bool | None  # None: not a reasoning trace
+    thinking: Thinking | None = field(default=None, repr=False)
+
+
+def split_trace(text: str, settings: ThinkSplit = ThinkSplit()) -> Trace:
+    """The steps of a response, and how many of them are thinking (module docstring)."""
+    thinking = find_thinking(text, settings.tags, settings.opened)
+    if thinking is None:
+        return Trace(merge_paragraphs(_paragraphs(text), 0, None), 0, None)
+    rest = text[thinking.end + 2 :] if thinking.end < len(text) else ""
+    solution = merge_paragraphs(_paragraphs(rest), 0, None) if rest else []
+    # --max-steps counts the whole trace; the solution's steps are kept as written
+    room = None if settings.max_steps is None else max(1, settings.max_steps - len(solution))
+    thought = merge_paragraphs(_paragraphs(text[: thinking.end]), settings.min_step_tokens, room)
+    return Trace(thought + solution, len(thought), thinking.finished, thinking)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return split_steps(text, make_splitter("blank-line"))
+
+
+# What opens or closes a display or code block; a step may end only where all are closed.
+_FENCE = re.compile(r"```")
+_DOLLARS = re.compile(r"(?<!\\)\$\$")
+_BRACKET_OPEN = re.compile(r"(?<!\\)\\\[")
+_BRACKET_CLOSE = re.compile(r"(?<!\\)\\\]")
+_BEGIN = re.compile(r"\\begin\{")
+_END = re.compile(r"\\end\{")
+
+
+@dataclass
+class _Blocks:
+    code: bool = False
+    dollars: bool = False
+    brackets: int = 0
+    environments: int = 0
+
+    def read(self, paragraph: str) -> None:
+        for piece_number, piece in enumerate(_FENCE.split(paragraph)):
+            if piece_number:
+                self.code = not self.code
+            if self.code:
+                continue  # LaTeX inside code is code
+            if len(_DOLLARS.findall(piece)) % 2:
+                self.dollars = not self.dollars
+            self.brackets = max(
+                0, self.brackets + len(_BRACKET_OPEN.findall(piece)) - len(_BRACKET_CLOSE.findall(piece))
+            )
+            self.environments = max(0, self.environments + len(_BEGIN.findall(piece)) - len(_END.findall(piece)))
+
+    @property
+    def closed(self) -> bool:
+        return not (self.code or self.dollars or self.brackets or self.environments)
+
+
+def merge_paragraphs(paragraphs: list[str], min_tokens: int, max_steps: int | None) -> list[str]:
+    """Runs of paragraphs joined by "\\n\\n": each of at least `min_tokens` (the last one may be
+    merged into the one before it), none ending inside a display or code block; then, while
+    there are more than `max_steps`, the two neighbours that are shortest together merge."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    tokens = 0
+    blocks = _Blocks()
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        tokens += count_tokens(paragraph)
+        blocks.read(paragraph)
+        if tokens >= min_tokens and blocks.closed:
+            groups.append(current)
+            current, tokens = [], 0
+    if current:
+        if groups and (tokens < min_tokens or not blocks.closed):
+            groups[-1] += current
+        else:
+            groups.append(current)
+    sizes = [sum(count_tokens(p) for p in group) for group in groups]
+    while max_steps is not None and len(groups) > max(1, max_steps):
+        pair = min(range(len(groups) - 1), key=lambda i: sizes[i] + sizes[i + 1])
+        groups[pair : pair + 2] = [groups[pair] + groups[pair + 1]]
+        sizes[pair : pair + 2] = [sizes[pair] + sizes[pair + 1]]
+    return ["\n\n".join(group) for group in groups]
+
+
+def prompt_opens_thinking(prompt_text: str, tags: tuple[ThinkTags, ...] = KNOWN_TAGS) -> ThinkTags | None:
+    """The tags whose opening one ends a generation prompt (a thinking model's chat template
+    opens the thinking for the model), or None."""
+    tail = prompt_text.rstrip()
+    return next((t for t in tags if tail.endswith(t.open)), None)
+
+
+def trace_columns(responses: list[str | None], settings: ThinkSplit) -> dict[str, list]:
+    """`steps`, `thinking_steps` and `finished` of each response, for a frame."""
+    traces = [split_trace(text, settings) if text is not None else None for text in responses]
+    return {
+        "steps": [None if t is None else t.steps for t in traces],
+        "thinking_steps": [None if t is None else t.thinking_steps for t in traces],
+        "finished": [None if t is None else t.finished for t in traces],
+    }
+
+
+def thinking_of_given_steps(steps: list[str], text: str, settings: ThinkSplit) -> tuple[int | None, bool | None]:
+    """`thinking_steps` and `finished` of a response that came with its own steps: the steps up
+    to the one that holds the end of the thinking are thinking. None, None: no tags to tell."""
+    thinking = find_thinking(text, settings.tags, settings.opened)
+    if thinking is None:
+        return None, None
+    end, count = 0, 0
+    for step in steps:
+        if end >= thinking.end:
+            break
+        end += len(step) + 2
+        count += 1
+    return count, thinking.finished
+
+
+def step_window(which: str, n_steps: int, thinking_steps: int | None) -> tuple[int, int]:
+    """`--steps`: the steps [first, last) a stage works on. A response without thinking has no
+    thinking steps and is all solution."""
+    thinking = min(thinking_steps or 0, n_steps)
+    if which == "thinking":
+        return 0, thinking
+    if which == "solution":
+        return thinking, n_steps
+    return 0, n_steps
