@@ -149,7 +149,8 @@ def _deltabench(frame: pl.DataFrame, source: str) -> pl.DataFrame:
         wrong = _section_numbers(row["reason_error_section_numbers"], f"{source}: row {number}")
         if any(not 1 <= n <= len(sections) for n in wrong):
             raise InputError(
-                f"{source}: row {number}: reason_error_section_numbers {sorted(wrong)} outside sections 1..{len(sections)}"
+                f"{source}: row {number}: reason_error_section_numbers {sorted(wrong)} outside the sections, "
+                f"1..{len(sections)}"
             )
         steps.append(sections)
         first_errors.append(min(wrong) - 1 if wrong else -1)
