@@ -289,8 +289,8 @@ def answer_texts(frame: pl.DataFrame, tags: tuple[ThinkTags, ...] = KNOWN_TAGS) 
     for response, thinking_steps, done in zip(frame["response"].to_list(), thinking, finished):
         if done is False:
             texts.append(None)
-        else:
-            texts.append(solution_text(response, tags, opened=bool(thinking_steps)))
+        else:  # finished null: not known to be a trace (DeltaBench's sections), read as written
+            texts.append(solution_text(response, tags, opened=bool(thinking_steps) and done is not None))
     return texts
 
 
