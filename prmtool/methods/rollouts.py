@@ -109,7 +109,9 @@ class Rollouts:
             tokenizer = getattr(self.engine, "tokenizer", None)
             opens = None
             if tokenizer is not None and hasattr(tokenizer, "decode"):
-                ids = self.engine.chat_prompt_ids("1 + 1 = ?", self.settings.system_prompt, self.settings.prompt_template)
+                ids = self.engine.chat_prompt_ids(
+                    "1 + 1 = ?", self.settings.system_prompt, self.settings.prompt_template
+                )
                 opens = prompt_opens_thinking(tokenizer.decode(ids[-16:]), self.tags)
             self._template_opens = opens
         return self._template_opens

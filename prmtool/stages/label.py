@@ -26,8 +26,8 @@ import typer
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import (
-    ModelSettings,
     STEP_CHOICES,
+    ModelSettings,
     Split,
     Steps,
     ThinkTags,
