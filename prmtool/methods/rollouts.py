@@ -151,7 +151,9 @@ class Rollouts:
         return solution_text(text, self.tags, opened=True)
 
     def probe_prefix(self, probe: Probe) -> str:
-        return probe.prefix if probe.prefix is not None else self.prefix_text(probe.row, probe.prefix_steps)
+        if probe.prefix is None:
+            return self.prefix_text(probe.row, probe.prefix_steps)
+        return self._one_opening_tag(probe.row, probe.prefix) if self.is_trace(probe.row) else probe.prefix
 
     def _chat_prompt_ids(self, row: int) -> list[int]:
         problem = self.problems[row]
