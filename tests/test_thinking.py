@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from prmtool.engines import Completion
+from prmtool.methods.intervention_rounds import intervene_rows
 from prmtool.methods.labeling import label_rows
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.thinking import (
@@ -340,3 +341,87 @@ def test_deltabench_rejects_a_section_number_outside_the_trace(prmtool, write_js
     row = {"question": "q", "sections": [{"content": "a"}], "reason_error_section_numbers": [2]}
     result = prmtool("import", write_jsonl([row]), "--preset", "deltabench", "-o", tmp_path / "o")
     assert result.exit_code == 2 and "row 0: reason_error_section_numbers [2] outside the sections" in result.stderr
+
+
+# --- intervene, score, filter, export ------------------------------------------------------------
+
+
+def trace_responses() -> pl.DataFrame:
+    """Wrong traces whose error is step 1, the last thinking step (labeled so)."""
+    steps = ["<think>\nProblem 0: start.", "Then WRONG.\n</think>", "So the answer is wrong."]
+    row = {"problem_id": "p0", "problem": "Problem 0?", "reference_answer": "10", "response_id": "r0"}
+    row |= {"steps": steps, "thinking_steps": 2, "finished": True, "correct": False, "first_error": 1}
+    return pl.DataFrame([row], schema_overrides={"first_error": pl.Int32, "thinking_steps": pl.Int32})
+
+
+def test_intervene_in_the_thinking_continues_it_open_and_steps_keeps_to_the_chosen_part():
+    from tests.test_intervene import ScriptedInterventionEngine, settings
+
+    class ThinkingInterventionEngine(ScriptedInterventionEngine):
+        def sample(self, requests, on_progress=None):
+            results = super().sample(requests, on_progress)
+            if self.calls[-1][0] == "rollout":  # a reasoning model closes its thinking, then answers
+                results = [[Completion("\n</think>\n\n" + s.text, s.token_ids, 2, "stop") for s in r] for r in results]
+            return results
+
+    frame = trace_responses()
+    engine = ThinkingInterventionEngine({"Problem 0?": "10"})
+    kept, _ = intervene_rows(frame, engine, settings(candidates=1, steps="thinking"))
+    assert kept["intervention_step"].to_list() == [1] and kept["intervention_success_rate"].to_list() == [1.0]
+    _, requests = engine.calls[-1]
+    continued = "".join(map(chr, requests[0].prompt_ids[requests[0].prompt_ids.index(0) + 1 :]))
+    assert continued == "<think>\nProblem 0: start.\n\nGOOD: redo it.\n\n"  # inside the thinking, still open
+
+    kept, rejects = intervene_rows(frame, ThinkingInterventionEngine({"Problem 0?": "10"}), settings(steps="solution"))
+    assert kept.height == 0 and rejects["intervene_reason"].to_list() == ["no_first_error"]
+    assert "not among the --steps solution steps" in rejects["intervene_detail"][0]
+
+
+def test_exports_mark_the_thinking_steps_and_an_intervention_inside_the_thinking_stays_an_open_turn():
+    from prmtool.methods.formats import to_math_shepherd, to_sft_messages, to_trl_stepwise
+
+    labeled = trace_responses().with_columns(step_labels=pl.Series([[1, 0, None]], dtype=pl.List(pl.Int8)))
+    trl, _ = to_trl_stepwise(labeled)
+    assert trl.row(0, named=True) | {"prompt": None} == {
+        "prompt": None,
+        "completions": ["<think>\nProblem 0: start.", "Then WRONG.\n</think>"],
+        "labels": [True, False],
+        "thinking": [True, True],
+    }
+    shepherd, _ = to_math_shepherd(labeled)
+    assert shepherd["thinking"].to_list() == [[True, True]]
+
+    guided = labeled.with_columns(
+        response=pl.lit("<think>\nProblem 0: start.\n\nThen WRONG.\n</think>\n\nSo the answer is wrong."),
+        guided_response=pl.lit("<think>\nProblem 0: start.\n\nGOOD: redo it."),
+        intervention_step=pl.lit(1, dtype=pl.Int32),
+    )
+    sft, _ = to_sft_messages(guided)
+    assert sft["messages"][0][-1]["content"] == "<think>\nProblem 0: start.\n\nGOOD: redo it."
+    assert sft["continue_final_message"].to_list() == [True]  # the thinking it opened is not closed by an end-of-turn
+    plain, _ = to_sft_messages(guided.with_columns(intervention_step=pl.lit(2, dtype=pl.Int32)))
+    assert "continue_final_message" not in plain.columns
+
+
+def test_score_and_filter_steps_read_the_chosen_part_of_a_trace():
+    from prmtool.methods.filtering import FilterConfig, row_features
+    from prmtool.stages.score import ScoreSettings, within_steps
+
+    scored = pl.DataFrame(
+        {
+            "thinking_steps": [2],
+            "step_rewards": [[0.5, -1.0, 2.0]],
+            "step_values": [[0.5, -0.5, 1.5]],
+            "prm_score": [-1.0],
+        }
+    )
+    thinking = within_steps(scored, ScoreSettings(no_ref=True, agg="min", steps="thinking"))
+    assert thinking["step_rewards"].to_list() == [[0.5, -1.0, None]] and thinking["prm_score"].to_list() == [-1.0]
+    solution = within_steps(scored, ScoreSettings(no_ref=True, agg="min", steps="solution"))
+    assert solution["step_values"].to_list() == [[None, None, 1.5]] and solution["prm_score"].to_list() == [2.0]
+
+    rows = scored.with_columns(
+        problem_id=pl.lit("p"), response_id=pl.lit("r"), correct=pl.lit(True), steps=pl.lit(["a", "b", "c"])
+    )
+    for steps, mean in (("all", 0.5), ("thinking", -0.25), ("solution", 2.0)):
+        assert row_features(rows, FilterConfig(steps=steps))["_value"].to_list() == [mean]
