@@ -53,7 +53,7 @@ COLUMNS: dict[str, Column] = {
         Column(
             "answer_source",
             pl.String(),
-            "where pred_answer was found: boxed, phrase, final_math, final_sentence, last_number",
+            "where pred_answer was found: boxed, phrase, final_math, final_sentence, last_number, math_verify",
             "verify",
         ),
         Column(
