@@ -429,13 +429,15 @@ def test_score_and_filter_steps_read_the_chosen_part_of_a_trace():
 
 @pytest.mark.slow
 def test_label_binary_on_long_traces_with_the_embedded_model(prmtool, write_jsonl, tmp_path, monkeypatch):
-    """End to end on CPU: the two shortest wrong traces of the development set (1,200 and 1,900
-    tokens), imported with --split think, verified, and labeled by binary search with
-    SmolLM2-135M-Instruct. Every rollout prefix of a thinking step is the thinking so far,
-    opened and not closed."""
+    """End to end on CPU: the shortest wrong trace of the development set (3,457 characters),
+    imported with --split think --min-step-tokens 40 (26 steps, 17 of them thinking, so that the
+    search's first probe, after step 13, is inside the thinking), verified, and labeled by
+    binary search with SmolLM2-135M-Instruct, one rollout a probe (each prefix is up to 1,500
+    tokens to read on a CPU: a minute or two in all). Every rollout prefix of a thinking step is
+    the thinking so far, opened and not closed."""
     from prmtool.engines.hf import HFEngine
 
-    shortest = {"Sky-T1-math-correct-5K-14B-amc23-25", "Sky-T1-math-wrong-5K-14B-amc23-25"}
+    shortest = {"Sky-T1-math-correct-5K-14B-amc23-25"}
     rows = [row for row in map(json.loads, LONG_COT.open()) if row["response_id"] in shortest]
     prefixes: list[str] = []
     encode = HFEngine.continuation_ids_batch
@@ -445,13 +447,14 @@ def test_label_binary_on_long_traces_with_the_embedded_model(prmtool, write_json
         return encode(self, prompt_ids, partial_answers)
 
     monkeypatch.setattr(HFEngine, "continuation_ids_batch", recording)
-    assert prmtool("import", write_jsonl(rows), "--split", "think", "-o", tmp_path / "traces").exit_code == 0
-    assert prmtool("verify", tmp_path / "traces", "-o", tmp_path / "verified", "--workers", "1").exit_code == 0
-    result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--method", "binary", "--k", "2",
+    imported = prmtool("import", write_jsonl(rows), "--split", "think", "--min-step-tokens", "40", "-o", tmp_path / "t")
+    assert imported.exit_code == 0
+    assert prmtool("verify", tmp_path / "t", "-o", tmp_path / "verified", "--workers", "1").exit_code == 0
+    result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--method", "binary", "--k", "1",
                      "--max-tokens", "16", "--device", "cpu", "--workers", "1", "--split", "think")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     labeled = pl.read_parquet(tmp_path / "labeled" / "part-00000.parquet")
-    assert labeled["correct"].to_list() == [False, False]
+    assert labeled["correct"].to_list() == [False] and labeled["thinking_steps"].to_list() == [17]
     for steps, thinking, first_error, labels in labeled.select(
         "steps", "thinking_steps", "first_error", "step_labels"
     ).iter_rows():

@@ -206,12 +206,39 @@ def merge_paragraphs(paragraphs: list[str], min_tokens: int, max_steps: int | No
             groups[-1] += current
         else:
             groups.append(current)
-    sizes = [sum(count_tokens(p) for p in group) for group in groups]
-    while max_steps is not None and len(groups) > max(1, max_steps):
-        pair = min(range(len(groups) - 1), key=lambda i: sizes[i] + sizes[i + 1])
-        groups[pair : pair + 2] = [groups[pair] + groups[pair + 1]]
-        sizes[pair : pair + 2] = [sizes[pair] + sizes[pair + 1]]
+    if max_steps is not None and len(groups) > max(1, max_steps):
+        groups = _merge_shortest(groups, [sum(count_tokens(p) for p in group) for group in groups], max(1, max_steps))
     return ["\n\n".join(group) for group in groups]
+
+
+def _merge_shortest(groups: list[list[str]], sizes: list[int], max_steps: int) -> list[list[str]]:
+    """Merge the two neighbours with the fewest tokens together (the leftmost pair on a tie)
+    until `max_steps` are left: a heap of neighbour pairs over a linked list, so a trace of
+    thousands of paragraphs costs n log n, not n squared."""
+    import heapq
+
+    count = len(groups)
+    alive = [True] * count
+    after, before = list(range(1, count + 1)), list(range(-1, count - 1))
+    pairs = [(sizes[i] + sizes[i + 1], i, i + 1) for i in range(count - 1)]
+    heapq.heapify(pairs)
+    left = count
+    while left > max_steps and pairs:
+        total, first, second = heapq.heappop(pairs)
+        if not (alive[first] and alive[second] and after[first] == second and sizes[first] + sizes[second] == total):
+            continue  # a pair that an earlier merge changed
+        groups[first] += groups[second]
+        sizes[first] = total
+        alive[second] = False
+        after[first] = after[second]
+        if after[second] < count:
+            before[after[second]] = first
+        left -= 1
+        if before[first] >= 0:
+            heapq.heappush(pairs, (sizes[before[first]] + total, before[first], first))
+        if after[first] < count:
+            heapq.heappush(pairs, (total + sizes[after[first]], first, after[first]))
+    return [group for group, kept in zip(groups, alive) if kept]
 
 
 def prompt_opens_thinking(prompt_text: str, tags: tuple[ThinkTags, ...] = KNOWN_TAGS) -> ThinkTags | None:
