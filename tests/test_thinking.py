@@ -309,6 +309,17 @@ def test_steps_picks_the_thinking_or_the_solution_to_label():
     assert all("</think>" in p for p in engine.prefixes)  # no probe inside the thinking
 
 
+def test_sections_without_tags_are_rolled_out_and_read_as_plain_responses():
+    """DeltaBench's sections are thinking with no tags to continue (finished is null)."""
+    row = wrong_trace_row(4)
+    row["steps"] = [step.replace("<think>\n", "").replace("\n</think>", "") for step in row["steps"]]
+    row["finished"] = None
+    engine = ThinkingRolloutEngine({"Problem?": "10"})
+    labeled = label_rows(pl.DataFrame([row]), engine, "binary", k=4, settings=RolloutSettings(workers=1))
+    assert labeled["first_error"].to_list() == [4]
+    assert engine.prefixes and not any("think>" in prefix for prefix in engine.prefixes)
+
+
 def test_label_command_takes_steps(prmtool, tmp_path):
     result = prmtool("label", tmp_path, "-o", tmp_path / "o", "--steps", "middle")
     assert result.exit_code == 2 and "--steps 'middle': expected one of all, thinking, solution" in result.stderr

@@ -23,7 +23,7 @@ from prmtool.core.errors import InputError, StageError
 from prmtool.methods import interventions as iv
 from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings
 from prmtool.methods.steps import rollout_prefix
-from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, step_window
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, known_traces, step_window
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -314,7 +314,7 @@ class InterventionRounds:
             self.response_ids,
             separator,
             config.rollouts,
-            self.thinking_steps,
+            known_traces(self.frame),
             config.tags,
         )
         prefixes = [rollout_prefix(steps[o.row][: o.step] + [o.content], separator) for o in to_verify]

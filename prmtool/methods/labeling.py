@@ -20,7 +20,7 @@ import polars as pl
 
 from prmtool.core.errors import InputError
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
-from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, step_window
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, known_traces, step_window
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -268,7 +268,7 @@ def label_rows(
         frame["response_id"].to_list(),
         separator,
         settings,
-        frame["thinking_steps"].to_list() if "thinking_steps" in frame.columns else None,
+        known_traces(frame),
         tags,
     )
     thinking = frame["thinking_steps"].to_list() if "thinking_steps" in frame.columns else [None] * frame.height

@@ -273,6 +273,16 @@ def thinking_of_given_steps(steps: list[str], text: str, settings: ThinkSplit) -
     return count, thinking.finished
 
 
+def known_traces(frame) -> list[int | None] | None:
+    """Each row's `thinking_steps` where the row is a known trace (`finished` not null), for
+    rollouts: a row whose thinking has no tags to continue (DeltaBench's sections) is rolled
+    out and read as a plain response. None for a frame without the columns."""
+    if "thinking_steps" not in frame.columns:
+        return None
+    finished = frame["finished"].to_list() if "finished" in frame.columns else [None] * frame.height
+    return [t if f is not None else None for t, f in zip(frame["thinking_steps"].to_list(), finished)]
+
+
 def step_window(which: str, n_steps: int, thinking_steps: int | None) -> tuple[int, int]:
     """`--steps`: the steps [first, last) a stage works on. A response without thinking has no
     thinking steps and is all solution."""
