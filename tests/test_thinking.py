@@ -473,3 +473,39 @@ def test_label_binary_on_long_traces_with_the_embedded_model(prmtool, write_json
     inside = [p for p in prefixes if "<|end_of_thought|>" not in p]
     assert inside and all(p.startswith("<|begin_of_thought|>") for p in inside)
     assert labeled["label_tokens"].sum() > 0
+
+
+def test_generate_with_a_thinking_chat_template_writes_traces_that_start_inside_the_thinking():
+    from prmtool.engines import Engine
+    from prmtool.stages.generate import generate_rows
+
+    class ThinkingModel(Engine):
+        """Its chat template opens the thinking; it writes the rest of a trace."""
+
+        tokenizer = PromptTail()
+
+        def chat_prompt_ids(self, problem, system_prompt=None, prompt_template=None):
+            return [1, 2, 3]
+
+        def sample(self, requests, on_progress=None):
+            thought = "\n\n".join(paragraph(60, seed) for seed in range(8))
+            return [
+                [
+                    Completion(f"{thought}\n</think>\n\nSo the answer is $\\boxed{{4}}$.", [1], 900, "stop"),
+                    Completion(thought, [1], 1024, "length"),  # cut off while thinking
+                ]
+                for _ in requests
+            ]
+
+        def score(self, requests):
+            raise NotImplementedError
+
+    problems = pl.DataFrame({"problem_id": ["p"], "problem": ["2 + 2?"], "reference_answer": ["4"]})
+    generated = generate_rows(problems, ThinkingModel(), n=2, split="think", think=ThinkSplit(min_step_tokens=100))
+    assert generated["finished"].to_list() == [True, False]
+    assert generated["thinking_steps"].to_list() == [4, 4]  # 8 paragraphs of 61 tokens, two a step
+    assert (generated["steps"].list.join("\n\n") == generated["response"]).all()
+    from prmtool.methods.verification import verify_rows
+
+    verified = verify_rows(generated, workers=1)
+    assert verified["verify_status"].to_list() == ["ok", "no_answer"] and verified["correct"].to_list() == [True, False]
