@@ -509,3 +509,10 @@ def test_generate_with_a_thinking_chat_template_writes_traces_that_start_inside_
 
     verified = verify_rows(generated, workers=1)
     assert verified["verify_status"].to_list() == ["ok", "no_answer"] and verified["correct"].to_list() == [True, False]
+
+
+def test_steps_without_thinking_steps_is_an_error_before_any_model_loads(prmtool, responses_dir, tmp_path):
+    assert prmtool("verify", responses_dir, "-o", tmp_path / "v", "--workers", "1").exit_code == 0
+    result = prmtool("label", tmp_path / "v", "-o", tmp_path / "l", "--steps", "thinking")
+    assert result.exit_code == 2 and "missing required column 'thinking_steps'" in result.stderr
+    assert "loading model" not in result.stderr and not (tmp_path / "l" / "part-00000.parquet").exists()

@@ -23,7 +23,7 @@ from prmtool.core.errors import InputError, StageError
 from prmtool.methods import interventions as iv
 from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings
 from prmtool.methods.steps import rollout_prefix
-from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, known_traces, step_window
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -124,6 +124,7 @@ class InterventionRounds:
             raise InputError(f"--first-error {config.first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
         if config.first_error == "from-labels" and "first_error" not in frame.columns:
             raise InputError("--first-error from-labels needs a 'first_error' column; run prmtool label first")
+        check_steps_column(config.steps, frame.columns)
         self.frame, self.engine, self.config, self.separator, self.tracker = frame, engine, config, separator, tracker
         self.steps = [list(s or []) for s in frame["steps"].to_list()]
         self.problems = frame["problem"].to_list()

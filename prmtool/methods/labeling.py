@@ -20,7 +20,7 @@ import polars as pl
 
 from prmtool.core.errors import InputError
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
-from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, known_traces, step_window
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -257,6 +257,7 @@ def label_rows(
     that are probed and labelled (by `thinking_steps`); the others' labels stay null."""
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    check_steps_column(which_steps, frame.columns)
     settings = settings or RolloutSettings()
     threshold = Threshold(bad_below)
     steps = frame["steps"].to_list()

@@ -283,6 +283,15 @@ def known_traces(frame) -> list[int | None] | None:
     return [t if f is not None else None for t, f in zip(frame["thinking_steps"].to_list(), finished)]
 
 
+def check_steps_column(which: str, columns) -> None:
+    """`--steps thinking|solution` reads `thinking_steps`: without it, say so instead of
+    silently working on every step or on none."""
+    if which != "all" and "thinking_steps" not in columns:
+        raise InputError(
+            f"--steps {which} needs a 'thinking_steps' column: import or generate the responses with --split think"
+        )
+
+
 def step_window(which: str, n_steps: int, thinking_steps: int | None) -> tuple[int, int]:
     """`--steps`: the steps [first, last) a stage works on. A response without thinking has no
     thinking steps and is all solution."""

@@ -243,7 +243,7 @@ def run(
         "intervene",
         transform,
         arguments,
-        REQUIRED,
+        REQUIRED + (("thinking_steps",) if settings.steps != "all" else ()),
         rows_per_input=None,
         extra_checks=checks,
         side_output=write_rejects,

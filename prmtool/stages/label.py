@@ -400,7 +400,7 @@ def run(
         "label",
         transform,
         arguments,
-        REQUIRED,
+        REQUIRED + (("thinking_steps",) if settings.steps != "all" else ()),
         # consensus: the rows it keeps; every other input row is in --rejects
         rows_per_input=None if settings.method == "consensus" else 1,
         extra_checks=[_verified],

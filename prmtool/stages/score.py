@@ -45,7 +45,7 @@ from prmtool.methods.step_rewards import (
     score_with_classifier,
     step_char_ends,
 )
-from prmtool.methods.thinking import step_window
+from prmtool.methods.thinking import check_steps_column, step_window
 
 REQUIRED = ("problem_id", "problem", "response_id", "response", "steps")
 
@@ -211,8 +211,9 @@ def within_steps(scored: pl.DataFrame, settings: ScoreSettings) -> pl.DataFrame:
     """`--steps thinking|solution`: a reasoning trace is scored whole (each step's reward
     depends on all before it), then the other part's rewards and values are set to null and
     prm_score aggregates the chosen steps alone."""
-    if settings.steps == "all" or "thinking_steps" not in scored.columns:
+    if settings.steps == "all":
         return scored
+    check_steps_column(settings.steps, scored.columns)
     rewards, values = scored["step_rewards"].to_list(), scored["step_values"].to_list()
     windows = [step_window(settings.steps, len(r or []), t) for r, t in zip(rewards, scored["thinking_steps"])]
 
@@ -285,7 +286,8 @@ def run(
         stats.counts["steps_scored"] += int(result["step_rewards"].list.len().sum())
         return result
 
-    stage = MapStage("score", transform, arguments, REQUIRED, extra_checks=[_check_text])
+    required = REQUIRED + (("thinking_steps",) if settings.steps != "all" else ())
+    stage = MapStage("score", transform, arguments, required, extra_checks=[_check_text])
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(model)
