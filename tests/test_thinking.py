@@ -158,6 +158,10 @@ def test_on_80_sky_t1_traces_the_split_the_columns_and_verify_hold(prmtool, tmp_
     assert (frame["steps"].list.join("\n\n") == frame["response"]).all()
     assert frame["steps"].list.eval(pl.element().str.strip_chars().str.len_chars().min()).explode().min() > 0
     assert frame["finished"].to_list() == [row["finished"] for row in rows]
+    from prmtool.cli.stats import shard_set_stats
+
+    figures = shard_set_stats(frame.lazy())
+    assert figures["finished"] == {"yes": 46, "no": 34, "unknown": 0} and figures["thinking_steps"]["median"] == 15
 
     unfinished = frame.filter(~pl.col("finished"))
     assert unfinished.height == 34 and set(unfinished["verify_status"]) == {"no_answer"}
