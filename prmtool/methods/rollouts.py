@@ -144,11 +144,10 @@ class Rollouts:
         return prefix
 
     def answer_text(self, row: int, text: str) -> str | None:
-        """What a rollout's answer is read from: for a trace, its solution (None while it never
-        closed its thinking), else the whole text."""
-        if not self.is_trace(row):
-            return text
-        return solution_text(text, self.tags, opened=True)
+        """What a rollout's answer is read from: the solution of a trace (None while it never
+        closed its thinking), and of any rollout that writes thinking tags (a reasoning policy's,
+        OmegaPRM's included); else the whole text."""
+        return solution_text(text, self.tags, opened=self.is_trace(row))
 
     def probe_prefix(self, probe: Probe) -> str:
         if probe.prefix is None:
