@@ -47,8 +47,9 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
 def count_tokens(text: str) -> int:
-    """Words and symbols: a tokenizer-free count, within a few percent of a BPE tokenizer's on
-    English math text (import runs without a model)."""
+    """Words and single symbols: a count that needs no tokenizer (import runs without a model).
+    On the 80 traces of data_samples/long-cot, SmolLM2's BPE tokenizer gives a median 1.19
+    times as many tokens (0.99 to 1.80)."""
     return len(_TOKEN.findall(text))
 
 
