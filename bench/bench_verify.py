@@ -3,6 +3,7 @@ agreement with human labels on a labelled set of real solutions.
 
     python bench/bench_verify.py [--rows 20000] [--workers 2]
     python bench/bench_verify.py --data data_samples/processbench-gsm8k/gsm8k.jsonl [--show 30]
+    python bench/bench_verify.py --traces data_samples/long-cot/sky-t1-amc23.jsonl
 
 Responses are built from GSM8K answers (`--gsm8k FILE`, any GSM8K JSONL such as the train
 split; by default the 40 problems of data_samples/gsm8k/test_sample.jsonl) in the forms
@@ -18,6 +19,14 @@ or `source` to group by), it prints the share of rows on which each grader agree
 label, per source and overall, side by side: prmtool (the cascade), prmtool --extract strict,
 Math-Verify alone (its own extraction over the whole response, gold first) and plain string
 equality of the extracted answer with the reference; then the rows where prmtool disagrees.
+
+With `--traces FILE` (reasoning traces: `response`, `reference_answer`, a boolean `finished`
+and the grade to compare with, `grader_correct` by default, as data_samples/long-cot has them),
+it imports them with `--split think` and verifies them as `prmtool verify` does (the solution
+only; an unfinished trace has no answer), and prints, for the finished and the unfinished
+traces apart, how often each grader agrees with the grade and how many it marks correct:
+prmtool, Math-Verify over the solution part, Math-Verify over the whole response, and
+prmtool's cascade over the whole response (how verify read traces before).
 """
 
 from __future__ import annotations
@@ -147,6 +156,39 @@ def agreement(data: Path, label: str, workers: int, show: int) -> None:
         )
 
 
+def traces(data: Path, label: str, workers: int) -> None:
+    from prmtool.methods.thinking import solution_text
+    from prmtool.methods.verification import verify_responses
+    from prmtool.stages.import_ import to_contract
+    from prmtool.stages.verify import VerifySettings, verify_frame
+
+    source = pl.read_ndjson(data, infer_schema_length=None)
+    frame = verify_frame(to_contract(source, str(data), "think"), VerifySettings(workers=workers))
+    golds, texts = frame["reference_answer"].to_list(), frame["response"].to_list()
+    solutions = [solution_text(text) or "" for text in texts]
+    whole = verify_responses(texts, golds, workers=workers)[1]
+    graders = {
+        "prmtool verify (solution only)": frame["correct"].to_list(),
+        "Math-Verify, solution part": [bool(s) and math_verify_alone((g, s)) for g, s in zip(golds, solutions)],
+        "Math-Verify, whole response": [math_verify_alone(pair) for pair in zip(golds, texts)],
+        "cascade, whole response": [v.correct for v in whole],
+    }
+    labels, finished = frame[label].to_list(), frame["finished"].to_list()
+    print(f"{data}: {frame.height} traces, {sum(finished)} finished; agreement with {label!r}, and rows marked correct")
+    print(f"{'grader':<32} {'finished: agree':>16} {'marked':>7} {'unfinished: agree':>18} {'marked':>7}")
+    for name, grades in graders.items():
+        cells = []
+        for part in (True, False):
+            rows = [i for i, done in enumerate(finished) if done == part]
+            cells += [
+                f"{sum(grades[i] == labels[i] for i in rows)}/{len(rows)}",
+                str(sum(bool(grades[i]) for i in rows)),
+            ]
+        print(f"{name:<32} {cells[0]:>16} {cells[1]:>7} {cells[2]:>18} {cells[3]:>7}")
+    statuses = frame.filter(~pl.col("finished"))["verify_status"].value_counts().rows()
+    print(f"verify_status of the unfinished traces: {dict(statuses)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000)
@@ -155,7 +197,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a labelled set of solutions: prints agreement with its labels")
     parser.add_argument("--label", default="final_answer_correct", help="the boolean label column of --data")
     parser.add_argument("--show", type=int, default=30, help="how many disagreements to list")
+    parser.add_argument("--traces", type=Path, help="reasoning traces with a finished flag and a grade (see above)")
+    parser.add_argument("--grade", default="grader_correct", help="the boolean grade column of --traces")
     args = parser.parse_args()
+    if args.traces is not None:
+        traces(args.traces, args.grade, args.workers)
+        return
     if args.data is not None:
         agreement(args.data, args.label, args.workers, args.show)
         return

@@ -3,7 +3,8 @@
 
 Counts are upper bounds where the outcome decides: every response is assumed wrong (a first-error
 search runs for each), every search runs to full depth, every rollout runs to max-tokens, and
-responses that do not exist yet are assumed to have STEPS_PER_RESPONSE steps.
+responses that do not exist yet are assumed to have STEPS_PER_RESPONSE steps (STEPS_PER_TRACE for
+reasoning traces under --split think).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prmtool.core.errors import InputError
 from prmtool.core.outputs import replace_atomically
 
 STEPS_PER_RESPONSE = 8  # assumed for responses a recipe has not generated yet
+STEPS_PER_TRACE = 40  # a reasoning trace under --split think: its default --max-steps
 MODEL_STAGES = {"generate", "label", "intervene"}  # the stages whose cost is generated tokens
 
 
@@ -73,7 +75,8 @@ def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
         out = Size(_times(rows, settings.n), problems)
     elif stage == "label":
         method, k, max_tokens = settings.method, settings.k, settings.max_tokens
-        probes = {"binary": (STEPS_PER_RESPONSE - 1).bit_length() + 1, "mc": STEPS_PER_RESPONSE}
+        steps = STEPS_PER_TRACE if getattr(settings, "split", None) == "think" else STEPS_PER_RESPONSE
+        probes = {"binary": (steps - 1).bit_length() + 1, "mc": steps}
         if method in probes:
             tokens = _times(rows, probes[method], k, max_tokens)
             how = f"{probes[method]} prefixes x {k} rollouts x {max_tokens} tokens per response"

@@ -42,6 +42,15 @@ def shard_set_stats(frame: pl.LazyFrame) -> dict:
         )
     if "steps" in columns:
         figures["steps_per_response"] = _describe(frame.select(pl.col("steps").list.len()).collect().to_series())
+    if "thinking_steps" in columns:  # reasoning traces (--split think)
+        figures["thinking_steps"] = _describe(frame.select("thinking_steps").collect().to_series().drop_nulls())
+    if "finished" in columns:
+        finished = frame.select("finished").collect().to_series()
+        figures["finished"] = {
+            "yes": int(finished.sum()),
+            "no": int((~finished).sum()),
+            "unknown": finished.null_count(),
+        }
     if "step_labels" in columns:
         labels = frame.select(pl.col("step_labels").explode()).collect().to_series()
         figures["step_labels"] = {

@@ -63,9 +63,58 @@ Split = Annotated[
     str,
     typer.Option(
         "--split",
-        help="How responses are cut into steps: blank-line, line, step-k or regex:PATTERN.",
+        help=(
+            "How responses are cut into steps: blank-line, line, step-k, think (reasoning traces: thinking "
+            "paragraphs merged into steps of --min-step-tokens) or regex:PATTERN."
+        ),
     ),
 ]
+ThinkTags = Annotated[
+    str | None,
+    typer.Option(
+        "--think-tags",
+        help=(
+            "OPEN,CLOSE: the tags around a reasoning model's thinking (default: <think>,</think> and "
+            "<|begin_of_thought|>,<|end_of_thought|> with <|begin_of_solution|>...<|end_of_solution|>)."
+        ),
+        show_default=False,
+    ),
+]
+Steps = Annotated[
+    str,
+    typer.Option(
+        "--steps",
+        help="Which steps of a reasoning trace (see thinking_steps) this stage works on: thinking, solution or all.",
+    ),
+]
+STEP_CHOICES = ("all", "thinking", "solution")
+
+
+@dataclass(kw_only=True)
+class TraceSettings:
+    """How `--split think` cuts a reasoning trace (prmtool/methods/thinking.py)."""
+
+    think_tags: ThinkTags = None
+    min_step_tokens: Annotated[
+        int,
+        typer.Option(
+            help="--split think: the fewest tokens (words and symbols) in a thinking step; paragraphs merge up to it.",
+            min=1,
+        ),
+    ] = 200
+    max_steps: Annotated[
+        int,
+        typer.Option(
+            help="--split think: the most steps of a trace; the shortest neighbouring thinking steps merge.", min=1
+        ),
+    ] = 40
+    thinking_opened: Annotated[
+        bool,
+        typer.Option(
+            "--thinking-opened",
+            help="--split think: responses start inside the thinking (its opening tag was in the prompt).",
+        ),
+    ] = False
 
 
 def default_workers() -> int:

@@ -32,6 +32,18 @@ COLUMNS: dict[str, Column] = {
         Column("response", pl.String(), "the model's solution text", "import, generate"),
         Column("steps", pl.List(pl.String()), "the response split into steps, losslessly", "import, generate"),
         Column(
+            "thinking_steps",
+            pl.Int32(),
+            "a reasoning trace (--split think): how many leading steps are thinking; 0 for a response without",
+            "import, generate",
+        ),
+        Column(
+            "finished",
+            pl.Boolean(),
+            "a reasoning trace: its thinking closed and a solution followed; null for a response without thinking",
+            "import, generate",
+        ),
+        Column(
             "human_first_error",
             pl.Int32(),
             "a person's earliest wrong step of the response, -1 none (import --preset processbench, or review)",
@@ -41,7 +53,7 @@ COLUMNS: dict[str, Column] = {
         Column(
             "answer_source",
             pl.String(),
-            "where pred_answer was found: boxed, phrase, final_math, final_sentence, last_number",
+            "where pred_answer was found: boxed, phrase, final_math, final_sentence, last_number, math_verify",
             "verify",
         ),
         Column(

@@ -11,7 +11,11 @@ the earlier ones found nothing, and the step that found the answer is its `answe
 4. `final_sentence`: for a reference that is not a plain number, Math-Verify's own extraction
    over the last sentence;
 5. `last_number`: for a numeric reference, the number the last sentence states: its first
-   number, not the qualifiers that trail it ("spends $225 over 5 weeks").
+   number, not the qualifiers that trail it ("spends $225 over 5 weeks");
+6. `math_verify` (in `prmtool.methods.verification`, which holds the reference): when all of the
+   above found nothing, Math-Verify's own extraction over the whole text, taken only when
+   Math-Verify finds it equal to the reference: verify never grades wrong what Math-Verify
+   alone grades right, and a cut-off response is not given a wrong answer it never stated.
 
 Steps 3 to 5 read only a concluding last sentence: it ends with . ! ? or closing math, and
 either opens with a conclusion word (therefore, thus, so, hence, finally, in total, ...) or
@@ -30,7 +34,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-SOURCES = ("boxed", "phrase", "final_math", "final_sentence", "last_number")
+SOURCES = ("boxed", "phrase", "final_math", "final_sentence", "last_number", "math_verify")
 EXTRACT_MODES = ("cascade", "strict")
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")

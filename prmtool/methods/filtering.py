@@ -72,6 +72,7 @@ APPLIES = {
     "--value": ("prof", "consensus"),
     "--threshold": ("consensus",),
     "--band": ("accuracy-band",),
+    "--steps": ("prof", "consensus"),
 }
 
 
@@ -87,12 +88,14 @@ class FilterConfig:
     threshold: float | None = None  # consensus: default 0.5 for step_mc, else 0
     band: tuple[float, float] = (0.2, 0.8)
     where: str | None = None
+    steps: str = "all"  # reasoning traces: the per-step values of the thinking, of the solution, or all
 
     def __post_init__(self) -> None:
         for flag, given, allowed in [
             ("--method", self.method, METHODS),
             ("--mode", self.mode, MODES),
             ("--value", self.value, VALUES),
+            ("--steps", self.steps, ("all", "thinking", "solution")),
         ]:
             if given not in allowed:
                 raise InputError(f"{flag} {given!r}: expected one of {', '.join(allowed)}")
@@ -107,6 +110,10 @@ class FilterConfig:
         low, high = self.band
         if not 0 <= low <= high <= 1:
             raise InputError(f"--band {low},{high}: expected LOW,HIGH with 0 <= LOW <= HIGH <= 1")
+        if self.steps != "all" and self.value not in LIST_VALUES:
+            raise InputError(
+                f"--steps {self.steps} --value {self.value}: needs per-step values, one of {', '.join(LIST_VALUES)}"
+            )
         if self.method == "consensus" and self.value not in LIST_VALUES:
             raise InputError(
                 f"--method consensus --value {self.value}: needs per-step values, one of {', '.join(LIST_VALUES)}"
@@ -127,9 +134,10 @@ class FilterConfig:
     @property
     def required(self) -> tuple[str, ...]:
         """The input columns the method reads (without --where's)."""
+        thinking = ("thinking_steps",) if self.steps != "all" else ()
         return {
-            "prof": ("problem_id", "response_id", "correct", "steps", self.value),
-            "consensus": ("problem_id", "correct", "first_error", self.value),
+            "prof": ("problem_id", "response_id", "correct", "steps", self.value, *thinking),
+            "consensus": ("problem_id", "correct", "first_error", self.value, *thinking),
             "accuracy-band": ("problem_id", "correct"),
             "none": ("problem_id",),
         }[self.method]
@@ -137,6 +145,8 @@ class FilterConfig:
     def arguments(self) -> dict:
         """The options that decide the output (provenance and resume checks)."""
         chosen: dict = {"method": self.method, "where": self.where}
+        if self.steps != "all":
+            chosen.update(steps=self.steps)
         if self.method == "prof":
             chosen.update(mode=self.mode, value=self.value, min_steps=self.min_steps, max_steps=self.max_steps)
             chosen.update({"keep": self.keep} if self.keep is not None else {"remove": self.k})
@@ -178,30 +188,42 @@ def feature_expressions(names: list[str], options: FilterConfig) -> list[pl.Expr
         expressions += [
             pl.col("response_id").cast(pl.String),
             pl.col("steps").list.len().fill_null(0).alias("_n_steps"),
-            _mean_value(options.value).alias("_value"),
+            _mean_value(options.value, options.steps).alias("_value"),
         ]
     elif options.method == "consensus":
-        below = (
-            pl.col(options.value)
-            .cast(pl.List(pl.Float64))
-            .list.eval((pl.element().fill_nan(None) < options.prm_threshold).fill_null(False))
+        below = _window(pl.col(options.value).cast(pl.List(pl.Float64)), options.steps).list.eval(
+            (pl.element().fill_nan(None) < options.prm_threshold).fill_null(False)
         )
+        offset = pl.col("thinking_steps").fill_null(0).cast(pl.Int64) if options.steps == "solution" else pl.lit(0)
         expressions += [
             pl.col("first_error").cast(pl.Int64).alias("_first_error"),
-            pl.when(below.list.any()).then(below.list.arg_max().cast(pl.Int64)).otherwise(-1).alias("_prm_first"),
-            _mean_value(options.value).is_null().alias("_no_value"),
+            pl.when(below.list.any())
+            .then(below.list.arg_max().cast(pl.Int64) + offset)
+            .otherwise(-1)
+            .alias("_prm_first"),
+            _mean_value(options.value, options.steps).is_null().alias("_no_value"),
         ]
     if options.where:
         expressions.append(where_filter(options.where).alias("_where"))
     return expressions
 
 
-def _mean_value(column: str) -> pl.Expr:
+def _window(values: pl.Expr, steps: str) -> pl.Expr:
+    """`--steps`: a reasoning trace's thinking steps' values, or its solution's (`thinking_steps`)."""
+    if steps == "all":
+        return values
+    thinking = pl.col("thinking_steps").fill_null(0).cast(pl.Int64)
+    if steps == "thinking":
+        return values.list.head(thinking)
+    return values.list.slice(thinking)
+
+
+def _mean_value(column: str, steps: str = "all") -> pl.Expr:
     """The response's value: the mean of its steps' values, NaN, infinities and null skipped
     (a value no scorer can mean: counted as missing); null when none is left. A scalar column
-    (prm_score) is taken as it is, a non-finite one made null."""
+    (prm_score) is taken as it is, a non-finite one made null. `--steps`: of those steps only."""
     if column in LIST_VALUES:
-        values = pl.col(column).cast(pl.List(pl.Float64))
+        values = _window(pl.col(column).cast(pl.List(pl.Float64)), steps)
         # list.mean is fast; the skipping mean only where a NaN or an infinity made the fast one so
         fast = values.list.mean()
         finite_only = values.list.eval(pl.when(pl.element().is_finite()).then(pl.element())).list.mean()

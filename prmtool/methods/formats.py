@@ -98,6 +98,16 @@ def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], l
     return pairs, keep, counts
 
 
+def _thinking_marks(frame: pl.DataFrame, keep: list[int], pairs: list) -> pl.Series | None:
+    """Reasoning traces (a `thinking_steps` column): which of each row's exported steps are
+    thinking, True for the leading thinking steps; None for rows of plain responses."""
+    if "thinking_steps" not in frame.columns:
+        return None
+    thinking = frame["thinking_steps"].gather(keep).to_list()
+    marks = [[i < (count or 0) for i in range(len(steps))] for (steps, _), count in zip(pairs, thinking)]
+    return pl.Series("thinking", marks, dtype=pl.List(pl.Boolean))
+
+
 def to_trl_stepwise(
     frame: pl.DataFrame, prompt_template: str = "{problem}", **_
 ) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -109,7 +119,8 @@ def to_trl_stepwise(
             "labels": pl.Series([lab for _, lab in pairs], dtype=pl.List(pl.Boolean)),
         }
     )
-    return out, counts
+    thinking = _thinking_marks(frame, keep, pairs)
+    return (out if thinking is None else out.with_columns(thinking)), counts
 
 
 def to_math_shepherd(
@@ -132,7 +143,8 @@ def to_math_shepherd(
         {"input": inputs, "label": labels, "value": values, "task": task},
         schema={"input": pl.String, "label": pl.String, "value": pl.List(pl.String), "task": pl.String},
     )
-    return out, counts
+    thinking = _thinking_marks(frame, keep, pairs)
+    return (out if thinking is None else out.with_columns(thinking)), counts
 
 
 def _user_prompt(frame: pl.DataFrame, prompt_template: str) -> pl.Series:
@@ -158,14 +170,28 @@ def _assistant_turn(frame: pl.DataFrame) -> tuple[pl.Series, dict[str, int]]:
     }
 
 
-def _open_turn(out: pl.DataFrame, open_turn: bool) -> pl.DataFrame:
+def _open_turn(out: pl.DataFrame, open_turn: bool, frame: pl.DataFrame | None = None) -> pl.DataFrame:
     """--open-turn: the assistant turn has no end-of-turn. TRL's SFTTrainer reads a row's
     `chat_template_kwargs` and passes them to the chat template; `continue_final_message` is the
-    same flag for `tokenizer.apply_chat_template(messages, continue_final_message=True)`."""
-    if not open_turn:
+    same flag for `tokenizer.apply_chat_template(messages, continue_final_message=True)`.
+    Without --open-turn, the turns of reasoning traces whose intervention falls inside the
+    thinking are open all the same: their guided response ends in an unclosed thinking block,
+    which an end-of-turn would teach the model to close by stopping."""
+    opened = [True] * out.height if open_turn else _inside_thinking(frame)
+    if not any(opened):
         return out
-    kwargs = pl.Series("chat_template_kwargs", [{"continue_final_message": True}] * out.height)
-    return out.with_columns(continue_final_message=pl.lit(True), chat_template_kwargs=kwargs)
+    kwargs = pl.Series("chat_template_kwargs", [{"continue_final_message": o} for o in opened])
+    return out.with_columns(continue_final_message=pl.Series(opened, dtype=pl.Boolean), chat_template_kwargs=kwargs)
+
+
+def _inside_thinking(frame: pl.DataFrame | None) -> list[bool]:
+    """Rows whose assistant turn is a guided response that stops inside the trace's thinking."""
+    if frame is None or not {"thinking_steps", "intervention_step", "guided_response"} <= set(frame.columns):
+        return [False] * (0 if frame is None else frame.height)
+    return [
+        guided is not None and step is not None and step < (thinking or 0)
+        for guided, step, thinking in frame.select("guided_response", "intervention_step", "thinking_steps").iter_rows()
+    ]
 
 
 def to_sft_messages(
@@ -178,7 +204,7 @@ def to_sft_messages(
     prompts = _user_prompt(frame, prompt_template)
     answers, counts = _assistant_turn(frame)
     messages = [_messages(p, system_prompt, r) for p, r in zip(prompts, answers)]
-    return _open_turn(pl.DataFrame({"messages": messages}, schema={"messages": MESSAGES}), open_turn), counts
+    return _open_turn(pl.DataFrame({"messages": messages}, schema={"messages": MESSAGES}), open_turn, frame), counts
 
 
 def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{problem}", open_turn: bool = False, **_):
@@ -188,7 +214,7 @@ def to_sft_prompt_completion(frame: pl.DataFrame, prompt_template: str = "{probl
     prompts = _user_prompt(frame, prompt_template).map_elements(
         lambda p: p if p.endswith((" ", "\n")) else p + "\n\n", return_dtype=pl.String
     )
-    return _open_turn(pl.DataFrame({"prompt": prompts, "completion": answers}), open_turn), counts
+    return _open_turn(pl.DataFrame({"prompt": prompts, "completion": answers}), open_turn, frame), counts
 
 
 def to_sft_prompt_completion_chat(
@@ -206,7 +232,7 @@ def to_sft_prompt_completion_chat(
     out = pl.DataFrame(
         {"prompt": prompts, "completion": completions}, schema={"prompt": MESSAGES, "completion": MESSAGES}
     )
-    return _open_turn(out, open_turn), counts
+    return _open_turn(out, open_turn, frame), counts
 
 
 def _ground_truths(frame: pl.DataFrame) -> list[str]:
@@ -256,14 +282,16 @@ FORMATS: dict[str, Format] = {
     for f in [
         Format(
             "trl-stepwise",
-            "prompt: str, completions: list[str] (steps), labels: list[bool]",
+            "prompt: str, completions: list[str] (steps), labels: list[bool]; thinking: list[bool] (which "
+            "steps are a reasoning trace's thinking) for traces",
             ("problem", "steps", "step_labels"),
             to_trl_stepwise,
         ),
         Format(
             "math-shepherd",
             f"input: str (problem, then each step followed by ' {MATH_SHEPHERD_TAG}'), label: str (the same with '+' "
-            f"or '-'), value: list[str] (the '+'/'-' per step), task: str (the input's task column, else null)",
+            f"or '-'), value: list[str] (the '+'/'-' per step), task: str (the input's task column, else null); "
+            f"thinking: list[bool] (which steps are a reasoning trace's thinking) for traces",
             ("problem", "steps", "step_labels"),
             to_math_shepherd,
         ),

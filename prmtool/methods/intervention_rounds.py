@@ -23,6 +23,7 @@ from prmtool.core.errors import InputError, StageError
 from prmtool.methods import interventions as iv
 from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings
 from prmtool.methods.steps import rollout_prefix
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -60,6 +61,8 @@ class InterventionConfig:
     proposer_max_tokens: int = 1024
     prefill_tag: bool = False  # start the model's answer inside the tag (small models keep the format)
     rollouts: RolloutSettings = field(default_factory=RolloutSettings)
+    steps: str = "all"  # --steps: a reasoning trace's first error is intervened on in these steps only
+    tags: tuple[ThinkTags, ...] = KNOWN_TAGS
 
 
 @dataclass
@@ -121,12 +124,16 @@ class InterventionRounds:
             raise InputError(f"--first-error {config.first_error!r}: expected one of {', '.join(FIRST_ERROR_MODES)}")
         if config.first_error == "from-labels" and "first_error" not in frame.columns:
             raise InputError("--first-error from-labels needs a 'first_error' column; run prmtool label first")
+        check_steps_column(config.steps, frame.columns)
         self.frame, self.engine, self.config, self.separator, self.tracker = frame, engine, config, separator, tracker
         self.steps = [list(s or []) for s in frame["steps"].to_list()]
         self.problems = frame["problem"].to_list()
         self.references = frame["reference_answer"].cast(pl.String).to_list()
         self.response_ids = frame["response_id"].to_list()
         self.solutions = _reference_solutions(frame)
+        self.thinking_steps = (
+            frame["thinking_steps"].to_list() if "thinking_steps" in frame.columns else [None] * frame.height
+        )
         self.outcomes: list[Outcome] = []
         self.first_errors: dict[int, tuple[int, str]] = {}
         self._chat_ids: dict[str, list[int]] = {}
@@ -136,6 +143,7 @@ class InterventionRounds:
         self.advance(len(self.outcomes), [])
         if to_locate:
             self.locate(to_locate)
+        self.keep_to_steps()
         candidates = self.propose()
         self.verify([o for o in candidates if o.reason is None])
         self.advance(len(self.first_errors), [])
@@ -232,6 +240,21 @@ class InterventionRounds:
                 self.first_errors[row] = (located, "model")
         self.advance(sum(1 for r in to_locate if r not in self.first_errors), completions)
 
+    def keep_to_steps(self) -> None:
+        """`--steps thinking|solution`: a trace whose first error lies in the other part is not
+        intervened on (no_first_error, the detail says where the error is)."""
+        if self.config.steps == "all":
+            return
+        thinking = self.thinking_steps
+        for row, (first_error, source) in sorted(self.first_errors.items()):
+            first, last = step_window(self.config.steps, len(self.steps[row]), thinking[row])
+            if not first <= first_error < last:
+                del self.first_errors[row]
+                detail = f"the first error, step {first_error}, is not among the --steps {self.config.steps} steps"
+                self.outcomes.append(
+                    Outcome(row, first_error=first_error, source=source, reason=iv.NO_FIRST_ERROR, detail=detail)
+                )
+
     def propose(self) -> list[Outcome]:
         """Every candidate of every row in one call; candidate c of a row has its own seed."""
         config, steps = self.config, self.steps
@@ -285,7 +308,15 @@ class InterventionRounds:
             return
         config, steps, separator = self.config, self.steps, self.separator
         rollouts = Rollouts(
-            self.engine, self.problems, steps, self.references, self.response_ids, separator, config.rollouts
+            self.engine,
+            self.problems,
+            steps,
+            self.references,
+            self.response_ids,
+            separator,
+            config.rollouts,
+            known_traces(self.frame),
+            config.tags,
         )
         prefixes = [rollout_prefix(steps[o.row][: o.step] + [o.content], separator) for o in to_verify]
         probes = [Probe(o.row, o.step, config.verify_rollouts, prefix=p) for o, p in zip(to_verify, prefixes)]

@@ -20,6 +20,7 @@ import polars as pl
 
 from prmtool.core.errors import InputError
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -66,6 +67,7 @@ class PerStepMC:
     k: int
     threshold: Threshold
     soft: bool
+    window: tuple[int, int] | None = None  # --steps: only steps [first, last) are probed
     step_mc: list[float | None] = field(init=False)
     spent: list[int] = field(default_factory=lambda: [0, 0])
     asked: bool = False
@@ -81,7 +83,8 @@ class PerStepMC:
         self.asked = True
         if self.correct and not self.soft and self.threshold.one_success_proves_good:
             return []
-        return [Probe(self.row, prefix, self.k) for prefix in range(1, self.n_steps)]
+        first, last = self.window or (0, self.n_steps)
+        return [Probe(self.row, prefix, self.k) for prefix in range(max(1, first + 1), min(last, self.n_steps - 1) + 1)]
 
     def observe(self, result: ProbeResult) -> None:
         self.step_mc[result.probe.prefix_steps - 1] = result.mc
@@ -112,15 +115,23 @@ class FirstErrorBinarySearch:
     k: int
     threshold: Threshold
     staged: bool = False
+    # --steps: the first error is searched among steps [first, last) only; the prefix of the
+    # first `first` steps is taken as good (the thinking, when only the solution is labelled)
+    window: tuple[int, int] | None = None
     step_mc: list[float | None] = field(init=False)
     good: int = 0
     bad: int = field(init=False)
+    last: int = field(init=False)  # the window's end: no prefix longer than this is probed
     spent: list[int] = field(default_factory=lambda: [0, 0])
     middle_counts: list[int] = field(default_factory=lambda: [0, 0])  # correct, sampled at the middle
 
     def __post_init__(self) -> None:
         self.step_mc = [None] * self.n_steps
         self.bad = self.n_steps
+        self.good, self.last = self.window or (0, self.n_steps)
+
+    def _middle(self) -> int:
+        return min((self.good + self.bad) // 2, self.last)  # never past the window
 
     @property
     def first_stage(self) -> int:
@@ -131,9 +142,9 @@ class FirstErrorBinarySearch:
         return self.k - self.first_stage  # 0 unless staged
 
     def probes(self) -> list[Probe]:
-        if self.bad - self.good <= 1:
+        if self.bad - self.good <= 1 or self.good >= self.last:
             return []
-        middle, sampled = (self.good + self.bad) // 2, self.middle_counts[1]
+        middle, sampled = self._middle(), self.middle_counts[1]
         if sampled == 0:
             return [Probe(self.row, middle, self.first_stage)]
         return [Probe(self.row, middle, self.k - sampled, first_sample=sampled)]  # the rest of the k
@@ -152,14 +163,15 @@ class FirstErrorBinarySearch:
         first stage of the next level's middle if this one is good, and if it is bad, then the
         rests of those two. Seeds depend on the prefix alone, so a probe sampled early gives what
         it would have given when asked."""
-        if self.bad - self.good <= 1:
+        if self.bad - self.good <= 1 or self.good >= self.last:
             return []
-        middle, sampled = (self.good + self.bad) // 2, self.middle_counts[1]
+        middle, sampled = self._middle(), self.middle_counts[1]
         rest = self.second_stage
         ahead = []
         if sampled == 0 and rest:
             ahead.append(Probe(self.row, middle, rest, first_sample=self.first_stage))
         next_middles = [(good + bad) // 2 for good, bad in ((middle, self.bad), (self.good, middle)) if bad - good > 1]
+        next_middles = [next_middle for next_middle in next_middles if next_middle <= self.last]
         ahead += [Probe(self.row, next_middle, self.first_stage) for next_middle in next_middles]
         if rest:
             ahead += [Probe(self.row, next_middle, rest, first_sample=self.first_stage) for next_middle in next_middles]
@@ -184,6 +196,8 @@ class FirstErrorBinarySearch:
     def outcome(self) -> RowLabels:
         if self.n_steps == 0:
             return RowLabels([], [], -1, *self.spent)
+        if self.bad > self.last:  # no error among the window's steps: it lies after them
+            return RowLabels(self.step_mc, [1] * self.n_steps, None, *self.spent)
         first_error = self.bad - 1  # the step that turns the last good prefix into a bad one
         return RowLabels(self.step_mc, labels_from_first_error(first_error, self.n_steps), first_error, *self.spent)
 
@@ -202,6 +216,21 @@ def trusted_correct(n_steps: int) -> RowLabels:
     return RowLabels([None] * n_steps, labels_from_first_error(-1, n_steps), -1)
 
 
+def _within(result: RowLabels, window: tuple[int, int]) -> RowLabels:
+    """`--steps`: labels and values of the window's steps only; a first error outside it is none."""
+    first, last = window
+
+    def keep(values):
+        return None if values is None else [v if first <= i < last else None for i, v in enumerate(values)]
+
+    first_error = result.first_error
+    if first_error is not None and first_error >= 0 and not first <= first_error < last:
+        first_error = None
+    if first_error == -1 and first == last:
+        first_error = None  # nothing was labelled
+    return RowLabels(keep(result.step_mc), keep(result.step_labels), first_error, result.rollouts, result.tokens)
+
+
 def label_rows(
     frame: pl.DataFrame,
     engine: "Engine",
@@ -216,14 +245,19 @@ def label_rows(
     continuous: bool = False,
     speculate: bool = True,
     counts: MutableMapping[str, int] | None = None,
+    which_steps: str = "all",
+    tags: tuple[ThinkTags, ...] = KNOWN_TAGS,
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `continuous`:
     continuous rounds instead of lockstep ones; `speculate`: sample probes a search may ask
     next into idle engine slots (`run_searches`); the same labels either way. `counts`, when
     given, gains what speculation cost (speculative_rollouts, speculative_rollouts_unused,
-    speculative_tokens_unused); label_rollouts and label_tokens count only rollouts used."""
+    speculative_tokens_unused); label_rollouts and label_tokens count only rollouts used.
+    `which_steps` (`--steps`: thinking, solution or all) picks the steps of reasoning traces
+    that are probed and labelled (by `thinking_steps`); the others' labels stay null."""
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    check_steps_column(which_steps, frame.columns)
     settings = settings or RolloutSettings()
     threshold = Threshold(bad_below)
     steps = frame["steps"].to_list()
@@ -235,7 +269,11 @@ def label_rows(
         frame["response_id"].to_list(),
         separator,
         settings,
+        known_traces(frame),
+        tags,
     )
+    thinking = frame["thinking_steps"].to_list() if "thinking_steps" in frame.columns else [None] * frame.height
+    windows = [step_window(which_steps, len(s or []), t) for s, t in zip(steps, thinking)]
     results: list[RowLabels | None] = [None] * frame.height
     if method == "omegaprm":
         method = "binary"  # the input rows' labels; the tree itself comes from prmtool.methods.omegaprm
@@ -247,12 +285,12 @@ def label_rows(
         elif correct and correct_responses == "trust":
             results[row] = trusted_correct(n_steps)
         elif method == "mc":
-            searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft)
+            searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft, windows[row])
         elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere
-            searches[row] = PerStepMC(row, n_steps, True, k, threshold, soft)
+            searches[row] = PerStepMC(row, n_steps, True, k, threshold, soft, windows[row])
         else:
             staged = not soft and threshold.one_success_proves_good
-            searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged)
+            searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged, windows[row])
     if tracker is not None:
         tracker.advance(frame.height - len(searches))
 
@@ -272,6 +310,8 @@ def label_rows(
         ):
             counts[name] = counts.get(name, 0) + count
 
+    if which_steps != "all":
+        results = [_within(result, window) for result, window in zip(results, windows)]
     return frame.with_columns(
         pl.Series("step_mc", [r.step_mc for r in results], dtype=pl.List(pl.Float64)),
         pl.Series("step_labels", [r.step_labels for r in results], dtype=pl.List(pl.Int8)),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Protocol
 
 from prmtool.engines.base import sample_in_rounds
 from prmtool.methods.steps import rollout_prefix
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, find_thinking, prompt_opens_thinking, solution_text
 from prmtool.methods.verification import verify_responses
 
 if TYPE_CHECKING:
@@ -88,18 +89,70 @@ class Rollouts:
         response_ids: list[str],
         separator: str,
         settings: RolloutSettings,
+        thinking_steps: list[int | None] | None = None,
+        tags: tuple[ThinkTags, ...] = KNOWN_TAGS,
     ) -> None:
         self.engine, self.settings, self.separator = engine, settings, separator
         self.problems, self.steps, self.references, self.response_ids = problems, steps, references, response_ids
+        # Reasoning traces: how many leading steps of each response are thinking (None: not a trace).
+        self.thinking_steps = thinking_steps or [None] * len(steps)
+        self.tags = tags
         self._chat_ids: dict[str, list[int]] = {}
+        self._template_opens: ThinkTags | None | bool = False  # False: not asked yet
+        self._trace_tags: dict[int, ThinkTags] = {}
         self.rounds = 0
 
+    def template_opens_thinking(self) -> ThinkTags | None:
+        """The thinking tags the model's chat template opens at the end of its generation prompt
+        (Qwen3, DeepSeek-R1 distills), or None. Asked of the engine's tokenizer once."""
+        if self._template_opens is False:
+            tokenizer = getattr(self.engine, "tokenizer", None)
+            opens = None
+            if tokenizer is not None and hasattr(tokenizer, "decode"):
+                ids = self.engine.chat_prompt_ids(
+                    "1 + 1 = ?", self.settings.system_prompt, self.settings.prompt_template
+                )
+                opens = prompt_opens_thinking(tokenizer.decode(ids[-16:]), self.tags)
+            self._template_opens = opens
+        return self._template_opens
+
+    def is_trace(self, row: int) -> bool:
+        return bool(self.thinking_steps[row])
+
     def prefix_text(self, row: int, prefix_steps: int) -> str:
-        """`join(steps[:i]) + sep`, as docs/algorithms.md says a rollout from step i continues."""
-        return rollout_prefix(self.steps[row][:prefix_steps], self.separator)
+        """`join(steps[:i]) + sep`, as docs/algorithms.md says a rollout from step i continues.
+        A reasoning trace's prefix inside the thinking is the opened thinking so far, no closing
+        tag: its opening tag is written once, by the chat template when the template opens the
+        thinking, else at the start of the prefix."""
+        prefix = rollout_prefix(self.steps[row][:prefix_steps], self.separator)
+        if not self.is_trace(row):
+            return prefix
+        return self._one_opening_tag(row, prefix)
+
+    def _one_opening_tag(self, row: int, prefix: str) -> str:
+        if row not in self._trace_tags:
+            written = find_thinking(self.separator.join(self.steps[row]), self.tags, opened=True)
+            self._trace_tags[row] = written.tags if written is not None else self.tags[0]
+        tags = self._trace_tags[row]
+        has_tag = bool(self.steps[row]) and self.steps[row][0].lstrip().startswith(tags.open)
+        opened_by_template = self.template_opens_thinking() is not None
+        if has_tag and opened_by_template and tags.open in prefix:
+            start = prefix.index(tags.open) + len(tags.open)
+            return prefix[start:].removeprefix("\n")
+        if not has_tag and not opened_by_template:
+            return f"{tags.open}\n{prefix}"
+        return prefix
+
+    def answer_text(self, row: int, text: str) -> str | None:
+        """What a rollout's answer is read from: the solution of a trace (None while it never
+        closed its thinking), and of any rollout that writes thinking tags (a reasoning policy's,
+        OmegaPRM's included); else the whole text."""
+        return solution_text(text, self.tags, opened=self.is_trace(row))
 
     def probe_prefix(self, probe: Probe) -> str:
-        return probe.prefix if probe.prefix is not None else self.prefix_text(probe.row, probe.prefix_steps)
+        if probe.prefix is None:
+            return self.prefix_text(probe.row, probe.prefix_steps)
+        return self._one_opening_tag(probe.row, probe.prefix) if self.is_trace(probe.row) else probe.prefix
 
     def _chat_prompt_ids(self, row: int) -> list[int]:
         problem = self.problems[row]
@@ -164,7 +217,7 @@ class Rollouts:
             prefix = self.probe_prefix(probe)
             for sample in samples:
                 # The answer may sit in the prefix when the prefix already holds the last step.
-                texts.append(prefix + sample.text)
+                texts.append(self.answer_text(probe.row, prefix + sample.text))
                 references.append(self.references[probe.row])
         _, verdicts = verify_responses(
             texts, references, timeout=self.settings.verify_timeout, workers=self.settings.workers

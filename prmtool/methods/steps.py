@@ -32,6 +32,10 @@ class Splitter:
 def make_splitter(spec: str) -> Splitter:
     if spec == "blank-line":
         return Splitter(spec, "\n\n", regex.compile(regex.escape("\n\n")))
+    if spec == "think":
+        # Reasoning traces (prmtool.methods.thinking): runs of whole paragraphs, joined by the
+        # blank lines they were cut at, so the separator is the blank-line split's.
+        return Splitter(spec, "\n\n", regex.compile(regex.escape("\n\n")))
     if spec == "line":
         return Splitter(spec, "\n", regex.compile(regex.escape("\n")))
     if spec == "step-k":
@@ -44,10 +48,14 @@ def make_splitter(spec: str) -> Splitter:
             raise InputError(f"--split {spec!r}: invalid regular expression: {exc}") from None
         # The matched text opens the new step; nothing stands between steps.
         return Splitter(spec, "", compiled, opens_step=True)
-    raise InputError(f"--split {spec!r}: expected blank-line, line, step-k or regex:PATTERN")
+    raise InputError(f"--split {spec!r}: expected blank-line, line, step-k, think or regex:PATTERN")
 
 
 def split_steps(text: str, splitter: Splitter) -> list[str]:
+    if splitter.name == "think":
+        from prmtool.methods.thinking import split_trace  # its default settings; import and generate pass theirs
+
+        return split_trace(text).steps
     pieces: list[str] = []
     start = 0
     limit = SPLIT_SECONDS + SPLIT_SECONDS_PER_MB * len(text) / 1e6

@@ -12,6 +12,7 @@ each under its own hard timeout, so one hanging answer costs one timeout and sta
 from __future__ import annotations
 
 import atexit
+import re
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,6 +32,7 @@ from prmtool.methods.answers import (
     last_boxed,
     split_top_level,
 )
+from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, solution_text
 
 __all__ = ["EXTRACT_MODES", "Verdict", "compare", "extract_answer", "last_boxed", "verify_answers", "verify_responses"]
 
@@ -116,8 +118,36 @@ def _compare_chunk(
     results = []
     for gold, text in pairs:
         answer = find_answer(text, gold, extract) if extract else Answer(text, None)
+        if extract == "cascade" and answer.text is None and gold is not None and str(gold).strip():
+            found = _math_verify_reading(gold, text, timeout)
+            if found is not None:
+                results.append(found)
+                continue
         results.append((answer, _verdict(gold, answer.text, timeout)))
     return results
+
+
+_ENDS_AS_WRITTEN = re.compile(r"(?:[.!?]|\$|\\\]|\\\))[*\s]*$")
+
+
+def _math_verify_reading(gold: str, text: str, timeout: int) -> tuple[Answer, Verdict] | None:
+    """The cascade's last resort, when it found no answer: Math-Verify's own extraction over the
+    whole text (its last LaTeX or plain expression), taken only when Math-Verify finds it equal
+    to the reference, and only from a text that ends as a sentence or a formula ends: a
+    response cut off mid-computation ("He sprints 3*3=9 times") states no answer and stays
+    `no_answer`, and no wrong answer is read into one that stated none. None otherwise."""
+    from math_verify import parse, verify
+
+    if not _ENDS_AS_WRITTEN.search(text):
+        return None
+    try:
+        parsed = parse(text, parsing_timeout=timeout or None, raise_on_error=True)
+        if len(parsed) < 2 or not str(parsed[1]).strip():
+            return None
+        right = verify(_parsed(gold, timeout), parsed, timeout_seconds=timeout or None, raise_on_error=True)
+    except Exception:  # a timeout or a parse error: nothing read
+        return None
+    return (Answer(str(parsed[1]).strip(), "math_verify"), Verdict(True, "ok")) if right else None
 
 
 def verify_answers(
@@ -303,17 +333,34 @@ def verify_responses(
     return [answer for answer, _ in results], [verdict for _, verdict in results]
 
 
+def answer_texts(frame: pl.DataFrame, tags: tuple[ThinkTags, ...] = KNOWN_TAGS) -> list[str | None]:
+    """The part of each response that holds its final answer: the solution of a reasoning
+    trace, nothing (None) for a trace that did not finish, whatever it boxed while thinking,
+    and the whole response otherwise. A trace is known by its tags, or by `thinking_steps`
+    and `finished` (a trace whose opening tag was in the prompt may have no tag at all)."""
+    thinking = frame["thinking_steps"].to_list() if "thinking_steps" in frame.columns else [None] * frame.height
+    finished = frame["finished"].to_list() if "finished" in frame.columns else [None] * frame.height
+    texts = []
+    for response, thinking_steps, done in zip(frame["response"].to_list(), thinking, finished):
+        if done is False:
+            texts.append(None)
+        else:  # finished null: not known to be a trace (DeltaBench's sections), read as written
+            texts.append(solution_text(response, tags, opened=bool(thinking_steps) and done is not None))
+    return texts
+
+
 def verify_rows(
     frame: pl.DataFrame,
     timeout: float = 5.0,
     workers: int = 2,
     on_progress: Callable[[int], None] | None = None,
     extract: str = "cascade",
+    tags: tuple[ThinkTags, ...] = KNOWN_TAGS,
 ) -> pl.DataFrame:
     """Adds `pred_answer`, `answer_source`, `correct` and `verify_status`; every input row and
-    column stays."""
+    column stays. A reasoning trace's answer is read from its solution alone (`answer_texts`)."""
     answers, verdicts = verify_responses(
-        frame["response"].to_list(),
+        answer_texts(frame, tags),
         frame["reference_answer"].cast(pl.String).to_list(),
         timeout=timeout,
         workers=workers,

@@ -22,6 +22,7 @@ import typer
 from prmtool.core import outputs, shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import (
+    Steps,
     finite,
 )
 from prmtool.core.partition import Partition
@@ -120,6 +121,7 @@ class FilterSettings:
             help="Also keep only rows where this SQL expression holds (applied first), e.g. \"verify_status = 'ok'\"."
         ),
     ] = None
+    steps: Steps = "all"
     report: Annotated[
         Path | None,
         typer.Option(
@@ -143,6 +145,7 @@ DECISION_SETTINGS = (
     "threshold",
     "band",
     "where",
+    "steps",
 )
 
 
@@ -258,16 +261,17 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     return stats.finish()
 
 
-def _options(method, remove, keep, mode, value, min_steps, max_steps, threshold, band, where) -> FilterConfig:
+def _options(method, remove, keep, mode, value, min_steps, max_steps, threshold, band, where, steps) -> FilterConfig:
     given = {"--remove": remove, "--keep": keep, "--mode": mode, "--min-steps": min_steps, "--max-steps": max_steps,
-             "--value": value, "--threshold": threshold, "--band": band}  # fmt: skip
+             "--value": value, "--threshold": threshold, "--band": band,
+             "--steps": None if steps == "all" else steps}  # fmt: skip
     if method in METHODS:
         for flag, setting in given.items():
             if setting is not None and method not in APPLIES[flag]:
                 raise InputError(f"{flag} applies to --method {' and '.join(APPLIES[flag])}, not {method}")
     chosen = {"remove": remove, "keep": keep, "mode": mode, "value": value, "min_steps": min_steps,
               "max_steps": max_steps, "threshold": threshold, "band": parse_band(band) if band else None}  # fmt: skip
-    return FilterConfig(method=method, where=where, **{k: v for k, v in chosen.items() if v is not None})
+    return FilterConfig(method=method, where=where, steps=steps, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def _read_features(shard: shards.InputShard, options: FilterConfig) -> pl.DataFrame:

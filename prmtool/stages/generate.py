@@ -15,6 +15,7 @@ from prmtool.core.errors import InputError
 from prmtool.core.options import (
     ModelSettings,
     Split,
+    TraceSettings,
     WorkerSettings,
     finite,
     positive,
@@ -28,6 +29,7 @@ from prmtool.core.stage import Stage
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.methods.steps import make_splitter, split_steps
+from prmtool.methods.thinking import ThinkSplit, parse_think_tags, prompt_opens_thinking, split_trace, think_split_of
 
 if TYPE_CHECKING:
     from prmtool.engines import Engine
@@ -54,9 +56,12 @@ def generate_rows(
     stop: tuple[str, ...] = (),
     split: str = "blank-line",
     tracker: Tracker | None = None,
+    think: ThinkSplit | None = None,
 ) -> pl.DataFrame:
     """Pure core: problem rows in, `n` response rows per problem out (problem columns kept).
-    All problems of the frame go to the engine in one call."""
+    All problems of the frame go to the engine in one call. `--split think` also writes
+    `thinking_steps` and `finished`; when the model's chat template ends its generation
+    prompt with an opened thinking tag, the responses start inside the thinking."""
     from prmtool.engines import SamplingRequest
 
     splitter = make_splitter(split)
@@ -81,15 +86,31 @@ def generate_rows(
         done = requests_done
 
     completions = engine.sample(requests, on_progress=on_progress)
+    if split == "think":
+        think = think or ThinkSplit()
+        tokenizer = getattr(engine, "tokenizer", None)
+        if requests and tokenizer is not None and hasattr(tokenizer, "decode"):
+            opened = prompt_opens_thinking(tokenizer.decode(requests[0].prompt_ids[-16:]), think.tags)
+            if opened is not None:
+                think = ThinkSplit(think.min_step_tokens, think.max_steps, (opened,), opened=True)
     # Ids depend on the problem, the sample's index and every option that shaped it, so two
     # runs with different settings never produce colliding ids.
     settings = json.dumps([n, temperature, top_p, max_tokens, seed, system_prompt, prompt_template, list(stop)])
     rows = {c: [] for c in RESPONSE_COLUMNS}
+    thinking = {"thinking_steps": [], "finished": []}
     for problem_id, samples in zip(frame["problem_id"], completions):
         for index, completion in enumerate(samples):
             rows["response_id"].append(hashlib.sha1(f"{problem_id}\x1f{settings}\x1f{index}".encode()).hexdigest()[:16])
             rows["response"].append(completion.text)
-            rows["steps"].append(split_steps(completion.text, splitter))
+            if split == "think":
+                trace = split_trace(completion.text, think)
+                rows["steps"].append(trace.steps)
+                thinking["thinking_steps"].append(trace.thinking_steps)
+                # a solution cut at the token limit is not finished, whatever its tags say
+                cut = completion.finish_reason == "length"
+                thinking["finished"].append(None if trace.finished is None else trace.finished and not cut)
+            else:
+                rows["steps"].append(split_steps(completion.text, splitter))
             rows["response_tokens"].append(completion.num_tokens)
             rows["finish_reason"].append(completion.finish_reason)
     responses = pl.DataFrame(
@@ -102,6 +123,11 @@ def generate_rows(
             "finish_reason": pl.String,
         },
     )
+    if split == "think":
+        responses = responses.with_columns(
+            pl.Series("thinking_steps", thinking["thinking_steps"], dtype=pl.Int32),
+            pl.Series("finished", thinking["finished"], dtype=pl.Boolean),
+        )
     repeated = frame.select(pl.all().repeat_by(n).explode()) if n > 1 else frame
     return pl.concat([repeated, responses], how="horizontal")
 
@@ -117,11 +143,12 @@ Examples:
   prmtool generate data_samples/gsm8k/problems -o work/responses --n 4 --max-tokens 256
   prmtool generate work/problems -o work/responses --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm --n 16 --verify
   prmtool generate work/problems -o work/responses --prompt-template 'Q: {problem}\\nA:' --stop '\\n\\nQ:'
+  prmtool generate work/problems -o work/traces --model ./R1-Distill-7B --engine vllm --split think --max-tokens 8192
 """
 
 
 @dataclass(kw_only=True)
-class GenerateSettings(ModelSettings, WorkerSettings):
+class GenerateSettings(ModelSettings, WorkerSettings, TraceSettings):
     n: Annotated[int, typer.Option("--n", help="Sampled responses per problem.", min=1)] = 4
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0, callback=finite)] = 0.7
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].", max=1, callback=positive)] = 1.0
@@ -163,11 +190,17 @@ def generate_frame(
         stop=stop_strings(settings.stop),
         split=settings.split,
         tracker=tracker,
+        think=think_split_of(settings),
     )
     if settings.verify:
         from prmtool.methods.verification import verify_rows  # Math-Verify loads only when asked for
 
-        result = verify_rows(result, timeout=settings.verify_timeout, workers=worker_count(settings.workers))
+        result = verify_rows(
+            result,
+            timeout=settings.verify_timeout,
+            workers=worker_count(settings.workers),
+            tags=parse_think_tags(settings.think_tags),
+        )
     return result
 
 
@@ -185,6 +218,7 @@ def run(
     make_splitter(settings.split)  # a bad --split fails before the model loads
     if settings.verify:
         worker_count(settings.workers, stats.warn)  # says so when --workers is capped
+    parse_think_tags(settings.think_tags)
     stop = stop_strings(settings.stop)
     arguments = {
         "n": settings.n,
@@ -197,6 +231,16 @@ def run(
         "stop": list(stop),
         "split": settings.split,
         "verify": settings.verify,
+        **(
+            {
+                "think_tags": settings.think_tags,
+                "min_step_tokens": settings.min_step_tokens,
+                "max_steps": settings.max_steps,
+                "thinking_opened": settings.thinking_opened,
+            }
+            if settings.split == "think"
+            else {}
+        ),
         "model": settings.model,
         "engine": settings.engine,
     }

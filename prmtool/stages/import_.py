@@ -16,7 +16,7 @@ import typer
 
 from prmtool.core import shards
 from prmtool.core.errors import InputError
-from prmtool.core.options import Split
+from prmtool.core.options import Split, TraceSettings
 from prmtool.core.outputs import check_outputs, input_roots, run_key
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
@@ -24,9 +24,16 @@ from prmtool.core.runner import whole_output
 from prmtool.core.schema import cast_to_contract, check_columns
 from prmtool.core.stage import Stage
 from prmtool.methods.steps import make_splitter, split_steps
+from prmtool.methods.thinking import (
+    ThinkSplit,
+    parse_think_tags,
+    think_split_of,
+    thinking_of_given_steps,
+    trace_columns,
+)
 from prmtool.methods.verification import last_boxed
 
-PRESETS = ("gsm8k", "math", "processbench")
+PRESETS = ("gsm8k", "math", "processbench", "deltabench")
 ID_COLUMNS = ("problem_id", "response_id", "reference_answer", "reference_solution")
 
 
@@ -168,6 +175,8 @@ def apply_preset(frame: pl.DataFrame, preset: str | None, source: str) -> pl.Dat
         if "reference_answer" not in frame.columns:
             frame = frame.with_columns(reference_answer=pl.lit(None, dtype=pl.String))
         return frame
+    if preset == "deltabench":
+        return _deltabench(frame, source)
     raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
 
 
@@ -202,6 +211,80 @@ def _no_blank_answers(frame: pl.DataFrame, source: str, message: str) -> None:
         raise InputError(f"{source}: row {int(blank.arg_true()[0])}: {message}")
 
 
+def _deltabench(frame: pl.DataFrame, source: str) -> pl.DataFrame:
+    """DeltaBench (OpenStellarTeam): a long chain of thought cut into sections by people, with
+    the numbers (from 1) of the sections they found wrong. Each section is a step; the earliest
+    wrong one is `human_first_error`. The sections are all thinking: DeltaBench keeps no
+    written solution apart from them."""
+    _require(frame, ("question", "reason_error_section_numbers"), source, "--preset deltabench")
+    if "sections" not in frame.columns and "sections_content" not in frame.columns:
+        raise InputError(f"{source}: --preset deltabench needs column 'sections' or 'sections_content'")
+    rows = frame.to_dicts()
+    steps, first_errors = [], []
+    for number, row in enumerate(rows):
+        sections = _deltabench_sections(row)
+        if not sections:
+            raise InputError(f"{source}: row {number}: --preset deltabench: no sections")
+        wrong = _section_numbers(row["reason_error_section_numbers"], f"{source}: row {number}")
+        if any(not 1 <= n <= len(sections) for n in wrong):
+            raise InputError(
+                f"{source}: row {number}: reason_error_section_numbers {sorted(wrong)} outside the sections, "
+                f"1..{len(sections)}"
+            )
+        steps.append(sections)
+        first_errors.append(min(wrong) - 1 if wrong else -1)
+    renames = {"question": "problem"}
+    if "answer" in frame.columns and "reference_answer" not in frame.columns:
+        renames["answer"] = "reference_answer"
+    if "id" in frame.columns and "response_id" not in frame.columns:
+        renames["id"] = "response_id"
+    frame = frame.rename(renames).with_columns(
+        pl.Series("steps", steps, dtype=pl.List(pl.String)),
+        pl.Series("human_first_error", first_errors, dtype=pl.Int32),
+        pl.Series("thinking_steps", [len(s) for s in steps], dtype=pl.Int32),
+        pl.Series("finished", [None] * len(steps), dtype=pl.Boolean),  # not known: no solution part
+    )
+    frame = frame.with_columns(response=pl.col("steps").list.join("\n\n"))
+    if "reference_answer" not in frame.columns:
+        frame = frame.with_columns(reference_answer=pl.lit(None, dtype=pl.String))
+    return frame
+
+
+def _deltabench_sections(row: dict) -> list[str]:
+    """The sections' texts: from `sections` (a list of {content: ...}), else from
+    `sections_content` ("section1:\n...\n\nsection2:\n..." as DeltaBench's judge prompt shows them)."""
+    import re
+
+    sections = row.get("sections")
+    if sections:
+        return [
+            str(s.get("content") or s.get("section") or "").strip() if isinstance(s, dict) else str(s).strip()
+            for s in sections
+        ]
+    text = row.get("sections_content") or ""
+    pieces = re.split(r"(?im)^\s*section\s*\d+\s*:[ \t]*\n?", text)
+    return [piece.strip() for piece in pieces[1:]] if len(pieces) > 1 else []
+
+
+def _section_numbers(value, where: str) -> list[int]:
+    """A list of section numbers, as JSON gives it or as a CSV cell writes it ("[3, 5]")."""
+    import ast
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value.strip() or "[]")
+        except (ValueError, SyntaxError):
+            raise InputError(f"{where}: reason_error_section_numbers {value!r} is not a list of numbers") from None
+    if isinstance(value, (int, float)):
+        value = [value]
+    try:
+        return [int(n) for n in value]
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: reason_error_section_numbers {value!r} is not a list of numbers") from None
+
+
 def _require(frame: pl.DataFrame, columns: tuple[str, ...], source: str, what: str) -> None:
     for column in columns:
         if column not in frame.columns:
@@ -212,9 +295,11 @@ def stable_id(*parts: str) -> str:
     return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def to_contract(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
+def to_contract(
+    frame: pl.DataFrame, source: str, split: str = "blank-line", think: ThinkSplit | None = None
+) -> pl.DataFrame:
     """Ids, types and steps: make a renamed frame a valid shard of the row contract."""
-    return add_steps(identify(frame, source, split), split)
+    return add_steps(identify(frame, source, split), split, think, source)
 
 
 def identify(frame: pl.DataFrame, source: str, split: str = "blank-line") -> pl.DataFrame:
@@ -262,9 +347,14 @@ def _one_text_per_problem(frame: pl.DataFrame, source: str) -> None:
         )
 
 
-def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
-    """`steps` for responses that came without them, the contract's column order and types."""
-    if "response" in frame.columns and "steps" not in frame.columns:
+def add_steps(
+    frame: pl.DataFrame, split: str = "blank-line", think: ThinkSplit | None = None, source: str = "input"
+) -> pl.DataFrame:
+    """`steps` for responses that came without them, the contract's column order and types.
+    `--split think` also gives `thinking_steps` and `finished`."""
+    if "response" in frame.columns and split == "think":
+        frame = _add_thinking(frame, think or ThinkSplit(), source)
+    elif "response" in frame.columns and "steps" not in frame.columns:
         splitter = make_splitter(split)
         # a loop, not map_elements: a split that runs out of time is its own one-line error
         steps = [split_steps(response, splitter) for response in frame["response"].to_list()]
@@ -275,6 +365,32 @@ def add_steps(frame: pl.DataFrame, split: str = "blank-line") -> pl.DataFrame:
         if c in frame.columns
     ]
     return cast_to_contract(frame.select(leading + [c for c in frame.columns if c not in leading]))
+
+
+def _add_thinking(frame: pl.DataFrame, think: ThinkSplit, source: str) -> pl.DataFrame:
+    """Steps, `thinking_steps` and `finished` of reasoning traces. Steps that came with the data
+    stay; columns of the same names that came with it must agree with what the tags say."""
+    responses = frame["response"].to_list()
+    if "steps" in frame.columns:
+        found = [thinking_of_given_steps(s or [], r, think) for s, r in zip(frame["steps"].to_list(), responses)]
+        columns = {"thinking_steps": [t for t, _ in found], "finished": [f for _, f in found]}
+    else:
+        columns = trace_columns(responses, think)
+        frame = frame.with_columns(pl.Series("steps", columns.pop("steps"), dtype=pl.List(pl.String)))
+    for name, dtype in (("thinking_steps", pl.Int32), ("finished", pl.Boolean)):
+        computed = pl.Series(name, columns[name], dtype=dtype)
+        if name in frame.columns:
+            given = frame[name].cast(dtype, strict=False)
+            differs = (given != computed).fill_null(False)
+            if differs.any():
+                row = int(differs.arg_true()[0])
+                raise InputError(
+                    f"{source}: row {row}: column '{name}' is {given[row]} but the trace's tags say {computed[row]}; "
+                    f"rename the column with --map {name}=OTHER"
+                )
+            computed = given.fill_null(computed)
+        frame = frame.with_columns(computed.fill_null(0) if name == "thinking_steps" else computed)
+    return frame
 
 
 def _check_given_steps(frame: pl.DataFrame, separator: str, split: str, source: str) -> None:
@@ -327,6 +443,7 @@ def import_rows(
     split: str,
     dataset_split: str | None = None,
     partition: Partition = shards.WHOLE,
+    think: ThinkSplit | None = None,
 ) -> pl.DataFrame:
     """Read, rename, apply the preset and conform every source; one frame in input order.
     With a partition, only its problems' rows; every row is still read and checked, and ids
@@ -351,7 +468,9 @@ def import_rows(
             raise InputError(f"{', '.join(map(str, paths))}: duplicate response_id {dupes[0]!r}")
     if not partition.whole:  # steps are split only for the partition's own rows
         identified = [frame.filter(partition.owns_problems(frame["problem_id"])) for frame in identified]
-    return pl.concat([add_steps(frame, split) for frame in identified], how="diagonal_relaxed")
+    return pl.concat(
+        [add_steps(frame, split, think, str(path)) for path, frame in zip(paths, identified)], how="diagonal_relaxed"
+    )
 
 
 EXAMPLES = """\b
@@ -359,16 +478,20 @@ Examples:
   prmtool import data_samples/gsm8k/test_sample.jsonl --preset gsm8k -o work/problems
   prmtool import outputs.csv --map question=problem --map gold=reference_answer --map output=response -o work/responses
   prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/problems
+  prmtool import data_samples/long-cot/sky-t1-amc23.jsonl --split think -o work/traces
+  prmtool import r1_outputs.jsonl --split think --think-tags '<think>,</think>' --thinking-opened -o work/traces
+  prmtool import data_samples/deltabench/sample.jsonl --preset deltabench -o work/deltabench
 """
 
 
 @dataclass(kw_only=True)
-class ImportSettings:
+class ImportSettings(TraceSettings):
     map: Annotated[list[str], typer.Option("--map", help="Rename a column: SRC=DST (repeatable).")] = field(
         default_factory=list
     )
     preset: Annotated[
-        str | None, typer.Option(help="Column conventions of a known dataset: gsm8k, math or processbench.")
+        str | None,
+        typer.Option(help="Column conventions of a known dataset: gsm8k, math, processbench or deltabench."),
     ] = None
     split: Split = "blank-line"
     shard_rows: Annotated[int, typer.Option(help="Rows per output shard.", min=1, max=1_000_000_000)] = 50_000
@@ -407,12 +530,22 @@ def run(
         "shard_rows": settings.shard_rows,
         "dataset_split": settings.dataset_split,
     }
+    if settings.split == "think":
+        arguments.update(
+            think_tags=settings.think_tags,
+            min_step_tokens=settings.min_step_tokens,
+            max_steps=settings.max_steps,
+            thinking_opened=settings.thinking_opened,
+        )
     sources = [{"path": str(p.resolve()), "size": _size(p), "xxh3": _digest(p)} for p in inputs if p.exists()]
     renames = parse_maps(settings.map)
     check_outputs(input_roots(inputs), {"-o": output})
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: -o exists and is not a directory")
-    frame = import_rows(list(inputs), renames, settings.preset, settings.split, settings.dataset_split, partition)
+    think = think_split_of(settings)
+    frame = import_rows(
+        list(inputs), renames, settings.preset, settings.split, settings.dataset_split, partition, think
+    )
     count = max(1, -(-frame.height // settings.shard_rows))
     names = [partition.shard_name(f"part-{number:05d}.parquet") for number in range(count)]
     with whole_output("import", output, arguments, sources, overwrite, partition, stats, names) as work_to_do:
@@ -453,6 +586,8 @@ def check_choices(settings: ImportSettings) -> None:
     if settings.preset is not None and settings.preset not in PRESETS:
         raise InputError(f"--preset {settings.preset!r}: expected one of {', '.join(PRESETS)}")
     parse_maps(settings.map or [])
+    make_splitter(settings.split)
+    parse_think_tags(settings.think_tags)
 
 
 STAGE = Stage(

@@ -27,8 +27,11 @@ import typer
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import (
+    STEP_CHOICES,
     ModelSettings,
     Split,
+    Steps,
+    ThinkTags,
     WorkerSettings,
     finite,
     template,
@@ -49,6 +52,7 @@ from prmtool.methods.intervention_rounds import (
 )
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
+from prmtool.methods.thinking import parse_think_tags
 from prmtool.methods.verification import start_workers
 
 if TYPE_CHECKING:
@@ -142,6 +146,8 @@ class InterveneSettings(ModelSettings, WorkerSettings):
         ),
     ] = None
     split: Split = "blank-line"
+    steps: Steps = "all"
+    think_tags: ThinkTags = None
 
 
 def intervention_config(settings: InterveneSettings) -> InterventionConfig:
@@ -155,6 +161,8 @@ def intervention_config(settings: InterveneSettings) -> InterventionConfig:
         proposer_max_tokens=settings.proposer_max_tokens,
         prefill_tag=settings.prefill_tag,
         rollouts=RolloutSettings.of(settings, worker_count(settings.workers)),
+        steps=settings.steps,
+        tags=parse_think_tags(settings.think_tags),
     )
 
 
@@ -184,6 +192,8 @@ def run(
             "nothing could be kept"
         )
     make_splitter(settings.split)  # a bad --split fails before the model loads
+    if settings.steps not in STEP_CHOICES:
+        raise InputError(f"--steps {settings.steps!r}: expected one of {', '.join(STEP_CHOICES)}")
     stats = RunStats("intervene", quiet=quiet)
     worker_count(settings.workers, stats.warn)  # says so when --workers is capped
     rollouts = intervention_config(settings).rollouts
@@ -201,6 +211,7 @@ def run(
         "system_prompt": settings.system_prompt,
         "prompt_template": rollouts.prompt_template,
         "split": settings.split,
+        **({"steps": settings.steps, "think_tags": settings.think_tags} if settings.steps != "all" else {}),
         "model": settings.model,
         "engine": settings.engine,
     }
@@ -233,7 +244,7 @@ def run(
         "intervene",
         transform,
         arguments,
-        REQUIRED,
+        REQUIRED + (("thinking_steps",) if settings.steps != "all" else ()),
         rows_per_input=None,
         extra_checks=checks,
         side_output=write_rejects,

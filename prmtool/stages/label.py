@@ -26,8 +26,11 @@ import typer
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import (
+    STEP_CHOICES,
     ModelSettings,
     Split,
+    Steps,
+    ThinkTags,
     WorkerSettings,
     finite,
     positive,
@@ -46,6 +49,7 @@ from prmtool.methods.labeling import label_rows
 from prmtool.methods.omegaprm import SearchConfig, grow_trees, tree_frame
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
+from prmtool.methods.thinking import parse_think_tags
 from prmtool.methods.verification import start_workers
 
 if TYPE_CHECKING:
@@ -70,6 +74,7 @@ Examples:
   prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
   prmtool label work/verified -o work/judged --method judge --judge-model ./critic --judge-samples 3
   prmtool label work/verified -o work/agreed --method consensus --rejects work/disagreed --judge-model ./critic
+  prmtool label work/traces-verified -o work/traces-labeled --split think --steps thinking --max-tokens 8192
 """
 
 
@@ -157,6 +162,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
         typer.Option(help="judge: the critic model, if not --model (a folder or .gguf).", show_default=False),
     ] = None
     split: Split = "blank-line"
+    steps: Steps = "all"
+    think_tags: ThinkTags = None
     rounds: Annotated[
         str,
         typer.Option(
@@ -189,6 +196,9 @@ def check_choices(settings: LabelSettings) -> None:
         raise InputError(f"--correct-responses {settings.correct_responses!r}: expected trust or estimate")
     if settings.rounds not in ("lockstep", "continuous"):
         raise InputError(f"--rounds {settings.rounds!r}: expected lockstep or continuous")
+    if settings.steps not in STEP_CHOICES:
+        raise InputError(f"--steps {settings.steps!r}: expected one of {', '.join(STEP_CHOICES)}")
+    parse_think_tags(settings.think_tags)
 
 
 def label_frame(
@@ -236,6 +246,8 @@ def label_frame(
         continuous=settings.rounds == "continuous",
         speculate=settings.speculate,
         counts=counts,
+        which_steps=settings.steps,
+        tags=parse_think_tags(settings.think_tags),
     )
     if judged is None:
         return labeled
@@ -280,6 +292,8 @@ def provenance_arguments(settings: LabelSettings, prompt_template: str) -> dict:
         "model": settings.model,
         "engine": settings.engine,
     }
+    if settings.steps != "all" or settings.think_tags is not None:
+        arguments.update(steps=settings.steps, think_tags=settings.think_tags)
     if settings.method in ("judge", "consensus"):
         arguments.update(judge_samples=settings.judge_samples, judge_model=settings.judge_model)
     if settings.method == "consensus":
@@ -386,7 +400,7 @@ def run(
         "label",
         transform,
         arguments,
-        REQUIRED,
+        REQUIRED + (("thinking_steps",) if settings.steps != "all" else ()),
         # consensus: the rows it keeps; every other input row is in --rejects
         rows_per_input=None if settings.method == "consensus" else 1,
         extra_checks=[_verified, check_steps],

@@ -17,8 +17,10 @@ import typer
 
 from prmtool.core.errors import InputError
 from prmtool.core.options import (
+    STEP_CHOICES,
     Device,
     EngineName,
+    Steps,
     TrustRemoteCode,
     positive,
     template,
@@ -38,11 +40,13 @@ from prmtool.methods.step_rewards import (
     REWARDS,
     SCORERS,
     ScoringConfig,
+    aggregate,
     check_same_tokenizer,
     score_implicit,
     score_with_classifier,
     step_char_ends,
 )
+from prmtool.methods.thinking import check_steps_column, step_window
 
 REQUIRED = ("problem_id", "problem", "response_id", "response", "steps")
 
@@ -125,6 +129,7 @@ class ScoreSettings:
             help="token-classification: the step_separator the PRM was trained with.", show_default="\\n (a newline)"
         ),
     ] = "\n"
+    steps: Steps = "all"
     system_prompt: Annotated[str | None, typer.Option(help="implicit: the system message generate used.")] = None
     prompt_template: Annotated[
         str | None,
@@ -149,6 +154,8 @@ def check_choices(settings: ScoreSettings) -> None:
         raise InputError(f"--scorer {settings.scorer!r}: expected one of {', '.join(SCORERS)}")
     if settings.reward not in REWARDS:
         raise InputError(f"--reward {settings.reward!r}: expected one of {', '.join(REWARDS)}")
+    if settings.steps not in STEP_CHOICES:
+        raise InputError(f"--steps {settings.steps!r}: expected one of {', '.join(STEP_CHOICES)}")
     if settings.agg not in AGGREGATIONS:
         raise InputError(f"--agg {settings.agg!r}: expected one of {', '.join(AGGREGATIONS)}")
     if settings.scorer == "implicit":
@@ -196,10 +203,36 @@ def score_frame(
     settings = settings or ScoreSettings(no_ref=ref is None)
     config = scoring_config(settings)
     if settings.scorer == "token-classification":
-        return score_with_classifier(frame, model, config, tracker)
+        return within_steps(score_with_classifier(frame, model, config, tracker), settings)
     if ref is not None:  # checked on every call: cheap next to a frame's forward passes
         check_same_tokenizer(model.tokenizer, ref.tokenizer)
-    return score_implicit(frame, model, ref, config, tracker)
+    return within_steps(score_implicit(frame, model, ref, config, tracker), settings)
+
+
+def within_steps(scored: pl.DataFrame, settings: ScoreSettings) -> pl.DataFrame:
+    """`--steps thinking|solution`: a reasoning trace is scored whole (each step's reward
+    depends on all before it), then the other part's rewards and values are set to null and
+    prm_score aggregates the chosen steps alone."""
+    if settings.steps == "all":
+        return scored
+    check_steps_column(settings.steps, scored.columns)
+    rewards, values = scored["step_rewards"].to_list(), scored["step_values"].to_list()
+    windows = [step_window(settings.steps, len(r or []), t) for r, t in zip(rewards, scored["thinking_steps"])]
+
+    def keep(lists):
+        return [
+            None if row is None else [v if first <= i < last else None for i, v in enumerate(row)]
+            for row, (first, last) in zip(lists, windows)
+        ]
+
+    rewards, values = keep(rewards), keep(values)
+    chosen = rewards if settings.reward == "single" else values
+    scores = [aggregate([v for v in row or [] if v is not None], settings.agg) for row in chosen]
+    return scored.with_columns(
+        pl.Series("step_rewards", rewards, dtype=pl.List(pl.Float64)),
+        pl.Series("step_values", values, dtype=pl.List(pl.Float64)),
+        pl.Series("prm_score", scores, dtype=pl.Float64),
+    )
 
 
 def run(
@@ -211,6 +244,8 @@ def run(
     check_choices(settings)
     config = scoring_config(settings)
     arguments = {"scorer": settings.scorer, "reward": settings.reward, "agg": settings.agg}
+    if settings.steps != "all":
+        arguments["steps"] = settings.steps
     if settings.scorer == "implicit":
         arguments |= {
             "policy": settings.policy,
@@ -253,7 +288,8 @@ def run(
         stats.counts["steps_scored"] += int(result["step_rewards"].list.len().sum())
         return result
 
-    stage = MapStage("score", transform, arguments, REQUIRED, extra_checks=[_check_text])
+    required = REQUIRED + (("thinking_steps",) if settings.steps != "all" else ())
+    stage = MapStage("score", transform, arguments, required, extra_checks=[_check_text])
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(model)

@@ -10,11 +10,12 @@ import polars as pl
 import typer
 
 from prmtool.core.errors import InputError
-from prmtool.core.options import WorkerSettings, positive, worker_count
+from prmtool.core.options import ThinkTags, WorkerSettings, positive, worker_count
 from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.stage import Stage
+from prmtool.methods.thinking import parse_think_tags
 from prmtool.methods.verification import EXTRACT_MODES, verify_rows
 
 REQUIRED = ("problem_id", "response_id", "response", "reference_answer")
@@ -24,6 +25,7 @@ EXAMPLES = """\b
 Examples:
   prmtool verify data_samples/gsm8k/responses -o work/verified
   prmtool verify 'shards/*.parquet' -o work/verified --timeout 2 --workers 8
+  prmtool verify work/traces -o work/verified --think-tags '<seed:think>,</seed:think>'
 """
 
 
@@ -46,11 +48,13 @@ class VerifySettings(WorkerSettings):
             )
         ),
     ] = "cascade"
+    think_tags: ThinkTags = None
 
 
 def check_extract(settings: VerifySettings) -> None:
     if settings.extract not in EXTRACT_MODES:
         raise InputError(f"--extract {settings.extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
+    parse_think_tags(settings.think_tags)
 
 
 def verify_frame(frame: pl.DataFrame, settings: VerifySettings | None = None, *, tracker=None) -> pl.DataFrame:
@@ -61,6 +65,7 @@ def verify_frame(frame: pl.DataFrame, settings: VerifySettings | None = None, *,
     return verify_rows(
         frame,
         extract=settings.extract,
+        tags=parse_think_tags(settings.think_tags),
         timeout=settings.timeout,
         workers=worker_count(settings.workers),
         on_progress=None if tracker is None else tracker.advance,
@@ -85,7 +90,10 @@ def run(
         return result
 
     # `extract` is in the provenance: an output of the strict reading is not resumed as a cascade one.
-    stage = MapStage("verify", transform, {"timeout": settings.timeout, "extract": settings.extract}, REQUIRED)
+    arguments = {"timeout": settings.timeout, "extract": settings.extract}
+    if settings.think_tags is not None:
+        arguments["think_tags"] = settings.think_tags
+    stage = MapStage("verify", transform, arguments, REQUIRED)
     run_map_stage(stage, inputs, output, overwrite, stats, partition)
     return stats.finish()
 
