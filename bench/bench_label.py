@@ -632,15 +632,140 @@ def judge(args) -> None:
     )
 
 
+FIDELITY_GRID = ((0.7, 0.0), (0.7, 0.1), (0.7, 0.3), (0.4, 0.1), (0.9, 0.3))
+FIDELITY_RULES = (("any-success", None), ("bad-below 0.35", 0.35), ("drop", None))
+PROCESSBENCH_GSM8K = Path(__file__).resolve().parents[1] / "data_samples/processbench-gsm8k/gsm8k.jsonl"
+
+
+def step_structures(path: Path) -> pl.DataFrame:
+    """Wrong responses with the step structure of ProcessBench-format rows (JSON or JSONL with
+    `steps` and `label`, the index of the first wrong step, -1 for none): each keeps its number
+    of steps and its human first error, its step texts replaced by markers the scripted policy
+    reads (only the structure matters here). Rows without an error are left out."""
+    try:
+        if path.suffix == ".jsonl":
+            source = pl.read_ndjson(path)
+        else:
+            source = pl.read_json(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a usage error
+        raise SystemExit(f"--data {path}: not ProcessBench-format JSON or JSONL ({error})")
+    if missing := [column for column in ("steps", "label") if column not in source.columns]:
+        raise SystemExit(f"--data {path}: no column {', '.join(missing)} (expected ProcessBench's steps and label)")
+    rows = []
+    for index, (steps, first_error) in enumerate(zip(source["steps"].to_list(), source["label"].to_list())):
+        if first_error is None or first_error < 0 or not steps or first_error >= len(steps):
+            continue
+        rows.append(
+            {
+                "problem_id": f"q{index}",
+                "problem": f"Question {index}?",
+                "reference_answer": "42",
+                "response_id": f"r{index}",
+                "steps": [f"Step {i}." + (" ERROR" if i == first_error else "") for i in range(len(steps))],
+                "correct": False,
+                "human_first_error": first_error,
+            }
+        )
+    if not rows:
+        raise SystemExit(f"--data {path}: no row with a first error (label >= 0)")
+    return pl.DataFrame(rows)
+
+
+class NoisyPolicy(ScriptedPolicy):
+    """Rollouts right with probability p_good before the human first error and p_bad once the
+    prefix holds it; one random stream per (seed, sample number), as the real engines draw, so
+    a staged probe's later stages continue its first (SamplingRequest.first_sample)."""
+
+    def __init__(self, p_good: float, p_bad: float):
+        super().__init__(p_good)
+        self.p_bad = p_bad
+
+    def sample(self, requests, on_progress=None):
+        results = []
+        for request in requests:
+            prefix = "".join(map(chr, request.prompt_ids[request.prompt_ids.index(0) + 1 :]))
+            p = self.p_bad if "ERROR" in prefix else self.p
+            samples = []
+            for number in range(request.first_sample, request.first_sample + request.n):
+                right = random.Random(f"{request.seed}:{number}").random() < p
+                samples.append(Completion(f"\\boxed{{{42 if right else 41}}}", [], 1, "stop"))
+            results.append(samples)
+        return results
+
+
+def fidelity_records(frame: pl.DataFrame, grid, methods, k: int, workers: int) -> list[dict]:
+    """One record per (p_good, p_bad, rule, method): first-error exactness, too-early and
+    too-late shares against the human first errors, and the rollouts spent, all through
+    label_rows itself."""
+    settings = RolloutSettings(workers=workers)
+    truth = frame["human_first_error"]
+    records = []
+    for p_good, p_bad in grid:
+        for rule_name, bad_below in FIDELITY_RULES:
+            rule = "bad-below" if bad_below is not None else rule_name
+            for method in methods:
+                labeled = label_rows(
+                    frame, NoisyPolicy(p_good, p_bad), method, k=k, settings=settings, rule=rule, bad_below=bad_below
+                )
+                found = labeled["first_error"]
+                records.append(
+                    {
+                        "p_good": p_good,
+                        "p_bad": p_bad,
+                        "rule": rule_name,
+                        "method": method,
+                        "exact": float((found == truth).mean()),
+                        "early": float((found < truth).mean()),
+                        "late": float((found > truth).mean()),
+                        "rollouts": int(labeled["label_rollouts"].sum()),
+                    }
+                )
+    return records
+
+
+def fidelity(args) -> None:
+    """First-error fidelity of each rule under a noisy scripted policy (see the module's docstring)."""
+    import json
+
+    path = Path(args.data) if args.data else PROCESSBENCH_GSM8K
+    frame = step_structures(path)
+    grid = FIDELITY_GRID
+    if args.quick:
+        frame, grid = frame.head(24), grid[:2]
+    methods = args.methods.split(",")
+    if unknown := [method for method in methods if method not in ("binary", "mc")]:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)} (expected binary, mc)")
+    steps = frame["steps"].list.len()
+    print(
+        f"{frame.height} wrong responses from {path.name} ({steps.median():.0f} steps median, {steps.max()} most), "
+        f"human first errors; k={args.k}"
+    )
+    records = fidelity_records(frame, grid, methods, args.k, args.workers)
+    today = {(r["p_good"], r["p_bad"]): r["rollouts"] for r in records if (r["rule"], r["method"]) == ("any-success", "binary")}
+    print("\n| p_good, p_bad | rule | method | exact | too early | too late | rollouts | / any-success binary |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in records:
+        ratio = r["rollouts"] / today[(r["p_good"], r["p_bad"])] if today.get((r["p_good"], r["p_bad"])) else float("nan")
+        print(
+            f"| {r['p_good']}, {r['p_bad']} | {r['rule']} | {r['method']} | {r['exact']:.3f} | {r['early']:.3f} | "
+            f"{r['late']:.3f} | {r['rollouts']:,} | {ratio:.2f} |"
+        )
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(record) + "\n" for record in records))
+        print(f"\n{len(records)} records written to {args.json}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule"])
+    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule", "fidelity"])
     parser.add_argument("--responses", default=None, help="overhead: a comma list runs each size on one engine")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=1024)
-    parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="overhead: a tiny model (CPU smoke run); fidelity: 24 rows, 2 grid points"
+    )
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
     parser.add_argument(
         "--modes",
@@ -648,6 +773,9 @@ def main() -> None:
         help="overhead: label runs, in order; the first (one without speculation) is what the bare engine replays",
     )
     parser.add_argument("--judge-samples", type=int, default=1, help="judge: critiques per row")
+    parser.add_argument("--data", help="fidelity: ProcessBench-format JSON or JSONL (steps, label); default its GSM8K sample")
+    parser.add_argument("--json", help="fidelity: write one JSON record per (p_good, p_bad, rule, method) here")
+    parser.add_argument("--methods", default="binary,mc", help="fidelity: label methods, a comma list")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     if args.which == "economy":
@@ -656,6 +784,8 @@ def main() -> None:
     elif args.which == "schedule":
         args.responses = args.responses or "512,2048"
         schedule(args)
+    elif args.which == "fidelity":
+        fidelity(args)
     elif args.which == "judge":
         args.responses = int(args.responses or 1024)
         judge(args)

@@ -209,10 +209,11 @@ class DropBinarySearch:
 
     Invariant: steps[:good] shows no drop (the empty prefix by definition) and steps[:bad]
     does (the full response is wrong). Each level probes the middle prefix in stages
-    (`stage_marks`: k/4, k/2, k, then k more a stage up to max_k) until `DropTest` decides it
-    against the good side, the response's start pooled with the prefixes judged good (the
-    "prefix before it" of the search), and the bad side, the prefixes judged bad. The start is
-    sampled beside the middle whenever the good side holds fewer rollouts than the middle will."""
+    (`stage_marks`) until `DropTest` decides it against the good side, the response's start
+    pooled with the prefixes judged good (the "prefix before it" of the search), and the bad
+    side, the full response pooled with the prefixes judged bad. The start and the full response
+    are sampled beside the middle whenever their side holds fewer rollouts than the middle will:
+    the two rates the test weighs the middle between are learned as the search goes."""
 
     row: int
     n_steps: int
@@ -229,12 +230,16 @@ class DropBinarySearch:
         self.step_counts: list[Counts | None] = [None] * self.n_steps
         self.marks = stage_marks(self.k, self.max_k)
         self.start = [0, 0]  # (correct, sampled) from the empty prefix
+        self.end = [0, 0]  # from the full response
         self.middle = [0, 0]
         self.good_pool = [0, 0]  # prefixes judged good, the start apart
         self.bad_pool = [0, 0]
 
     def good_side(self) -> Counts:
         return self.start[0] + self.good_pool[0], self.start[1] + self.good_pool[1]
+
+    def bad_side(self) -> Counts:
+        return self.end[0] + self.bad_pool[0], self.end[1] + self.bad_pool[1]
 
     def _middle(self) -> int:
         return (self.good + self.bad) // 2
@@ -243,7 +248,7 @@ class DropBinarySearch:
         """Decide the middle if its stages so far suffice (all of a round's results are in)."""
         if self.bad - self.good <= 1 or self.middle[1] == 0:
             return
-        verdict = self.test.decide(tuple(self.middle), self.good_side(), tuple(self.bad_pool), self.max_k)
+        verdict = self.test.decide(tuple(self.middle), self.good_side(), self.bad_side(), self.max_k)
         if verdict is None:
             return
         middle = self._middle()
@@ -268,9 +273,10 @@ class DropBinarySearch:
         sampled = self.middle[1]
         mark = self._next_mark(sampled)
         asked = [Probe(self.row, self._middle(), mark - sampled, first_sample=sampled)]
-        start_wanted = min(self.max_k, self.start[1] + max(0, mark - self.good_side()[1]))
-        if start_wanted > self.start[1]:
-            asked.append(Probe(self.row, 0, start_wanted - self.start[1], first_sample=self.start[1]))
+        for prefix, own, side in ((0, self.start, self.good_side()), (self.n_steps, self.end, self.bad_side())):
+            wanted = min(self.max_k, own[1] + max(0, mark - side[1]))
+            if wanted > own[1]:
+                asked.append(Probe(self.row, prefix, wanted - own[1], first_sample=own[1]))
         return asked
 
     def probes_left(self) -> int:
@@ -293,7 +299,8 @@ class DropBinarySearch:
     def observe(self, result: ProbeResult) -> None:
         self.spent[0] += result.probe.k
         self.spent[1] += result.tokens
-        counts = self.start if result.probe.prefix_steps == 0 else self.middle
+        ends = {0: self.start, self.n_steps: self.end}
+        counts = ends.get(result.probe.prefix_steps, self.middle)
         counts[0] += result.correct
         counts[1] += result.probe.k
 
@@ -307,10 +314,12 @@ class DropBinarySearch:
 
 @dataclass
 class DropPerStepMC:
-    """Per-step MC under `--rule drop`: the start and every step's prefix sampled in stages
-    (k, then k more a stage up to max_k) until each prefix is decided against the good side
-    before it (the start pooled with the earlier prefixes judged good) and the bad side. Step i
-    is bad when its prefix dropped; the last step of a wrong response is bad by its outcome."""
+    """Per-step MC under `--rule drop`: the start, every step's prefix and, for a wrong
+    response, the full response are sampled in stages (k, then as `stage_marks` goes on, up to
+    max_k) until each prefix is decided against the good side before it (the start pooled with
+    the earlier prefixes judged good) and the bad side (the full response pooled with the
+    prefixes judged bad). Step i is bad when its prefix dropped; the last step is labeled by the
+    response's own outcome, as under the other rules."""
 
     row: int
     n_steps: int
@@ -322,15 +331,13 @@ class DropPerStepMC:
 
     def __post_init__(self) -> None:
         self.marks = [mark for mark in stage_marks(self.k, self.max_k) if mark >= self.k]
-        # (correct, sampled) of prefixes 0 (the start) .. n_steps - 1; verdicts of 1 .. n_steps - 1
-        self.counts = [[0, 0] for _ in range(max(self.n_steps, 1))]
-        self.verdicts: list[bool | None] = [None] * max(self.n_steps, 1)
-        self.verdicts[0] = True
+        # (correct, sampled) of prefixes 0 (the start) .. n_steps (the full response)
+        self.counts = [[0, 0] for _ in range(self.n_steps + 1)]
+        self.verdicts: list[bool | None] = [None] * (self.n_steps + 1)  # of prefixes 1 .. n_steps - 1
 
     def _settle(self) -> None:
-        if self.counts[0][1] == 0:
-            return
-        good_pool, bad_pool = list(self.counts[0]), [0, 0]
+        good_pool = list(self.counts[0])
+        bad_pool = [0, 0] if self.correct else list(self.counts[self.n_steps])
         for prefix in range(1, self.n_steps):
             if self.verdicts[prefix] is None:
                 self.verdicts[prefix] = self.test.decide(
@@ -344,17 +351,19 @@ class DropPerStepMC:
     def probes(self) -> list[Probe]:
         if self.n_steps <= 1:
             return []
-        self._settle()
+        if self.counts[0][1]:
+            self._settle()
         undecided = [prefix for prefix in range(1, self.n_steps) if self.verdicts[prefix] is None]
         if not undecided:
             return []
         sampled = self.counts[undecided[0]][1]  # undecided prefixes move together, mark by mark
         mark = next(mark for mark in self.marks if mark > sampled)
-        start = self.counts[0][1]
-        asked = [Probe(self.row, prefix, mark - sampled, first_sample=sampled) for prefix in undecided]
-        if start < mark:
-            asked.insert(0, Probe(self.row, 0, mark - start, first_sample=start))
-        return asked
+        ends = [0] if self.correct else [0, self.n_steps]
+        return [
+            Probe(self.row, prefix, mark - self.counts[prefix][1], first_sample=self.counts[prefix][1])
+            for prefix in ends + undecided
+            if self.counts[prefix][1] < mark
+        ]
 
     def observe(self, result: ProbeResult) -> None:
         self.spent[0] += result.probe.k
@@ -366,9 +375,9 @@ class DropPerStepMC:
     def outcome(self) -> RowLabels:
         if self.n_steps == 0:
             return RowLabels([], [], -1, *self.spent, step_counts=[])
-        step_counts: list[Counts | None] = [tuple(counts) for counts in self.counts[1:]]
+        step_counts: list[Counts | None] = [tuple(counts) for counts in self.counts[1 : self.n_steps]]
         step_counts.append((int(self.correct), 1))  # the response itself: one rollout from its full prefix
-        labels = [int(bool(verdict)) for verdict in self.verdicts[1:]] + [int(self.correct)]
+        labels = [int(bool(verdict)) for verdict in self.verdicts[1 : self.n_steps]] + [int(self.correct)]
         step_mc = [correct / sampled for correct, sampled in step_counts]
         first_error = labels.index(0) if 0 in labels else -1
         return RowLabels(step_mc, labels, first_error, *self.spent, step_counts=step_counts)
@@ -422,7 +431,7 @@ def label_rows(
     speculate: bool = True,
     counts: MutableMapping[str, int] | None = None,
     rule: str | None = None,
-    confidence: float = 0.98,
+    confidence: float = 0.95,
     max_k: int | None = None,
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `rule`: drop,

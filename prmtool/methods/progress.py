@@ -6,12 +6,12 @@ pooled with every prefix already judged good; the bad side pools the prefixes ju
 probe is sampled in stages (`stage_marks`) until `DropTest.decide` settles it:
 
 - bad (a drop): its successes are significantly below the good side's by Fisher's exact test
-  (one-sided, error rate 1 - confidence), and a sequential likelihood-ratio test (Wald's SPRT)
-  between "the good side's rate" and "a dropped rate" favours the drop;
-- good: the same likelihood ratio favours the good side's rate at the same error rate. The
-  dropped rate is the bad side's, or 0.4 of the good side's while the bad side holds no rollout
-  (and never more: a drop worth labeling). A prefix with a success where every bad
-  prefix had none is thus good at once, as under `any-success`;
+  (one-sided, error rate 1 - confidence), and its successes are likelier under the bad side's
+  rate than under the good side's by a factor of confidence / (1 - confidence) (a Bayes factor
+  of the two sides' Beta posteriors: Wald's sequential test with the rates it learns);
+- good: likelier under the good side's rate than under the bad side's by the same factor. While
+  no prefix has been judged bad, the bad side's rate is unknown (Jeffreys' prior): where every
+  bad prefix so far failed, a prefix with successes is good after a stage or two;
 - good as well when even failing every rollout left to the cap could not make the exact test
   significant (a start that is rarely right cannot drop far);
 - at the cap (`--max-k` rollouts) the exact test alone decides: bad only if significant.
@@ -67,22 +67,20 @@ def drop_p_value(probe: Counts, reference: Counts) -> float:
 
 def stage_marks(k: int, max_k: int) -> list[int]:
     """Rollouts a probe holds after each of its stages: k/4 (as the staged any-success search),
-    k/2, k, then k more a stage up to max_k. Each stage continues the seeded stream of the ones
-    before (`Probe.first_sample`), so a probe's rollouts are those of one long stream."""
-    marks = sorted({mark for mark in (max(1, k // 4), max(1, k // 2), k) if mark < max_k})
-    mark = 2 * k
-    while mark < max_k:
-        marks.append(mark)
-        mark += k
-    return [*marks, max_k]
+    k/2, 3k/4, k, then k/2 more a stage up to 3k and k more a stage up to max_k. Each stage
+    continues the seeded stream of the ones before (`Probe.first_sample`), so a probe's rollouts
+    are those of one long stream, however many stages drew them."""
+    marks = {max(1, k * quarters // 4) for quarters in range(1, 5)}
+    marks |= {k + max(1, k // 2) * half for half in range(1, 5)}
+    marks |= set(range(3 * k + k, max_k, k))
+    return sorted(mark for mark in marks if mark < max_k) + [max_k]
 
 
 @dataclass(frozen=True)
 class DropTest:
     """Decides whether a prefix's rate dropped below the good side's (see the module's docstring)."""
 
-    confidence: float = 0.98
-    max_drop: float = 0.4  # the dropped rate the SPRT weighs is at most this share of the good side's
+    confidence: float = 0.95
 
     @property
     def error_rate(self) -> float:
@@ -91,20 +89,12 @@ class DropTest:
     def decide(self, probe: Counts, good: Counts, bad: Counts, max_k: int) -> bool | None:
         """True: no drop (good); False: a drop (bad); None: sample the next stage (the probe
         holds fewer than max_k rollouts)."""
-        at_cap = probe[1] >= max_k
         significant = drop_p_value(probe, good) <= self.error_rate
-        if at_cap:
+        if probe[1] >= max_k:
             return not significant
-        # Futile: even failing every rollout left to the cap could not make it a drop, against a
-        # good side of at least as many rollouts at its present rate (it grows beside the probe).
-        reference = max(good[1], max_k)
-        if drop_p_value((probe[0], max_k), (round(smoothed(good) * reference), reference)) > self.error_rate:
-            return True
-        good_rate = smoothed(good)
-        dropped = self.max_drop * good_rate
-        if bad[1]:
-            dropped = min(dropped, smoothed(bad))
-        evidence = log_likelihood_ratio(probe, good_rate, dropped)
+        if good[1] >= max_k // 2 and drop_p_value((probe[0], max_k), scaled(good, max_k)) > self.error_rate:
+            return True  # futile: failing every rollout left to the cap could not make it a drop
+        evidence = log_predictive(probe, good) - log_predictive(probe, bad)
         bound = math.log(self.confidence / self.error_rate)
         if evidence >= bound:
             return True
@@ -113,15 +103,22 @@ class DropTest:
         return None
 
 
-def smoothed(counts: Counts) -> float:
-    """A rate estimate that is never exactly 0 or 1 (Jeffreys: half a success, half a failure)."""
-    correct, sampled = counts
-    return (correct + 0.5) / (sampled + 1)
+def scaled(counts: Counts, sampled: int) -> Counts:
+    """The same rate over at least `sampled` rollouts: what a side growing beside a probe holds."""
+    correct, total = counts
+    size = max(total, sampled)
+    return round(correct * size / total), size
 
 
-def log_likelihood_ratio(probe: Counts, good_rate: float, dropped_rate: float) -> float:
-    """log P(probe | good_rate) / P(probe | dropped_rate): above 0 favours no drop."""
+def log_predictive(probe: Counts, side: Counts) -> float:
+    """log P(the probe's successes | its rate is the side's), the side's rate known only through
+    its counts (a Beta posterior from Jeffreys' prior; the binomial coefficient, the same for
+    every side, left out). Against an empty side: the prior's own prediction."""
     correct, sampled = probe
-    return correct * math.log(good_rate / dropped_rate) + (sampled - correct) * math.log(
-        (1 - good_rate) / (1 - dropped_rate)
-    )
+    side_correct, side_sampled = side
+    alpha, beta = side_correct + 0.5, side_sampled - side_correct + 0.5
+    return log_beta(alpha + correct, beta + sampled - correct) - log_beta(alpha, beta)
+
+
+def log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)

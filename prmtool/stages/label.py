@@ -118,7 +118,7 @@ class LabelSettings(ModelSettings, WorkerSettings):
             min=0.5,
             max=0.9999,
         ),
-    ] = 0.98
+    ] = 0.95
     max_k: Annotated[
         int | None,
         typer.Option(
