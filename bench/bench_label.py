@@ -284,8 +284,9 @@ class ScriptedPolicy(Engine):
 def economy(args) -> None:
     frame = wrong_responses(args.responses, 3, 12)
     settings = RolloutSettings(workers=2)
-    binary = label_rows(frame, ScriptedPolicy(args.p), "binary", k=args.k, settings=settings)
-    per_step = label_rows(frame, ScriptedPolicy(args.p), "mc", k=args.k, settings=settings)
+    # Today's rule, any-success: the policy never recovers, and the ratio is the searches' own.
+    binary = label_rows(frame, ScriptedPolicy(args.p), "binary", k=args.k, settings=settings, rule="any-success")
+    per_step = label_rows(frame, ScriptedPolicy(args.p), "mc", k=args.k, settings=settings, rule="any-success")
     agreement = (binary["first_error"] == per_step["first_error"]).mean()
     truth = (binary["first_error"] == frame["true_first_error"]).mean()
     ratio = binary["label_tokens"].sum() / per_step["label_tokens"].sum()
@@ -376,7 +377,7 @@ def schedule(args) -> None:
             engine = WaveEngine(args.slots)
             labeled = label_rows(
                 frame, engine, "binary", k=args.k, settings=settings, continuous=rounds == "continuous",
-                speculate=speculate,
+                speculate=speculate, rule="any-success",
             )  # fmt: skip
             bare = -(-int(labeled["label_rollouts"].sum()) // args.slots)
             print(f"| {responses} | {name} | {engine.waves} | {bare} | {bare / engine.waves:.3f} |", flush=True)
@@ -543,6 +544,7 @@ def overhead(args) -> None:
                 continuous=rounds == "continuous",
                 speculate=speculate,
                 counts=counts,
+                rule="any-success",  # the workload measured below (no rollout of random weights is right)
             )
             label_seconds = time.perf_counter() - started
             print(
@@ -741,11 +743,16 @@ def fidelity(args) -> None:
         f"human first errors; k={args.k}"
     )
     records = fidelity_records(frame, grid, methods, args.k, args.workers)
-    today = {(r["p_good"], r["p_bad"]): r["rollouts"] for r in records if (r["rule"], r["method"]) == ("any-success", "binary")}
-    print("\n| p_good, p_bad | rule | method | exact | too early | too late | rollouts | / any-success binary |")
+    baseline = "binary" if "binary" in methods else methods[0]  # today's rule with this search
+    today = {
+        (r["p_good"], r["p_bad"]): r["rollouts"]
+        for r in records
+        if (r["rule"], r["method"]) == ("any-success", baseline)
+    }
+    print(f"\n| p_good, p_bad | rule | method | exact | too early | too late | rollouts | / any-success {baseline} |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in records:
-        ratio = r["rollouts"] / today[(r["p_good"], r["p_bad"])] if today.get((r["p_good"], r["p_bad"])) else float("nan")
+        ratio = r["rollouts"] / today[(r["p_good"], r["p_bad"])] if today[(r["p_good"], r["p_bad"])] else float("nan")
         print(
             f"| {r['p_good']}, {r['p_bad']} | {r['rule']} | {r['method']} | {r['exact']:.3f} | {r['early']:.3f} | "
             f"{r['late']:.3f} | {r['rollouts']:,} | {ratio:.2f} |"
@@ -773,7 +780,9 @@ def main() -> None:
         help="overhead: label runs, in order; the first (one without speculation) is what the bare engine replays",
     )
     parser.add_argument("--judge-samples", type=int, default=1, help="judge: critiques per row")
-    parser.add_argument("--data", help="fidelity: ProcessBench-format JSON or JSONL (steps, label); default its GSM8K sample")
+    parser.add_argument(
+        "--data", help="fidelity: ProcessBench-format JSON or JSONL (steps, label); default: its GSM8K sample"
+    )
     parser.add_argument("--json", help="fidelity: write one JSON record per (p_good, p_bad, rule, method) here")
     parser.add_argument("--methods", default="binary,mc", help="fidelity: label methods, a comma list")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
