@@ -82,6 +82,7 @@ def command(
 ) -> None:
     """ProcessBench's first-error metrics: the share of erroneous responses whose first error is
     found exactly, the share of correct ones called error-free, and their harmonic mean (F1);
+    beside them, how the erroneous responses' misses fall: too early, too late, or missed;
     with --pred-from, also the step-level AUROC of the scores. --against compares two label
     sets; --best-of-n evaluates response scores by Best-of-N."""
     if not (best or against):
@@ -122,13 +123,15 @@ def command(
     if as_json is not None:
         shards.write_json_atomic(report, as_json)
     table = Table(title=f"{report['pred']} against {truth}", title_justify="left")
-    headers = ["group", "rows", "error rows", "error acc", "correct acc", "F1"] + (["step AUROC"] if pred_from else [])
+    headers = ["group", "rows", "error rows", "error acc", "correct acc", "F1", "early", "late", "missed"]
+    headers += ["step AUROC"] if pred_from else []
     for header in headers:
         table.add_column(header, justify="left" if header == "group" else "right")
     for row in results:
         table.add_row(
             row["group"], f"{row['rows']:,}", f"{row['error_rows']:,}",
             *(_percent(row[key]) for key in ("error_accuracy", "correct_accuracy", "f1")),
+            *(_percent(row[key]) for key in ("error_too_early", "error_too_late", "error_missed")),
             *([_percent(row["step_auroc"])] if pred_from else []),
         )  # fmt: skip
     Console().print(table)
