@@ -4,6 +4,7 @@
     python bench/bench_label.py overhead           # GPU: label vs the bare engine on the same requests
     python bench/bench_label.py judge              # GPU: rows/s of --method judge (LLM-as-judge)
     python bench/bench_label.py schedule           # CPU: overhead's workload as waves of engine slots
+    python bench/bench_label.py fidelity           # CPU: first errors of every --rule under noisy rollouts
 
 economy: the same wrong responses labeled by first-error binary search and by per-step MC
 (Math-Shepherd), with a scripted policy whose rollouts reach the right answer with probability
@@ -186,6 +187,40 @@ slots; continuous modes move by a wave between runs, as verification runs on thr
   waited behind short ones. A gate of two batches (one running, one queued) was worse, 15
   to 16 waves at 512. In the model lockstep with speculation (label's default) stays best at 512 and
   continuous rounds lead at 2,048; the GPU has the last word (overhead, above).
+
+fidelity: how well each labeling rule finds a person's first error when rollouts recover. The
+step structures of ProcessBench's GSM8K sample (data_samples/processbench-gsm8k; its 207
+responses with a human first error, each keeping its number of steps and that error; `--data
+FILE` reads other ProcessBench-format JSON or JSONL, `steps` and `label`) are labeled by
+`label_rows` itself, with a scripted policy whose rollouts are right with probability p_good
+before the human first error and p_bad once the prefix holds it (one seeded stream per sample,
+as the real engines draw), k = 8, on a grid of (p_good, p_bad), for every rule (`any-success`,
+today's default until 2026-12-06; `--bad-below 0.35`; `drop`) and both `binary` and `mc`.
+Prints first-error exactness, the too-early and too-late shares, and the rollouts, with their
+ratio to any-success's binary search; `--json OUT` writes one record per (p_good, p_bad, rule,
+method). Targets (issue 41): the drop rule's binary search exact >= 0.95 at (0.7, 0.1), >= 0.9
+at (0.4, 0.1) and (0.9, 0.3), >= 0.8 at (0.7, 0.3), at most 3x any-success's rollouts; 1.000
+at (0.7, 0.0) with no more rollouts than any-success. `python bench/bench_label.py fidelity`,
+2026-12-06 (`--confidence 0.95 --max-k 48`, the defaults), binary search:
+
+  | p_good, p_bad | any-success exact | bad-below 0.35 exact | drop exact, early, late | drop rollouts / any-success's |
+  |---------------|------------------:|---------------------:|------------------------:|------------------------------:|
+  | 0.7, 0.0      |             1.000 |                0.986 |   0.995, 0.005, 0.000   |          5,342 / 2,594 = 2.06 |
+  | 0.7, 0.1      |             0.420 |                0.908 |   0.952, 0.024, 0.024   |          8,030 / 2,742 = 2.93 |
+  | 0.7, 0.3      |             0.111 |                0.527 |   0.903, 0.053, 0.043   |         18,168 / 2,252 = 8.07 |
+  | 0.4, 0.1      |             0.401 |                0.623 |   0.865, 0.053, 0.082   |         22,090 / 3,018 = 7.32 |
+  | 0.9, 0.3      |             0.111 |                0.536 |   0.947, 0.019, 0.034   |          7,970 / 2,204 = 3.62 |
+
+  Met: exactness at (0.7, 0.1), (0.7, 0.3) and (0.9, 0.3), and the rollouts at (0.7, 0.1). Not
+  met: (0.4, 0.1) at 0.865 (0.9 wanted), (0.7, 0.0) at 0.995 and 2.06x (1.000 at 1x wanted), and
+  the rollouts where the two rates are close. What bounds them: with both rates known, Wald's
+  test needs about ln(19) / KL(0.7 || 0.3) = 8.7 rollouts a probe at 5% error to tell 0.7 from
+  0.3; here the rates are learned as the search goes, from the response's start and its full
+  (wrong) text sampled beside the probes, about half the rollouts at (0.7, 0.0). A stage that
+  decides "good" from one right rollout, as any-success does, cannot tell (0.7, 0.0) from
+  (0.7, 0.1) on a search's first probe, where it would be wrong on a fifth of the bad prefixes.
+  Per-step MC (`mc`) under the drop rule: 0.990, 0.986, 0.923, 0.918, 0.971 exact at 4.4-13.2x.
+  docs/algorithms.md, "The drop rule", has the whole table and other --confidence settings.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
@@ -695,7 +730,9 @@ class NoisyPolicy(ScriptedPolicy):
         return results
 
 
-def fidelity_records(frame: pl.DataFrame, grid, methods, k: int, workers: int) -> list[dict]:
+def fidelity_records(
+    frame: pl.DataFrame, grid, methods, k: int, workers: int, confidence: float = 0.95, max_k: int | None = None
+) -> list[dict]:
     """One record per (p_good, p_bad, rule, method): first-error exactness, too-early and
     too-late shares against the human first errors, and the rollouts spent, all through
     label_rows itself."""
@@ -707,8 +744,9 @@ def fidelity_records(frame: pl.DataFrame, grid, methods, k: int, workers: int) -
             rule = "bad-below" if bad_below is not None else rule_name
             for method in methods:
                 labeled = label_rows(
-                    frame, NoisyPolicy(p_good, p_bad), method, k=k, settings=settings, rule=rule, bad_below=bad_below
-                )
+                    frame, NoisyPolicy(p_good, p_bad), method, k=k, settings=settings, rule=rule, bad_below=bad_below,
+                    confidence=confidence, max_k=max_k,
+                )  # fmt: skip
                 found = labeled["first_error"]
                 records.append(
                     {
@@ -740,9 +778,9 @@ def fidelity(args) -> None:
     steps = frame["steps"].list.len()
     print(
         f"{frame.height} wrong responses from {path.name} ({steps.median():.0f} steps median, {steps.max()} most), "
-        f"human first errors; k={args.k}"
+        f"human first errors; k={args.k}, drop: --confidence {args.confidence}, --max-k {args.max_k or 6 * args.k}"
     )
-    records = fidelity_records(frame, grid, methods, args.k, args.workers)
+    records = fidelity_records(frame, grid, methods, args.k, args.workers, args.confidence, args.max_k)
     baseline = "binary" if "binary" in methods else methods[0]  # today's rule with this search
     today = {
         (r["p_good"], r["p_bad"]): r["rollouts"]
@@ -785,6 +823,8 @@ def main() -> None:
     )
     parser.add_argument("--json", help="fidelity: write one JSON record per (p_good, p_bad, rule, method) here")
     parser.add_argument("--methods", default="binary,mc", help="fidelity: label methods, a comma list")
+    parser.add_argument("--confidence", type=float, default=0.95, help="fidelity: the drop rule's --confidence")
+    parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 6k)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     if args.which == "economy":

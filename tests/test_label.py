@@ -493,3 +493,16 @@ def test_label_starts_the_verifier_workers_before_it_loads_the_model(prmtool, tm
     result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--k", "2", "--workers", "1", "-q")
     assert result.exit_code == 0, result.stderr
     assert events[:2] == ["workers", "model"]
+
+
+def test_soft_labels_under_the_drop_rule_measure_every_probed_step_from_k_rollouts_at_least():
+    frame = responses(20, seed=6)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=1.0)
+    soft = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, soft=True)
+    hard = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS)
+    assert soft["first_error"].to_list() == hard["first_error"].to_list() == frame["true_first_error"].to_list()
+    assert soft["label_rollouts"].sum() > hard["label_rollouts"].sum()  # hard labels stop sooner
+    for values, lows, highs in soft.select("step_mc", "step_mc_low", "step_mc_high").iter_rows():
+        for value, low, high in zip(values, lows, highs):
+            if value is not None:  # at least 8 rollouts: the interval is no wider than 8's
+                assert high - low <= wilson_interval(4, 8, 0.95)[1] - wilson_interval(4, 8, 0.95)[0] + 1e-9

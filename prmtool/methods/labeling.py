@@ -220,6 +220,7 @@ class DropBinarySearch:
     k: int
     test: DropTest
     max_k: int
+    soft: bool = False  # soft labels: every probed step_mc from k rollouts at least, as under the other rules
     good: int = 0
     bad: int = field(init=False)
     spent: list[int] = field(default_factory=lambda: [0, 0])
@@ -246,7 +247,7 @@ class DropBinarySearch:
 
     def _settle(self) -> None:
         """Decide the middle if its stages so far suffice (all of a round's results are in)."""
-        if self.bad - self.good <= 1 or self.middle[1] == 0:
+        if self.bad - self.good <= 1 or self.middle[1] < (self.k if self.soft else 1):
             return
         verdict = self.test.decide(tuple(self.middle), self.good_side(), self.bad_side(), self.max_k)
         if verdict is None:
@@ -476,7 +477,7 @@ def label_rows(
         elif rule == "drop" and (method == "mc" or correct):  # correct, estimate mode: every prefix
             searches[row] = DropPerStepMC(row, n_steps, bool(correct), k, test, max_k)
         elif rule == "drop":
-            searches[row] = DropBinarySearch(row, n_steps, k, test, max_k)
+            searches[row] = DropBinarySearch(row, n_steps, k, test, max_k, soft)
         elif method == "mc":
             searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft)
         elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere
