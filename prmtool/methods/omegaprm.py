@@ -206,7 +206,7 @@ def grow_trees(
 
 
 def tree_frame(
-    frame: pl.DataFrame, searches: dict[str, QuestionSearch], separator: str, confidence: float = 0.98
+    frame: pl.DataFrame, searches: dict[str, QuestionSearch], separator: str, confidence: float = 0.95
 ) -> pl.DataFrame:
     """One row per state of every kept question; screened-out questions give no rows. Each
     state's MC comes with its Wilson interval at `confidence` (mc_low, mc_high)."""

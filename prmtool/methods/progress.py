@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 Counts = tuple[int, int]  # (correct rollouts, rollouts sampled)
 
@@ -31,23 +32,11 @@ def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[floa
     """Wilson's score interval for a success rate measured as correct / sampled."""
     if sampled == 0:
         return 0.0, 1.0
-    z = normal_quantile(1 - (1 - confidence) / 2)
+    z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
     rate = correct / sampled
     centre = (rate + z * z / (2 * sampled)) / (1 + z * z / sampled)
     half = z * math.sqrt(rate * (1 - rate) / sampled + z * z / (4 * sampled * sampled)) / (1 + z * z / sampled)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def normal_quantile(p: float) -> float:
-    """The standard normal's p-quantile, by bisection on erf (exact enough for intervals)."""
-    low, high = -10.0, 10.0
-    for _ in range(80):
-        middle = (low + high) / 2
-        if 0.5 * (1 + math.erf(middle / math.sqrt(2))) < p:
-            low = middle
-        else:
-            high = middle
-    return (low + high) / 2
 
 
 def drop_p_value(probe: Counts, reference: Counts) -> float:
