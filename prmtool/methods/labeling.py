@@ -453,7 +453,7 @@ def label_rows(
         raise InputError(f"--max-k {max_k}: expected at least --k ({k})")
     settings = settings or RolloutSettings()
     threshold = Threshold(bad_below)
-    test = DropTest(confidence)
+    test = DropTest(confidence, k)
     steps = frame["steps"].to_list()
     rollouts = Rollouts(
         engine,

@@ -70,6 +70,7 @@ class DropTest:
     """Decides whether a prefix's rate dropped below the good side's (see the module's docstring)."""
 
     confidence: float = 0.95
+    k: int = 8  # a good side with no right rollout in 2k has nowhere to fall (hard problems end early)
 
     @property
     def error_rate(self) -> float:
@@ -81,8 +82,11 @@ class DropTest:
         significant = drop_p_value(probe, good) <= self.error_rate
         if probe[1] >= max_k:
             return not significant
-        if good[1] >= max_k // 2 and drop_p_value((probe[0], max_k), scaled(good, max_k)) > self.error_rate:
-            return True  # futile: failing every rollout left to the cap could not make it a drop
+        # Futile: failing every rollout left to the cap could not make it a drop, the good side
+        # keeping its rate; judged once that rate is measured (half the cap, or 2k if none was right).
+        measured = good[1] >= (2 * self.k if good[0] == 0 else max_k // 2)
+        if measured and drop_p_value((probe[0], max_k), scaled(good, max_k)) > self.error_rate:
+            return True
         evidence = log_predictive(probe, good) - log_predictive(probe, bad)
         bound = math.log(self.confidence / self.error_rate)
         if evidence >= bound:
