@@ -13,7 +13,7 @@ probe is sampled in stages (`stage_marks`) until `DropTest.decide` settles it:
   no prefix has been judged bad, the bad side's rate is unknown (Jeffreys' prior): where every
   bad prefix so far failed, a prefix with successes is good after a stage or two;
 - good as well when even failing every rollout left to the cap could not make the exact test
-  significant (a start that is rarely right cannot drop far);
+  significant, once the good side's rate is measured (a start rarely right cannot drop far);
 - at the cap (`--max-k` rollouts) the exact test alone decides: bad only if significant.
 
 Counts are (correct, sampled) pairs throughout.
