@@ -506,3 +506,14 @@ def test_soft_labels_under_the_drop_rule_measure_every_probed_step_from_k_rollou
         for value, low, high in zip(values, lows, highs):
             if value is not None:  # at least 8 rollouts: the interval is no wider than 8's
                 assert high - low <= wilson_interval(4, 8, 0.95)[1] - wilson_interval(4, 8, 0.95)[0] + 1e-9
+
+
+def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_2k_rollouts_a_probe():
+    """Nothing to fall from: the first error is the last step, the step that left the answer wrong
+    (as the binary search's invariant has it), found without sampling probes to --max-k."""
+    frame = responses(10, seed=7)
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.0), "binary", k=4, settings=SETTINGS)
+    for steps, first_error, rollouts in labeled.select("steps", "first_error", "label_rollouts").iter_rows():
+        levels = math.ceil(math.log2(len(steps))) if len(steps) > 1 else 0
+        assert first_error == len(steps) - 1
+        assert rollouts <= 3 * 2 * 4 * levels  # the probe, the start and the full response: 2k each
