@@ -4,6 +4,7 @@
     python bench/bench_label.py overhead           # GPU: label vs the bare engine on the same requests
     python bench/bench_label.py judge              # GPU: rows/s of --method judge (LLM-as-judge)
     python bench/bench_label.py schedule           # CPU: overhead's workload as waves of engine slots
+    python bench/bench_label.py fidelity           # CPU: first errors of every --rule under noisy rollouts
 
 economy: the same wrong responses labeled by first-error binary search and by per-step MC
 (Math-Shepherd), with a scripted policy whose rollouts reach the right answer with probability
@@ -187,6 +188,40 @@ slots; continuous modes move by a wave between runs, as verification runs on thr
   to 16 waves at 512. In the model lockstep with speculation (label's default) stays best at 512 and
   continuous rounds lead at 2,048; the GPU has the last word (overhead, above).
 
+fidelity: how well each labeling rule finds a person's first error when rollouts recover. The
+step structures of ProcessBench's GSM8K sample (data_samples/processbench-gsm8k; its 207
+responses with a human first error, each keeping its number of steps and that error; `--data
+FILE` reads other ProcessBench-format JSON or JSONL, `steps` and `label`) are labeled by
+`label_rows` itself, with a scripted policy whose rollouts are right with probability p_good
+before the human first error and p_bad once the prefix holds it (one seeded stream per sample,
+as the real engines draw), k = 8, on a grid of (p_good, p_bad), for every rule (`any-success`,
+today's default until 2026-12-06; `--bad-below 0.35`; `drop`) and both `binary` and `mc`.
+Prints first-error exactness, the too-early and too-late shares, and the rollouts, with their
+ratio to any-success's binary search; `--json OUT` writes one record per (p_good, p_bad, rule,
+method). Targets (issue 41): the drop rule's binary search exact >= 0.95 at (0.7, 0.1), >= 0.9
+at (0.4, 0.1) and (0.9, 0.3), >= 0.8 at (0.7, 0.3), at most 3x any-success's rollouts; 1.000
+at (0.7, 0.0) with no more rollouts than any-success. `python bench/bench_label.py fidelity`,
+2026-12-06 (`--confidence 0.95 --max-k 48`, the defaults), binary search:
+
+  | p_good, p_bad | any-success exact | bad-below 0.35 exact | drop exact, early, late | drop rollouts / any-success's |
+  |---------------|------------------:|---------------------:|------------------------:|------------------------------:|
+  | 0.7, 0.0      |             1.000 |                0.986 |   0.995, 0.005, 0.000   |          5,342 / 2,594 = 2.06 |
+  | 0.7, 0.1      |             0.420 |                0.908 |   0.952, 0.024, 0.024   |          8,030 / 2,742 = 2.93 |
+  | 0.7, 0.3      |             0.111 |                0.527 |   0.903, 0.053, 0.043   |         18,168 / 2,252 = 8.07 |
+  | 0.4, 0.1      |             0.401 |                0.623 |   0.865, 0.053, 0.082   |         22,090 / 3,018 = 7.32 |
+  | 0.9, 0.3      |             0.111 |                0.536 |   0.947, 0.019, 0.034   |          7,970 / 2,204 = 3.62 |
+
+  Met: exactness at (0.7, 0.1), (0.7, 0.3) and (0.9, 0.3), and the rollouts at (0.7, 0.1). Not
+  met: (0.4, 0.1) at 0.865 (0.9 wanted), (0.7, 0.0) at 0.995 and 2.06x (1.000 at 1x wanted), and
+  the rollouts where the two rates are close. What bounds them: with both rates known, Wald's
+  test needs about ln(19) / KL(0.7 || 0.3) = 8.7 rollouts a probe at 5% error to tell 0.7 from
+  0.3; here the rates are learned as the search goes, from the response's start and its full
+  (wrong) text sampled beside the probes, about half the rollouts at (0.7, 0.0). A stage that
+  decides "good" from one right rollout, as any-success does, cannot tell (0.7, 0.0) from
+  (0.7, 0.1) on a search's first probe, where it would be wrong on a fifth of the bad prefixes.
+  Per-step MC (`mc`) under the drop rule: 0.990, 0.986, 0.923, 0.918, 0.971 exact at 4.4-13.2x.
+  docs/algorithms.md, "The drop rule", has the whole table and other --confidence settings.
+
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
 2026-12-04 on one H200 with the hf engine and a random-weight Qwen2.5-0.5B (bf16; it never stops
@@ -284,8 +319,9 @@ class ScriptedPolicy(Engine):
 def economy(args) -> None:
     frame = wrong_responses(args.responses, 3, 12)
     settings = RolloutSettings(workers=2)
-    binary = label_rows(frame, ScriptedPolicy(args.p), "binary", k=args.k, settings=settings)
-    per_step = label_rows(frame, ScriptedPolicy(args.p), "mc", k=args.k, settings=settings)
+    # Today's rule, any-success: the policy never recovers, and the ratio is the searches' own.
+    binary = label_rows(frame, ScriptedPolicy(args.p), "binary", k=args.k, settings=settings, rule="any-success")
+    per_step = label_rows(frame, ScriptedPolicy(args.p), "mc", k=args.k, settings=settings, rule="any-success")
     agreement = (binary["first_error"] == per_step["first_error"]).mean()
     truth = (binary["first_error"] == frame["true_first_error"]).mean()
     ratio = binary["label_tokens"].sum() / per_step["label_tokens"].sum()
@@ -376,7 +412,7 @@ def schedule(args) -> None:
             engine = WaveEngine(args.slots)
             labeled = label_rows(
                 frame, engine, "binary", k=args.k, settings=settings, continuous=rounds == "continuous",
-                speculate=speculate,
+                speculate=speculate, rule="any-success",
             )  # fmt: skip
             bare = -(-int(labeled["label_rollouts"].sum()) // args.slots)
             print(f"| {responses} | {name} | {engine.waves} | {bare} | {bare / engine.waves:.3f} |", flush=True)
@@ -543,6 +579,7 @@ def overhead(args) -> None:
                 continuous=rounds == "continuous",
                 speculate=speculate,
                 counts=counts,
+                rule="any-success",  # the workload measured below (no rollout of random weights is right)
             )
             label_seconds = time.perf_counter() - started
             print(
@@ -632,15 +669,148 @@ def judge(args) -> None:
     )
 
 
+FIDELITY_GRID = ((0.7, 0.0), (0.7, 0.1), (0.7, 0.3), (0.4, 0.1), (0.9, 0.3))
+FIDELITY_RULES = (("any-success", None), ("bad-below 0.35", 0.35), ("drop", None))
+PROCESSBENCH_GSM8K = Path(__file__).resolve().parents[1] / "data_samples/processbench-gsm8k/gsm8k.jsonl"
+
+
+def step_structures(path: Path) -> pl.DataFrame:
+    """Wrong responses with the step structure of ProcessBench-format rows (JSON or JSONL with
+    `steps` and `label`, the index of the first wrong step, -1 for none): each keeps its number
+    of steps and its human first error, its step texts replaced by markers the scripted policy
+    reads (only the structure matters here). Rows without an error are left out."""
+    try:
+        if path.suffix == ".jsonl":
+            source = pl.read_ndjson(path)
+        else:
+            source = pl.read_json(path)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is a usage error
+        raise SystemExit(f"--data {path}: not ProcessBench-format JSON or JSONL ({error})")
+    if missing := [column for column in ("steps", "label") if column not in source.columns]:
+        raise SystemExit(f"--data {path}: no column {', '.join(missing)} (expected ProcessBench's steps and label)")
+    rows = []
+    for index, (steps, first_error) in enumerate(zip(source["steps"].to_list(), source["label"].to_list())):
+        if first_error is None or first_error < 0 or not steps or first_error >= len(steps):
+            continue
+        rows.append(
+            {
+                "problem_id": f"q{index}",
+                "problem": f"Question {index}?",
+                "reference_answer": "42",
+                "response_id": f"r{index}",
+                "steps": [f"Step {i}." + (" ERROR" if i == first_error else "") for i in range(len(steps))],
+                "correct": False,
+                "human_first_error": first_error,
+            }
+        )
+    if not rows:
+        raise SystemExit(f"--data {path}: no row with a first error (label >= 0)")
+    return pl.DataFrame(rows)
+
+
+class NoisyPolicy(ScriptedPolicy):
+    """Rollouts right with probability p_good before the human first error and p_bad once the
+    prefix holds it; one random stream per (seed, sample number), as the real engines draw, so
+    a staged probe's later stages continue its first (SamplingRequest.first_sample)."""
+
+    def __init__(self, p_good: float, p_bad: float):
+        super().__init__(p_good)
+        self.p_bad = p_bad
+
+    def sample(self, requests, on_progress=None):
+        results = []
+        for request in requests:
+            prefix = "".join(map(chr, request.prompt_ids[request.prompt_ids.index(0) + 1 :]))
+            p = self.p_bad if "ERROR" in prefix else self.p
+            samples = []
+            for number in range(request.first_sample, request.first_sample + request.n):
+                right = random.Random(f"{request.seed}:{number}").random() < p
+                samples.append(Completion(f"\\boxed{{{42 if right else 41}}}", [], 1, "stop"))
+            results.append(samples)
+        return results
+
+
+def fidelity_records(
+    frame: pl.DataFrame, grid, methods, k: int, workers: int, confidence: float = 0.95, max_k: int | None = None
+) -> list[dict]:
+    """One record per (p_good, p_bad, rule, method): first-error exactness, too-early and
+    too-late shares against the human first errors, and the rollouts spent, all through
+    label_rows itself."""
+    settings = RolloutSettings(workers=workers)
+    truth = frame["human_first_error"]
+    records = []
+    for p_good, p_bad in grid:
+        for rule_name, bad_below in FIDELITY_RULES:
+            rule = "bad-below" if bad_below is not None else rule_name
+            for method in methods:
+                labeled = label_rows(
+                    frame, NoisyPolicy(p_good, p_bad), method, k=k, settings=settings, rule=rule, bad_below=bad_below,
+                    confidence=confidence, max_k=max_k,
+                )  # fmt: skip
+                found = labeled["first_error"]
+                records.append(
+                    {
+                        "p_good": p_good,
+                        "p_bad": p_bad,
+                        "rule": rule_name,
+                        "method": method,
+                        "exact": float((found == truth).mean()),
+                        "early": float((found < truth).mean()),
+                        "late": float((found > truth).mean()),
+                        "rollouts": int(labeled["label_rollouts"].sum()),
+                    }
+                )
+    return records
+
+
+def fidelity(args) -> None:
+    """First-error fidelity of each rule under a noisy scripted policy (see the module's docstring)."""
+    import json
+
+    path = Path(args.data) if args.data else PROCESSBENCH_GSM8K
+    frame = step_structures(path)
+    grid = FIDELITY_GRID
+    if args.quick:
+        frame, grid = frame.head(24), grid[:2]
+    methods = args.methods.split(",")
+    if unknown := [method for method in methods if method not in ("binary", "mc")]:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)} (expected binary, mc)")
+    steps = frame["steps"].list.len()
+    print(
+        f"{frame.height} wrong responses from {path.name} ({steps.median():.0f} steps median, {steps.max()} most), "
+        f"human first errors; k={args.k}, drop: --confidence {args.confidence}, --max-k {args.max_k or 6 * args.k}"
+    )
+    records = fidelity_records(frame, grid, methods, args.k, args.workers, args.confidence, args.max_k)
+    baseline = "binary" if "binary" in methods else methods[0]  # today's rule with this search
+    today = {
+        (r["p_good"], r["p_bad"]): r["rollouts"]
+        for r in records
+        if (r["rule"], r["method"]) == ("any-success", baseline)
+    }
+    print(f"\n| p_good, p_bad | rule | method | exact | too early | too late | rollouts | / any-success {baseline} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in records:
+        ratio = r["rollouts"] / today[(r["p_good"], r["p_bad"])] if today[(r["p_good"], r["p_bad"])] else float("nan")
+        print(
+            f"| {r['p_good']}, {r['p_bad']} | {r['rule']} | {r['method']} | {r['exact']:.3f} | {r['early']:.3f} | "
+            f"{r['late']:.3f} | {r['rollouts']:,} | {ratio:.2f} |"
+        )
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(record) + "\n" for record in records))
+        print(f"\n{len(records)} records written to {args.json}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule"])
+    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule", "fidelity"])
     parser.add_argument("--responses", default=None, help="overhead: a comma list runs each size on one engine")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--slots", type=int, default=1024)
-    parser.add_argument("--quick", action="store_true", help="overhead: a tiny model (CPU smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="overhead: a tiny model (CPU smoke run); fidelity: 24 rows, 2 grid points"
+    )
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
     parser.add_argument(
         "--modes",
@@ -648,6 +818,13 @@ def main() -> None:
         help="overhead: label runs, in order; the first (one without speculation) is what the bare engine replays",
     )
     parser.add_argument("--judge-samples", type=int, default=1, help="judge: critiques per row")
+    parser.add_argument(
+        "--data", help="fidelity: ProcessBench-format JSON or JSONL (steps, label); default: its GSM8K sample"
+    )
+    parser.add_argument("--json", help="fidelity: write one JSON record per (p_good, p_bad, rule, method) here")
+    parser.add_argument("--methods", default="binary,mc", help="fidelity: label methods, a comma list")
+    parser.add_argument("--confidence", type=float, default=0.95, help="fidelity: the drop rule's --confidence")
+    parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 6k)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     if args.which == "economy":
@@ -656,6 +833,8 @@ def main() -> None:
     elif args.which == "schedule":
         args.responses = args.responses or "512,2048"
         schedule(args)
+    elif args.which == "fidelity":
+        fidelity(args)
     elif args.which == "judge":
         args.responses = int(args.responses or 1024)
         judge(args)

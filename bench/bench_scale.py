@@ -2,7 +2,7 @@
 `--executor ray --gpus-per-task 1`, and every GPU through `xargs -P` with one
 `CUDA_VISIBLE_DEVICES` and one `--shard-index` per process.
 
-The job: `label --method binary --k 8` on wrong responses of 4 to 16 steps (as bench_label.py's
+The job: `label --method binary --rule any-success --k 8` on wrong responses of 4 to 16 steps (as bench_label.py's
 overhead job), with a random-weight Qwen2.5-0.5B saved with `save_pretrained` (a word-level
 tokenizer beside it), every rollout running to --max-tokens. Each way runs the same command
 line in fresh processes, model load included. Prints rollouts/s and the scaling efficiency
@@ -71,6 +71,7 @@ def label_command(inputs: Path, output: Path, model: Path, args, *extra: str) ->
     device = "cpu" if args.quick else "cuda"
     return [
         sys.executable, "-m", "prmtool", "label", str(inputs), "-o", str(output), "--method", "binary",
+        "--rule", "any-success",  # the workload measured (no rollout of random weights is right)
         "--model", str(model), "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--temperature", "1.0",
         "--device", device, "-q", *extra,
     ]  # fmt: skip

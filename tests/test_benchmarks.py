@@ -1,6 +1,7 @@
 """The GPU benchmarks' CPU smoke runs (`--quick`): each script still runs, and the reference it
 times computes what the stage computes, so its speed ratio compares like with like."""
 
+import json
 import os
 import re
 import subprocess
@@ -73,3 +74,43 @@ def test_bench_label_schedule_counts_the_waves_of_each_mode_on_label_itself():
     assert set(rows) == {"lockstep", "lockstep+speculation", "continuous", "continuous+speculation"}
     assert all(waves >= bare for waves, bare in rows.values())
     assert rows["lockstep+speculation"][0] <= rows["lockstep"][0]
+
+
+def test_bench_label_fidelity_measures_every_rule_through_label_and_writes_one_record_each(tmp_path):
+    """The quick run: 24 ProcessBench GSM8K structures, two grid points, every rule and method;
+    under the noisy policy the drop rule finds first errors today's rule misses."""
+    out = run_bench(
+        "bench/bench_label.py", "fidelity", "--quick", "--workers", "1", "--json", str(tmp_path / "f.jsonl")
+    )
+    assert out.startswith("24 wrong responses from gsm8k.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 3 * 2
+    assert {(r["p_good"], r["p_bad"]) for r in records} == {(0.7, 0.0), (0.7, 0.1)}
+    assert {r["rule"] for r in records} == {"any-success", "bad-below 0.35", "drop"}
+    assert {r["method"] for r in records} == {"binary", "mc"}
+    for r in records:
+        assert set(r) == {"p_good", "p_bad", "rule", "method", "exact", "early", "late", "rollouts"}
+        assert abs(r["exact"] + r["early"] + r["late"] - 1) < 1e-9 and r["rollouts"] > 0
+    exact = {(r["p_bad"], r["rule"], r["method"]): r["exact"] for r in records}
+    assert exact[(0.0, "any-success", "binary")] == 1.0  # no recovery: today's rule is exact
+    assert exact[(0.1, "drop", "binary")] > exact[(0.1, "any-success", "binary")] + 0.2
+    assert len(re.findall(r"^\| 0\.7, 0\.1 \| drop \| binary \| ", out, flags=re.MULTILINE)) == 1
+
+
+def test_bench_label_fidelity_reads_other_step_structures_and_refuses_bad_ones(tmp_path):
+    rows = [
+        {"steps": ["a", "b", "c"], "label": 1},
+        {"steps": ["a", "b"], "label": -1},
+        {"steps": ["a", "b"], "label": 0},
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    out = run_bench(
+        "bench/bench_label.py", "fidelity", "--quick", "--workers", "1", "--data", str(tmp_path / "rows.json")
+    )
+    assert out.startswith("2 wrong responses from rows.json")  # the row without an error is left out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"steps": ["a"]}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "bench/bench_label.py", "fidelity", "--data", str(tmp_path / "bad.jsonl")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "no column label" in result.stderr

@@ -17,6 +17,10 @@ def test_error_and_correct_accuracy_and_their_harmonic_mean():
     assert scores.error_accuracy == pytest.approx(1 / 3)
     assert scores.correct_accuracy == pytest.approx(1 / 2)
     assert scores.f1 == pytest.approx(0.4)
+    # how the error rows missed: none too early, one too late (1 for 0), one missed (-1 for 1)
+    assert (scores.error_too_early, scores.error_too_late, scores.error_missed) == pytest.approx((0, 1 / 3, 1 / 3))
+    early = first_error_scores([3, 3, 2], [1, 3, 0])
+    assert (early.error_accuracy, early.error_too_early, early.error_too_late) == pytest.approx((1 / 3, 2 / 3, 0))
 
 
 def test_edge_cases():
@@ -57,7 +61,8 @@ def test_eval_on_the_processbench_sample(prmtool, tmp_path):
     assert overall["group"] == "all" and overall["error_rows"] == 207 and overall["correct_rows"] == 193
     assert (overall["error_accuracy"], overall["correct_accuracy"], overall["f1"]) == (0.0, 1.0, 0.0)
     assert len(report["results"]) == 1 + frame["generator"].n_unique()
-    assert "F1" in result.stdout
+    assert all(header in result.stdout for header in ("F1", "early", "late", "missed"))
+    assert (overall["error_too_early"], overall["error_too_late"], overall["error_missed"]) == (0.0, 0.0, 1.0)
 
 
 def test_eval_refuses_what_it_cannot_compute(prmtool, tmp_path):

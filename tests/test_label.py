@@ -2,7 +2,8 @@
 
 The scripted engine below gives exact ground truth: a rollout reaches the right answer with
 probability `p`, unless its prefix contains the injected wrong step ("WRONG"), in which case it
-never does. So the true first error of every response is known.
+does with probability `p_bad` (0 unless a test lets rollouts recover). So the true first error
+of every response is known.
 """
 
 import math
@@ -12,16 +13,18 @@ import time
 import polars as pl
 import pytest
 
+from prmtool.core.errors import InputError
 from prmtool.engines import Cancel, Completion, Engine
 from prmtool.methods.labeling import label_rows
+from prmtool.methods.progress import drop_p_value, stage_marks, wilson_interval
 from prmtool.methods.rollouts import RolloutSettings
 from tests.conftest import SAMPLES
 
 
 class ScriptedRolloutEngine(Engine):
-    def __init__(self, answers: dict[str, str], p: float = 1.0):
+    def __init__(self, answers: dict[str, str], p: float = 1.0, p_bad: float = 0.0):
         self.tokenizer = None
-        self.answers, self.p = answers, p
+        self.answers, self.p, self.p_bad = answers, p, p_bad
         self.calls: list[list] = []
 
     def chat_prompt_ids(self, problem, system_prompt=None, prompt_template=None):
@@ -42,7 +45,7 @@ class ScriptedRolloutEngine(Engine):
                 # One stream per (seed, sample number), as the real engines: a split request
                 # samples what the whole one would have.
                 rng = random.Random(f"{request.seed}:{number}")
-                right = "WRONG" not in prefix and rng.random() < self.p
+                right = rng.random() < (self.p_bad if "WRONG" in prefix else self.p)
                 gold = int(self.answers[problem])
                 # Written as a fraction: only a mathematical verifier counts it as right.
                 answer = f"\\frac{{{2 * gold}}}{{2}}" if right else str(gold + 1)
@@ -95,10 +98,12 @@ def test_binary_search_finds_the_same_first_error_as_per_step_mc_on_noise_free_c
     assert per_step["first_error"].to_list() == frame["true_first_error"].to_list()
 
 
-def test_binary_search_spends_at_most_k_times_log2_n_plus_one_rollouts_per_wrong_response():
+def test_any_success_binary_search_spends_at_most_k_times_log2_n_plus_one_rollouts_per_wrong_response():
     frame = responses(40)
     k = 4
-    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame)), "binary", k=k, settings=SETTINGS)
+    labeled = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame)), "binary", k=k, settings=SETTINGS, rule="any-success"
+    )
     for steps, rollouts in zip(labeled["steps"], labeled["label_rollouts"]):
         assert rollouts <= k * (math.ceil(math.log2(len(steps))) + 1) if len(steps) > 1 else rollouts == 0
 
@@ -113,9 +118,14 @@ def test_binary_labels_good_before_the_first_error_bad_at_it_and_nothing_after()
 def test_all_searches_advance_together_one_engine_call_per_round():
     frame = responses(40, max_steps=12)
     engine = ScriptedRolloutEngine(answers_of(frame))
-    label_rows(frame, engine, "binary", k=2, settings=SETTINGS)
+    label_rows(frame, engine, "binary", k=2, settings=SETTINGS, rule="any-success")
     # Two rounds per level at most (staged sampling), whatever the number of responses.
     assert len(engine.calls) <= 2 * math.ceil(math.log2(12)), "one call per round, not one per probe"
+    assert sum(len(call) for call in engine.calls) > len(engine.calls)
+    # The drop rule: a round per stage of a probe at most, its stages up to --max-k.
+    engine = ScriptedRolloutEngine(answers_of(frame))
+    label_rows(frame, engine, "binary", k=2, settings=SETTINGS)
+    assert len(engine.calls) <= len(stage_marks(2, 12)) * math.ceil(math.log2(12))
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
 
 
@@ -145,12 +155,14 @@ class OneAtATimeEngine(ScriptedRolloutEngine):
             next_key += len(new)
 
 
+@pytest.mark.parametrize("rule", ["drop", "any-success"])
 @pytest.mark.parametrize("method", ["binary", "mc", "omegaprm"])
-def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method):
+def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method, rule):
     frame = responses(30)
-    lockstep = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), method, k=4, settings=SETTINGS)
-    engine = OneAtATimeEngine(answers_of(frame), p=0.5)
-    continuous = label_rows(frame, engine, method, k=4, settings=SETTINGS, continuous=True)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.5, p_bad=0.1)
+    lockstep = label_rows(frame, engine, method, k=4, settings=SETTINGS, rule=rule)
+    engine = OneAtATimeEngine(answers_of(frame), p=0.5, p_bad=0.1)
+    continuous = label_rows(frame, engine, method, k=4, settings=SETTINGS, continuous=True, rule=rule)
     assert continuous.equals(lockstep)
     assert engine.calls and all(len(call) == 1 for call in engine.calls)  # it did run one request at a time
     if method != "mc":  # mc asks every probe in its first round: it has no follow-ups
@@ -184,9 +196,12 @@ class QueueingEngine(ScriptedRolloutEngine):
 
 def test_continuous_rounds_feed_the_engine_the_longest_chains_first_and_no_more_than_it_has_slots():
     frame = responses(40, max_steps=12)
-    plain = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "binary", k=8, settings=SETTINGS)
+    rule = "any-success"  # first stages of 2 rollouts, for the count below
+    plain = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "binary", k=8, settings=SETTINGS, rule=rule
+    )
     engine = QueueingEngine(answers_of(frame), p=0.5)
-    fed = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=True, speculate=False)
+    fed = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=True, speculate=False, rule=rule)
     assert fed.equals(plain)
     assert engine.most_held <= engine.capacity + 8  # its slots, and at most one probe more
     # 8 slots: four first-stage probes (2 rollouts each), all of responses of 9-12 steps, whose
@@ -197,15 +212,16 @@ def test_continuous_rounds_feed_the_engine_the_longest_chains_first_and_no_more_
     assert min(len(steps) for steps in frame["steps"]) < 9  # shorter responses were there to pick
 
 
+@pytest.mark.parametrize("rule", ["drop", "any-success"])
 @pytest.mark.parametrize("continuous", [False, True], ids=["lockstep", "continuous"])
-def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without(continuous):
+def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without(continuous, rule):
     frame = responses(30)
-    plain_engine = ScriptedRolloutEngine(answers_of(frame), p=0.5)
-    plain = label_rows(frame, plain_engine, "binary", k=8, settings=SETTINGS, speculate=False)
-    engine = OneAtATimeEngine(answers_of(frame), p=0.5)
+    plain_engine = ScriptedRolloutEngine(answers_of(frame), p=0.5, p_bad=0.1)
+    plain = label_rows(frame, plain_engine, "binary", k=8, settings=SETTINGS, speculate=False, rule=rule)
+    engine = OneAtATimeEngine(answers_of(frame), p=0.5, p_bad=0.1)
     engine.capacity = 256  # more slots than the searches' own probes fill
     counts = {}
-    ahead = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=continuous, counts=counts)
+    ahead = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=continuous, counts=counts, rule=rule)
     assert ahead.equals(plain)  # label_rollouts and label_tokens count only the rollouts used
     assert counts["speculative_rollouts"] > counts["speculative_rollouts_unused"] > 0
     if continuous:
@@ -214,17 +230,127 @@ def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without
         assert len(engine.calls) < len(plain_engine.calls)  # searches skipped rounds their probes were sampled in
 
 
-def test_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
+def test_any_success_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
     frame = responses(30)
-    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS)
+    labeled = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS, rule="any-success"
+    )
     for steps, rollouts, values in labeled.select("steps", "label_rollouts", "step_mc").iter_rows():
         measured = [v for v in values if v is not None]
         # Good prefixes (MC 1.0 from 2 rollouts) cost 2, bad ones (0.0 from all 8) cost 8.
         assert rollouts == sum(2 if v == 1.0 else 8 for v in measured)
     soft = label_rows(
-        frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS, soft=True
+        frame,
+        ScriptedRolloutEngine(answers_of(frame), p=1.0),
+        "binary",
+        k=8,
+        settings=SETTINGS,
+        soft=True,
+        rule="any-success",
     )
     assert all(r % 8 == 0 for r in soft["label_rollouts"]), "soft labels need every MC value from k rollouts"
+
+
+# ------------------------------------------------------------------ the drop rule (--rule drop)
+
+
+def test_the_drop_rule_finds_first_errors_that_any_success_misses_when_rollouts_recover():
+    """After the wrong step, 20% of rollouts still reach the right answer: "any rollout right"
+    calls most wrong steps good, the drop in the success rate (80% -> 20%) does not."""
+    frame = responses(40, seed=5)
+    truth = frame["true_first_error"]
+
+    def labeled(rule=None):
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.8, p_bad=0.2)
+        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, rule=rule)
+
+    assert (labeled("any-success")["first_error"] == truth).mean() < 0.5
+    assert (labeled("drop")["first_error"] == truth).mean() >= 0.9
+    assert labeled().equals(labeled("drop"))  # the default rule
+
+
+def test_the_drop_rule_labels_every_step_with_per_step_mc():
+    frame = responses(20, seed=2)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.8, p_bad=0.1)
+    labeled = label_rows(frame, engine, "mc", k=8, settings=SETTINGS)
+    assert (labeled["first_error"] == frame["true_first_error"]).mean() >= 0.9
+    for labels, first_error in zip(labeled["step_labels"].to_list(), labeled["first_error"]):
+        assert None not in labels and labels.index(0) == first_error
+        assert labels[-1] == 0  # a wrong response's last step is bad by its outcome
+
+
+def test_a_drop_probe_draws_stages_that_continue_one_stream_until_the_test_decides():
+    frame = responses(30, seed=1)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.2)
+    labeled = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, max_k=32)
+    drawn: dict[tuple, list] = {}  # (prompt) -> [(first_sample, n)] in the order asked
+    for call in engine.calls:
+        for request in call:
+            drawn.setdefault((tuple(request.prompt_ids), request.seed), []).append((request.first_sample, request.n))
+    marks = stage_marks(8, 32)
+    assert marks[0] == 2 and marks[-1] == 32
+    staged = 0
+    for stages in drawn.values():  # of each prefix: the response's start, its end, the probed middles
+        assert stages[0] == (0, marks[0])  # a first stage of k/4
+        for (first, n), (next_first, _) in zip(stages, stages[1:]):
+            assert next_first == first + n  # each stage continues the one before
+        assert stages[-1][0] + stages[-1][1] <= 32
+        staged += len(stages) > 1
+    assert staged > 0  # some probes needed more than their first stage
+    assert labeled["label_rollouts"].sum() == sum(n for stages in drawn.values() for _, n in stages)
+    # An easy case (every rollout right before the error, none after) ends after a few stages.
+    easy_engine = ScriptedRolloutEngine(answers_of(frame), p=1.0)
+    easy = label_rows(frame, easy_engine, "binary", k=8, settings=SETTINGS)
+    assert easy["first_error"].to_list() == frame["true_first_error"].to_list()
+    assert easy["label_rollouts"].mean() < labeled["label_rollouts"].mean()
+
+
+def test_step_mc_comes_with_a_confidence_interval_under_every_rule():
+    frame = responses(20, seed=4)
+    for method, rule, bad_below in [("binary", "drop", None), ("mc", "drop", None), ("mc", "any-success", None),
+                                    ("binary", "bad-below", 0.5)]:  # fmt: skip
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.6, p_bad=0.1)
+        labeled = label_rows(frame, engine, method, k=8, settings=SETTINGS, rule=rule, bad_below=bad_below)
+        for values, lows, highs in labeled.select("step_mc", "step_mc_low", "step_mc_high").iter_rows():
+            assert len(values) == len(lows) == len(highs)
+            for value, low, high in zip(values, lows, highs):
+                assert (value is None) == (low is None) == (high is None)
+                if value is not None:
+                    assert 0 <= low <= value <= high <= 1
+    # Wilson's interval: 0 of 8 right is no proof the rate is 0; more rollouts, a narrower interval.
+    assert wilson_interval(0, 8, 0.95) == pytest.approx((0.0, 0.3244), abs=1e-4)
+    low, high = wilson_interval(30, 40, 0.95)
+    assert high - low < wilson_interval(6, 8, 0.95)[1] - wilson_interval(6, 8, 0.95)[0]
+
+    def width(confidence):  # a higher confidence, wider intervals around the same estimates
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.6)
+        labeled = label_rows(frame, engine, "mc", k=8, settings=SETTINGS, rule="any-success", confidence=confidence)
+        return (labeled["step_mc_high"].explode() - labeled["step_mc_low"].explode()).sum()
+
+    assert width(0.99) > width(0.8)
+
+
+def test_fishers_exact_test_gives_the_chance_of_a_drop_this_large_by_luck():
+    # 0 of 8 right after 6 of 8 before: all 6 successes fell on one side, C(8,6) / C(16,6).
+    assert drop_p_value((0, 8), (6, 8)) == pytest.approx(28 / 8008)
+    assert drop_p_value((6, 8), (6, 8)) > 0.5  # no drop at all
+    assert drop_p_value((1, 2), (8, 8)) > 0.05  # two rollouts cannot show a drop from 8 of 8
+    assert drop_p_value((0, 8), (0, 8)) == 1.0  # nothing right anywhere: nothing to fall from
+
+
+def test_rule_options_are_checked():
+    frame = responses(2)
+    engine = ScriptedRolloutEngine(answers_of(frame))
+    for kwargs, message in [
+        ({"rule": "sometimes"}, "--rule 'sometimes': expected one of drop, any-success, bad-below"),
+        ({"rule": "bad-below"}, "--rule bad-below goes with --bad-below"),
+        ({"rule": "drop", "bad_below": 0.5}, "--rule bad-below goes with --bad-below"),
+        ({"max_k": 4}, "--max-k 4: expected at least --k (8)"),
+    ]:
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            label_rows(frame, engine, "binary", k=8, settings=SETTINGS, **kwargs)
+    # --bad-below alone keeps meaning what it meant: the bad-below rule.
+    assert label_rows(frame, engine, "mc", k=8, settings=SETTINGS, bad_below=0.5)["label_rollouts"].sum() > 0
 
 
 def test_per_step_mc_values_are_the_fraction_of_correct_rollouts():
@@ -232,7 +358,9 @@ def test_per_step_mc_values_are_the_fraction_of_correct_rollouts():
     labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "mc", k=4, settings=SETTINGS)
     for values, first_error in zip(labeled["step_mc"].to_list(), frame["true_first_error"]):
         assert values == [1.0] * first_error + [0.0] * (len(values) - first_error)
-    noisy = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "mc", k=8, settings=SETTINGS)
+    noisy = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "mc", k=8, settings=SETTINGS, rule="any-success"
+    )
     measured = [v for values in noisy["step_mc"].to_list() for v in values[:-1]]
     assert all(v * 8 == int(v * 8) for v in measured), "MC values are counts out of k"
     assert 0 < sum(measured) / len(measured) < 1
@@ -255,12 +383,17 @@ def test_correct_responses_are_trusted_by_default_and_estimated_on_request():
     trusted = label_rows(frame, engine, "mc", k=4, settings=SETTINGS)
     assert trusted["label_rollouts"].sum() == 0 and not engine.calls
     assert all(labels == [1] * len(labels) for labels in trusted["step_labels"].to_list())
-    # Hard labels, default threshold: the correct response itself proves every prefix good.
-    estimated_hard = label_rows(frame, engine, "mc", k=4, settings=SETTINGS, correct_responses="estimate")
+    # Hard labels, any-success: the correct response itself proves every prefix good.
+    estimate = {"settings": SETTINGS, "correct_responses": "estimate", "rule": "any-success"}
+    estimated_hard = label_rows(frame, engine, "mc", k=4, **estimate)
     assert estimated_hard["label_rollouts"].sum() == 0
-    estimated_soft = label_rows(frame, engine, "mc", k=4, settings=SETTINGS, correct_responses="estimate", soft=True)
+    estimated_soft = label_rows(frame, engine, "mc", k=4, soft=True, **estimate)
     assert estimated_soft["label_rollouts"].sum() == 4 * sum(len(s) - 1 for s in frame["steps"])
     assert all(v == 1.0 for values in estimated_soft["step_mc"].to_list() for v in values)
+    # The drop rule measures them (a correct outcome proves no step kept the rate where it was).
+    dropped = label_rows(frame, engine, "mc", k=4, settings=SETTINGS, correct_responses="estimate")
+    assert dropped["label_rollouts"].sum() > 0
+    assert all(labels == [1] * len(labels) for labels in dropped["step_labels"].to_list())
 
 
 def test_binary_costs_a_fraction_of_per_step_mc():
@@ -288,6 +421,15 @@ def test_label_refuses_an_unknown_rounds_mode_before_loading_a_model(prmtool, tm
     result = prmtool("label", SAMPLES / "labeled", "-o", tmp_path / "out", "--rounds", "sideways")
     assert result.exit_code == 2
     assert "--rounds 'sideways': expected lockstep or continuous" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_refuses_a_rule_without_its_threshold_before_loading_a_model(prmtool, tmp_path):
+    result = prmtool("label", SAMPLES / "labeled", "-o", tmp_path / "out", "--rule", "bad-below")
+    assert result.exit_code == 2
+    assert "--rule bad-below goes with --bad-below" in result.stderr
+    result = prmtool("label", SAMPLES / "labeled", "-o", tmp_path / "out", "--k", "8", "--max-k", "4")
+    assert result.exit_code == 2 and "--max-k 4: expected at least --k (8)" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -324,7 +466,8 @@ def test_label_command_with_the_embedded_model(prmtool, tmp_path):
             assert labels == [1] * len(steps) and first_error == -1 and rollouts == 0
         else:
             assert 0 <= first_error < len(steps) and labels[first_error] == 0
-            assert rollouts <= 2 * (math.ceil(math.log2(max(len(steps), 1))) + 1)
+            # The drop rule, k = 2: each level's probe and the two ends, at most --max-k (12) each.
+            assert rollouts <= 12 * (math.ceil(math.log2(max(len(steps), 1))) + 2)
     assert labeled["label_tokens"].sum() > 0
 
 
@@ -350,3 +493,27 @@ def test_label_starts_the_verifier_workers_before_it_loads_the_model(prmtool, tm
     result = prmtool("label", tmp_path / "verified", "-o", tmp_path / "labeled", "--k", "2", "--workers", "1", "-q")
     assert result.exit_code == 0, result.stderr
     assert events[:2] == ["workers", "model"]
+
+
+def test_soft_labels_under_the_drop_rule_measure_every_probed_step_from_k_rollouts_at_least():
+    frame = responses(20, seed=6)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=1.0)
+    soft = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, soft=True)
+    hard = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=1.0), "binary", k=8, settings=SETTINGS)
+    assert soft["first_error"].to_list() == hard["first_error"].to_list() == frame["true_first_error"].to_list()
+    assert soft["label_rollouts"].sum() > hard["label_rollouts"].sum()  # hard labels stop sooner
+    for values, lows, highs in soft.select("step_mc", "step_mc_low", "step_mc_high").iter_rows():
+        for value, low, high in zip(values, lows, highs):
+            if value is not None:  # at least 8 rollouts: the interval is no wider than 8's
+                assert high - low <= wilson_interval(4, 8, 0.95)[1] - wilson_interval(4, 8, 0.95)[0] + 1e-9
+
+
+def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_2k_rollouts_a_probe():
+    """Nothing to fall from: the first error is the last step, the step that left the answer wrong
+    (as the binary search's invariant has it), found without sampling probes to --max-k."""
+    frame = responses(10, seed=7)
+    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.0), "binary", k=4, settings=SETTINGS)
+    for steps, first_error, rollouts in labeled.select("steps", "first_error", "label_rollouts").iter_rows():
+        levels = math.ceil(math.log2(len(steps))) if len(steps) > 1 else 0
+        assert first_error == len(steps) - 1
+        assert rollouts <= 3 * 2 * 4 * levels  # the probe, the start and the full response: 2k each

@@ -10,10 +10,12 @@ import random
 from collections import Counter
 
 import polars as pl
+import pytest
 
 from prmtool.engines import Completion
 from prmtool.methods.labeling import label_rows
 from prmtool.methods.omegaprm import TREE_SCHEMA, SearchConfig, grow_trees, tree_frame
+from prmtool.methods.progress import wilson_interval
 from prmtool.methods.rollouts import RolloutSettings
 from prmtool.methods.steps import make_splitter
 from tests.test_label import ScriptedRolloutEngine, answers_of, responses
@@ -121,6 +123,10 @@ def test_tree_states_hold_measured_mc_and_prefixes_with_an_error_have_mc_zero():
     assert (tree.filter(pl.col("prefix") == "")["rollouts"] == 16).all(), "roots come from the screen"
     assert tree.filter(pl.col("prefix").str.contains("WRONG")).height > 0
     assert tree.filter((pl.col("mc") > 0) & (pl.col("prefix") != "")).height > 0
+    # Each state's MC keeps its meaning and comes with its Wilson interval (95% by default).
+    for mc, low, high, rollouts in tree.select("mc", "mc_low", "mc_high", "rollouts").iter_rows():
+        assert (low, high) == pytest.approx(wilson_interval(round(mc * rollouts), rollouts, 0.95))
+        assert 0 <= low <= mc <= high <= 1
 
 
 def test_all_question_searches_advance_together_one_engine_call_per_round():

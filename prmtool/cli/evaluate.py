@@ -91,6 +91,7 @@ def command(
 ) -> None:
     """ProcessBench's first-error metrics: the share of erroneous responses whose first error is
     found exactly, the share of correct ones called error-free, and their harmonic mean (F1);
+    beside them, how the erroneous responses' misses fall: too early, too late, or missed;
     with --pred-from, also the step-level AUROC of the scores. --against compares two label
     sets; --best-of-n evaluates response scores by Best-of-N."""
     if not (best or against):
@@ -152,7 +153,7 @@ def command(
         if as_json is not None:
             _write_json(report, as_json, stdout)
         table = Table(title=f"{report['pred']} against {truth}", title_justify="left")
-        headers = ["group", "rows", "error rows", "error acc", "correct acc", "F1"]
+        headers = ["group", "rows", "error rows", "error acc", "correct acc", "F1", "early", "late", "missed"]
         headers += ["step AUROC"] if pred_from else []
         for header in headers:
             table.add_column(header, justify="left" if header == "group" else "right")
@@ -160,6 +161,7 @@ def command(
             table.add_row(
                 row["group"], f"{row['rows']:,}", f"{row['error_rows']:,}",
                 *(_percent(row[key]) for key in ("error_accuracy", "correct_accuracy", "f1")),
+                *(_percent(row[key]) for key in ("error_too_early", "error_too_late", "error_missed")),
                 *([_percent(row["step_auroc"])] if pred_from else []),
             )  # fmt: skip
         Console().print(table)

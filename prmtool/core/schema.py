@@ -64,6 +64,8 @@ COLUMNS: dict[str, Column] = {
         ),
         Column("verify_status", pl.String(), "ok, no_answer, no_reference, timeout or error", "verify"),
         Column("step_mc", pl.List(pl.Float64()), "Monte Carlo value of each step's prefix", "label"),
+        Column("step_mc_low", pl.List(pl.Float64()), "lower end of step_mc's Wilson interval (--confidence)", "label"),
+        Column("step_mc_high", pl.List(pl.Float64()), "upper end of step_mc's Wilson interval (--confidence)", "label"),
         Column("step_labels", pl.List(pl.Int8()), "1 good, 0 bad, null unlabeled", "label"),
         Column("first_error", pl.Int32(), "index of the first wrong step, -1 none", "label"),
         Column("judge_first_error", pl.Int32(), "label --method judge: the critic's first error, -1 none", "label"),

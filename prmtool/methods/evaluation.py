@@ -4,7 +4,10 @@
 ProcessBench's first-error detection: on the rows whose true first error is a step (>= 0),
 the share whose predicted first error is that step exactly (`error_accuracy`); on the rows
 with no error (-1), the share predicted error-free (`correct_accuracy`); F1 is their harmonic
-mean. A prediction past the last step, or null, counts as "no error found".
+mean. A prediction past the last step, or null, counts as "no error found". Where the error
+rows' predictions miss, they miss one of three ways: a step too early (`error_too_early`, a
+good step called the first error), a step too late (`error_too_late`, the error passed over),
+or no error found at all (`error_missed`); with the exact share these sum to 1.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ class FirstErrorScores:
     error_accuracy: float | None  # None without error rows
     correct_accuracy: float | None  # None without error-free rows
     f1: float | None  # None unless both sides exist
+    error_too_early: float | None = None  # of the error rows; None without error rows
+    error_too_late: float | None = None
+    error_missed: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +53,14 @@ def first_error_scores(
     if error_accuracy is not None and correct_accuracy is not None:
         total = error_accuracy + correct_accuracy
         f1 = 2 * error_accuracy * correct_accuracy / total if total else 0.0
-    return FirstErrorScores(len(pairs), len(errors), len(clean), error_accuracy, correct_accuracy, f1)
+    misses = [None] * 3
+    if errors:
+        misses = [
+            sum(0 <= p < t for t, p in errors) / len(errors),
+            sum(p > t for t, p in errors) / len(errors),
+            sum(p == -1 for _, p in errors) / len(errors),
+        ]
+    return FirstErrorScores(len(pairs), len(errors), len(clean), error_accuracy, correct_accuracy, f1, *misses)
 
 
 def first_below(scores: list[float | None] | None, threshold: float) -> int:

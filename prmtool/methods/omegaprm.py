@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from prmtool.methods.progress import wilson_interval
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
 from prmtool.methods.steps import Splitter, make_splitter, rollout_prefix, split_steps
 
@@ -45,6 +46,8 @@ TREE_SCHEMA = {
     "prefix": pl.String,
     "prefix_steps": pl.List(pl.String),
     "mc": pl.Float64,
+    "mc_low": pl.Float64,  # mc's Wilson interval at the run's --confidence
+    "mc_high": pl.Float64,
     "rollouts": pl.Int32,
 }
 
@@ -202,14 +205,18 @@ def grow_trees(
     return searches
 
 
-def tree_frame(frame: pl.DataFrame, searches: dict[str, QuestionSearch], separator: str) -> pl.DataFrame:
-    """One row per state of every kept question; screened-out questions give no rows."""
+def tree_frame(
+    frame: pl.DataFrame, searches: dict[str, QuestionSearch], separator: str, confidence: float = 0.95
+) -> pl.DataFrame:
+    """One row per state of every kept question; screened-out questions give no rows. Each
+    state's MC comes with its Wilson interval at `confidence` (mc_low, mc_high)."""
     rows = []
     for problem_id, search in searches.items():
         if not search.kept:
             continue
         problem, reference = frame["problem"][search.row], frame["reference_answer"].cast(pl.String)[search.row]
         for state in search.states:
+            low, high = wilson_interval(round(state.mc * state.rollouts), state.rollouts, confidence)
             rows.append(
                 {
                     "problem_id": problem_id,
@@ -218,6 +225,8 @@ def tree_frame(frame: pl.DataFrame, searches: dict[str, QuestionSearch], separat
                     "prefix": rollout_prefix(state.steps, separator),
                     "prefix_steps": state.steps,
                     "mc": state.mc,
+                    "mc_low": low,
+                    "mc_high": high,
                     "rollouts": state.rollouts,
                 }
             )

@@ -141,6 +141,10 @@ class Rollouts:
             return prefix[start:].removeprefix("\n")
         if not has_tag and not opened_by_template:
             return f"{tags.open}\n{prefix}"
+        if has_tag and not opened_by_template and not prefix:
+            # The start (the drop rule samples it): inside the thinking the trace opens, as every
+            # other prefix of the trace is, so its rollouts are read as the trace's are.
+            return f"{tags.open}\n"
         return prefix
 
     def answer_text(self, row: int, text: str) -> str | None:

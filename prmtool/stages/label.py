@@ -70,6 +70,8 @@ EXAMPLES = """\b
 Examples:
   prmtool label work/verified -o work/labeled --method binary --k 8
   prmtool label work/verified -o work/labeled --method mc --k 8 --label soft
+  prmtool label work/verified -o work/labeled --rule drop --confidence 0.99 --max-k 64
+  prmtool label work/verified -o work/labeled --rule any-success
   prmtool label work/verified -o work/labeled --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
   prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
   prmtool label work/verified -o work/judged --method judge --judge-model ./critic --judge-samples 3
@@ -98,9 +100,38 @@ class LabelSettings(ModelSettings, WorkerSettings):
         str,
         typer.Option("--label", help="hard: thresholded labels; soft: also a measured step_mc for every labeled step."),
     ] = "hard"
+    rule: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "When a step is the first error. drop: its prefix's success rate falls significantly below the rate "
+                "before it (see --confidence, --max-k); any-success: no rollout of k from its prefix is right "
+                "(MC = 0); bad-below: MC below --bad-below. Default: bad-below with --bad-below, else drop."
+            ),
+            show_default=False,
+        ),
+    ] = None
     bad_below: Annotated[
         float | None,
-        typer.Option(help="A step is bad when its MC is below this (default: bad only when MC = 0).", min=0, max=1),
+        typer.Option(help="A step is bad when its MC is below this (--rule bad-below).", min=0, max=1),
+    ] = None
+    confidence: Annotated[
+        float,
+        typer.Option(
+            help="drop: 1 - the test's error rate (calling a step whose rate did not drop bad); also the level of "
+            "step_mc_low / step_mc_high.",
+            min=0.5,
+            max=0.9999,
+        ),
+    ] = 0.95
+    max_k: Annotated[
+        int | None,
+        typer.Option(
+            "--max-k",
+            help="drop: most rollouts a probe draws, in stages, before the test must decide (default 6 x --k).",
+            min=1,
+            show_default=False,
+        ),
     ] = None
     correct_responses: Annotated[
         str, typer.Option(help="trust: a verified-correct response's steps are all good; estimate: run MC on them too.")
@@ -199,6 +230,9 @@ def check_choices(settings: LabelSettings) -> None:
     if settings.steps not in STEP_CHOICES:
         raise InputError(f"--steps {settings.steps!r}: expected one of {', '.join(STEP_CHOICES)}")
     parse_think_tags(settings.think_tags)
+    labeling.check_rule(settings.rule, settings.bad_below)
+    if settings.max_k is not None and settings.max_k < settings.k:
+        raise InputError(f"--max-k {settings.max_k}: expected at least --k ({settings.k})")
 
 
 def label_frame(
@@ -248,6 +282,9 @@ def label_frame(
         counts=counts,
         which_steps=settings.steps,
         tags=parse_think_tags(settings.think_tags),
+        rule=settings.rule,
+        confidence=settings.confidence,
+        max_k=settings.max_k,
     )
     if judged is None:
         return labeled
@@ -284,7 +321,10 @@ def provenance_arguments(settings: LabelSettings, prompt_template: str) -> dict:
         "max_tokens": settings.max_tokens,
         "seed": settings.seed,
         "label": settings.label,
+        "rule": labeling.check_rule(settings.rule, settings.bad_below),
         "bad_below": settings.bad_below,
+        "confidence": settings.confidence,
+        "max_k": settings.max_k,
         "correct_responses": settings.correct_responses,
         "system_prompt": settings.system_prompt,
         "prompt_template": prompt_template,
@@ -328,7 +368,8 @@ def run(
     inputs: list[str], output: Path, settings: LabelSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Label every step of every response by Monte Carlo rollouts from its prefixes. Writes
-    step_mc, step_labels, first_error, label_rollouts and label_tokens."""
+    step_mc (with step_mc_low and step_mc_high), step_labels, first_error, label_rollouts and
+    label_tokens."""
     check_choices(settings)
     if settings.method == "omegaprm" and settings.tree_output is None:
         raise InputError("--method omegaprm needs --tree-output DIR")
@@ -387,7 +428,7 @@ def run(
         searches = grow_trees(
             frame, policy.get(), search_config, rollout_settings, make_splitter(settings.split), tracker
         )
-        tree = tree_frame(frame, searches, separator)
+        tree = tree_frame(frame, searches, separator, settings.confidence)
         stats.counts["tree_rollouts"] += sum(
             settings.screen_rollouts + question.search_rollouts for question in searches.values()
         )
