@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,6 +25,7 @@ from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.methods.steps import make_splitter, split_steps
@@ -181,6 +182,8 @@ def run(
     """Sample N solutions per problem from a policy model. Each response row keeps every
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
+    engine = choice.resolve(settings.engine, settings.model, settings.device, choice.PROBLEM_TOKENS, stats.log)
+    settings = replace(settings, engine=engine)
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stop = stop_strings(settings.stop)
     arguments = {

@@ -17,7 +17,7 @@ is in the summary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -39,6 +39,7 @@ from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.schema import cast_to_contract
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import interventions as iv
 from prmtool.methods.intervention_rounds import (
@@ -185,6 +186,10 @@ def run(
         )
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stats = RunStats("intervene", quiet=quiet)
+    prompt_tokens = choice.continuation_prompt_tokens(settings.max_tokens)
+    settings = replace(
+        settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
+    )
     rollouts = intervention_config(settings).rollouts
     arguments = {
         "candidates": settings.candidates,

@@ -16,7 +16,7 @@ The searches themselves live in `prmtool.methods.labeling` (rows) and
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -39,6 +39,7 @@ from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.schema import cast_to_contract
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import labeling
 from prmtool.methods.judging import judge_rows
@@ -326,6 +327,10 @@ def run(
         raise InputError("--rejects is only for --method consensus")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
+    prompt_tokens = choice.continuation_prompt_tokens(settings.max_tokens)
+    settings = replace(
+        settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
+    )
     rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)

@@ -8,7 +8,7 @@ docstring defines them; this module holds the stage's settings and its run.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +27,7 @@ from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class ScoreSettings:
             help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False
         ),
     ] = None
-    engine: EngineName = "hf"
+    engine: EngineName = "auto"
     device: Device = None
     trust_remote_code: TrustRemoteCode = False
 
@@ -161,7 +162,7 @@ def check_choices(settings: ScoreSettings) -> None:
             raise InputError("--scorer token-classification needs --prm MODEL (a PRM trained by TRL's PRMTrainer)")
         if settings.policy is not None or settings.ref is not None or settings.no_ref or settings.token_rewards:
             raise InputError("--policy, --ref, --no-ref and --token-rewards are for --scorer implicit")
-        if settings.engine != "hf":
+        if settings.engine not in ("hf", "auto"):
             raise InputError("--scorer token-classification runs on the hf engine only")
 
 
@@ -221,6 +222,10 @@ def run(
     else:
         arguments |= {"prm": settings.prm, "step_separator": settings.step_separator}
     stats = RunStats("score", quiet=quiet)
+    if settings.scorer == "implicit":  # forward passes only: no prompt length decides (engines/choice.py)
+        settings = replace(
+            settings, engine=choice.resolve(settings.engine, settings.policy, settings.device, None, stats.log)
+        )
     options = {"max_batch_tokens": settings.max_batch_tokens} if settings.max_batch_tokens else {}
     if settings.engine == "vllm":
         # vLLM batches by itself; two instances (policy and ref) must share the GPU.
