@@ -379,7 +379,7 @@ def command(
         str | None,
         typer.Option(
             "--engine",
-            help="The engine (hf or vllm) of every stage that runs a model, unless the stage names its own.",
+            help="The engine (hf, vllm or auto) of every stage that runs a model, unless the stage names its own.",
             show_default=False,
         ),
     ] = None,
@@ -403,6 +403,8 @@ def command(
     last = recipe.find(until, "--until").number if until else len(recipe.steps)
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
+    if not dry_run:
+        preflight(recipe, first, last)  # engines, devices and models, before any record is touched
     with keep_models_loaded():  # a model loaded by one stage serves the next that uses it
         _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed, tokens_per_second)
 
@@ -427,6 +429,46 @@ def check_recipe(recipe: Recipe) -> None:
                 raise InputError(f"{recipe.path}: stage {step.label}: input {spec}: no such file or directory")
             external.append(spec)
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
+
+
+def preflight(recipe: Recipe, first: int | None, last: int) -> None:
+    """Check what the stages that will run need and no option can show wrong: each model's
+    engine installed, its device there, its files on disk and its config loading. A run that
+    would fail there fails here instead, before any stage's record or output is touched, so the
+    records of a finished run stay as they were."""
+    from prmtool.engines import check_loadable, choice
+
+    rerun_since = first  # as _run_steps decides: once a stage reruns, every later one does
+    for step in recipe.steps[:last]:
+        action = decide(step, rerun_since is not None and step.number >= rerun_since)
+        if action == "skip":
+            continue
+        if action in ("run", "rerun") and rerun_since is None:
+            rerun_since = step.number
+        call = parse_step(recipe, step, step.argv())
+        if isinstance(call, ReportCall):
+            continue
+        for engine, model in models_of(step.stage, call.settings):
+            settings = call.settings
+            try:
+                engine = choice.resolve(engine, model, settings.device, choice.PROBLEM_TOKENS)
+                check_loadable(engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code)
+            except InputError as exc:
+                raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
+
+
+def models_of(stage: str, settings) -> list[tuple[str, str | None]]:
+    """(engine, model) of every model a stage's settings load (None: the embedded model)."""
+    if stage in ("generate", "intervene"):
+        return [(settings.engine, settings.model)]
+    if stage == "label":
+        judge = settings.method in ("judge", "consensus") and settings.judge_model is not None
+        return [(settings.engine, settings.model)] + [(settings.engine, settings.judge_model)] * judge
+    if stage == "score" and settings.scorer == "implicit":
+        return [(settings.engine, settings.policy)] + [(settings.engine, settings.ref)] * (settings.ref is not None)
+    if stage == "score":
+        return [("hf", settings.prm)]
+    return []
 
 
 @dataclass
