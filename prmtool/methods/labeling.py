@@ -83,6 +83,12 @@ class PerStepMC:
             return []
         return [Probe(self.row, prefix, self.k) for prefix in range(1, self.n_steps)]
 
+    def most_rollouts(self) -> int:
+        """The rollouts this search takes at most (for progress)."""
+        if self.correct and not self.soft and self.threshold.one_success_proves_good:
+            return 0
+        return max(0, self.n_steps - 1) * self.k
+
     def observe(self, result: ProbeResult) -> None:
         self.step_mc[result.probe.prefix_steps - 1] = result.mc
         self.spent[0] += result.probe.k
@@ -145,6 +151,10 @@ class FirstErrorBinarySearch:
         if not self.second_stage:
             return levels
         return 2 * levels - (1 if self.middle_counts[1] else 0)  # two stages a level; one done
+
+    def most_rollouts(self) -> int:
+        """The rollouts this search takes at most (for progress): k at every level."""
+        return max(0, self.n_steps - 1).bit_length() * self.k
 
     def speculative_probes(self) -> list[Probe]:
         """What this search may ask next, whatever the probe it just asked shows, most likely
@@ -255,6 +265,8 @@ def label_rows(
             searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged)
     if tracker is not None:
         tracker.advance(frame.height - len(searches))
+        # a row finishes only when its whole search does: progress counts its rollouts
+        tracker.expect_work(len(searches), sum(search.most_rollouts() for search in searches.values()), "rollouts")
 
     def finished(row: int, search) -> None:
         results[row] = search.outcome()
