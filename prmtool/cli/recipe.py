@@ -514,12 +514,12 @@ def print_estimate(
     line = f"    {'?' if rows is None else f'{rows:,}'} rows in"
     seconds = None
     if cost.tokens:
-        measured = None if tokens_per_second else estimate.measured_throughput(settings)
+        measured = None if tokens_per_second else estimate.measured_throughput(settings, step.stage)
         rate = tokens_per_second or (measured or {}).get("tokens_per_second")
         line += f"; at most {cost.tokens:,} generated tokens ({cost.how})"
         if rate:
             seconds = cost.tokens / rate
-            source = "given" if tokens_per_second else f"measured here {measured['when']}"
+            source = "given" if tokens_per_second else measured["basis"]
             line += f"; about {estimate.duration(seconds)} at {rate:,.0f} tokens/s ({source})"
         else:
             line += "; time unknown: give --tokens-per-second, or run a model stage of this model here once"
@@ -598,9 +598,6 @@ def _run_steps(
             summary = call.run()  # the stage runs exactly as its printed command line
             if summary is not None:
                 summaries[step.label] = summary
-                if step.stage in estimate.MODEL_STAGES:  # for later --dry-run estimates
-                    generated = summary.counts.get("tokens_generated", 0)
-                    estimate.record_throughput(call.settings, generated, summary.seconds)
         except Exception as exc:
             known = exit_code_of(exc)
             if known is None:

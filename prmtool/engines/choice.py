@@ -50,6 +50,17 @@ VLLM_ENGINE_OVER_BARE_VLLM = 0.98
 PROBLEM_TOKENS = 128
 
 
+def stage_prompt_tokens(stage: str, settings) -> int | None:
+    """The typical prompt length of a stage's engine calls: generate's prompts are the
+    problems; label's and intervene's continue response prefixes; score's forward passes are
+    no sampling (None)."""
+    if stage == "generate":
+        return PROBLEM_TOKENS
+    if stage in ("label", "intervene"):
+        return continuation_prompt_tokens(settings.max_tokens)
+    return None
+
+
 def continuation_prompt_tokens(max_tokens: int) -> int:
     """The typical prompt of a stage that continues responses (label's rollouts, intervene's
     proposals): the problem and a response prefix, on average half a response, and a response
@@ -89,7 +100,7 @@ def choose_engine(
     cuda, has_vllm: whether a GPU and vLLM are there (None: look).
     """
     if cuda is None:
-        cuda = _cuda_available() if device is None else device.startswith("cuda")
+        cuda = cuda_available() if device is None else device.startswith("cuda")
     if not cuda:
         return Choice("hf", "on cpu, where vLLM does not run")
     if has_vllm is None:
@@ -187,7 +198,7 @@ def parameter_count(config: dict) -> float:
     return embeddings + layers * (attention + mlp)
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()

@@ -182,8 +182,10 @@ def run(
     """Sample N solutions per problem from a policy model. Each response row keeps every
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
-    engine = choice.resolve(settings.engine, settings.model, settings.device, choice.PROBLEM_TOKENS, stats.log)
-    settings = replace(settings, engine=engine)
+    prompt_tokens = choice.stage_prompt_tokens("generate", settings)
+    settings = replace(
+        settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
+    )
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stop = stop_strings(settings.stop)
     arguments = {

@@ -186,7 +186,7 @@ def run(
         )
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stats = RunStats("intervene", quiet=quiet)
-    prompt_tokens = choice.continuation_prompt_tokens(settings.max_tokens)
+    prompt_tokens = choice.stage_prompt_tokens("intervene", settings)
     settings = replace(
         settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
     )

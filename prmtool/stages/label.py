@@ -327,7 +327,7 @@ def run(
         raise InputError("--rejects is only for --method consensus")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
-    prompt_tokens = choice.continuation_prompt_tokens(settings.max_tokens)
+    prompt_tokens = choice.stage_prompt_tokens("label", settings)
     settings = replace(
         settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
     )
