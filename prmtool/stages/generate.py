@@ -116,8 +116,8 @@ def _no_responses_yet(shard) -> None:
 EXAMPLES = """\b
 Examples:
   prmtool generate data_samples/gsm8k/problems -o work/responses --n 4 --max-tokens 256
-  prmtool generate work/problems -o work/responses --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm --n 16 --verify
-  prmtool generate work/problems -o work/responses --prompt-template 'Q: {problem}\\nA:' --stop '\\n\\nQ:'
+  prmtool generate work/problems -o work/responses-1.5b --model ./Qwen2.5-Math-1.5B-Instruct --n 16 --verify
+  prmtool generate work/problems -o work/responses-qa --prompt-template 'Q: {problem}\\nA:' --stop '\\n\\nQ:'
 """
 
 

@@ -278,7 +278,7 @@ EXAMPLES = """\b
 Examples:
   prmtool import data_samples/gsm8k/test_sample.jsonl --preset gsm8k -o work/problems
   prmtool import outputs.csv --map question=problem --map gold=reference_answer --map output=response -o work/responses
-  prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/problems
+  prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/math-problems
 """
 
 

@@ -74,8 +74,8 @@ def _verified(shard) -> None:
 EXAMPLES = """\b
 Examples:
   prmtool intervene work/labeled -o work/interventions --rejects work/intervention_rejects
-  prmtool intervene work/verified -o work/interventions --first-error model --candidates 8 --verify-rollouts 32
-  prmtool intervene work/labeled -o work/interventions --model ./Qwen3-8B --engine vllm --min-success 2
+  prmtool intervene work/verified -o work/located --first-error model --candidates 8 --verify-rollouts 32
+  prmtool intervene work/labeled -o work/interventions-8b --model ./Qwen3-8B --engine vllm --min-success 2
   prmtool export work/interventions -o work/int_sft --format sft-messages --open-turn
 """
 

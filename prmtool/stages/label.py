@@ -66,9 +66,9 @@ def _verified(shard) -> None:
 EXAMPLES = """\b
 Examples:
   prmtool label work/verified -o work/labeled --method binary --k 8
-  prmtool label work/verified -o work/labeled --method mc --k 8 --label soft
-  prmtool label work/verified -o work/labeled --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
-  prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
+  prmtool label work/verified -o work/labeled-mc --method mc --k 8 --label soft
+  prmtool label work/verified -o work/labeled-7b --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
+  prmtool label work/verified -o work/labeled-omegaprm --method omegaprm --tree-output work/tree --search-budget 100
   prmtool label work/verified -o work/judged --method judge --judge-model ./critic --judge-samples 3
   prmtool label work/verified -o work/agreed --method consensus --rejects work/disagreed --judge-model ./critic
 """

@@ -63,10 +63,10 @@ def _check_text(shard) -> None:
 
 EXAMPLES = """\b
 Examples:
-  prmtool score work/responses -o work/scored --policy ./EurusPRM-Stage2 --ref ./Qwen2.5-Math-7B-Instruct
-  prmtool score work/responses -o work/scored --no-ref --agg mean
-  prmtool score work/responses -o work/scored --policy ./prm --ref ./sft --reward cumulative --agg last --token-rewards
-  prmtool score work/responses -o work/scored --scorer token-classification --prm ./my-trl-prm
+  prmtool score work/labeled -o work/scored --policy ./EurusPRM-Stage2 --ref ./Qwen2.5-Math-7B-Instruct
+  prmtool score work/labeled -o work/scored-no-ref --no-ref --agg mean
+  prmtool score work/labeled -o work/last --policy ./prm --ref ./sft --reward cumulative --agg last --token-rewards
+  prmtool score work/labeled -o work/scored-trl-prm --scorer token-classification --prm ./my-trl-prm
 """
 
 

@@ -23,7 +23,7 @@ REQUIRED = ("problem_id", "response_id", "response", "reference_answer")
 EXAMPLES = """\b
 Examples:
   prmtool verify data_samples/gsm8k/responses -o work/verified
-  prmtool verify 'shards/*.parquet' -o work/verified --timeout 2 --workers 8
+  prmtool verify 'shards/*.parquet' -o work/verified-shards --timeout 2 --workers 8
 """
 
 
