@@ -39,8 +39,8 @@ stages:
   - stage: import
     preset: gsm8k
   - stage: generate
-    n: 2
-    max-tokens: 16
+    n: 8
+    max-tokens: 64
 """
     )
     before = prmtool("run", recipe, "--dry-run", "--workdir", tmp_path / "plan")
@@ -67,7 +67,7 @@ def test_a_later_run_replaces_the_rate_and_each_stage_keeps_its_own(tmp_path):
     assert estimate.measured_throughput(generate, "generate")["tokens_per_second"] == 184
     # label has no run of its own yet: it rests on generate's, and says so
     assert "no label run measured yet" in estimate.measured_throughput(label, "label")["basis"]
-    estimate.record_throughput(label, tokens=500, seconds=100.0, stage="label")
+    estimate.record_throughput(label, tokens=1_500, seconds=300.0, stage="label")
     assert estimate.measured_throughput(label, "label")["tokens_per_second"] == 5
     assert estimate.measured_throughput(generate, "generate")["tokens_per_second"] == 184  # not label's
 
@@ -82,7 +82,16 @@ def test_a_standalone_stage_command_records_its_rate_too(prmtool, tmp_path, tiny
     pl.read_parquet(SAMPLES / "problems" / "*.parquet").head(3).write_parquet(tmp_path / "problems.parquet")
     result = prmtool(
         "generate", tmp_path / "problems.parquet", "-o", tmp_path / "r", "--model", tiny_model_dir,
-        "--n", "1", "--max-tokens", "8", "-q",
+        "--n", "8", "--max-tokens", "64", "-q",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert list(json.loads(estimate.throughput_file().read_text())) == [f"generate|hf|cpu|{tiny_model_dir}"]
+
+
+def test_a_run_too_short_to_measure_a_rate_is_not_recorded(tmp_path):
+    """A few hundred tokens measure the model load, not the engine: such a run keeps the rate
+    an earlier, longer run measured."""
+    settings = stage("generate").settings(engine="hf", device="cpu")
+    estimate.record_throughput(settings, tokens=20_000, seconds=100.0)
+    estimate.record_throughput(settings, tokens=8, seconds=8.0)
+    assert estimate.measured_throughput(settings)["tokens_per_second"] == 200

@@ -128,6 +128,7 @@ def stand_ins(tmp_path_factory, models) -> Path:
     base = tmp_path_factory.mktemp("stand-ins")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(base)
+        patch.setenv("PRMTOOL_CACHE_DIR", str(base / ".cache"))  # measured rates: never the user's cache
         patch.setattr("prmtool.engines.model_files.default_model_path", lambda: str(models["policy"]))
         write_data_samples(base)
         write_user_files(base)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 STEPS_PER_RESPONSE = 8  # assumed for responses a recipe has not generated yet
 MODEL_STAGES = {"generate", "label", "intervene"}  # the stages whose cost is generated tokens
+# A run that generated fewer tokens measures mostly its model load and start-up, not a rate.
+MIN_MEASURED_TOKENS = 1_000
 
 
 @dataclass
@@ -140,7 +142,7 @@ def throughput_key(settings, stage: str = "generate") -> str:
 
 def record_throughput(settings, tokens: int, seconds: float, *, stage: str = "generate") -> None:
     """Remember a model stage's generated tokens per second on this machine, for --dry-run."""
-    if tokens <= 0 or seconds <= 0:
+    if tokens < MIN_MEASURED_TOKENS or seconds <= 0:
         return
     path = throughput_file()
     try:
