@@ -125,3 +125,22 @@ def test_auto_runs_a_stage_on_cpu_and_says_so(prmtool, tmp_path, tiny_model_dir)
     assert "engine: hf (--engine auto: on cpu, where vLLM does not run)" in result.stderr
     provenance = read_provenance(next((tmp_path / "r").glob("*.parquet")))
     assert provenance["arguments"]["engine"] == "hf"  # the engine that ran, so a resume compares like with like
+
+
+def test_a_recipe_runs_each_model_on_the_engine_its_longest_prompts_pick(model_folder):
+    """generate's short prompts pick hf and label's long ones vLLM: loading the 7B twice would
+    not fit, so every stage takes label's choice, and says why."""
+    from prmtool.engines.choice import agree, one_engine_per_model, resolve
+
+    model = model_folder(QWEN25_7B)
+    generate = choose_engine(model, device="cuda", prompt_tokens=128, has_vllm=True)
+    label = choose_engine(model, device="cuda", prompt_tokens=640, has_vllm=True)
+    score = choose_engine(model, device="cuda", prompt_tokens=None, has_vllm=True)
+    assert (generate.engine, label.engine, score.engine) == ("hf", "vllm", "hf")
+    agreed = agree([(model, 128, generate), (model, 640, label), (model, None, score)])
+    said = []
+    with one_engine_per_model(agreed):
+        assert resolve("auto", model, "cuda", 128, said.append) == "vllm"
+        assert resolve("hf", model, "cuda", 128) == "hf"  # an engine named is never overridden
+    assert said == [f"engine: vllm (--engine auto: {label.reason}; one engine for every stage on this model)"]
+    assert resolve("auto", model, "cpu", 128) == "hf"  # outside the recipe: each stage its own

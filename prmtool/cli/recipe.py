@@ -51,6 +51,7 @@ from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
 from prmtool.core.options import default_workers
 from prmtool.core.outputs import check_outputs, input_roots, plain_name
+from prmtool.engines.choice import one_engine_per_model
 from prmtool.engines.loading import keep_models_loaded
 from prmtool.methods.verification import start_workers
 from prmtool.stages import STAGES
@@ -403,9 +404,9 @@ def command(
     last = recipe.find(until, "--until").number if until else len(recipe.steps)
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
-    if not dry_run:
-        preflight(recipe, first, last)  # engines, devices and models, before any record is touched
-    with keep_models_loaded():  # a model loaded by one stage serves the next that uses it
+    # engines, devices and models checked before any record is touched; one engine per model
+    engines = {} if dry_run else preflight(recipe, first, last)
+    with keep_models_loaded(), one_engine_per_model(engines):  # a model loaded once serves every stage
         _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed, tokens_per_second)
 
 
@@ -431,12 +432,15 @@ def check_recipe(recipe: Recipe) -> None:
     check_outputs(input_roots(external), {"--workdir": recipe.workdir})
 
 
-def preflight(recipe: Recipe, first: int | None, last: int) -> None:
+def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
     """Check what the stages that will run need and no option can show wrong: each model's
     engine installed, its device there, its files on disk and its config loading. A run that
     would fail there fails here instead, before any stage's record or output is touched, so the
-    records of a finished run stay as they were."""
+    records of a finished run stay as they were. Returns the engine `--engine auto` gives each
+    model in every stage (`choice.agree`)."""
     from prmtool.engines import check_loadable, choice
+
+    automatic = []  # (model, prompt tokens, choice) of each stage's model on --engine auto
 
     rerun_since = first  # as _run_steps decides: once a stage reruns, every later one does
     for step in recipe.steps[:last]:
@@ -450,11 +454,20 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> None:
             continue
         for engine, model in models_of(step.stage, call.settings):
             settings = call.settings
+            prompt_tokens = choice.stage_prompt_tokens(step.stage, settings)
             try:
-                engine = choice.resolve(engine, model, settings.device, choice.PROBLEM_TOKENS)
+                if engine == choice.AUTO:
+                    options = choice.options_from_environment()
+                    picked = choice.choose_engine(
+                        model, device=settings.device, prompt_tokens=prompt_tokens, vllm_options=options
+                    )
+                    automatic.append((model, prompt_tokens, picked))
+                    engine = picked.engine
+                engine = choice.resolve(engine, model, settings.device, prompt_tokens)  # an unknown name fails
                 check_loadable(engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code)
             except InputError as exc:
                 raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
+    return choice.agree(automatic)
 
 
 def models_of(stage: str, settings) -> list[tuple[str, str | None]]:

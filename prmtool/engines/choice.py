@@ -15,10 +15,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prmtool.engines.base import EngineError
+from prmtool.engines.vllm import options_from_environment  # PRMTOOL_VLLM_OPTIONS; vLLM itself is not imported
 
 AUTO = "auto"
 
@@ -204,18 +207,46 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# model -> the engine every stage of a recipe that runs it takes (`one_engine_per_model`)
+_AGREED: ContextVar[dict] = ContextVar("agreed_engines", default={})
+
+
+@contextmanager
+def one_engine_per_model(choices: dict):
+    """Inside, `auto` gives each model in `choices` its engine there. `prmtool run` agrees on
+    one engine per model before its stages run: generate's short prompts and label's long ones
+    can pick different engines, and a second engine would load the model a second time (a 7B
+    on hf, then on vLLM: twice the GPU memory, or vLLM failing to start)."""
+    token = _AGREED.set(choices)
+    try:
+        yield
+    finally:
+        _AGREED.reset(token)
+
+
+def agree(choices: list[tuple[str | None, int | None, Choice]]) -> dict:
+    """One engine per model from each (model, prompt_tokens, choice) of a recipe's stages: the
+    choice of the stage with the longest prompts (label's, intervene's: the stages that sample
+    the most), unless that stage could run its model on hf only."""
+    agreed: dict = {}
+    for model, prompt_tokens, choice in sorted(choices, key=lambda c: -1 if c[1] is None else c[1], reverse=True):
+        if model not in agreed:
+            agreed[model] = replace(choice, reason=f"{choice.reason}; one engine for every stage on this model")
+    return agreed
+
+
 def resolve(engine: str, model: str | None, device: str | None, prompt_tokens: int | None, log=None) -> str:
-    """The engine to run: `engine` itself, or for `auto` the one `choose_engine` picks, said on
-    one line through `log`."""
+    """The engine to run: `engine` itself, or for `auto` the one `choose_engine` picks (or the
+    one a recipe agreed on for this model), said on one line through `log`."""
     from prmtool.engines import ENGINE_NAMES
 
     if engine not in (*ENGINE_NAMES, AUTO):
         raise EngineError(f"--engine {engine!r}: expected one of {', '.join((*ENGINE_NAMES, AUTO))}")
     if engine != AUTO:
         return engine
-    from prmtool.engines.vllm import options_from_environment
-
-    choice = choose_engine(model, device=device, prompt_tokens=prompt_tokens, vllm_options=options_from_environment())
+    choice = _AGREED.get().get(model) or choose_engine(
+        model, device=device, prompt_tokens=prompt_tokens, vllm_options=options_from_environment()
+    )
     if log is not None:
         log(choice.line())
     return choice.engine

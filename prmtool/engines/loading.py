@@ -61,6 +61,9 @@ class EngineOnDemand:
                 self.stats.log(f"using the already loaded model: {self.model or '(embedded SmolLM2-135M-Instruct)'}")
                 self._engine, self._shared = cache[key], True
                 return self._engine
+            if cache is not None:  # the model on another engine: closed, its memory goes to this one
+                for other in [key for key in cache if key[1] == self.model and key[0] != self.name]:
+                    cache.pop(other).close()
             self._engine = self._load()
             if cache is not None:
                 cache[key], self._shared = self._engine, True
