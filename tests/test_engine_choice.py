@@ -138,9 +138,8 @@ def test_a_recipe_runs_each_model_on_the_engine_its_longest_prompts_pick(model_f
     score = choose_engine(model, device="cuda", prompt_tokens=None, has_vllm=True)
     assert (generate.engine, label.engine, score.engine) == ("hf", "vllm", "hf")
     agreed = agree([(model, 128, generate), (model, 640, label), (model, None, score)])
-    said = []
     with one_engine_per_model(agreed):
-        assert resolve("auto", model, "cuda", 128, said.append) == "vllm"
-        assert resolve("hf", model, "cuda", 128) == "hf"  # an engine named is never overridden
-    assert said == [f"engine: vllm (--engine auto: {label.reason}; one engine for every stage on this model)"]
-    assert resolve("auto", model, "cpu", 128) == "hf"  # outside the recipe: each stage its own
+        picked = resolve("auto", model, "cuda", 128)
+        assert resolve("hf", model, "cuda", 128).engine == "hf"  # an engine named is never overridden
+    assert picked.line() == f"engine: vllm (--engine auto: {label.reason}; one engine for every stage on this model)"
+    assert resolve("auto", model, "cpu", 128).engine == "hf"  # outside the recipe: each stage its own

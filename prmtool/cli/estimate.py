@@ -128,7 +128,9 @@ def engine_and_device(stage: str, settings) -> tuple[str, str]:
     if device is None:
         device = "cuda" if choice.cuda_available() else "cpu"
     try:
-        engine = choice.resolve(settings.engine, model, settings.device, choice.stage_prompt_tokens(stage, settings))
+        engine = choice.resolve(
+            settings.engine, model, settings.device, choice.stage_prompt_tokens(stage, settings)
+        ).engine
     except EngineError:
         engine = settings.engine
     return engine, device

@@ -463,7 +463,7 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
                     )
                     automatic.append((model, prompt_tokens, picked))
                     engine = picked.engine
-                engine = choice.resolve(engine, model, settings.device, prompt_tokens)  # an unknown name fails
+                engine = choice.resolve(engine, model, settings.device, prompt_tokens).engine  # an unknown name fails
                 check_loadable(engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code)
             except InputError as exc:
                 raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None

@@ -77,7 +77,8 @@ class Choice:
     reason: str  # one line, for the log
 
     def line(self) -> str:
-        return f"engine: {self.engine} (--engine auto: {self.reason})"
+        """`engine: vllm (--engine auto: REASON)`; empty for an engine named, not chosen."""
+        return f"engine: {self.engine} (--engine auto: {self.reason})" if self.reason else ""
 
 
 def vllm_installed() -> bool:
@@ -235,18 +236,16 @@ def agree(choices: list[tuple[str | None, int | None, Choice]]) -> dict:
     return agreed
 
 
-def resolve(engine: str, model: str | None, device: str | None, prompt_tokens: int | None, log=None) -> str:
-    """The engine to run: `engine` itself, or for `auto` the one `choose_engine` picks (or the
-    one a recipe agreed on for this model), said on one line through `log`."""
+def resolve(engine: str, model: str | None, device: str | None, prompt_tokens: int | None) -> Choice:
+    """The engine to run: `engine` itself (no reason), or for `auto` the one `choose_engine`
+    picks, or the one a recipe agreed on for this model (`one_engine_per_model`). Stages print
+    its `line()` when they load the model: a run that fails on its input says only that."""
     from prmtool.engines import ENGINE_NAMES
 
     if engine not in (*ENGINE_NAMES, AUTO):
         raise EngineError(f"--engine {engine!r}: expected one of {', '.join((*ENGINE_NAMES, AUTO))}")
     if engine != AUTO:
-        return engine
-    choice = _AGREED.get().get(model) or choose_engine(
+        return Choice(engine, "")
+    return _AGREED.get().get(model) or choose_engine(
         model, device=device, prompt_tokens=prompt_tokens, vllm_options=options_from_environment()
     )
-    if log is not None:
-        log(choice.line())
-    return choice.engine

@@ -36,7 +36,15 @@ class EngineOnDemand:
     in a second, not after a model load), and never when every shard is already complete."""
 
     def __init__(
-        self, name: str, model: str | None, device: str | None, trust_remote_code: bool, stats: RunStats, **options
+        self,
+        name: str,
+        model: str | None,
+        device: str | None,
+        trust_remote_code: bool,
+        stats: RunStats,
+        *,
+        why: str = "",
+        **options,
     ) -> None:
         self.name, self.model, self.device, self.trust_remote_code, self.stats = (
             name,
@@ -46,6 +54,7 @@ class EngineOnDemand:
             stats,
         )
         self.options = options  # engine settings, e.g. max_batch_tokens
+        self.why = why  # how --engine auto chose the engine: said when the model is first used
         from prmtool.engines import check_device
 
         check_device(device)  # before any input is read: a bad --device fails at once
@@ -54,6 +63,8 @@ class EngineOnDemand:
 
     def get(self):
         if self._engine is None:
+            if self.why:
+                self.stats.log(self.why)
             cache = _loaded.get()
             key = (self.name, self.model, self.device, self.trust_remote_code, tuple(sorted(self.options.items())))
             if cache is not None and key in cache:

@@ -183,9 +183,8 @@ def run(
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
     prompt_tokens = choice.stage_prompt_tokens("generate", settings)
-    settings = replace(
-        settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
-    )
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    settings = replace(settings, engine=picked.engine)
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stop = stop_strings(settings.stop)
     arguments = {
@@ -203,7 +202,9 @@ def run(
         "engine": settings.engine,
     }
     required = ("problem_id", "problem") + (("reference_answer",) if settings.verify else ())
-    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    engines = EngineOnDemand(
+        settings.engine, settings.model, settings.device, settings.trust_remote_code, stats, why=picked.line()
+    )
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens

@@ -187,9 +187,8 @@ def run(
     make_splitter(settings.split)  # a bad --split fails before the model loads
     stats = RunStats("intervene", quiet=quiet)
     prompt_tokens = choice.stage_prompt_tokens("intervene", settings)
-    settings = replace(
-        settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
-    )
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    settings = replace(settings, engine=picked.engine)
     rollouts = intervention_config(settings).rollouts
     arguments = {
         "candidates": settings.candidates,
@@ -208,7 +207,9 @@ def run(
         "model": settings.model,
         "engine": settings.engine,
     }
-    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    engines = EngineOnDemand(
+        settings.engine, settings.model, settings.device, settings.trust_remote_code, stats, why=picked.line()
+    )
     checks = [_verified, _no_interventions_yet]
     if settings.first_error == "from-labels":
         checks.append(_has_first_error)

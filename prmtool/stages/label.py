@@ -328,13 +328,14 @@ def run(
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
     prompt_tokens = choice.stage_prompt_tokens("label", settings)
-    settings = replace(
-        settings, engine=choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, stats.log)
-    )
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    settings = replace(settings, engine=picked.engine)
     rollout_settings = RolloutSettings.of(settings, settings.workers or default_workers())
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)
-    policy = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    policy = EngineOnDemand(
+        settings.engine, settings.model, settings.device, settings.trust_remote_code, stats, why=picked.line()
+    )
     critic = policy
     if settings.judge_model is not None:
         critic = EngineOnDemand(

@@ -222,10 +222,10 @@ def run(
     else:
         arguments |= {"prm": settings.prm, "step_separator": settings.step_separator}
     stats = RunStats("score", quiet=quiet)
+    why = ""
     if settings.scorer == "implicit":  # forward passes only: no prompt length decides (engines/choice.py)
-        settings = replace(
-            settings, engine=choice.resolve(settings.engine, settings.policy, settings.device, None, stats.log)
-        )
+        picked = choice.resolve(settings.engine, settings.policy, settings.device, None)
+        settings, why = replace(settings, engine=picked.engine), picked.line()
     options = {"max_batch_tokens": settings.max_batch_tokens} if settings.max_batch_tokens else {}
     if settings.engine == "vllm":
         # vLLM batches by itself; two instances (policy and ref) must share the GPU.
@@ -233,7 +233,7 @@ def run(
     if settings.scorer == "implicit":
         models = [
             EngineOnDemand(
-                settings.engine, settings.policy, settings.device, settings.trust_remote_code, stats, **options
+                settings.engine, settings.policy, settings.device, settings.trust_remote_code, stats, why=why, **options
             )
         ]
         if settings.ref is not None:
