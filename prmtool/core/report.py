@@ -136,7 +136,11 @@ class RemainingColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         tracker = task.fields.get("tracker")
-        left, bound = tracker.seconds_left(task.elapsed or 0.0) if tracker is not None else (None, False)
+        if tracker is None:  # a bar without a Tracker: its own fields
+            tracker = Tracker(task.total)
+            tracker.rows, tracker.tokens = task.completed, task.fields.get("tokens", 0)
+            tracker.tokens_per_row = task.fields.get("tokens_per_row")
+        left, bound = tracker.seconds_left(task.elapsed or 0.0)
         if left is None:
             return Text("-:--:--")
         return Text(("≤" if bound else "") + clock(left))
