@@ -59,9 +59,9 @@ def within(path: str, folder: str) -> bool:
 def write_data_samples(base: Path) -> None:
     """data_samples/, as in the repository, with a few rows of each file."""
     for name, rows in [
-        ("gsm8k/test_sample.jsonl", 4),
+        ("gsm8k/test_sample.jsonl", 3),
         ("gsm8k/responses.jsonl", 8),
-        ("processbench-gsm8k/gsm8k.jsonl", 6),
+        ("processbench-gsm8k/gsm8k.jsonl", 3),
     ]:
         target = base / "data_samples" / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,18 @@ PIPELINE = [
     ["label", "work/verified", "-o", "work/labeled", "--k", "2", "--workers", "1"],
     ["score", "work/labeled", "-o", "work/scored", "--no-ref"],
     ["filter", "work/scored", "-o", "work/prof", "--rejects", "work/prof_rejects"],
-    ["intervene", "work/labeled", "-o", "work/interventions", "--candidates", "2", "--verify-rollouts", "2"],
+    [
+        "intervene",
+        "work/labeled",
+        "-o",
+        "work/interventions",
+        "--candidates",
+        "1",
+        "--verify-rollouts",
+        "1",
+        "--workers",
+        "1",
+    ],
 ]
 STAND_INS = ["data_samples", "recipes", "outputs.csv", "my_hf_dataset", "shards"] + [
     path for words in PIPELINE for path in paths_of(words)[1]
