@@ -8,16 +8,17 @@
 # searches all of them: an upper bound of label's work (a trained 7B gets most GSM8K problems
 # right, and label trusts the right ones).
 #
-#   bench/first_gpu_run.sh          # the README's commands (about N min on one H100: see README)
+#   bench/first_gpu_run.sh build    # the model folder only (a minute or two)
+#   bench/first_gpu_run.sh          # the README's commands (the time: README, "Your first GPU run")
 #   bench/first_gpu_run.sh k        # then label with --set label.k=4 and 16 (label onward reruns)
 #   bench/first_gpu_run.sh n        # generate with --set generate.n=4 and 16, each in its own workdir
 #
 # MODEL (default /tmp/qwen2.5-7b-random) is built once and reused; the runs write the recipe's
-# workdir (work/gsm8k-7b; runs/gsm8k-7b-nN for n); WORK (default runs/first-gpu-run) holds the
-# log and the timings; with OUT set (the GPU machine's output folder), the log
-# and the timings are copied there. --engine auto picks vLLM where it is installed and faster,
-# and says so; without vLLM it runs hf and says why. SMOKE=1: a 4-problem, 32-token check of
-# the script on CPU with a tiny model of the same shape of files.
+# workdir (work/gsm8k-7b; runs/gsm8k-7b-nN for n); the log (every command's stderr, with a
+# progress line every 30 s) and the timings go to WORK: $OUT where set (the GPU machine's output
+# folder, so a run cut short still reports), else runs/first-gpu-run. --engine auto picks vLLM
+# where it is installed and faster, and says so; without vLLM it runs hf and says why. SMOKE=1:
+# a 4-problem, 32-token check of the script on CPU with a tiny model of the same shape of files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,7 +26,7 @@ prmtool() { python -m prmtool "$@"; }  # this checkout's prmtool, whatever is in
 
 what=${1:-main}
 MODEL=${MODEL:-/tmp/qwen2.5-7b-random}
-WORK=${WORK:-runs/first-gpu-run}
+WORK=${WORK:-${OUT:-runs/first-gpu-run}}  # on the GPU machine, straight into $OUT: a run cut short still reports
 mkdir -p "$WORK"
 LOG="$WORK/first_gpu_run.log"
 TIMES="$WORK/first_gpu_run_times.txt"
@@ -65,11 +66,6 @@ for stage in sorted(Path(sys.argv[1]).glob("[0-9][0-9]-*")):
         print(f"    {stage.name}: {sum(o['rows'] for o in outputs):,} rows")
 EOF
 }
-
-copy_out() {
-    if [[ -n "${OUT:-}" ]]; then cp "$LOG" "$TIMES" "$OUT"/ 2>/dev/null || true; fi
-}
-trap copy_out EXIT
 
 say "== first GPU run ($what), $(date -u '+%Y-%m-%d %H:%M UTC')"
 say "$(python -c 'import torch; print("torch", torch.__version__, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")')"
@@ -124,6 +120,7 @@ EOF
 fi
 
 case "$what" in
+build) ;;  # the model folder only (a first call; the next reuses it while the machine stays warm)
 main)
     # The README's commands, as written there (the recipe's workdir: work/gsm8k-7b).
     timed run recipes/gsm8k-7b.yaml --model "$MODEL" --dry-run
@@ -145,7 +142,7 @@ n)
     done
     ;;
 *)
-    echo "usage: bench/first_gpu_run.sh [main|k|n]" >&2
+    echo "usage: bench/first_gpu_run.sh [build|main|k|n]" >&2
     exit 2
     ;;
 esac
