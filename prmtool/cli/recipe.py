@@ -441,7 +441,6 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
     from prmtool.engines import check_loadable, choice
 
     automatic = []  # (model, prompt tokens, choice) of each stage's model on --engine auto
-
     rerun_since = first  # as _run_steps decides: once a stage reruns, every later one does
     for step in recipe.steps[:last]:
         action = decide(step, rerun_since is not None and step.number >= rerun_since)
@@ -456,15 +455,13 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
             settings = call.settings
             prompt_tokens = choice.stage_prompt_tokens(step.stage, settings)
             try:
+                # outside one_engine_per_model, auto gives each stage its own choice; agree() picks one
+                picked = choice.resolve(engine, model, settings.device, prompt_tokens)  # an unknown name fails
                 if engine == choice.AUTO:
-                    options = choice.options_from_environment()
-                    picked = choice.choose_engine(
-                        model, device=settings.device, prompt_tokens=prompt_tokens, vllm_options=options
-                    )
                     automatic.append((model, prompt_tokens, picked))
-                    engine = picked.engine
-                engine = choice.resolve(engine, model, settings.device, prompt_tokens).engine  # an unknown name fails
-                check_loadable(engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code)
+                check_loadable(
+                    picked.engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code
+                )
             except InputError as exc:
                 raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
     return choice.agree(automatic)

@@ -36,7 +36,8 @@ class Measurement:
     source: str  # where it was measured
 
 
-# Random-weight Qwen2.5 models, bf16, one H100 (bench/bench_generate.py --vllm, 2026-12-05/06).
+# Random-weight Qwen2.5 models, bf16, one H100 (bench/bench_generate.py --vllm, 2026-12-06). The hf
+# engine changes (a paged KV cache) move these: rerun the benchmark and update the rows.
 MEASURED = [
     Measurement(0.5, 128, 3.97, "bench_generate --vllm, H100"),
     Measurement(7.6, 128, 1.00, "bench_generate --vllm, H100"),
