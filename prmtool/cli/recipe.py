@@ -331,7 +331,8 @@ Examples:
   prmtool run recipes/quickstart.yaml
   prmtool run recipes/quickstart.yaml --dry-run
   prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --workdir runs/qwen
-  prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm
+  prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm --workdir runs/qwen-vllm
+  prmtool run recipes/gsm8k-7b.yaml --model ./Qwen2.5-7B-Instruct --dry-run
   prmtool run recipes/prof.yaml --set generate.n=16 --set filter.remove=8 --workdir runs/prof-n16
   prmtool run recipes/omegaprm-gsm8k.yaml --from label --until export
 """
