@@ -71,3 +71,10 @@ def test_a_model_folder_whose_config_does_not_load_is_refused_before_any_stage(p
     assert result.exit_code == 2
     assert f"stage 02-generate: model {broken}: its config does not load" in result.stderr
     assert everything_under(tmp_path / "work") == before
+
+
+def test_dry_run_says_when_the_run_would_fail_its_checks(prmtool, finished_run, tmp_path):
+    result = prmtool("run", finished_run, "--engine", "vllm", "--dry-run")
+    assert result.exit_code == 0
+    assert "note: the run would stop before its first stage: " in result.stderr
+    assert "--engine vllm: vLLM is not installed" in result.stderr

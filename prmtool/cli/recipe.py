@@ -406,7 +406,13 @@ def command(
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
     # engines, devices and models checked before any record is touched; one engine per model
-    engines = {} if dry_run else preflight(recipe, first, last)
+    try:
+        engines = preflight(recipe, first, last)
+    except InputError as exc:
+        if not dry_run:
+            raise
+        engines = {}
+        console.print(f"note: the run would stop before its first stage: {exc}", markup=False, soft_wrap=True)
     with keep_models_loaded(), one_engine_per_model(engines):  # a model loaded once serves every stage
         _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed, tokens_per_second)
 
