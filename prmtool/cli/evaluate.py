@@ -25,10 +25,10 @@ SCORE_COLUMNS = ("step_rewards", "step_values", "step_mc")
 EXAMPLES = """\b
 Examples:
   prmtool import data_samples/processbench-gsm8k/gsm8k.jsonl --preset processbench -o work/pb
-  prmtool label work/pb-verified -o work/pb-labeled --method binary
-  prmtool eval work/pb-labeled --truth human_first_error --pred first_error --by generator
-  prmtool eval work/pb-scored --pred-from step_values --sweep --json work/pb-eval.json
-  prmtool eval work/labeled-consensus --pred first_error --against judge_first_error
+  prmtool score work/pb -o work/pb-scored --no-ref
+  prmtool eval work/pb-scored --pred-from step_values --sweep --by generator --json work/pb-eval.json
+  prmtool label work/verified -o work/agreed --method consensus --rejects work/disagreed
+  prmtool eval work/agreed work/disagreed --pred first_error --against judge_first_error
   prmtool eval work/scored --best-of-n --score prm_score --n 1,4,8
 """
 

@@ -52,6 +52,7 @@ from prmtool.core import shards
 from prmtool.core.errors import InputError, StageError, exit_code_of
 from prmtool.core.options import worker_count
 from prmtool.core.outputs import check_outputs, exclusive_lock, input_roots, plain_name
+from prmtool.engines.choice import one_engine_per_model
 from prmtool.engines.loading import keep_models_loaded
 from prmtool.methods.verification import start_workers
 from prmtool.stages import STAGES
@@ -344,7 +345,8 @@ Examples:
   prmtool run recipes/quickstart.yaml
   prmtool run recipes/quickstart.yaml --dry-run
   prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --workdir runs/qwen
-  prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm
+  prmtool run recipes/quickstart.yaml --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm --workdir runs/qwen-vllm
+  prmtool run recipes/gsm8k-7b.yaml --model ./Qwen2.5-7B-Instruct --dry-run
   prmtool run recipes/prof.yaml --set generate.n=16 --set filter.remove=8 --workdir runs/prof-n16
   prmtool run recipes/omegaprm-gsm8k.yaml --from label --until export
 """
@@ -393,7 +395,7 @@ def command(
         str | None,
         typer.Option(
             "--engine",
-            help="The engine (hf or vllm) of every stage that runs a model, unless the stage names its own.",
+            help="The engine (hf, vllm or auto) of every stage that runs a model, unless the stage names its own.",
             show_default=False,
         ),
     ] = None,
@@ -417,9 +419,17 @@ def command(
     last = recipe.find(until, "--until").number if until else len(recipe.steps)
     if first is not None and first > last:
         raise InputError(f"--from {from_stage} comes after --until {until}")
+    # engines, devices and models checked before any record is touched; one engine per model
+    try:
+        engines = preflight(recipe, first, last)
+    except InputError as exc:
+        if not dry_run:
+            raise
+        engines = {}
+        console.print(f"note: the run would stop before its first stage: {exc}", markup=False, soft_wrap=True)
     # One run of a workdir at a time: a second `prmtool run` there fails at once, touching nothing.
     held = contextlib.nullcontext() if dry_run else exclusive_lock(recipe.workdir, "`prmtool run`")
-    with held, keep_models_loaded():  # a model loaded by one stage serves the next that uses it
+    with held, keep_models_loaded(), one_engine_per_model(engines):  # a model loaded once serves every stage
         _run_steps(recipe, recipe_path, first, last, dry_run, quiet, console, typed, tokens_per_second)
 
 
@@ -457,6 +467,55 @@ def check_recipe(recipe: Recipe) -> None:
         check_outputs([], written)
     except InputError as exc:
         raise InputError(f"{recipe.path}: {exc}") from None
+
+
+def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
+    """Check what the stages that will run need and no option can show wrong: each model's
+    engine installed, its device there, its files on disk and its config loading. A run that
+    would fail there fails here instead, before any stage's record or output is touched, so the
+    records of a finished run stay as they were. Returns the engine `--engine auto` gives each
+    model in every stage (`choice.agree`)."""
+    from prmtool.engines import check_loadable, choice
+
+    automatic = []  # (model, prompt tokens, choice) of each stage's model on --engine auto
+    rerun_since = first  # as _run_steps decides: once a stage reruns, every later one does
+    for step in recipe.steps[:last]:
+        action = decide(step, rerun_since is not None and step.number >= rerun_since)
+        if action == "skip":
+            continue
+        if action in ("run", "rerun") and rerun_since is None:
+            rerun_since = step.number
+        call = parse_step(recipe, step, step.argv())
+        if isinstance(call, ReportCall):
+            continue
+        for engine, model in models_of(step.stage, call.settings):
+            settings = call.settings
+            prompt_tokens = choice.stage_prompt_tokens(step.stage, settings)
+            try:
+                # outside one_engine_per_model, auto gives each stage its own choice; agree() picks one
+                picked = choice.resolve(engine, model, settings.device, prompt_tokens)  # an unknown name fails
+                if engine == choice.AUTO:
+                    automatic.append((model, prompt_tokens, picked))
+                check_loadable(
+                    picked.engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code
+                )
+            except InputError as exc:
+                raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
+    return choice.agree(automatic)
+
+
+def models_of(stage: str, settings) -> list[tuple[str, str | None]]:
+    """(engine, model) of every model a stage's settings load (None: the embedded model)."""
+    if stage in ("generate", "intervene"):
+        return [(settings.engine, settings.model)]
+    if stage == "label":
+        judge = settings.method in ("judge", "consensus") and settings.judge_model is not None
+        return [(settings.engine, settings.model)] + [(settings.engine, settings.judge_model)] * judge
+    if stage == "score" and settings.scorer == "implicit":
+        return [(settings.engine, settings.policy)] + [(settings.engine, settings.ref)] * (settings.ref is not None)
+    if stage == "score":
+        return [("hf", settings.prm)]
+    return []
 
 
 @dataclass
@@ -502,12 +561,12 @@ def print_estimate(
     line = f"    {'?' if rows is None else f'{rows:,}'} rows in"
     seconds = None
     if cost.tokens:
-        measured = None if tokens_per_second else estimate.measured_throughput(settings)
+        measured = None if tokens_per_second else estimate.measured_throughput(settings, step.stage)
         rate = tokens_per_second or (measured or {}).get("tokens_per_second")
         line += f"; at most {cost.tokens:,} generated tokens ({cost.how})"
         if rate:
             seconds = cost.tokens / rate
-            source = "given" if tokens_per_second else f"measured here {measured['when']}"
+            source = "given" if tokens_per_second else measured["basis"]
             line += f"; about {estimate.duration(seconds)} at {rate:,.0f} tokens/s ({source})"
         else:
             line += "; time unknown: give --tokens-per-second, or run a model stage of this model here once"
@@ -586,9 +645,6 @@ def _run_steps(
             summary = call.run()  # the stage runs exactly as its printed command line
             if summary is not None:
                 summaries[step.label] = summary
-                if step.stage in estimate.MODEL_STAGES:  # for later --dry-run estimates
-                    generated = summary.counts.get("tokens_generated", 0)
-                    estimate.record_throughput(call.settings, generated, summary.seconds)
         except Exception as exc:
             known = exit_code_of(exc)
             if known is None:

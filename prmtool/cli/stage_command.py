@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Callable
 
+from prmtool.cli import estimate
 from prmtool.core.options import AllowIncomplete, Inputs, Output, Overwrite, Quiet, ScaleOut
 from prmtool.core.stage import Stage, default_of, option_fields, option_types
 from prmtool.executors import run_stage
@@ -41,8 +42,9 @@ class StageCall:
     scale_out: ScaleOut = dataclasses.field(default_factory=ScaleOut)
 
     def run(self):
-        """Run it where the scale-out options say (this process, one partition, or Ray tasks)."""
-        return run_stage(
+        """Run it where the scale-out options say (this process, one partition, or Ray tasks);
+        a model stage's tokens per second are remembered for `prmtool run --dry-run`."""
+        summary = run_stage(
             self.stage,
             self.inputs,
             self.output,
@@ -52,6 +54,10 @@ class StageCall:
             allow_incomplete=self.allow_incomplete,
             **dataclasses.asdict(self.scale_out),
         )
+        generated = summary.counts.get("tokens_generated", 0) if summary is not None else 0
+        if generated and self.stage.name in estimate.MODEL_STAGES:
+            estimate.record_throughput(self.settings, generated, summary.seconds, stage=self.stage.name)
+        return summary
 
 
 def stage_call(stage: Stage, options: dict) -> StageCall:

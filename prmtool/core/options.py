@@ -145,7 +145,17 @@ Model = Annotated[
         show_default=False,
     ),
 ]
-EngineName = Annotated[str, typer.Option("--engine", help="Model backend: hf (transformers) or vllm.")]
+EngineName = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help=(
+            "Model backend: hf (transformers), vllm, or auto: hf on CPU; on CUDA the faster of the two for the "
+            "model's size and the prompts' length, as measured (prmtool/engines/choice.py), or vllm where only it "
+            "runs the model. The choice and its reason are printed."
+        ),
+    ),
+]
 Device = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda when available).", show_default=False)
 ]
@@ -222,7 +232,7 @@ class ModelSettings:
     """The model a stage runs and where: shared by generate, label and intervene."""
 
     model: Model = None
-    engine: EngineName = "hf"
+    engine: EngineName = "auto"
     device: Device = None
     trust_remote_code: TrustRemoteCode = False
 

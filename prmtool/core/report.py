@@ -6,6 +6,8 @@ Stats are collected in one place (`RunStats`) and printed once at the end, as da
 from __future__ import annotations
 
 import datetime
+import os
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -25,19 +27,70 @@ from rich.text import Text
 
 
 class Tracker:
-    """What a stage advances while it works: rows done, and tokens generated if any."""
+    """What a stage advances while it works: rows done, tokens generated if any, and the work
+    (rollouts, probes) of rows still in progress where a row takes long.
 
-    def __init__(self, bar: Progress, task) -> None:
-        self.bar, self.task, self.tokens = bar, task, 0
+    Progress is finished rows, plus, for the rows in progress, the share of their expected work
+    done (`expect_work`): label's rows each wait on many rounds of rollouts, and a count of
+    finished rows alone stands still for minutes while the rollouts advance."""
 
-    def advance(self, rows: int = 1, tokens: int = 0) -> None:
+    def __init__(self, total: int | None, bar: Progress | None = None, task=None) -> None:
+        self.total, self.bar, self.task = total, bar, task
+        self.rows, self.tokens, self.work = 0, 0, 0
+        self.work_unit: str | None = None
+        self.tokens_per_row: int | None = None
+        self.started = time.perf_counter()
+        # the rows whose work is counted, and how much of it there is (at most) and is done
+        self._work_rows = self._work_rows_done = 0
+        self._work_expected = self._work_done = 0
+
+    def advance(self, rows: int = 1, tokens: int = 0, work: int = 0) -> None:
+        self.rows += rows
         self.tokens += tokens
-        self.bar.update(self.task, advance=rows, tokens=self.tokens)
+        self.work += work
+        self._work_done += work
+        if self._work_rows:
+            self._work_rows_done = min(self._work_rows, self._work_rows_done + rows)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=rows, tokens=self.tokens)
 
     def expect_tokens_per_row(self, tokens: int) -> None:
         """The most tokens a row can cost (e.g. n x max-tokens): the time left is then estimated
         from tokens, which arrive steadily, rather than from rows, which finish in bursts."""
-        self.bar.update(self.task, tokens_per_row=tokens)
+        self.tokens_per_row = tokens
+        if self.bar is not None:
+            self.bar.update(self.task, tokens_per_row=tokens)
+
+    def expect_work(self, rows: int, amount: int, unit: str) -> None:
+        """The next `rows` rows take at most `amount` units of work (label: rollouts), which
+        `advance(work=...)` counts as they are done."""
+        self.work_unit = unit
+        self._work_rows, self._work_rows_done = rows, 0
+        self._work_expected, self._work_done = amount, 0
+
+    def completed(self) -> float:
+        """Rows done, counting the rows in progress by the share of their work done."""
+        in_progress = self._work_rows - self._work_rows_done
+        if in_progress <= 0 or self._work_expected <= 0:
+            return float(self.rows)
+        return self.rows + in_progress * min(1.0, self._work_done / self._work_expected)
+
+    def seconds_left(self, elapsed: float) -> tuple[float | None, bool]:
+        """Time left at the mean rate since the start, and whether it is an upper bound: of
+        tokens where the stage gave the most tokens per row, else of (work-weighted) rows.
+        None before there is a rate."""
+        if self.total is None or elapsed < MIN_RATE_SECONDS:
+            return None, False
+        if self.tokens_per_row and self.tokens:  # at most: every sample may stop before max-tokens
+            return max(0.0, (self.total * self.tokens_per_row - self.tokens) * elapsed / self.tokens), True
+        done = self.completed()
+        if not done:
+            return None, False
+        return max(0.0, (self.total - done) * elapsed / done), False
+
+
+def clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
 
 
 class TokenRateColumn(ProgressColumn):
@@ -46,6 +99,16 @@ class TokenRateColumn(ProgressColumn):
     def render(self, task) -> Text:
         tokens, elapsed = task.fields.get("tokens", 0), task.elapsed
         return Text(f"{tokens / elapsed:,.0f} tok/s" if tokens and elapsed else "")
+
+
+class WorkColumn(ProgressColumn):
+    """The work done inside rows, e.g. `1,204 rollouts`, where a stage counts it."""
+
+    def render(self, task) -> Text:
+        tracker = task.fields.get("tracker")
+        if tracker is None or tracker.work_unit is None:
+            return Text("")
+        return Text(f"{tracker.work:,} {tracker.work_unit}")
 
 
 class RateColumn(ProgressColumn):
@@ -68,22 +131,73 @@ MIN_RATE_SECONDS = 3.0
 
 
 class RemainingColumn(ProgressColumn):
-    """Time left at the mean rate since the start (rich's own follows the same bursty window):
-    of tokens where the stage gave the most tokens per row (an upper bound, marked ≤), else of
-    rows."""
+    """Time left at the mean rate since the start (rich's own follows the same bursty window),
+    as `Tracker.seconds_left` says; an upper bound is marked ≤."""
 
     def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        tokens, per_row = task.fields.get("tokens", 0), task.fields.get("tokens_per_row")
-        if task.total is None or elapsed < MIN_RATE_SECONDS:
+        tracker = task.fields.get("tracker")
+        if tracker is None:  # a bar without a Tracker: its own fields
+            tracker = Tracker(task.total)
+            tracker.rows, tracker.tokens = task.completed, task.fields.get("tokens", 0)
+            tracker.tokens_per_row = task.fields.get("tokens_per_row")
+        left, bound = tracker.seconds_left(task.elapsed or 0.0)
+        if left is None:
             return Text("-:--:--")
-        if per_row and tokens:  # at most: every sample may stop before max-tokens
-            left = (task.total * per_row - tokens) * elapsed / tokens
-            return Text("≤" + str(datetime.timedelta(seconds=int(max(0.0, left)))))
-        if not task.completed:
-            return Text("-:--:--")
-        left = (task.total - task.completed) * elapsed / task.completed
-        return Text(str(datetime.timedelta(seconds=int(max(0.0, left)))))
+        return Text(("≤" if bound else "") + clock(left))
+
+
+# Seconds between progress lines where stderr is not a terminal (a log file, nohup, make).
+PROGRESS_SECONDS_VARIABLE = "PRMTOOL_PROGRESS_SECONDS"
+PROGRESS_SECONDS = 30.0
+
+
+class PlainProgress:
+    """Progress as plain lines, one every `interval` seconds, where stderr is not a terminal
+    and a bar would print nothing: `label: 28/48 rows, 1,536 rollouts, 3.1 rows/s, 9,120
+    tokens (184 tok/s), 0:02:10 elapsed, 0:01:20 left`. A thread prints them, so a line comes
+    even while the stage waits minutes on one engine call."""
+
+    def __init__(self, console: Console, description: str, tracker: Tracker, unit: str, interval: float) -> None:
+        self.console, self.description, self.tracker, self.unit = console, description, tracker, unit
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-lines", daemon=True)
+
+    def line(self) -> str:
+        tracker = self.tracker
+        elapsed = time.perf_counter() - tracker.started
+        total = "" if tracker.total is None else f"/{tracker.total:,}"
+        parts = [f"{tracker.rows:,}{total} {self.unit}"]
+        if tracker.work_unit is not None:
+            parts.append(f"{tracker.work:,} {tracker.work_unit}")
+        if elapsed >= MIN_RATE_SECONDS and tracker.completed():
+            parts.append(f"{tracker.completed() / elapsed:,.1f} {self.unit}/s")
+        if tracker.tokens:
+            parts.append(f"{tracker.tokens:,} tokens ({tracker.tokens / elapsed:,.0f} tok/s)")
+        parts.append(f"{clock(elapsed)} elapsed")
+        left, bound = tracker.seconds_left(elapsed)
+        if left is not None:
+            parts.append(f"{'at most ' if bound else ''}{clock(left)} left")
+        return f"{self.description}: {', '.join(parts)}"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.console.print(self.line(), markup=False, soft_wrap=True, highlight=False)
+
+    def __enter__(self) -> PlainProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def progress_interval() -> float:
+    try:
+        return max(0.05, float(os.environ.get(PROGRESS_SECONDS_VARIABLE, PROGRESS_SECONDS)))
+    except ValueError:
+        return PROGRESS_SECONDS
 
 
 @dataclass
@@ -110,19 +224,28 @@ class RunStats:
 
     @contextmanager
     def progress(self, description: str, total: int | None, unit: str = "rows"):
-        """A progress bar; yields a Tracker."""
+        """A progress bar on a terminal, plain periodic lines elsewhere; yields a Tracker."""
+        if not self.quiet and not self.console.is_terminal:
+            tracker = Tracker(total)
+            with PlainProgress(self.console, description, tracker, unit, progress_interval()):
+                yield tracker
+            return
         columns = [
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(unit),
+            WorkColumn(),
             RateColumn(unit),
             TokenRateColumn(),
             TimeElapsedColumn(),
             RemainingColumn(),
         ]
         with Progress(*columns, console=self.console, transient=True, disable=self.quiet) as bar:
-            yield Tracker(bar, bar.add_task(description, total=total, tokens=0))
+            task = bar.add_task(description, total=total, tokens=0)
+            tracker = Tracker(total, bar, task)
+            bar.update(task, tracker=tracker)
+            yield tracker
 
     def summary(self) -> Summary:
         return Summary(

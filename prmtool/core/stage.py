@@ -46,6 +46,9 @@ class Stage:
     # check(settings): the checks of option values that depend on each other or on a list of
     # words (--method, --format), raising InputError; run before any input is read.
     check: Callable[[Any], Any] | None = None
+    # `-o -` streams the output rows to standard output as JSON lines (export); every other
+    # stage writes a directory of shards, and refuses `-o -` rather than make a folder named `-`.
+    streams_to_stdout: bool = False
 
     @property
     def help(self) -> str:
@@ -69,6 +72,7 @@ class Stage:
         from prmtool.core.shards import READ_INCOMPLETE
 
         settings = self.settings() if settings is None else settings
+        self.check_output(output)
         if not isinstance(settings, self.settings):
             raise InputError(f"{self.name}: settings must be a {self.settings.__name__}, not {type(settings).__name__}")
         self.validate(settings)
@@ -87,6 +91,14 @@ class Stage:
             )
         finally:
             READ_INCOMPLETE.reset(allowed)
+
+    def check_output(self, output: str | Path) -> None:
+        """Refuse `-o -` where the stage writes shards, not rows to standard output."""
+        if str(output) == "-" and not self.streams_to_stdout:
+            raise InputError(
+                f"-o -: {self.name} writes a directory of Parquet shards, not a stream; give -o DIR, then "
+                f"`prmtool export DIR -o - --format jsonl` streams its rows as JSON lines"
+            )
 
     def validate(self, settings: Any) -> None:
         """Every check of `settings` that needs no input: ranges, callbacks and `check`.

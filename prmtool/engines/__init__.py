@@ -31,6 +31,7 @@ __all__ = [
     "SamplingRequest",
     "ScoringRequest",
     "check_device",
+    "check_loadable",
     "default_model_path",
     "load_engine",
     "load_step_classifier",
@@ -85,6 +86,40 @@ def check_device(device: str | None) -> None:
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
             f"cuda:{torch.cuda.device_count() - 1}"
         )
+
+
+def check_loadable(name: str, model: str | None, *, device: str | None, trust_remote_code: bool = False) -> None:
+    """Everything about loading `model` on engine `name` that can be checked without loading it:
+    the engine is installed, the device is there, the model's files exist and its config loads.
+    `prmtool run` checks every stage's model so before it touches any record."""
+    from prmtool.engines.model_files import locate_model
+
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}: expected one of {', '.join(ENGINE_NAMES)}")
+    check_device(device)
+    if name == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineError(
+                "--engine vllm: vLLM is not installed (pip install -e '.[vllm]' in the prmtool repository)"
+            )
+        if device == "cpu":
+            raise EngineError("--engine vllm runs on CUDA only, not with --device cpu")
+        import torch
+
+        if device is None and not torch.cuda.is_available():
+            raise EngineError("--engine vllm runs on CUDA only, and this machine has no CUDA device that torch can use")
+    location = locate_model(model)  # a missing folder, or one without config.json
+    if location.gguf_file is not None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(location.folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as error:  # an unknown model type, remote code not allowed, broken JSON: one line
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise EngineError(f"model {location.folder}: its config does not load: {first_line}") from None
 
 
 def load_step_classifier(

@@ -36,7 +36,15 @@ class EngineOnDemand:
     in a second, not after a model load), and never when every shard is already complete."""
 
     def __init__(
-        self, name: str, model: str | None, device: str | None, trust_remote_code: bool, stats: RunStats, **options
+        self,
+        name: str,
+        model: str | None,
+        device: str | None,
+        trust_remote_code: bool,
+        stats: RunStats,
+        *,
+        why: str = "",
+        **options,
     ) -> None:
         self.name, self.model, self.device, self.trust_remote_code, self.stats = (
             name,
@@ -46,6 +54,7 @@ class EngineOnDemand:
             stats,
         )
         self.options = options  # engine settings, e.g. max_batch_tokens
+        self.why = why  # how --engine auto chose the engine: said when the model is first used
         from prmtool.engines import check_device
 
         check_device(device)  # before any input is read: a bad --device fails at once
@@ -54,6 +63,8 @@ class EngineOnDemand:
 
     def get(self):
         if self._engine is None:
+            if self.why:
+                self.stats.log(self.why)
             cache = _loaded.get()
             key = (self.name, self.model, self.device, self.trust_remote_code, tuple(sorted(self.options.items())))
             if cache is not None and key in cache:
@@ -61,6 +72,9 @@ class EngineOnDemand:
                 self.stats.log(f"using the already loaded model: {self.model or '(embedded SmolLM2-135M-Instruct)'}")
                 self._engine, self._shared = cache[key], True
                 return self._engine
+            if cache is not None:  # the model on another engine: closed, its memory goes to this one
+                for other in [key for key in cache if key[1] == self.model and key[0] != self.name]:
+                    cache.pop(other).close()
             self._engine = self._load()
             if cache is not None:
                 cache[key], self._shared = self._engine, True

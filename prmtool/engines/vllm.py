@@ -1,6 +1,6 @@
 """The `vllm` engine: vLLM's offline API (`vllm.LLM`), with prefix caching on.
 
-vLLM is an optional extra (`pip install 'prmtool[vllm]'`) imported only when this engine is
+vLLM is an optional extra (`pip install -e '.[vllm]'` in the repository) imported only when this engine is
 built. The translation between prmtool's requests and vLLM's objects lives in plain functions
 below, so it is tested without vLLM installed (with stand-in objects of the same shape).
 """
@@ -85,7 +85,9 @@ def import_vllm():
     try:
         import vllm
     except ImportError as error:
-        raise EngineError(f"the vllm engine needs vLLM: pip install 'prmtool[vllm]' ({error})") from None
+        raise EngineError(
+            f"the vllm engine needs vLLM: pip install -e '.[vllm]' in the prmtool repository ({error})"
+        ) from None
     return vllm
 
 

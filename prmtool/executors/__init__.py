@@ -58,6 +58,7 @@ def run_stage(
 ) -> Summary | None:
     """Run `stage` as the scale-out options say: its summary, or None after Ray ran every
     partition (each task prints nothing; the driver reports progress)."""
+    stage.check_output(output)
     partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
     if partition is not None:
         return stage.run(

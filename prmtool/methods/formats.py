@@ -6,6 +6,7 @@ plus the count of rows it could not convert (and why).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,6 +79,18 @@ def labeled_prefix(steps: list[str] | None, labels: list[int | None] | None) -> 
     return kept_steps, kept_labels
 
 
+_BLANK_LINES_AT_START = re.compile(r"^(?:[ \t]*\r?\n)+")
+_BLANK_LINES_AT_END = re.compile(r"(?:\r?\n[ \t]*)+$")
+
+
+def training_step(step: str) -> str:
+    """A step as training text: without the blank lines a lossless split leaves at its start
+    or end (the separator of a blank piece glued to it, steps.py). Trainers join steps with
+    their own separator (TRL's step_separator), where those would become empty lines; the
+    exported row's input keeps them in `steps`."""
+    return _BLANK_LINES_AT_END.sub("", _BLANK_LINES_AT_START.sub("", step))
+
+
 def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], list[int], dict[str, int]]:
     pairs, keep = [], []
     counts = {"skipped_unlabeled": 0, "truncated_at_unlabeled_step": 0}
@@ -93,7 +106,7 @@ def _labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[bool]]], l
             continue
         if len(kept_steps) < len(steps):
             counts["truncated_at_unlabeled_step"] += 1
-        pairs.append((kept_steps, kept_labels))
+        pairs.append(([training_step(step) for step in kept_steps], kept_labels))
         keep.append(index)
     return pairs, keep, counts
 

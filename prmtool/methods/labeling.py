@@ -95,6 +95,12 @@ class PerStepMC:
         first, last = self.window or (0, self.n_steps)
         return [Probe(self.row, prefix, self.k) for prefix in range(max(1, first + 1), min(last, self.n_steps - 1) + 1)]
 
+    def most_rollouts(self) -> int:
+        """The rollouts this search takes at most (for progress)."""
+        if self.correct and not self.soft and self.threshold.one_success_proves_good:
+            return 0
+        return max(0, self.n_steps - 1) * self.k
+
     def observe(self, result: ProbeResult) -> None:
         self.step_mc[result.probe.prefix_steps - 1] = result.mc
         self.spent[0] += result.probe.k
@@ -169,6 +175,10 @@ class FirstErrorBinarySearch:
         if not self.second_stage:
             return levels
         return 2 * levels - (1 if self.middle_counts[1] else 0)  # two stages a level; one done
+
+    def most_rollouts(self) -> int:
+        """The rollouts this search takes at most (for progress): k at every level."""
+        return max(0, self.n_steps - 1).bit_length() * self.k
 
     def speculative_probes(self) -> list[Probe]:
         """What this search may ask next, whatever the probe it just asked shows, most likely
@@ -306,6 +316,11 @@ class DropBinarySearch:
         """About how many dependent probes this search still asks: two stages a level."""
         return 2 * (self.bad - self.good - 1).bit_length()
 
+    def most_rollouts(self) -> int:
+        """The rollouts this search takes at most (for progress): max_k at every level, and at
+        the base prefix and the full response."""
+        return ((self.bad - self.good - 1).bit_length() + 2) * self.max_k
+
     def speculative_probes(self) -> list[Probe]:
         """The middle's next stage (needed unless this one decides), then the first stage of
         either next middle. Seeds depend on the prefix alone: sampled early, a probe gives what
@@ -395,6 +410,11 @@ class DropPerStepMC:
             for prefix in ends + undecided
             if self.counts[prefix][1] < mark
         ]
+
+    def most_rollouts(self) -> int:
+        """The rollouts this search takes at most (for progress): max_k at each window prefix,
+        the base and the full response."""
+        return (min(self.last, self.n_steps - 1) - self.base + 2) * self.max_k if self.n_steps > 1 else 0
 
     def observe(self, result: ProbeResult) -> None:
         self.spent[0] += result.probe.k
@@ -549,6 +569,8 @@ def label_rows(
             searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged, windows[row])
     if tracker is not None:
         tracker.advance(frame.height - len(searches))
+        # a row finishes only when its whole search does: progress counts its rollouts
+        tracker.expect_work(len(searches), sum(search.most_rollouts() for search in searches.values()), "rollouts")
 
     def finished(row: int, search) -> None:
         results[row] = search.outcome()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Protocol
 from prmtool.engines.base import sample_in_rounds
 from prmtool.methods.steps import rollout_prefix
 from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, find_thinking, prompt_opens_thinking, solution_text
-from prmtool.methods.verification import verify_responses
+from prmtool.methods.verification import verify_responses, waits_abandoned
 
 if TYPE_CHECKING:
     from prmtool.core.report import Tracker
@@ -408,7 +408,7 @@ def run_searches(
         for result in results:
             by_row[result.probe.row].observe(result)
         if tracker is not None and results:
-            tracker.advance(0, sum(result.tokens for result in results))
+            tracker.advance(0, sum(result.tokens for result in results), work=sum(r.probe.k for r in results))
         return next_requests(list(dict.fromkeys(result.probe.row for result in results)))
 
     def chain_left(row: int) -> int:
@@ -503,8 +503,14 @@ def run_searches(
         return answer(follow_ups)
 
     # Several threads: each verification waits on the worker processes, not on the GIL.
-    with ThreadPoolExecutor(max_workers=max(1, rollouts.settings.workers), thread_name_prefix="verify") as verifier:
+    verifier = ThreadPoolExecutor(max_workers=max(1, rollouts.settings.workers), thread_name_prefix="verify")
+    try:
         rollouts.engine.sample_continuously(
             answer(first), finished_soon, longest=rollouts.longest_request(list(waiting))
         )
+    except BaseException:  # Ctrl-C: the verify threads stop waiting, so the run ends now, not after them
+        with waits_abandoned():
+            verifier.shutdown(wait=True, cancel_futures=True)
+        raise
+    verifier.shutdown(wait=True)
     return stats

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import atexit
 import re
+import signal
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_for
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterable
@@ -196,10 +199,20 @@ def _in_workers(
         )
         for chunk in chunks
     ]
+    try:
+        return _collect(pairs, extract, results, chunks, futures, pool, signal_timeout, hard_timeout, on_progress)
+    except BaseException:  # Ctrl-C, or the waits abandoned: the workers drop this call's comparisons
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def _collect(pairs, extract, results, chunks, futures, pool, signal_timeout, hard_timeout, on_progress):
+    """The chunks' results as they come; a chunk that failed is retried item by item."""
     retry: list[int] = []
     for chunk, future in zip(chunks, futures):
         try:
-            for index, result in zip(chunk, future.result()):
+            for index, result in zip(chunk, _outcome(future)):
                 results[index] = result
             if on_progress:
                 on_progress(len(chunk))
@@ -212,7 +225,7 @@ def _in_workers(
     for index, future in singles:
         unread = Answer(None if extract else pairs[index][1], None)
         try:
-            results[index] = future.result()[0]
+            results[index] = _outcome(future)[0]
         except FutureTimeout:
             results[index] = (unread, Verdict(False, "timeout"))
         except Exception:
@@ -220,6 +233,32 @@ def _in_workers(
         if on_progress:
             on_progress(1)
     return results  # type: ignore[return-value]
+
+
+# Set while a run unwinds after Ctrl-C or an error: threads waiting on comparisons (label's
+# continuous rounds verify on threads) stop waiting, so the run ends at once.
+_ABANDONED = threading.Event()
+WAIT_SLICE = 0.25  # seconds between looks at _ABANDONED while waiting on a comparison
+
+
+def _outcome(future):
+    """`future.result()`, waited for in slices: a wait in any thread ends when the waits are
+    abandoned (KeyboardInterrupt there too), and a Ctrl-C in the main thread ends it at once."""
+    while not future.done():
+        if _ABANDONED.is_set():
+            raise KeyboardInterrupt("verification abandoned")
+        wait_for([future], timeout=WAIT_SLICE)
+    return future.result()
+
+
+@contextmanager
+def waits_abandoned():
+    """Inside: every wait on a comparison, in any thread, gives up (`_outcome`)."""
+    _ABANDONED.set()
+    try:
+        yield
+    finally:
+        _ABANDONED.clear()
 
 
 _POOLS: dict[int, object] = {}
@@ -303,6 +342,14 @@ def start_workers(workers: int) -> None:
     its own (vLLM's), since a process forked from a threaded one can inherit a held lock and
     hang before its first task."""
     _shared_pool(max(1, workers)).schedule(_load_math_verify).result()
+
+
+def _start_worker() -> None:
+    """A worker ignores Ctrl-C, which the terminal sends to the whole process group: the run's
+    own process handles it (cancelling what it asked of the workers), and a comparison cut
+    short in a worker would otherwise read as an `error` verdict."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _load_math_verify()
 
 
 def _load_math_verify() -> None:

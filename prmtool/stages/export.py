@@ -291,6 +291,9 @@ def export_to_stdout(inputs: list[str], settings: ExportSettings, partition: Par
             continue
         if fmt.per_problem:
             seen.update(frame["problem_id"].to_list())
+        # the problems of the rows --where kept, as the export to a directory counts them
+        kept = frame if condition is None else frame.filter(condition)
+        stats.problem_ids.update(kept["problem_id"].to_list())
         try:
             sys.stdout.write(rows.write_ndjson())
             sys.stdout.flush()
@@ -509,6 +512,7 @@ STAGE = Stage(
     EXAMPLES,
     required=("problem_id",),
     check=check_settings,
+    streams_to_stdout=True,
     output_option=Annotated[
         Path,
         typer.Option(

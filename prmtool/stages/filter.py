@@ -48,10 +48,10 @@ from prmtool.methods.filtering import (
 EXAMPLES = """\b
 Examples:
   prmtool filter work/scored -o work/prof --rejects work/prof_rejects
-  prmtool filter work/scored -o work/prof --rejects work/rej --keep 4 --mode correct --value step_values
-  prmtool filter work/labeled -o work/agree --rejects work/rej --method consensus --value step_mc --threshold 0.5
-  prmtool filter work/verified -o work/band --rejects work/rej --method accuracy-band --band 0.2,0.8 --report band.json
-  prmtool filter work/verified -o work/ok --rejects work/rej --method none --where "verify_status = 'ok'"
+  prmtool filter work/scored -o work/prof4 --rejects work/prof4_rejects --keep 4 --mode correct --value step_values
+  prmtool filter work/scored -o work/agree --rejects work/disagree --method consensus --value step_mc --threshold 0.5
+  prmtool filter work/verified -o work/band --rejects work/rest --method accuracy-band --band 0.2,0.8 --report r.json
+  prmtool filter work/verified -o work/ok --rejects work/not_ok --method none --where "verify_status = 'ok'"
 """
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,6 +26,7 @@ from prmtool.core.partition import Partition
 from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods.prompts import DEFAULT_PROMPT_TEMPLATE
 from prmtool.methods.steps import make_splitter, split_steps
@@ -141,9 +142,9 @@ def _no_responses_yet(shard) -> None:
 EXAMPLES = """\b
 Examples:
   prmtool generate data_samples/gsm8k/problems -o work/responses --n 4 --max-tokens 256
-  prmtool generate work/problems -o work/responses --model ./Qwen2.5-Math-1.5B-Instruct --engine vllm --n 16 --verify
-  prmtool generate work/problems -o work/responses --prompt-template 'Q: {problem}\\nA:' --stop '\\n\\nQ:'
-  prmtool generate work/problems -o work/traces --model ./R1-Distill-7B --engine vllm --split think --max-tokens 8192
+  prmtool generate work/problems -o work/responses-1.5b --model ./Qwen2.5-Math-1.5B-Instruct --n 16 --verify
+  prmtool generate work/problems -o work/responses-qa --prompt-template 'Q: {problem}\\nA:' --stop '\\n\\nQ:'
+  prmtool generate work/problems -o work/traces --model ./R1-Distill-7B --split think --max-tokens 8192
 """
 
 
@@ -215,6 +216,9 @@ def run(
     """Sample N solutions per problem from a policy model. Each response row keeps every
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
+    prompt_tokens = choice.stage_prompt_tokens("generate", settings)
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    settings = replace(settings, engine=picked.engine)
     make_splitter(settings.split)  # a bad --split fails before the model loads
     if settings.verify:
         worker_count(settings.workers, stats.warn)  # says so when --workers is capped
@@ -245,7 +249,9 @@ def run(
         "engine": settings.engine,
     }
     required = ("problem_id", "problem") + (("reference_answer",) if settings.verify else ())
-    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    engines = EngineOnDemand(
+        settings.engine, settings.model, settings.device, settings.trust_remote_code, stats, why=picked.line()
+    )
 
     def transform(frame: pl.DataFrame, tracker: Tracker) -> pl.DataFrame:
         tokens_before = tracker.tokens

@@ -477,9 +477,9 @@ EXAMPLES = """\b
 Examples:
   prmtool import data_samples/gsm8k/test_sample.jsonl --preset gsm8k -o work/problems
   prmtool import outputs.csv --map question=problem --map gold=reference_answer --map output=response -o work/responses
-  prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/problems
+  prmtool import my_hf_dataset/ --dataset-split test --preset math --shard-rows 5000 -o work/math-problems
   prmtool import data_samples/long-cot/sky-t1-amc23.jsonl --split think -o work/traces
-  prmtool import r1_outputs.jsonl --split think --think-tags '<think>,</think>' --thinking-opened -o work/traces
+  prmtool import r1_outputs.jsonl --split think --think-tags '<think>,</think>' --thinking-opened -o work/r1-traces
   prmtool import data_samples/deltabench/sample.jsonl --preset deltabench -o work/deltabench
 """
 

@@ -17,7 +17,7 @@ is in the summary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,6 +42,7 @@ from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.schema import cast_to_contract, check_steps
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import interventions as iv
 from prmtool.methods.intervention_rounds import (
@@ -77,8 +78,8 @@ def _verified(shard) -> None:
 EXAMPLES = """\b
 Examples:
   prmtool intervene work/labeled -o work/interventions --rejects work/intervention_rejects
-  prmtool intervene work/verified -o work/interventions --first-error model --candidates 8 --verify-rollouts 32
-  prmtool intervene work/labeled -o work/interventions --model ./Qwen3-8B --engine vllm --min-success 2
+  prmtool intervene work/verified -o work/located --first-error model --candidates 8 --verify-rollouts 32
+  prmtool intervene work/labeled -o work/interventions-8b --model ./Qwen3-8B --engine vllm --min-success 2
   prmtool export work/interventions -o work/int_sft --format sft-messages --open-turn
 """
 
@@ -196,6 +197,9 @@ def run(
         raise InputError(f"--steps {settings.steps!r}: expected one of {', '.join(STEP_CHOICES)}")
     stats = RunStats("intervene", quiet=quiet)
     worker_count(settings.workers, stats.warn)  # says so when --workers is capped
+    prompt_tokens = choice.stage_prompt_tokens("intervene", settings)
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    settings = replace(settings, engine=picked.engine)
     rollouts = intervention_config(settings).rollouts
     arguments = {
         "candidates": settings.candidates,
@@ -215,7 +219,9 @@ def run(
         "model": settings.model,
         "engine": settings.engine,
     }
-    engines = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    engines = EngineOnDemand(
+        settings.engine, settings.model, settings.device, settings.trust_remote_code, stats, why=picked.line()
+    )
     checks = [_verified, check_steps, _no_interventions_yet]
     if settings.first_error == "from-labels":
         checks.append(_has_first_error)

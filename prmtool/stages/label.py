@@ -16,7 +16,7 @@ The searches themselves live in `prmtool.methods.labeling` (rows) and
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -42,6 +42,7 @@ from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.schema import cast_to_contract, check_steps
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 from prmtool.methods import labeling
 from prmtool.methods.judging import judge_rows
@@ -69,11 +70,11 @@ def _verified(shard) -> None:
 EXAMPLES = """\b
 Examples:
   prmtool label work/verified -o work/labeled --method binary --k 8
-  prmtool label work/verified -o work/labeled --method mc --k 8 --label soft
-  prmtool label work/verified -o work/labeled --rule drop --confidence 0.99 --max-k 64
-  prmtool label work/verified -o work/labeled --rule any-success
-  prmtool label work/verified -o work/labeled --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
-  prmtool label work/verified -o work/labeled --method omegaprm --tree-output work/tree --search-budget 100
+  prmtool label work/verified -o work/labeled-mc --method mc --k 8 --label soft
+  prmtool label work/verified -o work/labeled-7b --model ./Qwen2.5-Math-7B-Instruct --engine vllm --bad-below 0.5
+  prmtool label work/verified -o work/labeled-omegaprm --method omegaprm --tree-output work/tree --search-budget 100
+  prmtool label work/verified -o work/labeled-drop --rule drop --confidence 0.99 --max-k 64
+  prmtool label work/verified -o work/labeled-any --rule any-success
   prmtool label work/verified -o work/judged --method judge --judge-model ./critic --judge-samples 3
   prmtool label work/verified -o work/agreed --method consensus --rejects work/disagreed --judge-model ./critic
   prmtool label work/traces-verified -o work/traces-labeled --split think --steps thinking --max-tokens 8192
@@ -381,10 +382,15 @@ def run(
         raise InputError("--rejects is only for --method consensus")
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
+    prompt_tokens = choice.stage_prompt_tokens("label", settings)
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    settings = replace(settings, engine=picked.engine)
     rollout_settings = RolloutSettings.of(settings, worker_count(settings.workers, stats.warn))
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)
     search_config = tree_search_config(settings)
-    policy = EngineOnDemand(settings.engine, settings.model, settings.device, settings.trust_remote_code, stats)
+    policy = EngineOnDemand(
+        settings.engine, settings.model, settings.device, settings.trust_remote_code, stats, why=picked.line()
+    )
     critic = policy
     if settings.judge_model is not None:
         critic = EngineOnDemand(

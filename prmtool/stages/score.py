@@ -8,7 +8,7 @@ docstring defines them; this module holds the stage's settings and its run.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -30,6 +30,7 @@ from prmtool.core.report import RunStats, Summary, Tracker
 from prmtool.core.runner import MapStage, run_map_stage
 from prmtool.core.schema import check_steps
 from prmtool.core.stage import Stage
+from prmtool.engines import choice
 from prmtool.engines.loading import EngineOnDemand
 
 if TYPE_CHECKING:
@@ -68,10 +69,10 @@ def _check_text(shard) -> None:
 
 EXAMPLES = """\b
 Examples:
-  prmtool score work/responses -o work/scored --policy ./EurusPRM-Stage2 --ref ./Qwen2.5-Math-7B-Instruct
-  prmtool score work/responses -o work/scored --no-ref --agg mean
-  prmtool score work/responses -o work/scored --policy ./prm --ref ./sft --reward cumulative --agg last --token-rewards
-  prmtool score work/responses -o work/scored --scorer token-classification --prm ./my-trl-prm
+  prmtool score work/labeled -o work/scored --policy ./EurusPRM-Stage2 --ref ./Qwen2.5-Math-7B-Instruct
+  prmtool score work/labeled -o work/scored-no-ref --no-ref --agg mean
+  prmtool score work/labeled -o work/last --policy ./prm --ref ./sft --reward cumulative --agg last --token-rewards
+  prmtool score work/labeled -o work/scored-trl-prm --scorer token-classification --prm ./my-trl-prm
 """
 
 
@@ -143,7 +144,7 @@ class ScoreSettings:
             help="Padded tokens per forward pass (default 16384 on CUDA, 4096 on CPU).", min=1, show_default=False
         ),
     ] = None
-    engine: EngineName = "hf"
+    engine: EngineName = "auto"
     device: Device = None
     trust_remote_code: TrustRemoteCode = False
 
@@ -170,7 +171,7 @@ def check_choices(settings: ScoreSettings) -> None:
             raise InputError("--scorer token-classification needs --prm MODEL (a PRM trained by TRL's PRMTrainer)")
         if settings.policy is not None or settings.ref is not None or settings.no_ref or settings.token_rewards:
             raise InputError("--policy, --ref, --no-ref and --token-rewards are for --scorer implicit")
-        if settings.engine != "hf":
+        if settings.engine not in ("hf", "auto"):
             raise InputError("--scorer token-classification runs on the hf engine only")
 
 
@@ -258,6 +259,10 @@ def run(
     else:
         arguments |= {"prm": settings.prm, "step_separator": settings.step_separator}
     stats = RunStats("score", quiet=quiet)
+    why = ""
+    if settings.scorer == "implicit":  # forward passes only: no prompt length decides (engines/choice.py)
+        picked = choice.resolve(settings.engine, settings.policy, settings.device, None)
+        settings, why = replace(settings, engine=picked.engine), picked.line()
     options = {"max_batch_tokens": settings.max_batch_tokens} if settings.max_batch_tokens else {}
     if settings.engine == "vllm":
         # vLLM batches by itself; two instances (policy and ref) must share the GPU.
@@ -265,7 +270,7 @@ def run(
     if settings.scorer == "implicit":
         models = [
             EngineOnDemand(
-                settings.engine, settings.policy, settings.device, settings.trust_remote_code, stats, **options
+                settings.engine, settings.policy, settings.device, settings.trust_remote_code, stats, why=why, **options
             )
         ]
         if settings.ref is not None:

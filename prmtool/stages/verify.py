@@ -24,8 +24,8 @@ REQUIRED = ("problem_id", "response_id", "response", "reference_answer")
 EXAMPLES = """\b
 Examples:
   prmtool verify data_samples/gsm8k/responses -o work/verified
-  prmtool verify 'shards/*.parquet' -o work/verified --timeout 2 --workers 8
-  prmtool verify work/traces -o work/verified --think-tags '<seed:think>,</seed:think>'
+  prmtool verify 'shards/*.parquet' -o work/verified-shards --timeout 2 --workers 8
+  prmtool verify work/traces -o work/traces-verified --think-tags '<seed:think>,</seed:think>'
 """
 
 

@@ -1,0 +1,59 @@
+"""Progress where stderr is not a terminal (a log file, nohup, make): a plain line every
+PRMTOOL_PROGRESS_SECONDS (30 s by default) with rows, work, rates and time left; and label's
+progress counted in rollouts, not only in finished rows."""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+
+from prmtool.core.report import PlainProgress, Tracker
+from tests.conftest import SAMPLES
+
+
+def test_rows_in_progress_count_by_the_share_of_their_work_done():
+    tracker = Tracker(total=48)
+    tracker.advance(16)  # rows that needed no search
+    tracker.expect_work(rows=32, amount=1_000, unit="rollouts")
+    assert tracker.completed() == 16
+    tracker.advance(0, tokens=5_000, work=250)  # a quarter of the rollouts, no row finished yet
+    assert tracker.completed() == 16 + 32 * 0.25
+    tracker.advance(8, work=250)
+    assert tracker.completed() == 24 + 24 * 0.5
+    left, upper_bound = tracker.seconds_left(elapsed=60.0)
+    assert left == (48 - 36) * 60.0 / 36 and not upper_bound
+
+
+def test_a_plain_line_says_rows_work_rates_and_time_left(capsys):
+    from rich.console import Console
+
+    tracker = Tracker(total=48)
+    tracker.started -= 120.0  # two minutes in
+    tracker.advance(16)
+    tracker.expect_work(rows=32, amount=1_000, unit="rollouts")
+    tracker.advance(0, tokens=24_000, work=500)
+    line = PlainProgress(Console(stderr=True), "label", tracker, "rows", interval=30).line()
+    assert line == (
+        "label: 16/48 rows, 500 rollouts, 0.3 rows/s, 24,000 tokens (200 tok/s), 0:02:00 elapsed, 0:01:00 left"
+    )
+
+
+def test_label_prints_plain_progress_lines_when_stderr_is_not_a_terminal(
+    prmtool, tmp_path, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("PRMTOOL_PROGRESS_SECONDS", "0.05")
+    frame = pl.read_parquet(SAMPLES / "responses" / "part-00000.parquet")
+    frame.filter(pl.col("steps").list.len() >= 4).head(6).with_columns(correct=pl.lit(False)).write_parquet(
+        tmp_path / "verified.parquet"
+    )
+    result = prmtool(
+        "label", tmp_path / "verified.parquet", "-o", tmp_path / "labeled", "--model", tiny_model_dir,
+        "--k", "2", "--max-tokens", "8", "--workers", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("label: ")]
+    assert lines, result.stderr
+    plain = r"label: \d+/6 rows, (\d+ rollouts, )?.*\d+:\d\d:\d\d elapsed(, .* left)?"
+    assert all(re.fullmatch(plain, line) for line in lines)
+    assert any(re.search(r" [1-9]\d* rollouts, ", line) for line in lines)  # counted before rows finish
