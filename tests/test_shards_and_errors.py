@@ -423,7 +423,15 @@ def test_quiet_prints_nothing_on_stderr(prmtool, tmp_path, two_shards):
     assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")
 
 
-@pytest.mark.parametrize("command", ["import", "verify", "export", "stats"])
+def all_commands() -> list[str]:
+    import typer
+
+    from prmtool.cli.commands import app
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", all_commands())
 def test_every_command_has_help_with_examples(prmtool, command):
     result = prmtool(command, "--help")
     assert result.exit_code == 0
