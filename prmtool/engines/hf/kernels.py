@@ -1,5 +1,6 @@
 """Triton kernels (imported only where Triton is installed; see log_probs.py)."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -120,3 +121,101 @@ def head_log_normalizer_kernel(
         in_tile = (targets >= off_n) & (targets < off_n + BN)
         target_logit = tl.sum(tl.where(columns[None, :] == targets[:, None], logits, 0.0), 1)
         tl.store(target_logit_ptr + rows, target_logit, mask=real_row & in_tile)
+
+
+# ---------------------------------------------------------------------- paged decode attention
+
+
+@triton.jit
+def paged_decode_kernel(
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    scale,
+    query_row_stride,
+    block_stride,
+    position_stride,
+    table_stride,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program per (sequence, KV head): the GROUP query heads that share the KV head attend
+    over the sequence's seq_len positions, read TILE at a time through its block table, with a
+    running maximum and sum (online softmax). Queries [rows, heads, HEAD_DIM] contiguous per
+    row; keys and values [blocks, BLOCK_SIZE, kv_heads, HEAD_DIM]; out like the queries."""
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + row)
+    group = tl.arange(0, GROUP_PAD)
+    in_group = group < GROUP
+    heads = kv_head * GROUP + group
+    dims = tl.arange(0, HEAD_DIM)
+    query_offsets = row * query_row_stride + heads[:, None] * HEAD_DIM + dims[None, :]
+    query = tl.load(query_ptr + query_offsets, mask=in_group[:, None], other=0.0)
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(0, seq_len, TILE):
+        positions = start + tl.arange(0, TILE)
+        valid = positions < seq_len
+        blocks = tl.load(block_tables_ptr + row * table_stride + positions // BLOCK_SIZE, mask=valid, other=0)
+        rows = blocks.to(tl.int64) * block_stride + (positions % BLOCK_SIZE) * position_stride + kv_head * HEAD_DIM
+        keys = tl.load(key_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.dot(query, tl.trans(keys))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, 1)
+        values = tl.load(value_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
+        else:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values)
+        running_max = new_max
+    out = acc / running_sum[:, None]
+    tl.store(out_ptr + query_offsets, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+
+
+def paged_decode(query, key_blocks, value_blocks, block_tables, seq_lens, scale: float, tile: int = 64):
+    """Attention of one new token per row over its first seq_lens[row] cached positions.
+
+    query [rows, heads, head_dim]; key_blocks, value_blocks [blocks, block_size, kv_heads,
+    head_dim]; block_tables [rows, width] (int); seq_lens [rows]. Returns [rows, heads, head_dim]."""
+    query = query.contiguous()
+    rows, heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_blocks.shape
+    group = heads // kv_heads
+    out = torch.empty_like(query)
+    paged_decode_kernel[(rows, kv_heads)](
+        query,
+        key_blocks,
+        value_blocks,
+        block_tables,
+        seq_lens,
+        out,
+        scale,
+        query.stride(0),
+        key_blocks.stride(0),
+        key_blocks.stride(1),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE=tile,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4,
+        num_stages=2,
+    )
+    return out
