@@ -33,6 +33,7 @@ from prmtool.engines.hf.generate import (
     attention_implementation,
     choose_num_blocks,
     round_up,
+    wanted_blocks,
 )
 from prmtool.engines.hf.log_probs import choose_target_log_probs, triton_available
 from prmtool.engines.model_files import locate_model
@@ -291,13 +292,24 @@ class HFEngine(Engine):
             and old.max_tokens >= max_tokens
         ):
             return old
+        wanted = wanted_blocks(wanted_slots, max_len, self.kv_cache_tokens)
+        kept = None
         if old is not None:
             self.retired_setup_seconds += old.setup_seconds
+            # The KV cache outlives its decoder where it is as large as the new one would be (or
+            # was as large as memory allows): a longer round of label's finds the last's prefixes.
+            if old.pool.num_blocks >= wanted or old.pool.num_blocks < old.wanted_blocks:
+                kept = (old.pool, old.cache)
         self.decoder = old = None  # free the old buffers before sizing the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        num_blocks = choose_num_blocks(self.parts, wanted_slots, max_len, self.vocab_size, self.kv_cache_tokens)
-        self.decoder = PagedDecoder(self.parts, wanted_slots, max_len, max_tokens, num_blocks, self.use_cuda_graph)
+        num_blocks = (
+            kept[0].num_blocks if kept else choose_num_blocks(self.parts, wanted, wanted_slots, self.vocab_size)
+        )
+        self.decoder = PagedDecoder(
+            self.parts, wanted_slots, max_len, max_tokens, num_blocks, self.use_cuda_graph, kept=kept
+        )
+        self.decoder.wanted_blocks = wanted
         self.decoder_wanted_slots = wanted_slots
         self.decoders_built += 1
         return self.decoder

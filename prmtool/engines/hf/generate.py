@@ -229,14 +229,18 @@ class PagedDecoder:
         max_tokens: int,
         num_blocks: int,
         use_cuda_graph: bool,
+        kept: tuple[BlockPool, KVCache] | None = None,
     ):
         started = time.perf_counter()
         self.parts = parts
         self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
         device, config = parts.device, parts.config
         kv_heads, head_dim = kv_heads_and_dim(config)
-        self.pool = BlockPool(num_blocks)
-        self.cache = KVCache(config.num_hidden_layers, num_blocks, kv_heads, head_dim, device, parts.dtype)
+        if kept is not None:  # a previous decoder's cache, and the prefixes it remembers
+            self.pool, self.cache = kept
+        else:
+            self.pool = BlockPool(num_blocks)
+            self.cache = KVCache(config.num_hidden_layers, num_blocks, kv_heads, head_dim, device, parts.dtype)
         self.table_width = blocks_for(max_len)
         self.block_tables = torch.full((num_slots, self.table_width), SCRATCH_BLOCK, dtype=torch.int32, device=device)
         self.end = torch.zeros(num_slots, dtype=torch.long, device=device)
@@ -245,9 +249,7 @@ class PagedDecoder:
         # Without the kernel, attention gathers only as many blocks as the longest active row
         # needs (a multiple of ATTENTION_WIDTH_STEP positions); the kernel reads each row's own.
         self.widths = (
-            [max_len]
-            if self.use_kernel
-            else [*range(ATTENTION_WIDTH_STEP, max_len, ATTENTION_WIDTH_STEP), max_len]
+            [max_len] if self.use_kernel else [*range(ATTENTION_WIDTH_STEP, max_len, ATTENTION_WIDTH_STEP), max_len]
         )
         # A step runs the first `rows` rows only, the smallest of these that holds every active
         # row (admission fills the lowest free rows): a draining batch stops paying for idle rows.
@@ -266,6 +268,7 @@ class PagedDecoder:
         self.graph_pool = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.setup_seconds = 0.0  # building these buffers and capturing graphs, so far
+        self.wanted_blocks = num_blocks  # the blocks asked for, before memory capped them (set by the engine)
         if self.use_cuda_graph:
             self._capture_graph(num_slots, max_len)  # the largest first: the pool is sized once
         self.setup_seconds = time.perf_counter() - started
@@ -660,7 +663,7 @@ class BatchSampler:
         if tokens.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        used = decoder.pool.num_blocks - decoder.pool.num_free()
+        used = decoder.pool.num_blocks - 1 - decoder.pool.num_free()  # block 0 is scratch
         self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
         return LaunchedStep(states, host_tokens, done)
 
@@ -776,14 +779,15 @@ def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torc
     return padded.to(device), torch.tensor(lengths).to(device)
 
 
-def choose_num_blocks(parts: ModelParts, num_slots: int, max_len: int, vocab_size: int, tokens: int | None) -> int:
-    """Blocks of the KV cache: `tokens` worth if given; else as many as `num_slots` sequences of
-    `max_len` tokens could fill sharing nothing, capped on CUDA by what free memory holds after
-    the sampling workspace (about five float32 vocab-sized rows a slot) and a margin for
-    prefill's activations."""
-    if tokens is not None:
-        return max(2, blocks_for(tokens) + 1)
-    wanted = num_slots * blocks_for(max_len) + 1
+def wanted_blocks(num_slots: int, max_len: int, tokens: int | None) -> int:
+    """Blocks of the KV cache before memory has its say: `tokens` worth if given, else as many
+    as `num_slots` sequences of `max_len` tokens could fill sharing nothing (one is scratch)."""
+    return max(2, blocks_for(tokens) + 1) if tokens is not None else num_slots * blocks_for(max_len) + 1
+
+
+def choose_num_blocks(parts: ModelParts, wanted: int, num_slots: int, vocab_size: int) -> int:
+    """`wanted` blocks, capped on CUDA by what 90% of free memory holds after the sampling
+    workspace (about five float32 vocab-sized rows a slot) and a margin for prefill's activations."""
     if parts.device.type != "cuda":
         return wanted
     free_bytes, _ = torch.cuda.mem_get_info(parts.device)
