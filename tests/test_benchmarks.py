@@ -73,3 +73,20 @@ def test_bench_label_schedule_counts_the_waves_of_each_mode_on_label_itself():
     assert set(rows) == {"lockstep", "lockstep+speculation", "continuous", "continuous+speculation"}
     assert all(waves >= bare for waves, bare in rows.values())
     assert rows["lockstep+speculation"][0] <= rows["lockstep"][0]
+
+
+def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the_table():
+    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "long", "--engines", "hf")
+    assert "--worker hf --shape long" in out  # the engine ran in a process of its own
+    assert re.search(r"^hf +[\d,]+ +16 +nan +[\d.]+$", out, flags=re.MULTILINE)  # tokens/s, slots, peak, seconds
+
+
+def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with_per_step_mc():
+    """(a) label, (b) the naive binary search and (c) per-step MC label the same responses; on
+    the CPU (b) and (c) drive the hf engine's own sample in place of bare vLLM."""
+    out = run_bench(
+        "bench/bench_label.py", "long", "--quick", "--responses", "4", "--k", "2", "--max-tokens", "4", "--workers", "1"
+    )
+    rows = re.findall(r"^\| \((\w)\) .* \| [\d.]+ \| [\d,]+ \| nan \| ([\d.]+) \|$", out, flags=re.MULTILINE)
+    # Random weights never reach the answer: every method finds the first step wrong, alike.
+    assert [method for method, _ in rows] == ["a", "b", "c"] and all(float(agree) == 1.0 for _, agree in rows)
