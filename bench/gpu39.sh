@@ -20,8 +20,8 @@ for dtype in (torch.float32, torch.bfloat16):
         ref = gathered_attention(q.float(), kb.float(), vb.float(), tables.long(), (seq_lens - 1).view(-1, 1), D**-0.5)
         print(dtype, H, kvh, D, "max abs diff", (out.float() - ref.reshape(rows, H, D)).abs().max().item(), flush=True)
 PY
-timeout 100 python3 -m pytest -q -x tests/test_engines.py -k "cuda_graph or forked or preempted" > $L/02_tests.log 2>&1
 python3 bench/bench_generate.py --shape long --arch 7b --engines hf > $L/11_new_7b_long.log 2>&1
+timeout 100 python3 -m pytest -q -x tests/test_engines.py -k "cuda_graph or forked or preempted" > $L/02_tests.log 2>&1
 python3 bench/bench_generate.py --shape rollout --arch 7b --engines hf > $L/12_new_7b_rollout.log 2>&1
 python3 bench/bench_generate.py --shape short --arch 7b --engines hf > $L/13_new_7b_short.log 2>&1
 python3 bench/bench_generate.py --shape short --arch 0.5b --engines hf > $L/14_new_05b_short.log 2>&1

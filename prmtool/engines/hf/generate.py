@@ -460,7 +460,7 @@ class BatchSampler:
     def _reset_rows(self) -> None:
         if self.rows_to_reset:
             decoder = self.decoder
-            rows = torch.tensor(self.rows_to_reset, device=decoder.parts.device)
+            rows = on_device(self.rows_to_reset, decoder.parts.device)
             decoder.block_tables[rows] = SCRATCH_BLOCK
             decoder.end[rows] = 0
             decoder.active[rows] = 0
@@ -494,8 +494,8 @@ class BatchSampler:
         if changes:
             rows, columns, blocks = zip(*changes)
             device = self.decoder.parts.device
-            self.decoder.block_tables[torch.tensor(rows, device=device), torch.tensor(columns, device=device)] = (
-                torch.tensor(blocks, dtype=torch.int32, device=device)
+            self.decoder.block_tables[on_device(rows, device), on_device(columns, device)] = on_device(
+                blocks, device, torch.int32
             )
 
     # ----------------------------------------------------------------- admission and prefill
@@ -608,15 +608,15 @@ class BatchSampler:
             pool.release(item.blocks)  # the prefill's own references
         decoder.cache.copy_blocks(*copies)
 
-        row_index = torch.tensor(rows, device=device)
-        source_index = torch.tensor(source, device=device)
-        decoder.block_tables[row_index] = torch.tensor(tables, dtype=torch.int32).to(device)
-        decoder.end[row_index] = torch.tensor(ends, device=device)
+        row_index = on_device(rows, device)
+        source_index = on_device(source, device)
+        decoder.block_tables[row_index] = on_device(tables, device, torch.int32)
+        decoder.end[row_index] = on_device(ends, device)
         decoder.active[row_index] = 1
-        decoder.temperature[row_index] = torch.tensor(temperatures, dtype=torch.float32, device=device)
-        decoder.top_p[row_index] = torch.tensor(top_ps, dtype=torch.float32, device=device)
-        decoder.uniforms[row_index] = torch.from_numpy(np.stack(uniforms)).to(device)
-        draw = torch.tensor(first_draws, device=device)
+        decoder.temperature[row_index] = on_device(temperatures, device, torch.float32)
+        decoder.top_p[row_index] = on_device(top_ps, device, torch.float32)
+        decoder.uniforms[row_index] = on_device(np.stack(uniforms), device, torch.float32)
+        draw = on_device(first_draws, device)
 
         first_tokens = sample_from_logits(
             last_token_logits.index_select(0, source_index),
@@ -750,10 +750,10 @@ def prefill(decoder: PagedDecoder, admitted: list[Admission]) -> torch.Tensor:
     device = decoder.parts.device
     input_ids, lengths = right_padded([a.sequence[a.cached :] for a in admitted], device)
     tokens = input_ids.shape[1]
-    starts = torch.tensor([a.cached for a in admitted], device=device)
+    starts = on_device([a.cached for a in admitted], device)
     positions = starts.unsqueeze(1) + torch.arange(tokens, device=device)
     width = max(len(a.blocks) for a in admitted)
-    tables = torch.tensor([a.blocks + [SCRATCH_BLOCK] * (width - len(a.blocks)) for a in admitted]).to(device)
+    tables = on_device([a.blocks + [SCRATCH_BLOCK] * (width - len(a.blocks)) for a in admitted], device)
     # Padding (after a row's last token) writes to the scratch block; being causal, real tokens
     # never attend to it.
     real = torch.arange(tokens, device=device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -770,13 +770,24 @@ def prefill(decoder: PagedDecoder, admitted: list[Admission]) -> torch.Tensor:
     return decoder.parts.logits_from_hidden(last_hidden).float()
 
 
+def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` (a list, array or CPU tensor) as a tensor on `device`, without waiting for the
+    device: on CUDA through pinned memory, which torch keeps until the copy has run. (A plain
+    copy from pageable memory waits for every step already queued, and the host would no
+    longer run a step ahead.)"""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded on the right with 0 (never attended to), and the true lengths."""
     lengths = [len(s) for s in sequences]
     padded = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         padded[row, : len(sequence)] = torch.tensor(sequence)
-    return padded.to(device), torch.tensor(lengths).to(device)
+    return on_device(padded, device), on_device(lengths, device)
 
 
 def wanted_blocks(num_slots: int, max_len: int, tokens: int | None) -> int:

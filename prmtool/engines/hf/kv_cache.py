@@ -133,10 +133,10 @@ class KVCache:
 
     def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
         if sources:
-            device = self.blocks.device
-            self.blocks[:, :, torch.tensor(destinations, device=device)] = self.blocks[
-                :, :, torch.tensor(sources, device=device)
-            ]
+            # Indices through pinned memory: the host does not wait for the work already queued.
+            pinned = self.blocks.is_cuda
+            indices = torch.tensor([sources, destinations], pin_memory=pinned).to(self.blocks.device, non_blocking=True)
+            self.blocks[:, :, indices[1]] = self.blocks[:, :, indices[0]]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.blocks[index, 0], self.blocks[index, 1]
