@@ -461,7 +461,9 @@ def worker(args) -> None:
         else:
             model = build_model(args.quick, device, args.arch)
         engine = HFEngine(model, build_tokenizer(vocab), ignore_eos=True, max_batch_size=int(args.slots.split(",")[0]))
+        started = time.perf_counter()
         engine.sample(warmup)
+        print(f"  hf engine warm-up: {time.perf_counter() - started:.1f} s, {engine.last_stats}", flush=True)
         with Timer(device) as timer:
             results = engine.sample(requests)
         tokens = sum(c.num_tokens for samples in results for c in samples)
