@@ -81,6 +81,10 @@ class HFEngine(Engine):
         what 90% of free memory holds, capped by what the call's slots could fill unshared;
         on CPU that cap). Samples of one prompt, and prompts with a common prefix, share its
         keys and values; when the cache fills, the samples started last are recomputed later.
+      prefix_cache: remember prompts' full blocks, so later prompts with the same beginning
+        reuse their keys and values (default True). On a GPU, keys and values computed in
+        another batch can differ in their last bits, so a sample may then differ, rarely, from
+        the one a fresh engine draws; off, a sample depends on its seed alone (as before).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class HFEngine(Engine):
         cuda_graph: bool = True,
         compile: bool | None = None,
         kv_cache_tokens: int | None = None,
+        prefix_cache: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -105,6 +110,7 @@ class HFEngine(Engine):
         self.max_batch_tokens = max_batch_tokens or (16384 if on_cuda else 4096)
         self.use_cuda_graph = cuda_graph
         self.kv_cache_tokens = kv_cache_tokens
+        self.prefix_cache = prefix_cache
         self.seed_source = random.Random(seed)
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids or default_eos_token_ids(model, tokenizer))
         config = model.config.get_text_config()
@@ -307,7 +313,14 @@ class HFEngine(Engine):
             kept[0].num_blocks if kept else choose_num_blocks(self.parts, wanted, wanted_slots, self.vocab_size)
         )
         self.decoder = PagedDecoder(
-            self.parts, wanted_slots, max_len, max_tokens, num_blocks, self.use_cuda_graph, kept=kept
+            self.parts,
+            wanted_slots,
+            max_len,
+            max_tokens,
+            num_blocks,
+            self.use_cuda_graph,
+            kept=kept,
+            prefix_cache=self.prefix_cache,
         )
         self.decoder.wanted_blocks = wanted
         self.decoder_wanted_slots = wanted_slots

@@ -230,10 +230,12 @@ class PagedDecoder:
         num_blocks: int,
         use_cuda_graph: bool,
         kept: tuple[BlockPool, KVCache] | None = None,
+        prefix_cache: bool = True,
     ):
         started = time.perf_counter()
         self.parts = parts
         self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
+        self.prefix_cache = prefix_cache  # remember prompts' full blocks for later prompts to reuse
         device, config = parts.device, parts.config
         kv_heads, head_dim = kv_heads_and_dim(config)
         if kept is not None:  # a previous decoder's cache, and the prefixes it remembers
@@ -388,7 +390,8 @@ class BatchSampler:
         self.tokens_since_progress = 0
         self.slots: list[SlotState | None] = [None] * decoder.num_slots
         self.rows_to_reset: list[int] = []  # rows freed since the last step or prefill was queued
-        self.blocks_freed = False  # since the last admission: room for the queue, maybe
+        # The last admission stopped for want of blocks, and none has been freed since.
+        self.waiting_for_blocks = False
         self.admissions = 0
         # Longest first (Python's sort is stable, so equal lengths keep request order): prompts
         # prefilled together have similar lengths and the longest generations start early.
@@ -432,7 +435,7 @@ class BatchSampler:
         in_flight: LaunchedStep | None = None
         while self.queue or self._active_slots():
             free = self.slots.count(None)
-            if self.queue and (free == len(self.slots) or free >= refill_threshold or self.blocks_freed):
+            if self.queue and (free == len(self.slots) or free >= refill_threshold) and not self.waiting_for_blocks:
                 self._admit()
             launched = self._launch_decode_step() if self._active_slots() else None
             # The host reads step t-1's tokens while the device computes step t. A sample that
@@ -455,7 +458,7 @@ class BatchSampler:
         self.decoder.pool.release(state.blocks)
         self.slots[row] = None
         self.rows_to_reset.append(row)
-        self.blocks_freed = True
+        self.waiting_for_blocks = False
 
     def _reset_rows(self) -> None:
         if self.rows_to_reset:
@@ -501,7 +504,6 @@ class BatchSampler:
     # ----------------------------------------------------------------- admission and prefill
 
     def _admit(self) -> None:
-        self.blocks_freed = False
         self._reset_rows()
         pool = self.decoder.pool
         free_rows = [s for s, state in enumerate(self.slots) if state is None]  # lowest first
@@ -523,6 +525,7 @@ class BatchSampler:
             needed = new_blocks + (count - 1) * partial + count + watermark
             if needed > pool.num_free():
                 pool.release(cached)
+                self.waiting_for_blocks = True
                 if not admitted and not self._active_slots():
                     raise EngineError(
                         f"a request of {len(sequence)} tokens does not fit the hf engine's KV cache of "
@@ -539,7 +542,8 @@ class BatchSampler:
                 self.queue.appendleft(rest)
                 group = replace(group, sample_indices=group.sample_indices[:count])
             blocks = cached + [pool.allocate() for _ in range(new_blocks)]
-            pool.remember(blocks, sequence)
+            if self.decoder.prefix_cache:
+                pool.remember(blocks, sequence)
             rows, free_rows = free_rows[:count], free_rows[count:]
             admitted.append(Admission(group, rows, sequence, blocks, len(cached) * BLOCK_SIZE))
         # Prefill in chunks of at most max_prefill_tokens (padded) new tokens, and at most 8x as
