@@ -94,3 +94,45 @@ def test_gathered_attention_is_plain_causal_attention_over_the_blocks():
         scale=head_dim**-0.5,
     )
     torch.testing.assert_close(got[0].transpose(0, 1), expected)
+
+
+def test_the_triton_decode_kernel_reads_the_blocks_as_the_gathered_reference_does():
+    """The CUDA decode kernel (kernels.paged_decode) on random blocks; on a machine without a GPU
+    it runs in Triton's interpreter, in a process of its own (the interpreter is chosen when
+    Triton loads), where Triton is installed at all (CI has none)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK, device],
+        env={**os.environ, "TRITON_INTERPRET": "0" if device == "cuda" else "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "same"
+
+
+KERNEL_CHECK = """
+import sys
+import torch
+from prmtool.engines.hf.kernels import paged_decode
+from prmtool.engines.hf.kv_cache import BLOCK_SIZE, gathered_attention
+
+device = sys.argv[1]
+torch.manual_seed(0)
+heads, kv_heads, head_dim, rows = 14, 2, 16, 3  # seven query heads per KV head, as Qwen2.5's
+keys = torch.randn(40, BLOCK_SIZE, kv_heads, head_dim, device=device)
+values = torch.randn_like(keys)
+tables = torch.randint(1, 40, (rows, 6), dtype=torch.int32, device=device)
+lengths = torch.tensor([1, 50, 96], device=device)  # one position, a partial block, every block
+query = torch.randn(rows, heads, 1, head_dim, device=device)
+got = paged_decode(query.view(rows, heads, head_dim), keys, values, tables, lengths, 0.25)
+expected = gathered_attention(query, keys, values, tables.long(), (lengths - 1).view(-1, 1), 0.25)
+torch.testing.assert_close(got, expected.reshape(rows, heads, head_dim), atol=1e-5, rtol=1e-5)
+print("same")
+"""

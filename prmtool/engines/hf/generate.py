@@ -529,7 +529,8 @@ class BatchSampler:
                 if not admitted and not self._active_slots():
                     raise EngineError(
                         f"a request of {len(sequence)} tokens does not fit the hf engine's KV cache of "
-                        f"{pool.num_blocks * BLOCK_SIZE} tokens: lower max_batch_tokens or use a larger GPU"
+                        f"{(pool.num_blocks - 1) * BLOCK_SIZE} tokens (kv_cache_tokens, or the GPU's free "
+                        "memory): shorten the request or give the cache more room"
                     )
                 break
             self.queue.popleft()
