@@ -60,6 +60,34 @@ this is vLLM's run-to-run spread or something of prmtool's that shows only on th
 not settled (`--repeats 3` times each variant three times, alternating the two that share an
 instance, and reports the median); until then read the hf engine against vLLM as a range:
 1.6 to 2.2x on the 1.5B architecture, 2.6 to 3.0x on the 0.5B.
+
+Side by side at 7B (`--shape`, issue 39): random-weight Qwen2.5 architectures, bf16, EOS
+ignored, the hf engine and bare vLLM (0.26 defaults, `gpu_memory_utilization` 0.88) each in its
+own process, each warmed up on other prompts of the same lengths, the same requests timed:
+
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape short     # 256 x 128 x n=8, new 16..512
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape rollout   # 512 x 768 x n=4, new 64..768
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long      # 64 x 1536 x n=8, new 256..2048
+    PYTHONPATH=. python bench/bench_generate.py --arch 0.5b --shape short
+    (--engines hf runs the hf engine alone; vLLM's peak is the device's memory in use after its run,
+    the hf engine's the memory torch reserved)
+
+Before the paged KV cache, on one H100 (issue 39's table; hf slots in brackets, each slot then
+reserving KV for the longest request and each sample a copy of its prompt's):
+
+  | arch | shape   | hf engine tok/s (slots) | bare vLLM tok/s | hf / vLLM |
+  |------|---------|------------------------:|----------------:|----------:|
+  | 0.5B | short   |           81,153 (1024) |          20,415 |     3.97x |
+  | 7B   | short   |           20,551 (1024) |          20,619 |     1.00x |
+  | 7B   | rollout |           12,634  (599) |          17,346 |     0.73x |
+  | 7B   | long    |            8,577  (263) |          15,487 |     0.55x |
+
+With the paged cache (kv_cache.py: blocks taken as sequences grow, a prompt's blocks read by its
+n samples, prefixes remembered across requests) the slots are the samples the call has, up to
+max_batch_size (1024): 1024, 1024 and 512 on the three 7B shapes, where the KV of the long
+shape's 512 sequences (64 prompts' 1,536-token blocks once, plus up to 2,048 new tokens each,
+about 40 GiB at 7B) fits an 80 GB card. Not yet measured on a GPU: the session that built it got
+no machine. The commands above print the row to put here.
 """
 
 from __future__ import annotations
