@@ -85,7 +85,7 @@ reserving KV for the longest request and each sample a copy of its prompt's):
 With the paged cache (kv_cache.py: blocks taken as sequences grow, a prompt's blocks read by its
 n samples, prefixes remembered across requests) the slots are the samples the call has, up to
 max_batch_size (1024): 1024, 1024 and 512 on the three 7B shapes. The long shape's KV at 7B
-(56 KiB a position) is 5.4 GiB for the 64 prompts, stored once, plus each sample's own tokens:
+(56 KiB a position) is 5.3 GiB for the 64 prompts, stored once, plus each sample's own tokens:
 at most 31 GiB more if all 512 held 1,152 (their mean) at once; the cache takes 90% of what the
 weights and workspace leave (about 50 GiB on an 80 GB card), and samples started last are
 preempted if it fills. Not yet measured on a GPU: the session that built it got no machine.
