@@ -131,8 +131,9 @@ values = torch.randn_like(keys)
 tables = torch.randint(1, 40, (rows, 6), dtype=torch.int32, device=device)
 lengths = torch.tensor([1, 50, 96], device=device)  # one position, a partial block, every block
 query = torch.randn(rows, heads, 1, head_dim, device=device)
-got = paged_decode(query.view(rows, heads, head_dim), keys, values, tables, lengths, 0.25)
 expected = gathered_attention(query, keys, values, tables.long(), (lengths - 1).view(-1, 1), 0.25)
-torch.testing.assert_close(got, expected.reshape(rows, heads, head_dim), atol=1e-5, rtol=1e-5)
+for splits in (1, 3, 16):  # one program per sequence and KV head, or several (some past its end)
+    got = paged_decode(query.view(rows, heads, head_dim), keys, values, tables, lengths, 0.25, splits=splits)
+    torch.testing.assert_close(got, expected.reshape(rows, heads, head_dim), atol=1e-5, rtol=1e-5)
 print("same")
 """
