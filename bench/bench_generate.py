@@ -60,6 +60,51 @@ this is vLLM's run-to-run spread or something of prmtool's that shows only on th
 not settled (`--repeats 3` times each variant three times, alternating the two that share an
 instance, and reports the median); until then read the hf engine against vLLM as a range:
 1.6 to 2.2x on the 1.5B architecture, 2.6 to 3.0x on the 0.5B.
+
+Side by side at 7B (`--shape`, issue 39): random-weight Qwen2.5 architectures, bf16, EOS
+ignored, the hf engine and bare vLLM (0.26 defaults, `gpu_memory_utilization` 0.88) each in its
+own process, each warmed up on other prompts of the same lengths, the same requests timed:
+
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape short     # 256 x 128 x n=8, new 16..512
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape rollout   # 512 x 768 x n=4, new 64..768
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long      # 64 x 1536 x n=8, new 256..2048
+    PYTHONPATH=. python bench/bench_generate.py --arch 0.5b --shape short
+    (--engines hf runs the hf engine alone; vLLM's peak is the device's memory in use after its run,
+    the hf engine's the memory torch reserved)
+
+Before the paged KV cache, on one H100 (issue 39's table; hf slots in brackets, each slot then
+reserving KV for the longest request and each sample a copy of its prompt's):
+
+  | arch | shape   | hf engine tok/s (slots) | bare vLLM tok/s | hf / vLLM |
+  |------|---------|------------------------:|----------------:|----------:|
+  | 0.5B | short   |           81,153 (1024) |          20,415 |     3.97x |
+  | 7B   | short   |           20,551 (1024) |          20,619 |     1.00x |
+  | 7B   | rollout |           12,634  (599) |          17,346 |     0.73x |
+  | 7B   | long    |            8,577  (263) |          15,487 |     0.55x |
+
+With the paged cache (kv_cache.py: blocks taken as sequences grow, a prompt's blocks read by its
+n samples, prefixes remembered across requests) the slots are the samples the call has, up to
+max_batch_size (1024): 1024, 1024 and 512 on the three 7B shapes. The long shape's KV at 7B
+(56 KiB a position) is 5.3 GiB for the 64 prompts, stored once, plus each sample's own tokens:
+at most 31 GiB more if all 512 held 1,152 (their mean) at once; the cache takes 90% of what the
+weights and workspace leave (about 50 GiB on an 80 GB card), and samples started last are
+preempted if it fills.
+
+Measured with the paged cache, one H100, lease of 2026-12-06 (the device time allowed one shape;
+bare vLLM's run of the same shape in that lease did not finish inside the command's limit, so
+its figure is the earlier lease's above):
+
+  | arch | shape   | hf engine tok/s (slots) | peak GiB | hf / vLLM (15,487 above) |
+  |------|---------|------------------------:|---------:|-------------------------:|
+  | 7B   | long    |           12,416  (512) |     69.9 |                    0.80x |
+
+    PYTHONPATH=. python bench/bench_generate.py --shape long --arch 7b --engines hf
+
+1.45x the engine before the cache on the same shape (8,577 tok/s, 263 slots), 23,360-24,752 of
+60,625 blocks at their peak, no preemption, CUDA-graph decode through the Triton paged kernel.
+The short, rollout and 0.5B shapes, and vLLM side by side in one lease, are still to measure.
+The vLLM worker's first try there failed to fork its engine process after CUDA was touched;
+the script now asks vLLM to spawn it (VLLM_WORKER_MULTIPROC_METHOD=spawn).
 """
 
 from __future__ import annotations
@@ -102,6 +147,18 @@ QWEN25_15B = dict(
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
 )
+QWEN25_7B = dict(
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 TINY = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -125,7 +182,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slots", default="1024", help="hf engine max_batch_size; a comma list runs each")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: engine,a,b,cb")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arch", choices=["0.5b", "1.5b"], default="0.5b", help="the Qwen2.5 architecture")
+    parser.add_argument("--arch", choices=["0.5b", "1.5b", "7b"], default="0.5b", help="the Qwen2.5 architecture")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="side by side: the hf engine and bare vLLM (defaults, gpu_memory_utilization 0.88), each in its own "
+        "process, on this shape (sets --prompts, --prompt-len, --n, --min-tokens, --max-tokens); prints tokens/s, "
+        "slots, peak GPU memory and the hf / vLLM ratio",
+    )
+    parser.add_argument("--engines", default="hf,vllm", help="with --shape: which engines run (hf, vllm)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # with --shape: run one engine, print a JSON line
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument(
         "--vllm",
         action="store_true",
@@ -140,13 +207,21 @@ def parse_args() -> argparse.Namespace:
         "pass printed (the two variants that share an instance alternate, so neither always runs last)",
     )
     args = parser.parse_args()
+    if args.shape:
+        args.prompts, args.prompt_len, args.n, args.min_tokens, args.max_tokens = SHAPES[args.shape]
     if args.quick:
         args.prompts, args.n, args.prompt_len, args.min_tokens, args.max_tokens = 8, 4, 16, 4, 32
         args.subset_a, args.slots = 2, "16"
     return args
 
 
-ARCHES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+ARCHES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "7b": QWEN25_7B}
+# --shape: (prompts, prompt tokens, n, fewest and most new tokens), as issue 39's table.
+SHAPES = {
+    "short": (256, 128, 8, 16, 512),
+    "rollout": (512, 768, 4, 64, 768),
+    "long": (64, 1536, 8, 256, 2048),
+}
 
 
 def build_model(quick: bool, device: torch.device, arch: str = "0.5b") -> Qwen2ForCausalLM:
@@ -368,8 +443,114 @@ def run_vllm(model, tokenizer, requests, args) -> dict[str, dict]:
     return results
 
 
+def side_by_side(args) -> None:
+    """--shape: each engine in its own process on the same requests; the table of issue 39."""
+    import subprocess
+    import sys
+    import tempfile
+
+    engines = [e for e in args.engines.split(",") if e]
+    folder = None
+    if "vllm" in engines:  # vLLM loads a model folder: the random weights are saved once, for both
+        folder = tempfile.mkdtemp(prefix="bench-generate-")
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+        model = build_model(args.quick, device, args.arch)
+        model.save_pretrained(folder)
+        build_tokenizer(model.config.vocab_size).save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    rows = {}
+    for engine in engines:
+        command = [sys.executable, __file__, "--worker", engine, "--shape", args.shape, "--arch", args.arch]
+        command += ["--slots", args.slots, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        command += ["--model-dir", folder] if folder else []
+        print(f"$ {' '.join(command)}", flush=True)
+        # The worker touches CUDA before vLLM starts its engine process: forking then fails
+        # ("Cannot re-initialize CUDA in forked subprocess", seen on an H100), so vLLM spawns.
+        environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+        finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
+        lines = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
+        print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
+        if finished.returncode != 0 or not lines:
+            print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
+            continue
+        rows[engine] = json.loads(lines[-1][len("RESULT ") :])
+    print()
+    print(
+        f"{args.arch}, {args.shape}: {args.prompts} x {args.prompt_len} x n={args.n}, new {args.min_tokens}.."
+        f"{args.max_tokens}"
+    )
+    print(f"{'engine':<10}{'tokens/s':>12}{'slots':>8}{'peak GiB':>10}{'seconds':>9}")
+    for name, row in rows.items():
+        print(
+            f"{name:<10}{row['tokens_per_second']:>12,.0f}{row['slots']:>8}{row['peak_gib']:>10.1f}{row['seconds']:>9.1f}"
+        )
+    if "hf" in rows and "vllm" in rows:
+        print(f"hf / vLLM: {rows['hf']['tokens_per_second'] / rows['vllm']['tokens_per_second']:.2f}x")
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], f"bench_generate_{args.arch}_{args.shape}.json")
+        with open(path, "w") as handle:
+            json.dump(dict(args=vars(args), rows=rows), handle, indent=1)
+
+
+def worker(args) -> None:
+    """One engine of --shape, alone in this process: a warm-up pass over other prompts of the same
+    lengths, then the timed pass; prints a RESULT line of JSON."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    vocab = (TINY if args.quick else ARCHES[args.arch])["vocab_size"]
+    warmup = make_requests(argparse.Namespace(**(vars(args) | {"seed": args.seed + 1})), vocab)
+    requests = make_requests(args, vocab)
+    expected = sum(r.n * r.max_tokens for r in requests)
+    if args.worker == "hf":
+        if args.model_dir:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                args.model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+            ).to(device)
+        else:
+            model = build_model(args.quick, device, args.arch)
+        engine = HFEngine(model, build_tokenizer(vocab), ignore_eos=True, max_batch_size=int(args.slots.split(",")[0]))
+        started = time.perf_counter()
+        engine.sample(warmup)
+        print(f"  hf engine warm-up: {time.perf_counter() - started:.1f} s, {engine.last_stats}", flush=True)
+        with Timer(device) as timer:
+            results = engine.sample(requests)
+        tokens = sum(c.num_tokens for samples in results for c in samples)
+        stats = engine.last_stats
+        print(f"  hf engine: {stats}", flush=True)
+        slots = stats.num_slots
+        peak = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+    else:
+        import vllm
+
+        llm = vllm.LLM(model=args.model_dir, dtype="bfloat16", seed=0, gpu_memory_utilization=0.88)
+
+        def generate(batch):
+            params = [
+                vllm.SamplingParams(n=r.n, temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, seed=r.seed,
+                                    ignore_eos=True)
+                for r in batch
+            ]  # fmt: skip
+            return llm.generate([{"prompt_token_ids": r.prompt_ids} for r in batch], params, use_tqdm=False)
+
+        generate(warmup)
+        with Timer(device) as timer:
+            outputs = generate(requests)
+        tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+        slots = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        free, total = torch.cuda.mem_get_info()
+        peak = (total - free) / 2**30  # vLLM's engine runs in a process of its own: the device's use
+    assert tokens == expected, f"{args.worker} generated {tokens} tokens, requests asked for {expected}"
+    row = dict(tokens=tokens, seconds=timer.seconds, tokens_per_second=tokens / timer.seconds, slots=slots,
+               peak_gib=peak)  # fmt: skip
+    print("RESULT " + json.dumps(row), flush=True)
+
+
 def main() -> None:
     args = parse_args()
+    if args.worker:
+        return worker(args)
+    if args.shape:
+        return side_by_side(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     skip = set(filter(None, args.skip.split(",")))
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -241,6 +241,7 @@ steps per row, each word one token of the bench's word-level tokenizer):
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -253,15 +254,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench_generate's
 from prmtool.core.options import default_workers  # noqa: E402
 from prmtool.engines import Completion, Engine, SamplingRequest  # noqa: E402
 from prmtool.methods.labeling import label_rows  # noqa: E402
-from prmtool.methods.rollouts import Rollouts, RolloutSettings  # noqa: E402
+from prmtool.methods.rollouts import Probe, Rollouts, RolloutSettings  # noqa: E402
 from prmtool.methods.verification import verify_responses  # noqa: E402
 
 
-def wrong_responses(count: int, min_steps: int, max_steps: int, seed: int = 0, words_per_step: int = 8) -> pl.DataFrame:
+def wrong_responses(
+    count: int,
+    min_steps: int,
+    max_steps: int,
+    seed: int = 0,
+    words_per_step: int = 8,
+    response_words: tuple[int, int] | None = None,
+) -> pl.DataFrame:
+    """`count` wrong responses of min_steps..max_steps steps of random words, one marked WRONG;
+    `response_words` (fewest, most): each response's length drawn from it instead (steps then
+    share it evenly), as a word is a token of bench_generate's tokenizer."""
     rng = random.Random(seed)
     rows = []
     for index in range(count):
         n = rng.randint(min_steps, max_steps)
+        if response_words is not None:
+            words_per_step = rng.randint(*response_words) // n
         wrong_at = rng.randrange(n)
         steps = [
             " ".join(f"t{rng.randrange(100, 5000)}" for _ in range(words_per_step))
@@ -631,6 +644,165 @@ def overhead(args) -> None:
     engine.close()
 
 
+class BareEngine(Engine):
+    """An engine whose `sample` is a bare `generate` (vLLM's own, or the hf engine's sample on
+    the CPU smoke run): what the naive drivers of (b) and (c) call, one call per round."""
+
+    def __init__(self, tokenizer, generate):
+        self.tokenizer, self.generate, self.calls = tokenizer, generate, 0
+
+    def sample(self, requests, on_progress=None):
+        self.calls += 1
+        return self.generate(requests)
+
+    def score(self, requests):
+        raise NotImplementedError
+
+
+def naive_binary_search(frame: pl.DataFrame, engine: Engine, k: int, settings: RolloutSettings) -> list[int]:
+    """(b): first-error binary search with one engine call per round over every open search, no
+    staging, no speculation, no continuous rounds: the loop a researcher writes over vLLM.
+    A wrong response's last prefix has MC 0, so the first error lies in [0, steps - 1]."""
+    steps = frame["steps"].to_list()
+    rollouts = Rollouts(engine, frame["problem"].to_list(), steps, frame["reference_answer"].to_list(),
+                        frame["response_id"].to_list(), "\n\n", settings)  # fmt: skip
+    low, high = [0] * len(steps), [len(s) - 1 for s in steps]
+    while True:
+        open_rows = [row for row in range(len(steps)) if low[row] < high[row]]
+        if not open_rows:
+            return low
+        middles = {row: (low[row] + high[row]) // 2 for row in open_rows}
+        for result in rollouts.run([Probe(row, middles[row] + 1, k) for row in open_rows]):
+            row = result.probe.row
+            if result.correct > 0:  # MC(through the middle step) > 0: the error is to its right
+                low[row] = middles[row] + 1
+            else:
+                high[row] = middles[row]
+
+
+def per_step_mc(frame: pl.DataFrame, engine: Engine, k: int, settings: RolloutSettings) -> list[int]:
+    """(c): Math-Shepherd: k rollouts after every step, one engine call; a step's label is bad
+    when none of its rollouts is right, and the first bad step is the first error."""
+    steps = frame["steps"].to_list()
+    rollouts = Rollouts(engine, frame["problem"].to_list(), steps, frame["reference_answer"].to_list(),
+                        frame["response_id"].to_list(), "\n\n", settings)  # fmt: skip
+    probes = [Probe(row, i + 1, k) for row in range(len(steps)) for i in range(len(steps[row]))]
+    first_error = [len(s) - 1 for s in steps]
+    for result in reversed(rollouts.run(probes)):
+        if result.correct == 0:
+            first_error[result.probe.row] = result.probe.prefix_steps - 1
+    return first_error
+
+
+def long_prefixes(args) -> None:
+    """The label regime at 7B: long step prefixes, k rollouts of up to --max-tokens. One engine
+    per process: `--engine hf` runs (a) on the hf engine; `--engine vllm` runs (a) on prmtool's
+    vllm engine, then (b) and (c) on bare vLLM (prefix cache on), on one vLLM instance."""
+    import subprocess
+
+    if args.worker is None:
+        engines = [e for e in args.engine.split(",") if e]
+        rows = []
+        for engine in engines:
+            command = [sys.executable, __file__, "long", "--worker", engine, "--responses", str(args.responses),
+                       "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--arch", args.arch,
+                       "--workers", str(args.workers)] + (["--quick"] if args.quick else [])  # fmt: skip
+            print(f"$ {' '.join(command)}", flush=True)
+            finished = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+            print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")))
+            rows += [json.loads(line[7:]) for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
+            if finished.returncode != 0:
+                print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
+        reference = next((row for row in rows if row["method"].startswith("(c)")), None)
+        print(f"\n{args.responses} responses, {args.arch}, k={args.k}, max_tokens={args.max_tokens}")
+        print("| method | seconds | labelled responses / GPU-hour | peak GiB | first errors as (c) |")
+        for row in rows:
+            agree = "" if reference is None else f"{agreement(row['first_error'], reference['first_error']):.3f}"
+            per_hour = args.responses / row["seconds"] * 3600
+            print(f"| {row['method']} | {row['seconds']:.1f} | {per_hour:,.0f} | {row['peak_gib']:.1f} | {agree} |")
+        return
+
+    import torch
+    from bench_generate import build_model, build_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    model = build_model(args.quick, device, args.arch)
+    tokenizer = build_tokenizer(model.config.vocab_size)
+    frame = wrong_responses(args.responses, 8, 16, response_words=(1000, 3000) if not args.quick else (40, 120))
+    warmup = wrong_responses(max(4, args.responses // 16), 8, 16, seed=1,
+                             response_words=(1000, 3000) if not args.quick else (40, 120))  # fmt: skip
+    settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
+    verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
+
+    def timed(method, run) -> None:
+        run(warmup)  # warm-up on other responses of the same lengths
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        first_error = run(frame)
+        seconds = time.perf_counter() - started
+        if device.type == "cuda" and args.worker == "hf":
+            peak = torch.cuda.max_memory_reserved() / 2**30
+        elif device.type == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            peak = (total - free) / 2**30  # vLLM's engine runs in a process of its own: the device's use
+        else:
+            peak = float("nan")
+        print(f"  {method}: {seconds:.1f} s", flush=True)
+        row = dict(method=method, seconds=seconds, peak_gib=peak, first_error=[int(e) for e in first_error])
+        print("RESULT " + json.dumps(row), flush=True)
+
+    def label(engine):
+        # the rule (b) and (c) apply: a prefix is bad when none of its k rollouts is right
+        return lambda rows: label_rows(rows, engine, "binary", k=args.k, settings=settings, rule="any-success")[
+            "first_error"
+        ].to_list()
+
+    if args.worker == "hf":
+        from prmtool.engines.hf import HFEngine
+
+        engine = HFEngine(model, tokenizer, ignore_eos=True, max_batch_size=args.slots)
+        timed("(a) prmtool label --method binary, hf engine", label(engine))
+        if args.quick:  # no vLLM on the CPU: (b) and (c) drive the hf engine's own sample, for the smoke run
+            bare = BareEngine(tokenizer, engine.sample)
+            timed("(b) naive binary search, one sample() per round (hf, smoke)",
+                  lambda rows: naive_binary_search(rows, bare, args.k, settings))  # fmt: skip
+            timed("(c) per-step MC, one sample() (hf, smoke)", lambda rows: per_step_mc(rows, bare, args.k, settings))
+        return
+    import tempfile
+
+    import vllm
+
+    from prmtool.engines.vllm import VLLMEngine, sampling_params_kwargs, tokens_prompt
+
+    folder = tempfile.mkdtemp(prefix="bench-label-long-")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    engine = VLLMEngine(folder, ignore_eos=True, gpu_memory_utilization=0.88)
+    engine.tokenizer = tokenizer  # the word-level tokenizer as built
+    timed("(a) prmtool label --method binary, vllm engine", label(engine))
+
+    def generate(requests):
+        params = [vllm.SamplingParams(**sampling_params_kwargs(r, ignore_eos=True)) for r in requests]
+        outputs = engine.llm.generate([tokens_prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
+        return [
+            [Completion(text=tokenizer.decode(o.token_ids), token_ids=list(o.token_ids), num_tokens=len(o.token_ids),
+                        finish_reason=o.finish_reason or "length") for o in out.outputs]
+            for out in outputs
+        ]  # fmt: skip
+
+    bare = BareEngine(tokenizer, generate)
+    timed("(b) naive binary search on bare vLLM", lambda rows: naive_binary_search(rows, bare, args.k, settings))
+    timed("(c) Math-Shepherd per-step MC on bare vLLM", lambda rows: per_step_mc(rows, bare, args.k, settings))
+
+
+def agreement(first_errors: list[int], reference: list[int]) -> float:
+    return sum(a == b for a, b in zip(first_errors, reference)) / max(1, len(reference))
+
+
 def judge(args) -> None:
     """Rows/s of `label --method judge` on ProcessBench's GSM8K sample (its problems and steps,
     repeated to --responses rows): one critique per row with a random-weight Qwen2.5-0.5B,
@@ -802,16 +974,23 @@ def fidelity(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule", "fidelity"])
+    parser.add_argument("which", choices=["economy", "overhead", "judge", "schedule", "fidelity", "long"])
     parser.add_argument("--responses", default=None, help="overhead: a comma list runs each size on one engine")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--p", type=float, default=0.7, help="economy: chance a rollout from a good prefix is right")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=None, help="rollout length (default 256; long: 1024)")
     parser.add_argument("--slots", type=int, default=1024)
     parser.add_argument(
         "--quick", action="store_true", help="overhead: a tiny model (CPU smoke run); fidelity: 24 rows, 2 grid points"
     )
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="overhead: the engine measured")
+    parser.add_argument(
+        "--engine",
+        default=None,
+        help="overhead: the engine measured, hf or vllm (default hf); long: a comma list, each in its own process "
+        "(default hf,vllm)",
+    )
+    parser.add_argument("--arch", choices=["0.5b", "1.5b", "7b"], default="7b", help="long: the Qwen2.5 architecture")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # long: the one engine this process runs
     parser.add_argument(
         "--modes",
         default="lockstep,lockstep+speculation,continuous,continuous+speculation",
@@ -827,6 +1006,7 @@ def main() -> None:
     parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 6k)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
+    args.max_tokens = args.max_tokens or (1024 if args.which == "long" else 256)
     if args.which == "economy":
         args.responses = int(args.responses or 500)
         economy(args)
@@ -838,8 +1018,15 @@ def main() -> None:
     elif args.which == "judge":
         args.responses = int(args.responses or 1024)
         judge(args)
+    elif args.which == "long":
+        args.responses = int(args.responses or 256)
+        args.engine = args.engine or ("hf" if args.quick else "hf,vllm")
+        long_prefixes(args)
     else:
         args.responses = args.responses or 512
+        args.engine = args.engine or "hf"
+        if args.engine not in ("hf", "vllm"):
+            raise SystemExit(f"--engine {args.engine!r}: overhead measures one engine, hf or vllm")
         overhead(args)
 
 

@@ -114,3 +114,20 @@ def test_bench_label_fidelity_reads_other_step_structures_and_refuses_bad_ones(t
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode != 0 and "no column label" in result.stderr
+
+
+def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the_table():
+    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "long", "--engines", "hf")
+    assert "--worker hf --shape long" in out  # the engine ran in a process of its own
+    assert re.search(r"^hf +[\d,]+ +16 +nan +[\d.]+$", out, flags=re.MULTILINE)  # tokens/s, slots, peak, seconds
+
+
+def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with_per_step_mc():
+    """(a) label, (b) the naive binary search and (c) per-step MC label the same responses; on
+    the CPU (b) and (c) drive the hf engine's own sample in place of bare vLLM."""
+    out = run_bench(
+        "bench/bench_label.py", "long", "--quick", "--responses", "4", "--k", "2", "--max-tokens", "4", "--workers", "1"
+    )
+    rows = re.findall(r"^\| \((\w)\) .* \| [\d.]+ \| [\d,]+ \| nan \| ([\d.]+) \|$", out, flags=re.MULTILINE)
+    # Random weights never reach the answer: every method finds the first step wrong, alike.
+    assert [method for method, _ in rows] == ["a", "b", "c"] and all(float(agree) == 1.0 for _, agree in rows)

@@ -74,7 +74,7 @@ def test_on_cuda_7b_with_long_prompts_takes_vllm_and_says_why(model_folder):
     assert choice.engine == "vllm"
     assert choice.line() == (
         "engine: vllm (--engine auto: 7.6B parameters, prompts of about 1,152 tokens on cuda: the hf engine "
-        "measured at 0.55x vLLM's tokens/s at 7.6B with 1536-token prompts)"
+        "measured at 0.80x vLLM's tokens/s at 7.6B with 1536-token prompts)"
     )
 
 

@@ -191,6 +191,80 @@ def test_greedy_decoding_matches_uncached_reference_with_refilled_slots(tiny_eng
     )
 
 
+def naive_sample(model, request, seed, sample_index, steps):
+    """Sampling by re-running the full sequence each step (no cache, no batch) from the sample's
+    own stream of uniform numbers: what the engine's paged, batched decoding must reproduce."""
+    from prmtool.engines.hf.generate import sample_uniforms
+
+    uniforms = torch.tensor(sample_uniforms(seed, request.first_sample + sample_index, steps), dtype=torch.float32)
+    ids = list(request.prompt_ids)
+    one = torch.ones(1)
+    with torch.no_grad():
+        for step in range(steps):
+            logits = model(torch.tensor([ids])).logits[:, -1].float()
+            temperature, top_p, uniform = one * request.temperature, one * request.top_p, uniforms[step : step + 1]
+            token = sample_from_logits(logits, temperature, top_p, uniform, any_top_p=top_p < 1.0, any_greedy=False)
+            ids.append(int(token))
+    return ids[len(request.prompt_ids) :]
+
+
+def test_forked_samples_are_what_uncached_sampling_from_their_own_streams_gives(tiny_engine):
+    # n=5 samples share one prefill and read the prompt's blocks (each copies the last, partly
+    # filled one); each must be exactly what sampling alone from its own seeded stream gives.
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
+    prompt = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(12))))
+    assert len(prompt) % 16 != 0  # a partly filled last block, which each sample copies
+    request = SamplingRequest(prompt, n=5, max_tokens=20, seed=7, temperature=0.9)
+    [samples] = engine.sample([request])
+    assert engine.last_stats.prefilled_prompts == 1
+    for index, completion in enumerate(samples):
+        assert completion.token_ids == naive_sample(engine.model, request, 7, index, 20)
+    # ... and the same as samples drawn one request each (first_sample picks the stream).
+    alone = engine.sample([SamplingRequest(prompt, n=1, max_tokens=20, seed=7, temperature=0.9, first_sample=3)])
+    assert alone[0][0] == samples[3]
+
+
+def test_a_prompt_sharing_a_prefix_with_an_earlier_one_computes_only_the_rest(tiny_engine):
+    # Label's probes of one response share the problem and the steps before: the second prompt
+    # finds the first's full blocks remembered and prefills only its own tokens (the cache, of a
+    # fixed size here, outlives the decoder that the second, longer request needs).
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8, kv_cache_tokens=2048)
+    problem = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(30))))
+    steps = tiny_engine.tokenizer.encode("Step 1: 0 + 1 = 1.\n\nStep 2: 1 + 2 = 3.", add_special_tokens=False)
+    first = SamplingRequest(problem + steps[:5], n=2, max_tokens=6, seed=1)
+    second = SamplingRequest(problem + steps, n=2, max_tokens=6, seed=2)
+    engine.sample([first])
+    assert engine.last_stats.cached_prompt_tokens == 0
+    assert engine.last_stats.prefill_tokens == len(first.prompt_ids)
+    got = engine.sample([second])
+    shared_blocks = len(first.prompt_ids) // 16
+    assert engine.last_stats.cached_prompt_tokens == 16 * shared_blocks > 0
+    assert engine.last_stats.prefill_tokens == len(second.prompt_ids) - 16 * shared_blocks
+    fresh = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
+    assert got == fresh.sample([second])  # reused keys and values: the same samples
+
+
+def test_when_blocks_run_out_the_last_started_samples_are_preempted_and_resumed_unchanged(tiny_engine):
+    # A cache of 8 blocks (128 positions) for 6 samples that reach about 60 positions each: the
+    # samples started last give their blocks back, and later recompute their tokens so far.
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Solve for y: 2y - 4 = 10."])
+    requests = [SamplingRequest(p, n=3, max_tokens=40, seed=s) for s, p in enumerate(prompts)]
+    small = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8, kv_cache_tokens=128)
+    squeezed = small.sample(requests)
+    assert small.last_stats.preemptions > 0
+    assert small.last_stats.peak_blocks_used <= 8
+    roomy = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
+    assert squeezed == roomy.sample(requests)
+    assert roomy.last_stats.preemptions == 0
+
+
+def test_a_request_longer_than_the_whole_cache_is_a_clear_error(tiny_engine):
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, kv_cache_tokens=32)
+    prompt = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(30))))
+    with pytest.raises(EngineError, match="does not fit the hf engine's KV cache of 32 tokens"):
+        engine.sample([SamplingRequest(prompt, n=1, max_tokens=4, seed=0)])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decoding_matches_uncached_reference(tiny_model_dir):
     engine = load_engine(

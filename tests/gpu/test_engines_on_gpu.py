@@ -222,8 +222,13 @@ def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, mod
     frame = pl.read_parquet(ROOT / "data_samples/gsm8k/labeled/*.parquet").drop("step_labels", "first_error")
     frame = frame.with_columns(correct=pl.lit(False))  # every response gets a first-error search
     options = {"deterministic": True, "enforce_eager": True, "gpu_memory_utilization": 0.3}
+    # hf: prefixes' keys and values computed once and reused could differ in their last bits
+    # from ones computed in another batch; without the prefix cache a sample is bit for bit its seed's.
     engine = api.load_engine(
-        engine_name, str(models["policy"]), device="cuda", **(options if engine_name == "vllm" else {})
+        engine_name,
+        str(models["policy"]),
+        device="cuda",
+        **(options if engine_name == "vllm" else {"prefix_cache": False}),
     )
     with engine:
         counting = CountingEngine(engine)
@@ -266,7 +271,7 @@ def test_hf_engine_reuses_its_decoder_and_graphs_for_shorter_requests(models):
     def sample(engine, prompt, seed):
         return engine.sample([SamplingRequest(prompt, n=8, max_tokens=16, temperature=1.0, seed=seed)])[0]
 
-    with api.load_engine("hf", str(models["policy"]), device="cuda") as engine:
+    with api.load_engine("hf", str(models["policy"]), device="cuda", prefix_cache=False) as engine:
         short = engine.chat_prompt_ids("What is 2 + 3?")
         long = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(150))))
         sample(engine, long, seed=0)
@@ -274,7 +279,7 @@ def test_hf_engine_reuses_its_decoder_and_graphs_for_shorter_requests(models):
         on_it = sample(engine, short, seed=1)
         assert engine.decoder is sized_for_long and engine.decoders_built == 1
         assert sized_for_long.graphs and engine.setup_seconds() > 0  # decoding replays CUDA graphs
-    with api.load_engine("hf", str(models["policy"]), device="cuda") as fresh:
+    with api.load_engine("hf", str(models["policy"]), device="cuda", prefix_cache=False) as fresh:
         alone = sample(fresh, short, seed=1)
         assert fresh.decoder.max_len < sized_for_long.max_len
     assert [c.token_ids for c in on_it] == [c.token_ids for c in alone]

@@ -29,10 +29,11 @@ from prmtool.engines.hf.generate import (
     BatchSampler,
     GenerationStats,
     ModelParts,
-    SlotDecoder,
+    PagedDecoder,
     attention_implementation,
-    choose_num_slots,
+    choose_num_blocks,
     round_up,
+    wanted_blocks,
 )
 from prmtool.engines.hf.log_probs import choose_target_log_probs, triton_available
 from prmtool.engines.model_files import locate_model
@@ -76,6 +77,14 @@ class HFEngine(Engine):
       compile: torch.compile the decoder layers for scoring (default: on CUDA when Triton is
         installed). The first batch then takes 12 to 18 s longer on an H200 (bench/bench_score.py:
         19 to 25 s cold against 7.2 s warm for two 1.5B models over 606k tokens).
+      kv_cache_tokens: positions the KV cache holds, all sequences together (default: on CUDA
+        what 90% of free memory holds, capped by what the call's slots could fill unshared;
+        on CPU that cap). Samples of one prompt, and prompts with a common prefix, share its
+        keys and values; when the cache fills, the samples started last are recomputed later.
+      prefix_cache: remember prompts' full blocks, so later prompts with the same beginning
+        reuse their keys and values (default True). On a GPU, keys and values computed in
+        another batch can differ in their last bits, so a sample may then differ, rarely, from
+        the one a fresh engine draws; off, a sample depends on its seed alone (as before).
     """
 
     def __init__(
@@ -90,6 +99,8 @@ class HFEngine(Engine):
         eos_token_ids: list[int] | None = None,
         cuda_graph: bool = True,
         compile: bool | None = None,
+        kv_cache_tokens: int | None = None,
+        prefix_cache: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -98,6 +109,8 @@ class HFEngine(Engine):
         self.max_batch_size = max_batch_size or (1024 if on_cuda else 64)
         self.max_batch_tokens = max_batch_tokens or (16384 if on_cuda else 4096)
         self.use_cuda_graph = cuda_graph
+        self.kv_cache_tokens = kv_cache_tokens
+        self.prefix_cache = prefix_cache
         self.seed_source = random.Random(seed)
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids or default_eos_token_ids(model, tokenizer))
         config = model.config.get_text_config()
@@ -126,7 +139,7 @@ class HFEngine(Engine):
             hopper.available(self.device) and hopper.head_fusable(head) and not has_final_logit_transforms(config)
         )
         self.sliding_window = sliding_window_of(config)
-        self.decoder: SlotDecoder | None = None  # kept between calls to reuse buffers and the graph
+        self.decoder: PagedDecoder | None = None  # kept between calls to reuse buffers and the graph
         self.decoder_wanted_slots = 0  # the slots asked of the decoder (memory may have given fewer)
         self.decoders_built = 0
         self.retired_setup_seconds = 0.0  # setup_seconds of the decoders already replaced
@@ -270,7 +283,7 @@ class HFEngine(Engine):
         self.last_stats = sampler.stats
         return results
 
-    def _decoder_for(self, total_samples: int, max_len: int, max_tokens: int) -> SlotDecoder:
+    def _decoder_for(self, total_samples: int, max_len: int, max_tokens: int) -> PagedDecoder:
         # Pool sizes are powers of two and lengths multiples of CACHE_LENGTH_STEP, so repeated
         # calls of a stage find the decoder (and its captured graphs) of the previous call.
         # A decoder with as many slots and longer rows serves shorter requests at no cost per
@@ -283,16 +296,33 @@ class HFEngine(Engine):
             and self.decoder_wanted_slots == wanted_slots
             and old.max_len >= max_len
             and old.max_tokens >= max_tokens
-            and (old.num_slots == wanted_slots or old.max_len == max_len)  # its slots were not cut for memory
         ):
             return old
+        wanted = wanted_blocks(wanted_slots, max_len, self.kv_cache_tokens)
+        kept = None
         if old is not None:
             self.retired_setup_seconds += old.setup_seconds
+            # The KV cache outlives its decoder where it is as large as the new one would be (or
+            # was as large as memory allows): a longer round of label's finds the last's prefixes.
+            if old.pool.num_blocks >= wanted or old.pool.num_blocks < old.wanted_blocks:
+                kept = (old.pool, old.cache)
         self.decoder = old = None  # free the old buffers before sizing the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        num_slots = choose_num_slots(self.parts, max_len, wanted_slots, self.vocab_size)
-        self.decoder = SlotDecoder(self.parts, num_slots, max_len, max_tokens, self.use_cuda_graph)
+        num_blocks = (
+            kept[0].num_blocks if kept else choose_num_blocks(self.parts, wanted, wanted_slots, self.vocab_size)
+        )
+        self.decoder = PagedDecoder(
+            self.parts,
+            wanted_slots,
+            max_len,
+            max_tokens,
+            num_blocks,
+            self.use_cuda_graph,
+            kept=kept,
+            prefix_cache=self.prefix_cache,
+        )
+        self.decoder.wanted_blocks = wanted
         self.decoder_wanted_slots = wanted_slots
         self.decoders_built += 1
         return self.decoder

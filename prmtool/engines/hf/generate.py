@@ -1,26 +1,31 @@
-"""Batched sampling for the hf engine: a pool of decode slots over one preallocated KV cache.
+"""Batched sampling for the hf engine: decode slots over a paged, prefix-sharing KV cache.
 
 How one `HFEngine.sample` call runs:
 
 * Every request is split into sample groups (its n samples, in chunks no larger than the pool).
   Groups are queued longest first (prompt + max_tokens), so prompts prefilled together have
   similar lengths (little padding) and the longest generations start early (short tail).
-* Groups are admitted into free slots: a group's prompt is prefilled ONCE, in a right-padded
-  batch with the other admitted prompts, and the prompt's keys and values are copied into each
-  of the group's slots (the n samples share the prefill). A group with more samples than free
-  slots is split: those that fit start now, the rest stay first in line (no slot idles while
-  work waits).
-* Each decode step runs the model on one token per slot. Slot `s` keeps its keys and values in
-  row `s` of a static cache, at positions 0 .. end[s]; the new token is written at end[s] and the
-  attention mask admits positions <= end[s]. Slots are independent, so a finished slot (EOS, stop
-  string, max_tokens) is refilled with a new sample while the others keep decoding.
-* Attention reads only as many cache positions as the longest active sequence needs (rounded
-  up to a multiple of 256), not the whole cache row.
-* On CUDA the decode step is captured as a CUDA graph (one per attention width) and replayed:
-  the static cache and input buffers never move, which removes the per-step Python and
+* Keys and values live in blocks of kv_cache.BLOCK_SIZE positions (kv_cache.py): a sequence
+  takes blocks as it grows, so memory follows the lengths sequences reach, not the longest
+  request's. A group is admitted into free slots when the cache has blocks for its prompt.
+  Its prompt is prefilled ONCE, in a right-padded batch with the other admitted prompts, and
+  its n samples read the prompt's blocks (each copies only the partly filled last one). A
+  prompt whose leading blocks are remembered from an earlier prompt (label's probes of one
+  response share the problem and the steps before) computes only the rest.
+* A group with more samples than free slots is split: those that fit start now, the rest stay
+  first in line (no slot idles while work waits).
+* Each decode step runs the model on one token per slot: slot `s` writes the new token's keys
+  and values at position end[s] of its blocks and attends over positions <= end[s]. On CUDA
+  a Triton kernel reads each slot's blocks through its block table (kernels.paged_decode);
+  elsewhere the blocks are gathered for torch's attention. A finished slot (EOS, stop string,
+  max_tokens) frees its blocks and is refilled while the others keep decoding; when blocks
+  run out, the samples admitted last are preempted and later recomputed (vLLM's policy).
+* On CUDA the decode step is captured as a CUDA graph (one per count of rows it runs) and
+  replayed: buffers and block tables never move, which removes the per-step Python and
   kernel-launch overhead of the transformers forward.
 * The host never waits for the step it just queued: it reads step t-1's tokens (finishing
-  samples, refilling slots) while the device computes step t.
+  samples, refilling slots, giving rows their next block a step early) while the device
+  computes step t.
 * Sampling draws one uniform number per token from a stream seeded by (request seed, sample
   index) and inverts the CDF of the next-token distribution, so a sample depends on its own
   seed only, not on what else shares the batch (up to floating-point differences of batched
@@ -37,16 +42,27 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from prmtool.engines.base import Completion, ProgressCallback, SamplingRequest, first_stop_index
+from prmtool.engines.base import Completion, EngineError, ProgressCallback, SamplingRequest, first_stop_index
+from prmtool.engines.hf.kv_cache import (
+    BLOCK_SIZE,
+    SCRATCH_BLOCK,
+    BlockPool,
+    KVCache,
+    PagedBatch,
+    blocks_for,
+    decode_kernel_available,
+    paged_attention,
+)
 
 ATTENTION_WIDTH_STEP = 256
+PAGED_ATTENTION = "prmtool_paged"
+AttentionInterface.register(PAGED_ATTENTION, paged_attention)
 
 
 @dataclass
@@ -60,68 +76,11 @@ class GenerationStats:
     num_slots: int = 0
     cache_length: int = 0
     cuda_graph: bool = False
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values for all decode slots: [slots, kv_heads, max_len, head_dim].
-
-    `update` writes the single new token of each slot at that slot's own position and returns the
-    whole buffer; the 4D attention mask built by the decoder hides positions a slot has not reached.
-    """
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_position: torch.Tensor, width: list[int]):
-        super().__init__()
-        self.keys, self.values = keys, values
-        # width[0]: how many cache positions attention reads this step (shared by all layers).
-        self.width = width
-        slots, heads, _, _ = keys.shape
-        # Views of the decoder's position buffer, shaped for scatter_ along the sequence axis.
-        self.key_index = write_position.view(slots, 1, 1, 1).expand(slots, heads, 1, keys.shape[-1])
-        self.value_index = write_position.view(slots, 1, 1, 1).expand(slots, heads, 1, values.shape[-1])
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        pass  # the buffers exist from the start
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys.scatter_(2, self.key_index, key_states)
-        self.values.scatter_(2, self.value_index, value_states)
-        width = self.width[0]
-        return self.keys[:, :, :width], self.values[:, :, :width]
-
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.width[0], 0
-
-    def get_seq_length(self, *args) -> int:
-        return self.keys.shape[2]
-
-    def get_max_length(self) -> int:
-        return self.keys.shape[2]
-
-
-def slot_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention of each slot's one new token over that slot's cache row.
-
-    query [slots, heads, 1, head_dim]; key, value [slots, kv_heads, max_len, head_dim]; the mask
-    [slots, 1, 1, max_len] admits the positions each slot has filled. With grouped-query
-    attention, the query heads that share a KV head become that head's queries, so the cache is
-    read once per KV head. (transformers' own sdpa path copies the keys and values once per
-    query head in some versions: 7x the memory traffic on Qwen2.5.)
-    """
-    slots, heads, _, head_dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.view(slots, kv_heads, heads // kv_heads, head_dim)
-    output = torch.nn.functional.scaled_dot_product_attention(
-        grouped, key, value, attn_mask=attention_mask, scale=scaling
-    )
-    return output.reshape(slots, heads, 1, value.shape[-1]).transpose(1, 2), None
-
-
-SLOT_DECODE_ATTENTION = "prmtool_slot_decode"
-AttentionInterface.register(SLOT_DECODE_ATTENTION, slot_decode_attention)
+    prefill_tokens: int = 0  # prompt tokens computed by prefills
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values were reused instead
+    preemptions: int = 0  # samples whose blocks were taken back mid-decode (recomputed later)
+    kv_blocks: int = 0  # blocks of BLOCK_SIZE positions in the KV cache
+    peak_blocks_used: int = 0
 
 
 @contextmanager
@@ -205,6 +164,19 @@ class SampleGroup:
     request_index: int
     sample_indices: list[int]
     seed: int
+    # A preempted sample's tokens so far: prefilled after the prompt, and sampling goes on from there.
+    resume_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Admission:
+    """A sample group given rows and the blocks of its sequence, waiting for its prefill."""
+
+    group: SampleGroup
+    rows: list[int]
+    sequence: list[int]  # the prompt, and a preempted sample's tokens
+    blocks: list[int]  # its block table: remembered blocks of its prefix, then new ones
+    cached: int  # positions whose keys and values the remembered blocks already hold
 
 
 @dataclass
@@ -214,7 +186,10 @@ class SlotState:
     request_index: int
     sample_index: int
     request: SamplingRequest
+    seed: int
     token_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # its block table
+    admitted: int = 0  # admission order: the last admitted is preempted first
 
 
 @dataclass
@@ -237,38 +212,51 @@ class ModelParts:
     dtype: torch.dtype
 
 
-class SlotDecoder:
-    """Static decode buffers for `num_slots` sequences of up to `max_len` tokens, reusable across calls."""
+class PagedDecoder:
+    """Static decode buffers for `num_slots` sequences of up to `max_len` tokens over a block
+    cache of `num_blocks` blocks, reusable across calls (and so is what its cache remembers).
 
-    def __init__(self, parts: ModelParts, num_slots: int, max_len: int, max_tokens: int, use_cuda_graph: bool):
+    Row s of the buffers is decode slot s: end[s] is the position of the token it feeds next
+    (where that token's keys and values are written), block_tables[s] its blocks. An idle row
+    has end 0 and a table of scratch blocks: it computes garbage nobody reads, cheaply.
+    """
+
+    def __init__(
+        self,
+        parts: ModelParts,
+        num_slots: int,
+        max_len: int,
+        max_tokens: int,
+        num_blocks: int,
+        use_cuda_graph: bool,
+        kept: tuple[BlockPool, KVCache] | None = None,
+        prefix_cache: bool = True,
+    ):
         started = time.perf_counter()
         self.parts = parts
         self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
+        self.prefix_cache = prefix_cache  # remember prompts' full blocks for later prompts to reuse
         device, config = parts.device, parts.config
         kv_heads, head_dim = kv_heads_and_dim(config)
-        shape = (num_slots, kv_heads, max_len, head_dim)
-        # end[s]: where slot s writes its next token's keys and values = that token's position.
+        if kept is not None:  # a previous decoder's cache, and the prefixes it remembers
+            self.pool, self.cache = kept
+        else:
+            self.pool = BlockPool(num_blocks)
+            self.cache = KVCache(config.num_hidden_layers, num_blocks, kv_heads, head_dim, device, parts.dtype)
+        self.table_width = blocks_for(max_len)
+        self.block_tables = torch.full((num_slots, self.table_width), SCRATCH_BLOCK, dtype=torch.int32, device=device)
         self.end = torch.zeros(num_slots, dtype=torch.long, device=device)
-        # Attention reads only the first `width` positions of each row: the smallest multiple of
-        # ATTENTION_WIDTH_STEP that holds every active slot's sequence, so short sequences do
-        # not pay for a cache sized for the longest one. One CUDA graph per width.
-        self.widths = [*range(ATTENTION_WIDTH_STEP, max_len, ATTENTION_WIDTH_STEP), max_len]
-        self.width = [max_len]
-        # A transformers Cache of SlotLayers: the model's own forward decodes into it unchanged.
-        self.cache = Cache(
-            layers=[
-                SlotLayer(
-                    torch.zeros(shape, dtype=parts.dtype, device=device),
-                    torch.zeros(shape, dtype=parts.dtype, device=device),
-                    self.end,
-                    self.width,
-                )
-                for _ in range(config.num_hidden_layers)
-            ]
+        self.active = torch.zeros(num_slots, dtype=torch.long, device=device)  # 1 where a sample decodes
+        self.use_kernel = decode_kernel_available(device, head_dim)
+        # Without the kernel, attention gathers only as many blocks as the longest active row
+        # needs (a multiple of ATTENTION_WIDTH_STEP positions); the kernel reads each row's own.
+        self.widths = (
+            [max_len] if self.use_kernel else [*range(ATTENTION_WIDTH_STEP, max_len, ATTENTION_WIDTH_STEP), max_len]
         )
+        # A step runs the first `rows` rows only, the smallest of these that holds every active
+        # row (admission fills the lowest free rows): a draining batch stops paying for idle rows.
+        self.row_counts = sorted({min(num_slots, 1 << k) for k in range(3, num_slots.bit_length() + 1)} | {num_slots})
         self.input_ids = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
-        self.attention_mask = torch.ones(num_slots, 1, 1, max_len, dtype=torch.bool, device=device)
-        self.key_positions = torch.arange(max_len, device=device)
         # Per-slot sampling parameters and random streams, filled when a sample is admitted.
         self.temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
         self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
@@ -277,64 +265,93 @@ class SlotDecoder:
         # Two host buffers for sampled tokens: one being filled while the other is read.
         pinned = device.type == "cuda"
         self.host_tokens = [torch.zeros(num_slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
-        # width -> (graph, its logits); the graphs share one memory pool (they never run at once).
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (rows, width) -> (graph, its logits); the graphs share one memory pool (they never run at once).
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.setup_seconds = 0.0  # building these buffers and capturing graphs, so far
+        self.wanted_blocks = num_blocks  # the blocks asked for, before memory capped them (set by the engine)
         if self.use_cuda_graph:
-            self._capture_graph(max_len)  # the widest first: the pool is sized once
+            self._capture_graph(num_slots, max_len)  # the largest first: the pool is sized once
         self.setup_seconds = time.perf_counter() - started
 
-    def _decode_forward(self) -> torch.Tensor:
-        with attention_implementation(self.parts.config, SLOT_DECODE_ATTENTION):
-            hidden = self.parts.backbone(
-                input_ids=self.input_ids,
-                attention_mask=self.attention_mask[..., : self.width[0]],
-                position_ids=self.end.view(-1, 1),
-                **{cache_keyword(self.parts.backbone): self.cache},
-                use_cache=True,
-            ).last_hidden_state
+    def _decode_forward(self, rows: int, width: int) -> torch.Tensor:
+        tables = self.block_tables[:rows, : blocks_for(width)]
+        end = self.end[:rows]
+        block = tables.gather(1, (end // BLOCK_SIZE).clamp_max(tables.shape[1] - 1).view(-1, 1)).squeeze(1)
+        batch = PagedBatch(
+            cache=self.cache,
+            slot_mapping=block.long() * BLOCK_SIZE + end % BLOCK_SIZE,
+            block_tables=tables,
+            query_positions=end.view(-1, 1),
+            use_kernel=self.use_kernel,
+        )
+        hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
         return self.parts.logits_from_hidden(hidden[:, -1])
 
-    def _capture_graph(self, width: int) -> None:
+    def _capture_graph(self, rows: int, width: int) -> None:
         # Warm-up on a side stream, then capture (the recipe of torch.cuda.graphs). The warm-up
-        # runs the decode step for real: it writes each slot's keys and values at `end`, exactly
+        # runs the decode step for real: it writes each row's keys and values at `end`, exactly
         # what the step itself writes next, so it is harmless before a step and mid-run alike.
         started = time.perf_counter()
-        self.width[0] = width
         try:
             side_stream = torch.cuda.Stream()
             side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side_stream):
                 for _ in range(2):
-                    self._decode_forward()
+                    self._decode_forward(rows, width)
             torch.cuda.current_stream().wait_stream(side_stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
-                logits = self._decode_forward()
+                logits = self._decode_forward(rows, width)
         except RuntimeError as error:  # a model whose forward cannot be captured still decodes, eagerly
             warnings.warn(f"decoding without a CUDA graph: capture failed ({error})", stacklevel=2)
             self.use_cuda_graph = False
             return
         self.graph_pool = self.graph_pool or graph.pool()
-        self.graphs[width] = (graph, logits)
+        self.graphs[(rows, width)] = (graph, logits)
         torch.cuda.current_stream().synchronize()  # rare: lets setup_seconds count the device's part too
         self.setup_seconds += time.perf_counter() - started
 
-    def decode_logits(self, needed: int | None = None) -> torch.Tensor:
-        """Logits of the next token for every slot, after feeding `input_ids` at `end`;
-        attention reads `needed` positions of each row (rounded up to a width), all by default."""
+    def step_rows(self, highest_active_row: int) -> int:
+        return next(r for r in self.row_counts if r > highest_active_row)
+
+    def decode_logits(self, rows: int, needed: int | None = None) -> torch.Tensor:
+        """Logits of the next token for the first `rows` rows, after feeding `input_ids` at
+        `end`; without the kernel, attention reads `needed` positions (rounded up to a width)."""
         width = next(w for w in self.widths if w >= min(needed or self.max_len, self.max_len))
-        torch.le(self.key_positions.view(1, 1, 1, -1), self.end.view(-1, 1, 1, 1), out=self.attention_mask)
-        if self.use_cuda_graph and width not in self.graphs:
-            self._capture_graph(width)
-        self.width[0] = width
+        if self.use_cuda_graph and (rows, width) not in self.graphs:
+            self._capture_graph(rows, width)
         if self.use_cuda_graph:
-            graph, logits = self.graphs[width]
+            graph, logits = self.graphs[(rows, width)]
             graph.replay()
             return logits
-        return self._decode_forward()
+        return self._decode_forward(rows, width)
+
+
+def run_paged(parts: ModelParts, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: PagedBatch):
+    """The backbone's hidden states for `input_ids` at `position_ids`, its attention reading and
+    writing the block cache. The PagedBatch reaches the attention function as a keyword argument
+    (transformers passes the forward's extra keywords down to it); the 4D attention mask given
+    is a placeholder that transformers hands on as it is, building no mask of its own."""
+    with attention_implementation(parts.config, PAGED_ATTENTION):
+        return parts.backbone(
+            input_ids=input_ids,
+            attention_mask=MASK_PLACEHOLDER.get(input_ids.device),
+            position_ids=position_ids,
+            use_cache=False,
+            paged_batch=batch,
+        ).last_hidden_state
+
+
+class _Placeholders(dict):
+    def get(self, device):  # one tiny tensor per device, made once (never during graph capture)
+        if device not in self:
+            self[device] = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device)
+        return self[device]
+
+
+MASK_PLACEHOLDER = _Placeholders()
 
 
 class BatchSampler:
@@ -342,7 +359,7 @@ class BatchSampler:
 
     def __init__(
         self,
-        decoder: SlotDecoder,
+        decoder: PagedDecoder,
         tokenizer,
         requests: list[SamplingRequest],
         seeds: list[int],
@@ -362,13 +379,20 @@ class BatchSampler:
         self.follow_up = follow_up
         self.just_finished: list[int] = []
         self.stats = GenerationStats(
-            num_slots=decoder.num_slots, cache_length=decoder.max_len, cuda_graph=decoder.use_cuda_graph
+            num_slots=decoder.num_slots,
+            cache_length=decoder.max_len,
+            cuda_graph=decoder.use_cuda_graph,
+            kv_blocks=decoder.pool.num_blocks,
         )
         self.results: list[list[Completion | None]] = []
         self.unfinished_samples: list[int] = []
         self.requests_done = 0
         self.tokens_since_progress = 0
         self.slots: list[SlotState | None] = [None] * decoder.num_slots
+        self.rows_to_reset: list[int] = []  # rows freed since the last step or prefill was queued
+        # The last admission stopped for want of blocks, and none has been freed since.
+        self.waiting_for_blocks = False
+        self.admissions = 0
         # Longest first (Python's sort is stable, so equal lengths keep request order): prompts
         # prefilled together have similar lengths and the longest generations start early.
         self.queue = deque(sorted(self._add(requests, seeds), key=self._total_length, reverse=True))
@@ -400,18 +424,18 @@ class BatchSampler:
 
     def cancel(self, request_indices: set[int]) -> None:
         """Stop these requests: their queued samples are dropped and their slots freed (the
-        step in flight writes nothing for a freed slot); they are never handed back."""
+        step in flight writes nothing anyone reads); they are never handed back."""
         self.queue = deque(group for group in self.queue if group.request_index not in request_indices)
         for row, state in enumerate(self.slots):
             if state is not None and state.request_index in request_indices:
-                self.slots[row] = None
+                self._free_row(row)
 
     def run(self) -> list[list[Completion]]:
         refill_threshold = max(1, self.decoder.num_slots // 8)
         in_flight: LaunchedStep | None = None
         while self.queue or self._active_slots():
             free = self.slots.count(None)
-            if self.queue and (free == len(self.slots) or free >= refill_threshold):
+            if self.queue and (free == len(self.slots) or free >= refill_threshold) and not self.waiting_for_blocks:
                 self._admit()
             launched = self._launch_decode_step() if self._active_slots() else None
             # The host reads step t-1's tokens while the device computes step t. A sample that
@@ -424,50 +448,155 @@ class BatchSampler:
     def _active_slots(self) -> list[int]:
         return [s for s, state in enumerate(self.slots) if state is not None]
 
+    # ----------------------------------------------------------------- blocks
+
+    def _free_row(self, row: int) -> None:
+        """Give a row's blocks back and make it idle (its device state is reset before the next
+        step or prefill is queued: the step in flight still writes into its old last block,
+        which is safe, as anything queued later that reuses the block runs after it)."""
+        state = self.slots[row]
+        self.decoder.pool.release(state.blocks)
+        self.slots[row] = None
+        self.rows_to_reset.append(row)
+        self.waiting_for_blocks = False
+
+    def _reset_rows(self) -> None:
+        if self.rows_to_reset:
+            decoder = self.decoder
+            rows = on_device(self.rows_to_reset, decoder.parts.device)
+            decoder.block_tables[rows] = SCRATCH_BLOCK
+            decoder.end[rows] = 0
+            decoder.active[rows] = 0
+            self.rows_to_reset = []
+
+    def _preempt(self, row: int) -> None:
+        """Free a decoding sample's blocks for others; it starts again later from its prompt and
+        the tokens it has (recomputed in one prefill), drawing from the same random stream."""
+        state = self.slots[row]
+        self._free_row(row)
+        resume = SampleGroup(state.request_index, [state.sample_index], state.seed, list(state.token_ids))
+        self.queue.appendleft(resume)
+        self.stats.preemptions += 1
+
+    def _grow_blocks(self, states: list[tuple[int, SlotState]]) -> None:
+        """Give each decoding row the blocks the next step can write to, a step early (the host
+        runs a step behind the device); when none is free, the samples admitted last are
+        preempted (as vLLM's scheduler does, by recomputation)."""
+        pool, changes = self.decoder.pool, []
+        for row, state in states:
+            # This step writes at most at position prompt + tokens the host has seen.
+            needed = blocks_for(len(state.request.prompt_ids) + len(state.token_ids) + 1)
+            while self.slots[row] is state and len(state.blocks) < needed:
+                if pool.num_free() == 0:
+                    victim = max(self._active_slots(), key=lambda r: self.slots[r].admitted)
+                    self._preempt(victim)
+                    continue
+                state.blocks.append(pool.allocate())
+                changes.append((row, len(state.blocks) - 1, state.blocks[-1]))
+        changes = [change for change in changes if self.slots[change[0]] is not None]
+        if changes:
+            rows, columns, blocks = zip(*changes)
+            device = self.decoder.parts.device
+            self.decoder.block_tables[on_device(rows, device), on_device(columns, device)] = on_device(
+                blocks, device, torch.int32
+            )
+
     # ----------------------------------------------------------------- admission and prefill
 
     def _admit(self) -> None:
-        free_slots = [s for s, state in enumerate(self.slots) if state is None]
-        admitted: list[tuple[SampleGroup, list[int]]] = []
-        while self.queue and free_slots:
-            group = self.queue.popleft()
-            if len(group.sample_indices) > len(free_slots):
+        self._reset_rows()
+        pool = self.decoder.pool
+        free_rows = [s for s, state in enumerate(self.slots) if state is None]  # lowest first
+        admitted: list[Admission] = []
+        # Blocks kept free for the decoding rows to grow into (1% of the pool, as vLLM keeps).
+        watermark = max(1, pool.num_blocks // 100)
+        while self.queue and free_rows:
+            group = self.queue[0]
+            sequence = self.requests[group.request_index].prompt_ids + group.resume_tokens
+            count = min(len(group.sample_indices), len(free_rows))
+            # Reuse remembered blocks of the sequence's prefix, but compute its last token
+            # at least: its logits give the first sampled token.
+            cached = pool.cached_prefix(sequence, (len(sequence) - 1) // BLOCK_SIZE)
+            for block in cached:
+                pool.share(block)
+            new_blocks = blocks_for(len(sequence)) - len(cached)
+            partial = len(sequence) % BLOCK_SIZE != 0
+            # Each sample but the last copies the partly filled last block; each gets one to grow.
+            needed = new_blocks + (count - 1) * partial + count + watermark
+            if needed > pool.num_free():
+                pool.release(cached)
+                self.waiting_for_blocks = True
+                if not admitted and not self._active_slots():
+                    raise EngineError(
+                        f"a request of {len(sequence)} tokens does not fit the hf engine's KV cache of "
+                        f"{(pool.num_blocks - 1) * BLOCK_SIZE} tokens (kv_cache_tokens, or the GPU's free "
+                        "memory): shorten the request or give the cache more room"
+                    )
+                break
+            self.queue.popleft()
+            if count < len(group.sample_indices):
                 # The samples that fit start now and the rest stay first in line: waiting for
-                # room for the whole group would leave these slots idle for a whole generation
-                # (3,072 samples of n=6 on 1,024 slots took 4 waves instead of 3). Each sample
-                # draws from its own stream, so the split changes no token; the prompt is
-                # prefilled once more for the rest.
-                rest = SampleGroup(group.request_index, group.sample_indices[len(free_slots) :], group.seed)
+                # room for the whole group would leave these slots idle for a whole generation.
+                # Each sample draws from its own stream, so the split changes no token; the
+                # rest find the prompt's blocks remembered.
+                rest = replace(group, sample_indices=group.sample_indices[count:])
                 self.queue.appendleft(rest)
-                group = SampleGroup(group.request_index, group.sample_indices[: len(free_slots)], group.seed)
-            rows, free_slots = free_slots[: len(group.sample_indices)], free_slots[len(group.sample_indices) :]
-            admitted.append((group, rows))
-        # Prefill in chunks of at most max_prefill_tokens (padded) tokens.
-        chunk: list[tuple[SampleGroup, list[int]]] = []
+                group = replace(group, sample_indices=group.sample_indices[:count])
+            blocks = cached + [pool.allocate() for _ in range(new_blocks)]
+            if self.decoder.prefix_cache:
+                pool.remember(blocks, sequence)
+            rows, free_rows = free_rows[:count], free_rows[count:]
+            admitted.append(Admission(group, rows, sequence, blocks, len(cached) * BLOCK_SIZE))
+        # Prefill in chunks of at most max_prefill_tokens (padded) new tokens, and at most 8x as
+        # many positions read (prompts whose prefix is remembered compute little but read it all).
+        chunk: list[Admission] = []
         for item in admitted:
-            longest = max([len(self.requests[g.request_index].prompt_ids) for g, _ in chunk + [item]])
-            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
+            candidate = chunk + [item]
+            new = max(len(a.sequence) - a.cached for a in candidate) * len(candidate)
+            read = max(len(a.sequence) for a in candidate) * len(candidate)
+            if chunk and (new > self.max_prefill_tokens or read > 8 * self.max_prefill_tokens):
                 self._prefill(chunk)
                 chunk = []
             chunk.append(item)
         if chunk:
             self._prefill(chunk)
 
-    def _prefill(self, admitted: list[tuple[SampleGroup, list[int]]]) -> None:
+    def _prefill(self, admitted: list[Admission]) -> None:
         decoder, parts = self.decoder, self.decoder.parts
-        prompts = [self.requests[group.request_index].prompt_ids for group, _ in admitted]
-        last_token_logits, layer_kv, lengths = prefill(parts, prompts)
+        device = parts.device
+        last_token_logits = prefill(decoder, admitted)
         self.stats.prefill_forwards += 1
-        self.stats.prefilled_prompts += len(prompts)
+        self.stats.prefilled_prompts += len(admitted)
+        self.stats.prefill_tokens += sum(len(a.sequence) - a.cached for a in admitted)
+        self.stats.cached_prompt_tokens += sum(a.cached for a in admitted)
 
+        # Fork: every sample reads the full blocks of its prompt; each but the last gets its
+        # own copy of the partly filled last block, the last takes the prefilled one.
+        pool = decoder.pool
         rows: list[int] = []
-        source: list[int] = []  # which prompt of this prefill each slot copies
-        temperatures, top_ps, uniforms = [], [], []
-        for prompt_number, (group, group_rows) in enumerate(admitted):
+        source: list[int] = []  # which prompt of this prefill each row samples from
+        tables: list[list[int]] = []
+        copies: tuple[list[int], list[int]] = ([], [])
+        temperatures, top_ps, uniforms, first_draws, ends = [], [], [], [], []
+        for prompt_number, item in enumerate(admitted):
+            group = item.group
             request = self.requests[group.request_index]
-            for row, sample_index in zip(group_rows, group.sample_indices):
+            full = len(item.sequence) // BLOCK_SIZE
+            for position, (row, sample_index) in enumerate(zip(item.rows, group.sample_indices)):
+                table = list(item.blocks)
+                for block in item.blocks[:full]:
+                    pool.share(block)
+                if full < len(item.blocks):  # a partly filled last block
+                    if position < len(item.rows) - 1:
+                        table[full] = pool.allocate()
+                        copies[0].append(item.blocks[full])
+                        copies[1].append(table[full])
+                    else:
+                        pool.share(item.blocks[full])
                 rows.append(row)
                 source.append(prompt_number)
+                tables.append(table + [SCRATCH_BLOCK] * (decoder.table_width - len(table)))
+                ends.append(len(item.sequence))
                 temperatures.append(request.temperature)
                 top_ps.append(request.top_p)
                 stream = np.zeros(decoder.max_tokens, dtype=np.float32)
@@ -475,30 +604,35 @@ class BatchSampler:
                     group.seed, request.first_sample + sample_index, request.max_tokens
                 )
                 uniforms.append(stream)
-                self.slots[row] = SlotState(group.request_index, sample_index, request)
+                first_draws.append(len(group.resume_tokens))
+                self.admissions += 1
+                self.slots[row] = SlotState(
+                    group.request_index, sample_index, request, group.seed, list(group.resume_tokens), table,
+                    self.admissions,
+                )  # fmt: skip
+            pool.release(item.blocks)  # the prefill's own references
+        decoder.cache.copy_blocks(*copies)
 
-        device = parts.device
-        row_index = torch.tensor(rows, device=device)
-        source_index = torch.tensor(source, device=device)
-        prompt_width = layer_kv[0][0].shape[2]
-        for layer, (keys, values) in zip(decoder.cache.layers, layer_kv):
-            layer.keys[row_index, :, :prompt_width] = keys.index_select(0, source_index)
-            layer.values[row_index, :, :prompt_width] = values.index_select(0, source_index)
-        decoder.end[row_index] = lengths.index_select(0, source_index)
-        decoder.temperature[row_index] = torch.tensor(temperatures, dtype=torch.float32, device=device)
-        decoder.top_p[row_index] = torch.tensor(top_ps, dtype=torch.float32, device=device)
-        decoder.uniforms[row_index] = torch.from_numpy(np.stack(uniforms)).to(device)
+        row_index = on_device(rows, device)
+        source_index = on_device(source, device)
+        decoder.block_tables[row_index] = on_device(tables, device, torch.int32)
+        decoder.end[row_index] = on_device(ends, device)
+        decoder.active[row_index] = 1
+        decoder.temperature[row_index] = on_device(temperatures, device, torch.float32)
+        decoder.top_p[row_index] = on_device(top_ps, device, torch.float32)
+        decoder.uniforms[row_index] = on_device(np.stack(uniforms), device, torch.float32)
+        draw = on_device(first_draws, device)
 
         first_tokens = sample_from_logits(
             last_token_logits.index_select(0, source_index),
             decoder.temperature[row_index],
             decoder.top_p[row_index],
-            decoder.uniforms[row_index, 0],
+            decoder.uniforms[row_index].gather(1, draw.view(-1, 1)).squeeze(1),
             any_top_p=any(p < 1.0 for p in top_ps),
             any_greedy=any(t <= 0.0 for t in temperatures),
         )
         decoder.input_ids[row_index, 0] = first_tokens
-        decoder.generated[row_index] = 1
+        decoder.generated[row_index] = draw + 1
         self._record_tokens(rows, first_tokens.tolist())
 
     # ----------------------------------------------------------------- decoding
@@ -506,31 +640,36 @@ class BatchSampler:
     def _launch_decode_step(self) -> LaunchedStep:
         """Queue one decode step on the device; its tokens reach the host without blocking it."""
         decoder = self.decoder
+        self._grow_blocks([(row, state) for row, state in enumerate(self.slots) if state is not None])
+        self._reset_rows()
         states = [(row, state) for row, state in enumerate(self.slots) if state is not None]
+        rows = decoder.step_rows(states[-1][0])
         # A slot's next position is at most its prompt plus the tokens the host has seen, plus
         # one for the step still in flight; one more for safety.
         needed = max(len(state.request.prompt_ids) + len(state.token_ids) for _, state in states) + 2
-        logits = decoder.decode_logits(needed).float()
-        uniform = decoder.uniforms.gather(1, decoder.generated.view(-1, 1)).squeeze(1)
+        logits = decoder.decode_logits(rows, needed).float()
+        uniform = decoder.uniforms[:rows].gather(1, decoder.generated[:rows].view(-1, 1)).squeeze(1)
         tokens = sample_from_logits(
             logits,
-            decoder.temperature,
-            decoder.top_p,
+            decoder.temperature[:rows],
+            decoder.top_p[:rows],
             uniform,
             any_top_p=any(state.request.top_p < 1.0 for _, state in states),
             any_greedy=any(state.request.temperature <= 0.0 for _, state in states),
         )
-        decoder.input_ids[:, 0] = tokens
-        # Idle slots advance too (they compute garbage nobody reads); clamping keeps them in range.
-        decoder.end.add_(1).clamp_(max=decoder.max_len - 1)
-        decoder.generated.add_(1).clamp_(max=decoder.max_tokens - 1)
+        decoder.input_ids[:rows, 0] = tokens
+        active = decoder.active[:rows]
+        decoder.end[:rows].add_(active).clamp_(max=decoder.max_len - 1)
+        decoder.generated[:rows].add_(active).clamp_(max=decoder.max_tokens - 1)
         self.stats.decode_steps += 1
-        host_tokens = decoder.host_tokens[self.stats.decode_steps % 2]
+        host_tokens = decoder.host_tokens[self.stats.decode_steps % 2][:rows]
         host_tokens.copy_(tokens, non_blocking=True)
         done = None
         if tokens.is_cuda:
             done = torch.cuda.Event()
             done.record()
+        used = decoder.pool.num_blocks - 1 - decoder.pool.num_free()  # block 0 is scratch
+        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
         return LaunchedStep(states, host_tokens, done)
 
     def _collect(self, step: LaunchedStep) -> None:
@@ -599,7 +738,7 @@ class BatchSampler:
         self.results[state.request_index][state.sample_index] = Completion(
             text=text, token_ids=state.token_ids, num_tokens=len(state.token_ids), finish_reason=reason
         )
-        self.slots[row] = None
+        self._free_row(row)
         self.unfinished_samples[state.request_index] -= 1
         if self.unfinished_samples[state.request_index] == 0:
             self.requests_done += 1
@@ -607,27 +746,44 @@ class BatchSampler:
                 self.just_finished.append(state.request_index)
 
 
-def prefill(parts: ModelParts, prompts: list[list[int]]):
-    """Run prompts through the model in one right-padded batch.
+def prefill(decoder: PagedDecoder, admitted: list[Admission]) -> torch.Tensor:
+    """Run the admitted sequences' uncached tokens through the model in one right-padded batch,
+    writing their keys and values into their blocks; each row attends to its cached prefix too.
 
-    Returns the float32 logits after each prompt's last token [prompts, vocab], each layer's
-    (keys, values) [prompts, kv_heads, longest, head_dim] (positions past a prompt's length hold
-    padding, which the decoder never attends to), and the prompt lengths.
+    Returns the float32 logits after each sequence's last token [sequences, vocab].
     """
-    device = parts.device
-    input_ids, lengths = right_padded(prompts, device)
-    longest = input_ids.shape[1]
-    # Right padding: real tokens sit at their true positions 0..len-1 and, being causal, never
-    # attend to the padding after them; the mask is built from lengths, never from token ids.
-    attention_mask = (torch.arange(longest, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    cache = DynamicCache()
-    hidden = parts.backbone(
-        input_ids=input_ids, attention_mask=attention_mask, **{cache_keyword(parts.backbone): cache}, use_cache=True
-    ).last_hidden_state
-    last_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
-    logits = parts.logits_from_hidden(last_hidden).float()
-    layer_kv = [(layer.keys, layer.values) for layer in cache.layers]
-    return logits, layer_kv, lengths
+    device = decoder.parts.device
+    input_ids, lengths = right_padded([a.sequence[a.cached :] for a in admitted], device)
+    tokens = input_ids.shape[1]
+    starts = on_device([a.cached for a in admitted], device)
+    positions = starts.unsqueeze(1) + torch.arange(tokens, device=device)
+    width = max(len(a.blocks) for a in admitted)
+    tables = on_device([a.blocks + [SCRATCH_BLOCK] * (width - len(a.blocks)) for a in admitted], device)
+    # Padding (after a row's last token) writes to the scratch block; being causal, real tokens
+    # never attend to it.
+    real = torch.arange(tokens, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    in_table = positions.clamp_max(width * BLOCK_SIZE - 1)
+    slots = tables.gather(1, in_table // BLOCK_SIZE) * BLOCK_SIZE + in_table % BLOCK_SIZE
+    batch = PagedBatch(
+        cache=decoder.cache,
+        slot_mapping=torch.where(real, slots, SCRATCH_BLOCK * BLOCK_SIZE).view(-1),
+        block_tables=tables,
+        query_positions=positions,
+    )
+    hidden = run_paged(decoder.parts, input_ids, positions, batch)
+    last_hidden = hidden[torch.arange(len(admitted), device=device), lengths - 1]
+    return decoder.parts.logits_from_hidden(last_hidden).float()
+
+
+def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` (a list, array or CPU tensor) as a tensor on `device`, without waiting for the
+    device: on CUDA through pinned memory, which torch keeps until the copy has run. (A plain
+    copy from pageable memory waits for every step already queued, and the host would no
+    longer run a step ahead.)"""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -636,19 +792,24 @@ def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torc
     padded = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         padded[row, : len(sequence)] = torch.tensor(sequence)
-    return padded.to(device), torch.tensor(lengths).to(device)
+    return on_device(padded, device), on_device(lengths, device)
 
 
-def choose_num_slots(parts: ModelParts, max_len: int, wanted_slots: int, vocab_size: int) -> int:
-    """`wanted_slots`, capped on CUDA by what free memory holds.
+def wanted_blocks(num_slots: int, max_len: int, tokens: int | None) -> int:
+    """Blocks of the KV cache before memory has its say: `tokens` worth if given, else as many
+    as `num_slots` sequences of `max_len` tokens could fill sharing nothing (one is scratch)."""
+    return max(2, blocks_for(tokens) + 1) if tokens is not None else num_slots * blocks_for(max_len) + 1
 
-    Each slot costs its KV cache row plus about five float32 vocab-sized rows of sampling workspace.
-    """
+
+def choose_num_blocks(parts: ModelParts, wanted: int, num_slots: int, vocab_size: int) -> int:
+    """`wanted` blocks, capped on CUDA by what 90% of free memory holds after the sampling
+    workspace (about five float32 vocab-sized rows a slot) and a margin for prefill's activations."""
     if parts.device.type != "cuda":
-        return wanted_slots
+        return wanted
     free_bytes, _ = torch.cuda.mem_get_info(parts.device)
-    per_slot = max_len * kv_bytes_per_token(parts.config, parts.dtype) + 5 * 4 * vocab_size
-    return max(1, min(wanted_slots, int(0.8 * free_bytes) // per_slot))
+    workspace = num_slots * 5 * 4 * vocab_size + 4 * 2**30
+    block_bytes = BLOCK_SIZE * kv_bytes_per_token(parts.config, parts.dtype)
+    return max(2, min(wanted, int(0.9 * (free_bytes - workspace)) // block_bytes))
 
 
 def round_up(value: int, multiple: int) -> int:

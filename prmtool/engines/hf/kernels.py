@@ -1,5 +1,6 @@
 """Triton kernels (imported only where Triton is installed; see log_probs.py)."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -120,3 +121,144 @@ def head_log_normalizer_kernel(
         in_tile = (targets >= off_n) & (targets < off_n + BN)
         target_logit = tl.sum(tl.where(columns[None, :] == targets[:, None], logits, 0.0), 1)
         tl.store(target_logit_ptr + rows, target_logit, mask=real_row & in_tile)
+
+
+# ---------------------------------------------------------------------- paged decode attention
+
+
+@triton.jit
+def paged_decode_kernel(
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    log_sum_ptr,
+    scale,
+    query_row_stride,
+    block_stride,
+    position_stride,
+    table_stride,
+    out_split_stride,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program per (sequence, KV head, split): the GROUP query heads that share the KV head
+    attend over the split's share of the sequence's seq_len positions, read TILE at a time
+    through its block table, with a running maximum and sum (online softmax). Queries [rows,
+    heads, HEAD_DIM] contiguous per row; keys and values [blocks, BLOCK_SIZE, kv_heads,
+    HEAD_DIM]. With SPLIT, each split writes its normalized output to out[split] (float32) and
+    its log-sum-exp to log_sum[split, row, head], for `paged_decode` to combine; else the one
+    program writes the output."""
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + row)
+    # The split's positions: an equal share of the sequence, whole tiles.
+    share = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), TILE) * TILE
+    first = split * share
+    last = tl.minimum(first + share, seq_len)
+    group = tl.arange(0, GROUP_PAD)
+    in_group = group < GROUP
+    heads = kv_head * GROUP + group
+    dims = tl.arange(0, HEAD_DIM)
+    query_offsets = row * query_row_stride + heads[:, None] * HEAD_DIM + dims[None, :]
+    query = tl.load(query_ptr + query_offsets, mask=in_group[:, None], other=0.0)
+    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(first, last, TILE):
+        positions = start + tl.arange(0, TILE)
+        valid = positions < last
+        blocks = tl.load(block_tables_ptr + row * table_stride + positions // BLOCK_SIZE, mask=valid, other=0)
+        rows = blocks.to(tl.int64) * block_stride + (positions % BLOCK_SIZE) * position_stride + kv_head * HEAD_DIM
+        keys = tl.load(key_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.dot(query, tl.trans(keys))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, 1)
+        values = tl.load(value_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
+        else:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values)
+        running_max = new_max
+    # A split past the sequence's end saw nothing: output 0, log-sum-exp -inf (weight 0).
+    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
+    tl.store(
+        out_ptr + split * out_split_stride + query_offsets, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None]
+    )
+    if SPLIT:
+        log_sum = running_max + tl.log(running_sum)
+        rows_heads = tl.num_programs(0).to(tl.int64) * GROUP * tl.num_programs(1)
+        tl.store(log_sum_ptr + split * rows_heads + row * GROUP * tl.num_programs(1) + heads, log_sum, mask=in_group)
+
+
+def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
+    """How many programs share each (sequence, KV head): enough for about two programs per
+    multiprocessor when few sequences decode (the tail of a run, a small round of label's), at
+    most 16, one when the sequences alone fill the GPU."""
+    programs = rows * kv_heads
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(16, 2 * multiprocessors // max(1, programs)))
+
+
+def paged_decode(
+    query, key_blocks, value_blocks, block_tables, seq_lens, scale: float, tile: int = 64, splits: int | None = None
+):
+    """Attention of one new token per row over its first seq_lens[row] cached positions.
+
+    query [rows, heads, head_dim]; key_blocks, value_blocks [blocks, block_size, kv_heads,
+    head_dim]; block_tables [rows, width] (int); seq_lens [rows]. Returns [rows, heads, head_dim].
+    With few rows each sequence is split between programs (flash-decoding), whose outputs are
+    combined by their log-sum-exps."""
+    query = query.contiguous()
+    rows, heads, head_dim = query.shape
+    _, block_size, kv_heads, _ = key_blocks.shape
+    group = heads // kv_heads
+    splits = splits or decode_splits(rows, kv_heads, query.device)
+    if splits == 1:
+        out = torch.empty_like(query)
+        log_sum = out  # unused
+    else:
+        out = torch.empty(splits, rows, heads, head_dim, device=query.device, dtype=torch.float32)
+        log_sum = torch.empty(splits, rows, heads, device=query.device, dtype=torch.float32)
+    paged_decode_kernel[(rows, kv_heads, splits)](
+        query,
+        key_blocks,
+        value_blocks,
+        block_tables,
+        seq_lens,
+        out,
+        log_sum,
+        scale,
+        query.stride(0),
+        key_blocks.stride(0),
+        key_blocks.stride(1),
+        block_tables.stride(0),
+        rows * heads * head_dim,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE=tile,
+        SPLIT=splits > 1,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4,
+        num_stages=2,
+    )
+    if splits == 1:
+        return out
+    weights = torch.softmax(log_sum, dim=0)  # each split's share of the normalizer
+    return (out * weights.unsqueeze(-1)).sum(0).to(query.dtype)

@@ -1,0 +1,220 @@
+"""The hf engine's KV cache: keys and values in fixed-size blocks that sequences share.
+
+A sequence's keys and values live in blocks of BLOCK_SIZE positions; its block table lists them
+in order, so position p sits at row p % BLOCK_SIZE of block table[p // BLOCK_SIZE]. Blocks are
+taken as a sequence grows, never reserved for the longest request, and a block of prompt tokens
+is stored once however many sequences read it:
+
+* A request's n samples read the blocks of its prompt, prefilled once (each sample owns a copy of
+  the prompt's last, partly filled block only, since its own tokens go there next).
+* A block filled with prompt tokens is remembered under its contents and those of every block
+  before it (a chain of keys), so a later prompt that starts with the same tokens (label's
+  probes of one response, a staged probe's second stage) reuses it instead of computing it.
+  Such a block stays remembered after its last reader finishes, until its room is needed.
+
+`BlockPool` is the host's bookkeeping (which block is free, who reads it, what it holds);
+`KVCache` the device tensors; `paged_attention` the attention of a batch over them: a gather of
+each sequence's blocks into plain tensors for torch's attention (CPU, and the reference), or the
+Triton kernel of kernels.py for decoding on CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 16
+# Block 0 is never handed out: idle decode rows and prompt padding write their keys there.
+SCRATCH_BLOCK = 0
+
+
+class BlockPool:
+    """Which blocks are free, how many sequences read each, and which hold known prompt prefixes.
+
+    A block's reference count is the number of sequences (or prefills in progress) whose block
+    table lists it; at zero it is free, but a block that holds a remembered prefix keeps its
+    contents until it is handed out again, least recently freed first.
+    """
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 2:
+            raise ValueError(f"a block pool needs at least 2 blocks (one is scratch), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.ref_count = [0] * num_blocks
+        # Free blocks in the order they were freed; popping from the front reuses the oldest.
+        self.free: OrderedDict[int, None] = OrderedDict((block, None) for block in range(1, num_blocks))
+        # A remembered block's key is (the chain id of the block before it, its tokens); its chain
+        # id names "these tokens after that prefix" for the block after it. Ids are never reused,
+        # so a key naming a forgotten block's id can never match again.
+        self.remembered: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.key_of: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
+        self.chain_id = [0] * num_blocks
+        self.next_chain_id = 1
+
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        """A free block with one reference; raises IndexError when none is free."""
+        if not self.free:
+            raise IndexError("no free KV block")
+        block, _ = self.free.popitem(last=False)
+        self._forget(block)
+        self.ref_count[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        """One more reader of `block` (taking it off the free list if it was there)."""
+        if self.ref_count[block] == 0:
+            del self.free[block]
+        self.ref_count[block] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+
+    def cached_prefix(self, token_ids: list[int], most_blocks: int) -> list[int]:
+        """The remembered blocks that hold token_ids' first full blocks, in order, at most
+        `most_blocks` of them (not shared yet: the caller shares those it keeps)."""
+        blocks: list[int] = []
+        parent = 0
+        for index in range(min(most_blocks, len(token_ids) // BLOCK_SIZE)):
+            tokens = tuple(token_ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE])
+            block = self.remembered.get((parent, tokens))
+            if block is None:
+                break
+            blocks.append(block)
+            parent = self.chain_id[block]
+        return blocks
+
+    def remember(self, blocks: list[int], token_ids: list[int]) -> None:
+        """Record that `blocks` (a block table) will hold token_ids' keys and values: each full
+        block is remembered under its prefix. Where the same prefix is remembered already (two
+        prompts alike admitted together), the chain continues through the remembered block."""
+        parent = 0
+        for index, block in enumerate(blocks[: len(token_ids) // BLOCK_SIZE]):
+            key = (parent, tuple(token_ids[index * BLOCK_SIZE : (index + 1) * BLOCK_SIZE]))
+            known = self.remembered.get(key)
+            if known is None:
+                self._forget(block)
+                self.remembered[key] = block
+                self.key_of[block] = key
+                self.chain_id[block] = known_id = self.next_chain_id
+                self.next_chain_id += 1
+            else:
+                known_id = self.chain_id[known]
+            parent = known_id
+
+    def _forget(self, block: int) -> None:
+        key = self.key_of[block]
+        if key is not None:
+            del self.remembered[key]
+            self.key_of[block] = None
+
+
+def blocks_for(positions: int) -> int:
+    """Blocks that hold `positions` positions."""
+    return -(-positions // BLOCK_SIZE)
+
+
+class KVCache:
+    """Every layer's keys and values, in blocks: [layers, 2 (keys, values), blocks, BLOCK_SIZE,
+    kv_heads, head_dim], one tensor, so a block moves in one copy for all layers."""
+
+    def __init__(self, num_layers: int, num_blocks: int, kv_heads: int, head_dim: int, device, dtype):
+        self.blocks = torch.zeros(num_layers, 2, num_blocks, BLOCK_SIZE, kv_heads, head_dim, device=device, dtype=dtype)
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+
+    def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
+        if sources:
+            # Indices through pinned memory: the host does not wait for the work already queued.
+            pinned = self.blocks.is_cuda
+            indices = torch.tensor([sources, destinations], pin_memory=pinned).to(self.blocks.device, non_blocking=True)
+            self.blocks[:, :, indices[1]] = self.blocks[:, :, indices[0]]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.blocks[index, 0], self.blocks[index, 1]
+
+
+@dataclass
+class PagedBatch:
+    """What attention needs besides the new queries, keys and values of a forward pass.
+
+    rows are sequences, each feeding `tokens` new tokens (right-padded):
+      slot_mapping [rows * tokens]: the flat cache position (block * BLOCK_SIZE + offset) each
+        new token's keys and values are written to (padding writes to the scratch block);
+      block_tables [rows, width]: the blocks each row reads (entries past its length: scratch);
+      query_positions [rows, tokens]: each new token's position: it attends to positions <= it.
+    """
+
+    cache: KVCache
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    query_positions: torch.Tensor
+    use_kernel: bool = False  # decode through the Triton kernel (CUDA, one token per row)
+
+
+def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, paged_batch=None, **kwargs):
+    """A transformers attention function over the block cache (registered as PAGED_ATTENTION).
+
+    query [rows, heads, tokens, head_dim]; key, value [rows, kv_heads, tokens, head_dim] are the
+    new tokens' own: they are written into the cache first, then every row attends over its
+    block table. `paged_batch` (a PagedBatch) comes through the model's forward; the attention
+    mask is a placeholder, unused.
+    """
+    batch = paged_batch
+    rows, heads, tokens, head_dim = query.shape
+    key_blocks, value_blocks = batch.cache.layer(module.layer_idx)
+    kv_heads = key_blocks.shape[2]
+    flat_keys = key_blocks.view(-1, kv_heads, head_dim)
+    flat_values = value_blocks.view(-1, kv_heads, value_blocks.shape[-1])
+    flat_keys.index_copy_(0, batch.slot_mapping, key.transpose(1, 2).reshape(-1, kv_heads, head_dim))
+    flat_values.index_copy_(0, batch.slot_mapping, value.transpose(1, 2).reshape(-1, kv_heads, value.shape[-1]))
+    scale = scaling if scaling is not None else head_dim**-0.5
+    if batch.use_kernel:
+        from prmtool.engines.hf.kernels import paged_decode
+
+        output = paged_decode(
+            query.reshape(rows, heads, head_dim),
+            key_blocks,
+            value_blocks,
+            batch.block_tables,
+            batch.query_positions.view(-1) + 1,
+            scale,
+        )
+        return output.view(rows, 1, heads, head_dim), None
+    return gathered_attention(query, key_blocks, value_blocks, batch.block_tables, batch.query_positions, scale), None
+
+
+def gathered_attention(query, key_blocks, value_blocks, block_tables, query_positions, scale):
+    """The reference: each row's blocks gathered into plain tensors, then torch's attention.
+
+    With grouped-query attention the query heads that share a KV head become that head's queries
+    (the keys and values are read once per KV head, not copied per query head)."""
+    rows, heads, tokens, head_dim = query.shape
+    kv_heads = key_blocks.shape[2]
+    group = heads // kv_heads
+    width = block_tables.shape[1] * BLOCK_SIZE
+    keys = key_blocks[block_tables].view(rows, width, kv_heads, head_dim).transpose(1, 2)
+    values = value_blocks[block_tables].view(rows, width, kv_heads, -1).transpose(1, 2)
+    key_positions = torch.arange(width, device=query.device)
+    mask = key_positions.view(1, 1, -1) <= query_positions.unsqueeze(-1)  # [rows, tokens, width]
+    mask = mask.unsqueeze(1).expand(rows, group, tokens, width).reshape(rows, 1, group * tokens, width)
+    grouped = query.reshape(rows, kv_heads, group * tokens, head_dim)
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return output.view(rows, heads, tokens, -1).transpose(1, 2)
+
+
+@functools.cache
+def decode_kernel_available(device: torch.device, head_dim: int) -> bool:
+    """Whether the Triton paged-decode kernel runs here: CUDA, Triton installed, and a head
+    size Triton's block shapes can take (a power of two, at least 16)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
