@@ -46,6 +46,9 @@ class Stage:
     # check(settings): the checks of option values that depend on each other or on a list of
     # words (--method, --format), raising InputError; run before any input is read.
     check: Callable[[Any], Any] | None = None
+    # False for a stage that must read all its input in one run (train): no --shard-index,
+    # --num-shards or Ray tasks.
+    partitions: bool = True
 
     @property
     def help(self) -> str:
