@@ -70,6 +70,9 @@ def load_for_training(config: TrainingConfig):
             )
     except (OSError, ValueError) as error:
         raise EngineError(f"cannot load {location.path} as a token-classification model: {_first_line(error)}") from error
+    if location.gguf_file:  # dequantized on load: a plain float model, which save_pretrained writes
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name; the old one warns
@@ -230,8 +233,11 @@ def train(
     epoch, skipped = 0, 0
     while step < total_steps:
         rows = epoch_batches(lengths, config.pack_tokens, config.seed, epoch)
+        # Its own generator: starting the loader's iterator would otherwise draw from the global
+        # one, and a resumed run's dropout masks would differ from an uninterrupted run's.
+        rows_generator = torch.Generator().manual_seed(config.seed + epoch)
         loader = accelerator.prepare_data_loader(
-            torch.utils.data.DataLoader(rows, batch_size=1, collate_fn=lambda batch: batch[0])
+            torch.utils.data.DataLoader(rows, batch_size=1, collate_fn=lambda batch: batch[0], generator=rows_generator)
         )
         steps_in_epoch = math.ceil(len(loader) / rows_per_step)
         if skipped + steps_in_epoch <= step:  # a resumed run: this epoch was done before
