@@ -195,3 +195,32 @@ def test_verl_reads_the_export_as_its_trainer_does_and_both_rewards_accept_boxed
     assert report["extra_info"] == {"split": "train", "index": 0, "problem_id": first["extra_info"]["problem_id"]}
     assert report["builtin_reward"] == [1.0, 0.0]
     assert report["prmtool_reward"] == [1.0, 0.0]
+
+
+def test_train_puts_its_hard_labels_on_the_tokens_trl_1_13s_prm_trainer_labels(
+    prmtool, tmp_path, tiny_model_dir, consumers
+):
+    """`prmtool train` builds its sequences with score's own `classifier_inputs`; on the same
+    rows, TRL 1.13's PRMTrainer (its `tokenize_row`, from a trl-stepwise export) gives the same
+    token ids, labels the same positions, and with the same labels."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from prmtool.methods.training import build_examples
+
+    out = tmp_path / "prm"
+    assert prmtool("export", LABELED, "-o", out, "-f", "trl-stepwise", "-q").exit_code == 0
+    report = run_consumer("trl_prm_labels.py", consumers / "trl-1.13.0", out, tiny_model_dir)
+    examples, _ = build_examples(
+        pl.read_parquet(LABELED / "*.parquet"),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        target="label",
+        scope="all",
+        separator=report["separator"],
+        max_length=100_000,
+    )
+    ours = {tuple(e.input_ids): (e.positions, [int(t) for t in e.targets]) for e in examples}
+    theirs = {tuple(row["input_ids"]): (row["positions"], row["labels"]) for row in report["rows"]}
+    assert len(theirs) == len(report["rows"]) == len(examples) > 0
+    assert ours == theirs
+    assert {0, 1} <= {label for _, labels in theirs.values() for label in labels}  # good and bad steps both

@@ -18,7 +18,7 @@ from trl.experimental.prm import PRMConfig, PRMTrainer
 export, model_dir = sys.argv[1:3]
 assert trl.__version__ == "1.13.0", trl.__version__
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-config = PRMConfig(output_dir="unused", report_to=[])
+config = PRMConfig(output_dir="unused", report_to=[], use_cpu=True)  # for its default step_separator
 rows = []
 for features in pl.read_parquet(f"{export}/train/*.parquet").iter_rows(named=True):
     tokenized = PRMTrainer.tokenize_row(
