@@ -23,7 +23,17 @@ def manifest(model_dir):
 def test_loss_falls_and_the_folder_scores_every_step_with_score_prm(prmtool, tmp_path, tiny_model_dir):
     model_dir = tmp_path / "prm"
     result = prmtool(
-        "train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "8", "--learning-rate", "1e-3", *FAST
+        "train",
+        LABELED,
+        "-o",
+        model_dir,
+        "--base",
+        tiny_model_dir,
+        "--max-steps",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        *FAST,
     )
     assert result.exit_code == 0, result.stderr
     training = manifest(model_dir)["training"]
@@ -95,7 +105,9 @@ def test_lora_trains_and_saves_merged_weights_score_loads(prmtool, tmp_path, tin
 
 def test_max_steps_0_saves_the_base_with_its_untrained_head(prmtool, tmp_path, tiny_model_dir):
     model_dir = tmp_path / "untrained"
-    assert prmtool("train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "0", *FAST).exit_code == 0
+    assert (
+        prmtool("train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "0", *FAST).exit_code == 0
+    )
     assert manifest(model_dir)["training"]["steps"] == 0
     assert json.loads((model_dir / "config.json").read_text())["id2label"] == {"0": "bad", "1": "good"}
 

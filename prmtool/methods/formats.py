@@ -313,16 +313,16 @@ FORMATS: dict[str, Format] = {
         ),
         Format(
             "math-shepherd-soft",
-            f"input: str (as math-shepherd's), label: str ('+' where step_mc > 0, else '-'), value: list[float] "
-            f"(each step's step_mc: OpenRLHF's soft labels), task: str",
+            "input: str (as math-shepherd's), label: str ('+' where step_mc > 0, else '-'), value: list[float] "
+            "(each step's step_mc: OpenRLHF's soft labels), task: str",
             ("problem", "steps", "step_mc"),
             to_math_shepherd_soft,
             step_tag=True,
         ),
         Format(
             "qwen-prm",
-            f"messages: list[{{role, content}}] (system, default Qwen2.5-Math-PRM's; user problem; assistant: each step "
-            f"followed by '{QWEN_PRM_SEPARATOR}'), labels: list[bool] (one per '{QWEN_PRM_SEPARATOR}')",
+            f"messages: list[{{role, content}}] (system, by default Qwen2.5-Math-PRM's; user problem; assistant: "
+            f"each step followed by '{QWEN_PRM_SEPARATOR}'), labels: list[bool] (one per '{QWEN_PRM_SEPARATOR}')",
             ("problem", "steps", "step_labels"),
             to_qwen_prm,
             system_turn=True,

@@ -116,7 +116,9 @@ class ExportSettings:
     prompt_template: Annotated[
         str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)
     ] = "{problem}"
-    system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl; qwen-prm has its own by default).")] = None
+    system_prompt: Annotated[
+        str | None, typer.Option(help="A system message first (sft-messages, verl; qwen-prm has its own by default).")
+    ] = None
     data_source: Annotated[
         str,
         typer.Option(

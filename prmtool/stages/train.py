@@ -85,7 +85,9 @@ class TrainSettings:
     ] = "\n"
     max_length: Annotated[
         int,
-        typer.Option(help="Tokens of a response kept; steps past it are not trained on (counted in the summary).", min=8),
+        typer.Option(
+            help="Tokens of a response kept; steps past it are not trained on (counted in the summary).", min=8
+        ),
     ] = 2048
     epochs: Annotated[float, typer.Option(help="Passes over the data.", callback=positive)] = 1.0
     max_steps: Annotated[
@@ -96,12 +98,12 @@ class TrainSettings:
             show_default=False,
         ),
     ] = None
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear decay).", callback=positive)] = (
-        2e-5
-    )
-    warmup_ratio: Annotated[float, typer.Option(help="Share of the steps the learning rate warms up over.", min=0, max=1)] = (
-        0.05
-    )
+    learning_rate: Annotated[
+        float, typer.Option(help="Peak learning rate (AdamW, linear decay).", callback=positive)
+    ] = 2e-5
+    warmup_ratio: Annotated[
+        float, typer.Option(help="Share of the steps the learning rate warms up over.", min=0, max=1)
+    ] = 0.05
     batch_tokens: Annotated[
         int | None,
         typer.Option(

@@ -69,7 +69,9 @@ def load_for_training(config: TrainingConfig):
                 **kwargs,
             )
     except (OSError, ValueError) as error:
-        raise EngineError(f"cannot load {location.path} as a token-classification model: {_first_line(error)}") from error
+        raise EngineError(
+            f"cannot load {location.path} as a token-classification model: {_first_line(error)}"
+        ) from error
     if location.gguf_file:  # dequantized on load: a plain float model, which save_pretrained writes
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
