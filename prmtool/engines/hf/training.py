@@ -6,8 +6,8 @@ A plain loop over packed rows, on `accelerate`: one process, or one per GPU unde
 sharding; nothing of the kind is written here). A row holds several sequences back to back with
 no padding; each sequence's position ids start at 0, which transformers' attention reads as a
 block-diagonal mask (or as varlen flash attention where flash-attn is installed), so no token
-sees another sequence. An optimizer step takes --batch-tokens tokens, accumulated over rows of
-at most --pack-tokens. The loss is the cross-entropy against each step's target probability
+sees another sequence. An optimizer step is one forward pass over --batch-tokens tokens, in rows
+of at most --pack-tokens (the attention of a row costs its length squared). The loss is the cross-entropy against each step's target probability
 (hard labels are 0 or 1), averaged over the step's labelled tokens.
 
 Measured on CPU (bench/bench_train.py --quick): this loop against transformers' Trainer fed
@@ -102,11 +102,13 @@ def _with_lora(model, config: TrainingConfig):
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
         raise EngineError("--lora-rank needs peft: pip install 'prmtool[lora]' (or pip install peft)") from None
+    heads = {"score", "classifier"}  # the head trains whole (peft's modules_to_save for TOKEN_CLS)
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     lora = LoraConfig(
         task_type=TaskType.TOKEN_CLS,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha or 2 * config.lora_rank,
-        target_modules="all-linear",  # every linear layer but the head, which trains whole
+        target_modules=sorted(linear - heads),
         lora_dropout=0.0,
     )
     return get_peft_model(model, lora)
@@ -131,27 +133,31 @@ def _first_line(error: Exception) -> str:
 
 
 def collate(examples: list[Example], rows: list[list[int]]) -> dict:
-    """Packed rows as tensors: input ids and position ids of shape (1, tokens) per row, and the
-    flat (row, position, target) of every labelled token."""
-    tensors = []
-    for row in rows:
-        ids, positions, where, targets, offset = [], [], [], [], 0
+    """Packed rows as one batch: input ids and position ids of shape (rows, tokens), and the
+    (row, position, target) of every labelled token. A row shorter than the longest ends in a
+    filler segment of its own (position ids from 0 again, no labels), which nothing else sees."""
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    input_ids, position_ids, where_row, where_col, targets, tokens = [], [], [], [], [], 0
+    for number, row in enumerate(rows):
+        ids, positions = [], []
         for index in row:
             example = examples[index]
+            where_row += [number] * len(example.positions)
+            where_col += [len(ids) + p for p in example.positions]
+            targets += example.targets
             ids += example.input_ids
             positions += range(len(example.input_ids))
-            where += [offset + p for p in example.positions]
-            targets += example.targets
-            offset += len(example.input_ids)
-        tensors.append(
-            {
-                "input_ids": torch.tensor([ids]),
-                "position_ids": torch.tensor([positions]),
-                "where": torch.tensor(where),
-                "targets": torch.tensor(targets, dtype=torch.float32),
-            }
-        )
-    return tensors
+        tokens += len(ids)
+        filler = width - len(ids)
+        input_ids.append(ids + [0] * filler)
+        position_ids.append(positions + list(range(filler)))
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "position_ids": torch.tensor(position_ids),
+        "where": (torch.tensor(where_row), torch.tensor(where_col)),
+        "targets": torch.tensor(targets, dtype=torch.float32),
+        "tokens": tokens,
+    }
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -278,28 +284,23 @@ def train(
 
 
 def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[float, int]:
-    """One optimizer step over `rows` (lists of example indices); the loss is the mean over
-    the step's labelled tokens, so a row's share is its count of them."""
-    batches = collate(examples, rows)
-    labelled = sum(len(b["targets"]) for b in batches)
-    total, tokens = 0.0, 0
-    for number, batch in enumerate(batches):
-        # Gradients are averaged across processes once per step, at its last row.
-        last = number == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            logits = model(
-                input_ids=batch["input_ids"].to(accelerator.device),
-                position_ids=batch["position_ids"].to(accelerator.device),
-                use_cache=False,  # with a cache, transformers would not read the packing from position_ids
-            ).logits[0]
-            loss = soft_cross_entropy(logits[batch["where"].to(logits.device)], batch["targets"].to(logits.device))
-            accelerator.backward(loss / labelled)
-        total += loss.item()
-        tokens += batch["input_ids"].numel()
+    """One optimizer step over `rows` (lists of example indices), one forward pass; the loss
+    is the mean over the step's labelled tokens. Returns it and the tokens trained on."""
+    batch = collate(examples, rows)
+    device = accelerator.device
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        use_cache=False,  # with a cache, transformers would not read the packing from position_ids
+    ).logits
+    where_row, where_col = (w.to(device) for w in batch["where"])
+    targets = batch["targets"].to(device)
+    loss = soft_cross_entropy(logits[where_row, where_col], targets) / len(targets)
+    accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
-    return total / labelled, tokens
+    return loss.item(), batch["tokens"]
 
 
 def _save_checkpoint(accelerator, checkpoint: Path, step: int) -> None:
