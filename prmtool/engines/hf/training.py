@@ -7,8 +7,9 @@ sharding; nothing of the kind is written here). A row holds several sequences ba
 no padding; each sequence's position ids start at 0, which transformers' attention reads as a
 block-diagonal mask (or as varlen flash attention where flash-attn is installed), so no token
 sees another sequence. An optimizer step is one forward pass over --batch-tokens tokens, in rows
-of at most --pack-tokens (the attention of a row costs its length squared). The loss is the cross-entropy against each step's target probability
-(hard labels are 0 or 1), averaged over the step's labelled tokens.
+of at most --pack-tokens (a row's attention costs its length squared). The loss is the
+cross-entropy against each step's target probability (hard labels are 0 or 1), averaged over
+the step's labelled tokens.
 
 Measured on CPU (bench/bench_train.py --quick): this loop against transformers' Trainer fed
 the very same packed rows; README.md, "prmtool train", gives the numbers.
