@@ -73,3 +73,15 @@ def test_bench_label_schedule_counts_the_waves_of_each_mode_on_label_itself():
     assert set(rows) == {"lockstep", "lockstep+speculation", "continuous", "continuous+speculation"}
     assert all(waves >= bare for waves, bare in rows.values())
     assert rows["lockstep+speculation"][0] <= rows["lockstep"][0]
+
+
+def test_bench_train_runs_prmtool_trl_1_13_and_trainer_on_the_same_tokens():
+    """Both sides train one epoch on the same rows (the script asserts equal token counts), and
+    the ratios print; TRL 1.13 comes from the consumer folder (tests/consumers/install.sh)."""
+    subprocess.run(["bash", str(ROOT / "tests/consumers/install.sh")], check=True, capture_output=True)
+    out = run_bench("bench/bench_train.py", "--quick")
+    assert re.search(r"TRL batches of 4 rows are [\d.]+% padding", out)
+    for side in ("prmtool", "trl", "trainer"):
+        assert re.search(rf"  {side} +[\d,]+ tokens/s", out)
+    assert re.search(r"prmtool / TRL 1.13 PRMTrainer: [\d.]+x tokens/s", out)
+    assert re.search(r"plain loop / transformers' Trainer on the same packed batches: [\d.]+x tokens/s", out)
