@@ -8,7 +8,10 @@ import json
 import polars as pl
 import pytest
 
+from prmtool.core.errors import InputError
+from prmtool.executors import run_stage
 from prmtool.methods.training import build_examples, epoch_batches, pack
+from prmtool.stages import stage
 from tests.conftest import SAMPLES
 
 LABELED = SAMPLES / "labeled"
@@ -170,8 +173,6 @@ def test_sequences_end_at_the_last_target_and_steps_past_max_length_are_counted(
 
 
 def test_a_target_outside_0_1_names_its_row(tokenizer):
-    from prmtool.core.errors import InputError
-
     bad = rows().with_columns(step_mc=pl.Series([[1.0, 1.5], [0.5, 0.0, 0.0]]))
     with pytest.raises(InputError, match=r"source: row 0: step_mc holds a value outside \[0, 1\]"):
         build_examples(bad, tokenizer, target="mc", scope="all", separator="\n", max_length=100, source="source")
@@ -210,7 +211,9 @@ def test_a_missing_target_column_and_partitions_are_usage_errors(prmtool, tmp_pa
     result = prmtool("train", LABELED, "-o", out, "--base", tiny_model_dir, "--target", "mc", *FAST)
     assert result.exit_code == 2 and "missing required column 'step_mc'" in result.stderr
     result = prmtool("train", LABELED, "-o", out, "--base", tiny_model_dir, "--shard-index", "0", "--num-shards", "2")
-    assert result.exit_code == 2 and "reads all its input in one run" in result.stderr
+    assert result.exit_code == 2 and "No such option: --shard-index" in result.stderr
+    with pytest.raises(InputError, match="reads all its input in one run"):  # the Python API says why
+        run_stage(stage("train"), [str(LABELED)], out, stage("train").settings(), num_shards=2)
     result = prmtool("train", LABELED, "-o", out, "--steps", "thinking", *FAST)
     assert result.exit_code == 2 and "thinking_steps" in result.stderr
     assert not out.exists()
