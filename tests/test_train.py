@@ -226,3 +226,34 @@ def test_an_output_folder_of_other_files_is_never_replaced(prmtool, tmp_path, ti
     result = prmtool("train", LABELED, "-o", out, "--base", tiny_model_dir, "--overwrite", *FAST)
     assert result.exit_code == 2 and "did not write" in result.stderr
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_recipe_trains_scores_and_evaluates_and_a_rerun_skips_every_stage(prmtool, tmp_path, tiny_model_dir):
+    """train in `prmtool run`, as recipes/train-prm.yaml uses it: the folder it writes is the
+    next stage's --prm."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""workdir: {tmp_path / "work"}
+input: {LABELED}
+stages:
+  - stage: train
+    base: {tiny_model_dir}
+    max-steps: 2
+    device: cpu
+    max-length: 256
+    batch-tokens: 512
+  - stage: score
+    input: {LABELED}
+    scorer: token-classification
+    prm: "{{workdir}}/01-train"
+  - stage: eval
+    truth: first_error
+    pred-from: step_rewards
+    sweep: true
+"""
+    )
+    result = prmtool("run", recipe, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "work/03-eval/eval.json").read_text())
+    again = prmtool("run", recipe, "-q")
+    assert again.exit_code == 0 and again.stderr.count("skip") == 3

@@ -26,6 +26,9 @@ from prmtool.methods.training import STEP_SCOPES, TARGET_COLUMNS, TARGETS, Train
 
 REQUIRED = ("problem", "steps")
 RUN_RECORD = "_TRAINING.json"  # the run a checkpoint belongs to: a rerun resumes only that run
+# Files in the model folder that others write and train leaves alone: the output lock, and the
+# record `prmtool run` keeps of the stage's command.
+NOT_OURS = {outputs.LOCK, "_RECIPE.json"}
 
 EXAMPLES = """\b
 Examples:
@@ -302,7 +305,7 @@ def _written_by_train(output: Path) -> bool:
 def _check_replaceable(output: Path, overwrite: bool) -> None:
     """An output folder that holds anything but a lock is replaced only with --overwrite, and
     only if an earlier `prmtool train` wrote it."""
-    if not output.exists() or not [p for p in output.iterdir() if p.name != outputs.LOCK]:
+    if not output.exists() or not [p for p in output.iterdir() if p.name not in NOT_OURS]:
         return
     if not _written_by_train(output):
         raise InputError(f"{output}: holds files prmtool train did not write; choose another -o")
@@ -311,13 +314,13 @@ def _check_replaceable(output: Path, overwrite: bool) -> None:
 
 
 def _clear(output: Path) -> None:
-    """What an earlier train run wrote here (checked by _check_replaceable), lock kept."""
+    """What an earlier train run wrote here (checked by _check_replaceable)."""
     import shutil
 
     if not output.exists():
         return
     for path in output.iterdir():
-        if path.name == outputs.LOCK:
+        if path.name in NOT_OURS:
             continue
         if path.is_dir():
             shutil.rmtree(path)
