@@ -11,8 +11,9 @@ of at most --pack-tokens (a row's attention costs its length squared). The loss 
 cross-entropy against each step's target probability (hard labels are 0 or 1), averaged over
 the step's labelled tokens.
 
-Measured on CPU (bench/bench_train.py --quick): this loop against transformers' Trainer fed
-the very same packed rows; README.md, "prmtool train", gives the numbers.
+Measured on CPU (bench/bench_train.py --quick --trainer): this loop and transformers' Trainer
+fed the very same packed rows run at the same speed within noise (1.08x and 0.93x in two runs);
+README.md, "prmtool train", gives the numbers.
 """
 
 from __future__ import annotations
