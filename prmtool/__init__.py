@@ -27,6 +27,7 @@ _STAGES = {
     "filter": "filter",
     "intervene": "intervene",
     "export": "export",
+    "train": "train",
 }
 
 __all__ = [

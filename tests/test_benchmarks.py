@@ -131,3 +131,15 @@ def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with
     rows = re.findall(r"^\| \((\w)\) .* \| [\d.]+ \| [\d,]+ \| nan \| ([\d.]+) \|$", out, flags=re.MULTILINE)
     # Random weights never reach the answer: every method finds the first step wrong, alike.
     assert [method for method, _ in rows] == ["a", "b", "c"] and all(float(agree) == 1.0 for _, agree in rows)
+
+
+def test_bench_train_runs_prmtool_trl_1_13_and_trainer_on_the_same_tokens():
+    """Both sides train one epoch on the same rows (the script asserts equal token counts), and
+    the ratios print; TRL 1.13 comes from the consumer folder (tests/consumers/install.sh)."""
+    subprocess.run(["bash", str(ROOT / "tests/consumers/install.sh")], check=True, capture_output=True)
+    out = run_bench("bench/bench_train.py", "--quick")
+    assert re.search(r"TRL batches of 4 rows are [\d.]+% padding", out)
+    for side in ("prmtool", "trl", "trainer"):
+        assert re.search(rf"  {side} +[\d,]+ tokens/s", out)
+    assert re.search(r"prmtool / TRL 1.13 PRMTrainer: [\d.]+x tokens/s", out)
+    assert re.search(r"plain loop / transformers' Trainer on the same packed batches: [\d.]+x tokens/s", out)

@@ -195,3 +195,84 @@ def test_verl_reads_the_export_as_its_trainer_does_and_both_rewards_accept_boxed
     assert report["extra_info"] == {"split": "train", "index": 0, "problem_id": first["extra_info"]["problem_id"]}
     assert report["builtin_reward"] == [1.0, 0.0]
     assert report["prmtool_reward"] == [1.0, 0.0]
+
+
+def test_train_puts_its_hard_labels_on_the_tokens_trl_1_13s_prm_trainer_labels(
+    prmtool, tmp_path, tiny_model_dir, consumers
+):
+    """`prmtool train` builds its sequences with score's own `classifier_inputs`; on the same
+    rows, TRL 1.13's PRMTrainer (its `tokenize_row`, from a trl-stepwise export) gives the same
+    token ids, labels the same positions, and with the same labels."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
+    from prmtool.methods.training import build_examples
+
+    out = tmp_path / "prm"
+    assert prmtool("export", LABELED, "-o", out, "-f", "trl-stepwise", "-q").exit_code == 0
+    report = run_consumer("trl_prm_labels.py", consumers / "trl-1.13.0", out, tiny_model_dir)
+    examples, _ = build_examples(
+        pl.read_parquet(LABELED / "*.parquet"),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        target="label",
+        scope="all",
+        separator=report["separator"],
+        max_length=100_000,
+    )
+    ours = {tuple(e.input_ids): (e.positions, [int(t) for t in e.targets]) for e in examples}
+    theirs = {tuple(row["input_ids"]): (row["positions"], row["labels"]) for row in report["rows"]}
+    assert len(theirs) == len(report["rows"]) == len(examples) > 0
+    assert ours == theirs
+    assert {0, 1} <= {label for _, labels in theirs.values() for label in labels}  # good and bad steps both
+
+
+def test_math_shepherd_soft_reads_as_openrlhf_soft_labels_one_value_per_placeholder(
+    prmtool, tmp_path, smollm2_tokenizer
+):
+    """OpenRLHF's PRM dataset in its soft-label mode: `value` is a list of floats, put at the
+    placeholder tokens of `input` in order; each is the step's step_mc."""
+    import polars as pl
+
+    labeled = tmp_path / "labeled"
+    labeled.mkdir()
+    frame = pl.read_parquet(LABELED / "*.parquet")
+    step_mc = [[None if label is None else (0.75 if label else 0.0) for label in row] for row in frame["step_labels"]]
+    frame.with_columns(step_mc=pl.Series(step_mc, dtype=pl.List(pl.Float64))).write_parquet(labeled / "part.parquet")
+    out = tmp_path / "soft"
+    result = prmtool("export", labeled, "-o", out, "-f", "math-shepherd-soft", "--step-tag", "§", "-q")
+    assert result.exit_code == 0, result.stderr
+    (placeholder,) = smollm2_tokenizer.encode(" §", add_special_tokens=False)
+    rows = load(out / "train", tmp_path)
+    assert len(rows) == frame.height
+    for row, expected in zip(rows, step_mc):
+        ids = smollm2_tokenizer(row["input"], add_special_tokens=False)["input_ids"]
+        positions = [i for i, token in enumerate(ids) if token == placeholder]
+        assert len(positions) == len(row["value"]) > 0
+        assert row["value"] == [v for v in expected if v is not None]  # the prefix up to the first unlabelled step
+        assert all(isinstance(v, float) for v in row["value"])
+
+
+def test_qwen_prm_puts_one_extra_0_token_per_labelled_step_through_the_chat_template(
+    prmtool, tmp_path, smollm2_tokenizer
+):
+    """Qwen2.5-Math-PRM's usage: apply the chat template to the messages and read each step's
+    reward at the `<extra_0>` tokens (a special token of Qwen's tokenizer; added here, as a
+    trainer of another base adds it)."""
+    import copy
+
+    import polars as pl
+
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
+    separator = tokenizer.convert_tokens_to_ids("<extra_0>")
+    out = tmp_path / "qwen"
+    assert prmtool("export", LABELED, "-o", out, "-f", "qwen-prm", "-q").exit_code == 0
+    rows = load(out / "train", tmp_path)
+    stepwise = pl.read_parquet(LABELED / "*.parquet")
+    assert len(rows) == stepwise.height
+    for row in rows:
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids.count(separator) == len(row["labels"]) > 0
+        assert row["messages"][2]["content"].endswith("<extra_0>")

@@ -520,6 +520,11 @@ def test_open_turn_is_only_for_the_sft_formats(prmtool, tmp_path):
 @pytest.mark.parametrize("format", [name for name in FORMATS if name != "jsonl"])  # jsonl: -o - only
 def test_an_export_of_no_rows_writes_an_empty_shard_with_the_formats_columns(prmtool, tmp_path, format):
     source = PROBLEMS if format == "verl" else LABELED
+    if format == "math-shepherd-soft":  # soft labels: the sample's labels as Monte Carlo values
+        source = tmp_path / "with-mc"
+        source.mkdir()
+        frame = pl.read_parquet(LABELED / "*.parquet")
+        frame.with_columns(step_mc=pl.col("step_labels").cast(pl.List(pl.Float64))).write_parquet(source / "p.parquet")
     assert prmtool("export", source, "-o", tmp_path / "full", "-f", format, "-q").exit_code == 0
     result = prmtool("export", source, "-o", tmp_path / "none", "-f", format, "--where", "false", "--split", "test=0.5")
     assert result.exit_code == 0, result.stderr

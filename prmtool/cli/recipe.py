@@ -479,7 +479,9 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
 
     automatic = []  # (model, prompt tokens, choice) of each stage's model on --engine auto
     rerun_since = first  # as _run_steps decides: once a stage reruns, every later one does
+    made: list[Path] = []  # the folders earlier stages write: a model there (train's) comes later
     for step in recipe.steps[:last]:
+        made_here, made = made, made + [step.directory.resolve()]
         action = decide(step, rerun_since is not None and step.number >= rerun_since)
         if action == "skip":
             continue
@@ -489,6 +491,8 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
         if isinstance(call, ReportCall):
             continue
         for engine, model in models_of(step.stage, call.settings):
+            if model is not None and any(_is_within(Path(model).resolve(), folder) for folder in made_here):
+                continue  # written by an earlier stage of this run (a trained PRM): checked when loaded
             settings = call.settings
             prompt_tokens = choice.stage_prompt_tokens(step.stage, settings)
             try:
@@ -502,6 +506,10 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
             except InputError as exc:
                 raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
     return choice.agree(automatic)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def models_of(stage: str, settings) -> list[tuple[str, str | None]]:

@@ -64,7 +64,8 @@ def stage_call(stage: Stage, options: dict) -> StageCall:
     """The parsed options of `stage`'s command (click's `ctx.params`), sorted into a StageCall."""
     options = dict(options)
     common = {name: options.pop(name) for name in ("inputs", "output", "overwrite", "quiet", "allow_incomplete")}
-    scale_out = ScaleOut(**{f.name: options.pop(f.name) for f in dataclasses.fields(ScaleOut)})
+    # A stage that reads all its input in one run (train) has no scale-out options.
+    scale_out = ScaleOut(**{f.name: options.pop(f.name) for f in dataclasses.fields(ScaleOut) if f.name in options})
     return StageCall(
         stage, settings=stage.settings(**_as_paths(stage.settings, options)), scale_out=scale_out, **common
     )
@@ -100,7 +101,7 @@ def stage_command(stage: Stage) -> Callable[..., None]:
             inspect.Parameter("overwrite", _KEYWORD, default=False, annotation=Overwrite),
             inspect.Parameter("quiet", _KEYWORD, default=False, annotation=Quiet),
             inspect.Parameter("allow_incomplete", _KEYWORD, default=False, annotation=AllowIncomplete),
-            *_parameters(ScaleOut),
+            *(_parameters(ScaleOut) if stage.partitions else []),
         ]
     )
     return command

@@ -54,6 +54,10 @@ class Tracker:
         if self.bar is not None:
             self.bar.update(self.task, advance=rows, tokens=self.tokens)
 
+    def describe(self, text: str) -> None:
+        """A new description at the bar's left, e.g. train's running loss."""
+        self.bar.update(self.task, description=text)
+
     def expect_tokens_per_row(self, tokens: int) -> None:
         """The most tokens a row can cost (e.g. n x max-tokens): the time left is then estimated
         from tokens, which arrive steadily, rather than from rows, which finish in bursts."""

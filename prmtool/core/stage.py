@@ -49,6 +49,9 @@ class Stage:
     # `-o -` streams the output rows to standard output as JSON lines (export); every other
     # stage writes a directory of shards, and refuses `-o -` rather than make a folder named `-`.
     streams_to_stdout: bool = False
+    # False for a stage that must read all its input in one run (train): no --shard-index,
+    # --num-shards or Ray tasks.
+    partitions: bool = True
 
     @property
     def help(self) -> str:

@@ -15,6 +15,10 @@ import polars as pl
 from prmtool.core.errors import InputError
 
 MATH_SHEPHERD_TAG = "ки"
+# Qwen2.5-Math-PRM reads a step's reward at the `<extra_0>` token that ends it, in a chat whose
+# system turn is this one (its model card's usage).
+QWEN_PRM_SEPARATOR = "<extra_0>"
+QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 # Declared, not inferred: a frame of no rows (everything filtered out) keeps its column types.
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 VERL_SCHEMA = {
@@ -33,6 +37,7 @@ class Format:
     required: tuple[str, ...]
     convert: Callable[..., tuple[pl.DataFrame, dict[str, int]]]
     per_problem: bool = False  # one row per problem rather than per response
+    step_tag: bool = False  # takes --step-tag
     open_turn: bool = False  # takes --open-turn (an assistant turn left open, no end-of-turn)
     system_turn: bool = False  # has a place for --system-prompt
 
@@ -158,6 +163,72 @@ def to_math_shepherd(
     )
     thinking = _thinking_marks(frame, keep, pairs)
     return (out if thinking is None else out.with_columns(thinking)), counts
+
+
+def _soft_labeled(frame: pl.DataFrame) -> tuple[list[tuple[list[str], list[float]]], list[int], dict[str, int]]:
+    """Steps up to the first one without a Monte Carlo value, with their values."""
+    pairs, keep = [], []
+    counts = {"skipped_unlabeled": 0, "truncated_at_unlabeled_step": 0}
+    for index, (steps, values) in enumerate(zip(frame["steps"].to_list(), frame["step_mc"].to_list())):
+        if steps is not None and values is not None and len(steps) != len(values):
+            raise InputError(
+                f"response_id {frame['response_id'][index] if 'response_id' in frame.columns else index!r}: "
+                f"{len(values)} step_mc for {len(steps)} steps"
+            )
+        kept_steps, kept_values = [], []
+        for step, value in zip(steps or [], values or []):
+            if value is None:
+                break
+            kept_steps.append(step)
+            kept_values.append(float(value))
+        if not kept_steps:
+            counts["skipped_unlabeled"] += 1
+            continue
+        if len(kept_steps) < len(steps):
+            counts["truncated_at_unlabeled_step"] += 1
+        pairs.append((kept_steps, kept_values))
+        keep.append(index)
+    return pairs, keep, counts
+
+
+def to_math_shepherd_soft(
+    frame: pl.DataFrame, prompt_template: str = "{problem}", step_tag: str = MATH_SHEPHERD_TAG, **_
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """`math-shepherd`'s layout with soft labels: `value` holds each step's `step_mc`, the
+    probability that the step leads to the right answer, which OpenRLHF's PRM trainer reads in
+    its soft-label mode (`--label_key value` with float values, `--reward_tokens + -`); `label`
+    keeps Math-Shepherd's hard reading of it (`+` where step_mc > 0)."""
+    pairs, keep, counts = _soft_labeled(frame)
+    inputs, labels, values = [], [], []
+    for problem, (steps, step_values) in zip(_user_prompt(frame, prompt_template).gather(keep), pairs):
+        signs = ["+" if value > 0 else "-" for value in step_values]
+        inputs.append(f"{problem} " + "\n".join(f"{step} {step_tag}" for step in steps))
+        labels.append(f"{problem} " + "\n".join(f"{step} {sign}" for step, sign in zip(steps, signs)))
+        values.append(step_values)
+    task = frame["task"].cast(pl.String).gather(keep) if "task" in frame.columns else [None] * len(inputs)
+    out = pl.DataFrame(
+        {"input": inputs, "label": labels, "value": values, "task": task},
+        schema={"input": pl.String, "label": pl.String, "value": pl.List(pl.Float64), "task": pl.String},
+    )
+    return out, counts
+
+
+def to_qwen_prm(
+    frame: pl.DataFrame, prompt_template: str = "{problem}", system_prompt: str | None = None, **_
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Qwen2.5-Math-PRM's input: a chat whose assistant turn is the steps each followed by
+    `<extra_0>`, where the model reads (and a trainer puts) each step's label."""
+    pairs, keep, counts = _labeled(frame)
+    system = QWEN_PRM_SYSTEM if system_prompt is None else system_prompt
+    messages = [
+        _messages(prompt, system, "".join(step + QWEN_PRM_SEPARATOR for step in steps))
+        for prompt, (steps, _) in zip(_user_prompt(frame, prompt_template).gather(keep), pairs)
+    ]
+    out = pl.DataFrame(
+        {"messages": messages, "labels": [labels for _, labels in pairs]},
+        schema={"messages": MESSAGES, "labels": pl.List(pl.Boolean)},
+    )
+    return out, counts
 
 
 def _user_prompt(frame: pl.DataFrame, prompt_template: str) -> pl.Series:
@@ -307,6 +378,23 @@ FORMATS: dict[str, Format] = {
             f"thinking: list[bool] (which steps are a reasoning trace's thinking) for traces",
             ("problem", "steps", "step_labels"),
             to_math_shepherd,
+            step_tag=True,
+        ),
+        Format(
+            "math-shepherd-soft",
+            "input: str (as math-shepherd's), label: str ('+' where step_mc > 0, else '-'), value: list[float] "
+            "(each step's step_mc: OpenRLHF's soft labels), task: str",
+            ("problem", "steps", "step_mc"),
+            to_math_shepherd_soft,
+            step_tag=True,
+        ),
+        Format(
+            "qwen-prm",
+            f"messages: list[{{role, content}}] (system, by default Qwen2.5-Math-PRM's; user problem; assistant: "
+            f"each step followed by '{QWEN_PRM_SEPARATOR}'), labels: list[bool] (one per '{QWEN_PRM_SEPARATOR}')",
+            ("problem", "steps", "step_labels"),
+            to_qwen_prm,
+            system_turn=True,
         ),
         Format(
             "sft-messages",

@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "filter": "prmtool.stages.filter",
     "intervene": "prmtool.stages.intervene",
     "export": "prmtool.stages.export",
+    "train": "prmtool.stages.train",
 }
 
 

@@ -121,7 +121,9 @@ class ExportSettings:
     prompt_template: Annotated[
         str, typer.Option(help="User message; {problem} is replaced by the problem.", callback=template)
     ] = "{problem}"
-    system_prompt: Annotated[str | None, typer.Option(help="A system message first (sft-messages, verl).")] = None
+    system_prompt: Annotated[
+        str | None, typer.Option(help="A system message first (sft-messages, verl; qwen-prm has its own by default).")
+    ] = None
     data_source: Annotated[
         str,
         typer.Option(
@@ -133,7 +135,9 @@ class ExportSettings:
     ] = "lighteval/MATH"
     step_tag: Annotated[
         str,
-        typer.Option(help="math-shepherd: the tag after each step of `input` (one token of your tokenizer)."),
+        typer.Option(
+            help="math-shepherd, math-shepherd-soft: the tag after each step of `input` (one token of your tokenizer)."
+        ),
     ] = MATH_SHEPHERD_TAG
     open_turn: Annotated[
         bool,
@@ -167,8 +171,9 @@ def check_format(settings: ExportSettings):
     if settings.format not in FORMATS:
         raise InputError(f"--format {settings.format!r}: expected one of {', '.join(FORMATS)}")
     fmt = FORMATS[settings.format]
-    if settings.step_tag != MATH_SHEPHERD_TAG and settings.format != "math-shepherd":
-        raise InputError(f"--step-tag is for --format math-shepherd, not {settings.format}")
+    if settings.step_tag != MATH_SHEPHERD_TAG and not fmt.step_tag:
+        with_tag = ", ".join(f.name for f in FORMATS.values() if f.step_tag)
+        raise InputError(f"--step-tag is for --format {with_tag}, not {settings.format}")
     if not settings.step_tag.strip():
         raise InputError("--step-tag: must not be blank")
     if settings.system_prompt is not None and not fmt.system_turn:
@@ -542,6 +547,8 @@ def example_rows_markdown(frame: pl.DataFrame, longest: int = 60) -> str:
     labeled = frame.filter(pl.col("first_error") >= 0).head(1)
     parts = []
     for name in FORMATS:
+        if not set(FORMATS[name].required) <= set(labeled.columns):  # math-shepherd-soft needs step_mc
+            continue
         rows = export_frame(labeled, ExportSettings(format=name))["train"]
         parts.append(f"`{name}`:\n```json\n{json.dumps(shortened(rows.row(0, named=True)), ensure_ascii=False)}\n```")
     return "\n".join(parts)
