@@ -67,7 +67,7 @@ class Reviews:
         # response_id -> {human_first_error, review_note, reviewed_at}
         self.saved: dict[str, dict] = {}
         self.lock = threading.Lock()
-        if shards.prepare_whole_output(output, STAGE, ARGUMENTS, self.sources, overwrite):
+        if shards.prepare_whole_output(output, STAGE, ARGUMENTS, self.sources, overwrite, names=list(self.found)):
             self._load()
         else:
             for name in self.found:
