@@ -87,24 +87,12 @@ import polars as pl
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from bench.bench_generate import TINY, build_tokenizer
+from bench.bench_generate import QWEN25_15B, TINY, build_tokenizer
 from prmtool.engines.base import length_batches
 from prmtool.engines.hf import HFEngine
 from prmtool.methods.step_rewards import ScoringConfig, score_implicit
 from prmtool.methods.steps import make_splitter, split_steps
 
-QWEN25_15B = dict(
-    hidden_size=1536,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    intermediate_size=8960,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-)
 PEAK_BF16_FLOPS = 989e12
 EOS = 2  # the id the reference pads with
 

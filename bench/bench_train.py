@@ -45,41 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN25 = {
-    "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-    ),
-    "1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-    ),
-}
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=1000,
-    tie_word_embeddings=True,
-)
+from bench.bench_generate import ARCHES, TINY  # noqa: E402  (the Qwen2.5 architectures every bench uses)
 
 
 def parse_args() -> argparse.Namespace:
@@ -124,7 +90,7 @@ def prepare(work: Path, name: str, rows: int, seed: int, device: str) -> None:
 
     from prmtool.methods.formats import to_trl_stepwise
 
-    config = TINY if name == "tiny" else QWEN25[name]
+    config = TINY if name == "tiny" else ARCHES[name]
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(Qwen2Config(**config, pad_token_id=0))

@@ -304,8 +304,12 @@ def _no_work() -> None:
 
 
 def _start_worker() -> None:
-    """A worker's first act: die with its parent, then load Math-Verify."""
+    """A worker's first acts: die with its parent, and ignore Ctrl-C, which the terminal sends
+    to the whole process group: the run's own process handles it (cancelling what it asked of
+    the workers), and a comparison cut short in a worker would otherwise read as an `error`
+    verdict. Then it loads Math-Verify."""
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _load_math_verify()
 
 
@@ -342,14 +346,6 @@ def start_workers(workers: int) -> None:
     its own (vLLM's), since a process forked from a threaded one can inherit a held lock and
     hang before its first task."""
     _shared_pool(max(1, workers)).schedule(_load_math_verify).result()
-
-
-def _start_worker() -> None:
-    """A worker ignores Ctrl-C, which the terminal sends to the whole process group: the run's
-    own process handles it (cancelling what it asked of the workers), and a comparison cut
-    short in a worker would otherwise read as an `error` verdict."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _load_math_verify()
 
 
 def _load_math_verify() -> None:

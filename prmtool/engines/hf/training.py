@@ -215,6 +215,7 @@ def train(
         torch.cuda.set_device(int(config.device.split(":")[1]))
     bf16 = config.bf16 if config.bf16 is not None else (config.device != "cpu" and torch.cuda.is_available())
     total_steps, rows_per_step = plan_steps(examples, config)
+    _forget_earlier_accelerator_state()
     accelerator = Accelerator(
         cpu=config.device == "cpu",
         mixed_precision="bf16" if bf16 else "no",
@@ -336,3 +337,15 @@ def has_checkpoint(output: Path) -> bool:
 
 def remove_checkpoint(output: Path) -> None:
     shutil.rmtree(output / CHECKPOINT, ignore_errors=True)
+
+
+def _forget_earlier_accelerator_state() -> None:
+    """accelerate keeps one state per process: an earlier Trainer in this process (another
+    library's, or a train with other settings) would make Accelerator refuse this run's
+    precision. A single process starts afresh; a launched group (torchrun) is left as it is."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=True)
