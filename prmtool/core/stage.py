@@ -52,6 +52,7 @@ class Stage:
     # False for a stage that must read all its input in one run (train): no --shard-index,
     # --num-shards or Ray tasks.
     partitions: bool = True
+    one_run_hint: str = ""  # said with that refusal: how such a stage uses several GPUs instead
 
     @property
     def help(self) -> str:
@@ -81,6 +82,11 @@ class Stage:
         self.validate(settings)
         if isinstance(partition, tuple):
             partition = Partition.of(*partition)
+        if not self.partitions and not partition.whole:
+            raise InputError(
+                f"{self.name} reads all its input in one run: --shard-index/--num-shards/--executor ray do not apply"
+                + (self.one_run_hint and f" ({self.one_run_hint})")
+            )
         paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
         allowed = READ_INCOMPLETE.set(allow_incomplete)
         try:

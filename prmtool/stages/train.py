@@ -196,11 +196,6 @@ def run(
     model folder; reruns resume from its last checkpoint."""
     from prmtool.engines.hf import training as engine
 
-    if not partition.whole:
-        raise InputError(
-            "train reads all its input in one run: --shard-index/--num-shards/--executor ray do not apply "
-            "(for several GPUs: accelerate launch -m prmtool train ... or torchrun)"
-        )
     check_choices(settings)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/accelerate, rank 0 writes
     stats = RunStats("train", quiet=quiet or not main_process)
@@ -329,5 +324,13 @@ def _clear(output: Path) -> None:
 
 
 STAGE = Stage(
-    "train", TrainSettings, run, EXAMPLES, REQUIRED, output_option=ModelDir, check=check_choices, partitions=False
+    "train",
+    TrainSettings,
+    run,
+    EXAMPLES,
+    REQUIRED,
+    output_option=ModelDir,
+    check=check_choices,
+    partitions=False,
+    one_run_hint="for several GPUs: accelerate launch -m prmtool train ... or torchrun",
 )
