@@ -185,14 +185,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--arch", choices=["0.5b", "1.5b", "7b"], default="0.5b", help="the Qwen2.5 architecture")
     parser.add_argument(
         "--shape",
-        choices=sorted(SHAPES),
         help="side by side: the hf engine and bare vLLM (defaults, gpu_memory_utilization 0.88), each in its own "
-        "process, on this shape (sets --prompts, --prompt-len, --n, --min-tokens, --max-tokens); prints tokens/s, "
-        "slots, peak GPU memory and the hf / vLLM ratio",
+        f"process, on these shapes (comma-separated: {', '.join(SHAPES)}; each sets --prompts, --prompt-len, --n, "
+        "--min-tokens, --max-tokens); one process per engine runs them all, one model load and one vLLM start; "
+        "prints tokens/s, slots, peak GPU memory and the hf / vLLM ratio of each",
     )
     parser.add_argument("--engines", default="hf,vllm", help="with --shape: which engines run (hf, vllm)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # with --shape: run one engine, print a JSON line
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model-dir",
+        help="with --shape: a saved model folder of --arch's sizes to load (default: random weights, saved once)",
+    )
     parser.add_argument(
         "--vllm",
         action="store_true",
@@ -208,7 +211,10 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     if args.shape:
-        args.prompts, args.prompt_len, args.n, args.min_tokens, args.max_tokens = SHAPES[args.shape]
+        args.shapes = [name for name in args.shape.split(",") if name]
+        unknown = sorted(set(args.shapes) - set(SHAPES))
+        if unknown:
+            parser.error(f"--shape: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
     if args.quick:
         args.prompts, args.n, args.prompt_len, args.min_tokens, args.max_tokens = 8, 4, 16, 4, 32
         args.subset_a, args.slots = 2, "16"
@@ -443,6 +449,15 @@ def run_vllm(model, tokenizer, requests, args) -> dict[str, dict]:
     return results
 
 
+def with_shape(args, shape: str) -> argparse.Namespace:
+    """args with one shape's sizes (and --quick's tiny ones)."""
+    shaped = argparse.Namespace(**vars(args))
+    shaped.prompts, shaped.prompt_len, shaped.n, shaped.min_tokens, shaped.max_tokens = SHAPES[shape]
+    if args.quick:
+        shaped.prompts, shaped.n, shaped.prompt_len, shaped.min_tokens, shaped.max_tokens = 8, 4, 16, 4, 32
+    return shaped
+
+
 def side_by_side(args) -> None:
     """--shape: each engine in its own process on the same requests; the table of issue 39."""
     import subprocess
@@ -450,8 +465,8 @@ def side_by_side(args) -> None:
     import tempfile
 
     engines = [e for e in args.engines.split(",") if e]
-    folder = None
-    if "vllm" in engines:  # vLLM loads a model folder: the random weights are saved once, for both
+    folder = args.model_dir
+    if "vllm" in engines and not folder:  # vLLM loads a model folder: the random weights are saved once, for both
         folder = tempfile.mkdtemp(prefix="bench-generate-")
         device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
         model = build_model(args.quick, device, args.arch)
@@ -459,9 +474,9 @@ def side_by_side(args) -> None:
         build_tokenizer(model.config.vocab_size).save_pretrained(folder)
         del model
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    rows = {}
+    rows = {}  # (engine, shape) -> result
     for engine in engines:
-        command = [sys.executable, __file__, "--worker", engine, "--shape", args.shape, "--arch", args.arch]
+        command = [sys.executable, __file__, "--worker", engine, "--shape", ",".join(args.shapes), "--arch", args.arch]
         command += ["--slots", args.slots, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
         command += ["--model-dir", folder] if folder else []
         print(f"$ {' '.join(command)}", flush=True)
@@ -469,38 +484,43 @@ def side_by_side(args) -> None:
         # ("Cannot re-initialize CUDA in forked subprocess", seen on an H100), so vLLM spawns.
         environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
         finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
-        lines = [line for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
         print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
-        if finished.returncode != 0 or not lines:
+        for line in finished.stdout.splitlines():
+            if line.startswith("RESULT "):
+                row = json.loads(line[len("RESULT ") :])
+                rows[engine, row["shape"]] = row
+        if finished.returncode != 0:
             print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
-            continue
-        rows[engine] = json.loads(lines[-1][len("RESULT ") :])
-    print()
-    print(
-        f"{args.arch}, {args.shape}: {args.prompts} x {args.prompt_len} x n={args.n}, new {args.min_tokens}.."
-        f"{args.max_tokens}"
-    )
-    print(f"{'engine':<10}{'tokens/s':>12}{'slots':>8}{'peak GiB':>10}{'seconds':>9}")
-    for name, row in rows.items():
-        print(
-            f"{name:<10}{row['tokens_per_second']:>12,.0f}{row['slots']:>8}{row['peak_gib']:>10.1f}{row['seconds']:>9.1f}"
-        )
-    if "hf" in rows and "vllm" in rows:
-        print(f"hf / vLLM: {rows['hf']['tokens_per_second'] / rows['vllm']['tokens_per_second']:.2f}x")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.arch} architecture, bf16, {gpu}")
+    print(f"{'shape':<9}{'requests':<30}{'engine':<7}{'tokens/s':>10}{'slots':>7}{'peak GiB':>10}{'seconds':>9}")
+    for shape in args.shapes:
+        shaped = with_shape(args, shape)
+        sizes = f"{shaped.prompts} x {shaped.prompt_len} x n={shaped.n}, {shaped.min_tokens}..{shaped.max_tokens}"
+        for engine in engines:
+            row = rows.get((engine, shape))
+            if row:
+                print(
+                    f"{shape:<9}{sizes:<30}{engine:<7}{row['tokens_per_second']:>10,.0f}{row['slots']:>7}"
+                    f"{row['peak_gib']:>10.1f}{row['seconds']:>9.1f}"
+                )
+        if ("hf", shape) in rows and ("vllm", shape) in rows:
+            ratio = rows["hf", shape]["tokens_per_second"] / rows["vllm", shape]["tokens_per_second"]
+            print(f"{shape:<9}hf / vLLM: {ratio:.2f}x")
     if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], f"bench_generate_{args.arch}_{args.shape}.json")
+        name = f"bench_generate_{args.arch}_{'-'.join(args.shapes)}_{'-'.join(engines)}.json"
+        path = os.path.join(os.environ["OUT"], name)
         with open(path, "w") as handle:
-            json.dump(dict(args=vars(args), rows=rows), handle, indent=1)
+            json.dump(dict(args=vars(args), gpu=gpu, rows=[dict(engine=e, **row) for (e, _), row in rows.items()]),
+                      handle, indent=1)  # fmt: skip
 
 
 def worker(args) -> None:
-    """One engine of --shape, alone in this process: a warm-up pass over other prompts of the same
-    lengths, then the timed pass; prints a RESULT line of JSON."""
+    """One engine, alone in this process, over every shape of --shape: for each, a warm-up pass
+    over other prompts of the same lengths (a quarter as many), then the timed pass; prints a
+    RESULT line of JSON per shape."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     vocab = (TINY if args.quick else ARCHES[args.arch])["vocab_size"]
-    warmup = make_requests(argparse.Namespace(**(vars(args) | {"seed": args.seed + 1})), vocab)
-    requests = make_requests(args, vocab)
-    expected = sum(r.n * r.max_tokens for r in requests)
     if args.worker == "hf":
         if args.model_dir:
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -509,40 +529,49 @@ def worker(args) -> None:
         else:
             model = build_model(args.quick, device, args.arch)
         engine = HFEngine(model, build_tokenizer(vocab), ignore_eos=True, max_batch_size=int(args.slots.split(",")[0]))
-        started = time.perf_counter()
-        engine.sample(warmup)
-        print(f"  hf engine warm-up: {time.perf_counter() - started:.1f} s, {engine.last_stats}", flush=True)
-        with Timer(device) as timer:
-            results = engine.sample(requests)
-        tokens = sum(c.num_tokens for samples in results for c in samples)
-        stats = engine.last_stats
-        print(f"  hf engine: {stats}", flush=True)
-        slots = stats.num_slots
-        peak = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
     else:
         import vllm
 
         llm = vllm.LLM(model=args.model_dir, dtype="bfloat16", seed=0, gpu_memory_utilization=0.88)
 
-        def generate(batch):
-            params = [
-                vllm.SamplingParams(n=r.n, temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, seed=r.seed,
-                                    ignore_eos=True)
-                for r in batch
-            ]  # fmt: skip
-            return llm.generate([{"prompt_token_ids": r.prompt_ids} for r in batch], params, use_tqdm=False)
+    def generate(batch):
+        if args.worker == "hf":
+            results = engine.sample(batch)
+            return sum(c.num_tokens for samples in results for c in samples)
+        params = [
+            vllm.SamplingParams(n=r.n, temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, seed=r.seed,
+                                ignore_eos=True)
+            for r in batch
+        ]  # fmt: skip
+        outputs = llm.generate([{"prompt_token_ids": r.prompt_ids} for r in batch], params, use_tqdm=False)
+        return sum(len(o.token_ids) for out in outputs for o in out.outputs)
 
+    for shape in args.shapes:
+        shaped = with_shape(args, shape)
+        warmup = make_requests(argparse.Namespace(**(vars(shaped) | {"seed": args.seed + 1})), vocab)
+        warmup = warmup[: max(8, len(warmup) // 4)]
+        requests = make_requests(shaped, vocab)
+        expected = sum(r.n * r.max_tokens for r in requests)
+        started = time.perf_counter()
         generate(warmup)
+        print(f"  {args.worker}, {shape}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         with Timer(device) as timer:
-            outputs = generate(requests)
-        tokens = sum(len(o.token_ids) for out in outputs for o in out.outputs)
-        slots = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-        free, total = torch.cuda.mem_get_info()
-        peak = (total - free) / 2**30  # vLLM's engine runs in a process of its own: the device's use
-    assert tokens == expected, f"{args.worker} generated {tokens} tokens, requests asked for {expected}"
-    row = dict(tokens=tokens, seconds=timer.seconds, tokens_per_second=tokens / timer.seconds, slots=slots,
-               peak_gib=peak)  # fmt: skip
-    print("RESULT " + json.dumps(row), flush=True)
+            tokens = generate(requests)
+        if args.worker == "hf":
+            stats = engine.last_stats
+            print(f"  hf engine, {shape}: {stats}", flush=True)
+            slots = stats.num_slots
+            peak = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+        else:
+            slots = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+            free, total = torch.cuda.mem_get_info() if device.type == "cuda" else (0, 0)
+            peak = (total - free) / 2**30  # vLLM's engine runs in a process of its own: the device's use
+        assert tokens == expected, f"{args.worker} generated {tokens} tokens on {shape}, requests asked for {expected}"
+        row = dict(shape=shape, tokens=tokens, seconds=timer.seconds, tokens_per_second=tokens / timer.seconds,
+                   slots=slots, peak_gib=peak)  # fmt: skip
+        print("RESULT " + json.dumps(row), flush=True)
 
 
 def main() -> None:
