@@ -269,19 +269,16 @@ def run_trainer(work: Path, args) -> dict:
 
     class PackedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).logits
-            where_row, where_col = inputs["where_row"], inputs["where_col"]
-            return soft_cross_entropy(logits[where_row, where_col], inputs["targets"]) / len(inputs["targets"])
+            bounds = dict(cu_seq_lens_q=inputs["cu_seq_lens"], cu_seq_lens_k=inputs["cu_seq_lens"],
+                          max_length_q=inputs["longest"], max_length_k=inputs["longest"])  # fmt: skip
+            logits = model(
+                input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **bounds
+            ).logits
+            return soft_cross_entropy(logits[0, inputs["where"]], inputs["targets"]) / len(inputs["targets"])
 
     def to_inputs(batch_rows):
         batch = collate(examples, batch_rows[0])
-        return {
-            "input_ids": batch["input_ids"],
-            "position_ids": batch["position_ids"],
-            "where_row": batch["where"][0],
-            "where_col": batch["where"][1],
-            "targets": batch["targets"],
-        }
+        return {key: batch[key] for key in ("input_ids", "position_ids", "cu_seq_lens", "longest", "where", "targets")}
 
     arguments = TrainingArguments(
         output_dir=str(work / "trainer-out"),

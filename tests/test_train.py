@@ -188,19 +188,27 @@ def test_packing_fills_rows_without_padding_and_keeps_every_sequence_once():
 
 
 def test_a_packed_row_gives_each_sequence_the_logits_it_has_alone(tiny_model_dir):
-    """Position ids that restart at 0 keep packed sequences apart (no token sees another)."""
+    """Sequences back to back in one row, their bounds given to the attention (or read from the
+    position ids restarting at 0), each see only themselves: the logits they have alone."""
     import torch
 
-    from prmtool.engines.hf.training import load_for_training
-    from prmtool.methods.training import TrainingConfig
+    from prmtool.engines.hf.training import collate, load_for_training
+    from prmtool.methods.training import Example, TrainingConfig
 
     model = load_for_training(TrainingConfig(base=str(tiny_model_dir), device="cpu")).eval()
+    assert model.config._attn_implementation == "prmtool_varlen"  # no block-diagonal mask
     first, second = torch.randint(0, 300, (1, 30)), torch.randint(0, 300, (1, 20))
+    examples = [Example(first[0].tolist(), [29], [1.0]), Example(second[0].tolist(), [4, 19], [0.0, 1.0])]
+    batch = collate(examples, [[0, 1]])
+    assert batch["cu_seq_lens"].tolist() == [0, 30, 50] and batch["where"].tolist() == [29, 34, 49]
     with torch.no_grad():
         alone = [model(input_ids=s, use_cache=False).logits[0] for s in (first, second)]
-        positions = torch.cat([torch.arange(30), torch.arange(20)])[None]
-        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits[0]
-    assert torch.allclose(packed[:30], alone[0], atol=1e-5) and torch.allclose(packed[30:], alone[1], atol=1e-5)
+        bounds = dict(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"], max_length_q=30,
+                      max_length_k=30)  # fmt: skip
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **bounds)
+        from_positions = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    for logits in (packed.logits[0], from_positions.logits[0]):
+        assert torch.allclose(logits[:30], alone[0], atol=1e-5) and torch.allclose(logits[30:], alone[1], atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

@@ -142,7 +142,7 @@ class TrainingConfig:
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_tokens: int = 16384  # tokens per optimizer step and process, packed
-    pack_tokens: int = 4096  # tokens per packed row (its attention is block-diagonal)
+    pack_tokens: int = 4096  # tokens per packed row; a step takes batch_tokens // pack_tokens rows
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     lora_rank: int = 0  # 0: full fine-tuning

@@ -48,3 +48,34 @@ def test_train_under_torchrun_on_two_gpus(tmp_path, tiny_model_dir):
                      "--batch-tokens", "1024", "--max-length", "512", launcher=launcher)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads((model_dir / "_SUCCESS").read_text())["training"]["steps"] == 4
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_varlen_attention_on_cuda_matches_each_sequence_alone(kv_heads):
+    """torch's variable-length flash kernel, as training calls it, gives each packed sequence
+    what causal attention over that sequence alone gives, values and gradients."""
+    from prmtool.engines.hf.varlen import _torch_varlen, varlen_attention
+
+    assert _torch_varlen() is not None, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    torch.manual_seed(0)
+    bounds = [0, 37, 160, 161, 400]
+    shape = (1, 8, bounds[-1], 64)
+    query = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    key, value = (
+        torch.randn((1, kv_heads, bounds[-1], 64), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2)
+    )
+    cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+    out, _ = varlen_attention(None, query, key, value, None, scaling=64**-0.5, cu_seq_lens_q=cu, max_length_q=239)
+    expected = []
+    for start, end in zip(bounds, bounds[1:]):
+        k, v = (t[:, :, start:end].repeat_interleave(8 // kv_heads, dim=1) for t in (key, value))
+        part = torch.nn.functional.scaled_dot_product_attention(query[:, :, start:end], k, v, is_causal=True)
+        expected.append(part.transpose(1, 2))
+    expected = torch.cat(expected, dim=1)
+    assert out.shape == expected.shape
+    assert torch.allclose(out.float(), expected.float(), atol=2e-2)
+    grads = torch.autograd.grad(out.float().sum(), (query, key, value))
+    reference = torch.autograd.grad(expected.float().sum(), (query, key, value))
+    for got, want in zip(grads, reference):
+        assert torch.allclose(got.float(), want.float(), atol=5e-2, rtol=5e-2)

@@ -3,11 +3,11 @@
 
 A plain loop over packed rows, on `accelerate`: one process, or one per GPU under
 `accelerate launch` / `torchrun` (accelerate's DistributedDataParallel and its data loader
-sharding; nothing of the kind is written here). A row holds several sequences back to back with
-no padding; each sequence's position ids start at 0, which transformers' attention reads as a
-block-diagonal mask (or as varlen flash attention where flash-attn is installed), so no token
-sees another sequence. An optimizer step is one forward pass over --batch-tokens tokens, in rows
-of at most --pack-tokens (a row's attention costs its length squared). The loss is the
+sharding; nothing of the kind is written here). An optimizer step is one forward pass over
+--batch-tokens tokens: its sequences back to back in one row, no padding, each sequence's
+position ids from 0 and its bounds passed to the attention (varlen.py: torch's variable-length
+flash kernel on CUDA, flash-attn's where it is installed), so no token sees another sequence
+and each sequence's attention costs its own length squared. The loss is the
 cross-entropy against each step's target probability (hard labels are 0 or 1), averaged over
 the step's labelled tokens.
 
@@ -34,6 +34,7 @@ import transformers
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from prmtool.engines.base import EngineError
+from prmtool.engines.hf import varlen
 from prmtool.engines.model_files import locate_model
 from prmtool.methods.training import Example, TrainingConfig, epoch_batches
 
@@ -58,7 +59,7 @@ def load_for_training(config: TrainingConfig):
     location = locate_model(config.base)
     torch.manual_seed(config.seed)  # the head's initial weights
     kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=config.trust_remote_code, local_files_only=True)
-    attention = "flash_attention_2" if _flash_attention(config) else "sdpa"
+    attention = "flash_attention_2" if _flash_attention(config) else varlen.register()
     try:
         with contextlib.redirect_stderr(io.StringIO()), _quiet_transformers():
             model = AutoModelForTokenClassification.from_pretrained(
@@ -135,30 +136,25 @@ def _first_line(error: Exception) -> str:
 
 
 def collate(examples: list[Example], rows: list[list[int]]) -> dict:
-    """Packed rows as one batch: input ids and position ids of shape (rows, tokens), and the
-    (row, position, target) of every labelled token. A row shorter than the longest ends in a
-    filler segment of its own (position ids from 0 again, no labels), which nothing else sees."""
-    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
-    input_ids, position_ids, where_row, where_col, targets, tokens = [], [], [], [], [], 0
-    for number, row in enumerate(rows):
-        ids, positions = [], []
-        for index in row:
-            example = examples[index]
-            where_row += [number] * len(example.positions)
-            where_col += [len(ids) + p for p in example.positions]
-            targets += example.targets
-            ids += example.input_ids
-            positions += range(len(example.input_ids))
-        tokens += len(ids)
-        filler = width - len(ids)
-        input_ids.append(ids + [0] * filler)
-        position_ids.append(positions + list(range(filler)))
+    """A step's packed rows as one row of sequences back to back, no padding: input ids and
+    position ids of shape (1, tokens), each sequence's bounds (`cu_seq_lens`, which the
+    attention reads instead of a mask) and the (position, target) of every labelled token."""
+    input_ids, position_ids, where, targets, bounds = [], [], [], [], [0]
+    for index in (index for row in rows for index in row):
+        example = examples[index]
+        where += [len(input_ids) + p for p in example.positions]
+        targets += example.targets
+        input_ids += example.input_ids
+        position_ids += range(len(example.input_ids))
+        bounds.append(len(input_ids))
     return {
-        "input_ids": torch.tensor(input_ids),
-        "position_ids": torch.tensor(position_ids),
-        "where": (torch.tensor(where_row), torch.tensor(where_col)),
+        "input_ids": torch.tensor([input_ids]),
+        "position_ids": torch.tensor([position_ids]),
+        "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+        "longest": max(b - a for a, b in zip(bounds, bounds[1:])),
+        "where": torch.tensor(where),
         "targets": torch.tensor(targets, dtype=torch.float32),
-        "tokens": tokens,
+        "tokens": len(input_ids),
     }
 
 
@@ -291,14 +287,19 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) ->
     is the mean over the step's labelled tokens. Returns it and the tokens trained on."""
     batch = collate(examples, rows)
     device = accelerator.device
+    bounds = batch["cu_seq_lens"].to(device)
     logits = model(
         input_ids=batch["input_ids"].to(device),
         position_ids=batch["position_ids"].to(device),
-        use_cache=False,  # with a cache, transformers would not read the packing from position_ids
+        # each sequence's bounds, read by the attention (varlen.py; flash-attn's names)
+        cu_seq_lens_q=bounds,
+        cu_seq_lens_k=bounds,
+        max_length_q=batch["longest"],
+        max_length_k=batch["longest"],
+        use_cache=False,
     ).logits
-    where_row, where_col = (w.to(device) for w in batch["where"])
     targets = batch["targets"].to(device)
-    loss = soft_cross_entropy(logits[where_row, where_col], targets) / len(targets)
+    loss = soft_cross_entropy(logits[0, batch["where"].to(device)], targets) / len(targets)
     accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
