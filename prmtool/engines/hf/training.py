@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ def load_for_training(config: TrainingConfig):
     torch.manual_seed(config.seed)  # the head's initial weights
     kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=config.trust_remote_code, local_files_only=True)
     attention = "flash_attention_2" if _flash_attention(config) else varlen.register()
+    attention = os.environ.get("PRMTOOL_TRAIN_ATTENTION", attention)  # e.g. sdpa, to compare (bench_train)
     try:
         with contextlib.redirect_stderr(io.StringIO()), _quiet_transformers():
             model = AutoModelForTokenClassification.from_pretrained(
@@ -344,7 +346,6 @@ def _forget_earlier_accelerator_state() -> None:
     """accelerate keeps one state per process: an earlier Trainer in this process (another
     library's, or a train with other settings) would make Accelerator refuse this run's
     precision. A single process starts afresh; a launched group (torchrun) is left as it is."""
-    import os
 
     from accelerate.state import AcceleratorState
 
