@@ -69,7 +69,12 @@ def varlen_attention(
     if kv_heads != heads:
         k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     if q.is_cuda and _torch_varlen() is not None:
+        # flash kernels take half precision only; float32 training runs them in autocast's dtype
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        half = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else half
+        q, k, v = (t.to(half) for t in (q, k, v))
         out = _torch_varlen()(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scaling)
+        out = out.to(query.dtype)
     else:
         out = torch.empty_like(q)
         bounds = cu_seq_lens_q.tolist()
