@@ -78,3 +78,23 @@ def test_dry_run_says_when_the_run_would_fail_its_checks(prmtool, finished_run, 
     assert result.exit_code == 0
     assert "note: the run would stop before its first stage: " in result.stderr
     assert "--engine vllm: vLLM is not installed" in result.stderr
+
+
+def test_finished_stages_still_agree_the_engine_a_dry_run_and_a_partial_rerun_take(
+    finished_run, tiny_model_dir, monkeypatch
+):
+    """Every model stage of the recipe, run or finished, takes part in choosing one engine per
+    model: a dry run after a run (every stage skipped) times each stage by the rate of the engine
+    it ran on, and a partial rerun runs on the engine the whole recipe ran on."""
+    from prmtool.cli.recipe import load_recipe, preflight
+    from prmtool.engines import choice
+
+    def by_length(model, *, device, prompt_tokens, vllm_options=None):  # as on a GPU with vLLM, at 7B
+        long = prompt_tokens is not None and prompt_tokens > 128
+        return choice.Choice("vllm" if long else "hf", f"{prompt_tokens} tokens")
+
+    monkeypatch.setattr(choice, "choose_engine", by_length)
+    finished_run.write_text(finished_run.read_text() + "  - stage: label\n    k: 1\n    max-tokens: 4\n")
+    recipe = load_recipe(finished_run, [], None, None, None)
+    agreed = preflight(recipe, None, 3)  # import, generate, verify: all finished, nothing to check
+    assert agreed[str(tiny_model_dir)].engine == "vllm"  # label's longer prompts decide for generate too

@@ -474,17 +474,18 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
     engine installed, its device there, its files on disk and its config loading. A run that
     would fail there fails here instead, before any stage's record or output is touched, so the
     records of a finished run stay as they were. Returns the engine `--engine auto` gives each
-    model in every stage (`choice.agree`)."""
+    model in every stage of the recipe, finished or not, up to --until or past it (`choice.agree`)."""
     from prmtool.engines import check_loadable, choice
 
     automatic = []  # (model, prompt tokens, choice) of each stage's model on --engine auto
     rerun_since = first  # as _run_steps decides: once a stage reruns, every later one does
     made: list[Path] = []  # the folders earlier stages write: a model there (train's) comes later
-    for step in recipe.steps[:last]:
+    for step in recipe.steps:
         made_here, made = made, made + [step.directory.resolve()]
-        action = decide(step, rerun_since is not None and step.number >= rerun_since)
-        if action == "skip":
-            continue
+        if step.number > last:
+            action = "skip"  # after --until: not run, but its model still counts in the agreement
+        else:
+            action = decide(step, rerun_since is not None and step.number >= rerun_since)
         if action in ("run", "rerun") and rerun_since is None:
             rerun_since = step.number
         call = parse_step(recipe, step, step.argv())
@@ -498,8 +499,17 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
             try:
                 # outside one_engine_per_model, auto gives each stage its own choice; agree() picks one
                 picked = choice.resolve(engine, model, settings.device, prompt_tokens)  # an unknown name fails
-                if engine == choice.AUTO:
-                    automatic.append((model, prompt_tokens, picked))
+            except InputError as exc:
+                if action == "skip":
+                    continue
+                raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
+            # A finished stage still takes part in the agreement, so a partial rerun (and a dry
+            # run after a run) gets the engine the whole recipe ran on; only what runs is checked.
+            if engine == choice.AUTO:
+                automatic.append((model, prompt_tokens, picked))
+            if action == "skip":
+                continue
+            try:
                 check_loadable(
                     picked.engine, model, device=settings.device, trust_remote_code=settings.trust_remote_code
                 )

@@ -2,7 +2,7 @@
 
 The hf engine runs on CPU and CUDA with no extra install; vLLM runs on CUDA only. On a GPU the
 faster one depends on the model's size and the prompts' length, and the choice follows the
-measurements in `MEASURED` (one row per measurement; a new measurement is a new row). Where the
+measurements in `MEASURED` (the latest side-by-side measurement of each point). Where the
 hf engine cannot run a model at all (several GPUs per model, quantized weights, sliding-window
 attention), vLLM is the only choice.
 
@@ -36,13 +36,15 @@ class Measurement:
     source: str  # where it was measured
 
 
-# Random-weight Qwen2.5 models, bf16, one H100 (bench/bench_generate.py --vllm, 2026-12-06). The hf
-# engine changes (a paged KV cache) move these: rerun the benchmark and update the rows.
+# Random-weight Qwen2.5 models, bf16, one H100, each engine in its own process on the same
+# requests (bench/bench_generate.py --shape). The 7B rows are one lease, side by side, with the
+# paged KV cache (2026-12-06); the 0.5B row is from before it. Changes to either engine move
+# these: rerun the benchmark and replace the rows.
 MEASURED = [
-    Measurement(0.5, 128, 3.97, "bench_generate --vllm, H100"),
-    Measurement(7.6, 128, 1.00, "bench_generate --vllm, H100"),
-    Measurement(7.6, 768, 0.73, "bench_generate --vllm, H100"),
-    Measurement(7.6, 1536, 0.80, "bench_generate --shape long, paged hf engine, H100 (vLLM: earlier run)"),
+    Measurement(0.5, 128, 3.97, "bench_generate, H100, before the paged KV cache"),
+    Measurement(7.6, 128, 1.27, "bench_generate --arch 7b --shape short, H100: 24,611 / 19,408 tok/s"),
+    Measurement(7.6, 768, 1.07, "bench_generate --arch 7b --shape rollout, H100: 16,838 / 15,779 tok/s"),
+    Measurement(7.6, 1536, 0.82, "bench_generate --arch 7b --shape long, H100: 12,087 / 14,811 tok/s"),
 ]
 # prmtool's vllm engine runs at 0.98 to 1.20x bare vLLM's throughput (bench_generate,
 # bench_label overhead). vLLM is chosen only where it wins even at the low end: a tie goes to
