@@ -19,11 +19,10 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
 
 from prmtool.core.errors import InputError
-import numpy as np
-
 from prmtool.methods.progress import Counts, first_bad_posterior, most_informative, wilson_interval
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
 from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
@@ -524,7 +523,8 @@ def label_rows(
             results[row] = trusted_correct(n_steps)
         elif rule == "drop":  # correct, estimate mode: every prefix, as under the other rules
             every_step = method == "mc" or bool(correct)
-            searches[row] = DropSearch(row, n_steps, bool(correct), k, confidence, max_k, every_step, soft, windows[row])
+            search = DropSearch(row, n_steps, bool(correct), k, confidence, max_k, every_step, soft, windows[row])
+            searches[row] = search
         elif method == "mc":
             searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft, windows[row])
         elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere
