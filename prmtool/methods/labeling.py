@@ -350,7 +350,7 @@ class DropSearch:
         level of a binary search and at its two ends; per-step MC, at every prefix."""
         if self.every_step:
             return len(self.probed) * self.max_k
-        return (len(self.places).bit_length() + 2) * self.max_k
+        return ((len(self.places) - 1).bit_length() + 2) * self.max_k  # ceil(log2(places)) levels
 
     def speculative_probes(self) -> list[Probe]:
         """What this search may draw next, most likely first: the next stage of the prefix just
