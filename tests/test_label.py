@@ -270,6 +270,37 @@ def test_the_drop_rule_finds_first_errors_that_any_success_misses_when_rollouts_
     assert labeled().equals(labeled("drop"))  # the default rule
 
 
+def test_when_nothing_recovers_the_drop_rule_stays_exact_for_a_few_more_rollouts_than_any_success():
+    """p_bad = 0 is any-success's own model, where it is exact and cheapest; the drop rule, not
+    told that rollouts never recover, must learn it, and pays a little for that."""
+    frame = responses(40, seed=3)
+
+    def labeled(rule):
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.0)
+        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, rule=rule)
+
+    any_success, drop = labeled("any-success"), labeled("drop")
+    assert any_success["first_error"].equals(frame["true_first_error"].cast(pl.Int32).rename("first_error"))
+    assert drop["first_error"].equals(any_success["first_error"])
+    assert drop["label_rollouts"].sum() <= 1.5 * any_success["label_rollouts"].sum()
+
+
+def test_a_higher_confidence_draws_more_rollouts_and_errs_less_often():
+    """--confidence is the chance, given the rollouts, that the first error found is the one: at
+    0.95, about one response in twenty may be wrong, at 0.8 one in five (70% -> 30% here)."""
+    frame = responses(40, seed=3)
+    truth = frame["true_first_error"]
+
+    def labeled(confidence):
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, confidence=confidence)
+
+    sure, quick = labeled(0.95), labeled(0.8)
+    assert (sure["first_error"] == truth).mean() >= 0.9
+    assert (quick["first_error"] == truth).mean() >= 0.75
+    assert sure["label_rollouts"].sum() > 1.3 * quick["label_rollouts"].sum()
+
+
 def test_the_drop_rule_labels_every_step_with_per_step_mc():
     frame = responses(20, seed=2)
     engine = ScriptedRolloutEngine(answers_of(frame), p=0.8, p_bad=0.1)
