@@ -272,9 +272,12 @@ class DropSearch:
         self.stage = self.k if self.soft else max(1, self.k // 4)
         self.found: int | None = None  # the first bad prefix, once the search stops
         self.plan: list[tuple[int, int]] | None = None  # this round's (prefix, rollouts), once chosen
+        self.posterior: np.ndarray | None = None  # over the places, for the counts so far
 
-    def _posterior(self):
-        return first_bad_posterior(self.counts, self.places)
+    def _posterior(self) -> np.ndarray:
+        if self.posterior is None:  # once per round: the counts change only when results come
+            self.posterior = first_bad_posterior(self.counts, self.places)
+        return self.posterior
 
     def _likeliest(self) -> tuple[int, float]:
         posterior = self._posterior()
@@ -373,7 +376,7 @@ class DropSearch:
     def observe(self, result: ProbeResult) -> None:
         self.spent[0] += result.probe.k
         self.spent[1] += result.tokens
-        self.plan = None
+        self.plan = self.posterior = None
         correct, sampled = self.counts[result.probe.prefix_steps]
         self.counts[result.probe.prefix_steps] = (correct + result.correct, sampled + result.probe.k)
 

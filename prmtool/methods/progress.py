@@ -50,15 +50,16 @@ def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarr
     (`counts[i]` are prefix i's; b = len(counts) puts every prefix on the good side)."""
     correct = np.array([0] + [c for c, _ in counts], dtype=float).cumsum()
     sampled = np.array([0] + [m for _, m in counts], dtype=float).cumsum()
-    places = np.asarray(first_bad)
-    good_correct, good_sampled = correct[places], sampled[places]
+    # Places with no rollout between them split the counts alike: each split is weighed once.
+    splits, place_split = np.unique(np.stack([correct[first_bad], sampled[first_bad]]), axis=1, return_inverse=True)
+    good_correct, good_sampled = splits
     bad_correct, bad_sampled = correct[-1] - good_correct, sampled[-1] - good_sampled
     good = LOG_PRIOR + good_correct[:, None] * LOG_RATE + (good_sampled - good_correct)[:, None] * LOG_MISS
     bad = LOG_PRIOR + bad_correct[:, None] * LOG_RATE + (bad_sampled - bad_correct)[:, None] * LOG_MISS
     # bad < good: each good rate meets the bad rates below it (a running log-sum, shifted by one)
     below = np.logaddexp.accumulate(bad, axis=1)
-    below = np.concatenate([np.full((len(places), 1), -np.inf), below[:, :-1]], axis=1)
-    return np.logaddexp.reduce(good + below, axis=1)
+    below = np.concatenate([np.full((len(good_correct), 1), -np.inf), below[:, :-1]], axis=1)
+    return np.logaddexp.reduce(good + below, axis=1)[place_split.reshape(-1)]
 
 
 def first_bad_posterior(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
