@@ -205,21 +205,25 @@ at (0.7, 0.0) with no more rollouts than any-success. `python bench/bench_label.
 
   | p_good, p_bad | any-success exact | bad-below 0.35 exact | drop exact, early, late | drop rollouts / any-success's |
   |---------------|------------------:|---------------------:|------------------------:|------------------------------:|
-  | 0.7, 0.0      |             1.000 |                0.986 |   0.995, 0.005, 0.000   |          5,342 / 2,594 = 2.06 |
-  | 0.7, 0.1      |             0.420 |                0.908 |   0.952, 0.024, 0.024   |          8,030 / 2,742 = 2.93 |
-  | 0.7, 0.3      |             0.111 |                0.527 |   0.903, 0.053, 0.043   |         18,168 / 2,252 = 8.07 |
-  | 0.4, 0.1      |             0.401 |                0.623 |   0.865, 0.053, 0.082   |         22,090 / 3,018 = 7.32 |
-  | 0.9, 0.3      |             0.111 |                0.536 |   0.947, 0.019, 0.034   |          7,970 / 2,204 = 3.62 |
+  | 0.7, 0.0      |             1.000 |                0.986 |   0.981, 0.019, 0.000   |          3,644 / 2,594 = 1.40 |
+  | 0.7, 0.1      |             0.420 |                0.908 |   0.981, 0.019, 0.000   |          5,448 / 2,742 = 1.99 |
+  | 0.7, 0.3      |             0.111 |                0.527 |   0.947, 0.029, 0.024   |         13,186 / 2,252 = 5.86 |
+  | 0.4, 0.1      |             0.401 |                0.623 |   0.947, 0.024, 0.029   |         18,472 / 3,018 = 6.12 |
+  | 0.9, 0.3      |             0.111 |                0.536 |   0.986, 0.005, 0.010   |          5,478 / 2,204 = 2.49 |
 
-  Met: exactness at (0.7, 0.1), (0.7, 0.3) and (0.9, 0.3), and the rollouts at (0.7, 0.1). Not
-  met: (0.4, 0.1) at 0.865 (0.9 wanted), (0.7, 0.0) at 0.995 and 2.06x (1.000 at 1x wanted), and
-  the rollouts where the two rates are close. What bounds them: with both rates known, Wald's
-  test needs about ln(19) / KL(0.7 || 0.3) = 8.7 rollouts a probe at 5% error to tell 0.7 from
-  0.3; here the rates are learned as the search goes, from the response's start and its full
-  (wrong) text sampled beside the probes, about half the rollouts at (0.7, 0.0). A stage that
-  decides "good" from one right rollout, as any-success does, cannot tell (0.7, 0.0) from
-  (0.7, 0.1) on a search's first probe, where it would be wrong on a fifth of the bad prefixes.
-  Per-step MC (`mc`) under the drop rule: 0.990, 0.986, 0.923, 0.918, 0.971 exact at 4.4-13.2x.
+  (Before, 2026-12-06, a staged Fisher / sequential-likelihood test a probe: 0.995, 0.952, 0.903,
+  0.865, 0.947 exact at 2.06, 2.93, 8.07, 7.32, 3.62x.) Met: every exactness target but
+  (0.7, 0.0)'s 1.000, and the rollouts at (0.7, 0.1) and (0.9, 0.3). Not met: (0.7, 0.0) at
+  0.981 and 1.40x (1.000 at 1x wanted), and 3x where the two rates are close. `--confidence 0.8`
+  (`--methods binary --confidence 0.8`): 0.976, 0.961, 0.908, 0.860, 0.961 exact at 0.95, 1.33,
+  3.37, 3.44, 1.72x: every exactness target but (0.4, 0.1)'s 0.9 and (0.7, 0.0)'s 1.000, and
+  the rollouts within 3x but at the two close points.
+  What bounds them: telling 0.7 from 0.3 at one prefix takes about nine rollouts at 5% error
+  with both rates known (Wald: ln 19 / KL), a first error needs the prefixes either side of it
+  told apart, and here the rates are learned from the response's own rollouts, each comparison a
+  two-sample one. A search that decides "good" from one right rollout, as any-success does,
+  cannot tell (0.7, 0.0) from (0.7, 0.1), where it would be wrong on a fifth of the bad prefixes.
+  Per-step MC (`mc`) under the drop rule: 0.995, 0.986, 0.957, 0.937, 0.986 exact at 4.1-7.9x.
   docs/algorithms.md, "The drop rule", has the whole table and other --confidence settings.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
