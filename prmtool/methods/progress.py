@@ -42,7 +42,7 @@ def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[floa
     rate = correct / sampled
     centre = (rate + z * z / (2 * sampled)) / (1 + z * z / sampled)
     half = z * math.sqrt(rate * (1 - rate) / sampled + z * z / (4 * sampled * sampled)) / (1 + z * z / sampled)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(rate, centre - half)), min(1.0, max(rate, centre + half))  # rounding never excludes the rate
 
 
 def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
