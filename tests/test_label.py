@@ -231,6 +231,20 @@ def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without
         assert len(engine.calls) < len(plain_engine.calls)  # searches skipped rounds their probes were sampled in
 
 
+def test_under_the_drop_rule_speculation_spares_most_rounds_of_small_stages():
+    """A drop search draws k/4 rollouts a round, often several stages in a row from the prefixes
+    beside the place it is checking: with idle slots, those are sampled ahead, so a round's engine
+    call serves several of its steps."""
+    frame = responses(30)
+    plain = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+    alone = label_rows(frame, plain, "binary", k=8, settings=SETTINGS, speculate=False)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+    engine.capacity = 4096
+    ahead = label_rows(frame, engine, "binary", k=8, settings=SETTINGS)
+    assert ahead.equals(alone)
+    assert len(engine.calls) <= len(plain.calls) / 3
+
+
 def test_any_success_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
     frame = responses(30)
     labeled = label_rows(

@@ -319,7 +319,10 @@ class DropSearch:
         return most_informative(self.counts, self.places, choices)[:1]
 
     def _stage(self, prefix: int) -> int:
-        sampled = self.counts[prefix][1]
+        return self._stage_after(self.counts[prefix][1])
+
+    def _stage_after(self, sampled: int) -> int:
+        """The rollouts of a prefix's next stage once it holds `sampled`."""
         return min(self.stage if sampled >= self.k or not self.soft else self.k - sampled, self.max_k - sampled)
 
     def _candidates(self, place: int) -> list[int]:
@@ -355,22 +358,28 @@ class DropSearch:
             return len(self.probed) * self.max_k
         return ((len(self.places) - 1).bit_length() + 2) * self.max_k  # ceil(log2(places)) levels
 
-    def speculative_probes(self) -> list[Probe]:
+    def speculative_probes(self, depth: int = 5) -> list[Probe]:
         """What this search may draw next, most likely first: the next stage of the prefix just
-        asked, then stages of the other prefixes worth probing. Seeds depend on the prefix
-        alone: sampled early, a probe gives what it would have given when asked."""
+        asked and of the other prefixes worth probing, then the stages after those, `depth`
+        stages a prefix (a search re-checking a place draws several stages in a row from it).
+        Seeds depend on the prefix alone: sampled early, a probe gives what it would have given
+        when asked."""
         if self.found is not None or len(self.places) <= 1:
             return []
         asked = self._next()
         if len(asked) != 1:
             return []
-        (prefix, rollouts), ahead = asked[0], []
-        after = self.counts[prefix][1] + rollouts
-        if after < self.max_k:
-            ahead.append(Probe(self.row, prefix, min(self.stage, self.max_k - after), first_sample=after))
-        for other in self._candidates(self._likeliest()[0]):
-            if other != prefix and 0 < self._stage(other):
-                ahead.append(Probe(self.row, other, self._stage(other), first_sample=self.counts[other][1]))
+        (prefix, rollouts) = asked[0]
+        sampled = {other: self.counts[other][1] for other in self._candidates(self._likeliest()[0])}
+        sampled[prefix] = self.counts[prefix][1] + rollouts
+        order = [prefix] + [other for other in sampled if other != prefix]
+        ahead = []
+        for _ in range(depth):
+            for other in order:
+                stage = self._stage_after(sampled[other])
+                if stage > 0:
+                    ahead.append(Probe(self.row, other, stage, first_sample=sampled[other]))
+                    sampled[other] += stage
         return ahead
 
     def observe(self, result: ProbeResult) -> None:
