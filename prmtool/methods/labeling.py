@@ -236,7 +236,7 @@ class DropSearch:
     Each round draws one stage (k/4 rollouts, a full k for soft labels) from the prefix whose
     rollouts are expected to say the most about where the drop is: at first the middle of the
     places still likely, as a binary search would, then the two prefixes either side of the
-    likeliest place, and the start or the full response when the rates themselves are in doubt.
+    likeliest place, and the start or the window's last prefix when the rates are in doubt.
     Every prefix's stages continue one seeded stream. The search stops when one place holds
     `confidence` of the posterior, or when the start has no right rollout in 2k (a problem the
     policy does not solve has nowhere to drop: no step is shown to be the error, and the last
@@ -245,8 +245,9 @@ class DropSearch:
 
     Wrong responses: the full response is a bad prefix (its own outcome), so some place in
     the window is the first bad prefix, or the one after the window (the error lies after it).
-    Correct responses (estimate mode) have no known bad end: the place after the window's last
-    prefix means no step is an error."""
+    It is not sampled: its rollouts restate its wrong answer and recover far less often than
+    those of the steps after the error, so its rate is not theirs. Correct responses (estimate
+    mode): the place after the window's last prefix means no step is an error."""
 
     row: int
     n_steps: int
@@ -262,10 +263,10 @@ class DropSearch:
     def __post_init__(self) -> None:
         self.base, self.last = self.window or (0, self.n_steps)  # the prefix of `base` steps is good
         self.counts: list[Counts] = [(0, 0)] * (self.n_steps + 1)  # of prefixes 0 .. n_steps
-        # Prefixes probed: the window's, the full response too when it is wrong (a known bad one).
+        # Prefixes probed: the window's. Not the full response: it holds the error, but it also
+        # states the wrong answer, so rollouts from it rarely recover even where rollouts from the
+        # steps after the error often do; pooled with those, its rate would push the drop late.
         self.probed = list(range(self.base, min(self.last, self.n_steps - 1) + 1))
-        if not self.correct and self.n_steps:
-            self.probed.append(self.n_steps)
         # Where the first bad prefix may be; the last place: after the window (no error in it).
         top = min(self.last + 1, self.n_steps) if not self.correct else min(self.last, self.n_steps - 1) + 1
         self.places = list(range(self.base + 1, top + 1))
@@ -332,15 +333,7 @@ class DropSearch:
         chance_bad = dict(zip(self.places, np.cumsum(posterior)))  # prefix p is bad when the place <= p
         middle = min(self.places[:-1] or self.places, key=lambda p: (abs(chance_bad[p] - 0.5), p))
         wanted = {place - 1, place, middle, self.base, self.probed[-1]}
-        # the place after the window stands for a bad prefix only the full response probes
-        return sorted(self._probe_of(prefix) for prefix in wanted if self._probe_of(prefix) is not None)
-
-    def _probe_of(self, prefix: int) -> int | None:
-        if prefix in self.probed:
-            return prefix
-        if prefix > self.last and not self.correct:
-            return self.n_steps
-        return None
+        return sorted(prefix for prefix in wanted if prefix in self.probed)
 
     def probes(self) -> list[Probe]:
         return [
