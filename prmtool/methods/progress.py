@@ -3,7 +3,7 @@
 A response's prefixes 0 (the problem alone) .. n (the whole response) each have a chance that a
 rollout from them reaches the right answer. The drop rule's model: that chance is one rate,
 `good`, up to the first error, and a lower one, `bad`, from the first prefix that holds it on
-(the first bad prefix). Both rates are unknown (uniform priors, bad below good), so every
+(the first bad prefix). Both rates are unknown (integrated out, bad below good), so every
 rollout drawn anywhere in a response tells about them as well as about where the drop is.
 
 `first_bad_posterior` weighs every place the drop may be against the (correct, sampled) counts
@@ -29,9 +29,6 @@ Counts = tuple[int, int]  # (correct rollouts, rollouts sampled)
 # one prefix still see a smooth likelihood, coarse enough for numpy to weigh every place at once.
 RATES = (np.arange(256) + 0.5) / 256
 LOG_RATE, LOG_MISS = np.log(RATES), np.log1p(-RATES)
-# Every rate equally likely beforehand (Bayes-Laplace). Jeffreys' Beta(1/2, 1/2), which weighs
-# rates near 0 and 1 more, was as cheap but wrong more often where the two rates are close.
-LOG_PRIOR = np.full(len(RATES), -math.log(len(RATES)))
 
 
 def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[float, float]:
@@ -46,21 +43,28 @@ def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[floa
 
 
 def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
-    """log P(counts | the first bad prefix is b), for each b of `first_bad`: prefixes before b
-    share the good rate, b and after share the bad one, bad < good, both rates integrated out
-    (`counts[i]` are prefix i's; b = len(counts) puts every prefix on the good side)."""
+    """log P(counts | the first bad prefix is f), for each f of `first_bad`: prefixes before f
+    share the good rate g, f and after share the bad one b < g, both integrated out (`counts[i]`
+    are prefix i's; f = len(counts) puts every prefix on the good side). Beforehand g is uniform
+    and the drop g - b, given g, more likely large than small: density 2 (g - b) / g^2 on
+    0 <= b < g. A drop of almost nothing then has almost no weight, so "no drop before this
+    step" can be shown without learning the bad rate to the last decimal."""
     correct = np.array([0] + [c for c, _ in counts], dtype=float).cumsum()
     sampled = np.array([0] + [m for _, m in counts], dtype=float).cumsum()
     # Places with no rollout between them split the counts alike: each split is weighed once.
     splits, place_split = np.unique(np.stack([correct[first_bad], sampled[first_bad]]), axis=1, return_inverse=True)
     good_correct, good_sampled = splits
     bad_correct, bad_sampled = correct[-1] - good_correct, sampled[-1] - good_sampled
-    good = LOG_PRIOR + good_correct[:, None] * LOG_RATE + (good_sampled - good_correct)[:, None] * LOG_MISS
-    bad = LOG_PRIOR + bad_correct[:, None] * LOG_RATE + (bad_sampled - bad_correct)[:, None] * LOG_MISS
-    # bad < good: each good rate meets the bad rates below it (a running log-sum, shifted by one)
-    below = np.logaddexp.accumulate(bad, axis=1)
-    below = np.concatenate([np.full((len(good_correct), 1), -np.inf), below[:, :-1]], axis=1)
-    return np.logaddexp.reduce(good + below, axis=1)[place_split.reshape(-1)]
+    good = good_correct[:, None] * LOG_RATE + (good_sampled - good_correct)[:, None] * LOG_MISS
+    bad = bad_correct[:, None] * LOG_RATE + (bad_sampled - bad_correct)[:, None] * LOG_MISS
+    good_top, bad_top = good.max(axis=1), bad.max(axis=1)  # likelihoods scaled to at most 1
+    good, bad = np.exp(good - good_top[:, None]), np.exp(bad - bad_top[:, None])
+    # sum over b < g of (g - b) L(b) = g * sum L(b) - sum b L(b): running sums, shifted by one
+    below = np.cumsum(bad, axis=1) - bad
+    below_rate = np.cumsum(bad * RATES, axis=1) - bad * RATES
+    weighed = np.maximum(RATES * below - below_rate, 0) * 2 / RATES**2
+    total = np.maximum((good * weighed).sum(axis=1), np.finfo(float).tiny)
+    return (np.log(total) + good_top + bad_top)[place_split.reshape(-1)]
 
 
 def first_bad_posterior(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
