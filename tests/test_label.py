@@ -585,3 +585,8 @@ def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_3k_rol
     for steps, first_error, rollouts in labeled.select("steps", "first_error", "label_rollouts").iter_rows():
         assert first_error == len(steps) - 1
         assert rollouts <= 3 * 4  # k rollouts anywhere, then the start's 2k
+    # --max-k as low as --k: the start stops at k, no stage is ever empty
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.0)
+    capped = label_rows(frame, engine, "binary", k=4, settings=SETTINGS, max_k=4)
+    assert capped["first_error"].equals(labeled["first_error"])
+    assert all(request.n > 0 for call in engine.calls for request in call)

@@ -287,7 +287,7 @@ class DropSearch:
 
     def _hopeless(self) -> bool:
         correct, sampled = self.counts[self.base]
-        return correct == 0 and sampled >= 2 * self.k
+        return correct == 0 and sampled >= min(2 * self.k, self.max_k)
 
     def _next(self) -> list[tuple[int, int]]:
         """The (prefix, rollouts) this round draws: none once the search stops."""
@@ -328,7 +328,8 @@ class DropSearch:
 
     def _candidates(self, place: int) -> list[int]:
         """Prefixes worth a stage: either side of the likeliest place, the place that splits the
-        posterior in half (a binary search's middle), and the two ends the rates rest on."""
+        posterior in half (a binary search's middle), and the start and the window's last prefix,
+        which the rates rest on."""
         posterior = self._posterior()
         chance_bad = dict(zip(self.places, np.cumsum(posterior)))  # prefix p is bad when the place <= p
         middle = min(self.places[:-1] or self.places, key=lambda p: (abs(chance_bad[p] - 0.5), p))
@@ -346,7 +347,7 @@ class DropSearch:
 
     def most_rollouts(self) -> int:
         """The rollouts this search takes at most (for progress, and its budget): max_k at every
-        level of a binary search and at its two ends; per-step MC, at every prefix."""
+        level of a binary search and two more; per-step MC, at every prefix."""
         if self.every_step:
             return len(self.probed) * self.max_k
         return ((len(self.places) - 1).bit_length() + 2) * self.max_k  # ceil(log2(places)) levels
