@@ -205,22 +205,28 @@ at (0.7, 0.0) with no more rollouts than any-success. `python bench/bench_label.
 
   | p_good, p_bad | any-success exact | bad-below 0.35 exact | drop exact, early, late | drop rollouts / any-success's |
   |---------------|------------------:|---------------------:|------------------------:|------------------------------:|
-  | 0.7, 0.0      |             1.000 |                0.986 |   0.995, 0.005, 0.000   |          5,342 / 2,594 = 2.06 |
-  | 0.7, 0.1      |             0.420 |                0.908 |   0.952, 0.024, 0.024   |          8,030 / 2,742 = 2.93 |
-  | 0.7, 0.3      |             0.111 |                0.527 |   0.903, 0.053, 0.043   |         18,168 / 2,252 = 8.07 |
-  | 0.4, 0.1      |             0.401 |                0.623 |   0.865, 0.053, 0.082   |         22,090 / 3,018 = 7.32 |
-  | 0.9, 0.3      |             0.111 |                0.536 |   0.947, 0.019, 0.034   |          7,970 / 2,204 = 3.62 |
+  | 0.7, 0.0      |             1.000 |                0.986 |   0.990, 0.010, 0.000   |          4,282 / 2,594 = 1.65 |
+  | 0.7, 0.1      |             0.420 |                0.908 |   0.990, 0.010, 0.000   |          6,110 / 2,742 = 2.23 |
+  | 0.7, 0.3      |             0.111 |                0.527 |   0.957, 0.019, 0.024   |         13,618 / 2,252 = 6.05 |
+  | 0.4, 0.1      |             0.401 |                0.623 |   0.947, 0.019, 0.034   |         18,428 / 3,018 = 6.11 |
+  | 0.9, 0.3      |             0.111 |                0.536 |   0.986, 0.005, 0.010   |          5,928 / 2,204 = 2.69 |
 
-  Met: exactness at (0.7, 0.1), (0.7, 0.3) and (0.9, 0.3), and the rollouts at (0.7, 0.1). Not
-  met: (0.4, 0.1) at 0.865 (0.9 wanted), (0.7, 0.0) at 0.995 and 2.06x (1.000 at 1x wanted), and
-  the rollouts where the two rates are close. What bounds them: with both rates known, Wald's
-  test needs about ln(19) / KL(0.7 || 0.3) = 8.7 rollouts a probe at 5% error to tell 0.7 from
-  0.3; here the rates are learned as the search goes, from the response's start and its full
-  (wrong) text sampled beside the probes, about half the rollouts at (0.7, 0.0). A stage that
-  decides "good" from one right rollout, as any-success does, cannot tell (0.7, 0.0) from
-  (0.7, 0.1) on a search's first probe, where it would be wrong on a fifth of the bad prefixes.
-  Per-step MC (`mc`) under the drop rule: 0.990, 0.986, 0.923, 0.918, 0.971 exact at 4.4-13.2x.
-  docs/algorithms.md, "The drop rule", has the whole table and other --confidence settings.
+  (Before, 2026-12-06, a staged Fisher / sequential-likelihood test a probe: 0.995, 0.952, 0.903,
+  0.865, 0.947 exact at 2.06, 2.93, 8.07, 7.32, 3.62x.) Met: every exactness target but
+  (0.7, 0.0)'s 1.000, and the rollouts at (0.7, 0.1) and (0.9, 0.3). Not met: (0.7, 0.0) at
+  0.990 and 1.65x (1.000 at 1x wanted), and 3x where the two rates are close. `--confidence 0.8`
+  (`--methods binary --confidence 0.8`): 0.986, 0.966, 0.908, 0.870, 0.952 exact at 1.01, 1.37,
+  3.62, 3.44, 1.83x: every exactness target but (0.4, 0.1)'s 0.9 and (0.7, 0.0)'s 1.000, and
+  the rollouts within 3x but at the two close points. What bounds them: telling 0.7 from 0.3 at
+  one prefix takes about nine rollouts at 5% error with both rates known (Wald: ln 19 / KL), a
+  first error needs the prefixes either side of it told apart, and here the rates are learned
+  from the response's own rollouts, each comparison a two-sample one. The full response is not
+  sampled (a real policy's rollouts from it restate its wrong answer: pooled as a bad prefix,
+  that rate pushes first errors late), so a first error at the last step is placed only by
+  ruling out a drop before it, the costliest case. A search that decides "good" from one right
+  rollout, as any-success does, cannot tell (0.7, 0.0) from (0.7, 0.1), where it would be wrong
+  on a fifth of the bad prefixes. Per-step MC (`mc`) under the drop rule: 1.000, 0.990, 0.961,
+  0.947, 0.986 exact at 3.8-7.3x. docs/algorithms.md, "The drop rule", has the whole table.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured

@@ -16,7 +16,7 @@ import pytest
 from prmtool.core.errors import InputError
 from prmtool.engines import Cancel, Completion, Engine
 from prmtool.methods.labeling import label_rows
-from prmtool.methods.progress import drop_p_value, stage_marks, wilson_interval
+from prmtool.methods.progress import first_bad_posterior, most_informative, wilson_interval
 from prmtool.methods.rollouts import RolloutSettings
 from tests.conftest import SAMPLES
 
@@ -122,10 +122,11 @@ def test_all_searches_advance_together_one_engine_call_per_round():
     # Two rounds per level at most (staged sampling), whatever the number of responses.
     assert len(engine.calls) <= 2 * math.ceil(math.log2(12)), "one call per round, not one per probe"
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
-    # The drop rule: a round per stage of a probe at most, its stages up to --max-k.
+    # The drop rule: a round per stage (k/4 rollouts, here 1), within a search's budget of
+    # --max-k (12) rollouts a level and two more.
     engine = ScriptedRolloutEngine(answers_of(frame))
     label_rows(frame, engine, "binary", k=2, settings=SETTINGS)
-    assert len(engine.calls) <= len(stage_marks(2, 12)) * math.ceil(math.log2(12))
+    assert len(engine.calls) <= (math.ceil(math.log2(12)) + 2) * 12
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
 
 
@@ -230,6 +231,20 @@ def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without
         assert len(engine.calls) < len(plain_engine.calls)  # searches skipped rounds their probes were sampled in
 
 
+def test_under_the_drop_rule_speculation_spares_most_rounds_of_small_stages():
+    """A drop search draws k/4 rollouts a round, often several stages in a row from the prefixes
+    beside the place it is checking: with idle slots, those are sampled ahead, so a round's engine
+    call serves several of its steps."""
+    frame = responses(30)
+    plain = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+    alone = label_rows(frame, plain, "binary", k=8, settings=SETTINGS, speculate=False)
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+    engine.capacity = 4096
+    ahead = label_rows(frame, engine, "binary", k=8, settings=SETTINGS)
+    assert ahead.equals(alone)
+    assert len(engine.calls) <= len(plain.calls) / 3
+
+
 def test_any_success_staged_sampling_draws_the_rest_of_k_only_when_the_first_rollouts_all_fail():
     frame = responses(30)
     labeled = label_rows(
@@ -269,6 +284,54 @@ def test_the_drop_rule_finds_first_errors_that_any_success_misses_when_rollouts_
     assert labeled().equals(labeled("drop"))  # the default rule
 
 
+def test_when_nothing_recovers_the_drop_rule_pays_about_twice_any_success_s_rollouts():
+    """p_bad = 0 is any-success's own model, where it is exact and cheapest; the drop rule, not
+    told that rollouts never recover, must see it, and a first error at the last step is placed
+    only by ruling out a drop before it."""
+    frame = responses(40, seed=3)
+    truth = frame["true_first_error"]
+
+    def labeled(rule):
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.0)
+        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, rule=rule)
+
+    any_success, drop = labeled("any-success"), labeled("drop")
+    assert (any_success["first_error"] == truth).all()
+    assert (drop["first_error"] == truth).mean() >= 0.95
+    assert drop["label_rollouts"].sum() <= 2.5 * any_success["label_rollouts"].sum()  # 2.1x here
+
+
+def test_the_full_response_is_not_sampled_so_its_own_rate_cannot_push_the_drop_late():
+    """A real policy's rollouts from a whole wrong response restate its answer: they hardly ever
+    recover, even where those from the steps after the error recover 30% of the time. Pooled
+    with those steps, that rate would pull theirs down until a step after the error looked good:
+    the drop rule never samples it."""
+    frame = responses(40, seed=3).with_columns(problem=pl.format("Problem {}?", "response_id"))  # one a row
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+    labeled = label_rows(frame, engine, "binary", k=8, settings=SETTINGS)
+    whole = {tuple(request.prompt_ids) for call in engine.calls for request in call}
+    for steps, problem in zip(frame["steps"], frame["problem"]):
+        full = engine.continuation_ids(engine.chat_prompt_ids(problem), "\n\n".join(steps) + "\n\n")
+        assert tuple(full) not in whole
+    assert (labeled["first_error"] == frame["true_first_error"]).mean() >= 0.9
+
+
+def test_a_higher_confidence_draws_more_rollouts_and_errs_less_often():
+    """--confidence is the chance, given the rollouts, that the first error found is the one: at
+    0.95, about one response in twenty may be wrong, at 0.8 one in five (70% -> 30% here)."""
+    frame = responses(40, seed=3)
+    truth = frame["true_first_error"]
+
+    def labeled(confidence):
+        engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.3)
+        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, confidence=confidence)
+
+    sure, quick = labeled(0.95), labeled(0.8)
+    assert (sure["first_error"] == truth).mean() >= 0.9
+    assert (quick["first_error"] == truth).mean() >= 0.75
+    assert sure["label_rollouts"].sum() > 1.3 * quick["label_rollouts"].sum()
+
+
 def test_the_drop_rule_labels_every_step_with_per_step_mc():
     frame = responses(20, seed=2)
     engine = ScriptedRolloutEngine(answers_of(frame), p=0.8, p_bad=0.1)
@@ -279,7 +342,7 @@ def test_the_drop_rule_labels_every_step_with_per_step_mc():
         assert labels[-1] == 0  # a wrong response's last step is bad by its outcome
 
 
-def test_a_drop_probe_draws_stages_that_continue_one_stream_until_the_test_decides():
+def test_the_drop_rule_draws_small_stages_that_continue_each_prefix_s_stream():
     frame = responses(30, seed=1)
     engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.2)
     labeled = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, max_k=32)
@@ -287,16 +350,15 @@ def test_a_drop_probe_draws_stages_that_continue_one_stream_until_the_test_decid
     for call in engine.calls:
         for request in call:
             drawn.setdefault((tuple(request.prompt_ids), request.seed), []).append((request.first_sample, request.n))
-    marks = stage_marks(8, 32)
-    assert marks[0] == 2 and marks[-1] == 32
     staged = 0
-    for stages in drawn.values():  # of each prefix: the response's start, its end, the probed middles
-        assert stages[0] == (0, marks[0])  # a first stage of k/4
+    for stages in drawn.values():  # of each prefix probed: the start, the full response, steps between
+        assert all(n == 2 for _, n in stages)  # stages of k/4
+        assert stages[0][0] == 0
         for (first, n), (next_first, _) in zip(stages, stages[1:]):
             assert next_first == first + n  # each stage continues the one before
-        assert stages[-1][0] + stages[-1][1] <= 32
+        assert stages[-1][0] + stages[-1][1] <= 32  # --max-k
         staged += len(stages) > 1
-    assert staged > 0  # some probes needed more than their first stage
+    assert staged > 0  # some prefixes needed more than one stage
     assert labeled["label_rollouts"].sum() == sum(n for stages in drawn.values() for _, n in stages)
     # An easy case (every rollout right before the error, none after) ends after a few stages.
     easy_engine = ScriptedRolloutEngine(answers_of(frame), p=1.0)
@@ -330,12 +392,19 @@ def test_step_mc_comes_with_a_confidence_interval_under_every_rule():
     assert width(0.99) > width(0.8)
 
 
-def test_fishers_exact_test_gives_the_chance_of_a_drop_this_large_by_luck():
-    # 0 of 8 right after 6 of 8 before: all 6 successes fell on one side, C(8,6) / C(16,6).
-    assert drop_p_value((0, 8), (6, 8)) == pytest.approx(28 / 8008)
-    assert drop_p_value((6, 8), (6, 8)) > 0.5  # no drop at all
-    assert drop_p_value((1, 2), (8, 8)) > 0.05  # two rollouts cannot show a drop from 8 of 8
-    assert drop_p_value((0, 8), (0, 8)) == 1.0  # nothing right anywhere: nothing to fall from
+def test_the_posterior_puts_the_drop_where_the_counts_fall_and_stays_unsure_when_they_do_not():
+    # Prefixes 0..4: 6 of 8 right at 0 and 1, none of 8 at 2 and 4 (3 not probed).
+    counts = [(6, 8), (6, 8), (0, 8), (0, 0), (0, 8)]
+    posterior = first_bad_posterior(counts, [1, 2, 3, 4])
+    assert posterior.argmax() == 1 and posterior[1] > 0.99  # the first bad prefix is 2
+    assert posterior.sum() == pytest.approx(1.0)
+    # Two rollouts cannot place a drop from 8 of 8; equal rates leave every place open.
+    assert first_bad_posterior([(8, 8), (1, 2), (0, 8)], [1, 2]).max() < 0.95
+    assert first_bad_posterior([(4, 8), (4, 8), (4, 8), (4, 8)], [1, 2, 3]).max() < 0.6
+    assert first_bad_posterior([(4, 8), (4, 8), (4, 8), (0, 8)], [1, 2, 3]).argmax() == 2  # only the end fell
+    # Where to sample next: beside the likeliest place, not where the answer is already plain.
+    unsure = [(6, 8), (2, 4), (0, 0), (0, 8)]
+    assert most_informative(unsure, [1, 2, 3], [(1, 2), (3, 2)])[0] == (1, 2)
 
 
 def test_rule_options_are_checked():
@@ -508,12 +577,16 @@ def test_soft_labels_under_the_drop_rule_measure_every_probed_step_from_k_rollou
                 assert high - low <= wilson_interval(4, 8, 0.95)[1] - wilson_interval(4, 8, 0.95)[0] + 1e-9
 
 
-def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_2k_rollouts_a_probe():
+def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_3k_rollouts():
     """Nothing to fall from: the first error is the last step, the step that left the answer wrong
-    (as the binary search's invariant has it), found without sampling probes to --max-k."""
+    (as the binary search's invariant has it), found once the start failed 2k rollouts."""
     frame = responses(10, seed=7)
     labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.0), "binary", k=4, settings=SETTINGS)
     for steps, first_error, rollouts in labeled.select("steps", "first_error", "label_rollouts").iter_rows():
-        levels = math.ceil(math.log2(len(steps))) if len(steps) > 1 else 0
         assert first_error == len(steps) - 1
-        assert rollouts <= 3 * 2 * 4 * levels  # the probe, the start and the full response: 2k each
+        assert rollouts <= 3 * 4  # k rollouts anywhere, then the start's 2k
+    # --max-k as low as --k: the start stops at k, no stage is ever empty
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.0)
+    capped = label_rows(frame, engine, "binary", k=4, settings=SETTINGS, max_k=4)
+    assert capped["first_error"].equals(labeled["first_error"])
+    assert all(request.n > 0 for call in engine.calls for request in call)

@@ -4,9 +4,9 @@
 - `FirstErrorBinarySearch`: OmegaPRM's first-error binary search on a wrong response: about
   k * log2(n) rollouts instead of k * n. Steps before the first error are good, the first error
   is bad, later steps are unlabeled.
-- `DropBinarySearch`, `DropPerStepMC`: the same two under `--rule drop` (the default): a step
-  is bad when its prefix's success rate falls significantly below the rate before it
-  (`prmtool.methods.progress`), each probe sampled in stages until the test decides.
+- `DropSearch`: both under `--rule drop` (the default): the first error is where the prefixes'
+  success rate drops (`prmtool.methods.progress`), rollouts drawn in small stages where they
+  tell the most about where, until one place is likely enough.
 
 Each row's search is a small state machine that proposes probes and reads their results;
 `prmtool.methods.rollouts.run_searches` gathers the probes of all active searches into one
@@ -19,10 +19,11 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import polars as pl
 
 from prmtool.core.errors import InputError
-from prmtool.methods.progress import Counts, DropTest, stage_marks, wilson_interval
+from prmtool.methods.progress import Counts, first_bad_posterior, most_informative, wilson_interval
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
 from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
@@ -228,210 +229,181 @@ class FirstErrorBinarySearch:
 
 
 @dataclass
-class DropBinarySearch:
-    """The first-error binary search under `--rule drop`.
+class DropSearch:
+    """The first error under `--rule drop`: the first prefix where the success rate drops
+    (`prmtool.methods.progress`), for the binary search and, with `every_step`, per-step MC.
 
-    Invariant: steps[:good] shows no drop (the empty prefix by definition) and steps[:bad]
-    does (the full response is wrong). Each level probes the middle prefix in stages
-    (`stage_marks`) until `DropTest` decides it against the good side, the response's start
-    pooled with the prefixes judged good (the "prefix before it" of the search), and the bad
-    side, the full response pooled with the prefixes judged bad. The start and the full response
-    are sampled beside the middle whenever their side holds fewer rollouts than the middle will:
-    the two rates the test weighs the middle between are learned as the search goes."""
+    Each round draws one stage (k/4 rollouts, a full k for soft labels) from the prefix whose
+    rollouts are expected to say the most about where the drop is: at first the middle of the
+    places still likely, as a binary search would, then the two prefixes either side of the
+    likeliest place, and the start or the window's last prefix when the rates are in doubt.
+    Every prefix's stages continue one seeded stream. The search stops when one place holds
+    `confidence` of the posterior, or when the start has no right rollout in 2k (a problem the
+    policy does not solve has nowhere to drop: no step is shown to be the error, and the last
+    one is taken), or when it has drawn what a binary search drawing max_k at every level
+    would. Per-step MC (`every_step`) first draws k from every prefix, as Math-Shepherd does.
 
-    row: int
-    n_steps: int
-    k: int
-    test: DropTest
-    max_k: int
-    soft: bool = False  # soft labels: every probed step_mc from k rollouts at least, as under the other rules
-    # --steps: the first error is searched among steps [first, last) only (as FirstErrorBinarySearch)
-    window: tuple[int, int] | None = None
-    good: int = 0
-    bad: int = field(init=False)
-    last: int = field(init=False)
-    spent: list[int] = field(default_factory=lambda: [0, 0])
-
-    def __post_init__(self) -> None:
-        self.bad = self.n_steps
-        self.good, self.last = self.window or (0, self.n_steps)
-        self.base = self.good  # the prefix the good side starts from: the start, or the window's
-        self.step_mc: list[float | None] = [None] * self.n_steps
-        self.step_counts: list[Counts | None] = [None] * self.n_steps
-        self.marks = stage_marks(self.k, self.max_k)
-        self.start = [0, 0]  # (correct, sampled) from the base prefix
-        self.end = [0, 0]  # from the full response
-        self.middle = [0, 0]
-        self.good_pool = [0, 0]  # prefixes judged good, the start apart
-        self.bad_pool = [0, 0]
-
-    def good_side(self) -> Counts:
-        return self.start[0] + self.good_pool[0], self.start[1] + self.good_pool[1]
-
-    def bad_side(self) -> Counts:
-        return self.end[0] + self.bad_pool[0], self.end[1] + self.bad_pool[1]
-
-    def _middle(self) -> int:
-        return min((self.good + self.bad) // 2, self.last)  # never past the window
-
-    def _done(self) -> bool:
-        return self.bad - self.good <= 1 or self.good >= self.last
-
-    def _settle(self) -> None:
-        """Decide the middle if its stages so far suffice (all of a round's results are in)."""
-        if self._done() or self.middle[1] < (self.k if self.soft else 1):
-            return
-        verdict = self.test.decide(tuple(self.middle), self.good_side(), self.bad_side(), self.max_k)
-        if verdict is None:
-            return
-        middle = self._middle()
-        self.step_counts[middle - 1] = tuple(self.middle)
-        self.step_mc[middle - 1] = self.middle[0] / self.middle[1]
-        pool = self.good_pool if verdict else self.bad_pool
-        pool[0] += self.middle[0]
-        pool[1] += self.middle[1]
-        if verdict:
-            self.good = middle
-        else:
-            self.bad = middle
-        self.middle = [0, 0]
-
-    def _next_mark(self, sampled: int) -> int:
-        return next(mark for mark in self.marks if mark > sampled)
-
-    def probes(self) -> list[Probe]:
-        self._settle()
-        if self._done():
-            return []
-        sampled = self.middle[1]
-        mark = self._next_mark(sampled)
-        asked = [Probe(self.row, self._middle(), mark - sampled, first_sample=sampled)]
-        for prefix, own, side in ((self.base, self.start, self.good_side()), (self.n_steps, self.end, self.bad_side())):
-            wanted = min(self.max_k, own[1] + max(0, mark - side[1]))
-            if wanted > own[1]:
-                asked.append(Probe(self.row, prefix, wanted - own[1], first_sample=own[1]))
-        return asked
-
-    def probes_left(self) -> int:
-        """About how many dependent probes this search still asks: two stages a level."""
-        return 2 * (self.bad - self.good - 1).bit_length()
-
-    def most_rollouts(self) -> int:
-        """The rollouts this search takes at most (for progress): max_k at every level, and at
-        the base prefix and the full response."""
-        return ((self.bad - self.good - 1).bit_length() + 2) * self.max_k
-
-    def speculative_probes(self) -> list[Probe]:
-        """The middle's next stage (needed unless this one decides), then the first stage of
-        either next middle. Seeds depend on the prefix alone: sampled early, a probe gives what
-        it would have given when asked."""
-        if self._done():
-            return []
-        middle, asked_to = self._middle(), self._next_mark(self.middle[1])
-        ahead = []
-        if asked_to < self.max_k:
-            ahead.append(Probe(self.row, middle, self._next_mark(asked_to) - asked_to, first_sample=asked_to))
-        next_middles = [(good + bad) // 2 for good, bad in ((middle, self.bad), (self.good, middle)) if bad - good > 1]
-        next_middles = [next_middle for next_middle in next_middles if next_middle <= self.last]
-        return ahead + [Probe(self.row, next_middle, self.marks[0]) for next_middle in next_middles]
-
-    def observe(self, result: ProbeResult) -> None:
-        self.spent[0] += result.probe.k
-        self.spent[1] += result.tokens
-        ends = {self.base: self.start, self.n_steps: self.end}
-        counts = ends.get(result.probe.prefix_steps, self.middle)
-        counts[0] += result.correct
-        counts[1] += result.probe.k
-
-    def outcome(self) -> RowLabels:
-        if self.n_steps == 0:
-            return RowLabels([], [], -1, *self.spent, step_counts=[])
-        if self.bad > self.last:  # no error among the window's steps: it lies after them
-            return RowLabels(self.step_mc, [1] * self.n_steps, None, *self.spent, step_counts=self.step_counts)
-        first_error = self.bad - 1
-        labels = labels_from_first_error(first_error, self.n_steps)
-        return RowLabels(self.step_mc, labels, first_error, *self.spent, step_counts=self.step_counts)
-
-
-@dataclass
-class DropPerStepMC:
-    """Per-step MC under `--rule drop`: the start, every step's prefix and, for a wrong
-    response, the full response are sampled in stages (k, then as `stage_marks` goes on, up to
-    max_k) until each prefix is decided against the good side before it (the start pooled with
-    the earlier prefixes judged good) and the bad side (the full response pooled with the
-    prefixes judged bad). Step i is bad when its prefix dropped; the last step is labeled by the
-    response's own outcome, as under the other rules."""
+    Wrong responses: the full response is a bad prefix (its own outcome), so some place in
+    the window is the first bad prefix, or the one after the window (the error lies after it).
+    It is not sampled: its rollouts restate its wrong answer and recover far less often than
+    those of the steps after the error, so its rate is not theirs. Correct responses (estimate
+    mode): the place after the window's last prefix means no step is an error."""
 
     row: int
     n_steps: int
     correct: bool
     k: int
-    test: DropTest
+    confidence: float
     max_k: int
-    window: tuple[int, int] | None = None  # --steps: only steps [first, last) are probed
+    every_step: bool = False  # per-step MC: k rollouts from every prefix first, labels on every step
+    soft: bool = False  # soft labels: every probed step_mc from k rollouts at least, as under the other rules
+    window: tuple[int, int] | None = None  # --steps: the first error is searched among steps [first, last)
     spent: list[int] = field(default_factory=lambda: [0, 0])
 
     def __post_init__(self) -> None:
-        self.marks = [mark for mark in stage_marks(self.k, self.max_k) if mark >= self.k]
-        # (correct, sampled) of prefixes 0 (the start) .. n_steps (the full response)
-        self.counts = [[0, 0] for _ in range(self.n_steps + 1)]
-        self.verdicts: list[bool | None] = [None] * (self.n_steps + 1)  # of prefixes 1 .. n_steps - 1
-        self.base, self.last = self.window or (0, self.n_steps)  # the good side starts from prefix base
-        for prefix in range(1, self.n_steps):  # outside the window: not probed (its labels are dropped)
-            if not self.base < prefix <= self.last:
-                self.verdicts[prefix] = True
+        self.base, self.last = self.window or (0, self.n_steps)  # the prefix of `base` steps is good
+        self.counts: list[Counts] = [(0, 0)] * (self.n_steps + 1)  # of prefixes 0 .. n_steps
+        # Prefixes probed: the window's. Not the full response: it holds the error, but it also
+        # states the wrong answer, so rollouts from it rarely recover even where rollouts from the
+        # steps after the error often do; pooled with those, its rate would push the drop late.
+        self.probed = list(range(self.base, min(self.last, self.n_steps - 1) + 1))
+        # Where the first bad prefix may be; the last place: after the window (no error in it).
+        top = min(self.last + 1, self.n_steps) if not self.correct else min(self.last, self.n_steps - 1) + 1
+        self.places = list(range(self.base + 1, top + 1))
+        self.stage = self.k if self.soft else max(1, self.k // 4)
+        self.found: int | None = None  # the first bad prefix, once the search stops
+        self.plan: list[tuple[int, int]] | None = None  # this round's (prefix, rollouts), once chosen
+        self.posterior: np.ndarray | None = None  # over the places, for the counts so far
 
-    def _settle(self) -> None:
-        good_pool = list(self.counts[self.base])
-        bad_pool = [0, 0] if self.correct else list(self.counts[self.n_steps])
-        for prefix in range(self.base + 1, min(self.last, self.n_steps - 1) + 1):  # the window's prefixes
-            if self.verdicts[prefix] is None:
-                self.verdicts[prefix] = self.test.decide(
-                    tuple(self.counts[prefix]), tuple(good_pool), tuple(bad_pool), self.max_k
-                )
-            pool = {True: good_pool, False: bad_pool}.get(self.verdicts[prefix])
-            if pool is not None:
-                pool[0] += self.counts[prefix][0]
-                pool[1] += self.counts[prefix][1]
+    def _posterior(self) -> np.ndarray:
+        if self.posterior is None:  # once per round: the counts change only when results come
+            self.posterior = first_bad_posterior(self.counts, self.places)
+        return self.posterior
+
+    def _likeliest(self) -> tuple[int, float]:
+        posterior = self._posterior()
+        best = int(posterior.argmax())
+        return self.places[best], float(posterior[best])
+
+    def _hopeless(self) -> bool:
+        correct, sampled = self.counts[self.base]
+        return correct == 0 and sampled >= min(2 * self.k, self.max_k)
+
+    def _next(self) -> list[tuple[int, int]]:
+        """The (prefix, rollouts) this round draws: none once the search stops."""
+        if self.plan is None:
+            self.plan = self._choose()
+        return self.plan
+
+    def _choose(self) -> list[tuple[int, int]]:
+        if self.found is not None or self.n_steps == 0:
+            return []
+        if len(self.places) == 1:
+            self.found = self.places[0]
+            return []
+        if self.every_step and any(self.counts[p][1] < self.k for p in self.probed):
+            return [(p, self.k - self.counts[p][1]) for p in self.probed if self.counts[p][1] < self.k]
+        place, chance = self._likeliest()
+        if chance >= self.confidence or self.spent[0] >= self.most_rollouts():
+            self.found = place
+            return []
+        if self._hopeless():
+            self.found = self.places[-1]
+            return []
+        if sum(correct for correct, _ in self.counts) == 0 and self.spent[0] >= self.k:
+            return [(self.base, self._stage(self.base))]  # nothing right yet: is the problem solvable?
+        choices = [(prefix, self._stage(prefix)) for prefix in self._candidates(place)]
+        choices = [choice for choice in choices if choice[1] > 0]
+        if not choices:  # every prefix worth probing is at max_k
+            self.found = place
+            return []
+        return most_informative(self.counts, self.places, choices)[:1]
+
+    def _stage(self, prefix: int) -> int:
+        return self._stage_after(self.counts[prefix][1])
+
+    def _stage_after(self, sampled: int) -> int:
+        """The rollouts of a prefix's next stage once it holds `sampled`."""
+        return min(self.stage if sampled >= self.k or not self.soft else self.k - sampled, self.max_k - sampled)
+
+    def _candidates(self, place: int) -> list[int]:
+        """Prefixes worth a stage: either side of the likeliest place, the place that splits the
+        posterior in half (a binary search's middle), and the start and the window's last prefix,
+        which the rates rest on."""
+        posterior = self._posterior()
+        chance_bad = dict(zip(self.places, np.cumsum(posterior)))  # prefix p is bad when the place <= p
+        middle = min(self.places[:-1] or self.places, key=lambda p: (abs(chance_bad[p] - 0.5), p))
+        wanted = {place - 1, place, middle, self.base, self.probed[-1]}
+        return sorted(prefix for prefix in wanted if prefix in self.probed)
 
     def probes(self) -> list[Probe]:
-        if self.n_steps <= 1:
-            return []
-        if self.counts[self.base][1]:
-            self._settle()
-        undecided = [prefix for prefix in range(1, self.n_steps) if self.verdicts[prefix] is None]
-        if not undecided:
-            return []
-        sampled = self.counts[undecided[0]][1]  # undecided prefixes move together, mark by mark
-        mark = next(mark for mark in self.marks if mark > sampled)
-        ends = [self.base] if self.correct else [self.base, self.n_steps]
         return [
-            Probe(self.row, prefix, mark - self.counts[prefix][1], first_sample=self.counts[prefix][1])
-            for prefix in ends + undecided
-            if self.counts[prefix][1] < mark
+            Probe(self.row, prefix, rollouts, first_sample=self.counts[prefix][1]) for prefix, rollouts in self._next()
         ]
 
+    def probes_left(self) -> int:
+        """About how many dependent probes this search still asks: a few stages a level."""
+        return 0 if self.found is not None else 2 * len(self.places).bit_length()
+
     def most_rollouts(self) -> int:
-        """The rollouts this search takes at most (for progress): max_k at each window prefix,
-        the base and the full response."""
-        return (min(self.last, self.n_steps - 1) - self.base + 2) * self.max_k if self.n_steps > 1 else 0
+        """The rollouts this search takes at most (for progress, and its budget): max_k at every
+        level of a binary search and two more; per-step MC, at every prefix."""
+        if self.every_step:
+            return len(self.probed) * self.max_k
+        return ((len(self.places) - 1).bit_length() + 2) * self.max_k  # ceil(log2(places)) levels
+
+    def speculative_probes(self, depth: int = 5) -> list[Probe]:
+        """What this search may draw next, most likely first: the next stage of the prefix just
+        asked and of the other prefixes worth probing, then the stages after those, `depth`
+        stages a prefix (a search re-checking a place draws several stages in a row from it).
+        Seeds depend on the prefix alone: sampled early, a probe gives what it would have given
+        when asked."""
+        if self.found is not None or len(self.places) <= 1:
+            return []
+        asked = self._next()
+        if len(asked) != 1:
+            return []
+        (prefix, rollouts) = asked[0]
+        sampled = {other: self.counts[other][1] for other in self._candidates(self._likeliest()[0])}
+        sampled[prefix] = self.counts[prefix][1] + rollouts
+        order = [prefix] + [other for other in sampled if other != prefix]
+        ahead = []
+        for _ in range(depth):
+            for other in order:
+                stage = self._stage_after(sampled[other])
+                if stage > 0:
+                    ahead.append(Probe(self.row, other, stage, first_sample=sampled[other]))
+                    sampled[other] += stage
+        return ahead
 
     def observe(self, result: ProbeResult) -> None:
         self.spent[0] += result.probe.k
         self.spent[1] += result.tokens
-        counts = self.counts[result.probe.prefix_steps]
-        counts[0] += result.correct
-        counts[1] += result.probe.k
+        self.plan = self.posterior = None
+        correct, sampled = self.counts[result.probe.prefix_steps]
+        self.counts[result.probe.prefix_steps] = (correct + result.correct, sampled + result.probe.k)
 
     def outcome(self) -> RowLabels:
         if self.n_steps == 0:
             return RowLabels([], [], -1, *self.spent, step_counts=[])
-        step_counts: list[Counts | None] = [tuple(counts) for counts in self.counts[1 : self.n_steps]]
-        step_counts.append((int(self.correct), 1))  # the response itself: one rollout from its full prefix
-        labels = [int(bool(verdict)) for verdict in self.verdicts[1 : self.n_steps]] + [int(self.correct)]
-        step_counts = [None if counts[1] == 0 else counts for counts in step_counts]  # not probed: --steps
+        found = self.found if self.found is not None else self._likeliest()[0]
+        step_counts: list[Counts | None] = [
+            self.counts[prefix] if self.counts[prefix][1] else None for prefix in range(1, self.n_steps + 1)
+        ]
+        if self.every_step:
+            step_counts[-1] = (int(self.correct), 1)  # the response itself: one rollout from its full prefix
+            labels = [int(prefix < found) for prefix in range(1, self.n_steps)] + [int(self.correct)]
+            first_error = labels.index(0) if 0 in labels else -1
+        else:
+            step_counts[-1] = None
+            if found > self.last:  # no error among the window's steps: it lies after them
+                first_error, labels = None, [1] * self.n_steps
+            elif self.correct and found >= self.n_steps:
+                first_error, labels = -1, [1] * self.n_steps
+            else:
+                first_error = found - 1  # the step that turns the last good prefix into a bad one
+                labels = labels_from_first_error(first_error, self.n_steps)
         step_mc = [None if counts is None else counts[0] / counts[1] for counts in step_counts]
-        first_error = labels.index(0) if 0 in labels else -1
         return RowLabels(step_mc, labels, first_error, *self.spent, step_counts=step_counts)
 
 
@@ -531,7 +503,6 @@ def label_rows(
         raise InputError(f"--max-k {max_k}: expected at least --k ({k})")
     settings = settings or RolloutSettings()
     threshold = Threshold(bad_below)
-    test = DropTest(confidence, k)
     steps = frame["steps"].to_list()
     rollouts = Rollouts(
         engine,
@@ -556,10 +527,10 @@ def label_rows(
             results[row] = RowLabels([None] * n_steps, None, None, step_counts=[None] * n_steps)
         elif correct and correct_responses == "trust":
             results[row] = trusted_correct(n_steps)
-        elif rule == "drop" and (method == "mc" or correct):  # correct, estimate mode: every prefix
-            searches[row] = DropPerStepMC(row, n_steps, bool(correct), k, test, max_k, windows[row])
-        elif rule == "drop":
-            searches[row] = DropBinarySearch(row, n_steps, k, test, max_k, soft, windows[row])
+        elif rule == "drop":  # correct, estimate mode: every prefix, as under the other rules
+            every_step = method == "mc" or bool(correct)
+            search = DropSearch(row, n_steps, bool(correct), k, confidence, max_k, every_step, soft, windows[row])
+            searches[row] = search
         elif method == "mc":
             searches[row] = PerStepMC(row, n_steps, bool(correct), k, threshold, soft, windows[row])
         elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere

@@ -1,20 +1,16 @@
 """Labeling by progress: the statistics of `label --rule drop` (docs/algorithms.md, "The drop rule").
 
-A step is the first error when its prefix's success rate falls significantly below the rate
-before it. "Before it" is the search's good side: the response's start (the problem alone)
-pooled with every prefix already judged good; the bad side pools the prefixes judged bad. A
-probe is sampled in stages (`stage_marks`) until `DropTest.decide` settles it:
+A response's prefixes 0 (the problem alone) .. n (the whole response) each have a chance that a
+rollout from them reaches the right answer. The drop rule's model: that chance is one rate,
+`good`, up to the first error, and a lower one, `bad`, from the first prefix that holds it on
+(the first bad prefix). Both rates are unknown (integrated out, bad below good), so every
+rollout drawn anywhere in a response tells about them as well as about where the drop is.
 
-- bad (a drop): its successes are significantly below the good side's by Fisher's exact test
-  (one-sided, error rate 1 - confidence), and its successes are likelier under the bad side's
-  rate than under the good side's by a factor of confidence / (1 - confidence) (a Bayes factor
-  of the two sides' Beta posteriors: Wald's sequential test with the rates it learns);
-- good: likelier under the good side's rate than under the bad side's by the same factor. While
-  no prefix has been judged bad, the bad side's rate is unknown (Jeffreys' prior): where every
-  bad prefix so far failed, a prefix with successes is good after a stage or two;
-- good as well when even failing every rollout left to the cap could not make the exact test
-  significant, once the good side's rate is measured (a start rarely right cannot drop far);
-- at the cap (`--max-k` rollouts) the exact test alone decides: bad only if significant.
+`first_bad_posterior` weighs every place the drop may be against the (correct, sampled) counts
+of the prefixes probed so far: the chance that each is the first bad prefix. A search stops
+when one place holds `--confidence` of it (so the first error it reports is wrong with chance
+1 - confidence, given what it saw), and until then `most_informative` picks where the next
+rollouts tell the most about it.
 
 Counts are (correct, sampled) pairs throughout.
 """
@@ -22,10 +18,17 @@ Counts are (correct, sampled) pairs throughout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from statistics import NormalDist
 
+import numpy as np
+
 Counts = tuple[int, int]  # (correct rollouts, rollouts sampled)
+
+# The rates are integrated on a grid of midpoints: fine enough that a few hundred rollouts at
+# one prefix still see a smooth likelihood, coarse enough for numpy to weigh every place at once.
+RATES = (np.arange(256) + 0.5) / 256
+LOG_RATE, LOG_MISS = np.log(RATES), np.log1p(-RATES)
 
 
 def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[float, float]:
@@ -36,82 +39,73 @@ def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[floa
     rate = correct / sampled
     centre = (rate + z * z / (2 * sampled)) / (1 + z * z / sampled)
     half = z * math.sqrt(rate * (1 - rate) / sampled + z * z / (4 * sampled * sampled)) / (1 + z * z / sampled)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return max(0.0, min(rate, centre - half)), min(1.0, max(rate, centre + half))  # rounding never excludes the rate
 
 
-def drop_p_value(probe: Counts, reference: Counts) -> float:
-    """Fisher's exact test, one-sided: the chance of a probe this poor or poorer if its rate
-    were the reference's (the hypergeometric lower tail of its successes, both counts pooled)."""
-    correct, sampled = probe
-    reference_correct, reference_sampled = reference
-    total_correct, total = correct + reference_correct, sampled + reference_sampled
-    if sampled == 0 or reference_sampled == 0 or total_correct in (0, total):
-        return 1.0
-    tail = sum(
-        math.comb(sampled, x) * math.comb(reference_sampled, total_correct - x)
-        for x in range(max(0, total_correct - reference_sampled), min(correct, total_correct) + 1)
-    )
-    return tail / math.comb(total, total_correct)
+def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
+    """log P(counts | the first bad prefix is f), for each f of `first_bad`: prefixes before f
+    share the good rate g, f and after share the bad one b < g, both integrated out (`counts[i]`
+    are prefix i's; f = len(counts) puts every prefix on the good side). Beforehand g is uniform
+    and the drop g - b, given g, more likely large than small: density 2 (g - b) / g^2 on
+    0 <= b < g. A drop of almost nothing then has almost no weight, so "no drop before this
+    step" can be shown without learning the bad rate to the last decimal."""
+    correct = np.array([0] + [c for c, _ in counts], dtype=float).cumsum()
+    sampled = np.array([0] + [m for _, m in counts], dtype=float).cumsum()
+    # Places with no rollout between them split the counts alike: each split is weighed once.
+    splits, place_split = np.unique(np.stack([correct[first_bad], sampled[first_bad]]), axis=1, return_inverse=True)
+    good_correct, good_sampled = splits
+    bad_correct, bad_sampled = correct[-1] - good_correct, sampled[-1] - good_sampled
+    good = good_correct[:, None] * LOG_RATE + (good_sampled - good_correct)[:, None] * LOG_MISS
+    bad = bad_correct[:, None] * LOG_RATE + (bad_sampled - bad_correct)[:, None] * LOG_MISS
+    good_top, bad_top = good.max(axis=1), bad.max(axis=1)  # likelihoods scaled to at most 1
+    good, bad = np.exp(good - good_top[:, None]), np.exp(bad - bad_top[:, None])
+    # sum over b < g of (g - b) L(b) = g * sum L(b) - sum b L(b): running sums, shifted by one
+    below = np.cumsum(bad, axis=1) - bad
+    below_rate = np.cumsum(bad * RATES, axis=1) - bad * RATES
+    weighed = np.maximum(RATES * below - below_rate, 0) * 2 / RATES**2
+    total = np.maximum((good * weighed).sum(axis=1), np.finfo(float).tiny)
+    return (np.log(total) + good_top + bad_top)[place_split.reshape(-1)]
 
 
-def stage_marks(k: int, max_k: int) -> list[int]:
-    """Rollouts a probe holds after each of its stages: k/4 (as the staged any-success search),
-    k/2, 3k/4, k, then k/2 more a stage up to 3k and k more a stage up to max_k. Each stage
-    continues the seeded stream of the ones before (`Probe.first_sample`), so a probe's rollouts
-    are those of one long stream, however many stages drew them."""
-    marks = {max(1, k * quarters // 4) for quarters in range(1, 5)}
-    marks |= {k + max(1, k // 2) * half for half in range(1, 5)}
-    marks |= set(range(3 * k + k, max_k, k))
-    return sorted(mark for mark in marks if mark < max_k) + [max_k]
+def first_bad_posterior(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
+    """The chance that each of `first_bad` is the first bad prefix, given the counts (every
+    place equally likely beforehand)."""
+    evidence = log_evidence(counts, first_bad)
+    weights = np.exp(evidence - evidence.max())
+    return weights / weights.sum()
 
 
-@dataclass(frozen=True)
-class DropTest:
-    """Decides whether a prefix's rate dropped below the good side's (see the module's docstring)."""
-
-    confidence: float = 0.95
-    k: int = 8  # a good side with no right rollout in 2k has nowhere to fall (hard problems end early)
-
-    @property
-    def error_rate(self) -> float:
-        return 1 - self.confidence
-
-    def decide(self, probe: Counts, good: Counts, bad: Counts, max_k: int) -> bool | None:
-        """True: no drop (good); False: a drop (bad); None: sample the next stage (the probe
-        holds fewer than max_k rollouts)."""
-        significant = drop_p_value(probe, good) <= self.error_rate
-        if probe[1] >= max_k:
-            return not significant
-        # Futile: failing every rollout left to the cap could not make it a drop, the good side
-        # keeping its rate; judged once that rate is measured (half the cap, or 2k if none was right).
-        measured = good[1] >= (2 * self.k if good[0] == 0 else max_k // 2)
-        if measured and drop_p_value((probe[0], max_k), scaled(good, max_k)) > self.error_rate:
-            return True
-        evidence = log_predictive(probe, good) - log_predictive(probe, bad)
-        bound = math.log(self.confidence / self.error_rate)
-        if evidence >= bound:
-            return True
-        if evidence <= -bound and significant:
-            return False
-        return None
+def entropy(posterior: np.ndarray) -> float:
+    positive = posterior[posterior > 0]
+    return float(-(positive * np.log(positive)).sum())
 
 
-def scaled(counts: Counts, sampled: int) -> Counts:
-    """The same rate over at least `sampled` rollouts: what a side growing beside a probe holds."""
-    correct, total = counts
-    size = max(total, sampled)
-    return round(correct * size / total), size
+def expected_entropy(counts: Sequence[Counts], first_bad: Sequence[int], prefix: int, rollouts: int) -> float:
+    """The uncertainty left about the first bad prefix, on average, after `rollouts` more
+    rollouts from `prefix`: every number of them that may be right, weighed by its chance."""
+    before = list(counts)
+    correct, sampled = before[prefix]
+    outcomes = []
+    for right in range(rollouts + 1):
+        before[prefix] = (correct + right, sampled + rollouts)
+        outcomes.append(log_evidence(before, first_bad) + math.log(math.comb(rollouts, right)))
+    joint = np.array(outcomes)  # log P(right, b), up to one constant
+    per_outcome = np.logaddexp.reduce(joint, axis=1)
+    chances = np.exp(per_outcome - np.logaddexp.reduce(per_outcome))
+    posteriors = np.exp(joint - per_outcome[:, None])
+    return float(sum(chance * entropy(posterior) for chance, posterior in zip(chances, posteriors)))
 
 
-def log_predictive(probe: Counts, side: Counts) -> float:
-    """log P(the probe's successes | its rate is the side's), the side's rate known only through
-    its counts (a Beta posterior from Jeffreys' prior; the binomial coefficient, the same for
-    every side, left out). Against an empty side: the prior's own prediction."""
-    correct, sampled = probe
-    side_correct, side_sampled = side
-    alpha, beta = side_correct + 0.5, side_sampled - side_correct + 0.5
-    return log_beta(alpha + correct, beta + sampled - correct) - log_beta(alpha, beta)
+def most_informative(
+    counts: Sequence[Counts], first_bad: Sequence[int], choices: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """`choices` of (prefix, rollouts), most informative first: by how much they are expected
+    to narrow down the first bad prefix, per rollout (ties: the shorter prefix first)."""
+    now = entropy(first_bad_posterior(counts, first_bad))
 
+    def gain(choice: tuple[int, int]) -> float:
+        prefix, rollouts = choice
+        return (now - expected_entropy(counts, first_bad, prefix, rollouts)) / rollouts
 
-def log_beta(a: float, b: float) -> float:
-    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    gains = {choice: gain(choice) for choice in choices}
+    return sorted(choices, key=lambda choice: (-gains[choice], choice[0]))

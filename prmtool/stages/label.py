@@ -105,8 +105,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
         str | None,
         typer.Option(
             help=(
-                "When a step is the first error. drop: its prefix's success rate falls significantly below the rate "
-                "before it (see --confidence, --max-k); any-success: no rollout of k from its prefix is right "
+                "When a step is the first error. drop: where the prefixes' success rate drops, found with a stated "
+                "error rate (see --confidence, --max-k); any-success: no rollout of k from its prefix is right "
                 "(MC = 0); bad-below: MC below --bad-below. Default: bad-below with --bad-below, else drop."
             ),
             show_default=False,
@@ -119,8 +119,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
     confidence: Annotated[
         float,
         typer.Option(
-            help="drop: 1 - the test's error rate (calling a step whose rate did not drop bad); also the level of "
-            "step_mc_low / step_mc_high.",
+            help="drop: a search stops when the first error it found has this posterior chance of being the one "
+            "(1 - its error rate); also the level of step_mc_low / step_mc_high.",
             min=0.5,
             max=0.9999,
         ),
@@ -129,7 +129,7 @@ class LabelSettings(ModelSettings, WorkerSettings):
         int | None,
         typer.Option(
             "--max-k",
-            help="drop: most rollouts a probe draws, in stages, before the test must decide (default 6 x --k).",
+            help="drop: most rollouts drawn from one prefix, in stages of k/4 (default 6 x --k).",
             min=1,
             show_default=False,
         ),
