@@ -61,19 +61,22 @@ not settled (`--repeats 3` times each variant three times, alternating the two t
 instance, and reports the median); until then read the hf engine against vLLM as a range:
 1.6 to 2.2x on the 1.5B architecture, 2.6 to 3.0x on the 0.5B.
 
-Side by side at 7B (`--shape`, issue 39): random-weight Qwen2.5 architectures, bf16, EOS
-ignored, the hf engine and bare vLLM (0.26 defaults, `gpu_memory_utilization` 0.88) each in its
-own process, each warmed up on other prompts of the same lengths, the same requests timed:
+Side by side at 7B (`--shape`): random-weight Qwen2.5 architectures, bf16, EOS ignored, the hf
+engine and bare vLLM (0.26 defaults, `gpu_memory_utilization` 0.88) each in its own process
+(one model load and one vLLM start for all the shapes given), each shape warmed up on other
+prompts of the same lengths (a quarter as many), then the same requests timed:
 
-    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape short     # 256 x 128 x n=8, new 16..512
-    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape rollout   # 512 x 768 x n=4, new 64..768
-    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long      # 64 x 1536 x n=8, new 256..2048
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape short,rollout,long
     PYTHONPATH=. python bench/bench_generate.py --arch 0.5b --shape short
-    (--engines hf runs the hf engine alone; vLLM's peak is the device's memory in use after its run,
-    the hf engine's the memory torch reserved)
+    (--engines hf or vllm runs one engine alone; --model-dir a saved folder of the --arch's sizes.
+    vLLM's peak is the device's memory in use after its run, the hf engine's what torch reserved)
 
-Before the paged KV cache, on one H100 (issue 39's table; hf slots in brackets, each slot then
-reserving KV for the longest request and each sample a copy of its prompt's):
+    short    256 prompts x 128 tokens x n=8, new 16..512
+    rollout  512 x 768 x n=4, new 64..768        (label's rollouts from GSM8K-length prefixes)
+    long     64 x 1536 x n=8, new 256..2048      (long step prefixes)
+
+Before the paged KV cache, on one H100 (hf slots in brackets, each slot then reserving KV for
+the longest request and each sample a copy of its prompt's):
 
   | arch | shape   | hf engine tok/s (slots) | bare vLLM tok/s | hf / vLLM |
   |------|---------|------------------------:|----------------:|----------:|
@@ -83,28 +86,25 @@ reserving KV for the longest request and each sample a copy of its prompt's):
   | 7B   | long    |            8,577  (263) |          15,487 |     0.55x |
 
 With the paged cache (kv_cache.py: blocks taken as sequences grow, a prompt's blocks read by its
-n samples, prefixes remembered across requests) the slots are the samples the call has, up to
-max_batch_size (1024): 1024, 1024 and 512 on the three 7B shapes. The long shape's KV at 7B
-(56 KiB a position) is 5.3 GiB for the 64 prompts, stored once, plus each sample's own tokens:
-at most 31 GiB more if all 512 held 1,152 (their mean) at once; the cache takes 90% of what the
-weights and workspace leave (about 50 GiB on an 80 GB card), and samples started last are
-preempted if it fills.
+n samples, prefixes remembered across requests), one H100 80GB, one lease, 2026-12-06, vLLM
+0.26.0, torch 2.11, `--arch 7b --shape short,rollout,long` run as `--engines hf` then `--engines
+vllm` on the same machine:
 
-Measured with the paged cache, one H100, lease of 2026-12-06 (the device time allowed one shape;
-bare vLLM's run of the same shape in that lease did not finish inside the command's limit, so
-its figure is the earlier lease's above):
+  | arch | shape   | hf engine tok/s (slots) | hf peak GiB | bare vLLM tok/s | vLLM GiB | hf / vLLM |
+  |------|---------|------------------------:|------------:|----------------:|---------:|----------:|
+  | 7B   | short   |           24,611 (1024) |        54.5 |          19,408 |     75.0 |     1.27x |
+  | 7B   | rollout |           16,838 (1024) |        69.4 |          15,779 |     75.0 |     1.07x |
+  | 7B   | long    |           12,087  (512) |        69.6 |          14,811 |     75.0 |     0.82x |
 
-  | arch | shape   | hf engine tok/s (slots) | peak GiB | hf / vLLM (15,487 above) |
-  |------|---------|------------------------:|---------:|-------------------------:|
-  | 7B   | long    |           12,416  (512) |     69.9 |                    0.80x |
-
-    PYTHONPATH=. python bench/bench_generate.py --shape long --arch 7b --engines hf
-
-1.45x the engine before the cache on the same shape (8,577 tok/s, 263 slots), 23,360-24,752 of
-60,625 blocks at their peak, no preemption, CUDA-graph decode through the Triton paged kernel.
-The short, rollout and 0.5B shapes, and vLLM side by side in one lease, are still to measure.
-The vLLM worker's first try there failed to fork its engine process after CUDA was touched;
-the script now asks vLLM to spawn it (VLLM_WORKER_MULTIPROC_METHOD=spawn).
+1.20x, 1.33x and 1.41x the engine before the cache on the same shapes, no preemption (peak
+18,696, 40,800 and 24,752 of 40,961-59,565 blocks of 16 positions), CUDA-graph decode through
+the Triton paged kernel. The long shape is still behind: each of a prompt's 8 samples reads the
+prompt's 1,536 positions of KV at every step (a prompt's blocks are stored once but read n
+times); at 512 sequences of about 2,700 positions that is about 75 GB of KV read per step
+against 15 GB of weights. A decode kernel that reads a shared prefix once for all the samples
+on it (cascade attention) would cut the prefix's share by 8x; vLLM's own cascade attention
+applies only to a prefix common to the whole batch, so not here. (An earlier lease measured the
+long shape at 12,416 tokens/s, hf alone.) The 0.5B short shape has not been rerun with the cache.
 """
 
 from __future__ import annotations

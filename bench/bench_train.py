@@ -315,7 +315,8 @@ def run_side(side: str, work: Path, args, site: Path | None = None) -> dict:
     path = [str(site)] if site is not None else []
     environment = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([*path, str(ROOT)]),
+        # the caller's path kept after ours (packages installed beside the system's, e.g. --target)
+        "PYTHONPATH": os.pathsep.join([*path, str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TRL_EXPERIMENTAL_SILENCE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }

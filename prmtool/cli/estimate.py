@@ -79,9 +79,15 @@ def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
         method, k, max_tokens = settings.method, settings.k, settings.max_tokens
         steps = STEPS_PER_TRACE if getattr(settings, "split", None) == "think" else STEPS_PER_RESPONSE
         probes = {"binary": (steps - 1).bit_length() + 1, "mc": steps}
+        drop = getattr(settings, "rule", None) in (None, "drop") and getattr(settings, "bad_below", None) is None
+        if drop and method in probes:  # the drop rule draws up to --max-k from a prefix, two levels more
+            probes["binary"] = steps.bit_length() + 2
+            k = getattr(settings, "max_k", None) or 6 * k
         if method in probes:
             tokens = _times(rows, probes[method], k, max_tokens)
-            how = f"{probes[method]} prefixes x {k} rollouts x {max_tokens} tokens per response"
+            unit = "prefixes" if not drop else ("levels" if method == "binary" else "prefixes")
+            most = "up to " if drop else ""
+            how = f"{probes[method]} {unit} x {most}{k} rollouts x {max_tokens} tokens per response"
         elif method == "omegaprm":
             tokens = _times(problems, settings.search_budget + settings.screen_rollouts, max_tokens)
             how = f"{settings.screen_rollouts} + {settings.search_budget} rollouts x {max_tokens} tokens per question"
@@ -148,8 +154,11 @@ def throughput_key(settings, stage: str = "generate") -> str:
     return f"{stage}|{engine}|{device}|{model}"
 
 
-def record_throughput(settings, tokens: int, seconds: float, *, stage: str = "generate") -> None:
-    """Remember a model stage's generated tokens per second on this machine, for --dry-run."""
+def record_throughput(
+    settings, tokens: int, seconds: float, *, stage: str = "generate", rows: int | None = None
+) -> None:
+    """Remember a model stage's generated tokens per second on this machine, for --dry-run, and
+    the rows it read (a whole run's, not a resumed one's), which give its tokens per row."""
     if tokens < MIN_MEASURED_TOKENS or seconds <= 0:
         return
     path = throughput_file()
@@ -159,6 +168,7 @@ def record_throughput(settings, tokens: int, seconds: float, *, stage: str = "ge
             "tokens_per_second": tokens / seconds,
             "tokens": tokens,
             "seconds": round(seconds, 1),
+            **({"rows": rows} if rows else {}),
             "when": time.strftime("%Y-%m-%d %H:%M"),
         }
         text = json.dumps(known, indent=1, sort_keys=True).encode()
@@ -195,7 +205,7 @@ def measured_throughput(settings, stage: str = "generate") -> dict | None:
     )
     elsewhere = "" if source == stage else f", no {stage} run measured yet"
     basis = f"measured here {record.get('when', '?')}: {source} on {engine}, {device}{over}{elsewhere}"
-    return {**record, "basis": basis}
+    return {**record, "basis": basis, "source": source}
 
 
 def duration(seconds: float) -> str:

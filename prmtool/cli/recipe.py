@@ -579,13 +579,21 @@ def print_estimate(
     line = f"    {'?' if rows is None else f'{rows:,}'} rows in"
     seconds = None
     if cost.tokens:
-        measured = None if tokens_per_second else estimate.measured_throughput(settings, step.stage)
+        measured = estimate.measured_throughput(settings, step.stage)
         rate = tokens_per_second or (measured or {}).get("tokens_per_second")
         line += f"; at most {cost.tokens:,} generated tokens ({cost.how})"
+        likely = cost.tokens
+        if measured and measured.get("rows") and rows and measured.get("source") == step.stage:
+            # the bound assumes every response wrong and every rollout to max-tokens; the latest
+            # run of this stage here says what a row took
+            per_row = measured["tokens"] / measured["rows"]
+            likely = min(cost.tokens, round(per_row * rows))
+            line += f"; likely about {likely:,} ({per_row:,.0f} a row in the latest run here)"
         if rate:
-            seconds = cost.tokens / rate
+            seconds = likely / rate
             source = "given" if tokens_per_second else measured["basis"]
-            line += f"; about {estimate.duration(seconds)} at {rate:,.0f} tokens/s ({source})"
+            bound = "about" if likely < cost.tokens else "at most"
+            line += f"; {bound} {estimate.duration(seconds)} at {rate:,.0f} tokens/s ({source})"
         else:
             line += "; time unknown: give --tokens-per-second, or run a model stage of this model here once"
     elif cost.tokens is None:
@@ -677,7 +685,7 @@ def _run_steps(
         shards.write_json_atomic({**record, "pending_overwrite": False}, step.directory / RECORD)
         console.print(f"[{step.label}] done in {time.perf_counter() - stage_started:.1f} s", markup=False)
     if dry_run:
-        when = f"; about {estimate.duration(total_seconds)}" if timed and total_tokens else ""
+        when = f"; {estimate.duration(total_seconds)} at the rates above" if timed and total_tokens else ""
         console.print(f"estimate: at most {total_tokens:,} generated tokens in all{when}", markup=False)
     if not dry_run:
         exports = [

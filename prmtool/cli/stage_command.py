@@ -56,7 +56,8 @@ class StageCall:
         )
         generated = summary.counts.get("tokens_generated", 0) if summary is not None else 0
         if generated and self.stage.name in estimate.MODEL_STAGES:
-            estimate.record_throughput(self.settings, generated, summary.seconds, stage=self.stage.name)
+            whole = summary.rows_in if not summary.shards_skipped else None  # a resumed run's rows cost less
+            estimate.record_throughput(self.settings, generated, summary.seconds, stage=self.stage.name, rows=whole)
         return summary
 
 

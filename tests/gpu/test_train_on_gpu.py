@@ -25,7 +25,8 @@ LABELED = SAMPLES / "labeled"
 def prmtool(*args, launcher=(sys.executable,)):
     """The command in its own process (a CUDA context per run; torchrun starts several)."""
     command = [*launcher, *(["prmtool"] if "--module" in launcher else ["-m", "prmtool"]), *map(str, args)]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the caller's path kept after the checkout's (packages installed with pip --target, say)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
 
 
