@@ -60,7 +60,8 @@ stages:
     # the bound has every response run to max-tokens; the run says what a row took
     assert record["rows"] == 4
     per_row = record["tokens"] / 4
-    assert f"likely about {min(4 * 8 * 64, round(per_row * 4)):,} ({per_row:,.0f} a row in the latest run here)" in after
+    likely = min(4 * 8 * 64, round(per_row * 4))
+    assert f"likely about {likely:,} ({per_row:,.0f} a row in the latest run here)" in after
 
 
 def test_a_later_run_replaces_the_rate_and_each_stage_keeps_its_own(tmp_path):
