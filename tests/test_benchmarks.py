@@ -117,9 +117,10 @@ def test_bench_label_fidelity_reads_other_step_structures_and_refuses_bad_ones(t
 
 
 def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the_table():
-    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "long", "--engines", "hf")
-    assert "--worker hf --shape long" in out  # the engine ran in a process of its own
-    assert re.search(r"^hf +[\d,]+ +16 +nan +[\d.]+$", out, flags=re.MULTILINE)  # tokens/s, slots, peak, seconds
+    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "short,long", "--engines", "hf")
+    assert "--worker hf --shape short,long" in out  # one process for the engine, every shape in it
+    for shape in ("short", "long"):  # requests, engine, tokens/s, slots, peak, seconds
+        assert re.search(rf"^{shape} +8 x 16 x n=4, 4..32 +hf +[\d,]+ +16 +nan +[\d.]+$", out, flags=re.MULTILINE)
 
 
 def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with_per_step_mc():
