@@ -85,7 +85,7 @@ def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
             k = getattr(settings, "max_k", None) or 6 * k
         if method in probes:
             tokens = _times(rows, probes[method], k, max_tokens)
-            unit = "prefixes" if not drop else ("levels" if method == "binary" else "prefixes")
+            unit = "levels" if drop and method == "binary" else "prefixes"
             most = "up to " if drop else ""
             how = f"{probes[method]} {unit} x {most}{k} rollouts x {max_tokens} tokens per response"
         elif method == "omegaprm":
