@@ -118,7 +118,9 @@ class TrainSettings:
     pack_tokens: Annotated[
         int | None,
         typer.Option(
-            help="Tokens per packed row, one forward pass (default: --max-length or --batch-tokens, the smaller).",
+            help="Tokens per pack: sequences are packed into packs of at most this many tokens and a step takes "
+            "--batch-tokens / --pack-tokens of them, in one forward pass (default: --max-length or --batch-tokens, "
+            "the smaller).",
             min=8,
             show_default=False,
         ),
