@@ -82,11 +82,7 @@ class Stage:
         self.validate(settings)
         if isinstance(partition, tuple):
             partition = Partition.of(*partition)
-        if not self.partitions and not partition.whole:
-            raise InputError(
-                f"{self.name} reads all its input in one run: --shard-index/--num-shards/--executor ray do not apply"
-                + (self.one_run_hint and f" ({self.one_run_hint})")
-            )
+        self.check_partitioned(not partition.whole)
         paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
         allowed = READ_INCOMPLETE.set(allow_incomplete)
         try:
@@ -145,6 +141,14 @@ class Stage:
             partition=partition,
             allow_incomplete=allow_incomplete,
         )
+
+    def check_partitioned(self, partitioned: bool) -> None:
+        """Refuse to run a stage that reads all its input in one run (train) on a part of it."""
+        if partitioned and not self.partitions:
+            raise InputError(
+                f"{self.name} reads all its input in one run: --shard-index/--num-shards/--executor ray do not apply"
+                + (self.one_run_hint and f" ({self.one_run_hint})")
+            )
 
     def __getattr__(self, name: str):
         # The stage's module holds its per-frame core: `prmtool.label.label_frame(df, engine)`.

@@ -59,10 +59,7 @@ def run_stage(
     """Run `stage` as the scale-out options say: its summary, or None after Ray ran every
     partition (each task prints nothing; the driver reports progress)."""
     stage.check_output(output)
-    if not stage.partitions and (shard_index is not None or num_shards is not None or executor != "local"):
-        raise InputError(
-            f"{stage.name} reads all its input in one run: --shard-index, --num-shards and --executor ray do not apply"
-        )
+    stage.check_partitioned(shard_index is not None or num_shards is not None or executor != "local")
     partition = partition_to_run(shard_index, num_shards, executor, gpus_per_task, cpus_per_task)
     if partition is not None:
         return stage.run(
