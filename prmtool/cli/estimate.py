@@ -79,10 +79,12 @@ def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
         method, k, max_tokens = settings.method, settings.k, settings.max_tokens
         steps = STEPS_PER_TRACE if getattr(settings, "split", None) == "think" else STEPS_PER_RESPONSE
         probes = {"binary": (steps - 1).bit_length() + 1, "mc": steps}
-        drop = getattr(settings, "rule", None) in (None, "drop") and getattr(settings, "bad_below", None) is None
+        from prmtool.methods import labeling
+
+        drop = labeling.check_rule(settings.rule, settings.bad_below) == "drop"
         if drop and method in probes:  # the drop rule draws up to --max-k from a prefix, two levels more
-            probes["binary"] = steps.bit_length() + 2
-            k = getattr(settings, "max_k", None) or 6 * k
+            probes["binary"] = labeling.drop_levels(steps)  # a wrong response's places: its steps
+            k = settings.max_k or labeling.MAX_K_PER_K * k
         if method in probes:
             tokens = _times(rows, probes[method], k, max_tokens)
             unit = "levels" if drop and method == "binary" else "prefixes"

@@ -350,7 +350,7 @@ class DropSearch:
         level of a binary search and two more; per-step MC, at every prefix."""
         if self.every_step:
             return len(self.probed) * self.max_k
-        return ((len(self.places) - 1).bit_length() + 2) * self.max_k  # ceil(log2(places)) levels
+        return drop_levels(len(self.places)) * self.max_k
 
     def speculative_probes(self, depth: int = 5) -> list[Probe]:
         """What this search may draw next, most likely first: the next stage of the prefix just
@@ -414,6 +414,15 @@ def labels_from_first_error(first_error: int | None, n_steps: int) -> list[int |
     if first_error < 0:
         return [1] * n_steps
     return [1] * first_error + [0] + [None] * (n_steps - first_error - 1)
+
+
+MAX_K_PER_K = 6  # --max-k's default, in multiples of --k
+
+
+def drop_levels(places: int) -> int:
+    """The levels the drop rule's binary search takes at most over `places` candidate places of
+    the first error: a binary search's ceil(log2(places)), and two more."""
+    return (places - 1).bit_length() + 2
 
 
 def check_rule(rule: str | None, bad_below: float | None) -> str:
@@ -498,7 +507,7 @@ def label_rows(
     rule = check_rule(rule, bad_below)
     if not 0 < confidence < 1:
         raise InputError(f"--confidence {confidence}: expected a number between 0 and 1")
-    max_k = 6 * k if max_k is None else max_k
+    max_k = MAX_K_PER_K * k if max_k is None else max_k
     if max_k < k:
         raise InputError(f"--max-k {max_k}: expected at least --k ({k})")
     settings = settings or RolloutSettings()
