@@ -15,6 +15,7 @@ Registered with transformers under NAME; `load_for_training` asks for it by that
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -86,26 +87,20 @@ def varlen_attention(
     return out.unsqueeze(0), None  # (1, tokens, heads, head_dim), what transformers reshapes
 
 
-_VARLEN = []
-
-
+@functools.cache
 def _torch_varlen():
     """torch's varlen flash attention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal,
     or None where this torch has none. Its keywords changed between releases (`is_causal` in
     2.9, `window_size` later), so the call is fitted to the signature found."""
-    if not _VARLEN:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            _VARLEN.append(None)
-            return None
-        parameters = inspect.signature(varlen_attn).parameters
-        causal = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
-        scaled = "scale" in parameters
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    scaled = "scale" in parameters
 
-        def call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-            extra = dict(causal, **({"scale": scale} if scaled else {}))
-            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **causal, **({"scale": scale} if scaled else {}))
 
-        _VARLEN.append(call)
-    return _VARLEN[0]
+    return call
