@@ -256,7 +256,7 @@ def run_trainer(work: Path, args) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from prmtool.engines.hf.training import collate, load_for_training, soft_cross_entropy
+    from prmtool.engines.hf.training import collate, load_for_training, packed_loss
     from prmtool.methods.training import TrainingConfig, epoch_batches
 
     examples = examples_of(work)
@@ -269,16 +269,10 @@ def run_trainer(work: Path, args) -> dict:
 
     class PackedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            bounds = dict(cu_seq_lens_q=inputs["cu_seq_lens"], cu_seq_lens_k=inputs["cu_seq_lens"],
-                          max_length_q=inputs["longest"], max_length_k=inputs["longest"])  # fmt: skip
-            logits = model(
-                input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **bounds
-            ).logits
-            return soft_cross_entropy(logits[0, inputs["where"]], inputs["targets"]) / len(inputs["targets"])
+            return packed_loss(model, inputs, model.device)
 
     def to_inputs(batch_rows):
-        batch = collate(examples, batch_rows[0])
-        return {key: batch[key] for key in ("input_ids", "position_ids", "cu_seq_lens", "longest", "where", "targets")}
+        return collate(examples, batch_rows[0])
 
     arguments = TrainingArguments(
         output_dir=str(work / "trainer-out"),

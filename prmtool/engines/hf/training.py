@@ -284,11 +284,8 @@ def train(
     }
 
 
-def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[float, int]:
-    """One optimizer step over `rows` (lists of example indices), one forward pass; the loss
-    is the mean over the step's labelled tokens. Returns it and the tokens trained on."""
-    batch = collate(examples, rows)
-    device = accelerator.device
+def packed_loss(model, batch: dict, device) -> torch.Tensor:
+    """The mean loss over the labelled tokens of a `collate`d batch, in one forward pass."""
     bounds = batch["cu_seq_lens"].to(device)
     logits = model(
         input_ids=batch["input_ids"].to(device),
@@ -301,7 +298,14 @@ def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) ->
         use_cache=False,
     ).logits
     targets = batch["targets"].to(device)
-    loss = soft_cross_entropy(logits[0, batch["where"].to(device)], targets) / len(targets)
+    return soft_cross_entropy(logits[0, batch["where"].to(device)], targets) / len(targets)
+
+
+def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[float, int]:
+    """One optimizer step over `rows` (lists of example indices), one forward pass; the loss
+    is the mean over the step's labelled tokens. Returns it and the tokens trained on."""
+    batch = collate(examples, rows)
+    loss = packed_loss(model, batch, accelerator.device)
     accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
