@@ -190,7 +190,12 @@ def parse_args() -> argparse.Namespace:
         "--min-tokens, --max-tokens); one process per engine runs them all, one model load and one vLLM start; "
         "prints tokens/s, slots, peak GPU memory and the hf / vLLM ratio of each",
     )
-    parser.add_argument("--engines", default="hf,vllm", help="with --shape: which engines run (hf, vllm)")
+    parser.add_argument(
+        "--engines",
+        default="hf,vllm",
+        help="with --shape: which engines run (hf, vllm; hf-no-cascade: the hf engine with each sample reading "
+        "its prompt's keys and values itself)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # with --shape: run one engine, print a JSON line
     parser.add_argument(
         "--model-dir",
@@ -493,7 +498,7 @@ def side_by_side(args) -> None:
             print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.arch} architecture, bf16, {gpu}")
-    print(f"{'shape':<9}{'requests':<30}{'engine':<7}{'tokens/s':>10}{'slots':>7}{'peak GiB':>10}{'seconds':>9}")
+    print(f"{'shape':<9}{'requests':<30}{'engine':<15}{'tokens/s':>10}{'slots':>7}{'peak GiB':>10}{'seconds':>9}")
     for shape in args.shapes:
         shaped = with_shape(args, shape)
         sizes = f"{shaped.prompts} x {shaped.prompt_len} x n={shaped.n}, {shaped.min_tokens}..{shaped.max_tokens}"
@@ -501,12 +506,13 @@ def side_by_side(args) -> None:
             row = rows.get((engine, shape))
             if row:
                 print(
-                    f"{shape:<9}{sizes:<30}{engine:<7}{row['tokens_per_second']:>10,.0f}{row['slots']:>7}"
+                    f"{shape:<9}{sizes:<30}{engine:<15}{row['tokens_per_second']:>10,.0f}{row['slots']:>7}"
                     f"{row['peak_gib']:>10.1f}{row['seconds']:>9.1f}"
                 )
-        if ("hf", shape) in rows and ("vllm", shape) in rows:
-            ratio = rows["hf", shape]["tokens_per_second"] / rows["vllm", shape]["tokens_per_second"]
-            print(f"{shape:<9}hf / vLLM: {ratio:.2f}x")
+        for engine in engines:
+            if engine != "vllm" and (engine, shape) in rows and ("vllm", shape) in rows:
+                ratio = rows[engine, shape]["tokens_per_second"] / rows["vllm", shape]["tokens_per_second"]
+                print(f"{shape:<9}{engine} / vLLM: {ratio:.2f}x")
     if os.environ.get("OUT"):
         name = f"bench_generate_{args.arch}_{'-'.join(args.shapes)}_{'-'.join(engines)}.json"
         path = os.path.join(os.environ["OUT"], name)
@@ -521,21 +527,27 @@ def worker(args) -> None:
     RESULT line of JSON per shape."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     vocab = (TINY if args.quick else ARCHES[args.arch])["vocab_size"]
-    if args.worker == "hf":
+    if args.worker.startswith("hf"):
         if args.model_dir:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 args.model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
             ).to(device)
         else:
             model = build_model(args.quick, device, args.arch)
-        engine = HFEngine(model, build_tokenizer(vocab), ignore_eos=True, max_batch_size=int(args.slots.split(",")[0]))
+        engine = HFEngine(
+            model,
+            build_tokenizer(vocab),
+            ignore_eos=True,
+            max_batch_size=int(args.slots.split(",")[0]),
+            shared_prefix_attention=args.worker != "hf-no-cascade",
+        )
     else:
         import vllm
 
         llm = vllm.LLM(model=args.model_dir, dtype="bfloat16", seed=0, gpu_memory_utilization=0.88)
 
     def generate(batch):
-        if args.worker == "hf":
+        if args.worker.startswith("hf"):
             results = engine.sample(batch)
             return sum(c.num_tokens for samples in results for c in samples)
         params = [
@@ -559,7 +571,7 @@ def worker(args) -> None:
             torch.cuda.reset_peak_memory_stats()
         with Timer(device) as timer:
             tokens = generate(requests)
-        if args.worker == "hf":
+        if args.worker.startswith("hf"):
             stats = engine.last_stats
             print(f"  hf engine, {shape}: {stats}", flush=True)
             slots = stats.num_slots

@@ -85,6 +85,8 @@ class HFEngine(Engine):
         reuse their keys and values (default True). On a GPU, keys and values computed in
         another batch can differ in their last bits, so a sample may then differ, rarely, from
         the one a fresh engine draws; off, a sample depends on its seed alone (as before).
+      shared_prefix_attention: on CUDA, a decode step reads the keys and values of a prompt
+        once for all its samples rather than once per sample (cascade attention; default True).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class HFEngine(Engine):
         compile: bool | None = None,
         kv_cache_tokens: int | None = None,
         prefix_cache: bool = True,
+        shared_prefix_attention: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -111,6 +114,7 @@ class HFEngine(Engine):
         self.use_cuda_graph = cuda_graph
         self.kv_cache_tokens = kv_cache_tokens
         self.prefix_cache = prefix_cache
+        self.shared_prefix_attention = shared_prefix_attention
         self.seed_source = random.Random(seed)
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids or default_eos_token_ids(model, tokenizer))
         config = model.config.get_text_config()
@@ -321,6 +325,7 @@ class HFEngine(Engine):
             self.use_cuda_graph,
             kept=kept,
             prefix_cache=self.prefix_cache,
+            shared_prefix_attention=self.shared_prefix_attention,
         )
         self.decoder.wanted_blocks = wanted
         self.decoder_wanted_slots = wanted_slots

@@ -17,7 +17,9 @@ How one `HFEngine.sample` call runs:
 * Each decode step runs the model on one token per slot: slot `s` writes the new token's keys
   and values at position end[s] of its blocks and attends over positions <= end[s]. On CUDA
   a Triton kernel reads each slot's blocks through its block table (kernels.paged_decode);
-  elsewhere the blocks are gathered for torch's attention. A finished slot (EOS, stop string,
+  the samples of one prompt form a prefix group (kv_cache.PrefixGroups) whose shared blocks a
+  second kernel reads once for all of them (cascade attention), each slot reading only its own
+  blocks; elsewhere the blocks are gathered for torch's attention. A finished slot (EOS, stop string,
   max_tokens) frees its blocks and is refilled while the others keep decoding; when blocks
   run out, the samples admitted last are preempted and later recomputed (vLLM's policy).
 * On CUDA the decode step is captured as a CUDA graph (one per count of rows it runs) and
@@ -55,8 +57,10 @@ from prmtool.engines.hf.kv_cache import (
     BlockPool,
     KVCache,
     PagedBatch,
+    PrefixGroups,
     blocks_for,
     decode_kernel_available,
+    on_device,
     paged_attention,
 )
 
@@ -231,6 +235,7 @@ class PagedDecoder:
         use_cuda_graph: bool,
         kept: tuple[BlockPool, KVCache] | None = None,
         prefix_cache: bool = True,
+        shared_prefix_attention: bool = True,
     ):
         started = time.perf_counter()
         self.parts = parts
@@ -248,6 +253,13 @@ class PagedDecoder:
         self.end = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.active = torch.zeros(num_slots, dtype=torch.long, device=device)  # 1 where a sample decodes
         self.use_kernel = decode_kernel_available(device, head_dim)
+        # Samples of one prompt read its blocks once per step (the kernel's cascade attention).
+        members = PrefixGroups.members_for(config.num_attention_heads // kv_heads)
+        self.prefix_groups = (
+            PrefixGroups(num_slots, self.table_width, members, device)
+            if shared_prefix_attention and self.use_kernel and members >= 2
+            else None
+        )
         # Without the kernel, attention gathers only as many blocks as the longest active row
         # needs (a multiple of ATTENTION_WIDTH_STEP positions); the kernel reads each row's own.
         self.widths = (
@@ -285,6 +297,7 @@ class PagedDecoder:
             block_tables=tables,
             query_positions=end.view(-1, 1),
             use_kernel=self.use_kernel,
+            prefix_groups=self.prefix_groups,
         )
         hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
         return self.parts.logits_from_hidden(hidden[:, -1])
@@ -456,6 +469,8 @@ class BatchSampler:
         which is safe, as anything queued later that reuses the block runs after it)."""
         state = self.slots[row]
         self.decoder.pool.release(state.blocks)
+        if self.decoder.prefix_groups is not None:
+            self.decoder.prefix_groups.remove(row)
         self.slots[row] = None
         self.rows_to_reset.append(row)
         self.waiting_for_blocks = False
@@ -468,6 +483,8 @@ class BatchSampler:
             decoder.end[rows] = 0
             decoder.active[rows] = 0
             self.rows_to_reset = []
+        if self.decoder.prefix_groups is not None:
+            self.decoder.prefix_groups.flush()
 
     def _preempt(self, row: int) -> None:
         """Free a decoding sample's blocks for others; it starts again later from its prompt and
@@ -611,6 +628,8 @@ class BatchSampler:
                     self.admissions,
                 )  # fmt: skip
             pool.release(item.blocks)  # the prefill's own references
+            if decoder.prefix_groups is not None:
+                decoder.prefix_groups.add(item.rows, item.blocks[:full])
         decoder.cache.copy_blocks(*copies)
 
         row_index = on_device(rows, device)
@@ -773,17 +792,6 @@ def prefill(decoder: PagedDecoder, admitted: list[Admission]) -> torch.Tensor:
     hidden = run_paged(decoder.parts, input_ids, positions, batch)
     last_hidden = hidden[torch.arange(len(admitted), device=device), lengths - 1]
     return decoder.parts.logits_from_hidden(last_hidden).float()
-
-
-def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """`values` (a list, array or CPU tensor) as a tensor on `device`, without waiting for the
-    device: on CUDA through pinned memory, which torch keeps until the copy has run. (A plain
-    copy from pageable memory waits for every step already queued, and the host would no
-    longer run a step ahead.)"""
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

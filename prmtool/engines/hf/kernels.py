@@ -133,6 +133,7 @@ def paged_decode_kernel(
     value_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    starts_ptr,
     out_ptr,
     log_sum_ptr,
     scale,
@@ -147,22 +148,26 @@ def paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_STARTS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """One program per (sequence, KV head, split): the GROUP query heads that share the KV head
-    attend over the split's share of the sequence's seq_len positions, read TILE at a time
-    through its block table, with a running maximum and sum (online softmax). Queries [rows,
-    heads, HEAD_DIM] contiguous per row; keys and values [blocks, BLOCK_SIZE, kv_heads,
-    HEAD_DIM]. With SPLIT, each split writes its normalized output to out[split] (float32) and
-    its log-sum-exp to log_sum[split, row, head], for `paged_decode` to combine; else the one
-    program writes the output."""
+    attend over the split's share of the sequence's positions starts[row] (0 without
+    HAS_STARTS) to seq_len - 1, read TILE at a time through its block table, with a running
+    maximum and sum (online softmax). Queries [rows, heads, HEAD_DIM] contiguous per row; keys
+    and values [blocks, BLOCK_SIZE, kv_heads, HEAD_DIM]. With SPLIT, each split writes its
+    normalized output to out[split] (float32) and its log-sum-exp to log_sum[split, row, head],
+    for `paged_decode` to combine; else the one program writes the output."""
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row)
-    # The split's positions: an equal share of the sequence, whole tiles.
-    share = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), TILE) * TILE
-    first = split * share
+    start = 0
+    if HAS_STARTS:
+        start = tl.load(starts_ptr + row)
+    # The split's positions: an equal share of the sequence's, whole tiles.
+    share = tl.cdiv(tl.cdiv(seq_len - start, tl.num_programs(2)), TILE) * TILE
+    first = start + split * share
     last = tl.minimum(first + share, seq_len)
     group = tl.arange(0, GROUP_PAD)
     in_group = group < GROUP
@@ -205,6 +210,87 @@ def paged_decode_kernel(
         tl.store(log_sum_ptr + split * rows_heads + row * GROUP * tl.num_programs(1) + heads, log_sum, mask=in_group)
 
 
+@triton.jit
+def shared_prefix_decode_kernel(
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    group_tables_ptr,
+    group_lengths_ptr,
+    members_ptr,
+    out_ptr,
+    log_sum_ptr,
+    scale,
+    query_row_stride,
+    block_stride,
+    position_stride,
+    table_stride,
+    out_split_stride,
+    rows,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program per (prefix group, KV head, split): the query heads of every member row of
+    the group (up to MEMBERS rows, -1 for none) attend together over the group's first
+    group_lengths[group] positions, whose blocks the members share: each tile of keys and values
+    is read once for all of them (cascade attention). Writes each member's normalized output and
+    log-sum-exp over these positions to out[split] and log_sum[split], as paged_decode_kernel
+    does with SPLIT; `paged_decode` combines them with the row kernel's over the rest."""
+    group_index = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(group_lengths_ptr + group_index)
+    share = tl.cdiv(tl.cdiv(length, tl.num_programs(2)), TILE) * TILE
+    first = split * share
+    last = tl.minimum(first + share, length)
+    # Query row q is head q % GROUP_PAD (of the KV head's GROUP) of member q // GROUP_PAD.
+    lanes = tl.arange(0, MEMBERS * GROUP_PAD)
+    member_row = tl.load(members_ptr + group_index * MEMBERS + lanes // GROUP_PAD).to(tl.int64)
+    in_group = lanes % GROUP_PAD
+    valid_query = (member_row >= 0) & (in_group < GROUP)
+    heads = kv_head * GROUP + in_group
+    dims = tl.arange(0, HEAD_DIM)
+    query_offsets = member_row[:, None] * query_row_stride + heads[:, None] * HEAD_DIM + dims[None, :]
+    query = tl.load(query_ptr + query_offsets, mask=valid_query[:, None], other=0.0)
+    running_max = tl.full([MEMBERS * GROUP_PAD], float("-inf"), tl.float32)
+    running_sum = tl.zeros([MEMBERS * GROUP_PAD], tl.float32)
+    acc = tl.zeros([MEMBERS * GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(first, last, TILE):
+        positions = start + tl.arange(0, TILE)
+        valid = positions < last
+        table = group_tables_ptr + group_index * table_stride
+        blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0)
+        kv_rows = blocks.to(tl.int64) * block_stride + (positions % BLOCK_SIZE) * position_stride + kv_head * HEAD_DIM
+        keys = tl.load(key_ptr + kv_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.dot(query, tl.trans(keys))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, 1)
+        values = tl.load(value_ptr + kv_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
+        else:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values)
+        running_max = new_max
+    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
+    heads_total = GROUP * tl.num_programs(1)
+    out_offsets = member_row[:, None] * heads_total * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :]
+    stored = valid_query & (member_row < rows)
+    tl.store(out_ptr + split * out_split_stride + out_offsets, out, mask=stored[:, None])
+    log_sum_offsets = split * rows * heads_total + member_row * heads_total + heads
+    tl.store(log_sum_ptr + log_sum_offsets, running_max + tl.log(running_sum), mask=stored)
+
+
 def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
     """How many programs share each (sequence, KV head): enough for about two programs per
     multiprocessor when few sequences decode (the tail of a run, a small round of label's), at
@@ -215,31 +301,49 @@ def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
 
 
 def paged_decode(
-    query, key_blocks, value_blocks, block_tables, seq_lens, scale: float, tile: int = 64, splits: int | None = None
+    query,
+    key_blocks,
+    value_blocks,
+    block_tables,
+    seq_lens,
+    scale: float,
+    tile: int = 64,
+    splits: int | None = None,
+    shared=None,
 ):
     """Attention of one new token per row over its first seq_lens[row] cached positions.
 
     query [rows, heads, head_dim]; key_blocks, value_blocks [blocks, block_size, kv_heads,
     head_dim]; block_tables [rows, width] (int); seq_lens [rows]. Returns [rows, heads, head_dim].
     With few rows each sequence is split between programs (flash-decoding), whose outputs are
-    combined by their log-sum-exps."""
+    combined by their log-sum-exps.
+
+    `shared` (a kv_cache.PrefixGroups' device tensors: members, lengths, block_tables,
+    row_starts) names rows that share their first positions' blocks: those positions are read
+    once per group by shared_prefix_decode_kernel, and each row's own kernel starts at
+    row_starts[row]; the two parts are combined like splits."""
     query = query.contiguous()
     rows, heads, head_dim = query.shape
     _, block_size, kv_heads, _ = key_blocks.shape
     group = heads // kv_heads
     splits = splits or decode_splits(rows, kv_heads, query.device)
-    if splits == 1:
+    group_splits = 0
+    if shared is not None:
+        group_count, members = shared.members.shape
+        group_splits = decode_splits(max(1, rows // members), kv_heads, query.device)
+    if splits == 1 and shared is None:
         out = torch.empty_like(query)
         log_sum = out  # unused
     else:
-        out = torch.empty(splits, rows, heads, head_dim, device=query.device, dtype=torch.float32)
-        log_sum = torch.empty(splits, rows, heads, device=query.device, dtype=torch.float32)
+        out = torch.empty(splits + group_splits, rows, heads, head_dim, device=query.device, dtype=torch.float32)
+        log_sum = torch.empty(splits + group_splits, rows, heads, device=query.device, dtype=torch.float32)
     paged_decode_kernel[(rows, kv_heads, splits)](
         query,
         key_blocks,
         value_blocks,
         block_tables,
         seq_lens,
+        shared.row_starts if shared is not None else seq_lens,
         out,
         log_sum,
         scale,
@@ -253,12 +357,43 @@ def paged_decode(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE=tile,
-        SPLIT=splits > 1,
+        SPLIT=out.dim() == 4,
+        HAS_STARTS=shared is not None,
         IEEE=query.dtype == torch.float32,
         num_warps=4,
         num_stages=2,
     )
-    if splits == 1:
+    if shared is not None:
+        # Rows in no group get weight 0 from the group splits (nothing else writes there).
+        out[splits:].zero_()
+        log_sum[splits:].fill_(float("-inf"))
+        shared_prefix_decode_kernel[(group_count, kv_heads, group_splits)](
+            query,
+            key_blocks,
+            value_blocks,
+            shared.block_tables,
+            shared.lengths,
+            shared.members,
+            out[splits:],
+            log_sum[splits:],
+            scale,
+            query.stride(0),
+            key_blocks.stride(0),
+            key_blocks.stride(1),
+            shared.block_tables.stride(0),
+            rows * heads * head_dim,
+            rows,
+            GROUP=group,
+            GROUP_PAD=triton.next_power_of_2(group),
+            MEMBERS=members,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            TILE=tile,
+            IEEE=query.dtype == torch.float32,
+            num_warps=4,
+            num_stages=2,
+        )
+    if out.dim() == 3:
         return out
-    weights = torch.softmax(log_sum, dim=0)  # each split's share of the normalizer
+    weights = torch.softmax(log_sum, dim=0)  # each part's share of the normalizer
     return (out * weights.unsqueeze(-1)).sum(0).to(query.dtype)

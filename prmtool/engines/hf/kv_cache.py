@@ -142,6 +142,106 @@ class KVCache:
         return self.blocks[index, 0], self.blocks[index, 1]
 
 
+class PrefixGroups:
+    """Decoding rows that read the same leading blocks (the samples of one prompt), so that
+    attention reads those blocks once per group instead of once per row (cascade attention:
+    kernels.shared_prefix_decode_kernel). At 7B with prompts of 1,500 tokens and 8 samples each,
+    the prompt's keys and values are most of what a decode step reads.
+
+    Host bookkeeping, and device tensors of fixed shapes (a CUDA graph replays over them):
+      members [groups, members_per_group]: each group's rows, -1 for none;
+      lengths [groups]: how many leading positions the group shares (0: the group is unused);
+      block_tables [groups, width]: the shared blocks;
+      row_starts [rows]: the first position a row reads on its own (its group's length, or 0).
+    A group lasts while any member decodes (the members hold the blocks). Changes reach the
+    device at `flush`, which the decoder queues before each step.
+    """
+
+    def __init__(self, num_rows: int, table_width: int, members_per_group: int, device: torch.device):
+        capacity = max(1, num_rows // 2)  # a group has two members at least
+        self.members_per_group = members_per_group
+        self.members = torch.full((capacity, members_per_group), -1, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(capacity, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((capacity, table_width), SCRATCH_BLOCK, dtype=torch.int32, device=device)
+        self.row_starts = torch.zeros(num_rows, dtype=torch.int32, device=device)
+        self.table_width = table_width
+        self.free_groups = list(range(capacity - 1, -1, -1))  # popped from the end: lowest first
+        self.group_of_row: dict[int, tuple[int, int]] = {}  # row -> (group, its place in the group)
+        self.size = [0] * capacity
+        # Device writes not flushed yet, by index (the last write to an index wins).
+        self.member_writes: dict[tuple[int, int], int] = {}
+        self.length_writes: dict[int, int] = {}
+        self.table_writes: dict[int, list[int]] = {}
+        self.start_writes: dict[int, int] = {}
+
+    @staticmethod
+    def members_for(query_heads_per_kv_head: int) -> int:
+        """Rows per group: the kernel attends with one tile of 64 query rows (members x the KV
+        head's query heads, padded to a power of two); 1 means grouping cannot help."""
+        padded = 1 << (query_heads_per_kv_head - 1).bit_length()
+        return max(1, 64 // padded)
+
+    def add(self, rows: list[int], shared_blocks: list[int]) -> None:
+        """These rows read `shared_blocks` first (all of them full): group them, in groups of at
+        most members_per_group; a row left alone, or with no group free, reads them itself."""
+        if not shared_blocks:
+            return
+        length = len(shared_blocks) * BLOCK_SIZE
+        table = shared_blocks + [SCRATCH_BLOCK] * (self.table_width - len(shared_blocks))
+        for first in range(0, len(rows), self.members_per_group):
+            chunk = rows[first : first + self.members_per_group]
+            if len(chunk) < 2 or not self.free_groups:
+                return
+            group = self.free_groups.pop()
+            self.size[group] = len(chunk)
+            self.length_writes[group] = length
+            self.table_writes[group] = table
+            for place in range(self.members_per_group):
+                self.member_writes[(group, place)] = chunk[place] if place < len(chunk) else -1
+            for place, row in enumerate(chunk):
+                self.group_of_row[row] = (group, place)
+                self.start_writes[row] = length
+
+    def remove(self, row: int) -> None:
+        """The row stopped decoding (finished, cancelled or preempted)."""
+        if row not in self.group_of_row:
+            return
+        group, place = self.group_of_row.pop(row)
+        self.member_writes[(group, place)] = -1
+        self.start_writes[row] = 0
+        self.size[group] -= 1
+        if self.size[group] == 0:
+            self.length_writes[group] = 0
+            self.free_groups.append(group)
+
+    def flush(self) -> None:
+        """Queue the pending changes on the device (before the next decode step)."""
+        device = self.members.device
+        if self.member_writes:
+            places, rows = list(self.member_writes), list(self.member_writes.values())
+            groups, slots = zip(*places)
+            self.members[on_device(groups, device), on_device(slots, device)] = on_device(rows, device, torch.int32)
+        for writes, target in ((self.length_writes, self.lengths), (self.start_writes, self.row_starts)):
+            if writes:
+                target[on_device(list(writes), device)] = on_device(list(writes.values()), device, torch.int32)
+        if self.table_writes:
+            groups = on_device(list(self.table_writes), device)
+            self.block_tables[groups] = on_device(list(self.table_writes.values()), device, torch.int32)
+        for writes in (self.member_writes, self.length_writes, self.table_writes, self.start_writes):
+            writes.clear()
+
+
+def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` (a list, array or CPU tensor) as a tensor on `device`, without waiting for the
+    device: on CUDA through pinned memory, which torch keeps until the copy has run. (A plain
+    copy from pageable memory waits for every step already queued, and the host would no
+    longer run a step ahead.)"""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class PagedBatch:
     """What attention needs besides the new queries, keys and values of a forward pass.
@@ -158,6 +258,7 @@ class PagedBatch:
     block_tables: torch.Tensor
     query_positions: torch.Tensor
     use_kernel: bool = False  # decode through the Triton kernel (CUDA, one token per row)
+    prefix_groups: PrefixGroups | None = None  # rows that share leading blocks (kernel only)
 
 
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, paged_batch=None, **kwargs):
@@ -187,6 +288,7 @@ def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scal
             batch.block_tables,
             batch.query_positions.view(-1) + 1,
             scale,
+            shared=batch.prefix_groups,
         )
         return output.view(rows, 1, heads, head_dim), None
     return gathered_attention(query, key_blocks, value_blocks, batch.block_tables, batch.query_positions, scale), None

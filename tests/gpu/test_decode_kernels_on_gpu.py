@@ -1,0 +1,117 @@
+"""The hf engine's paged decode kernels (Triton) against the reference attention over gathered
+blocks, and the engine's samples with and without shared-prefix (cascade) attention. Skipped
+without CUDA; on the GPU machine:
+
+    python -m pytest -v -m gpu tests/gpu/test_decode_kernels_on_gpu.py
+
+The float32 kernel tests also run on a CPU under Triton's interpreter (pip install triton):
+
+    TRITON_INTERPRET=1 PRMTOOL_KERNEL_TEST_DEVICE=cpu \
+        python -m pytest -v -m gpu tests/gpu/test_decode_kernels_on_gpu.py -k kernel
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+DEVICE = os.environ.get("PRMTOOL_KERNEL_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def random_cache(kv_heads, head_dim, blocks=48, dtype=torch.float32):
+    from prmtool.engines.hf.kv_cache import BLOCK_SIZE
+
+    shape = (blocks, BLOCK_SIZE, kv_heads, head_dim)
+    return torch.randn(shape, device=DEVICE, dtype=dtype), torch.randn(shape, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(28, 4), (4, 4), (12, 2)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_with_shared_prefixes_matches_attention_over_each_row_alone(heads, kv_heads, splits):
+    """Rows 0, 2, 3 share three blocks and rows 4, 5 one (the samples of two prompts); rows 1 and
+    6 share nothing. Reading the shared blocks once per group changes no output, also after
+    members leave their group."""
+    from prmtool.engines.hf.kernels import paged_decode
+    from prmtool.engines.hf.kv_cache import PrefixGroups, gathered_attention
+
+    torch.manual_seed(0)
+    head_dim, width = 64, 6
+    key_blocks, value_blocks = random_cache(kv_heads, head_dim)
+    tables = [[1, 2, 3, 11, 12, 19], [20, 21], [1, 2, 3, 13], [1, 2, 3, 14, 15], [10, 16], [10, 17, 18], [30, 31, 32]]
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([90, 20, 60, 80, 30, 40, 45], device=DEVICE)
+    query = torch.randn(len(tables), heads, head_dim, device=DEVICE)
+    groups = PrefixGroups(len(tables), width, PrefixGroups.members_for(heads // kv_heads), torch.device(DEVICE))
+    groups.add([0, 2, 3], [1, 2, 3])
+    groups.add([4, 5], [10])
+    groups.flush()
+    assert groups.row_starts.tolist() == [48, 0, 48, 48, 16, 16, 0]
+    scale = head_dim**-0.5
+    positions = (seq_lens - 1).view(-1, 1)
+    expected = gathered_attention(query.unsqueeze(2), key_blocks, value_blocks, block_tables, positions, scale)
+    expected = expected.reshape(query.shape)
+    grouped = paged_decode(query, key_blocks, value_blocks, block_tables, seq_lens, scale, splits=splits, shared=groups)
+    torch.testing.assert_close(grouped, expected, atol=2e-5, rtol=2e-5)
+
+    groups.remove(2)
+    groups.remove(4)  # group (4, 5) keeps 5 alone; row 4 reads everything itself again
+    groups.flush()
+    assert groups.row_starts.tolist() == [48, 0, 0, 48, 0, 16, 0]
+    after = paged_decode(query, key_blocks, value_blocks, block_tables, seq_lens, scale, splits=splits, shared=groups)
+    torch.testing.assert_close(after, expected, atol=2e-5, rtol=2e-5)
+    groups.remove(5)
+    groups.flush()
+    assert groups.lengths.tolist()[:2] == [48, 0] and len(groups.free_groups) == groups.lengths.numel() - 1
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Triton's interpreter reads bfloat16 wrong")
+def test_kernel_in_bfloat16_stays_within_rounding_of_the_reference():
+    from prmtool.engines.hf.kernels import paged_decode
+    from prmtool.engines.hf.kv_cache import PrefixGroups, gathered_attention
+
+    torch.manual_seed(1)
+    heads, kv_heads, head_dim = 28, 4, 128
+    key_blocks, value_blocks = random_cache(kv_heads, head_dim, blocks=64, dtype=torch.bfloat16)
+    rows = 8  # the 8 samples of one 40-block prompt, each with two blocks of its own
+    tables = [list(range(1, 41)) + [41 + 2 * row, 42 + 2 * row] for row in range(rows)]
+    block_tables = torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.full((rows,), 40 * 16 + 20, device=DEVICE)
+    query = torch.randn(rows, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+    groups = PrefixGroups(rows, 42, PrefixGroups.members_for(heads // kv_heads), torch.device(DEVICE))
+    groups.add(list(range(rows)), list(range(1, 41)))
+    groups.flush()
+    scale = head_dim**-0.5
+    positions = (seq_lens - 1).view(-1, 1)
+    expected = gathered_attention(query.float().unsqueeze(2), key_blocks.float(), value_blocks.float(), block_tables,
+                                  positions, scale).reshape(query.shape)  # fmt: skip
+    grouped = paged_decode(query, key_blocks, value_blocks, block_tables, seq_lens, scale, shared=groups)
+    torch.testing.assert_close(grouped.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the engine test needs CUDA")
+def test_hf_engine_draws_the_same_samples_with_and_without_shared_prefix_attention(tmp_path):
+    """n samples of one long prompt read its blocks once per step (cascade); greedy float32
+    decoding gives the same tokens as each sample reading them itself."""
+    import prmtool as api
+    from prmtool.engines import SamplingRequest
+    from tests.gpu.test_engines_on_gpu import save_model
+
+    folder = save_model(tmp_path / "policy", seed=0)
+    samples = {}
+    for shared in (True, False):
+        with api.load_engine("hf", str(folder), device="cuda", dtype="float32", prefix_cache=False,
+                             shared_prefix_attention=shared) as engine:  # fmt: skip
+            prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(120))))
+            requests = [SamplingRequest(prompt, n=8, max_tokens=48, temperature=0.0, seed=0),
+                        SamplingRequest(prompt[:70], n=3, max_tokens=48, temperature=1.0, seed=1)]  # fmt: skip
+            results = engine.sample(requests)
+            assert (engine.decoder.prefix_groups is not None) == shared
+            samples[shared] = [[c.token_ids for c in completions] for completions in results]
+    assert samples[True] == samples[False]
