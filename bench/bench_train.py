@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trl-wheels", type=Path, help="a folder with TRL 1.13.0's wheel (prepare_train_bench.sh)")
     parser.add_argument("--trl-site", type=Path, help="a folder TRL 1.13.0 is installed in")
     parser.add_argument("--trainer", action="store_true", help="also time transformers' Trainer on prmtool's batches")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the CUDA kernels that took most of prmtool's steps 3 to 8"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -174,14 +177,32 @@ def run_prmtool(work: Path, args) -> dict:
         seed=args.seed,
     )
     losses = []
-    result = train(examples, config, work / "prmtool-out", resume=False, on_step=lambda r: losses.append(r.loss))
-    return {
+    profiler = None
+    if args.profile:  # steps 3 to 8 (after two warm-up steps), kernels by total GPU time
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        schedule = torch.profiler.schedule(wait=1, warmup=1, active=6, repeat=1)
+        profiler = torch.profiler.profile(activities=activities, schedule=schedule)
+        profiler.start()
+
+    def on_step(report):
+        losses.append(report.loss)
+        if profiler is not None:
+            profiler.step()
+
+    result = train(examples, config, work / "prmtool-out", resume=False, on_step=on_step)
+    measured = {
         "tokens": result["tokens"],
         "seconds": result["seconds"],
         "steps": result["steps"],
         "peak_gib": peak_memory(),
         "losses": [losses[0], losses[-1]],
     }
+    if profiler is not None:
+        profiler.stop()
+        measured["profile"] = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+    return measured
 
 
 def run_trl(work: Path, args) -> dict:
@@ -306,6 +327,7 @@ def run_side(side: str, work: Path, args, site: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--side", side, "--work", str(work)]
     command += ["--batch-size", str(args.batch_size), "--pack-tokens", str(args.pack_tokens)]
     command += ["--learning-rate", str(args.learning_rate), "--seed", str(args.seed)]
+    command += ["--profile"] if args.profile and side == "prmtool" else []
     path = [str(site)] if site is not None else []
     environment = {
         **os.environ,
@@ -374,6 +396,8 @@ def report(name: str, results: dict, args) -> None:
     ratio = (results["prmtool"]["tokens"] / results["prmtool"]["seconds"]) / (trl["tokens"] / trl["seconds"])
     memory = results["prmtool"]["peak_gib"] / trl["peak_gib"] if trl["peak_gib"] else float("nan")
     print(f"  prmtool / TRL 1.13 PRMTrainer: {ratio:.2f}x tokens/s, {memory:.2f} of the peak memory")
+    if "profile" in results["prmtool"]:
+        print(results["prmtool"]["profile"])
     if "trainer" in results:
         trainer = results["trainer"]
         loop = (results["prmtool"]["tokens"] / results["prmtool"]["seconds"]) / (trainer["tokens"] / trainer["seconds"])

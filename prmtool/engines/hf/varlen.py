@@ -64,11 +64,9 @@ def varlen_attention(
         raise ValueError(f"{NAME} takes one packed row at a time, not {query.shape[0]}")
     if cu_seq_lens_q is None:
         cu_seq_lens_q, max_length_q = sequence_bounds(position_ids)
-    heads, kv_heads = query.shape[1], key.shape[1]
-    # (tokens, heads, head_dim), as flash kernels take them; grouped-query K/V repeated per head
+    # (tokens, heads, head_dim), as flash kernels take them; grouped-query keys and values stay
+    # as they are (the flash kernel and SDPA's enable_gqa read each for its group of heads)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    if kv_heads != heads:
-        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     if q.is_cuda and _torch_varlen() is not None:
         # flash kernels take half precision only; float32 training runs them in autocast's dtype
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
@@ -82,7 +80,7 @@ def varlen_attention(
         for start, end in zip(bounds, bounds[1:]):
             out[start:end] = torch.nn.functional.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
-                is_causal=True, scale=scaling,
+                is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1],
             ).transpose(0, 1)  # fmt: skip
     return out.unsqueeze(0), None  # (1, tokens, heads, head_dim), what transformers reshapes
 
