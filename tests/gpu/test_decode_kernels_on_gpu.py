@@ -69,6 +69,10 @@ def test_kernel_with_shared_prefixes_matches_attention_over_each_row_alone(heads
     groups.remove(5)
     groups.flush()
     assert groups.lengths.tolist()[:2] == [48, 0] and len(groups.free_groups) == groups.lengths.numel() - 1
+    groups.clear()  # what a new sampling call starts with
+    assert groups.row_starts.tolist() == [0] * 7 and groups.lengths.tolist() == [0] * groups.lengths.numel()
+    alone = paged_decode(query, key_blocks, value_blocks, block_tables, seq_lens, scale, splits=splits, shared=groups)
+    torch.testing.assert_close(alone, expected, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Triton's interpreter reads bfloat16 wrong")

@@ -402,6 +402,8 @@ class BatchSampler:
         self.requests_done = 0
         self.tokens_since_progress = 0
         self.slots: list[SlotState | None] = [None] * decoder.num_slots
+        if decoder.prefix_groups is not None:
+            decoder.prefix_groups.clear()
         self.rows_to_reset: list[int] = []  # rows freed since the last step or prefill was queued
         # The last admission stopped for want of blocks, and none has been freed since.
         self.waiting_for_blocks = False

@@ -214,6 +214,17 @@ class PrefixGroups:
             self.length_writes[group] = 0
             self.free_groups.append(group)
 
+    def clear(self) -> None:
+        """No groups (a new sampling call: a call that raised may have left some behind)."""
+        self.free_groups = list(range(len(self.size) - 1, -1, -1))
+        self.group_of_row.clear()
+        self.size = [0] * len(self.size)
+        for writes in (self.member_writes, self.length_writes, self.table_writes, self.start_writes):
+            writes.clear()
+        self.members.fill_(-1)
+        self.lengths.zero_()
+        self.row_starts.zero_()
+
     def flush(self) -> None:
         """Queue the pending changes on the device (before the next decode step)."""
         device = self.members.device
