@@ -402,8 +402,6 @@ class BatchSampler:
         self.requests_done = 0
         self.tokens_since_progress = 0
         self.slots: list[SlotState | None] = [None] * decoder.num_slots
-        if decoder.prefix_groups is not None:
-            decoder.prefix_groups.clear()
         self.rows_to_reset: list[int] = []  # rows freed since the last step or prefill was queued
         # The last admission stopped for want of blocks, and none has been freed since.
         self.waiting_for_blocks = False
@@ -446,6 +444,8 @@ class BatchSampler:
                 self._free_row(row)
 
     def run(self) -> list[list[Completion]]:
+        if self.decoder.prefix_groups is not None:
+            self.decoder.prefix_groups.clear()  # a call that raised may have left groups behind
         refill_threshold = max(1, self.decoder.num_slots // 8)
         in_flight: LaunchedStep | None = None
         while self.queue or self._active_slots():

@@ -321,7 +321,7 @@ def gathered_attention(query, key_blocks, value_blocks, block_tables, query_posi
     mask = mask.unsqueeze(1).expand(rows, group, tokens, width).reshape(rows, 1, group * tokens, width)
     grouped = query.reshape(rows, kv_heads, group * tokens, head_dim)
     output = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
-    return output.view(rows, heads, tokens, -1).transpose(1, 2)
+    return output.reshape(rows, heads, tokens, -1).transpose(1, 2)
 
 
 @functools.cache
