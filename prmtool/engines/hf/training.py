@@ -242,6 +242,7 @@ def train(
     tokens_done, started = 0, time.perf_counter()
     model.train()
     epoch, skipped = 0, 0
+    unread = None  # (step, loss, tokens) of the last step, its loss still on the device
     while step < total_steps:
         rows = epoch_batches(lengths, config.pack_tokens, config.seed, epoch)
         # Its own generator: starting the loader's iterator would otherwise draw from the global
@@ -262,16 +263,17 @@ def train(
         while step < total_steps and (step_rows := list(itertools.islice(rows_left, rows_per_step))):
             loss, tokens = _optimizer_step(model, optimizer, scheduler, accelerator, examples, step_rows)
             step += 1
-            losses.append(loss)
             tokens_done += tokens
-            if on_step is not None and accelerator.is_main_process:
-                on_step(StepReport(step, total_steps, loss, tokens))
+            # A step's loss is read (a wait for the device) once the next step is queued.
+            _report(unread, total_steps, losses, on_step, accelerator)
+            unread = (step, loss, tokens)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 _save_checkpoint(accelerator, checkpoint, step)
         skipped += steps_in_epoch
         epoch += 1
         if not len(loader):
             break  # no examples at all: nothing to train on
+    _report(unread, total_steps, losses, on_step, accelerator)
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -286,12 +288,29 @@ def train(
     }
 
 
+def _report(unread: tuple[int, torch.Tensor, int] | None, total: int, losses: list[float], on_step, accelerator):
+    if unread is None:
+        return
+    step, loss, tokens = unread
+    losses.append(loss.item())
+    if on_step is not None and accelerator.is_main_process:
+        on_step(StepReport(step, total, losses[-1], tokens))
+
+
+def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A batch tensor on the device without waiting for it: a copy from pageable memory first
+    waits for all the work queued (the previous step), pinned memory lets the host run ahead."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def packed_loss(model, batch: dict, device) -> torch.Tensor:
     """The mean loss over the labelled tokens of a `collate`d batch, in one forward pass."""
-    bounds = batch["cu_seq_lens"].to(device)
+    bounds = _to_device(batch["cu_seq_lens"], device)
     logits = model(
-        input_ids=batch["input_ids"].to(device),
-        position_ids=batch["position_ids"].to(device),
+        input_ids=_to_device(batch["input_ids"], device),
+        position_ids=_to_device(batch["position_ids"], device),
         # each sequence's bounds, read by the attention (varlen.py; flash-attn's names)
         cu_seq_lens_q=bounds,
         cu_seq_lens_k=bounds,
@@ -299,20 +318,20 @@ def packed_loss(model, batch: dict, device) -> torch.Tensor:
         max_length_k=batch["longest"],
         use_cache=False,
     ).logits
-    targets = batch["targets"].to(device)
-    return soft_cross_entropy(logits[0, batch["where"].to(device)], targets) / len(targets)
+    targets = _to_device(batch["targets"], device)
+    return soft_cross_entropy(logits[0, _to_device(batch["where"], device)], targets) / len(targets)
 
 
 def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[float, int]:
     """One optimizer step over `rows` (lists of example indices), one forward pass; the loss
-    is the mean over the step's labelled tokens. Returns it and the tokens trained on."""
+    is the mean over the step's labelled tokens. Returns it (on the device) and the tokens trained on."""
     batch = collate(examples, rows)
     loss = packed_loss(model, batch, accelerator.device)
     accelerator.backward(loss)
     optimizer.step()
     optimizer.zero_grad()
     scheduler.step()
-    return loss.item(), batch["tokens"]
+    return loss.detach(), batch["tokens"]
 
 
 def _save_checkpoint(accelerator, checkpoint: Path, step: int) -> None:
