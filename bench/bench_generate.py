@@ -105,6 +105,22 @@ against 15 GB of weights. A decode kernel that reads a shared prefix once for al
 on it (cascade attention) would cut the prefix's share by 8x; vLLM's own cascade attention
 applies only to a prefix common to the whole batch, so not here. (An earlier lease measured the
 long shape at 12,416 tokens/s, hf alone.) The 0.5B short shape has not been rerun with the cache.
+
+That kernel now exists (kv_cache.PrefixGroups, kernels.shared_prefix_decode_kernel: a prompt's
+samples are one group, its blocks read once per step for all of them) and it did not move the
+long shape. One H100 80GB, 2026-12-06 (eighth session), `--arch 7b --shape long --engines
+hf,hf-no-cascade --model-dir DIR`, the same folder and requests, each engine in its own process:
+
+  | arch | shape | hf engine tok/s (slots) | peak GiB | hf-no-cascade tok/s | peak GiB | ratio |
+  |------|-------|------------------------:|---------:|--------------------:|---------:|------:|
+  | 7B   | long  |           12,374  (512) |     70.4 |              12,091 |     70.3 | 1.02x |
+
+2,044 decode steps in 50.5 s against 51.7 s: 24.7 ms a step either way, so the prompt's keys
+and values were not what a step waited for (the estimate above counted bytes, not the kernel's
+time). At 512 rows a 7B step is about 7.2 TFLOP of matrix products (11 ms at 650 TFLOP/s); the
+rest is not accounted for yet (a profile of the eager step is the next measurement). Bare vLLM
+was not rerun in that lease (the machine was handed back first): against the last lease's
+14,811 the long shape stays at about 0.84x.
 """
 
 from __future__ import annotations
