@@ -909,7 +909,7 @@ class NoisyPolicy(ScriptedPolicy):
 
 
 def fidelity_records(
-    frame: pl.DataFrame, grid, methods, k: int, workers: int, confidence: float = 0.95, max_k: int | None = None
+    frame: pl.DataFrame, grid, methods, k: int, workers: int, confidence: float = 0.8, max_k: int | None = None
 ) -> list[dict]:
     """One record per (p_good, p_bad, rule, method): first-error exactness, too-early and
     too-late shares against the human first errors, and the rollouts spent, all through
@@ -956,7 +956,7 @@ def fidelity(args) -> None:
     steps = frame["steps"].list.len()
     print(
         f"{frame.height} wrong responses from {path.name} ({steps.median():.0f} steps median, {steps.max()} most), "
-        f"human first errors; k={args.k}, drop: --confidence {args.confidence}, --max-k {args.max_k or 6 * args.k}"
+        f"human first errors; k={args.k}, drop: --confidence {args.confidence}, --max-k {args.max_k or 4 * args.k}"
     )
     records = fidelity_records(frame, grid, methods, args.k, args.workers, args.confidence, args.max_k)
     baseline = "binary" if "binary" in methods else methods[0]  # today's rule with this search
@@ -1008,8 +1008,8 @@ def main() -> None:
     )
     parser.add_argument("--json", help="fidelity: write one JSON record per (p_good, p_bad, rule, method) here")
     parser.add_argument("--methods", default="binary,mc", help="fidelity: label methods, a comma list")
-    parser.add_argument("--confidence", type=float, default=0.95, help="fidelity: the drop rule's --confidence")
-    parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 6k)")
+    parser.add_argument("--confidence", type=float, default=0.8, help="fidelity: the drop rule's --confidence")
+    parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 4k)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="verification processes (default: CPUs)")
     args = parser.parse_args()
     args.max_tokens = args.max_tokens or (1024 if args.which == "long" else 256)
