@@ -122,11 +122,11 @@ def test_all_searches_advance_together_one_engine_call_per_round():
     # Two rounds per level at most (staged sampling), whatever the number of responses.
     assert len(engine.calls) <= 2 * math.ceil(math.log2(12)), "one call per round, not one per probe"
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
-    # The drop rule: a round per stage (k/4 rollouts, here 1), within a search's budget of
-    # --max-k (12) rollouts a level and two more.
+    # The drop rule: a round per stage (k/8 rollouts, here 1), within a search's budget of
+    # --max-k (8) rollouts a level.
     engine = ScriptedRolloutEngine(answers_of(frame))
     label_rows(frame, engine, "binary", k=2, settings=SETTINGS)
-    assert len(engine.calls) <= (math.ceil(math.log2(12)) + 2) * 12
+    assert len(engine.calls) <= math.ceil(math.log2(12)) * 8
     assert sum(len(call) for call in engine.calls) > len(engine.calls)
 
 
@@ -232,7 +232,7 @@ def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without
 
 
 def test_under_the_drop_rule_speculation_spares_most_rounds_of_small_stages():
-    """A drop search draws k/4 rollouts a round, often several stages in a row from the prefixes
+    """A drop search draws k/8 rollouts a round, often several stages in a row from the prefixes
     beside the place it is checking: with idle slots, those are sampled ahead, so a round's engine
     call serves several of its steps."""
     frame = responses(30)
@@ -284,10 +284,10 @@ def test_the_drop_rule_finds_first_errors_that_any_success_misses_when_rollouts_
     assert labeled().equals(labeled("drop"))  # the default rule
 
 
-def test_when_nothing_recovers_the_drop_rule_pays_about_twice_any_success_s_rollouts():
-    """p_bad = 0 is any-success's own model, where it is exact and cheapest; the drop rule, not
-    told that rollouts never recover, must see it, and a first error at the last step is placed
-    only by ruling out a drop before it."""
+def test_when_nothing_recovers_the_drop_rule_pays_about_what_any_success_pays():
+    """p_bad = 0 is any-success's own model, where it is exact; the drop rule, not told that
+    rollouts never recover, must see it, and a first error at the last step is placed only by
+    ruling out a drop before it."""
     frame = responses(40, seed=3)
     truth = frame["true_first_error"]
 
@@ -298,7 +298,7 @@ def test_when_nothing_recovers_the_drop_rule_pays_about_twice_any_success_s_roll
     any_success, drop = labeled("any-success"), labeled("drop")
     assert (any_success["first_error"] == truth).all()
     assert (drop["first_error"] == truth).mean() >= 0.95
-    assert drop["label_rollouts"].sum() <= 2.5 * any_success["label_rollouts"].sum()  # 2.1x here
+    assert drop["label_rollouts"].sum() <= 1.5 * any_success["label_rollouts"].sum()  # 1.2x here
 
 
 def test_the_full_response_is_not_sampled_so_its_own_rate_cannot_push_the_drop_late():
@@ -313,7 +313,7 @@ def test_the_full_response_is_not_sampled_so_its_own_rate_cannot_push_the_drop_l
     for steps, problem in zip(frame["steps"], frame["problem"]):
         full = engine.continuation_ids(engine.chat_prompt_ids(problem), "\n\n".join(steps) + "\n\n")
         assert tuple(full) not in whole
-    assert (labeled["first_error"] == frame["true_first_error"]).mean() >= 0.9
+    assert (labeled["first_error"] == frame["true_first_error"]).mean() >= 0.8  # --confidence 0.8, the default
 
 
 def test_a_higher_confidence_draws_more_rollouts_and_errs_less_often():
@@ -352,7 +352,7 @@ def test_the_drop_rule_draws_small_stages_that_continue_each_prefix_s_stream():
             drawn.setdefault((tuple(request.prompt_ids), request.seed), []).append((request.first_sample, request.n))
     staged = 0
     for stages in drawn.values():  # of each prefix probed: the start, the full response, steps between
-        assert all(n == 2 for _, n in stages)  # stages of k/4
+        assert all(n == 1 for _, n in stages)  # stages of k/8
         assert stages[0][0] == 0
         for (first, n), (next_first, _) in zip(stages, stages[1:]):
             assert next_first == first + n  # each stage continues the one before
@@ -535,8 +535,8 @@ def test_label_command_with_the_embedded_model(prmtool, tmp_path):
             assert labels == [1] * len(steps) and first_error == -1 and rollouts == 0
         else:
             assert 0 <= first_error < len(steps) and labels[first_error] == 0
-            # The drop rule, k = 2: each level's probe and the two ends, at most --max-k (12) each.
-            assert rollouts <= 12 * (math.ceil(math.log2(max(len(steps), 1))) + 2)
+            # The drop rule, k = 2: at most --max-k (8) rollouts a level of a binary search.
+            assert rollouts <= 8 * max(1, math.ceil(math.log2(max(len(steps), 1))))
     assert labeled["label_tokens"].sum() > 0
 
 

@@ -144,7 +144,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(prmtool, small_recipe, tmp_p
 
 def test_dry_run_estimates_rows_tokens_and_time_for_every_stage(prmtool, tmp_path):
     """Upper bounds from the options: 20 problems x n 4 = 80 responses; the drop rule's binary
-    search over the assumed 8 steps takes at most 5 levels of up to --max-k (6 x k) rollouts
+    search over the assumed 8 steps takes at most 3 levels of up to --max-k (4 x k) rollouts
     each; time at the given throughput."""
     recipe = ROOT / "recipes" / "quickstart.yaml"
     work = tmp_path / "work"
@@ -154,11 +154,11 @@ def test_dry_run_estimates_rows_tokens_and_time_for_every_stage(prmtool, tmp_pat
     assert estimates[1].startswith("20 rows in; at most 5,120 generated tokens (4 responses x 64 tokens per problem)")
     assert "at most 51 s at 100 tokens/s (given)" in estimates[1]
     assert estimates[3].startswith(
-        "80 rows in; at most 460,800 generated tokens (5 levels x up to 24 rollouts x 48 tokens per response)"
+        "80 rows in; at most 184,320 generated tokens (3 levels x up to 16 rollouts x 48 tokens per response)"
     )
-    assert "at most 77 min at 100 tokens/s" in estimates[3]
+    assert "at most 31 min at 100 tokens/s" in estimates[3]
     assert estimates[6].startswith("40 rows in")  # PROF keeps 2 of each problem's 4
-    assert "estimate: at most 501,760 generated tokens in all; 84 min at the rates above" in result.stderr
+    assert "estimate: at most 225,280 generated tokens in all; 38 min at the rates above" in result.stderr
     assert not work.exists()
 
 
@@ -173,7 +173,7 @@ def test_dry_run_times_a_stage_by_the_throughput_an_earlier_run_measured(prmtool
     record_throughput(settings, tokens=5_000, seconds=10.0)  # as a run of the embedded model here would
     measured = prmtool("run", recipe, "--dry-run", "--workdir", tmp_path / "work")
     assert "at most 10 s at 500 tokens/s (measured here" in measured.stderr
-    assert "estimate: at most 501,760 generated tokens in all; 17 min at the rates above" in measured.stderr
+    assert "estimate: at most 225,280 generated tokens in all; 8 min at the rates above" in measured.stderr
 
 
 def test_an_interrupted_stage_resumes_from_its_finished_shards(prmtool, small_recipe, tmp_path):

@@ -82,7 +82,7 @@ def stage_cost(stage: str, settings, size: Size) -> tuple[StageCost, Size]:
         from prmtool.methods import labeling
 
         drop = labeling.check_rule(settings.rule, settings.bad_below) == "drop"
-        if drop and method in probes:  # the drop rule draws up to --max-k from a prefix, two levels more
+        if drop and method in probes:  # the drop rule's budget: up to --max-k rollouts a level
             probes["binary"] = labeling.drop_levels(steps)  # a wrong response's places: its steps
             k = settings.max_k or labeling.MAX_K_PER_K * k
         if method in probes:

@@ -5,8 +5,8 @@
   k * log2(n) rollouts instead of k * n. Steps before the first error are good, the first error
   is bad, later steps are unlabeled.
 - `DropSearch`: both under `--rule drop` (the default): the first error is where the prefixes'
-  success rate drops (`prmtool.methods.progress`), rollouts drawn in small stages where they
-  tell the most about where, until one place is likely enough.
+  success rate drops (`prmtool.methods.progress`), rollouts drawn one stage (k/8) at a time
+  where they tell the most about where, until one place is likely enough.
 
 Each row's search is a small state machine that proposes probes and reads their results;
 `prmtool.methods.rollouts.run_searches` gathers the probes of all active searches into one
@@ -233,15 +233,18 @@ class DropSearch:
     """The first error under `--rule drop`: the first prefix where the success rate drops
     (`prmtool.methods.progress`), for the binary search and, with `every_step`, per-step MC.
 
-    Each round draws one stage (k/4 rollouts, a full k for soft labels) from the prefix whose
-    rollouts are expected to say the most about where the drop is: at first the middle of the
-    places still likely, as a binary search would, then the two prefixes either side of the
-    likeliest place, and the start or the window's last prefix when the rates are in doubt.
+    Each round draws one stage (k/8 rollouts, one at k = 8; a full k for soft labels) from the
+    prefix whose rollouts are expected to say the most about where the drop is: at first the
+    middle of the places still likely, as a binary search would, then the two prefixes either
+    side of the likeliest place, and the start or the window's last prefix when the rates are
+    in doubt. Small stages let each rollout be placed with what the ones before it showed (a
+    stage of k/4 cost a fifth more rollouts for the same exactness on the fidelity bench).
     Every prefix's stages continue one seeded stream. The search stops when one place holds
     `confidence` of the posterior, or when the start has no right rollout in 2k (a problem the
     policy does not solve has nowhere to drop: no step is shown to be the error, and the last
-    one is taken), or when it has drawn what a binary search drawing max_k at every level
-    would. Per-step MC (`every_step`) first draws k from every prefix, as Math-Shepherd does.
+    one is taken), or at its budget: max_k rollouts a level of a binary search over the same
+    places, then the likeliest place is reported. Per-step MC (`every_step`) first draws k from
+    every prefix, as Math-Shepherd does.
 
     Wrong responses: the full response is a bad prefix (its own outcome), so some place in
     the window is the first bad prefix, or the one after the window (the error lies after it).
@@ -270,7 +273,7 @@ class DropSearch:
         # Where the first bad prefix may be; the last place: after the window (no error in it).
         top = min(self.last + 1, self.n_steps) if not self.correct else min(self.last, self.n_steps - 1) + 1
         self.places = list(range(self.base + 1, top + 1))
-        self.stage = self.k if self.soft else max(1, self.k // 4)
+        self.stage = self.k if self.soft else max(1, self.k // 8)
         self.found: int | None = None  # the first bad prefix, once the search stops
         self.plan: list[tuple[int, int]] | None = None  # this round's (prefix, rollouts), once chosen
         self.posterior: np.ndarray | None = None  # over the places, for the counts so far
@@ -304,13 +307,17 @@ class DropSearch:
         if self.every_step and any(self.counts[p][1] < self.k for p in self.probed):
             return [(p, self.k - self.counts[p][1]) for p in self.probed if self.counts[p][1] < self.k]
         place, chance = self._likeliest()
-        if chance >= self.confidence or self.spent[0] >= self.most_rollouts():
+        nothing_right = sum(correct for correct, _ in self.counts) == 0
+        if chance >= self.confidence:
             self.found = place
+            return []
+        if self.spent[0] >= self.most_rollouts():  # the budget: the likeliest place, no drop if none was right
+            self.found = self.places[-1] if nothing_right else place
             return []
         if self._hopeless():
             self.found = self.places[-1]
             return []
-        if sum(correct for correct, _ in self.counts) == 0 and self.spent[0] >= self.k:
+        if nothing_right and self.spent[0] >= self.k:
             return [(self.base, self._stage(self.base))]  # nothing right yet: is the problem solvable?
         choices = [(prefix, self._stage(prefix)) for prefix in self._candidates(place)]
         choices = [choice for choice in choices if choice[1] > 0]
@@ -343,16 +350,16 @@ class DropSearch:
 
     def probes_left(self) -> int:
         """About how many dependent probes this search still asks: a few stages a level."""
-        return 0 if self.found is not None else 2 * len(self.places).bit_length()
+        return 0 if self.found is not None else 4 * len(self.places).bit_length()
 
     def most_rollouts(self) -> int:
         """The rollouts this search takes at most (for progress, and its budget): max_k at every
-        level of a binary search and two more; per-step MC, at every prefix."""
+        level of a binary search over its places; per-step MC, max_k at every prefix."""
         if self.every_step:
             return len(self.probed) * self.max_k
         return drop_levels(len(self.places)) * self.max_k
 
-    def speculative_probes(self, depth: int = 5) -> list[Probe]:
+    def speculative_probes(self, depth: int = 10) -> list[Probe]:
         """What this search may draw next, most likely first: the next stage of the prefix just
         asked and of the other prefixes worth probing, then the stages after those, `depth`
         stages a prefix (a search re-checking a place draws several stages in a row from it).
@@ -416,13 +423,15 @@ def labels_from_first_error(first_error: int | None, n_steps: int) -> list[int |
     return [1] * first_error + [0] + [None] * (n_steps - first_error - 1)
 
 
-MAX_K_PER_K = 6  # --max-k's default, in multiples of --k
+# --max-k's default, in multiples of --k: the most a drop search draws from one prefix, and a
+# level's share of its budget, so it draws at most 4x what any-success's binary search can.
+MAX_K_PER_K = 4
 
 
 def drop_levels(places: int) -> int:
-    """The levels the drop rule's binary search takes at most over `places` candidate places of
-    the first error: a binary search's ceil(log2(places)), and two more."""
-    return (places - 1).bit_length() + 2
+    """The levels of a binary search over `places` candidate places of the first error,
+    ceil(log2(places)): the drop rule's budget is --max-k rollouts for each."""
+    return max(1, (places - 1).bit_length())
 
 
 def check_rule(rule: str | None, bad_below: float | None) -> str:
@@ -488,14 +497,14 @@ def label_rows(
     which_steps: str = "all",
     tags: tuple[ThinkTags, ...] = KNOWN_TAGS,
     rule: str | None = None,
-    confidence: float = 0.95,
+    confidence: float = 0.8,
     max_k: int | None = None,
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `rule`: drop,
     any-success or bad-below (default: bad-below when `bad_below` is given, else drop);
     `confidence`: the drop test's (1 - its error rate) and the intervals' level; `max_k`: the
-    most rollouts a probe draws under the drop rule (default 6k). `continuous`:
-    continuous rounds instead of lockstep ones; `speculate`: sample probes a search may ask
+    most rollouts a probe draws under the drop rule, and its search's budget a level (default
+    4k). `continuous`: continuous rounds instead of lockstep ones; `speculate`: sample probes a search may ask
     next into idle engine slots (`run_searches`); the same labels either way. `counts`, when
     given, gains what speculation cost (speculative_rollouts, speculative_rollouts_unused,
     speculative_tokens_unused); label_rollouts and label_tokens count only rollouts used.
