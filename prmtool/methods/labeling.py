@@ -445,11 +445,11 @@ def check_rule(rule: str | None, bad_below: float | None) -> str:
     return rule
 
 
-def step_intervals(step_counts: list[Counts | None] | None, confidence: float) -> tuple[list | None, list | None]:
-    """Each measured step's Wilson interval (step_mc_low, step_mc_high); None where unmeasured."""
+def step_intervals(step_counts: list[Counts | None] | None) -> tuple[list | None, list | None]:
+    """Each measured step's 95% Wilson interval (step_mc_low, step_mc_high); None where unmeasured."""
     if step_counts is None:
         return None, None
-    bounds = [None if counts is None else wilson_interval(*counts, confidence) for counts in step_counts]
+    bounds = [None if counts is None else wilson_interval(*counts) for counts in step_counts]
     return [None if b is None else b[0] for b in bounds], [None if b is None else b[1] for b in bounds]
 
 
@@ -502,7 +502,7 @@ def label_rows(
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `rule`: drop,
     any-success or bad-below (default: bad-below when `bad_below` is given, else drop);
-    `confidence`: the drop test's (1 - its error rate) and the intervals' level; `max_k`: the
+    `confidence`: the drop test's (1 - its error rate); `max_k`: the
     most rollouts a probe draws under the drop rule, and its search's budget a level (default
     4k). `continuous`: continuous rounds instead of lockstep ones; `speculate`: sample probes a search may ask
     next into idle engine slots (`run_searches`); the same labels either way. `counts`, when
@@ -579,7 +579,7 @@ def label_rows(
 
     if which_steps != "all":
         results = [_within(result, window) for result, window in zip(results, windows)]
-    intervals = [step_intervals(r.step_counts, confidence) for r in results]
+    intervals = [step_intervals(r.step_counts) for r in results]
     return frame.with_columns(
         pl.Series("step_mc", [r.step_mc for r in results], dtype=pl.List(pl.Float64)),
         pl.Series("step_mc_low", [low for low, _ in intervals], dtype=pl.List(pl.Float64)),

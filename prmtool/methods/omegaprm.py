@@ -46,7 +46,7 @@ TREE_SCHEMA = {
     "prefix": pl.String,
     "prefix_steps": pl.List(pl.String),
     "mc": pl.Float64,
-    "mc_low": pl.Float64,  # mc's Wilson interval at the run's --confidence
+    "mc_low": pl.Float64,  # mc's 95% Wilson interval
     "mc_high": pl.Float64,
     "rollouts": pl.Int32,
 }
@@ -205,18 +205,16 @@ def grow_trees(
     return searches
 
 
-def tree_frame(
-    frame: pl.DataFrame, searches: dict[str, QuestionSearch], separator: str, confidence: float = 0.95
-) -> pl.DataFrame:
+def tree_frame(frame: pl.DataFrame, searches: dict[str, QuestionSearch], separator: str) -> pl.DataFrame:
     """One row per state of every kept question; screened-out questions give no rows. Each
-    state's MC comes with its Wilson interval at `confidence` (mc_low, mc_high)."""
+    state's MC comes with its 95% Wilson interval (mc_low, mc_high)."""
     rows = []
     for problem_id, search in searches.items():
         if not search.kept:
             continue
         problem, reference = frame["problem"][search.row], frame["reference_answer"].cast(pl.String)[search.row]
         for state in search.states:
-            low, high = wilson_interval(round(state.mc * state.rollouts), state.rollouts, confidence)
+            low, high = wilson_interval(round(state.mc * state.rollouts), state.rollouts)
             rows.append(
                 {
                     "problem_id": problem_id,

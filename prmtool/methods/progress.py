@@ -31,7 +31,12 @@ RATES = (np.arange(256) + 0.5) / 256
 LOG_RATE, LOG_MISS = np.log(RATES), np.log1p(-RATES)
 
 
-def wilson_interval(correct: int, sampled: int, confidence: float) -> tuple[float, float]:
+# The level of the intervals every measured MC estimate carries (step_mc_low / step_mc_high,
+# OmegaPRM's mc_low / mc_high): fixed, so they read the same whatever the drop rule's --confidence.
+INTERVAL_LEVEL = 0.95
+
+
+def wilson_interval(correct: int, sampled: int, confidence: float = INTERVAL_LEVEL) -> tuple[float, float]:
     """Wilson's score interval for a success rate measured as correct / sampled."""
     if sampled == 0:
         return 0.0, 1.0

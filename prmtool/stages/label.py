@@ -120,8 +120,7 @@ class LabelSettings(ModelSettings, WorkerSettings):
         float,
         typer.Option(
             help="drop: a search stops when the first error it found has this posterior chance of being the one "
-            "(1 - its error rate; 0.95 costs about 1.5x the rollouts of 0.8); also the level of step_mc_low / "
-            "step_mc_high.",
+            "(1 - its error rate; 0.95 costs about 1.5x the rollouts of 0.8).",
             min=0.5,
             max=0.9999,
         ),
@@ -436,7 +435,7 @@ def run(
         searches = grow_trees(
             frame, policy.get(), search_config, rollout_settings, make_splitter(settings.split), tracker
         )
-        tree = tree_frame(frame, searches, separator, settings.confidence)
+        tree = tree_frame(frame, searches, separator)
         stats.counts["tree_rollouts"] += sum(
             settings.screen_rollouts + question.search_rollouts for question in searches.values()
         )
