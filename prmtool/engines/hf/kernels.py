@@ -257,6 +257,9 @@ def shared_prefix_decode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     query_offsets = member_row[:, None] * query_row_stride + heads[:, None] * HEAD_DIM + dims[None, :]
     query = tl.load(query_ptr + query_offsets, mask=valid_query[:, None], other=0.0)
+    # The tile loop below is paged_decode_kernel's, with MEMBERS * GROUP_PAD query rows. (One
+    # shared @triton.jit helper passes Triton's interpreter; it stays unmerged until a GPU has
+    # compiled it: this version is the one tests/gpu passed on an H100.)
     running_max = tl.full([MEMBERS * GROUP_PAD], float("-inf"), tl.float32)
     running_sum = tl.zeros([MEMBERS * GROUP_PAD], tl.float32)
     acc = tl.zeros([MEMBERS * GROUP_PAD, HEAD_DIM], tl.float32)
