@@ -322,7 +322,7 @@ def packed_loss(model, batch: dict, device) -> torch.Tensor:
     return soft_cross_entropy(logits[0, _to_device(batch["where"], device)], targets) / len(targets)
 
 
-def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[float, int]:
+def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[torch.Tensor, int]:
     """One optimizer step over `rows` (lists of example indices), one forward pass; the loss
     is the mean over the step's labelled tokens. Returns it (on the device) and the tokens trained on."""
     batch = collate(examples, rows)
