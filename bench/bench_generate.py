@@ -118,7 +118,13 @@ hf,hf-no-cascade --model-dir DIR`, the same folder and requests, each engine in 
 2,044 decode steps in 50.5 s against 51.7 s: 24.7 ms a step either way, so the prompt's keys
 and values were not what a step waited for (the estimate above counted bytes, not the kernel's
 time). At 512 rows a 7B step is about 7.2 TFLOP of matrix products (11 ms at 650 TFLOP/s); the
-rest is not accounted for yet (a profile of the eager step is the next measurement). Bare vLLM
+rest is not accounted for yet. `--profile` is the next measurement: after each hf engine's timed
+pass it decodes the requests again (32 new tokens each, eagerly, the prompts cached) under
+torch's profiler and prints the kernels by GPU time:
+
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long --engines hf,hf-no-cascade --profile
+
+Bare vLLM
 was not rerun in that lease (the machine was handed back first): against the last lease's
 14,811 the long shape stays at about 0.84x.
 """
@@ -126,6 +132,7 @@ was not rerun in that lease (the machine was handed back first): against the las
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -211,6 +218,12 @@ def parse_args() -> argparse.Namespace:
         default="hf,vllm",
         help="with --shape: which engines run (hf, vllm; hf-no-cascade: the hf engine with each sample reading "
         "its prompt's keys and values itself)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --shape: after each hf engine's timed pass, decode its requests again (32 new tokens each, "
+        "eagerly) under torch's profiler and print the kernels by GPU time",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # with --shape: run one engine, print a JSON line
     parser.add_argument(
@@ -499,6 +512,7 @@ def side_by_side(args) -> None:
     for engine in engines:
         command = [sys.executable, __file__, "--worker", engine, "--shape", ",".join(args.shapes), "--arch", args.arch]
         command += ["--slots", args.slots, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        command += ["--profile"] if args.profile else []
         command += ["--model-dir", folder] if folder else []
         print(f"$ {' '.join(command)}", flush=True)
         # The worker touches CUDA before vLLM starts its engine process: forking then fails
@@ -600,6 +614,30 @@ def worker(args) -> None:
         row = dict(shape=shape, tokens=tokens, seconds=timer.seconds, tokens_per_second=tokens / timer.seconds,
                    slots=slots, peak_gib=peak)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
+        if args.profile and args.worker.startswith("hf"):
+            profile_decode(engine, requests, device)
+
+
+def profile_decode(engine, requests, device) -> None:
+    """Where the hf engine's decode time goes: the timed requests again, each cut to 32 new
+    tokens (their prompts are in the prefix cache by now, so decoding is most of the work),
+    decoded eagerly (a CUDA graph's replay hides its kernels); prints the kernels by GPU time
+    (CPU time on a CPU)."""
+    short = [dataclasses.replace(r, max_tokens=min(32, r.max_tokens)) for r in requests]
+    decoder = engine.decoder
+    graphs, decoder.use_cuda_graph = decoder.use_cuda_graph, False
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        engine.sample(short)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    decoder.use_cuda_graph = graphs
+    assert engine.decoder is decoder, "the profiled call must run on the timed call's decoder"
+    print(f"  {engine.last_stats.decode_steps} eager decode steps:", flush=True)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=20), flush=True)
 
 
 def main() -> None:

@@ -123,6 +123,14 @@ def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the
         assert re.search(rf"^{shape} +8 x 16 x n=4, 4..32 +hf +[\d,]+ +16 +nan +[\d.]+$", out, flags=re.MULTILINE)
 
 
+def test_bench_generate_compares_cascade_attention_and_profiles_the_decode():
+    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "short", "--engines", "hf,hf-no-cascade",
+                    "--profile")  # fmt: skip
+    for engine in ("hf", "hf-no-cascade"):
+        assert re.search(rf"^short +8 x 16 x n=4, 4..32 +{engine} +[\d,]+ ", out, flags=re.MULTILINE)
+    assert out.count("eager decode steps:") == 2 and "aten::mm" in out  # each engine's kernels, by time
+
+
 def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with_per_step_mc():
     """(a) label, (b) the naive binary search and (c) per-step MC label the same responses; on
     the CPU (b) and (c) drive the hf engine's own sample in place of bare vLLM."""
