@@ -36,6 +36,7 @@ from prmtool.engines.hf.generate import (
     wanted_blocks,
 )
 from prmtool.engines.hf.log_probs import choose_target_log_probs, triton_available
+from prmtool.engines.hf.transfer import on_device
 from prmtool.engines.model_files import locate_model
 
 DTYPES = {
@@ -386,7 +387,7 @@ class HFEngine(Engine):
         # response, with pad = eos), the reference code's bug. Without a mask SDPA runs its
         # fastest causal kernel.
         with attention_implementation(self.parts.config, self._scoring_attention), self._scoring_backbone() as backbone:
-            hidden = backbone(input_ids=self._to_device(input_ids), use_cache=False).last_hidden_state
+            hidden = backbone(input_ids=on_device(input_ids, self.device), use_cache=False).last_hidden_state
 
         # The hidden state at position t predicts token t + 1: only the positions that predict
         # continuation tokens go through the output head, flattened over the batch.
@@ -397,8 +398,8 @@ class HFEngine(Engine):
             rows += [row] * count
             positions += range(start, start + count)
             targets += request.continuation_ids
-        selected = hidden[self._to_device(torch.tensor(rows)), self._to_device(torch.tensor(positions))]
-        target_ids = self._to_device(torch.tensor(targets))
+        selected = hidden[on_device(torch.tensor(rows), self.device), on_device(torch.tensor(positions), self.device)]
+        target_ids = on_device(torch.tensor(targets), self.device)
         if self._fused_head:
             return hopper.head_target_log_probs(selected, self.model.get_output_embeddings().weight, target_ids)
         log_probs = []
@@ -419,13 +420,6 @@ class HFEngine(Engine):
         copied = torch.cuda.Event()
         copied.record()
         return host, copied
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the model's device. On CUDA through pinned memory: a copy from
-        ordinary (pageable) memory would first wait for all queued GPU work."""
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 even for a bf16 model: bf16 rounds a logit near 20 by up to 0.06,

@@ -60,9 +60,9 @@ from prmtool.engines.hf.kv_cache import (
     PrefixGroups,
     blocks_for,
     decode_kernel_available,
-    on_device,
     paged_attention,
 )
+from prmtool.engines.hf.transfer import on_device
 
 ATTENTION_WIDTH_STEP = 256
 PAGED_ATTENTION = "prmtool_paged"

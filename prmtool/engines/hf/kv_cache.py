@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prmtool.engines.hf.transfer import on_device
+
 BLOCK_SIZE = 16
 # Block 0 is never handed out: idle decode rows and prompt padding write their keys there.
 SCRATCH_BLOCK = 0
@@ -240,17 +242,6 @@ class PrefixGroups:
             self.block_tables[groups] = on_device(list(self.table_writes.values()), device, torch.int32)
         for writes in (self.member_writes, self.length_writes, self.table_writes, self.start_writes):
             writes.clear()
-
-
-def on_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """`values` (a list, array or CPU tensor) as a tensor on `device`, without waiting for the
-    device: on CUDA through pinned memory, which torch keeps until the copy has run. (A plain
-    copy from pageable memory waits for every step already queued, and the host would no
-    longer run a step ahead.)"""
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from prmtool.engines.base import EngineError
 from prmtool.engines.hf import varlen
+from prmtool.engines.hf.transfer import on_device
 from prmtool.engines.model_files import locate_model
 from prmtool.methods.training import Example, TrainingConfig, epoch_batches
 
@@ -297,20 +298,13 @@ def _report(unread: tuple[int, torch.Tensor, int] | None, total: int, losses: li
         on_step(StepReport(step, total, losses[-1], tokens))
 
 
-def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A batch tensor on the device without waiting for it: a copy from pageable memory first
-    waits for all the work queued (the previous step), pinned memory lets the host run ahead."""
-    if torch.device(device).type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def packed_loss(model, batch: dict, device) -> torch.Tensor:
-    """The mean loss over the labelled tokens of a `collate`d batch, in one forward pass."""
-    bounds = _to_device(batch["cu_seq_lens"], device)
+def packed_loss(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """The mean loss over the labelled tokens of a `collate`d batch, in one forward pass (its
+    tensors reach the GPU through pinned memory: the host builds the next step meanwhile)."""
+    bounds = on_device(batch["cu_seq_lens"], device)
     logits = model(
-        input_ids=_to_device(batch["input_ids"], device),
-        position_ids=_to_device(batch["position_ids"], device),
+        input_ids=on_device(batch["input_ids"], device),
+        position_ids=on_device(batch["position_ids"], device),
         # each sequence's bounds, read by the attention (varlen.py; flash-attn's names)
         cu_seq_lens_q=bounds,
         cu_seq_lens_k=bounds,
@@ -318,8 +312,8 @@ def packed_loss(model, batch: dict, device) -> torch.Tensor:
         max_length_k=batch["longest"],
         use_cache=False,
     ).logits
-    targets = _to_device(batch["targets"], device)
-    return soft_cross_entropy(logits[0, _to_device(batch["where"], device)], targets) / len(targets)
+    targets = on_device(batch["targets"], device)
+    return soft_cross_entropy(logits[0, on_device(batch["where"], device)], targets) / len(targets)
 
 
 def _optimizer_step(model, optimizer, scheduler, accelerator, examples, rows) -> tuple[torch.Tensor, int]:
