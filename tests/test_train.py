@@ -52,6 +52,38 @@ def test_loss_falls_and_the_folder_scores_every_step_with_score_prm(prmtool, tmp
     assert rows["step_rewards"].explode().is_between(0, 1).all()
 
 
+def test_in_a_log_file_progress_comes_as_plain_lines_with_the_running_loss(
+    prmtool, tmp_path, tiny_model_dir, monkeypatch
+):
+    """Where stderr is not a terminal (nohup, make, a Slurm log) there is no bar to update."""
+    monkeypatch.setenv("PRMTOOL_PROGRESS_SECONDS", "0.05")
+    model_dir = tmp_path / "prm"
+    args = [a for a in FAST if a != "-q"]
+    result = prmtool("train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "2", *args)
+    assert result.exit_code == 0, result.stderr
+    assert "train" in result.stderr and "optimizer steps" in result.stderr
+
+
+def test_two_processes_under_torchrun_share_the_rows_and_rank_0_writes(tmp_path, tiny_model_dir):
+    """Several GPUs work as several CPU processes do here (gloo instead of NCCL)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    model_dir = tmp_path / "prm"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "prmtool"]
+    command = launcher + ["train", str(LABELED), "-o", str(model_dir), "--base", str(tiny_model_dir)]
+    command += ["--max-steps", "3"]
+    command += FAST
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert manifest(model_dir)["training"]["steps"] == 3
+    assert not (model_dir / "checkpoint").exists()
+
+
 def test_a_rerun_is_skipped_and_a_changed_option_needs_overwrite(prmtool, tmp_path, tiny_model_dir):
     model_dir = tmp_path / "prm"
     args = ("train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "1", *FAST)

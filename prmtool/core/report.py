@@ -36,6 +36,7 @@ class Tracker:
 
     def __init__(self, total: int | None, bar: Progress | None = None, task=None) -> None:
         self.total, self.bar, self.task = total, bar, task
+        self.description: str | None = None  # set by describe(); the stage's name until then
         self.rows, self.tokens, self.work = 0, 0, 0
         self.work_unit: str | None = None
         self.tokens_per_row: int | None = None
@@ -55,8 +56,16 @@ class Tracker:
             self.bar.update(self.task, advance=rows, tokens=self.tokens)
 
     def describe(self, text: str) -> None:
-        """A new description at the bar's left, e.g. train's running loss."""
-        self.bar.update(self.task, description=text)
+        """A new description at the bar's left (or the plain lines'), e.g. train's running loss."""
+        self.description = text
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def set_total(self, total: int) -> None:
+        """The total, once the stage knows it (train: its optimizer steps)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
 
     def expect_tokens_per_row(self, tokens: int) -> None:
         """The most tokens a row can cost (e.g. n x max-tokens): the time left is then estimated
@@ -182,7 +191,7 @@ class PlainProgress:
         left, bound = tracker.seconds_left(elapsed)
         if left is not None:
             parts.append(f"{'at most ' if bound else ''}{clock(left)} left")
-        return f"{self.description}: {', '.join(parts)}"
+        return f"{tracker.description or self.description}: {', '.join(parts)}"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -263,7 +263,7 @@ def run(
         with stats.progress("train", None, unit="steps") as tracker:
 
             def on_step(report: engine.StepReport) -> None:
-                tracker.bar.update(tracker.task, total=report.total)
+                tracker.set_total(report.total)
                 tracker.describe(f"train (loss {report.loss:.4f})")
                 tracker.advance(1, report.tokens)
 
