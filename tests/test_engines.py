@@ -111,6 +111,21 @@ def test_a_sample_does_not_depend_on_what_else_is_in_the_batch(tiny_engine):
     assert single[0] == alone[0]  # sample 0 of a request is the same whatever n is
 
 
+def test_a_draining_batch_moves_its_last_rows_down_and_no_sample_changes(tiny_engine):
+    # A step computes every row up to the highest busy one. The first request (longest prompt
+    # plus max_tokens, so admitted first) takes rows 0-7 and ends after 2 tokens; the other's
+    # samples then sit in rows 8-15 over idle ones, and move down: steps compute 8 rows, not 16.
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=16)
+    long_prompt, short_prompt = prompts_of(tiny_engine, ["Add " + " + ".join(map(str, range(30))), "Solve for y."])
+    early = SamplingRequest(long_prompt, n=8, max_tokens=2, seed=1)
+    late = SamplingRequest(short_prompt, n=8, max_tokens=24, temperature=0.9, seed=2)
+    results = engine.sample([early, late])
+    stats = engine.last_stats
+    assert stats.compactions == 1
+    assert stats.decode_rows <= 16 * 2 + 8 * (stats.decode_steps - 2)
+    assert results == [engine.sample([request])[0] for request in (early, late)]
+
+
 def test_a_request_whose_samples_do_not_all_fit_starts_those_that_do(tiny_engine):
     # 2 + 3 + 3 samples on 4 slots: two generations' worth of work. Waiting for room for a whole
     # request would leave slots idle and take three (label's second stages, n=6 on 1,024 slots,

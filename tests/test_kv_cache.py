@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prmtool.engines.hf.kv_cache import BLOCK_SIZE, SCRATCH_BLOCK, BlockPool, KVCache, blocks_for, gathered_attention
+from prmtool.engines.hf.kv_cache import (
+    BLOCK_SIZE,
+    SCRATCH_BLOCK,
+    BlockPool,
+    KVCache,
+    PrefixGroups,
+    blocks_for,
+    gathered_attention,
+)
 
 
 def tokens(count: int, start: int = 0) -> list[int]:
@@ -71,6 +79,22 @@ def test_two_prompts_alike_admitted_together_chain_through_the_remembered_block(
     second = [pool.allocate(), pool.allocate()]
     pool.remember(second, prompt)  # same contents: the first blocks stay the remembered ones
     assert pool.cached_prefix(prompt, most_blocks=2) == first
+
+
+def test_a_row_that_moves_keeps_its_place_in_its_prefix_group():
+    """A draining batch moves its last rows down (BatchSampler._compact): the group that reads
+    their prompt once per step follows them."""
+    groups = PrefixGroups(num_rows=8, table_width=4, members_per_group=4, device=torch.device("cpu"))
+    groups.add([4, 5, 6], [7, 8])
+    groups.flush()
+    groups.move(6, 1)
+    groups.flush()
+    assert groups.members[0].tolist() == [4, 5, 1, -1]
+    assert groups.row_starts.tolist() == [0, 2 * BLOCK_SIZE, 0, 0, 2 * BLOCK_SIZE, 2 * BLOCK_SIZE, 0, 0]
+    groups.move(3, 2)  # a row in no group: nothing to follow
+    groups.remove(1)  # and the moved row leaves its group as any member does
+    groups.flush()
+    assert groups.members[0].tolist() == [4, 5, -1, -1] and groups.row_starts[1] == 0
 
 
 def test_gathered_attention_is_plain_causal_attention_over_the_blocks():

@@ -113,9 +113,13 @@ def test_hf_engine_draws_the_same_samples_with_and_without_shared_prefix_attenti
         with api.load_engine("hf", str(folder), device="cuda", dtype="float32", prefix_cache=False,
                              shared_prefix_attention=shared) as engine:  # fmt: skip
             prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(120))))
+            # The third request, longest in all, takes rows 0-7 and ends first: the second's
+            # group then moves from rows 16-18 down into them (a draining batch compacts).
             requests = [SamplingRequest(prompt, n=8, max_tokens=48, temperature=0.0, seed=0),
-                        SamplingRequest(prompt[:70], n=3, max_tokens=48, temperature=1.0, seed=1)]  # fmt: skip
+                        SamplingRequest(prompt[:70], n=3, max_tokens=48, temperature=1.0, seed=1),
+                        SamplingRequest(prompt + prompt[-40:], n=8, max_tokens=4, temperature=1.0, seed=2)]  # fmt: skip
             results = engine.sample(requests)
             assert (engine.decoder.prefix_groups is not None) == shared
+            assert engine.last_stats.compactions == 1
             samples[shared] = [[c.token_ids for c in completions] for completions in results]
     assert samples[True] == samples[False]

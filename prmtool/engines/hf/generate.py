@@ -85,6 +85,8 @@ class GenerationStats:
     preemptions: int = 0  # samples whose blocks were taken back mid-decode (recomputed later)
     kv_blocks: int = 0  # blocks of BLOCK_SIZE positions in the KV cache
     peak_blocks_used: int = 0
+    decode_rows: int = 0  # rows computed over all decode steps, idle ones included
+    compactions: int = 0  # times a draining batch's last rows moved down into idle ones
 
 
 @contextmanager
@@ -266,7 +268,8 @@ class PagedDecoder:
             [max_len] if self.use_kernel else [*range(ATTENTION_WIDTH_STEP, max_len, ATTENTION_WIDTH_STEP), max_len]
         )
         # A step runs the first `rows` rows only, the smallest of these that holds every active
-        # row (admission fills the lowest free rows): a draining batch stops paying for idle rows.
+        # row (admission fills the lowest free rows, and a draining batch's last rows move down):
+        # a draining batch stops paying for idle rows.
         self.row_counts = sorted({min(num_slots, 1 << k) for k in range(3, num_slots.bit_length() + 1)} | {num_slots})
         self.input_ids = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
         # Per-slot sampling parameters and random streams, filled when a sample is admitted.
@@ -286,6 +289,11 @@ class PagedDecoder:
         if self.use_cuda_graph:
             self._capture_graph(num_slots, max_len)  # the largest first: the pool is sized once
         self.setup_seconds = time.perf_counter() - started
+
+    def row_buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every device tensor with a row per slot: what moves when a sample changes rows."""
+        return (self.block_tables, self.end, self.active, self.input_ids, self.temperature, self.top_p,
+                self.uniforms, self.generated)  # fmt: skip
 
     def _decode_forward(self, rows: int, width: int) -> torch.Tensor:
         tables = self.block_tables[:rows, : blocks_for(width)]
@@ -452,6 +460,12 @@ class BatchSampler:
             free = self.slots.count(None)
             if self.queue and (free == len(self.slots) or free >= refill_threshold) and not self.waiting_for_blocks:
                 self._admit()
+            if self._worth_compacting():
+                # Rows are about to move: the step in flight is read first (one step unpipelined).
+                if in_flight is not None:
+                    self._collect(in_flight)
+                    in_flight = None
+                self._compact()
             launched = self._launch_decode_step() if self._active_slots() else None
             # The host reads step t-1's tokens while the device computes step t. A sample that
             # finished at t-1 got one more token at t; _collect drops it.
@@ -487,6 +501,37 @@ class BatchSampler:
             self.rows_to_reset = []
         if self.decoder.prefix_groups is not None:
             self.decoder.prefix_groups.flush()
+
+    def _worth_compacting(self) -> bool:
+        """A step computes every row up to the highest active one, and samples finish in any
+        order: in a draining batch the last rows hold on while most below them are idle. Moving
+        them down pays once the step's rows halve at least (while requests wait, refills keep
+        the rows full and nothing moves)."""
+        active = self._active_slots()
+        if not active:
+            return False
+        return self.decoder.step_rows(len(active) - 1) <= self.decoder.step_rows(active[-1]) // 2
+
+    def _compact(self) -> None:
+        """Move the active rows above the smallest row count that holds them all into the idle
+        rows below it: their block tables, positions and random streams move (the keys and
+        values stay in their blocks), so every sample goes on as it would have."""
+        decoder = self.decoder
+        self._reset_rows()  # rows freed earlier are idle on the device before others move in
+        active = self._active_slots()
+        limit = decoder.step_rows(len(active) - 1)
+        movers = [row for row in active if row >= limit]
+        idle = [row for row in range(limit) if self.slots[row] is None][: len(movers)]
+        source, target = on_device(movers, decoder.parts.device), on_device(idle, decoder.parts.device)
+        for buffer in decoder.row_buffers():
+            buffer[target] = buffer[source]  # the right side is gathered first: no row is read after it is written
+        for old, new in zip(movers, idle):
+            self.slots[new], self.slots[old] = self.slots[old], None
+            if decoder.prefix_groups is not None:
+                decoder.prefix_groups.move(old, new)
+        self.rows_to_reset += movers
+        self._reset_rows()
+        self.stats.compactions += 1
 
     def _preempt(self, row: int) -> None:
         """Free a decoding sample's blocks for others; it starts again later from its prompt and
@@ -683,6 +728,7 @@ class BatchSampler:
         decoder.end[:rows].add_(active).clamp_(max=decoder.max_len - 1)
         decoder.generated[:rows].add_(active).clamp_(max=decoder.max_tokens - 1)
         self.stats.decode_steps += 1
+        self.stats.decode_rows += rows
         host_tokens = decoder.host_tokens[self.stats.decode_steps % 2][:rows]
         host_tokens.copy_(tokens, non_blocking=True)
         done = None

@@ -170,6 +170,7 @@ class PrefixGroups:
         self.free_groups = list(range(capacity - 1, -1, -1))  # popped from the end: lowest first
         self.group_of_row: dict[int, tuple[int, int]] = {}  # row -> (group, its place in the group)
         self.size = [0] * capacity
+        self.length = [0] * capacity  # positions each group shares
         # Device writes not flushed yet, by index (the last write to an index wins).
         self.member_writes: dict[tuple[int, int], int] = {}
         self.length_writes: dict[int, int] = {}
@@ -200,6 +201,7 @@ class PrefixGroups:
             self.table_writes[group] = table
             for place in range(self.members_per_group):
                 self.member_writes[(group, place)] = chunk[place] if place < len(chunk) else -1
+            self.length[group] = length
             for place, row in enumerate(chunk):
                 self.group_of_row[row] = (group, place)
                 self.start_writes[row] = length
@@ -215,6 +217,15 @@ class PrefixGroups:
         if self.size[group] == 0:
             self.length_writes[group] = 0
             self.free_groups.append(group)
+
+    def move(self, source: int, target: int) -> None:
+        """The sample decoding in row `source` goes on in row `target` (an idle row), in its group."""
+        if source not in self.group_of_row:
+            return
+        group, place = self.group_of_row.pop(source)
+        self.group_of_row[target] = (group, place)
+        self.member_writes[(group, place)] = target
+        self.start_writes[source], self.start_writes[target] = 0, self.length[group]
 
     def clear(self) -> None:
         """No groups (a new sampling call: a call that raised may have left some behind)."""
