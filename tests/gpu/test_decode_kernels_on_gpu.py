@@ -120,6 +120,6 @@ def test_hf_engine_draws_the_same_samples_with_and_without_shared_prefix_attenti
                         SamplingRequest(prompt + prompt[-40:], n=8, max_tokens=4, temperature=1.0, seed=2)]  # fmt: skip
             results = engine.sample(requests)
             assert (engine.decoder.prefix_groups is not None) == shared
-            assert engine.last_stats.compactions == 1
+            assert engine.last_stats.compactions >= 1
             samples[shared] = [[c.token_ids for c in completions] for completions in results]
     assert samples[True] == samples[False]

@@ -269,8 +269,9 @@ class PagedDecoder:
         )
         # A step runs the first `rows` rows only, the smallest of these that holds every active
         # row (admission fills the lowest free rows, and a draining batch's last rows move down):
-        # a draining batch stops paying for idle rows.
-        self.row_counts = sorted({min(num_slots, 1 << k) for k in range(3, num_slots.bit_length() + 1)} | {num_slots})
+        # a draining batch stops paying for idle rows. Steps of ROW_COUNT_STEP rows above it: a
+        # step's cost follows its rows, and each count is one CUDA graph more.
+        self.row_counts = row_counts(num_slots)
         self.input_ids = torch.zeros(num_slots, 1, dtype=torch.long, device=device)
         # Per-slot sampling parameters and random streams, filled when a sample is admitted.
         self.temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
@@ -504,13 +505,13 @@ class BatchSampler:
 
     def _worth_compacting(self) -> bool:
         """A step computes every row up to the highest active one, and samples finish in any
-        order: in a draining batch the last rows hold on while most below them are idle. Moving
-        them down pays once the step's rows halve at least (while requests wait, refills keep
-        the rows full and nothing moves)."""
-        active = self._active_slots()
-        if not active:
+        order: in a draining batch the last rows hold on while most below them are idle. They
+        move down once fewer rows would hold them all and no waiting request will fill the idle
+        rows first."""
+        if self.queue and not self.waiting_for_blocks:
             return False
-        return self.decoder.step_rows(len(active) - 1) <= self.decoder.step_rows(active[-1]) // 2
+        active = self._active_slots()
+        return bool(active) and self.decoder.step_rows(len(active) - 1) < self.decoder.step_rows(active[-1])
 
     def _compact(self) -> None:
         """Move the active rows above the smallest row count that holds them all into the idle
@@ -866,6 +867,17 @@ def choose_num_blocks(parts: ModelParts, wanted: int, num_slots: int, vocab_size
     workspace = num_slots * 5 * 4 * vocab_size + 4 * 2**30
     block_bytes = BLOCK_SIZE * kv_bytes_per_token(parts.config, parts.dtype)
     return max(2, min(wanted, int(0.9 * (free_bytes - workspace)) // block_bytes))
+
+
+# Row counts a decode step may run: powers of two up to this, then its multiples.
+ROW_COUNT_STEP = 64
+
+
+def row_counts(num_slots: int) -> list[int]:
+    """The row counts a decoder of `num_slots` slots runs steps at (one CUDA graph each)."""
+    powers = [1 << k for k in range(3, ROW_COUNT_STEP.bit_length())]
+    counts = powers + list(range(ROW_COUNT_STEP, num_slots, ROW_COUNT_STEP))
+    return sorted({min(num_slots, count) for count in counts} | {num_slots})
 
 
 def round_up(value: int, multiple: int) -> int:
