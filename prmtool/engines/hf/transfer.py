@@ -13,6 +13,6 @@ def on_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     if dtype is None:
         dtype = values.dtype if isinstance(values, torch.Tensor) else torch.long
     tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
+    if device.type != "cuda" or tensor.is_cuda:  # a tensor on the GPU already (Trainer moves batches itself)
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
