@@ -217,7 +217,7 @@ def parse_args() -> argparse.Namespace:
         "--engines",
         default="hf,vllm",
         help="with --shape: which engines run (hf, vllm; hf-no-cascade: the hf engine with each sample reading "
-        "its prompt's keys and values itself)",
+        "its prompt's keys and values itself; hf-no-compaction: with a draining batch's rows left in place)",
     )
     parser.add_argument(
         "--profile",
@@ -581,6 +581,7 @@ def worker(args) -> None:
             eos_token_ids=stop_ids,
             max_batch_size=int(args.slots.split(",")[0]),
             shared_prefix_attention=args.worker != "hf-no-cascade",
+            compact_rows=args.worker != "hf-no-compaction",
         )
     else:
         import vllm

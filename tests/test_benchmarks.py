@@ -129,6 +129,18 @@ def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the
     assert out.count("eager decode steps:") == 4 and "aten::mm" in out  # two engines x two shapes
 
 
+def test_bench_generate_eos_every_ends_samples_early_and_the_rows_compact():
+    """--eos-every N: samples end at random, as rollouts do; hf-no-compaction leaves the rows in place."""
+    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "long", "--engines", "hf,hf-no-compaction",
+                    "--eos-every", "4")  # fmt: skip
+    stats = dict(re.findall(r"--worker (\S+) .*\n.*\n  hf engine, long: GenerationStats\((.*)\)", out))
+    compactions = {engine: int(re.search(r"compactions=(\d+)", line)[1]) for engine, line in stats.items()}
+    assert compactions["hf"] > 0 and compactions["hf-no-compaction"] == 0
+    generated = [int(re.search(r"generated_tokens=(\d+)", line)[1]) for line in stats.values()]
+    # one token id in 4 ends a sample: about 4 tokens a sample, where max_tokens averages 18
+    assert all(tokens / (8 * 4) < 10 for tokens in generated)
+
+
 def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with_per_step_mc():
     """(a) label, (b) the naive binary search and (c) per-step MC label the same responses; on
     the CPU (b) and (c) drive the hf engine's own sample in place of bare vLLM."""

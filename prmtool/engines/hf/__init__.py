@@ -88,6 +88,9 @@ class HFEngine(Engine):
         the one a fresh engine draws; off, a sample depends on its seed alone (as before).
       shared_prefix_attention: on CUDA, a decode step reads the keys and values of a prompt
         once for all its samples rather than once per sample (cascade attention; default True).
+      compact_rows: when samples finish and no request waits for their rows, move the busy
+        rows above the fewest that hold them into idle ones, so a step computes about as many
+        rows as are busy (default True; off, a step computes every row up to the highest busy one).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class HFEngine(Engine):
         kv_cache_tokens: int | None = None,
         prefix_cache: bool = True,
         shared_prefix_attention: bool = True,
+        compact_rows: bool = True,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -116,6 +120,7 @@ class HFEngine(Engine):
         self.kv_cache_tokens = kv_cache_tokens
         self.prefix_cache = prefix_cache
         self.shared_prefix_attention = shared_prefix_attention
+        self.compact_rows = compact_rows
         self.seed_source = random.Random(seed)
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids or default_eos_token_ids(model, tokenizer))
         config = model.config.get_text_config()
@@ -279,6 +284,7 @@ class HFEngine(Engine):
             self.max_batch_tokens,
             on_progress,
             follow_up,
+            compact_rows=self.compact_rows,
         )
 
     def _run_sampler(self, requests, on_progress) -> list[list[Completion]]:

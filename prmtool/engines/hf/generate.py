@@ -389,8 +389,10 @@ class BatchSampler:
         max_prefill_tokens: int,
         on_progress: ProgressCallback | None,
         follow_up: Callable[[list[int]], list[tuple[SamplingRequest, int]]] | None = None,
+        compact_rows: bool = True,
     ):
         self.decoder = decoder
+        self.compact_rows = compact_rows  # move a draining batch's last rows down (_compact)
         self.tokenizer = tokenizer
         self.requests: list[SamplingRequest] = []
         self.eos_token_ids = eos_token_ids
@@ -508,7 +510,7 @@ class BatchSampler:
         order: in a draining batch the last rows hold on while most below them are idle. They
         move down once fewer rows would hold them all and no waiting request will fill the idle
         rows first."""
-        if self.queue and not self.waiting_for_blocks:
+        if not self.compact_rows or (self.queue and not self.waiting_for_blocks):
             return False
         active = self._active_slots()
         return bool(active) and self.decoder.step_rows(len(active) - 1) < self.decoder.step_rows(active[-1])
