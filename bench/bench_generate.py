@@ -127,6 +127,25 @@ torch's profiler and prints the kernels by GPU time:
 Bare vLLM
 was not rerun in that lease (the machine was handed back first): against the last lease's
 14,811 the long shape stays at about 0.84x.
+
+A correction to the FLOP count above: the long shape's batch does not stay at 512 rows. Its
+requests' lengths spread over 256-2,048 tokens and the longest start in the lowest rows, so the
+batch drains from the top and a step runs only up to the highest busy row: the engine's own
+count (`GenerationStats.decode_rows`, the same requests on the tiny CPU model) is 666,216 rows
+over 2,046 steps, 326 a step on average, about 4.6 TFLOP (7 ms at 650 TFLOP/s) of the 24.7 ms.
+
+Where samples end at EOS in any order (rollouts do; these shapes ignore EOS), the busy rows are
+scattered, and a step used to compute every row up to the highest busy one. A draining batch
+now moves its last rows down into idle ones (`compact_rows`, default on). `--eos-every N` makes
+every N-th token id end a sample on both engines, and `--engines hf,hf-no-compaction` runs the
+engine with and without moving rows, for that regime:
+
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long --engines hf,hf-no-compaction,vllm \
+        --eos-every 700
+
+On the tiny CPU model (64 prompts x 8 samples of up to 1,024 tokens, one token id in 700 ending
+a sample) that computed 252,416 rows for 218,411 tokens against 524,288 (24 s against 99 s); not
+yet measured on a GPU.
 """
 
 from __future__ import annotations
