@@ -140,8 +140,8 @@ now moves its last rows down into idle ones (`compact_rows`, default on). `--eos
 every N-th token id end a sample on both engines, and `--engines hf,hf-no-compaction` runs the
 engine with and without moving rows, for that regime:
 
-    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long --engines hf,hf-no-compaction,vllm \
-        --eos-every 700
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long --eos-every 700 \\
+        --engines hf,hf-no-compaction,vllm
 
 On the tiny CPU model (64 prompts x 8 samples of up to 1,024 tokens, one token id in 700 ending
 a sample) that computed 252,416 rows for 218,411 tokens against 524,288 (24 s against 99 s); not
