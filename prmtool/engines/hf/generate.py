@@ -522,8 +522,10 @@ class BatchSampler:
         decoder = self.decoder
         self._reset_rows()  # rows freed earlier are idle on the device before others move in
         active = self._active_slots()
-        limit = decoder.step_rows(len(active) - 1)
+        limit = decoder.step_rows(len(active) - 1) if active else 0
         movers = [row for row in active if row >= limit]
+        if not movers:  # the step just read finished the rows that would have moved
+            return
         idle = [row for row in range(limit) if self.slots[row] is None][: len(movers)]
         source, target = on_device(movers, decoder.parts.device), on_device(idle, decoder.parts.device)
         for buffer in decoder.row_buffers():
