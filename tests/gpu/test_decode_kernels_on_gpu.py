@@ -4,10 +4,10 @@ without CUDA; on the GPU machine:
 
     python -m pytest -v -m gpu tests/gpu/test_decode_kernels_on_gpu.py
 
-The float32 kernel tests also run on a CPU under Triton's interpreter (pip install triton):
+The float32 tests also run on a CPU under Triton's interpreter (pip install triton):
 
     TRITON_INTERPRET=1 PRMTOOL_KERNEL_TEST_DEVICE=cpu \
-        python -m pytest -v -m gpu tests/gpu/test_decode_kernels_on_gpu.py -k kernel
+        python -m pytest -v -m gpu tests/gpu/test_decode_kernels_on_gpu.py
 """
 
 from __future__ import annotations
@@ -99,27 +99,31 @@ def test_kernel_in_bfloat16_stays_within_rounding_of_the_reference():
     torch.testing.assert_close(grouped.float(), expected, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the engine test needs CUDA")
-def test_hf_engine_draws_the_same_samples_with_and_without_shared_prefix_attention(tmp_path):
-    """n samples of one long prompt read its blocks once per step (cascade); greedy float32
-    decoding gives the same tokens as each sample reading them itself."""
+def test_hf_engine_draws_the_same_samples_with_and_without_cascade_attention_and_moving_rows(tmp_path, monkeypatch):
+    """n samples of one long prompt read its blocks once per step (cascade), and a draining
+    batch's last rows move down with their prefix group; float32 decoding gives the same tokens
+    as each sample reading its blocks itself and as rows left in place. (Under Triton's
+    interpreter on CPU the engine is told the kernel runs there.)"""
     import prmtool as api
+    import prmtool.engines.hf.generate as generate
     from prmtool.engines import SamplingRequest
     from tests.gpu.test_engines_on_gpu import save_model
 
+    if DEVICE == "cpu":
+        monkeypatch.setattr(generate, "decode_kernel_available", lambda device, head_dim: True)
     folder = save_model(tmp_path / "policy", seed=0)
     samples = {}
-    for shared in (True, False):
-        with api.load_engine("hf", str(folder), device="cuda", dtype="float32", prefix_cache=False,
-                             shared_prefix_attention=shared) as engine:  # fmt: skip
+    for shared, compact in ((True, True), (False, True), (True, False)):
+        with api.load_engine("hf", str(folder), device=DEVICE, dtype="float32", prefix_cache=False,
+                             shared_prefix_attention=shared, compact_rows=compact) as engine:  # fmt: skip
             prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(120))))
             # The third request, longest in all, takes rows 0-7 and ends first: the second's
             # group then moves from rows 16-18 down into them (a draining batch compacts).
-            requests = [SamplingRequest(prompt, n=8, max_tokens=48, temperature=0.0, seed=0),
-                        SamplingRequest(prompt[:70], n=3, max_tokens=48, temperature=1.0, seed=1),
+            requests = [SamplingRequest(prompt, n=8, max_tokens=24, temperature=0.0, seed=0),
+                        SamplingRequest(prompt[:70], n=3, max_tokens=24, temperature=1.0, seed=1),
                         SamplingRequest(prompt + prompt[-40:], n=8, max_tokens=4, temperature=1.0, seed=2)]  # fmt: skip
             results = engine.sample(requests)
-            assert (engine.decoder.prefix_groups is not None) == shared
-            assert engine.last_stats.compactions >= 1
-            samples[shared] = [[c.token_ids for c in completions] for completions in results]
-    assert samples[True] == samples[False]
+            assert engine.decoder.use_kernel and (engine.decoder.prefix_groups is not None) == shared
+            assert (engine.last_stats.compactions >= 1) == compact
+            samples[shared, compact] = [[c.token_ids for c in completions] for completions in results]
+    assert samples[True, True] == samples[False, True] == samples[True, False]
