@@ -97,6 +97,15 @@ def test_bench_label_fidelity_measures_every_rule_through_label_and_writes_one_r
     assert len(re.findall(r"^\| 0\.7, 0\.1 \| drop \| binary \| ", out, flags=re.MULTILINE)) == 1
 
 
+def test_bench_label_fidelity_rates_known_tells_the_drop_rule_the_policys_rates():
+    """--rates-known: the upper bound a prior learned from the run's rollouts could approach."""
+    out = run_bench("bench/bench_label.py", "fidelity", "--quick", "--workers", "1", "--methods", "binary",
+                    "--rates-known", "--confidence", "0.999")  # fmt: skip
+    row = r"^\| 0\.7, 0\.0 \| drop, rates known \| binary \| ([\d.]+) \|.* \| ([\d.]+) \|$"
+    told = re.search(row, out, flags=re.MULTILINE)
+    assert float(told[1]) == 1.0 and float(told[2]) < 1.0  # exact, for fewer rollouts than any-success
+
+
 def test_bench_label_fidelity_reads_other_step_structures_and_refuses_bad_ones(tmp_path):
     rows = [
         {"steps": ["a", "b", "c"], "label": 1},
