@@ -929,7 +929,7 @@ def rates_known(p_good: float, p_bad: float):
     best approach."""
     from prmtool.methods import progress
 
-    def log_evidence(counts, first_bad):
+    def log_evidence(counts, first_bad, prior=None):  # told the rates, no prior is needed
         correct = np.array([c for c, _ in counts], dtype=float)
         missed = np.array([m - c for c, m in counts], dtype=float)
         good, bad = (correct * np.log(max(p, 1e-9)) + missed * np.log(max(1 - p, 1e-9)) for p in (p_good, p_bad))
