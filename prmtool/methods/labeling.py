@@ -529,7 +529,7 @@ def label_rows(
     which_steps: str = "all",
     tags: tuple[ThinkTags, ...] = KNOWN_TAGS,
     rule: str | None = None,
-    confidence: float = 0.8,
+    confidence: float = 0.9,
     max_k: int | None = None,
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `rule`: drop,
