@@ -431,16 +431,18 @@ def test_the_drop_rule_learns_the_rates_from_a_first_wave_of_responses(monkeypat
     """With 64 wrong responses, an eighth of them (16 at least) run first with the analytic
     prior and label as they would alone; the rest run with the prior those showed, told that
     rollouts recover about one time in ten, and find the first errors as well for a third fewer
-    rollouts than without it. The same seeds give the same labels."""
+    rollouts than without it. The same seeds give the same labels, in any rounds."""
     frame = responses(64, seed=7)
     truth = frame["true_first_error"]
 
-    def labeled():
-        engine = ScriptedRolloutEngine(answers_of(frame), p=0.7, p_bad=0.1)
-        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, confidence=0.9)
+    def labeled(continuous=False):
+        # continuous: results come back one request at a time, in a shuffled order
+        engine = (OneAtATimeEngine if continuous else ScriptedRolloutEngine)(answers_of(frame), p=0.7, p_bad=0.1)
+        engine.capacity = 1024  # idle slots to speculate into
+        return label_rows(frame, engine, "binary", k=8, settings=SETTINGS, confidence=0.9, continuous=continuous)
 
     learned = labeled()
-    assert labeled().equals(learned)
+    assert labeled(continuous=True).equals(learned)  # every search of a wave sees the same prior
     monkeypatch.setattr(labeling, "FIRST_WAVE", 64)  # more than half the searches: one wave, nothing learned
     alone = labeled()
     first_wave = [index * 4 for index in range(16)]  # spread evenly over the rows
