@@ -12,6 +12,9 @@ when one place holds `--confidence` of it (so the first error it reports is wron
 1 - confidence, given what it saw), and until then `most_informative` picks where the next
 rollouts tell the most about it.
 
+`learned_prior` fits a prior over the two rates to the searches a run has finished (empirical
+Bayes), which `labeling.drop_waves` gives the run's later searches in place of the analytic one.
+
 Counts are (correct, sampled) pairs throughout.
 """
 
