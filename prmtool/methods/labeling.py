@@ -15,7 +15,7 @@ engine call per round, as it does for OmegaPRM's question searches.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from prmtool.core.errors import InputError
-from prmtool.methods.progress import Counts, first_bad_posterior, most_informative, wilson_interval
+from prmtool.methods.progress import Counts, first_bad_posterior, learned_prior, most_informative, wilson_interval
 from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
 from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
@@ -261,6 +261,8 @@ class DropSearch:
     every_step: bool = False  # per-step MC: k rollouts from every prefix first, labels on every step
     soft: bool = False  # soft labels: every probed step_mc from k rollouts at least, as under the other rules
     window: tuple[int, int] | None = None  # --steps: the first error is searched among steps [first, last)
+    # over the (good, bad) rates (progress.learned_prior); None: the analytic prior of log_evidence
+    prior: np.ndarray | None = None
     spent: list[int] = field(default_factory=lambda: [0, 0])
 
     def __post_init__(self) -> None:
@@ -280,7 +282,7 @@ class DropSearch:
 
     def _posterior(self) -> np.ndarray:
         if self.posterior is None:  # once per round: the counts change only when results come
-            self.posterior = first_bad_posterior(self.counts, self.places)
+            self.posterior = first_bad_posterior(self.counts, self.places, self.prior)
         return self.posterior
 
     def _likeliest(self) -> tuple[int, float]:
@@ -324,7 +326,7 @@ class DropSearch:
         if not choices:  # every prefix worth probing is at max_k
             self.found = place
             return []
-        return most_informative(self.counts, self.places, choices)[:1]
+        return most_informative(self.counts, self.places, choices, self.prior)[:1]
 
     def _stage(self, prefix: int) -> int:
         return self._stage_after(self.counts[prefix][1])
@@ -390,6 +392,10 @@ class DropSearch:
         correct, sampled = self.counts[result.probe.prefix_steps]
         self.counts[result.probe.prefix_steps] = (correct + result.correct, sampled + result.probe.k)
 
+    def split(self) -> tuple[list[Counts], int]:
+        """The counts and the first bad prefix found: what this search shows about the two rates."""
+        return self.counts, self.found if self.found is not None else self._likeliest()[0]
+
     def outcome(self) -> RowLabels:
         if self.n_steps == 0:
             return RowLabels([], [], -1, *self.spent, step_counts=[])
@@ -432,6 +438,32 @@ def drop_levels(places: int) -> int:
     """The levels of a binary search over `places` candidate places of the first error,
     ceil(log2(places)): the drop rule's budget is --max-k rollouts for each."""
     return max(1, (places - 1).bit_length())
+
+
+# The drop rule's first wave: this many searches (or an eighth of them, if more), spread over the
+# rows, run with the analytic prior over the two rates; the rest run with a prior learned from
+# them (progress.learned_prior). Fewer drop searches than two waves' worth run in one, as before.
+FIRST_WAVE = 16
+
+
+def drop_waves(searches: dict) -> Iterator[dict]:
+    """The searches in the waves they run in, each wave a `run_searches` call: all at once, or
+    under the drop rule the first wave, then the rest with the prior over the two rates that the
+    first wave's searches showed (each search of a wave sees the same prior, so the labels are
+    the same whatever the rounds or speculation). Yields each wave after its searches' priors
+    are set, and learns from it once it has run."""
+    drops = [row for row, search in searches.items() if isinstance(search, DropSearch)]
+    if len(drops) < 2 * FIRST_WAVE:
+        yield searches
+        return
+    stride = len(drops) / max(FIRST_WAVE, len(drops) // 8)
+    first = {drops[int(index * stride)] for index in range(max(FIRST_WAVE, len(drops) // 8))}
+    yield {row: searches[row] for row in searches if row in first or row not in drops}
+    splits = [searches[row].split() for row in sorted(first) if searches[row].spent[0]]
+    prior = learned_prior(splits)
+    for row in drops:
+        searches[row].prior = prior
+    yield {row: searches[row] for row in drops if row not in first}
 
 
 def check_rule(rule: str | None, bad_below: float | None) -> str:
@@ -497,7 +529,7 @@ def label_rows(
     which_steps: str = "all",
     tags: tuple[ThinkTags, ...] = KNOWN_TAGS,
     rule: str | None = None,
-    confidence: float = 0.8,
+    confidence: float = 0.9,
     max_k: int | None = None,
 ) -> pl.DataFrame:
     """Pure core: verified responses in, the same rows with step labels out. `rule`: drop,
@@ -566,16 +598,17 @@ def label_rows(
         if tracker is not None:
             tracker.advance(1)
 
-    spent = run_searches(
-        searches, rollouts, on_done=finished, tracker=tracker, continuous=continuous, speculate=speculate
-    )
-    if counts is not None and spent.speculative_rollouts:
-        for name, count in (
-            ("speculative_rollouts", spent.speculative_rollouts),
-            ("speculative_rollouts_unused", spent.unused_rollouts),
-            ("speculative_tokens_unused", spent.unused_tokens),
-        ):
-            counts[name] = counts.get(name, 0) + count
+    for wave in drop_waves(searches):
+        spent = run_searches(
+            wave, rollouts, on_done=finished, tracker=tracker, continuous=continuous, speculate=speculate
+        )
+        if counts is not None and spent.speculative_rollouts:
+            for name, count in (
+                ("speculative_rollouts", spent.speculative_rollouts),
+                ("speculative_rollouts_unused", spent.unused_rollouts),
+                ("speculative_tokens_unused", spent.unused_tokens),
+            ):
+                counts[name] = counts.get(name, 0) + count
 
     if which_steps != "all":
         results = [_within(result, window) for result, window in zip(results, windows)]

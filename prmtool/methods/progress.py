@@ -12,6 +12,9 @@ when one place holds `--confidence` of it (so the first error it reports is wron
 1 - confidence, given what it saw), and until then `most_informative` picks where the next
 rollouts tell the most about it.
 
+`learned_prior` fits a prior over the two rates to the searches a run has finished (empirical
+Bayes), which `labeling.drop_waves` gives the run's later searches in place of the analytic one.
+
 Counts are (correct, sampled) pairs throughout.
 """
 
@@ -47,13 +50,10 @@ def wilson_interval(correct: int, sampled: int, confidence: float = INTERVAL_LEV
     return max(0.0, min(rate, centre - half)), min(1.0, max(rate, centre + half))  # rounding never excludes the rate
 
 
-def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
-    """log P(counts | the first bad prefix is f), for each f of `first_bad`: prefixes before f
-    share the good rate g, f and after share the bad one b < g, both integrated out (`counts[i]`
-    are prefix i's; f = len(counts) puts every prefix on the good side). Beforehand g is uniform
-    and the drop g - b, given g, more likely large than small: density 2 (g - b) / g^2 on
-    0 <= b < g. A drop of almost nothing then has almost no weight, so "no drop before this
-    step" can be shown without learning the bad rate to the last decimal."""
+def split_likelihoods(counts: Sequence[Counts], first_bad: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """The likelihood of each rate on the grid, of the good side and of the bad side, for each
+    distinct split of the counts among `first_bad` (scaled to at most 1, with the logs of their
+    scales), and which split each place makes."""
     correct = np.array([0] + [c for c, _ in counts], dtype=float).cumsum()
     sampled = np.array([0] + [m for _, m in counts], dtype=float).cumsum()
     # Places with no rollout between them split the counts alike: each split is weighed once.
@@ -64,20 +64,69 @@ def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarr
     bad = bad_correct[:, None] * LOG_RATE + (bad_sampled - bad_correct)[:, None] * LOG_MISS
     good_top, bad_top = good.max(axis=1), bad.max(axis=1)  # likelihoods scaled to at most 1
     good, bad = np.exp(good - good_top[:, None]), np.exp(bad - bad_top[:, None])
-    # sum over b < g of (g - b) L(b) = g * sum L(b) - sum b L(b): running sums, shifted by one
-    below = np.cumsum(bad, axis=1) - bad
-    below_rate = np.cumsum(bad * RATES, axis=1) - bad * RATES
-    weighed = np.maximum(RATES * below - below_rate, 0) * 2 / RATES**2
-    total = np.maximum((good * weighed).sum(axis=1), np.finfo(float).tiny)
-    return (np.log(total) + good_top + bad_top)[place_split.reshape(-1)]
+    return good, bad, good_top + bad_top, place_split.reshape(-1)
 
 
-def first_bad_posterior(counts: Sequence[Counts], first_bad: Sequence[int]) -> np.ndarray:
+def log_evidence(counts: Sequence[Counts], first_bad: Sequence[int], prior: np.ndarray | None = None) -> np.ndarray:
+    """log P(counts | the first bad prefix is f), for each f of `first_bad`: prefixes before f
+    share the good rate g, f and after share the bad one b < g, both integrated out (`counts[i]`
+    are prefix i's; f = len(counts) puts every prefix on the good side). Beforehand g is uniform
+    and the drop g - b, given g, more likely large than small: density 2 (g - b) / g^2 on
+    0 <= b < g. A drop of almost nothing then has almost no weight, so "no drop before this
+    step" can be shown without learning the bad rate to the last decimal. `prior`, when given,
+    replaces that one: weights over the grid's (g, b) pairs, as `learned_prior` makes them."""
+    good, bad, scale, place_split = split_likelihoods(counts, first_bad)
+    if prior is not None:
+        total = ((good @ prior) * bad).sum(axis=1)
+    else:
+        # sum over b < g of (g - b) L(b) = g * sum L(b) - sum b L(b): running sums, shifted by one
+        below = np.cumsum(bad, axis=1) - bad
+        below_rate = np.cumsum(bad * RATES, axis=1) - bad * RATES
+        weighed = np.maximum(RATES * below - below_rate, 0) * 2 / RATES**2
+        total = (good * weighed).sum(axis=1)
+    return (np.log(np.maximum(total, np.finfo(float).tiny)) + scale)[place_split]
+
+
+def first_bad_posterior(
+    counts: Sequence[Counts], first_bad: Sequence[int], prior: np.ndarray | None = None
+) -> np.ndarray:
     """The chance that each of `first_bad` is the first bad prefix, given the counts (every
-    place equally likely beforehand)."""
-    evidence = log_evidence(counts, first_bad)
+    place equally likely beforehand; the rates weighed by `prior`, see log_evidence)."""
+    evidence = log_evidence(counts, first_bad, prior)
     weights = np.exp(evidence - evidence.max())
     return weights / weights.sum()
+
+
+# The analytic prior of log_evidence as weights over the grid: what a learned prior starts from.
+GOOD, BAD = RATES[:, None], RATES[None, :]
+DEFAULT_PRIOR = np.where(BAD < GOOD, 2 * (GOOD - BAD) / GOOD**2, 0)
+DEFAULT_PRIOR /= DEFAULT_PRIOR.sum()
+# How many responses' worth the analytic prior counts for against the learned one, and the
+# rounds of expectation-maximisation that fit the learned one.
+PRIOR_WEIGHT = 4
+PRIOR_ITERATIONS = 20
+
+
+def learned_prior(
+    finished: Sequence[tuple[Sequence[Counts], int]], weight: float = PRIOR_WEIGHT, iterations: int = PRIOR_ITERATIONS
+) -> np.ndarray:
+    """An empirical-Bayes prior over the (good, bad) rates: the mixture of rate pairs that best
+    explains the finished searches' counts, each split at the first bad prefix it found
+    (`finished`: (counts, first bad prefix) pairs). A policy recovers from an error about as
+    often on one problem as on the next, so what the other responses showed about the two rates
+    tells a search what one response's few rollouts cannot. Fitted by expectation-maximisation
+    (each round: the average of the responses' posteriors over (g, b) under the last round's
+    prior), held towards the analytic prior by `weight` responses' worth of it."""
+    if not finished:
+        return DEFAULT_PRIOR
+    pairs = [split_likelihoods(counts, [first_bad]) for counts, first_bad in finished]
+    good = np.concatenate([pair[0] for pair in pairs])  # responses x grid
+    bad = np.concatenate([pair[1] for pair in pairs])
+    prior = DEFAULT_PRIOR
+    for _ in range(iterations):
+        each = np.maximum(((good @ prior) * bad).sum(axis=1), np.finfo(float).tiny)
+        prior = (weight * DEFAULT_PRIOR + prior * ((good / each[:, None]).T @ bad)) / (weight + len(finished))
+    return prior
 
 
 def entropy(posterior: np.ndarray) -> float:
@@ -85,7 +134,9 @@ def entropy(posterior: np.ndarray) -> float:
     return float(-(positive * np.log(positive)).sum())
 
 
-def expected_entropy(counts: Sequence[Counts], first_bad: Sequence[int], prefix: int, rollouts: int) -> float:
+def expected_entropy(
+    counts: Sequence[Counts], first_bad: Sequence[int], prefix: int, rollouts: int, prior: np.ndarray | None = None
+) -> float:
     """The uncertainty left about the first bad prefix, on average, after `rollouts` more
     rollouts from `prefix`: every number of them that may be right, weighed by its chance."""
     before = list(counts)
@@ -93,7 +144,7 @@ def expected_entropy(counts: Sequence[Counts], first_bad: Sequence[int], prefix:
     outcomes = []
     for right in range(rollouts + 1):
         before[prefix] = (correct + right, sampled + rollouts)
-        outcomes.append(log_evidence(before, first_bad) + math.log(math.comb(rollouts, right)))
+        outcomes.append(log_evidence(before, first_bad, prior) + math.log(math.comb(rollouts, right)))
     joint = np.array(outcomes)  # log P(right, b), up to one constant
     per_outcome = np.logaddexp.reduce(joint, axis=1)
     chances = np.exp(per_outcome - np.logaddexp.reduce(per_outcome))
@@ -102,15 +153,18 @@ def expected_entropy(counts: Sequence[Counts], first_bad: Sequence[int], prefix:
 
 
 def most_informative(
-    counts: Sequence[Counts], first_bad: Sequence[int], choices: Sequence[tuple[int, int]]
+    counts: Sequence[Counts],
+    first_bad: Sequence[int],
+    choices: Sequence[tuple[int, int]],
+    prior: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
     """`choices` of (prefix, rollouts), most informative first: by how much they are expected
     to narrow down the first bad prefix, per rollout (ties: the shorter prefix first)."""
-    now = entropy(first_bad_posterior(counts, first_bad))
+    now = entropy(first_bad_posterior(counts, first_bad, prior))
 
     def gain(choice: tuple[int, int]) -> float:
         prefix, rollouts = choice
-        return (now - expected_entropy(counts, first_bad, prefix, rollouts)) / rollouts
+        return (now - expected_entropy(counts, first_bad, prefix, rollouts, prior)) / rollouts
 
     gains = {choice: gain(choice) for choice in choices}
     return sorted(choices, key=lambda choice: (-gains[choice], choice[0]))

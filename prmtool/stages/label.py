@@ -120,11 +120,11 @@ class LabelSettings(ModelSettings, WorkerSettings):
         float,
         typer.Option(
             help="drop: a search stops when the first error it found has this posterior chance of being the one "
-            "(1 - its error rate; 0.95 costs about 1.5x the rollouts of 0.8).",
+            "(1 - its error rate; 0.95 costs about 1.3x the rollouts of 0.9).",
             min=0.5,
             max=0.9999,
         ),
-    ] = 0.8
+    ] = 0.9
     max_k: Annotated[
         int | None,
         typer.Option(
