@@ -126,26 +126,21 @@ def test_bench_label_fidelity_reads_other_step_structures_and_refuses_bad_ones(t
 
 
 def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the_table():
-    """hf-no-cascade: the hf engine with each sample reading its prompt itself; --profile prints
+    """Each engine in its own process over every shape; --eos-every 4 ends samples at random, as
+    rollouts end, and hf-no-compaction leaves a draining batch's rows in place; --profile prints
     each hf engine's decode kernels by time after its timed pass."""
-    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "short,long", "--engines", "hf,hf-no-cascade",
-                    "--profile")  # fmt: skip
+    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "short,long", "--engines", "hf,hf-no-compaction",
+                    "--eos-every", "4", "--profile")  # fmt: skip
     assert "--worker hf --shape short,long" in out  # one process for the engine, every shape in it
     for shape in ("short", "long"):  # requests, engine, tokens/s, slots, peak, seconds
-        for engine in ("hf", "hf-no-cascade"):
+        for engine in ("hf", "hf-no-compaction"):
             row = rf"^{shape} +8 x 16 x n=4, 4..32 +{engine} +[\d,]+ +16 +nan +[\d.]+$"
             assert re.search(row, out, flags=re.MULTILINE)
     assert out.count("eager decode steps:") == 4 and "aten::mm" in out  # two engines x two shapes
-
-
-def test_bench_generate_eos_every_ends_samples_early_and_the_rows_compact():
-    """--eos-every N: samples end at random, as rollouts do; hf-no-compaction leaves the rows in place."""
-    out = run_bench("bench/bench_generate.py", "--quick", "--shape", "long", "--engines", "hf,hf-no-compaction",
-                    "--eos-every", "4")  # fmt: skip
-    stats = dict(re.findall(r"--worker (\S+) .*\n.*\n  hf engine, long: GenerationStats\((.*)\)", out))
-    compactions = {engine: int(re.search(r"compactions=(\d+)", line)[1]) for engine, line in stats.items()}
-    assert compactions["hf"] > 0 and compactions["hf-no-compaction"] == 0
-    generated = [int(re.search(r"generated_tokens=(\d+)", line)[1]) for line in stats.values()]
+    stats = re.findall(r"^  hf engine, long: GenerationStats\((.*)\)$", out, flags=re.MULTILINE)
+    compactions = [int(re.search(r"compactions=(\d+)", line)[1]) for line in stats]
+    assert compactions[0] > 0 and compactions[1] == 0  # hf, then hf-no-compaction
+    generated = [int(re.search(r"generated_tokens=(\d+)", line)[1]) for line in stats]
     # one token id in 4 ends a sample: about 4 tokens a sample, where max_tokens averages 18
     assert all(tokens / (8 * 4) < 10 for tokens in generated)
 
