@@ -66,19 +66,14 @@ def test_in_a_log_file_progress_comes_as_plain_lines_with_the_running_loss(
 
 def test_two_processes_under_torchrun_share_the_rows_and_rank_0_writes(tmp_path, tiny_model_dir):
     """Several GPUs work as several CPU processes do here (gloo instead of NCCL)."""
-    import os
-    import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.gpu.test_train_on_gpu import prmtool as in_processes  # the command in processes of its own
 
     model_dir = tmp_path / "prm"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module", "prmtool"]
-    command = launcher + ["train", str(LABELED), "-o", str(model_dir), "--base", str(tiny_model_dir)]
-    command += ["--max-steps", "3"]
-    command += FAST
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--module")
+    args = ("train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "3", *FAST)
+    result = in_processes(*args, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert manifest(model_dir)["training"]["steps"] == 3
     assert not (model_dir / "checkpoint").exists()
