@@ -204,11 +204,11 @@ at (0.7, 0.0) with no more rollouts than any-success.
 
 With the rates learned from the run's other responses (a first wave of an eighth of the drop
 searches, then a prior over (p_good, p_bad) fitted to them for the rest; docs/algorithms.md, "The
-drop rule"), `python bench/bench_label.py fidelity --methods binary` (2026-12-06, tenth session,
-`--confidence 0.9 --max-k 32`, the defaults since), drop's binary search, exact at rollouts x
-any-success's: 0.990 at 0.55, 0.952 at 0.85, 0.932 at 2.21, 0.903 at 2.62, 0.947 at 0.97 for the
-five rows below in order: every target met but (0.7, 0.0) (1.000 only from --confidence 0.99, at
-1.10x). At 0.95: 0.995 at 0.68, 0.976 at 1.05, 0.952 at 2.97, 0.928 at 3.29, 0.981 at 1.26.
+drop rule") and a step called the error only on k rollouts from its prefix, `python
+bench/bench_label.py fidelity --methods binary` (2026-12-07, `--confidence 0.9 --max-k 32`, the
+defaults), drop's binary search, exact at rollouts x any-success's: 1.000 at 0.85, 0.952 at 1.06,
+0.942 at 2.35, 0.913 at 2.57, 0.952 at 1.37 for the five rows below in order: every target met.
+At 0.95: 1.000 at 0.90, 0.976 at 1.18, 0.966 at 3.02, 0.928 at 3.26, 0.976 at 1.56.
 
 Before the learned prior, `python bench/bench_label.py fidelity`, 2026-12-06 (`--confidence 0.8
 --max-k 32`, the defaults then), binary search:

@@ -240,11 +240,11 @@ class DropSearch:
     in doubt. Small stages let each rollout be placed with what the ones before it showed (a
     stage of k/4 cost a fifth more rollouts for the same exactness on the fidelity bench).
     Every prefix's stages continue one seeded stream. The search stops when one place holds
-    `confidence` of the posterior, or when the start has no right rollout in 2k (a problem the
-    policy does not solve has nowhere to drop: no step is shown to be the error, and the last
-    one is taken), or at its budget: max_k rollouts a level of a binary search over the same
-    places, then the likeliest place is reported. Per-step MC (`every_step`) first draws k from
-    every prefix, as Math-Shepherd does.
+    `confidence` of the posterior and its first bad prefix has k rollouts, or when the start
+    has no right rollout in 2k (a problem the policy does not solve has nowhere to drop: no step
+    is shown to be the error, and the last one is taken), or at its budget: max_k rollouts a
+    level of a binary search over the same places, then the likeliest place is reported.
+    Per-step MC (`every_step`) first draws k from every prefix, as Math-Shepherd does.
 
     Wrong responses: the full response is a bad prefix (its own outcome), so some place in
     the window is the first bad prefix, or the one after the window (the error lies after it).
@@ -311,6 +311,10 @@ class DropSearch:
         place, chance = self._likeliest()
         nothing_right = sum(correct for correct, _ in self.counts) == 0
         if chance >= self.confidence:
+            # A step is called the error only on k rollouts from its prefix at least, as under
+            # any-success: a few wrong ones from a good prefix are too likely to stand for a drop.
+            if place in self.probed and self.counts[place][1] < self.k and self._stage(place) > 0:
+                return [(place, self._stage(place))]
             self.found = place
             return []
         if self.spent[0] >= self.most_rollouts():  # the budget: the likeliest place, no drop if none was right

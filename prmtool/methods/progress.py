@@ -103,7 +103,7 @@ DEFAULT_PRIOR = np.where(BAD < GOOD, 2 * (GOOD - BAD) / GOOD**2, 0)
 DEFAULT_PRIOR /= DEFAULT_PRIOR.sum()
 # How many responses' worth the analytic prior counts for against the learned one, and the
 # rounds of expectation-maximisation that fit the learned one.
-PRIOR_WEIGHT = 4
+PRIOR_WEIGHT = 2
 PRIOR_ITERATIONS = 20
 
 
