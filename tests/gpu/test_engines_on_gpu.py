@@ -216,7 +216,7 @@ class CountingEngine:
 def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, models):
     import prmtool as api
     from prmtool.engines import SamplingRequest
-    from prmtool.methods.labeling import label_rows
+    from prmtool.methods.labeling import drop_levels, label_rows
     from prmtool.methods.rollouts import RolloutSettings
 
     frame = pl.read_parquet(ROOT / "data_samples/gsm8k/labeled/*.parquet").drop("step_labels", "first_error")
@@ -235,9 +235,11 @@ def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, mod
         settings = api.label.settings(k=4, max_tokens=16, method="binary")
         first = api.label.label_frame(frame, counting, settings)
         longest = max(len(s) for s in frame["steps"])
-        # a binary search over n steps probes ceil(log2(n)) + 1 prefixes, each in at most two
-        # stages (one rollout first, the rest only if it failed): rounds for all rows together
-        assert 1 <= counting.calls["sample"] <= 2 * ((longest - 1).bit_length() + 1)
+        # the drop rule (the default) draws one stage a round from each search, at least one
+        # rollout, and a search ends at its budget (max_k = 4k rollouts for each level of a
+        # binary search over its places) if not before: one engine call per round for all rows
+        # together, so never more calls than the longest search's budget
+        assert 1 <= counting.calls["sample"] <= 4 * 4 * drop_levels(longest)
         # continuous rounds: every probe, follow-ups included, through one engine call
         continuous = CountingEngine(engine)
         again = label_rows(frame, continuous, "binary", k=4, settings=RolloutSettings.of(settings, 2), continuous=True)
