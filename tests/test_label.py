@@ -644,10 +644,21 @@ def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_3k_rol
     """Nothing to fall from: the first error is the last step, the step that left the answer wrong
     (as the binary search's invariant has it), found once the start failed 2k rollouts."""
     frame = responses(10, seed=7)
-    labeled = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=0.0), "binary", k=4, settings=SETTINGS)
+    counts = {}
+    engine = ScriptedRolloutEngine(answers_of(frame), p=0.0)
+    labeled = label_rows(frame, engine, "binary", k=4, settings=SETTINGS, counts=counts)
     for steps, first_error, rollouts in labeled.select("steps", "first_error", "label_rollouts").iter_rows():
         assert first_error == len(steps) - 1
         assert rollouts <= 3 * 4  # k rollouts anywhere, then the start's 2k
+    # the summary says how many labels rest on no right rollout (a one-step response needs none:
+    # its step is the error)
+    searched = int((labeled["label_rollouts"] > 0).sum())
+    assert counts["wrong_responses_no_rollout_right"] == searched > 0
+    for rule, p in (("any-success", 0.0), ("drop", 0.7)):
+        counts = {}
+        label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=p), "binary", k=4, settings=SETTINGS,
+                   rule=rule, counts=counts)  # fmt: skip
+        assert counts["wrong_responses_no_rollout_right"] == (searched if p == 0 else 0)
     # --max-k as low as --k: the start stops at k, no stage is ever empty
     engine = ScriptedRolloutEngine(answers_of(frame), p=0.0)
     capped = label_rows(frame, engine, "binary", k=4, settings=SETTINGS, max_k=4)

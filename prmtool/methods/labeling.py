@@ -424,6 +424,13 @@ class DropSearch:
         return RowLabels(step_mc, labels, first_error, *self.spent, step_counts=step_counts)
 
 
+def right_rollouts(search, result: RowLabels) -> int:
+    """The right rollouts a finished search drew, from every prefix it probed (the drop rule's
+    start too, which no step's counts hold)."""
+    measured = sum(correct for correct, _ in filter(None, result.step_counts or []))
+    return measured + (search.counts[search.base][0] if isinstance(search, DropSearch) else 0)
+
+
 def labels_from_first_error(first_error: int | None, n_steps: int) -> list[int | None] | None:
     """Good before the first error, bad at it, unlabeled after; all good for -1; None for None."""
     if first_error is None:
@@ -614,6 +621,13 @@ def label_rows(
             ):
                 counts[name] = counts.get(name, 0) + count
 
+    if counts is not None:
+        # Labels that rest on no right rollout at all (a problem the policy never solved from any
+        # prefix): the summary says how many, since "first error found" reads better than it is.
+        wrong = [correct is False for correct in frame["correct"].to_list()]
+        unsolved = sum(wrong[row] and right_rollouts(search, results[row]) == 0
+                       for row, search in searches.items() if results[row].rollouts)  # fmt: skip
+        counts["wrong_responses_no_rollout_right"] = counts.get("wrong_responses_no_rollout_right", 0) + unsolved
     if which_steps != "all":
         results = [_within(result, window) for result, window in zip(results, windows)]
     intervals = [step_intervals(r.step_counts) for r in results]
