@@ -736,7 +736,8 @@ def long_prefixes(args) -> None:
         for engine in engines:
             command = [sys.executable, __file__, "long", "--worker", engine, "--responses", str(args.responses),
                        "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--arch", args.arch,
-                       "--workers", str(args.workers)] + (["--quick"] if args.quick else [])  # fmt: skip
+                       "--workers", str(args.workers), "--mc-responses", str(args.mc_responses)]  # fmt: skip
+            command += ["--quick"] if args.quick else []
             print(f"$ {' '.join(command)}", flush=True)
             finished = subprocess.run(command, stdout=subprocess.PIPE, text=True)
             print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")))
@@ -744,12 +745,15 @@ def long_prefixes(args) -> None:
             if finished.returncode != 0:
                 print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
         reference = next((row for row in rows if row["method"].startswith("(c)")), None)
-        print(f"\n{args.responses} responses, {args.arch}, k={args.k}, max_tokens={args.max_tokens}")
-        print("| method | seconds | labelled responses / GPU-hour | peak GiB | first errors as (c) |")
+        print(f"\n{args.responses} responses, {args.arch}, k={args.k}, max_tokens={args.max_tokens}"
+              f" ((c): the first {args.mc_responses})")  # fmt: skip
+        print("| method | responses | seconds | labelled responses / GPU-hour | peak GiB | first errors as (c) |")
         for row in rows:
+            # agreement over the responses (c) labelled: the first --mc-responses
             agree = "" if reference is None else f"{agreement(row['first_error'], reference['first_error']):.3f}"
-            per_hour = args.responses / row["seconds"] * 3600
-            print(f"| {row['method']} | {row['seconds']:.1f} | {per_hour:,.0f} | {row['peak_gib']:.1f} | {agree} |")
+            per_hour = len(row["first_error"]) / row["seconds"] * 3600
+            print(f"| {row['method']} | {len(row['first_error'])} | {row['seconds']:.1f} | {per_hour:,.0f} | "
+                  f"{row['peak_gib']:.1f} | {agree} |")  # fmt: skip
         return
 
     import torch
@@ -764,13 +768,13 @@ def long_prefixes(args) -> None:
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
     verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
 
-    def timed(method, run) -> None:
-        run(warmup)  # warm-up on other responses of the same lengths
+    def timed(method, run, rows: pl.DataFrame = frame) -> None:
+        run(warmup.head(max(1, warmup.height * rows.height // frame.height)))  # other responses, same lengths
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        first_error = run(frame)
+        first_error = run(rows)
         seconds = time.perf_counter() - started
         if device.type == "cuda" and args.worker == "hf":
             peak = torch.cuda.max_memory_reserved() / 2**30
@@ -798,7 +802,8 @@ def long_prefixes(args) -> None:
             bare = BareEngine(tokenizer, engine.sample)
             timed("(b) naive binary search, one sample() per round (hf, smoke)",
                   lambda rows: naive_binary_search(rows, bare, args.k, settings))  # fmt: skip
-            timed("(c) per-step MC, one sample() (hf, smoke)", lambda rows: per_step_mc(rows, bare, args.k, settings))
+            timed("(c) per-step MC, one sample() (hf, smoke)", lambda rows: per_step_mc(rows, bare, args.k, settings),
+                  frame.head(args.mc_responses))  # fmt: skip
         return
     import tempfile
 
@@ -826,7 +831,8 @@ def long_prefixes(args) -> None:
 
     bare = BareEngine(tokenizer, generate)
     timed("(b) naive binary search on bare vLLM", lambda rows: naive_binary_search(rows, bare, args.k, settings))
-    timed("(c) Math-Shepherd per-step MC on bare vLLM", lambda rows: per_step_mc(rows, bare, args.k, settings))
+    timed("(c) Math-Shepherd per-step MC on bare vLLM", lambda rows: per_step_mc(rows, bare, args.k, settings),
+          frame.head(args.mc_responses))  # fmt: skip
 
 
 def agreement(first_errors: list[int], reference: list[int]) -> float:
@@ -1054,6 +1060,13 @@ def main() -> None:
         "(default hf,vllm)",
     )
     parser.add_argument("--arch", choices=["0.5b", "1.5b", "7b"], default="7b", help="long: the Qwen2.5 architecture")
+    parser.add_argument(
+        "--mc-responses",
+        type=int,
+        default=None,
+        help="long: (c) labels only the first N responses (default: all); rates are per response, and the "
+        "agreement is over those N (every step x k rollouts: at 7B, 256 responses are about 25M tokens)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # long: the one engine this process runs
     parser.add_argument(
         "--modes",
@@ -1090,6 +1103,7 @@ def main() -> None:
         judge(args)
     elif args.which == "long":
         args.responses = int(args.responses or 256)
+        args.mc_responses = min(args.mc_responses or args.responses, args.responses)
         args.engine = args.engine or ("hf" if args.quick else "hf,vllm")
         long_prefixes(args)
     else:

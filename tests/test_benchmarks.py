@@ -149,11 +149,14 @@ def test_bench_label_long_labels_with_each_method_and_compares_first_errors_with
     """(a) label, (b) the naive binary search and (c) per-step MC label the same responses; on
     the CPU (b) and (c) drive the hf engine's own sample in place of bare vLLM."""
     out = run_bench(
-        "bench/bench_label.py", "long", "--quick", "--responses", "4", "--k", "2", "--max-tokens", "4", "--workers", "1"
-    )
-    rows = re.findall(r"^\| \((\w)\) .* \| [\d.]+ \| [\d,]+ \| nan \| ([\d.]+) \|$", out, flags=re.MULTILINE)
-    # Random weights never reach the answer: every method finds the first step wrong, alike.
-    assert [method for method, _ in rows] == ["a", "b", "c"] and all(float(agree) == 1.0 for _, agree in rows)
+        "bench/bench_label.py", "long", "--quick", "--responses", "4", "--mc-responses", "2", "--k", "2",
+        "--max-tokens", "4", "--workers", "1",
+    )  # fmt: skip
+    rows = re.findall(r"^\| \((\w)\) .* \| (\d+) \| [\d.]+ \| [\d,]+ \| nan \| ([\d.]+) \|$", out, flags=re.MULTILINE)
+    # (c) labels the first 2 only; random weights never reach the answer: every method finds the
+    # first step wrong, alike, on the responses they share.
+    assert [(method, count) for method, count, _ in rows] == [("a", "4"), ("b", "4"), ("c", "2")]
+    assert all(float(agree) == 1.0 for _, _, agree in rows)
 
 
 def test_bench_train_runs_prmtool_trl_1_13_and_trainer_on_the_same_tokens():
