@@ -309,7 +309,7 @@ class DropSearch:
         if self.every_step and any(self.counts[p][1] < self.k for p in self.probed):
             return [(p, self.k - self.counts[p][1]) for p in self.probed if self.counts[p][1] < self.k]
         place, chance = self._likeliest()
-        nothing_right = sum(correct for correct, _ in self.counts) == 0
+        nothing_right = self.right_rollouts() == 0
         if chance >= self.confidence:
             # A step is called the error only on k rollouts from its prefix at least, as under
             # any-success: a few wrong ones from a good prefix are too likely to stand for a drop.
@@ -396,6 +396,10 @@ class DropSearch:
         correct, sampled = self.counts[result.probe.prefix_steps]
         self.counts[result.probe.prefix_steps] = (correct + result.correct, sampled + result.probe.k)
 
+    def right_rollouts(self) -> int:
+        """Right rollouts drawn so far, from every prefix probed (the start included)."""
+        return sum(correct for correct, _ in self.counts)
+
     def split(self) -> tuple[list[Counts], int]:
         """The counts and the first bad prefix found: what this search shows about the two rates."""
         return self.counts, self.found if self.found is not None else self._likeliest()[0]
@@ -425,10 +429,11 @@ class DropSearch:
 
 
 def right_rollouts(search, result: RowLabels) -> int:
-    """The right rollouts a finished search drew, from every prefix it probed (the drop rule's
-    start too, which no step's counts hold)."""
-    measured = sum(correct for correct, _ in filter(None, result.step_counts or []))
-    return measured + (search.counts[search.base][0] if isinstance(search, DropSearch) else 0)
+    """The right rollouts a finished search drew, from every prefix it probed: the drop rule's
+    own count (its start holds some, which no step's counts do), else its steps' counts."""
+    if isinstance(search, DropSearch):
+        return search.right_rollouts()
+    return sum(correct for correct, _ in filter(None, result.step_counts or []))
 
 
 def labels_from_first_error(first_error: int | None, n_steps: int) -> list[int | None] | None:
@@ -582,7 +587,8 @@ def label_rows(
     if method == "omegaprm":
         method = "binary"  # the input rows' labels; the tree itself comes from prmtool.methods.omegaprm
     searches = {}
-    for row, (row_steps, correct) in enumerate(zip(steps, frame["correct"].to_list())):
+    outcomes = frame["correct"].to_list()
+    for row, (row_steps, correct) in enumerate(zip(steps, outcomes)):
         n_steps = len(row_steps or [])
         if correct is None:  # no reference answer (verify_status no_reference): no rollout can be judged
             results[row] = RowLabels([None] * n_steps, None, None, step_counts=[None] * n_steps)
@@ -624,8 +630,7 @@ def label_rows(
     if counts is not None:
         # Labels that rest on no right rollout at all (a problem the policy never solved from any
         # prefix): the summary says how many, since "first error found" reads better than it is.
-        wrong = [correct is False for correct in frame["correct"].to_list()]
-        unsolved = sum(wrong[row] and right_rollouts(search, results[row]) == 0
+        unsolved = sum(outcomes[row] is False and right_rollouts(search, results[row]) == 0
                        for row, search in searches.items() if results[row].rollouts)  # fmt: skip
         counts["wrong_responses_no_rollout_right"] = counts.get("wrong_responses_no_rollout_right", 0) + unsolved
     if which_steps != "all":

@@ -216,7 +216,7 @@ class CountingEngine:
 def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, models):
     import prmtool as api
     from prmtool.engines import SamplingRequest
-    from prmtool.methods.labeling import drop_levels, label_rows
+    from prmtool.methods.labeling import MAX_K_PER_K, drop_levels, label_rows
     from prmtool.methods.rollouts import RolloutSettings
 
     frame = pl.read_parquet(ROOT / "data_samples/gsm8k/labeled/*.parquet").drop("step_labels", "first_error")
@@ -239,7 +239,7 @@ def test_label_makes_one_engine_call_per_round_and_seeds_repeat(engine_name, mod
         # rollout, and a search ends at its budget (max_k = 4k rollouts for each level of a
         # binary search over its places) if not before: one engine call per round for all rows
         # together, so never more calls than the longest search's budget
-        assert 1 <= counting.calls["sample"] <= 4 * 4 * drop_levels(longest)
+        assert 1 <= counting.calls["sample"] <= MAX_K_PER_K * 4 * drop_levels(longest)  # k = 4
         # continuous rounds: every probe, follow-ups included, through one engine call
         continuous = CountingEngine(engine)
         again = label_rows(frame, continuous, "binary", k=4, settings=RolloutSettings.of(settings, 2), continuous=True)
