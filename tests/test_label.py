@@ -654,11 +654,15 @@ def test_a_response_whose_start_is_never_right_has_no_drop_and_ends_after_3k_rol
     # its step is the error)
     searched = int((labeled["label_rollouts"] > 0).sum())
     assert counts["wrong_responses_no_rollout_right"] == searched > 0
+    # and each row says it (train leaves such rows out): 0 right, null where nothing was drawn
+    drawn = labeled["label_rollouts"] > 0
+    assert labeled["label_right_rollouts"].to_list() == [0 if d else None for d in drawn]
     for rule, p in (("any-success", 0.0), ("drop", 0.7)):
         counts = {}
-        label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=p), "binary", k=4, settings=SETTINGS,
-                   rule=rule, counts=counts)  # fmt: skip
+        other = label_rows(frame, ScriptedRolloutEngine(answers_of(frame), p=p), "binary", k=4, settings=SETTINGS,
+                           rule=rule, counts=counts)  # fmt: skip
         assert counts["wrong_responses_no_rollout_right"] == (searched if p == 0 else 0)
+        assert (other["label_right_rollouts"].fill_null(0) > 0).sum() == (0 if p == 0 else searched)
     # --max-k as low as --k: the start stops at k, no stage is ever empty
     engine = ScriptedRolloutEngine(answers_of(frame), p=0.0)
     capped = label_rows(frame, engine, "binary", k=4, settings=SETTINGS, max_k=4)

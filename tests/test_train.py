@@ -179,6 +179,22 @@ def test_hard_soft_and_outcome_targets(tokenizer):
     assert targets(rows(), tokenizer, "outcome")[0] == [[1.0, 1.0], [0.0, 0.0, 0.0]]
 
 
+def test_wrong_responses_whose_labels_rest_on_no_right_rollout_are_left_out_unless_kept(tokenizer):
+    """label_right_rollouts 0 on a wrong response: the policy never solved the problem from any
+    prefix, so its labels name no error; outcome targets do not rest on rollouts."""
+    frame = rows().with_columns(label_right_rollouts=pl.Series([None, 0], dtype=pl.Int32))
+    assert targets(frame, tokenizer) == ([[1.0, 1.0]], {"responses_unsolved_skipped": 1, "responses_trained": 1,
+                                                        "steps_trained": 2})  # fmt: skip
+    assert len(targets(frame, tokenizer, "mc")[0]) == 1
+    assert len(targets(frame, tokenizer, "outcome")[0]) == 2
+    kept, _ = build_examples(
+        frame, tokenizer, target="label", scope="all", separator="\n", max_length=1000, skip_unsolved=False
+    )
+    assert [e.targets for e in kept] == [[1.0, 1.0], [1.0, 0.0]]
+    solved_once = frame.with_columns(label_right_rollouts=pl.Series([None, 1], dtype=pl.Int32))
+    assert len(targets(solved_once, tokenizer)[0]) == 2
+
+
 def test_steps_thinking_and_solution_split_at_thinking_steps(tokenizer):
     assert targets(rows(), tokenizer, "mc", "thinking")[0] == [[0.5]]  # the first row has no thinking
     assert targets(rows(), tokenizer, "mc", "solution")[0] == [[1.0, 0.75], [0.0, 0.0]]

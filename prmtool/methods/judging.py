@@ -71,7 +71,7 @@ def judge_rows(
     tracker: Tracker | None = None,
 ) -> pl.DataFrame:
     """Adds judge_first_error, judge_output (each sample's reply), first_error, step_labels,
-    step_mc (null), label_rollouts (0) and label_tokens. One engine call for every row."""
+    step_mc (null), label_rollouts (0), label_right_rollouts (null) and label_tokens. One engine call for every row."""
     from prmtool.engines import SamplingRequest
 
     steps = [list(s or []) for s in frame["steps"].to_list()]
@@ -111,5 +111,6 @@ def judge_rows(
         ),
         pl.Series("first_error", judged, dtype=pl.Int32),
         pl.Series("label_rollouts", [0] * frame.height, dtype=pl.Int32),
+        pl.Series("label_right_rollouts", [None] * frame.height, dtype=pl.Int32),  # no rollout ran
         pl.Series("label_tokens", tokens, dtype=pl.Int64),
     )

@@ -555,7 +555,8 @@ def label_rows(
     4k). `continuous`: continuous rounds instead of lockstep ones; `speculate`: sample probes a search may ask
     next into idle engine slots (`run_searches`); the same labels either way. `counts`, when
     given, gains what speculation cost (speculative_rollouts, speculative_rollouts_unused,
-    speculative_tokens_unused); label_rollouts and label_tokens count only rollouts used.
+    speculative_tokens_unused); label_rollouts, label_right_rollouts (null where none was drawn)
+    and label_tokens count only rollouts used.
     `which_steps` (`--steps`: thinking, solution or all) picks the steps of reasoning traces
     that are probed and labelled (by `thinking_steps`); the others' labels stay null."""
     if method not in METHODS:
@@ -627,11 +628,15 @@ def label_rows(
             ):
                 counts[name] = counts.get(name, 0) + count
 
-    if counts is not None:
-        # Labels that rest on no right rollout at all (a problem the policy never solved from any
-        # prefix): the summary says how many, since "first error found" reads better than it is.
-        unsolved = sum(outcomes[row] is False and right_rollouts(search, results[row]) == 0
-                       for row, search in searches.items() if results[row].rollouts)  # fmt: skip
+    # Right rollouts per row, from every prefix probed: a wrong response with none rests its labels
+    # on no right rollout at all (the policy never solved the problem from any prefix), so they say
+    # nothing about which step went wrong; train skips such rows. Null where no rollout was drawn.
+    right = [None] * frame.height
+    for row, search in searches.items():
+        if results[row].rollouts:
+            right[row] = right_rollouts(search, results[row])
+    if counts is not None:  # the summary says how many, since "first error found" reads better than it is
+        unsolved = sum(outcomes[row] is False and right[row] == 0 for row in searches)
         counts["wrong_responses_no_rollout_right"] = counts.get("wrong_responses_no_rollout_right", 0) + unsolved
     if which_steps != "all":
         results = [_within(result, window) for result, window in zip(results, windows)]
@@ -643,5 +648,6 @@ def label_rows(
         pl.Series("step_labels", [r.step_labels for r in results], dtype=pl.List(pl.Int8)),
         pl.Series("first_error", [r.first_error for r in results], dtype=pl.Int32),
         pl.Series("label_rollouts", [r.rollouts for r in results], dtype=pl.Int32),
+        pl.Series("label_right_rollouts", right, dtype=pl.Int32),
         pl.Series("label_tokens", [r.tokens for r in results], dtype=pl.Int64),
     )

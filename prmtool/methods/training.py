@@ -14,6 +14,12 @@ is trained exactly where it is later read. A step's target is the probability th
 `thinking_steps` of a reasoning trace), of the others, or of all; without a `thinking_steps`
 column every step is a solution step. The sequence ends at the last step that has a target:
 later tokens cannot change what a causal model reads before them.
+
+Unsolved rows: a wrong response whose `label_right_rollouts` is 0 drew no right rollout from any
+prefix (the policy never solved the problem), so its step labels and MC say nothing about which
+step went wrong (the drop rule reads them as "no drop": every step good but the last).
+`skip_unsolved` (the default for `label` and `mc`) leaves them out, as OmegaPRM screens out
+questions its policy never solves; `outcome` targets do not rest on rollouts and keep them.
 """
 
 from __future__ import annotations
@@ -69,15 +75,31 @@ def in_scope(targets: list[float | None], thinking_steps: int | None, scope: str
     return targets
 
 
+def unsolved(row: dict) -> bool:
+    """A wrong response whose labels rest on no right rollout (see the module's docstring)."""
+    return row.get("correct") is False and row.get("label_right_rollouts") == 0
+
+
 def build_examples(
-    frame: pl.DataFrame, tokenizer, *, target: str, scope: str, separator: str, max_length: int, source: str = ""
+    frame: pl.DataFrame,
+    tokenizer,
+    *,
+    target: str,
+    scope: str,
+    separator: str,
+    max_length: int,
+    source: str = "",
+    skip_unsolved: bool = True,
 ) -> tuple[list[Example], Counter]:
-    """The examples of a frame's rows, and counts: responses used and skipped (no target),
-    steps trained, and steps cut off by --max-length (with the responses that lost some)."""
+    """The examples of a frame's rows, and counts: responses used and skipped (no target,
+    unsolved), steps trained, and steps cut off by --max-length (with the responses that lost some)."""
     counts: Counter = Counter()
     examples = []
     has_thinking = "thinking_steps" in frame.columns
     for index, row in enumerate(frame.iter_rows(named=True)):
+        if skip_unsolved and target != "outcome" and unsolved(row):
+            counts["responses_unsolved_skipped"] += 1
+            continue
         try:
             targets = in_scope(step_targets(row, target), row["thinking_steps"] if has_thinking else None, scope)
         except ValueError as error:

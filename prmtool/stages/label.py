@@ -247,7 +247,7 @@ def label_frame(
     counts: MutableMapping[str, int] | None = None,
 ) -> pl.DataFrame:
     """The per-frame core: verified responses in, the same rows with step_mc, step_labels,
-    first_error, label_rollouts and label_tokens out. (`--method omegaprm` labels rows as
+    first_error, label_rollouts, label_right_rollouts and label_tokens out. (`--method omegaprm` labels rows as
     `binary` does; its tree comes from `prmtool.methods.omegaprm.grow_trees`.) `judge` and
     `consensus` add judge_first_error and judge_output; `consensus` also label_reason, null
     where the binary search and the judge agree (`judge_engine`: the critic, if not `engine`).
@@ -370,8 +370,8 @@ def run(
     inputs: list[str], output: Path, settings: LabelSettings, *, overwrite: bool, quiet: bool, partition: Partition
 ) -> Summary:
     """Label every step of every response by Monte Carlo rollouts from its prefixes. Writes
-    step_mc (with step_mc_low and step_mc_high), step_labels, first_error, label_rollouts and
-    label_tokens."""
+    step_mc (with step_mc_low and step_mc_high), step_labels, first_error, label_rollouts,
+    label_right_rollouts and label_tokens."""
     check_choices(settings)
     if settings.method == "omegaprm" and settings.tree_output is None:
         raise InputError("--method omegaprm needs --tree-output DIR")

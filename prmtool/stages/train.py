@@ -79,6 +79,17 @@ class TrainSettings:
             ),
         ),
     ] = "all"
+    skip_unsolved: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unsolved/--keep-unsolved",
+            help=(
+                "Leave out wrong responses whose labels rest on no right rollout (label_right_rollouts 0: the "
+                "policy never solved the problem from any prefix, so no step is shown to be the error); "
+                "--target outcome keeps them."
+            ),
+        ),
+    ] = True
     step_separator: Annotated[
         str,
         typer.Option(
@@ -208,7 +219,12 @@ def run(
     config = training_config(settings)
     arguments = {
         name: getattr(config, name) for name in TrainingConfig.__dataclass_fields__ if name not in ("device",)
-    } | {"target": settings.target, "steps": settings.steps, "step_separator": settings.step_separator}
+    } | {
+        "target": settings.target,
+        "steps": settings.steps,
+        "step_separator": settings.step_separator,
+        "skip_unsolved": settings.skip_unsolved,
+    }
     arguments["max_length"] = settings.max_length
     sources = [s.describe() for s in found]
     identity = {"stage": "train", "arguments": arguments, "inputs": sources}
@@ -236,12 +252,23 @@ def run(
                 separator=settings.step_separator,
                 max_length=settings.max_length,
                 source=str(shard.path),
+                skip_unsolved=settings.skip_unsolved,
             )
             examples += built
             stats.counts.update(counts)
+        if not examples and settings.max_steps != 0 and stats.counts["responses_unsolved_skipped"]:
+            raise InputError(
+                f"every response with a {settings.target} target is a wrong one whose labels rest on no right "
+                "rollout: nothing to train on (--keep-unsolved trains on them anyway)"
+            )
         if not examples and settings.max_steps != 0:
             raise InputError(
                 f"no step of the input has a {settings.target} target in --steps {settings.steps}: nothing to train on"
+            )
+        if stats.counts["responses_unsolved_skipped"]:
+            stats.log(
+                f"left out {stats.counts['responses_unsolved_skipped']:,} wrong responses whose labels rest on no "
+                "right rollout (--keep-unsolved trains on them)"
             )
         if stats.counts["steps_truncated"]:
             stats.warn(
