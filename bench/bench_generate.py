@@ -152,6 +152,32 @@ engine with and without moving rows, for that regime:
 On the tiny CPU model (64 prompts x 8 samples of up to 1,024 tokens, one token id in 700 ending
 a sample) that computed 252,416 rows for 218,411 tokens against 524,288 (24 s against 99 s); not
 yet measured on a GPU.
+
+Where a 7B long-shape step goes: `--arch 7b --shape long --engines hf --profile`, one H100 80GB,
+2026-12-07 (eleventh session; the timed pass before it: 12,354 tokens/s, 512 slots, 69.7 GiB).
+The profiled pass decodes 32 tokens for each of the 512 samples, eagerly: 896 attention calls (28
+layers x 32 steps), 690 ms of kernels, 21.6 ms a step at 512 rows:
+
+  | kernels                                                        | GPU ms | share |
+  |----------------------------------------------------------------|-------:|------:|
+  | matrix products (cuBLAS: aten::mm, addmm for the q/k/v biases) |    342 |   50% |
+  | attention: shared_prefix_decode_kernel (the prompts, cascade)  |     79 |   11% |
+  | attention: paged_decode_kernel (each sample's own positions)   |     20 |    3% |
+  | everything else: elementwise ops, norms' means, the sampler's  |   ~249 |   36% |
+  | softmax and cumsum, copies                                     |        |       |
+
+aten::mul alone ran 9,410 times (about ten a layer a step, 7 us each) and aten::copy_ 5,123:
+transformers' eager RMSNorm (to float32, square, mean, rsqrt, scale, back), rotary embedding
+and residual adds are some twenty small kernels a layer where vLLM runs a few fused ones. So
+attention, 14% of a step, was never what the long shape waited for (hence cascade's 1.02x);
+the elementwise third is. The matrix products alone, 10.7 ms a step at 512 rows, are about
+what 7.8 TFLOP take. `hf-compiled` runs the engine with `compile_decode=True`: the decoder
+layers torch.compile'd (attention, which writes the cache in place, stays eager inside them)
+and captured in the decode graphs as before, so each layer's norms, rotary embedding,
+activation and residual adds become a few fused kernels. Same samples as eager on CPU (float32,
+tests/test_engines.py); not yet measured on a GPU:
+
+    PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape long --engines hf,hf-compiled,vllm
 """
 
 from __future__ import annotations
@@ -242,7 +268,8 @@ def parse_args() -> argparse.Namespace:
         "--engines",
         default="hf,vllm",
         help="with --shape: which engines run (hf, vllm; hf-no-cascade: the hf engine with each sample reading "
-        "its prompt's keys and values itself; hf-no-compaction: with a draining batch's rows left in place)",
+        "its prompt's keys and values itself; hf-no-compaction: with a draining batch's rows left in place; "
+        "hf-compiled: with torch.compile'd decoder layers, compile_decode)",
     )
     parser.add_argument(
         "--profile",
@@ -607,6 +634,7 @@ def worker(args) -> None:
             max_batch_size=int(args.slots.split(",")[0]),
             shared_prefix_attention=args.worker != "hf-no-cascade",
             compact_rows=args.worker != "hf-no-compaction",
+            compile_decode=args.worker == "hf-compiled",
         )
     else:
         import vllm

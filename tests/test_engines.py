@@ -315,6 +315,21 @@ def test_compiled_scoring_equals_eager_scoring_and_generation_keeps_eager_layers
     assert [layer.forward.__func__ for layer in layers] == [type(layers[0]).forward] * len(layers)
 
 
+def test_compiled_decode_layers_sample_what_eager_ones_do_and_are_swapped_out_after(tiny_engine):
+    # compile_decode=True runs torch.compile'd decoder layers in each decode step (attention,
+    # which writes the cache in place, stays eager); float32 on CPU: the very same samples.
+    compiled = HFEngine(tiny_engine.model, tiny_engine.tokenizer, compile_decode=True)
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "What is 7 * 6?"])
+    for n, max_tokens in ((3, 12), (5, 20)):  # a second call of other shapes
+        requests = [SamplingRequest(p, n=n, max_tokens=max_tokens, seed=i) for i, p in enumerate(prompts)]
+        assert [[c.token_ids for c in samples] for samples in compiled.sample(requests)] == [
+            [c.token_ids for c in samples] for samples in tiny_engine.sample(requests)
+        ]
+    assert compiled.decoder.compiled_layers is not None and tiny_engine.decoder.compiled_layers is None
+    layers = tiny_engine.model.model.layers
+    assert [layer.forward.__func__ for layer in layers] == [type(layers[0]).forward] * len(layers)
+
+
 def test_one_pass_target_log_probs_equal_log_softmax():
     from prmtool.engines.hf.log_probs import choose_target_log_probs, target_log_probs
 

@@ -127,3 +127,25 @@ def test_hf_engine_draws_the_same_samples_with_and_without_cascade_attention_and
             assert (engine.last_stats.compactions >= 1) == compact
             samples[shared, compact] = [[c.token_ids for c in completions] for completions in results]
     assert samples[True, True] == samples[False, True] == samples[True, False]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile inside CUDA-graph capture: a GPU only")
+def test_compiled_decode_layers_draw_the_samples_eager_layers_do_under_cuda_graphs(tmp_path):
+    """compile_decode: the decoder layers torch.compile'd (attention eager, through the kernel,
+    with cascade groups) inside the captured decode graphs; float32: the same tokens."""
+    import prmtool as api
+    from prmtool.engines import SamplingRequest
+    from tests.gpu.test_engines_on_gpu import save_model
+
+    folder = save_model(tmp_path / "policy", seed=0)
+    samples = {}
+    for compiled in (False, True):
+        with api.load_engine("hf", str(folder), device=DEVICE, dtype="float32", prefix_cache=False,
+                             compile_decode=compiled) as engine:  # fmt: skip
+            prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(120))))
+            requests = [SamplingRequest(prompt, n=8, max_tokens=24, temperature=0.0, seed=0),
+                        SamplingRequest(prompt[:70], n=3, max_tokens=40, temperature=1.0, seed=1)]  # fmt: skip
+            results = engine.sample(requests)
+            assert engine.last_stats.cuda_graph and (engine.decoder.compiled_layers is not None) == compiled
+            samples[compiled] = [[c.token_ids for c in completions] for completions in results]
+    assert samples[True] == samples[False]

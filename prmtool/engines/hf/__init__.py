@@ -91,6 +91,10 @@ class HFEngine(Engine):
       compact_rows: when samples finish and no request waits for their rows, move the busy
         rows above the fewest that hold them into idle ones, so a step computes about as many
         rows as are busy (default True; off, a step computes every row up to the highest busy one).
+      compile_decode: torch.compile the decoder layers for decoding too (attention stays eager),
+        so each layer's norms, rotary embedding, activation and residual adds run as a few fused
+        kernels instead of some twenty small ones (default False: not yet measured on a GPU;
+        bench/bench_generate.py's `hf-compiled` engine measures it).
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class HFEngine(Engine):
         prefix_cache: bool = True,
         shared_prefix_attention: bool = True,
         compact_rows: bool = True,
+        compile_decode: bool = False,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -121,6 +126,8 @@ class HFEngine(Engine):
         self.prefix_cache = prefix_cache
         self.shared_prefix_attention = shared_prefix_attention
         self.compact_rows = compact_rows
+        self.compile_decode = compile_decode
+        self._decode_layers: CompiledLayers | None = None  # compile_decode's, made with the first decoder
         self.seed_source = random.Random(seed)
         self.eos_token_ids = set() if ignore_eos else set(eos_token_ids or default_eos_token_ids(model, tokenizer))
         config = model.config.get_text_config()
@@ -333,11 +340,19 @@ class HFEngine(Engine):
             kept=kept,
             prefix_cache=self.prefix_cache,
             shared_prefix_attention=self.shared_prefix_attention,
+            compiled_layers=self._compiled_decode_layers(),
         )
         self.decoder.wanted_blocks = wanted
         self.decoder_wanted_slots = wanted_slots
         self.decoders_built += 1
         return self.decoder
+
+    def _compiled_decode_layers(self) -> CompiledLayers | None:
+        # Its own compiled forwards, apart from scoring's: decoding traces other shapes and
+        # another attention, and keeps the unfused MLP (few rows a step).
+        if self.compile_decode and self._decode_layers is None:
+            self._decode_layers = CompiledLayers(self.parts.backbone, self.parts.config.num_hidden_layers)
+        return self._decode_layers
 
     def setup_seconds(self) -> float:
         """Seconds spent so far building decoders (caches, CUDA graphs): work a call pays for

@@ -238,9 +238,13 @@ class PagedDecoder:
         kept: tuple[BlockPool, KVCache] | None = None,
         prefix_cache: bool = True,
         shared_prefix_attention: bool = True,
+        compiled_layers=None,
     ):
         started = time.perf_counter()
         self.parts = parts
+        # torch.compile'd decoder layers (HFEngine's compile_decode): their norms, rotary
+        # embeddings and residual adds run as a few fused kernels; attention stays eager.
+        self.compiled_layers = compiled_layers
         self.num_slots, self.max_len, self.max_tokens = num_slots, max_len, max_tokens
         self.prefix_cache = prefix_cache  # remember prompts' full blocks for later prompts to reuse
         device, config = parts.device, parts.config
@@ -308,7 +312,11 @@ class PagedDecoder:
             use_kernel=self.use_kernel,
             prefix_groups=self.prefix_groups,
         )
-        hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
+        if self.compiled_layers is None:
+            hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
+        else:
+            with self.compiled_layers.swapped_in():
+                hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
         return self.parts.logits_from_hidden(hidden[:, -1])
 
     def _capture_graph(self, rows: int, width: int) -> None:

@@ -274,6 +274,7 @@ class PagedBatch:
     prefix_groups: PrefixGroups | None = None  # rows that share leading blocks (kernel only)
 
 
+@torch.compiler.disable  # compiled decoder layers (compile_decode) call it eagerly: it writes the cache in place
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, paged_batch=None, **kwargs):
     """A transformers attention function over the block cache (registered as PAGED_ATTENTION).
 
