@@ -701,9 +701,18 @@ def profile_decode(engine, requests, device) -> None:
             torch.cuda.synchronize()
     decoder.use_cuda_graph = graphs
     assert engine.decoder is decoder, "the profiled call must run on the timed call's decoder"
-    print(f"  {engine.last_stats.decode_steps} eager decode steps:", flush=True)
+    steps = engine.last_stats.decode_steps
+    print(f"  {steps} eager decode steps:", flush=True)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(profiler.key_averages().table(sort_by=sort, row_limit=20), flush=True)
+    # The same call as timed (graphs as configured), unprofiled: its wall time a step against the
+    # kernels' time a step above says how much of a step the device waits on the host.
+    with Timer(device) as timer:
+        engine.sample(short)
+    kernels = sum(event.self_device_time_total for event in profiler.key_averages() if event.device_type.name == "CUDA")
+    wall_ms = 1000 * timer.seconds / max(1, engine.last_stats.decode_steps)
+    print(f"  the same call as timed: {wall_ms:.2f} ms a step (wall, prefill included); eager kernels: "
+          f"{kernels / 1000 / max(1, steps):.2f} ms a step", flush=True)  # fmt: skip
 
 
 def main() -> None:
