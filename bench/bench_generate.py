@@ -669,6 +669,10 @@ def worker(args) -> None:
         if args.worker.startswith("hf"):
             stats = engine.last_stats
             print(f"  hf engine, {shape}: {stats}", flush=True)
+            if args.worker == "hf-compiled":  # compiled graphs; a recompile limit hit leaves shapes eager
+                from torch._dynamo.utils import counters
+
+                print(f"  torch.compile: {dict(counters['stats'])}, {dict(counters['recompiles'])}", flush=True)
             slots = stats.num_slots
             peak = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
         else:
