@@ -502,7 +502,8 @@ class CompiledLayers:
     share one code object, so one compilation serves them all: seconds, where compiling the
     whole backbone takes over a minute. The rotary tables, computed once per forward outside
     the layers, are then read instead of recomputed inside every layer. The compiled forwards
-    are swapped in only while scoring, so generation (CUDA graphs) keeps the eager layers.
+    are swapped in only while they run (scoring; decode steps under compile_decode, each with
+    its own instance), so everything else keeps the eager layers.
     With `fuse_mlp`, SwiGLU MLPs run hopper.swiglu meanwhile. A backbone without a list of
     identical layers is compiled whole."""
 

@@ -36,6 +36,7 @@ How one `HFEngine.sample` call runs:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -312,11 +313,9 @@ class PagedDecoder:
             use_kernel=self.use_kernel,
             prefix_groups=self.prefix_groups,
         )
-        if self.compiled_layers is None:
+        layers = self.compiled_layers.swapped_in() if self.compiled_layers is not None else contextlib.nullcontext()
+        with layers:
             hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
-        else:
-            with self.compiled_layers.swapped_in():
-                hidden = run_paged(self.parts, self.input_ids[:rows], end.view(-1, 1), batch)
         return self.parts.logits_from_hidden(hidden[:, -1])
 
     def _capture_graph(self, rows: int, width: int) -> None:
