@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,17 @@ from prmtool.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data_samples" / "gsm8k"
+
+
+def pytest_configure(config):
+    """GGUF models (the embedded one) are converted once per test session, into a folder of the
+    session's own, never the user's cache; set before collection, so that environments test
+    modules copy at import (for subprocesses) carry it too."""
+    os.environ["PRMTOOL_MODEL_CACHE"] = tempfile.mkdtemp(prefix="prmtool-test-models-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("PRMTOOL_MODEL_CACHE", ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

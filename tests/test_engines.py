@@ -6,7 +6,9 @@ Fixtures (tiny_model_dir, tiny_engine) come from tests/engine_fixtures.py throug
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -622,6 +624,39 @@ def test_embedded_gguf_model_samples_and_scores():
         assert all(lp <= 0 for lp in sampled_log_probs)
         # The greedy answer is the model's most likely continuation: far likelier than chance.
         assert sum(greedy_log_probs) / len(greedy_log_probs) > -1.5
+
+
+def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives(monkeypatch, tmp_path):
+    """GGUF loads take ~25 s (the tokenizer rebuilt, every tensor dequantized); the first load
+    saves the result in the model cache and later loads read that folder, to the same tokens."""
+    from prmtool.engines.hf import gguf_cache
+    from prmtool.engines.model_files import locate_model
+
+    def outputs():
+        with load_engine("hf", device="cpu") as engine:
+            prompt = engine.chat_prompt_ids("What is 7 * 6?")
+            [[greedy]] = engine.sample([SamplingRequest(prompt, temperature=0.0, max_tokens=10)])
+            [log_probs] = engine.score([ScoringRequest(prompt, greedy.token_ids)])
+            return prompt, greedy.token_ids, log_probs
+
+    from_cache = outputs()  # the session's cache (tests/conftest.py): converted here or before
+    folder = Path(gguf_cache.loadable(locate_model(None)).folder)
+    assert json.loads((folder / gguf_cache.SOURCE_FILE).read_text())["file"].endswith(".gguf")
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(tmp_path / "a-file" / "models"))  # cannot be written
+    assert gguf_cache.loadable(locate_model(None)).gguf_file is not None  # so the file itself is read
+
+    def convert_again(*args):
+        raise AssertionError("converted a second time")
+
+    monkeypatch.setattr(gguf_cache, "_convert", convert_again)
+    monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(folder.parent))
+    assert gguf_cache.loadable(locate_model(None)).folder == str(folder)
+
+    monkeypatch.setenv("PRMTOOL_MODEL_CACHE", "off")  # the .gguf file itself, as before the cache
+    assert gguf_cache.loadable(locate_model(None)).gguf_file is not None
+    assert outputs() == from_cache
 
 
 def test_scoring_builds_no_mask_and_never_waits_for_the_device(tiny_engine, monkeypatch):

@@ -35,6 +35,7 @@ from prmtool.engines.hf.generate import (
     round_up,
     wanted_blocks,
 )
+from prmtool.engines.hf.gguf_cache import loadable
 from prmtool.engines.hf.log_probs import choose_target_log_probs, triton_available
 from prmtool.engines.hf.transfer import on_device
 from prmtool.engines.model_files import locate_model
@@ -181,14 +182,15 @@ class HFEngine(Engine):
         else:
             raise EngineError(f"unknown dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
         # local_files_only: prmtool never reaches the model hub.
-        load_kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
         # prmtool reports loading itself; transformers' bars (some plain tqdm, as in GGUF
         # loading) would break its stderr contract and --quiet, so they are swallowed.
         transformers.utils.logging.disable_progress_bar()
         try:
+            files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+            load_kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
             with contextlib.redirect_stderr(io.StringIO()):
-                tokenizer = AutoTokenizer.from_pretrained(location.folder, **load_kwargs)
-                loaded = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch_dtype, **load_kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(files.folder, **load_kwargs)
+                loaded = AutoModelForCausalLM.from_pretrained(files.folder, dtype=torch_dtype, **load_kwargs)
         except Exception as error:  # refused pickle weights, a broken config, a missing file: one line
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             if first_line.startswith("Weights only load failed"):  # torch's refusal runs on for a paragraph

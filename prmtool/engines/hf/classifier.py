@@ -13,6 +13,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 from prmtool.engines.base import EngineError, length_batches
 from prmtool.engines.hf import DTYPES
 from prmtool.engines.hf.generate import right_padded
+from prmtool.engines.hf.gguf_cache import loadable
 from prmtool.engines.model_files import locate_model
 
 
@@ -43,12 +44,13 @@ class StepClassifier:
         location = locate_model(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = DTYPES.get(dtype or "", torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
         transformers.utils.logging.disable_progress_bar()
         try:
+            files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+            kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
             with contextlib.redirect_stderr(io.StringIO()):
-                tokenizer = AutoTokenizer.from_pretrained(location.folder, **kwargs)
-                loaded = AutoModelForTokenClassification.from_pretrained(location.folder, dtype=torch_dtype, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(files.folder, **kwargs)
+                loaded = AutoModelForTokenClassification.from_pretrained(files.folder, dtype=torch_dtype, **kwargs)
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise EngineError(f"cannot load token-classification PRM {location.path}: {first_line}") from error

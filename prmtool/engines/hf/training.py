@@ -36,6 +36,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from prmtool.engines.base import EngineError
 from prmtool.engines.hf import varlen
+from prmtool.engines.hf.gguf_cache import loadable
 from prmtool.engines.hf.transfer import on_device
 from prmtool.engines.model_files import locate_model
 from prmtool.methods.training import Example, TrainingConfig, epoch_batches
@@ -47,10 +48,11 @@ CHECKPOINT = "checkpoint"  # inside the output folder, until the run finishes
 def load_tokenizer(base: str | None, trust_remote_code: bool = False):
     location = locate_model(base)
     transformers.utils.logging.disable_progress_bar()
-    kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
     try:
+        files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+        kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
         with contextlib.redirect_stderr(io.StringIO()):
-            return AutoTokenizer.from_pretrained(location.folder, **kwargs)
+            return AutoTokenizer.from_pretrained(files.folder, **kwargs)
     except (OSError, ValueError) as error:
         raise EngineError(f"cannot load the tokenizer of {location.path}: {_first_line(error)}") from error
 
@@ -60,13 +62,14 @@ def load_for_training(config: TrainingConfig):
     under autocast, the weights and optimizer stay float32), LoRA-wrapped with --lora-rank."""
     location = locate_model(config.base)
     torch.manual_seed(config.seed)  # the head's initial weights
-    kwargs = dict(gguf_file=location.gguf_file, trust_remote_code=config.trust_remote_code, local_files_only=True)
     attention = "flash_attention_2" if _flash_attention(config) else varlen.register()
     attention = os.environ.get("PRMTOOL_TRAIN_ATTENTION", attention)  # e.g. sdpa, to compare (bench_train)
     try:
+        files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+        kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=config.trust_remote_code, local_files_only=True)
         with contextlib.redirect_stderr(io.StringIO()), _quiet_transformers():
             model = AutoModelForTokenClassification.from_pretrained(
-                location.folder,
+                files.folder,
                 num_labels=2,
                 id2label=LABELS,
                 label2id={v: k for k, v in LABELS.items()},
@@ -78,7 +81,7 @@ def load_for_training(config: TrainingConfig):
         raise EngineError(
             f"cannot load {location.path} as a token-classification model: {_first_line(error)}"
         ) from error
-    if location.gguf_file:  # dequantized on load: a plain float model, which save_pretrained writes
+    if files.gguf_file:  # dequantized on load: a plain float model, which save_pretrained writes
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     model.config.use_cache = False

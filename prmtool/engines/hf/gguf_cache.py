@@ -1,0 +1,107 @@
+"""GGUF models, converted once into a transformers folder that later loads read in a second.
+
+transformers reads a .gguf file by rebuilding its tokenizer and dequantizing every tensor: about
+25 seconds for the embedded 135M model on two CPU cores, paid again by every load (each stage
+of a recipe, each partition's process). The first load now saves what it built (float32
+safetensors, the tokenizer, the chat template) in the model cache, and later loads read that
+folder: the same weights bit for bit, the same token ids, about 0.3 seconds.
+
+The cache folder: PRMTOOL_MODEL_CACHE, else PRMTOOL_CACHE_DIR/models, else
+~/.cache/prmtool/models (XDG_CACHE_HOME respected). PRMTOOL_MODEL_CACHE=off reads the .gguf file
+on every load. Each model gets a folder keyed by the file's path, size and modification time and
+by transformers' version (a changed file or a new transformers converts again); it takes about
+four times the file's size (the weights are float32) and may be deleted at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prmtool.engines.model_files import ModelLocation
+
+SOURCE_FILE = "prmtool-converted-from.json"  # what the folder was built from, for whoever looks
+
+
+def model_cache_dir() -> Path | None:
+    """Where converted models live; None when PRMTOOL_MODEL_CACHE is "off"."""
+    chosen = os.environ.get("PRMTOOL_MODEL_CACHE")
+    if chosen:
+        return None if chosen.lower() == "off" else Path(chosen).expanduser()
+    if os.environ.get("PRMTOOL_CACHE_DIR"):
+        return Path(os.environ["PRMTOOL_CACHE_DIR"]) / "models"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prmtool" / "models"
+
+
+def loadable(location: ModelLocation) -> ModelLocation:
+    """The location to hand `from_pretrained`: a GGUF file's converted folder (converting it now
+    if this is its first load), any other location unchanged. Where the cache cannot be written
+    (a read-only or full disk), the GGUF file itself, as before."""
+    root = model_cache_dir()
+    if location.gguf_file is None or root is None:
+        return location
+    gguf = Path(location.path).resolve()
+    stat = gguf.stat()
+    source = {
+        "file": str(gguf),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "transformers": transformers.__version__,
+    }
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    folder = root / f"{gguf.stem}-{key}"
+    if not (folder / SOURCE_FILE).is_file():
+        try:
+            _convert(location, folder, source)
+        except OSError:
+            return location
+    return ModelLocation(str(folder))
+
+
+def _convert(location: ModelLocation, folder: Path, source: dict) -> None:
+    """Write the converted model into a temporary folder beside `folder`, then rename it into
+    place: a reader never sees half a model, and two processes converting at once (partitions
+    starting together) both end with the one folder that won the rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        kwargs = dict(gguf_file=location.gguf_file, local_files_only=True)
+        transformers.utils.logging.disable_progress_bar()
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF bars are plain tqdm
+            tokenizer = AutoTokenizer.from_pretrained(location.folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch.float32, **kwargs)
+        # Dequantized on load, it is a plain float model; without the GGUF marks save_pretrained
+        # writes it (and later loads do not take it for a quantized one).
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(building)
+        tokenizer.save_pretrained(building)
+        (building / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        _readable_as_umask_allows(building)
+        try:
+            building.rename(folder)
+        except OSError:
+            if not (folder / SOURCE_FILE).is_file():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; a cache another user of a shared
+    PRMTOOL_MODEL_CACHE reads gets the permissions the umask gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
