@@ -127,6 +127,57 @@ def head_log_normalizer_kernel(
 
 
 @triton.jit
+def _attend_through_table(
+    query,
+    table_ptr,
+    key_ptr,
+    value_ptr,
+    first,
+    last,
+    scale,
+    kv_head,
+    block_stride,
+    position_stride,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Attention of `query` [ROWS, HEAD_DIM] over positions first..last-1 of one KV head, read
+    TILE at a time through a block table, with a running maximum and sum (online softmax).
+    Returns the normalized output [ROWS, HEAD_DIM] and its log-sum-exp [ROWS] (0 and -inf over
+    no positions: weight 0 when parts are combined)."""
+    dims = tl.arange(0, HEAD_DIM)
+    running_max = tl.full([ROWS], float("-inf"), tl.float32)
+    running_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for start in range(first, last, TILE):
+        positions = start + tl.arange(0, TILE)
+        valid = positions < last
+        blocks = tl.load(table_ptr + positions // BLOCK_SIZE, mask=valid, other=0)
+        rows = blocks.to(tl.int64) * block_stride + (positions % BLOCK_SIZE) * position_stride + kv_head * HEAD_DIM
+        keys = tl.load(key_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.dot(query, tl.trans(keys))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, 1)
+        values = tl.load(value_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
+        else:
+            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values)
+        running_max = new_max
+    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
+    return out, running_max + tl.log(running_sum)
+
+
+@triton.jit
 def paged_decode_kernel(
     query_ptr,
     key_ptr,
@@ -175,37 +226,15 @@ def paged_decode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     query_offsets = row * query_row_stride + heads[:, None] * HEAD_DIM + dims[None, :]
     query = tl.load(query_ptr + query_offsets, mask=in_group[:, None], other=0.0)
-    running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for start in range(first, last, TILE):
-        positions = start + tl.arange(0, TILE)
-        valid = positions < last
-        blocks = tl.load(block_tables_ptr + row * table_stride + positions // BLOCK_SIZE, mask=valid, other=0)
-        rows = blocks.to(tl.int64) * block_stride + (positions % BLOCK_SIZE) * position_stride + kv_head * HEAD_DIM
-        keys = tl.load(key_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
-        else:
-            scores = tl.dot(query, tl.trans(keys))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        correction = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(weights, 1)
-        values = tl.load(value_ptr + rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
-        else:
-            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values)
-        running_max = new_max
+    out, log_sum = _attend_through_table(
+        query, block_tables_ptr + row * table_stride, key_ptr, value_ptr, first, last, scale, kv_head,
+        block_stride, position_stride, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE, IEEE,
+    )  # fmt: skip
     # A split past the sequence's end saw nothing: output 0, log-sum-exp -inf (weight 0).
-    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
     tl.store(
         out_ptr + split * out_split_stride + query_offsets, out.to(out_ptr.dtype.element_ty), mask=in_group[:, None]
     )
     if SPLIT:
-        log_sum = running_max + tl.log(running_sum)
         rows_heads = tl.num_programs(0).to(tl.int64) * GROUP * tl.num_programs(1)
         tl.store(log_sum_ptr + split * rows_heads + row * GROUP * tl.num_programs(1) + heads, log_sum, mask=in_group)
 
@@ -257,41 +286,16 @@ def shared_prefix_decode_kernel(
     dims = tl.arange(0, HEAD_DIM)
     query_offsets = member_row[:, None] * query_row_stride + heads[:, None] * HEAD_DIM + dims[None, :]
     query = tl.load(query_ptr + query_offsets, mask=valid_query[:, None], other=0.0)
-    # The tile loop below is paged_decode_kernel's, with MEMBERS * GROUP_PAD query rows. (One
-    # shared @triton.jit helper passes Triton's interpreter; it stays unmerged until a GPU has
-    # compiled it: this version is the one tests/gpu passed on an H100.)
-    running_max = tl.full([MEMBERS * GROUP_PAD], float("-inf"), tl.float32)
-    running_sum = tl.zeros([MEMBERS * GROUP_PAD], tl.float32)
-    acc = tl.zeros([MEMBERS * GROUP_PAD, HEAD_DIM], tl.float32)
-    for start in range(first, last, TILE):
-        positions = start + tl.arange(0, TILE)
-        valid = positions < last
-        table = group_tables_ptr + group_index * table_stride
-        blocks = tl.load(table + positions // BLOCK_SIZE, mask=valid, other=0)
-        kv_rows = blocks.to(tl.int64) * block_stride + (positions % BLOCK_SIZE) * position_stride + kv_head * HEAD_DIM
-        keys = tl.load(key_ptr + kv_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(query, tl.trans(keys), input_precision="ieee")
-        else:
-            scores = tl.dot(query, tl.trans(keys))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        correction = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(weights, 1)
-        values = tl.load(value_ptr + kv_rows[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values, input_precision="ieee")
-        else:
-            acc = acc * correction[:, None] + tl.dot(weights.to(values.dtype), values)
-        running_max = new_max
-    out = acc / tl.maximum(running_sum, 1e-30)[:, None]
+    out, log_sum = _attend_through_table(
+        query, group_tables_ptr + group_index * table_stride, key_ptr, value_ptr, first, last, scale, kv_head,
+        block_stride, position_stride, MEMBERS * GROUP_PAD, HEAD_DIM, BLOCK_SIZE, TILE, IEEE,
+    )  # fmt: skip
     heads_total = GROUP * tl.num_programs(1)
     out_offsets = member_row[:, None] * heads_total * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :]
     stored = valid_query & (member_row < rows)
     tl.store(out_ptr + split * out_split_stride + out_offsets, out, mask=stored[:, None])
     log_sum_offsets = split * rows * heads_total + member_row * heads_total + heads
-    tl.store(log_sum_ptr + log_sum_offsets, running_max + tl.log(running_sum), mask=stored)
+    tl.store(log_sum_ptr + log_sum_offsets, log_sum, mask=stored)
 
 
 def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
