@@ -189,7 +189,10 @@ hf,hf-compiled --profile` before compiled decoding became the default; the same 
 steps): matrix products 343 ms (59%), attention 97, the compiled regions 97 (norms, rotary,
 activation, adds: 249 ms eager), the sampler's softmax and cumsum over the 152k vocabulary 31.
 Bare vLLM ran this shape at 14,811 tokens/s in an earlier lease on the same kind of card (hf
-12,354 then): compiled, about 0.92x of it, not yet side by side (no vLLM in that lease).
+12,354 then): compiled, about 0.92x of it, not yet side by side (no vLLM in that lease). Since
+then the sampler is one Triton kernel reading the bf16 logits in place (sampling.py; about 1 ms
+of a 512-row step before, by the profile's softmax, cumsum and casts); not yet timed on a GPU
+(`bench/bench_kernels.py` times it alone).
 """
 
 from __future__ import annotations

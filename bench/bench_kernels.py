@@ -6,6 +6,9 @@ path they replace, one forward's worth of work at a time, on the Qwen2.5-1.5B sh
   head     log p(target) through the 151,936-word output head for 16,384 tokens: one Triton
            kernel (tiles reduced to max and sum of exponentials) against cuBLAS float32 logits
            plus the one-pass log-normalizer
+  sample   a decode step's next tokens, 512 rows of 151,936 bf16 logits: one Triton kernel
+           (sampling.inverse_cdf_tokens) against torch's cast, softmax, cumsum and search; the
+           line gives how many of the 512 tokens agree (they may differ within rounding)
 
 Each line gives the median time of both, the speed-up, and the fused result's error against
 the unfused one. `--sweep` also times a few other tile shapes and pipeline depths.
@@ -26,7 +29,8 @@ import time
 import torch
 
 from prmtool.engines.hf import hopper
-from prmtool.engines.hf.log_probs import choose_target_log_probs
+from prmtool.engines.hf.log_probs import choose_target_log_probs, triton_available
+from prmtool.engines.hf.sampling import inverse_cdf_tokens, sample_from_logits
 
 QWEN25_15B = dict(tokens=16384, hidden=1536, intermediate=8960, vocab=151936)
 QUICK = dict(tokens=40, hidden=64, intermediate=96, vocab=500)
@@ -120,6 +124,32 @@ def main() -> None:
                 f"{base / ms:5.2f}x  relative error {error:.1e}",
                 flush=True,
             )
+
+    time_sampling(device, vocab)
+
+
+def time_sampling(device: torch.device, vocab: int) -> None:
+    rows = 512 if device.type == "cuda" else 8
+    logits = (torch.randn(rows, vocab, device=device) * 3).to(torch.bfloat16)
+    temperature = torch.full((rows,), 0.7, device=device)
+    top_p = torch.ones(rows, device=device)
+    uniform = 1.0 - torch.rand(rows, device=device)
+
+    def torch_sampler():
+        return sample_from_logits(logits, temperature, top_p, uniform, False, False, kernel=False)
+
+    base = median_ms(torch_sampler, device)
+    if device.type != "cuda" or not triton_available():
+        print(f"{'sample':<36} kernel: needs CUDA and Triton  torch {base:8.3f} ms", flush=True)
+        return
+    expected = torch_sampler()
+    got = inverse_cdf_tokens(logits, temperature, uniform)
+    ms = median_ms(lambda: inverse_cdf_tokens(logits, temperature, uniform), device)
+    agree = int((got == expected).sum())
+    print(
+        f"{'sample':<36} kernel {ms:8.3f} ms  torch {base:8.3f} ms  {base / ms:5.2f}x  tokens agree {agree} of {rows}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

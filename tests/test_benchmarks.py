@@ -38,6 +38,7 @@ def test_bench_kernels_fallbacks_match_the_unfused_path():
     out = run_bench("bench/bench_kernels.py", "--quick")
     errors = [float(e) for e in re.findall(r"relative error (\S+)", out)]
     assert len(errors) == 2 and max(errors) < 1e-5
+    assert re.search(r"sample +kernel: needs CUDA and Triton +torch +[\d.]+ ms", out)
 
 
 def test_bench_scale_runs_each_way_and_every_way_gives_the_one_process_labels():

@@ -23,7 +23,7 @@ from prmtool.engines import (
     load_engine,
 )
 from prmtool.engines.hf import HFEngine
-from prmtool.engines.hf.generate import sample_from_logits
+from prmtool.engines.hf.sampling import sample_from_logits
 from prmtool.engines.vllm import (
     completions_from_output,
     continuation_log_probs,

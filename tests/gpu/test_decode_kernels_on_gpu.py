@@ -1,5 +1,6 @@
 """The hf engine's paged decode kernels (Triton) against the reference attention over gathered
-blocks, and the engine's samples with and without shared-prefix (cascade) attention. Skipped
+blocks, the engine's samples with and without shared-prefix (cascade) attention, and the
+sampling kernel against torch's inverse CDF. Skipped
 without CUDA; on the GPU machine:
 
     python -m pytest -v -m gpu tests/gpu/test_decode_kernels_on_gpu.py
@@ -149,3 +150,56 @@ def test_compiled_decode_layers_draw_the_samples_eager_layers_do_under_cuda_grap
             assert engine.last_stats.cuda_graph and (engine.decoder.compiled_layers is not None) == compiled
             samples[compiled] = [[c.token_ids for c in completions] for completions in results]
     assert samples[True] == samples[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_kernel_draws_the_tokens_torch_draws(dtype):
+    """The decode sampler's kernel (sampling.inverse_cdf_tokens) against the inverse CDF in
+    float64 and torch's float32 one, on rows over two blocks with banned (-inf) tokens, three
+    temperatures and u up to 1. The kernel sums a row in another order than torch's cumsum, so
+    the two may differ where u lands within float32 rounding of a boundary between tokens (u = 1
+    among them: the tail's tiny weights no longer move a float32 sum), never onto a banned token."""
+    from prmtool.engines.hf.sampling import inverse_cdf_tokens, sample_from_logits
+
+    if dtype == torch.bfloat16 and DEVICE != "cuda":
+        pytest.skip("Triton's interpreter reads bfloat16 wrong")
+    torch.manual_seed(2)
+    rows, vocab = 96, 5000  # 5,000 columns: a full block of 4,096 and a ragged one
+    logits = (torch.randn(rows, vocab, device=DEVICE) * 3).to(dtype)
+    logits[:, 7] = float("-inf")
+    logits[3, :4500] = float("-inf")  # all of row 3's mass in the second block
+    temperature = torch.tensor([0.5, 1.0, 1.3], device=DEVICE).repeat(rows // 3)
+    uniform = 1.0 - torch.rand(rows, device=DEVICE)
+    uniform[0], uniform[1] = 1.0, 1e-7
+    got = inverse_cdf_tokens(logits, temperature, uniform)
+    expected = sample_from_logits(logits, temperature, torch.ones_like(uniform), uniform, False, False, kernel=False)
+    assert bool((logits.float().gather(1, got.view(-1, 1)) > float("-inf")).all())
+    assert int(got[3]) >= 4500
+    cdf = torch.softmax(logits.double() / temperature.double().unsqueeze(1), dim=-1).cumsum(dim=-1)
+    target = uniform.double().unsqueeze(1) * cdf[:, -1:]
+    rounding = 1e-4 * cdf[:, -1:]
+    below = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=1)  # the CDF before each token
+    reaches = cdf.gather(1, got.view(-1, 1)) >= target - rounding
+    not_before = below.gather(1, got.view(-1, 1)) <= target + rounding
+    assert bool((reaches & not_before).all())  # got is the inverse CDF at u, up to rounding
+    assert int((got == expected).sum()) >= rows - 4
+
+
+def test_sampling_kernel_draws_tokens_in_proportion_to_their_probability():
+    from prmtool.engines.hf.sampling import sample_from_logits
+
+    probabilities = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05], device=DEVICE)
+    draws = 20000
+    logits = probabilities.log().expand(draws, -1).contiguous()
+    uniforms = 1.0 - torch.rand(draws, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ones = torch.ones(draws, device=DEVICE)
+    tokens = sample_from_logits(logits, ones, ones, uniforms, any_top_p=False, any_greedy=False, kernel=True)
+    frequencies = torch.bincount(tokens, minlength=5).float() / draws
+    assert torch.allclose(frequencies, probabilities, atol=0.015)
+    # With rows at top_p < 1 and temperature 0 in the batch, those rows go through torch.
+    top_p = torch.where(torch.arange(draws, device=DEVICE) % 2 == 0, 0.7, 1.0)
+    temperature = torch.where(torch.arange(draws, device=DEVICE) % 3 == 0, 0.0, 1.0)
+    mixed = sample_from_logits(logits, temperature, top_p, uniforms, any_top_p=True, any_greedy=True, kernel=True)
+    assert bool((mixed[temperature == 0] == 0).all())  # the argmax
+    nucleus = mixed[(top_p < 1) & (temperature > 0)]
+    assert set(nucleus.tolist()) <= {0, 2}

@@ -29,9 +29,9 @@ How one `HFEngine.sample` call runs:
   samples, refilling slots, giving rows their next block a step early) while the device
   computes step t.
 * Sampling draws one uniform number per token from a stream seeded by (request seed, sample
-  index) and inverts the CDF of the next-token distribution, so a sample depends on its own
-  seed only, not on what else shares the batch (up to floating-point differences of batched
-  kernels).
+  index) and inverts the CDF of the next-token distribution (sampling.py; on CUDA one Triton
+  kernel over the logits), so a sample depends on its own seed only, not on what else shares
+  the batch (up to floating-point differences of batched kernels).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from prmtool.engines.hf.kv_cache import (
     decode_kernel_available,
     paged_attention,
 )
+from prmtool.engines.hf.sampling import sample_from_logits
 from prmtool.engines.hf.transfer import on_device
 
 ATTENTION_WIDTH_STEP = 256
@@ -122,41 +123,6 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of keys plus values that one token occupies over all layers."""
     heads, head_dim = kv_heads_and_dim(config)
     return 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
-
-
-def sample_from_logits(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    uniform: torch.Tensor,
-    any_top_p: bool,
-    any_greedy: bool,
-) -> torch.Tensor:
-    """Next token per row: inverse-CDF sampling with the row's own uniform number in (0, 1].
-
-    Rows with top_p == 1 invert the CDF in vocabulary order; rows with top_p < 1 keep the
-    smallest set of most probable tokens whose mass reaches top_p (vLLM's rule) and invert the
-    CDF over that set, sorted by probability. Rows with temperature 0 take the argmax.
-    `any_top_p` / `any_greedy` are known on the host and skip work no row needs.
-    """
-    vocab = logits.shape[-1]
-    probs = torch.softmax(logits / temperature.clamp_min(1e-5).unsqueeze(1), dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    # The token is the first whose cumulative probability reaches u * total. Scaling by the total
-    # absorbs rounding in the cumulative sum, and u > 0 never lands on a zero-probability token.
-    target = uniform.unsqueeze(1) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, target).squeeze(1).clamp_max(vocab - 1)
-    if any_top_p:
-        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p.unsqueeze(1), 0.0)
-        sorted_cdf = sorted_probs.cumsum(dim=-1)
-        position = torch.searchsorted(sorted_cdf, uniform.unsqueeze(1) * sorted_cdf[:, -1:])
-        nucleus_tokens = order.gather(1, position.clamp_max(vocab - 1)).squeeze(1)
-        tokens = torch.where(top_p < 1.0, nucleus_tokens, tokens)
-    if any_greedy:
-        tokens = torch.where(temperature <= 0.0, logits.argmax(dim=-1), tokens)
-    return tokens
 
 
 def sample_uniforms(seed: int, sample_index: int, count: int) -> np.ndarray:
@@ -725,7 +691,7 @@ class BatchSampler:
         # A slot's next position is at most its prompt plus the tokens the host has seen, plus
         # one for the step still in flight; one more for safety.
         needed = max(len(state.request.prompt_ids) + len(state.token_ids) for _, state in states) + 2
-        logits = decoder.decode_logits(rows, needed).float()
+        logits = decoder.decode_logits(rows, needed)  # the model's dtype: the sampler reads it as it needs
         uniform = decoder.uniforms[:rows].gather(1, decoder.generated[:rows].view(-1, 1)).squeeze(1)
         tokens = sample_from_logits(
             logits,

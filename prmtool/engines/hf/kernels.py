@@ -29,6 +29,61 @@ def target_log_probs_kernel(logits_ptr, targets_ptr, out_ptr, row_stride, column
     tl.store(out_ptr + row, target_logit - row_max - tl.log(total))
 
 
+@triton.jit
+def _scaled_exponentials(row_ptr, start, columns, temperature, row_max, BLOCK: tl.constexpr):
+    """One block of a row: its columns, exp(x / temperature - row_max), their running sum
+    within the block, and the block's total (the running sum's last entry, so that a scan
+    ends exactly at the sum of the totals)."""
+    lanes = tl.arange(0, BLOCK)
+    offsets = start + lanes
+    x = tl.load(row_ptr + offsets, mask=offsets < columns, other=float("-inf")).to(tl.float32)
+    weights = tl.exp(x / temperature - row_max)  # 0 past the row's end
+    running = tl.cumsum(weights, 0)
+    block_total = tl.sum(tl.where(lanes == BLOCK - 1, running, 0.0), 0)
+    return offsets, weights, running, block_total
+
+
+@triton.jit
+def inverse_cdf_sample_kernel(
+    logits_ptr, temperature_ptr, uniform_ptr, out_ptr, row_stride, columns, BLOCK: tl.constexpr
+):
+    """One program per row: the first column whose cumulative weight under
+    softmax(logits / temperature) reaches u times the row's total (see sampling.py).
+
+    Three passes over the row: its maximum; its total, block by block; and the scan, which
+    computes the same block totals in the same order, so its running sum ends exactly at the
+    total that u scales. Only columns of positive weight are taken. If rounding inside a block
+    leaves the target unreached, the last column of positive weight is (u = 1's answer)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * row_stride
+    temperature = tl.maximum(tl.load(temperature_ptr + row), 1e-5)
+    lanes = tl.arange(0, BLOCK)
+    running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, columns, BLOCK):
+        x = tl.load(row_ptr + start + lanes, mask=start + lanes < columns, other=float("-inf")).to(tl.float32)
+        running_max = tl.maximum(running_max, x / temperature)
+    row_max = tl.max(running_max, 0)
+    total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    for start in range(0, columns, BLOCK):
+        _, _, _, block_total = _scaled_exponentials(row_ptr, start, columns, temperature, row_max, BLOCK)
+        total += block_total
+    target = tl.load(uniform_ptr + row) * total
+    before = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    first_reached = columns
+    last_positive = -1
+    for start in range(0, columns, BLOCK):
+        offsets, weights, running, block_total = _scaled_exponentials(
+            row_ptr, start, columns, temperature, row_max, BLOCK
+        )
+        positive = weights > 0.0
+        reached = positive & (before + running >= target)
+        first_reached = tl.minimum(first_reached, tl.min(tl.where(reached, offsets, columns), 0))
+        last_positive = tl.maximum(last_positive, tl.max(tl.where(positive, offsets, -1), 0))
+        before += block_total
+    token = tl.where(first_reached < columns, first_reached, last_positive)
+    tl.store(out_ptr + row, token.to(tl.int64))
+
+
 # ---------------------------------------------------------------------- Hopper (TMA) kernels
 # Persistent matmuls over tensor descriptors (the TMA copy engine), one program per
 # multiprocessor walking the output tiles in groups of GROUP_M row tiles, so a weight tile is
