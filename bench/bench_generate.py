@@ -190,9 +190,10 @@ steps): matrix products 343 ms (59%), attention 97, the compiled regions 97 (nor
 activation, adds: 249 ms eager), the sampler's softmax and cumsum over the 152k vocabulary 31.
 Bare vLLM ran this shape at 14,811 tokens/s in an earlier lease on the same kind of card (hf
 12,354 then): compiled, about 0.92x of it, not yet side by side (no vLLM in that lease). Since
-then the sampler is one Triton kernel reading the bf16 logits in place (sampling.py; about 1 ms
-of a 512-row step before, by the profile's softmax, cumsum and casts); not yet timed on a GPU
-(`bench/bench_kernels.py` times it alone).
+then the sampler can run as one Triton kernel reading the bf16 logits in place (sampling.py,
+`sampling_kernel=True`; about 1 ms of a 512-row step goes to the profile's softmax, cumsum and
+casts); not yet timed on a GPU: `--engines hf,hf-sampling-kernel,vllm` (and
+`bench/bench_kernels.py`, the kernel alone).
 """
 
 from __future__ import annotations
@@ -284,7 +285,8 @@ def parse_args() -> argparse.Namespace:
         default="hf,vllm",
         help="with --shape: which engines run (hf, vllm; hf-no-cascade: the hf engine with each sample reading "
         "its prompt's keys and values itself; hf-no-compaction: with a draining batch's rows left in place; "
-        "hf-eager-decode: with eager decoder layers in decoding, compile_decode=False)",
+        "hf-eager-decode: with eager decoder layers in decoding, compile_decode=False; hf-sampling-kernel: "
+        "sampling in one Triton kernel, sampling_kernel=True)",
     )
     parser.add_argument(
         "--profile",
@@ -650,6 +652,7 @@ def worker(args) -> None:
             shared_prefix_attention=args.worker != "hf-no-cascade",
             compact_rows=args.worker != "hf-no-compaction",
             compile_decode=False if args.worker == "hf-eager-decode" else None,  # None: the engine's default
+            sampling_kernel=args.worker == "hf-sampling-kernel",
         )
     else:
         import vllm

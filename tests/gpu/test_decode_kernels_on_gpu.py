@@ -203,3 +203,26 @@ def test_sampling_kernel_draws_tokens_in_proportion_to_their_probability():
     assert bool((mixed[temperature == 0] == 0).all())  # the argmax
     nucleus = mixed[(top_p < 1) & (temperature > 0)]
     assert set(nucleus.tolist()) <= {0, 2}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the engine takes the sampling kernel on CUDA only")
+def test_hf_engine_with_the_sampling_kernel_repeats_its_samples_and_mostly_matches_torchs(tmp_path):
+    """sampling_kernel=True: the engine's samples come from the kernel; a repeated call gives
+    the same tokens, and most samples equal the torch sampler's (a rounding tie changes one)."""
+    import prmtool as api
+    from prmtool.engines import SamplingRequest
+    from tests.gpu.test_engines_on_gpu import save_model
+
+    folder = save_model(tmp_path / "policy", seed=0)
+    samples = {}
+    for kernel in (False, True, True):
+        with api.load_engine("hf", str(folder), device=DEVICE, dtype="float32", sampling_kernel=kernel) as engine:
+            assert engine.sampling_kernel == kernel
+            prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(40))))
+            requests = [SamplingRequest(prompt, n=16, max_tokens=24, temperature=1.0, seed=3),
+                        SamplingRequest(prompt[:30], n=8, max_tokens=24, temperature=0.7, seed=4)]  # fmt: skip
+            results = engine.sample(requests)
+            tokens = [c.token_ids for completions in results for c in completions]
+            assert samples.setdefault(kernel, tokens) == tokens
+    same = sum(a == b for a, b in zip(samples[True], samples[False]))
+    assert same >= 0.75 * len(samples[True])

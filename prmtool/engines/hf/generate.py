@@ -29,8 +29,8 @@ How one `HFEngine.sample` call runs:
   samples, refilling slots, giving rows their next block a step early) while the device
   computes step t.
 * Sampling draws one uniform number per token from a stream seeded by (request seed, sample
-  index) and inverts the CDF of the next-token distribution (sampling.py; on CUDA one Triton
-  kernel over the logits), so a sample depends on its own seed only, not on what else shares
+  index) and inverts the CDF of the next-token distribution (sampling.py; with the engine's
+  sampling_kernel, one Triton kernel over the logits), so a sample depends on its own seed only, not on what else shares
   the batch (up to floating-point differences of batched kernels).
 """
 
@@ -206,9 +206,11 @@ class PagedDecoder:
         prefix_cache: bool = True,
         shared_prefix_attention: bool = True,
         compiled_layers=None,
+        sampling_kernel: bool = False,
     ):
         started = time.perf_counter()
         self.parts = parts
+        self.sampling_kernel = sampling_kernel  # HFEngine's: the Triton sampler (sampling.py)
         # torch.compile'd decoder layers (HFEngine's compile_decode): their norms, rotary
         # embeddings and residual adds run as a few fused kernels; attention stays eager.
         self.compiled_layers = compiled_layers
@@ -674,6 +676,7 @@ class BatchSampler:
             decoder.uniforms[row_index].gather(1, draw.view(-1, 1)).squeeze(1),
             any_top_p=any(p < 1.0 for p in top_ps),
             any_greedy=any(t <= 0.0 for t in temperatures),
+            kernel=decoder.sampling_kernel,
         )
         decoder.input_ids[row_index, 0] = first_tokens
         decoder.generated[row_index] = draw + 1
@@ -700,6 +703,7 @@ class BatchSampler:
             uniform,
             any_top_p=any(state.request.top_p < 1.0 for _, state in states),
             any_greedy=any(state.request.temperature <= 0.0 for _, state in states),
+            kernel=decoder.sampling_kernel,
         )
         decoder.input_ids[:rows, 0] = tokens
         active = decoder.active[:rows]

@@ -1,17 +1,16 @@
 """The next token of each decode row: inverse-CDF sampling with the row's own uniform number.
 
-On CUDA with Triton, the rows with top_p == 1 (label's and generate's default) are sampled by
-one kernel (kernels.inverse_cdf_sample_kernel) that reads the bf16 logits in place: three passes
-over a row, where torch writes float32 copies of all of them (the cast, the division by the
-temperature, the softmax, the cumulative sum; at 512 rows of a 152k vocabulary, about a
-millisecond of a 7B decode step). Everywhere else torch samples, as the reference.
+With `kernel` (HFEngine's sampling_kernel, CUDA and Triton), the rows with top_p == 1 (label's
+and generate's default) are sampled by one kernel (kernels.inverse_cdf_sample_kernel) that reads
+the bf16 logits in place, three passes over a row, where torch writes float32 copies of all of
+them (the cast, the division by the temperature, the softmax, the cumulative sum; at 512 rows
+of a 152k vocabulary, about a millisecond of a 7B decode step). Otherwise torch samples, as the
+reference.
 """
 
 from __future__ import annotations
 
 import torch
-
-from prmtool.engines.hf.log_probs import triton_available
 
 # Columns per loop iteration and warps per row of the sampling kernel.
 BLOCK_COLUMNS = 4096
@@ -25,7 +24,7 @@ def sample_from_logits(
     uniform: torch.Tensor,
     any_top_p: bool,
     any_greedy: bool,
-    kernel: bool | None = None,
+    kernel: bool = False,
 ) -> torch.Tensor:
     """Next token per row: inverse-CDF sampling with the row's own uniform number in (0, 1].
 
@@ -33,10 +32,8 @@ def sample_from_logits(
     smallest set of most probable tokens whose mass reaches top_p (vLLM's rule) and invert the
     CDF over that set, sorted by probability. Rows with temperature 0 take the argmax.
     `any_top_p` / `any_greedy` are known on the host and skip work no row needs. `kernel`: the
-    Triton kernel for the top_p == 1 rows (default: on CUDA where Triton is installed).
+    Triton kernel for the top_p == 1 rows (CUDA tensors only).
     """
-    if kernel is None:
-        kernel = logits.is_cuda and triton_available()
     if kernel:
         tokens = inverse_cdf_tokens(logits, temperature, uniform)
         if not (any_top_p or any_greedy):
