@@ -12,7 +12,7 @@ from prmtool.core.errors import InputError
 from prmtool.executors import run_stage
 from prmtool.methods.training import build_examples, epoch_batches, pack
 from prmtool.stages import stage
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, write_shards
 
 LABELED = SAMPLES / "labeled"
 # Small enough to take seconds on CPU: responses cut at 256 tokens, 512 tokens a step.
@@ -268,6 +268,20 @@ def test_a_missing_target_column_and_partitions_are_usage_errors(prmtool, tmp_pa
     result = prmtool("train", LABELED, "-o", out, "--steps", "thinking", *FAST)
     assert result.exit_code == 2 and "thinking_steps" in result.stderr
     assert not out.exists()
+
+
+def test_rows_that_all_rest_on_no_right_rollout_are_refused_naming_the_input(prmtool, tmp_path, tiny_model_dir):
+    labelled = pl.read_parquet(LABELED / "*.parquet").with_columns(
+        correct=pl.lit(False), label_right_rollouts=pl.lit(0, dtype=pl.Int32)
+    )
+    unsolved = write_shards(tmp_path / "unsolved", labelled, [labelled.height])
+    out = tmp_path / "prm"
+    result = prmtool("train", unsolved, "-o", out, "--base", tiny_model_dir, *FAST)
+    assert result.exit_code == 2 and not out.exists()
+    [line] = result.stderr.strip().splitlines()
+    assert str(unsolved) in line and "--keep-unsolved" in line
+    kept = prmtool("train", unsolved, "-o", out, "--base", tiny_model_dir, "--keep-unsolved", "--max-steps", "1", *FAST)
+    assert kept.exit_code == 0, kept.stderr
 
 
 def test_an_output_folder_of_other_files_is_never_replaced(prmtool, tmp_path, tiny_model_dir):

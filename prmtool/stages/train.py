@@ -256,14 +256,15 @@ def run(
             )
             examples += built
             stats.counts.update(counts)
+        where = ", ".join(inputs)
         if not examples and settings.max_steps != 0 and stats.counts["responses_unsolved_skipped"]:
             raise InputError(
-                f"every response with a {settings.target} target is a wrong one whose labels rest on no right "
-                "rollout: nothing to train on (--keep-unsolved trains on them anyway)"
+                f"{where}: every response with a {settings.target} target is a wrong one whose labels rest on no "
+                "right rollout: nothing to train on (--keep-unsolved trains on them anyway)"
             )
         if not examples and settings.max_steps != 0:
             raise InputError(
-                f"no step of the input has a {settings.target} target in --steps {settings.steps}: nothing to train on"
+                f"{where}: no step has a {settings.target} target in --steps {settings.steps}: nothing to train on"
             )
         if stats.counts["responses_unsolved_skipped"]:
             stats.log(
