@@ -24,7 +24,14 @@ import polars as pl
 
 from prmtool.core.errors import InputError
 from prmtool.methods.progress import Counts, first_bad_posterior, learned_prior, most_informative, wilson_interval
-from prmtool.methods.rollouts import Probe, ProbeResult, Rollouts, RolloutSettings, run_searches
+from prmtool.methods.rollouts import (
+    Probe,
+    ProbeResult,
+    Rollouts,
+    RolloutSettings,
+    rests_on_no_right_rollout,
+    run_searches,
+)
 from prmtool.methods.thinking import KNOWN_TAGS, ThinkTags, check_steps_column, known_traces, step_window
 
 if TYPE_CHECKING:
@@ -636,7 +643,7 @@ def label_rows(
         if results[row].rollouts:
             right[row] = right_rollouts(search, results[row])
     if counts is not None:  # the summary says how many, since "first error found" reads better than it is
-        unsolved = sum(outcomes[row] is False and right[row] == 0 for row in searches)
+        unsolved = sum(rests_on_no_right_rollout(outcomes[row], right[row]) for row in searches)
         counts["wrong_responses_no_rollout_right"] = counts.get("wrong_responses_no_rollout_right", 0) + unsolved
     if which_steps != "all":
         results = [_within(result, window) for result, window in zip(results, windows)]

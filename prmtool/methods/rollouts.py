@@ -252,6 +252,13 @@ class Rollouts:
         return max((len(ids) for ids in self._prompt_ids(probes)), default=0) + self.settings.max_tokens
 
 
+def rests_on_no_right_rollout(correct: bool | None, right_rollouts: int | None) -> bool:
+    """A wrong response none of whose rollouts, from any prefix, was right: the policy never
+    solved its problem, so the labels its search gave name no error (label counts such rows in
+    its summary; train leaves them out). Rows without rollouts (right_rollouts null) are not."""
+    return correct is False and right_rollouts == 0
+
+
 class Search(Protocol):
     """What `run_searches` drives: a label row search or an OmegaPRM question search. A search
     may also have `speculative_probes()`, the probes it may ask next, most likely first, whatever

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from prmtool.core.errors import InputError
+from prmtool.methods.rollouts import rests_on_no_right_rollout
 from prmtool.methods.step_rewards import classifier_inputs
 
 TARGETS = ("label", "mc", "outcome")
@@ -77,7 +78,7 @@ def in_scope(targets: list[float | None], thinking_steps: int | None, scope: str
 
 def unsolved(row: dict) -> bool:
     """A wrong response whose labels rest on no right rollout (see the module's docstring)."""
-    return row.get("correct") is False and row.get("label_right_rollouts") == 0
+    return rests_on_no_right_rollout(row.get("correct"), row.get("label_right_rollouts"))
 
 
 def build_examples(
