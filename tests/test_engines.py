@@ -640,22 +640,22 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
             return prompt, greedy.token_ids, log_probs
 
     from_cache = outputs()  # the session's cache (tests/conftest.py): converted here or before
-    folder = Path(gguf_cache.loadable(locate_model(None)).folder)
+    folder = Path(gguf_cache.loadable(locate_model(None), torch.float32).folder)
     assert json.loads((folder / gguf_cache.SOURCE_FILE).read_text())["file"].endswith(".gguf")
 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(tmp_path / "a-file" / "models"))  # cannot be written
-    assert gguf_cache.loadable(locate_model(None)).gguf_file is not None  # so the file itself is read
+    assert gguf_cache.loadable(locate_model(None), torch.float32).gguf_file is not None  # so the file itself is read
 
     def convert_again(*args):
         raise AssertionError("converted a second time")
 
     monkeypatch.setattr(gguf_cache, "_convert", convert_again)
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(folder.parent))
-    assert gguf_cache.loadable(locate_model(None)).folder == str(folder)
+    assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(folder)
 
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", "off")  # the .gguf file itself, as before the cache
-    assert gguf_cache.loadable(locate_model(None)).gguf_file is not None
+    assert gguf_cache.loadable(locate_model(None), torch.float32).gguf_file is not None
     assert outputs() == from_cache
 
 

@@ -193,7 +193,7 @@ class HFEngine(Engine):
         # loading) would break its stderr contract and --quiet, so they are swallowed.
         transformers.utils.logging.disable_progress_bar()
         try:
-            files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+            files = loadable(location, torch_dtype)  # a GGUF file's converted folder (see gguf_cache)
             load_kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
             with contextlib.redirect_stderr(io.StringIO()):
                 tokenizer = AutoTokenizer.from_pretrained(files.folder, **load_kwargs)

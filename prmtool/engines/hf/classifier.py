@@ -46,7 +46,7 @@ class StepClassifier:
         torch_dtype = DTYPES.get(dtype or "", torch.bfloat16 if device.startswith("cuda") else torch.float32)
         transformers.utils.logging.disable_progress_bar()
         try:
-            files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+            files = loadable(location, torch_dtype)  # a GGUF file's converted folder (see gguf_cache)
             kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
             with contextlib.redirect_stderr(io.StringIO()):
                 tokenizer = AutoTokenizer.from_pretrained(files.folder, **kwargs)

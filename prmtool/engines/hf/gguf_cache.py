@@ -2,15 +2,16 @@
 
 transformers reads a .gguf file by rebuilding its tokenizer and dequantizing every tensor: about
 25 seconds for the embedded 135M model on two CPU cores, paid again by every load (each stage
-of a recipe, each partition's process). The first load now saves what it built (float32
-safetensors, the tokenizer, the chat template) in the model cache, and later loads read that
-folder: the same weights bit for bit, the same token ids, about 0.3 seconds.
+of a recipe, each partition's process). The first load now saves what it built (safetensors in
+the dtype it was loaded in, the tokenizer, the chat template) in the model cache, and later
+loads read that folder: the same weights bit for bit, the same token ids, about 0.3 seconds.
 
 The cache folder: PRMTOOL_MODEL_CACHE, else PRMTOOL_CACHE_DIR/models, else
 ~/.cache/prmtool/models (XDG_CACHE_HOME respected). PRMTOOL_MODEL_CACHE=off reads the .gguf file
-on every load. Each model gets a folder keyed by the file's path, size and modification time and
-by transformers' version (a changed file or a new transformers converts again); it takes about
-four times the file's size (the weights are float32) and may be deleted at any time.
+on every load. Each model gets a folder per dtype, keyed by the file's path, size and
+modification time and by transformers' version (a changed file or a new transformers converts
+again); the float32 one (CPU runs, training) takes about four times a 4-bit file's size, the
+bfloat16 one (GPU runs) half that. Any of them may be deleted at any time.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def model_cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prmtool" / "models"
 
 
-def loadable(location: ModelLocation) -> ModelLocation:
-    """The location to hand `from_pretrained`: a GGUF file's converted folder (converting it now
-    if this is its first load), any other location unchanged. Where the cache cannot be written
+def loadable(location: ModelLocation, dtype: torch.dtype) -> ModelLocation:
+    """The location to hand `from_pretrained` for weights in `dtype`: a GGUF file's converted
+    folder (converting it now if this is its first load in that dtype), any other location
+    unchanged. Where the cache cannot be written
     (a read-only or full disk), the GGUF file itself, as before."""
     root = model_cache_dir()
     if location.gguf_file is None or root is None:
@@ -57,18 +59,19 @@ def loadable(location: ModelLocation) -> ModelLocation:
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "transformers": transformers.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
-    folder = root / f"{gguf.stem}-{key}"
+    folder = root / f"{gguf.stem}-{source['dtype']}-{key}"
     if not (folder / SOURCE_FILE).is_file():
         try:
-            _convert(location, folder, source)
+            _convert(location, folder, source, dtype)
         except OSError:
             return location
     return ModelLocation(str(folder))
 
 
-def _convert(location: ModelLocation, folder: Path, source: dict) -> None:
+def _convert(location: ModelLocation, folder: Path, source: dict, dtype: torch.dtype) -> None:
     """Write the converted model into a temporary folder beside `folder`, then rename it into
     place: a reader never sees half a model, and two processes converting at once (partitions
     starting together) both end with the one folder that won the rename."""
@@ -79,7 +82,7 @@ def _convert(location: ModelLocation, folder: Path, source: dict) -> None:
         transformers.utils.logging.disable_progress_bar()
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF bars are plain tqdm
             tokenizer = AutoTokenizer.from_pretrained(location.folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(location.folder, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location.folder, dtype=dtype, **kwargs)
         # Dequantized on load, it is a plain float model; without the GGUF marks save_pretrained
         # writes it (and later loads do not take it for a quantized one).
         model.hf_quantizer = None

@@ -49,7 +49,7 @@ def load_tokenizer(base: str | None, trust_remote_code: bool = False):
     location = locate_model(base)
     transformers.utils.logging.disable_progress_bar()
     try:
-        files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+        files = loadable(location, torch.float32)  # a GGUF file's converted folder (see gguf_cache)
         kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
         with contextlib.redirect_stderr(io.StringIO()):
             return AutoTokenizer.from_pretrained(files.folder, **kwargs)
@@ -65,7 +65,7 @@ def load_for_training(config: TrainingConfig):
     attention = "flash_attention_2" if _flash_attention(config) else varlen.register()
     attention = os.environ.get("PRMTOOL_TRAIN_ATTENTION", attention)  # e.g. sdpa, to compare (bench_train)
     try:
-        files = loadable(location)  # a GGUF file's converted folder (see gguf_cache)
+        files = loadable(location, torch.float32)  # a GGUF file's converted folder (see gguf_cache)
         kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=config.trust_remote_code, local_files_only=True)
         with contextlib.redirect_stderr(io.StringIO()), _quiet_transformers():
             model = AutoModelForTokenClassification.from_pretrained(
