@@ -45,6 +45,11 @@ class ModelLocation:
     def path(self) -> str:
         return str(Path(self.folder) / self.gguf_file) if self.gguf_file else self.folder
 
+    def from_pretrained_kwargs(self, trust_remote_code: bool = False) -> dict:
+        """What transformers' from_pretrained takes besides the folder: the GGUF file if any,
+        and local_files_only, since prmtool never reaches the model hub."""
+        return dict(gguf_file=self.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
+
 
 def locate_model(model: str | None) -> ModelLocation:
     """Resolve `--model`: None means the embedded default; otherwise a folder or a .gguf file."""

@@ -188,13 +188,12 @@ class HFEngine(Engine):
             torch_dtype = DTYPES[dtype]
         else:
             raise EngineError(f"unknown dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
-        # local_files_only: prmtool never reaches the model hub.
         # prmtool reports loading itself; transformers' bars (some plain tqdm, as in GGUF
         # loading) would break its stderr contract and --quiet, so they are swallowed.
         transformers.utils.logging.disable_progress_bar()
         try:
             files = loadable(location, torch_dtype)  # a GGUF file's converted folder (see gguf_cache)
-            load_kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
+            load_kwargs = files.from_pretrained_kwargs(trust_remote_code)
             with contextlib.redirect_stderr(io.StringIO()):
                 tokenizer = AutoTokenizer.from_pretrained(files.folder, **load_kwargs)
                 loaded = AutoModelForCausalLM.from_pretrained(files.folder, dtype=torch_dtype, **load_kwargs)

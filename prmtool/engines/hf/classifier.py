@@ -47,7 +47,7 @@ class StepClassifier:
         transformers.utils.logging.disable_progress_bar()
         try:
             files = loadable(location, torch_dtype)  # a GGUF file's converted folder (see gguf_cache)
-            kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
+            kwargs = files.from_pretrained_kwargs(trust_remote_code)
             with contextlib.redirect_stderr(io.StringIO()):
                 tokenizer = AutoTokenizer.from_pretrained(files.folder, **kwargs)
                 loaded = AutoModelForTokenClassification.from_pretrained(files.folder, dtype=torch_dtype, **kwargs)

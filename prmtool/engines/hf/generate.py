@@ -30,8 +30,8 @@ How one `HFEngine.sample` call runs:
   computes step t.
 * Sampling draws one uniform number per token from a stream seeded by (request seed, sample
   index) and inverts the CDF of the next-token distribution (sampling.py; with the engine's
-  sampling_kernel, one Triton kernel over the logits), so a sample depends on its own seed only, not on what else shares
-  the batch (up to floating-point differences of batched kernels).
+  sampling_kernel, one Triton kernel over the logits), so a sample depends on its own seed
+  only, not on what else shares the batch (up to floating-point differences of batched kernels).
 """
 
 from __future__ import annotations

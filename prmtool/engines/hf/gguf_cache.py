@@ -78,7 +78,7 @@ def _convert(location: ModelLocation, folder: Path, source: dict, dtype: torch.d
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        kwargs = dict(gguf_file=location.gguf_file, local_files_only=True)
+        kwargs = location.from_pretrained_kwargs()
         transformers.utils.logging.disable_progress_bar()
         with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF bars are plain tqdm
             tokenizer = AutoTokenizer.from_pretrained(location.folder, **kwargs)

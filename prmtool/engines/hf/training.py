@@ -50,7 +50,7 @@ def load_tokenizer(base: str | None, trust_remote_code: bool = False):
     transformers.utils.logging.disable_progress_bar()
     try:
         files = loadable(location, torch.float32)  # a GGUF file's converted folder (see gguf_cache)
-        kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=trust_remote_code, local_files_only=True)
+        kwargs = files.from_pretrained_kwargs(trust_remote_code)
         with contextlib.redirect_stderr(io.StringIO()):
             return AutoTokenizer.from_pretrained(files.folder, **kwargs)
     except (OSError, ValueError) as error:
@@ -66,7 +66,7 @@ def load_for_training(config: TrainingConfig):
     attention = os.environ.get("PRMTOOL_TRAIN_ATTENTION", attention)  # e.g. sdpa, to compare (bench_train)
     try:
         files = loadable(location, torch.float32)  # a GGUF file's converted folder (see gguf_cache)
-        kwargs = dict(gguf_file=files.gguf_file, trust_remote_code=config.trust_remote_code, local_files_only=True)
+        kwargs = files.from_pretrained_kwargs(config.trust_remote_code)
         with contextlib.redirect_stderr(io.StringIO()), _quiet_transformers():
             model = AutoModelForTokenClassification.from_pretrained(
                 files.folder,
