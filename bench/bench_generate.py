@@ -291,8 +291,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="with --shape: after each hf engine's timed pass, decode its requests again (32 new tokens each, "
-        "eagerly) under torch's profiler and print the kernels by GPU time",
+        help="with --shape: after each hf engine's timed pass, run its requests again eagerly under torch's "
+        "profiler, recording 32 decode steps from --profile-step, and print the kernels by GPU time",
+    )
+    parser.add_argument(
+        "--profile-step",
+        type=int,
+        help="with --profile: the decode step the profiled window starts at (default: the step by which half "
+        "of the shape's decode rows are done, where the sequences are as long as they are on average)",
     )
     parser.add_argument(
         "--eos-every",
@@ -590,6 +596,7 @@ def side_by_side(args) -> None:
         command = [sys.executable, __file__, "--worker", engine, "--shape", ",".join(args.shapes), "--arch", args.arch]
         command += ["--slots", args.slots, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
         command += ["--profile"] if args.profile else []
+        command += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []
         command += ["--eos-every", str(args.eos_every)] if args.eos_every else []
         command += ["--model-dir", folder] if folder else []
         print(f"$ {' '.join(command)}", flush=True)
@@ -606,7 +613,8 @@ def side_by_side(args) -> None:
             print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.arch} architecture, bf16, {gpu}")
-    print(f"{'shape':<9}{'requests':<30}{'engine':<15}{'tokens/s':>10}{'slots':>7}{'peak GiB':>10}{'seconds':>9}")
+    print(f"{'shape':<9}{'requests':<30}{'engine':<19}{'tokens/s':>10}{'slots':>7}{'peak GiB':>10}{'seconds':>9}"
+          f"{'setup s':>9}")  # fmt: skip
     for shape in args.shapes:
         shaped = with_shape(args, shape)
         sizes = f"{shaped.prompts} x {shaped.prompt_len} x n={shaped.n}, {shaped.min_tokens}..{shaped.max_tokens}"
@@ -614,13 +622,15 @@ def side_by_side(args) -> None:
             row = rows.get((engine, shape))
             if row:
                 print(
-                    f"{shape:<9}{sizes:<30}{engine:<15}{row['tokens_per_second']:>10,.0f}{row['slots']:>7}"
-                    f"{row['peak_gib']:>10.1f}{row['seconds']:>9.1f}"
+                    f"{shape:<9}{sizes:<30}{engine:<19}{row['tokens_per_second']:>10,.0f}{row['slots']:>7}"
+                    f"{row['peak_gib']:>10.1f}{row['seconds']:>9.1f}{row['setup_seconds']:>9.1f}"
                 )
         for engine in engines:
             if engine != "vllm" and (engine, shape) in rows and ("vllm", shape) in rows:
-                ratio = rows[engine, shape]["tokens_per_second"] / rows["vllm", shape]["tokens_per_second"]
-                print(f"{shape:<9}{engine} / vLLM: {ratio:.2f}x")
+                ours, theirs = rows[engine, shape], rows["vllm", shape]
+                steady = ours["tokens"] / max(1e-9, ours["seconds"] - ours["setup_seconds"])
+                print(f"{shape:<9}{engine} / vLLM: {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x "
+                      f"({steady / theirs['tokens_per_second']:.2f}x without the setup)")  # fmt: skip
     if os.environ.get("OUT"):
         name = f"bench_generate_{args.arch}_{'-'.join(args.shapes)}_{'-'.join(engines)}.json"
         path = os.path.join(os.environ["OUT"], name)
@@ -659,9 +669,9 @@ def worker(args) -> None:
 
         llm = vllm.LLM(model=args.model_dir, dtype="bfloat16", seed=0, gpu_memory_utilization=0.88)
 
-    def generate(batch):
+    def generate(batch, on_progress=None):
         if args.worker.startswith("hf"):
-            results = engine.sample(batch)
+            results = engine.sample(batch, on_progress)
             return sum(c.num_tokens for samples in results for c in samples)
         params = [
             vllm.SamplingParams(n=r.n, temperature=1.0, top_p=1.0, max_tokens=r.max_tokens, seed=r.seed,
@@ -682,11 +692,20 @@ def worker(args) -> None:
         print(f"  {args.worker}, {shape}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        # The hf engine reports progress once a decode step (and once a prefill): the wall time
+        # of each, to time the steps of the window --profile looks at.
+        marks: list[float] = []
+        setup_before = engine.setup_seconds() if args.worker.startswith("hf") else 0.0
         with Timer(device) as timer:
-            tokens = generate(requests)
+            tokens = generate(requests, lambda done, new: marks.append(time.perf_counter()))
+        setup = 0.0
         if args.worker.startswith("hf"):
             stats = engine.last_stats
-            print(f"  hf engine, {shape}: {stats}", flush=True)
+            # A warm-up of a quarter of the requests leaves the timed pass a larger decoder to
+            # build and graphs to capture (vLLM does both before it serves anything).
+            setup = engine.setup_seconds() - setup_before
+            print(f"  hf engine, {shape}: {stats}; decoder setup and graph captures in the timed pass: {setup:.1f} s",
+                  flush=True)  # fmt: skip
             if engine.compile_decode:  # compiled graphs; a recompile limit hit leaves shapes eager
                 from torch._dynamo.utils import counters
 
@@ -700,41 +719,70 @@ def worker(args) -> None:
         # Every sample runs to its max_tokens unless stop ids end it earlier.
         assert tokens == expected or (stop_ids and tokens < expected), f"{args.worker}: {tokens} tokens on {shape}"
         row = dict(shape=shape, tokens=tokens, seconds=timer.seconds, tokens_per_second=tokens / timer.seconds,
-                   slots=slots, peak_gib=peak)  # fmt: skip
+                   slots=slots, peak_gib=peak, setup_seconds=setup)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
         if args.profile and args.worker.startswith("hf"):
-            profile_decode(engine, requests, device)
+            at_step = args.profile_step if args.profile_step is not None else half_the_rows_step(requests)
+            last = min(at_step + PROFILED_STEPS, len(marks) - 1)  # a short run ends before the window does
+            if last > at_step:
+                wall = 1000 * (marks[last] - marks[at_step]) / (last - at_step)
+                print(f"  timed pass, steps {at_step}..{last - 1}: {wall:.2f} ms a step (wall)", flush=True)
+            profile_decode(engine, requests, device, at_step)
 
 
-def profile_decode(engine, requests, device) -> None:
-    """Where the hf engine's decode time goes: the timed requests again, each cut to 32 new
-    tokens (their prompts are in the prefix cache by now, so decoding is most of the work),
-    decoded eagerly (a CUDA graph's replay hides its kernels); prints the kernels by GPU time
-    (CPU time on a CPU)."""
-    short = [dataclasses.replace(r, max_tokens=min(32, r.max_tokens)) for r in requests]
+PROFILED_STEPS = 32
+
+
+def half_the_rows_step(requests: list[SamplingRequest]) -> int:
+    """The decode step by which half of the requests' decode rows are done (every sample runs to
+    its max_tokens): where a step's sequences are about as long as they are on average."""
+    rows = [sum(r.n for r in requests if r.max_tokens > step) for step in range(max(r.max_tokens for r in requests))]
+    total, done = sum(rows), 0
+    for step, count in enumerate(rows):
+        done += count
+        if 2 * done >= total:
+            return step
+    return 0
+
+
+def profile_decode(engine, requests, device, at_step: int) -> None:
+    """Where the hf engine's decode time goes: the timed requests again, decoded eagerly (a CUDA
+    graph's replay hides its kernels), with torch's profiler recording steps at_step to
+    at_step + 31 (counted as the engine reports progress: once a decode step, once a prefill);
+    prints the kernels by GPU time (CPU time on a CPU) and their time a step."""
+    at_step = max(1, at_step)  # the profiler warms up on the step before the window
     decoder = engine.decoder
     graphs, decoder.use_cuda_graph = decoder.use_cuda_graph, False
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        engine.sample(short)
+    schedule = torch.profiler.schedule(wait=at_step - 1, warmup=1, active=PROFILED_STEPS, repeat=1)
+    rows_at_step = []
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+
+        def on_progress(done, new):
+            if at_step <= len(rows_at_step) < at_step + PROFILED_STEPS:
+                rows_at_step.append(new)
+            else:
+                rows_at_step.append(None)
+            profiler.step()
+
+        engine.sample(requests, on_progress)
         if device.type == "cuda":
             torch.cuda.synchronize()
     decoder.use_cuda_graph = graphs
     assert engine.decoder is decoder, "the profiled call must run on the timed call's decoder"
-    steps = engine.last_stats.decode_steps
-    print(f"  {steps} eager decode steps:", flush=True)
+    sampled = [count for count in rows_at_step if count is not None]
+    print(f"  {len(sampled)} eager decode steps from step {at_step}, {sum(sampled) / max(1, len(sampled)):.0f} "
+          "samples decoding a step:", flush=True)  # fmt: skip
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(profiler.key_averages().table(sort_by=sort, row_limit=20), flush=True)
-    # The same call as timed (graphs as configured), unprofiled: its wall time a step against the
-    # kernels' time a step above says how much of a step the device waits on the host.
-    with Timer(device) as timer:
-        engine.sample(short)
-    kernels = sum(event.self_device_time_total for event in profiler.key_averages() if event.device_type.name == "CUDA")
-    wall_ms = 1000 * timer.seconds / max(1, engine.last_stats.decode_steps)
-    print(f"  the same call as timed: {wall_ms:.2f} ms a step (wall, prefill included); eager kernels: "
-          f"{kernels / 1000 / max(1, steps):.2f} ms a step", flush=True)  # fmt: skip
+    events = profiler.key_averages()
+    print(events.table(sort_by=sort, row_limit=20), flush=True)
+    if device.type == "cuda":
+        busy, what = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA"), "kernels"
+    else:
+        busy, what = sum(e.self_cpu_time_total for e in events), "CPU time"
+    print(f"  eager {what}: {busy / 1000 / max(1, len(sampled)):.2f} ms a step", flush=True)
 
 
 def main() -> None:

@@ -129,16 +129,18 @@ def test_bench_label_fidelity_reads_other_step_structures_and_refuses_bad_ones(t
 def test_bench_generate_shape_runs_each_engine_in_its_own_process_and_prints_the_table():
     """Each engine in its own process over every shape; --eos-every 4 ends samples at random, as
     rollouts end, and hf-no-compaction leaves a draining batch's rows in place; --profile prints
-    each hf engine's decode kernels by time after its timed pass."""
+    each hf engine's decode kernels by time over a window of steps mid-run, after its timed pass."""
     out = run_bench("bench/bench_generate.py", "--quick", "--shape", "short,long", "--engines", "hf,hf-no-compaction",
                     "--eos-every", "4", "--profile")  # fmt: skip
     assert "--worker hf --shape short,long" in out  # one process for the engine, every shape in it
     for shape in ("short", "long"):  # requests, engine, tokens/s, slots, peak, seconds
         for engine in ("hf", "hf-no-compaction"):
-            row = rf"^{shape} +8 x 16 x n=4, 4..32 +{engine} +[\d,]+ +16 +nan +[\d.]+$"
+            row = rf"^{shape} +8 x 16 x n=4, 4..32 +{engine} +[\d,]+ +16 +nan +[\d.]+ +[\d.]+$"
             assert re.search(row, out, flags=re.MULTILINE)
-    assert out.count("eager decode steps:") == 4 and "aten::mm" in out  # two engines x two shapes
-    stats = re.findall(r"^  hf engine, long: GenerationStats\((.*)\)$", out, flags=re.MULTILINE)
+    # two engines x two shapes, each profiled from the step by which half its decode rows are done
+    assert len(re.findall(r"eager decode steps from step \d+, \d+ samples decoding a step:", out)) == 4
+    assert "aten::mm" in out and out.count("ms a step (wall)") == 4
+    stats = re.findall(r"^  hf engine, long: GenerationStats\((.*)\); decoder setup", out, flags=re.MULTILINE)
     compactions = [int(re.search(r"compactions=(\d+)", line)[1]) for line in stats]
     assert compactions[0] > 0 and compactions[1] == 0  # hf, then hf-no-compaction
     generated = [int(re.search(r"generated_tokens=(\d+)", line)[1]) for line in stats]
