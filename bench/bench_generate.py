@@ -199,7 +199,6 @@ casts); not yet timed on a GPU: `--engines hf,hf-sampling-kernel,vllm` (and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
