@@ -64,7 +64,9 @@ instance, and reports the median); until then read the hf engine against vLLM as
 Side by side at 7B (`--shape`): random-weight Qwen2.5 architectures, bf16, EOS ignored, the hf
 engine and bare vLLM (0.26 defaults, `gpu_memory_utilization` 0.88) each in its own process
 (one model load and one vLLM start for all the shapes given), each shape warmed up on other
-prompts of the same lengths (a quarter as many), then the same requests timed:
+prompts of the same lengths (as many for the hf engine, which sizes its decoder and captures its
+graphs by the call; a quarter as many for vLLM, which does both when it starts), then the same
+requests timed:
 
     PYTHONPATH=. python bench/bench_generate.py --arch 7b --shape short,rollout,long
     PYTHONPATH=. python bench/bench_generate.py --arch 0.5b --shape short
@@ -189,16 +191,50 @@ hf,hf-compiled --profile` before compiled decoding became the default; the same 
 steps): matrix products 343 ms (59%), attention 97, the compiled regions 97 (norms, rotary,
 activation, adds: 249 ms eager), the sampler's softmax and cumsum over the 152k vocabulary 31.
 Bare vLLM ran this shape at 14,811 tokens/s in an earlier lease on the same kind of card (hf
-12,354 then): compiled, about 0.92x of it, not yet side by side (no vLLM in that lease). Since
-then the sampler can run as one Triton kernel reading the bf16 logits in place (sampling.py,
-`sampling_kernel=True`; about 1 ms of a 512-row step goes to the profile's softmax, cumsum and
-casts); not yet timed on a GPU: `--engines hf,hf-sampling-kernel,vllm` (and
-`bench/bench_kernels.py`, the kernel alone).
+12,354 then): compiled, about 0.92x of it.
+
+Side by side again on one H100 80GB, 2026-12-07, in one invocation (`--arch 7b --shape
+short,rollout,long --engines hf,vllm --model-dir DIR`; then `--arch 0.5b --shape short`), with
+compiled decoding, torch's sampler and row counts in steps of 64. The hf warm-up was then a
+quarter of the requests, so each timed pass also built its decoder and captured graphs for row
+counts the warm-up never ran ("setup s", reported since; the warm-up is now as large as the
+timed pass); "steady" leaves that out:
+
+  | arch | shape   | hf tok/s (slots) | setup s | hf GiB | bare vLLM tok/s | vLLM GiB | hf / vLLM | steady |
+  |------|---------|-----------------:|--------:|-------:|----------------:|---------:|----------:|-------:|
+  | 0.5B | short   |    81,251 (1024) |     1.5 |   13.3 |          34,221 |     74.4 |     2.37x |  3.03x |
+  | 7B   | short   |    25,649 (1024) |     1.6 |   55.1 |          22,309 |     75.0 |     1.15x |  1.25x |
+  | 7B   | rollout |    18,165 (1024) |     2.4 |   72.1 |          18,673 |     75.0 |     0.97x |  1.02x |
+  | 7B   | long    |    14,414  (512) |     1.3 |   70.4 |          15,533 |     75.0 |     0.93x |  0.96x |
+
+The same lease profiled the long shape mid-run (`--profile`, now a window of 32 steps from the
+step by which half the decode rows are done: steps 652-683, 399 samples decoding in 448 rows,
+the sampling kernel on): 25.7 ms of kernels a step against 25.85 ms of wall time in the timed
+pass, so the device never waited on the host. Of the 25.7 ms, 10.3 went to one cuBLAS kernel
+for the gate and up projections, 184 us each at 448 rows where 512 rows take 109 (the
+microbenchmark in bench_kernels.py's docstring: at 416 and 448 rows a layer's products cost
+1.6x what 512 rows' do); attention 7.5 ms (each sample's own positions 5.4, the prompts' shared
+blocks 2.1: about 2.7 TB/s of keys and values read); the sampling kernel 0.23 ms. Hence decode
+steps in steps of 128 rows, and the sampling kernel on by default. A second lease that day (one
+H100 80GB, another machine), `--arch 7b --shape long --engines hf,hf-sampling-kernel` and the
+same with steps of 64, then the rollout shape:
+
+  | shape   | engine                                   | tok/s  | setup s | steady |
+  |---------|------------------------------------------|-------:|--------:|-------:|
+  | long    | hf, rows in steps of 64, torch's sampler | 14,526 |     1.1 | 14,910 |
+  | long    | hf, rows in steps of 128                 | 14,647 |     2.2 | 15,426 |
+  | long    | hf, steps of 128, sampling kernel (now)  | 15,195 |     2.3 | 16,101 |
+  | rollout | hf, steps of 128, sampling kernel (now)  | 19,586 |     1.2 | 20,116 |
+
+Against bare vLLM's tokens/s from the first lease (not side by side): long 0.98x (steady 1.04x),
+rollout 1.05x (1.08x). The variant that was `hf-sampling-kernel` is now `hf`;
+`hf-torch-sampler` samples with torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -284,8 +320,8 @@ def parse_args() -> argparse.Namespace:
         default="hf,vllm",
         help="with --shape: which engines run (hf, vllm; hf-no-cascade: the hf engine with each sample reading "
         "its prompt's keys and values itself; hf-no-compaction: with a draining batch's rows left in place; "
-        "hf-eager-decode: with eager decoder layers in decoding, compile_decode=False; hf-sampling-kernel: "
-        "sampling in one Triton kernel, sampling_kernel=True)",
+        "hf-eager-decode: with eager decoder layers in decoding, compile_decode=False; hf-torch-sampler: "
+        "sampling by torch's softmax and cumulative sum, sampling_kernel=False)",
     )
     parser.add_argument(
         "--profile",
@@ -640,8 +676,8 @@ def side_by_side(args) -> None:
 
 def worker(args) -> None:
     """One engine, alone in this process, over every shape of --shape: for each, a warm-up pass
-    over other prompts of the same lengths (a quarter as many), then the timed pass; prints a
-    RESULT line of JSON per shape."""
+    over other prompts of the same lengths, then the timed pass; prints a RESULT line of JSON per
+    shape."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     vocab = (TINY if args.quick else ARCHES[args.arch])["vocab_size"]
     stop_ids = list(range(args.eos_every - 1, vocab, args.eos_every)) if args.eos_every else None
@@ -661,7 +697,7 @@ def worker(args) -> None:
             shared_prefix_attention=args.worker != "hf-no-cascade",
             compact_rows=args.worker != "hf-no-compaction",
             compile_decode=False if args.worker == "hf-eager-decode" else None,  # None: the engine's default
-            sampling_kernel=args.worker == "hf-sampling-kernel",
+            sampling_kernel=False if args.worker == "hf-torch-sampler" else None,  # None: the engine's default
         )
     else:
         import vllm
@@ -683,7 +719,13 @@ def worker(args) -> None:
     for shape in args.shapes:
         shaped = with_shape(args, shape)
         warmup = make_requests(argparse.Namespace(**(vars(shaped) | {"seed": args.seed + 1})), vocab)
-        warmup = warmup[: max(8, len(warmup) // 4)]
+        # Its longest request as long as the timed pass's: the hf engine sizes its decoder by it.
+        warmup[0] = dataclasses.replace(warmup[0], max_tokens=shaped.max_tokens)
+        if not args.worker.startswith("hf"):
+            # vLLM builds its cache and captures its graphs when it starts: a quarter warms it.
+            # The hf engine sizes its decoder (and captures a graph per row count) by the call:
+            # its warm-up is as large as the timed pass, which then pays for neither.
+            warmup = warmup[: max(8, len(warmup) // 4)]
         requests = make_requests(shaped, vocab)
         expected = sum(r.n * r.max_tokens for r in requests)
         started = time.perf_counter()
@@ -700,8 +742,7 @@ def worker(args) -> None:
         setup = 0.0
         if args.worker.startswith("hf"):
             stats = engine.last_stats
-            # A warm-up of a quarter of the requests leaves the timed pass a larger decoder to
-            # build and graphs to capture (vLLM does both before it serves anything).
+            # What the warm-up left to do: building a decoder, capturing a row count's graph.
             setup = engine.setup_seconds() - setup_before
             print(f"  hf engine, {shape}: {stats}; decoder setup and graph captures in the timed pass: {setup:.1f} s",
                   flush=True)  # fmt: skip
@@ -778,7 +819,9 @@ def profile_decode(engine, requests, device, at_step: int) -> None:
     events = profiler.key_averages()
     print(events.table(sort_by=sort, row_limit=20), flush=True)
     if device.type == "cuda":
-        busy, what = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA"), "kernels"
+        # Kernels only: ranges marked on the GPU (the profiler's steps, compiled regions) span them.
+        kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
+        busy, what = sum(e.self_device_time_total for e in kernels), "kernels"
     else:
         busy, what = sum(e.self_cpu_time_total for e in events), "CPU time"
     print(f"  eager {what}: {busy / 1000 / max(1, len(sampled)):.2f} ms a step", flush=True)

@@ -41,6 +41,13 @@ def test_bench_kernels_fallbacks_match_the_unfused_path():
     assert re.search(r"sample +kernel: needs CUDA and Triton +torch +[\d.]+ ms", out)
 
 
+def test_bench_kernels_times_a_layers_matrix_products_at_each_row_count_and_marks_the_engines():
+    out = run_bench("bench/bench_kernels.py", "--quick", "--matmul-rows")
+    rows = re.findall(r"^ +(\d+) +(yes)? +(?:[\d.]+ +){5}([\d.]+) +[\d.]+$", out, flags=re.MULTILINE)
+    assert [int(count) for count, _, _ in rows] == [8, 16, 32, 64, 96, 128]
+    assert [count for count, used, _ in rows if used] == ["8", "16", "32", "64", "128"]  # no step runs 96 rows
+
+
 def test_bench_scale_runs_each_way_and_every_way_gives_the_one_process_labels():
     """One process, Ray tasks, and `xargs -P` with --shard-index: the same labels row for row."""
     out = run_bench("bench/bench_scale.py", "--quick")

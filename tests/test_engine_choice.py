@@ -12,7 +12,8 @@ import pytest
 
 from prmtool.core.shards import read_provenance
 from prmtool.engines import EngineError
-from prmtool.engines.choice import choose_engine, parameter_count
+from prmtool.engines import choice as engine_choice
+from prmtool.engines.choice import Measurement, choose_engine, parameter_count
 
 QWEN25_7B = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -65,12 +66,29 @@ def test_on_cuda_small_models_and_short_prompts_take_hf(model_folder):
         assert choose_engine(small, device="cuda", prompt_tokens=prompt_tokens, has_vllm=True).engine == "hf"
     # 7B with short prompts and with a GSM8K rollout's: the paged hf engine measured faster
     seven_b = model_folder(QWEN25_7B)
-    for prompt_tokens, ratio in ((128, "1.27x"), (640, "1.07x")):
+    for prompt_tokens, ratio in ((128, "1.15x"), (640, "1.05x")):
         short = choose_engine(seven_b, device="cuda", prompt_tokens=prompt_tokens, has_vllm=True)
         assert short.engine == "hf" and ratio in short.reason
 
 
-def test_on_cuda_7b_with_long_prompts_takes_vllm_and_says_why(model_folder):
+def test_on_cuda_7b_with_long_prompts_a_tie_takes_hf_and_says_why(model_folder):
+    """Measured at 0.98x, within what prmtool's vllm engine loses to bare vLLM: hf, which needs
+    no extra install."""
+    choice = choose_engine(model_folder(QWEN25_7B), device="cuda", prompt_tokens=1152, has_vllm=True)
+    assert choice.line() == (
+        "engine: hf (--engine auto: 7.6B parameters, prompts of about 1,152 tokens on cuda: the hf engine "
+        "measured at 0.98x vLLM's tokens/s at 7.6B with 1536-token prompts)"
+    )
+
+
+@pytest.fixture
+def vllm_faster_on_long_prompts(monkeypatch):
+    """The measurements as they stood before the paged hf engine caught up on long prompts."""
+    table = [m for m in engine_choice.MEASURED if m.prompt_tokens < 1536]
+    monkeypatch.setattr(engine_choice, "MEASURED", [*table, Measurement(7.6, 1536, 0.82, "an earlier lease")])
+
+
+def test_where_vllm_measured_faster_auto_takes_vllm_and_says_why(model_folder, vllm_faster_on_long_prompts):
     choice = choose_engine(model_folder(QWEN25_7B), device="cuda", prompt_tokens=1152, has_vllm=True)
     assert choice.engine == "vllm"
     assert choice.line() == (
@@ -79,7 +97,7 @@ def test_on_cuda_7b_with_long_prompts_takes_vllm_and_says_why(model_folder):
     )
 
 
-def test_without_vllm_auto_falls_back_to_hf_with_the_reason(model_folder):
+def test_without_vllm_auto_falls_back_to_hf_with_the_reason(model_folder, vllm_faster_on_long_prompts):
     choice = choose_engine(model_folder(QWEN25_7B), device="cuda", prompt_tokens=1152, has_vllm=False)
     assert choice.engine == "hf"
     assert "vLLM would be faster" in choice.reason and "not installed" in choice.reason
@@ -128,7 +146,7 @@ def test_auto_runs_a_stage_on_cpu_and_says_so(prmtool, tmp_path, tiny_model_dir)
     assert provenance["arguments"]["engine"] == "hf"  # the engine that ran, so a resume compares like with like
 
 
-def test_a_recipe_runs_each_model_on_the_engine_its_longest_prompts_pick(model_folder):
+def test_a_recipe_runs_each_model_on_the_engine_its_longest_prompts_pick(model_folder, vllm_faster_on_long_prompts):
     """generate's short prompts pick hf and label's long ones vLLM: loading the 7B twice would
     not fit, so every stage takes label's choice, and says why."""
     from prmtool.engines.choice import agree, one_engine_per_model, resolve

@@ -7,7 +7,8 @@ hf engine cannot run a model at all (several GPUs per model, quantized weights, 
 attention), vLLM is the only choice.
 
     choose_engine("./Qwen2.5-7B-Instruct", device="cuda", prompt_tokens=1152)
-    # Choice(engine='vllm', reason='7.6B parameters, prompts of about 1,152 tokens on cuda: ...')
+    # Choice(engine='hf', reason='7.6B parameters, prompts of about 1,152 tokens on cuda: the hf
+    #   engine measured at 0.98x vLLM's tokens/s at 7.6B with 1536-token prompts')
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ class Measurement:
     source: str  # where it was measured
 
 
-# Random-weight Qwen2.5 models, bf16, one H100, each engine in its own process on the same
-# requests (bench/bench_generate.py --shape). The 7B rows are one lease, side by side, with the
-# paged KV cache (2026-12-06); the 0.5B row is from before it. Changes to either engine move
-# these: rerun the benchmark and replace the rows.
+# Random-weight Qwen2.5 models, bf16, one H100 80GB, each engine in its own process on the same
+# requests (bench/bench_generate.py --shape), 2026-12-07. The 0.5B and 7B short rows are one
+# lease, side by side; the 7B rollout and long rows are the hf engine as it is now (row counts
+# in steps of 128, the sampling kernel) from a second lease that day, against bare vLLM's
+# tokens/s from the first (same kind of card). Changes to either engine move these: rerun the
+# benchmark and replace the rows.
 MEASURED = [
-    Measurement(0.5, 128, 3.97, "bench_generate, H100, before the paged KV cache"),
-    Measurement(7.6, 128, 1.27, "bench_generate --arch 7b --shape short, H100: 24,611 / 19,408 tok/s"),
-    Measurement(7.6, 768, 1.07, "bench_generate --arch 7b --shape rollout, H100: 16,838 / 15,779 tok/s"),
-    Measurement(7.6, 1536, 0.82, "bench_generate --arch 7b --shape long, H100: 12,087 / 14,811 tok/s"),
+    Measurement(0.5, 128, 2.37, "bench_generate --arch 0.5b --shape short, H100: 81,251 / 34,221 tok/s"),
+    Measurement(7.6, 128, 1.15, "bench_generate --arch 7b --shape short, H100: 25,649 / 22,309 tok/s"),
+    Measurement(7.6, 768, 1.05, "bench_generate --arch 7b --shape rollout, H100: 19,586 / 18,673 tok/s"),
+    Measurement(7.6, 1536, 0.98, "bench_generate --arch 7b --shape long, H100: 15,195 / 15,533 tok/s"),
 ]
 # prmtool's vllm engine runs at 0.98 to 1.20x bare vLLM's throughput (bench_generate,
 # bench_label overhead). vLLM is chosen only where it wins even at the low end: a tie goes to

@@ -4,8 +4,8 @@ With `kernel` (HFEngine's sampling_kernel, CUDA and Triton), the rows with top_p
 and generate's default) are sampled by one kernel (kernels.inverse_cdf_sample_kernel) that reads
 the bf16 logits in place, three passes over a row, where torch writes float32 copies of all of
 them (the cast, the division by the temperature, the softmax, the cumulative sum; at 512 rows
-of a 152k vocabulary, about a millisecond of a 7B decode step). Otherwise torch samples, as the
-reference.
+of a 152k vocabulary: 0.25 ms against torch's 1.41 on an H100, bench/bench_kernels.py).
+Otherwise torch samples, as the reference.
 """
 
 from __future__ import annotations
