@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -650,6 +651,8 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
     def convert_again(*args):
         raise AssertionError("converted a second time")
 
+    converted = gguf_cache._convert
+
     monkeypatch.setattr(gguf_cache, "_convert", convert_again)
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(folder.parent))
     assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(folder)
@@ -657,6 +660,23 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", "off")  # the .gguf file itself, as before the cache
     assert gguf_cache.loadable(locate_model(None), torch.float32).gguf_file is not None
     assert outputs() == from_cache
+
+    # A copy damaged by hand (its weights deleted) is converted again, in place of the damaged one.
+    cache = tmp_path / "cache"
+    shutil.copytree(folder, cache / folder.name)
+    (cache / folder.name / "model.safetensors").unlink()
+    assert not gguf_cache.intact(cache / folder.name)
+
+    def convert_by_copying(location, building, dtype):  # what a conversion writes, without its 25 s
+        for path in folder.iterdir():
+            if path.name != gguf_cache.SOURCE_FILE:
+                shutil.copy(path, building / path.name)
+
+    monkeypatch.setattr(gguf_cache, "_convert", converted)  # the real one again
+    monkeypatch.setattr(gguf_cache, "_save_converted", convert_by_copying)
+    monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(cache))
+    assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(cache / folder.name)
+    assert gguf_cache.intact(cache / folder.name) and [p.name for p in cache.iterdir()] == [folder.name]
 
 
 def test_scoring_builds_no_mask_and_never_waits_for_the_device(tiny_engine, monkeypatch):

@@ -11,7 +11,8 @@ The cache folder: PRMTOOL_MODEL_CACHE, else PRMTOOL_CACHE_DIR/models, else
 on every load. Each model gets a folder per dtype, keyed by the file's path, size and
 modification time and by transformers' version (a changed file or a new transformers converts
 again); the float32 one (CPU runs, training) takes about four times a 4-bit file's size, the
-bfloat16 one (GPU runs) half that. Any of them may be deleted at any time.
+bfloat16 one (GPU runs) half that. Any of them may be deleted at any time; one whose files no
+longer have the sizes it was written with (a file deleted or cut short) is converted again.
 """
 
 from __future__ import annotations
@@ -63,12 +64,21 @@ def loadable(location: ModelLocation, dtype: torch.dtype) -> ModelLocation:
     }
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
     folder = root / f"{gguf.stem}-{source['dtype']}-{key}"
-    if not (folder / SOURCE_FILE).is_file():
+    if not intact(folder):
         try:
             _convert(location, folder, source, dtype)
         except OSError:
             return location
     return ModelLocation(str(folder))
+
+
+def intact(folder: Path) -> bool:
+    """Whether a converted folder is there with every file at the size it was written with."""
+    try:
+        recorded = json.loads((folder / SOURCE_FILE).read_text())
+        return all((folder / name).stat().st_size == size for name, size in recorded["files"].items())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
 
 
 def _convert(location: ModelLocation, folder: Path, source: dict, dtype: torch.dtype) -> None:
@@ -78,26 +88,46 @@ def _convert(location: ModelLocation, folder: Path, source: dict, dtype: torch.d
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        kwargs = location.from_pretrained_kwargs()
-        transformers.utils.logging.disable_progress_bar()
-        with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF bars are plain tqdm
-            tokenizer = AutoTokenizer.from_pretrained(location.folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(location.folder, dtype=dtype, **kwargs)
-        # Dequantized on load, it is a plain float model; without the GGUF marks save_pretrained
-        # writes it (and later loads do not take it for a quantized one).
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(building)
-        tokenizer.save_pretrained(building)
-        (building / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+        _save_converted(location, building, dtype)
+        files = {path.name: path.stat().st_size for path in building.iterdir()}
+        (building / SOURCE_FILE).write_text(json.dumps(source | {"files": files}, indent=1) + "\n")
         _readable_as_umask_allows(building)
-        try:
-            building.rename(folder)
-        except OSError:
-            if not (folder / SOURCE_FILE).is_file():  # not another process's finished copy
-                raise
+        _move_into_place(building, folder)
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+def _save_converted(location: ModelLocation, building: Path, dtype: torch.dtype) -> None:
+    """The GGUF file loaded by transformers in `dtype`, saved as a plain transformers folder."""
+    kwargs = location.from_pretrained_kwargs()
+    transformers.utils.logging.disable_progress_bar()
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF bars are plain tqdm
+        tokenizer = AutoTokenizer.from_pretrained(location.folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location.folder, dtype=dtype, **kwargs)
+    # Dequantized on load, it is a plain float model; without the GGUF marks save_pretrained
+    # writes it (and later loads do not take it for a quantized one).
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(building)
+    tokenizer.save_pretrained(building)
+
+
+def _move_into_place(building: Path, folder: Path) -> None:
+    """Rename `building` to `folder`. A damaged folder there is moved aside first and deleted
+    (the cache's own files); if another process's finished copy wins the rename, that one stays."""
+    aside = None
+    if folder.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}-damaged-", dir=folder.parent))
+        with contextlib.suppress(OSError):  # another process moved it first
+            folder.rename(aside / folder.name)
+    try:
+        building.rename(folder)
+    except OSError:
+        if not intact(folder):
+            raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _readable_as_umask_allows(folder: Path) -> None:
