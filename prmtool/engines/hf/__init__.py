@@ -101,8 +101,8 @@ class HFEngine(Engine):
         place (sampling.py) instead of torch's cast, softmax and cumulative sum over the
         vocabulary: 0.25 ms against 1.41 for 512 rows of a 152k vocabulary on an H100, a 7B
         long-prefix run 1.04x faster (bench/bench_generate.py, `hf-torch-sampler` against `hf`).
-        The same distribution; a token may differ from torch's within rounding. Default: on CUDA
-        where Triton is installed (CUDA only).
+        The same distribution; a token may differ from torch's within rounding. Default: on
+        where the engine runs on CUDA with Triton installed (torch samples elsewhere).
     """
 
     def __init__(

@@ -852,8 +852,8 @@ def choose_num_blocks(parts: ModelParts, wanted: int, num_slots: int, vocab_size
 
 # Row counts a decode step may run: powers of two up to this, then its multiples. Multiples of
 # 128 because cuBLAS's kernels for a 7B layer's matrix products are slow at some row counts in
-# between: on an H100, 416 or 448 rows took 623 us a layer where 512 took 395 (bench_generate's
-# docstring has the table), so a step is cheaper rounded up to the next multiple of 128.
+# between: on an H100, 416 or 448 rows took 623 us a layer where 512 took 395 (the table in
+# bench/bench_kernels.py, --matmul-rows), so a step is cheaper rounded up to a multiple of 128.
 ROW_COUNT_STEP = 128
 
 

@@ -114,7 +114,9 @@ def _save_converted(location: ModelLocation, building: Path, dtype: torch.dtype)
 
 def _move_into_place(building: Path, folder: Path) -> None:
     """Rename `building` to `folder`. A damaged folder there is moved aside first and deleted
-    (the cache's own files); if another process's finished copy wins the rename, that one stays."""
+    (the cache's own files); if another process's finished copy is there first, that one stays."""
+    if intact(folder):
+        return
     aside = None
     if folder.exists():
         aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}-damaged-", dir=folder.parent))
