@@ -139,7 +139,7 @@ requests' lengths spread over 256-2,048 tokens and the longest start in the lowe
 batch drains from the top and a step runs only up to the highest busy row: the engine's own
 count (`GenerationStats.decode_rows`, the same requests on the tiny CPU model) is 666,216 rows
 over 2,046 steps, 326 a step on average, about 4.6 TFLOP (7 ms at 650 TFLOP/s) of the 24.7 ms.
-(That count is with today's row counts, in steps of 64 rows above 64; the measured run had
+(That count is with row counts in steps of 64 rows above 64, as they then were; the measured run had
 powers of two, about 747,000 rows, 365 a step: a step of 300 busy rows computed 512.) Timed on
 one H100 80GB, 2026-12-07, `--arch 7b --shape long --engines hf --model-dir DIR`: 12,175
 tokens/s (512 slots, 70.5 GiB peak), 2,044 steps in 51.3 s, 673,840 rows computed for 624,736
