@@ -801,14 +801,11 @@ def profile_decode(engine, requests, device, at_step: int) -> None:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     schedule = torch.profiler.schedule(wait=at_step - 1, warmup=1, active=PROFILED_STEPS, repeat=1)
-    rows_at_step = []
+    decoding = []  # per progress report: the samples that got a token
     with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
 
         def on_progress(done, new):
-            if at_step <= len(rows_at_step) < at_step + PROFILED_STEPS:
-                rows_at_step.append(new)
-            else:
-                rows_at_step.append(None)
+            decoding.append(new)
             profiler.step()
 
         engine.sample(requests, on_progress)
@@ -816,7 +813,7 @@ def profile_decode(engine, requests, device, at_step: int) -> None:
             torch.cuda.synchronize()
     decoder.use_cuda_graph = graphs
     assert engine.decoder is decoder, "the profiled call must run on the timed call's decoder"
-    sampled = [count for count in rows_at_step if count is not None]
+    sampled = decoding[at_step : at_step + PROFILED_STEPS]
     print(f"  {len(sampled)} eager decode steps from step {at_step}, {sum(sampled) / max(1, len(sampled)):.0f} "
           "samples decoding a step:", flush=True)  # fmt: skip
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
