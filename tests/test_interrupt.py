@@ -78,3 +78,28 @@ def test_ctrl_c_stops_label_mid_rounds_and_leaves_nothing_half_written(
     assert time.monotonic() - interrupted < 30
     left = [p.name for p in output.rglob("*")] if output.exists() else []
     assert not [name for name in left if name != ".lock"], left  # no shard, no temporary file, no _SUCCESS
+
+
+def test_ctrl_c_that_library_code_turned_into_another_error_still_exits_as_interrupted(monkeypatch, capsys):
+    """numpy catches an exception raised inside an array comparison and raises a TypeError in
+    its place: a Ctrl-C arriving there must still end the command as interrupted (exit 130)."""
+    from prmtool.cli import commands
+
+    def comparing_arrays(**kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise TypeError("Cannot compare structured arrays unless they have a common dtype") from None
+
+    monkeypatch.setattr(commands, "app", comparing_arrays)
+    assert commands.main(["label"]) == 130
+    assert "interrupted; rerun the same command" in capsys.readouterr().err
+
+    def failing(**kwargs):
+        raise TypeError("a real bug")
+
+    monkeypatch.setattr(commands, "app", failing)  # no Ctrl-C: the error is the error
+    with pytest.raises(TypeError, match="a real bug"):
+        commands.main(["label"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put Python's handler back

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
+import signal
 import sys
+import threading
 from contextvars import ContextVar
 
 import typer
@@ -101,8 +104,39 @@ def guard_closed_streams() -> None:
             setattr(sys, name, open(os.devnull, "w") if fd == 2 else ClosedStream(said))
 
 
+@contextlib.contextmanager
+def interrupts_remembered():
+    """Yields a list that gets an entry when Ctrl-C comes (which still raises KeyboardInterrupt
+    where the main thread is). Code in C may catch that exception and raise another: numpy turns
+    one raised inside an array comparison into a TypeError. The list tells main that the error
+    is the interrupt. Only in the main thread, and only where SIGINT is not ignored."""
+    received: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)  # None: a handler installed outside Python
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+        yield received
+        return
+
+    def on_interrupt(number, frame):
+        received.append(True)
+        if callable(previous):
+            return previous(number, frame)  # Python's own handler raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error."""
+    """Run the CLI; returns the exit code: 0 ok, 1 runtime failure, 2 usage or input error,
+    130 interrupted."""
+    with interrupts_remembered() as interrupted:
+        return _main(argv, interrupted)
+
+
+def _main(argv: list[str] | None, interrupted: list[bool]) -> int:
     guard_closed_streams()
     stderr = Console(stderr=True, highlight=False)
     typed_argv.set(list(sys.argv[1:] if argv is None else argv))
@@ -123,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         stderr.print("interrupted; rerun the same command to resume where it stopped")
         return 130
     except Exception as exc:
+        if interrupted:  # the interrupt, turned into another error on its way out
+            stderr.print("interrupted; rerun the same command to resume where it stopped")
+            return 130
         known = exit_code_of(exc)
         if known is None:
             raise
