@@ -162,6 +162,8 @@ def main() -> None:
 
 # Qwen2.5-7B's products, (output, input) features: q, k and v as one, the MLP's three, the head.
 QWEN25_7B_PRODUCTS = dict(qkv=(4608, 3584), o=(3584, 3584), gate=(18944, 3584), down=(3584, 18944), head=(152064, 3584))
+# A decoder layer's products and how often each shape runs (up has gate's shape).
+LAYER_PRODUCTS = dict(qkv=1, o=1, gate=2, down=1)
 MATMUL_ROWS = [8, 16, 32, 64, 96, *range(128, 1025, 32)]
 
 
@@ -182,11 +184,8 @@ def time_matmul_rows(device: torch.device, quick: bool) -> None:
         for name, weight in weights.items():
             x = torch.randn(rows, weight.shape[1], device=device, dtype=torch.bfloat16)
             times[name] = 1000 * median_ms(lambda x=x, weight=weight: torch.nn.functional.linear(x, weight), device)
-        layer = times["qkv"] + times["o"] + 2 * times["gate"] + times["down"]
-        flops = (
-            2 * rows * sum(w.numel() for name, w in weights.items() if name != "head")
-            + 2 * rows * weights["gate"].numel()
-        )
+        layer = sum(count * times[name] for name, count in LAYER_PRODUCTS.items())
+        flops = 2 * rows * sum(count * weights[name].numel() for name, count in LAYER_PRODUCTS.items())
         print(
             f"{rows:>5} {'yes' if rows in used else '':>6} " + "".join(f"{t:9.1f}" for t in times.values())
             + f"{layer:9.1f}  {flops / layer / 1e6:7.1f}",

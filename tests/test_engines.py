@@ -651,9 +651,7 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
     def convert_again(*args):
         raise AssertionError("converted a second time")
 
-    converted = gguf_cache._convert
-
-    monkeypatch.setattr(gguf_cache, "_convert", convert_again)
+    monkeypatch.setattr(gguf_cache, "_save_converted", convert_again)
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(folder.parent))
     assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(folder)
 
@@ -672,7 +670,6 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
             if path.name != gguf_cache.SOURCE_FILE:
                 shutil.copy(path, building / path.name)
 
-    monkeypatch.setattr(gguf_cache, "_convert", converted)  # the real one again
     monkeypatch.setattr(gguf_cache, "_save_converted", convert_by_copying)
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(cache))
     assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(cache / folder.name)
