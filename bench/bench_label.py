@@ -5,6 +5,7 @@
     python bench/bench_label.py judge              # GPU: rows/s of --method judge (LLM-as-judge)
     python bench/bench_label.py schedule           # CPU: overhead's workload as waves of engine slots
     python bench/bench_label.py fidelity           # CPU: first errors of every --rule under noisy rollouts
+    python bench/bench_label.py long               # GPU: the label regime at 7B, against bare vLLM
 
 economy: the same wrong responses labeled by first-error binary search and by per-step MC
 (Math-Shepherd), with a scripted policy whose rollouts reach the right answer with probability
@@ -250,6 +251,31 @@ Before the learned prior, `python bench/bench_label.py fidelity`, 2026-12-06 (`-
   recovery rate is much the same across problems), with a high confidence that a probe's budget
   caps. The missing rollouts are the price of not knowing the rates, not of the test.
 
+long: the label regime at the scale users work: a random-weight Qwen2.5-7B (bf16; `--arch`)
+labels 256 wrong responses of 8-16 steps and 1,000-3,000 tokens (words of the word-level
+tokenizer, one token each), k = 8 rollouts of up to 1,024 tokens, every --eos-every-th token id
+ending a rollout (300: about 300 tokens each, a 7B's length on GSM8K; 0: EOS ignored, every
+rollout runs to 1,024). Random weights never write a right answer, so each rollout's answer is a
+seeded coin (ScriptedAnswers): right with --p-good (0.7) from a prefix before the response's
+wrong step, --p-bad (0.0) from one holding it; the seed is the one `Rollouts` gives the prefix,
+so every method sees the same answers for the same prefix, and the GPU still generates every
+token. Methods, each in labelled responses per GPU-hour, rollouts and tokens per response, peak
+GPU memory and first errors as (c)'s:
+  (a) `label --method binary` (any-success, as (b) and (c)) on the hf engine (`--engine hf`) and
+      on prmtool's vllm engine, in each of `--modes` (default label's own, lockstep+speculation);
+  (b) the same search driven naively on bare vLLM: one `generate` per round, all k rollouts of
+      every open search's middle step, prefix cache on (vLLM's default);
+  (c) Math-Shepherd's per-step MC on bare vLLM: k rollouts after every step, one `generate`,
+      on the first --mc-responses (its rate is per response).
+Each engine runs in its own process (hf, then vllm: one vLLM start for (a), (b) and (c)), and
+every timed run follows a warm-up on other responses of the same lengths. Targets (issue 39):
+(a) >= 1.3x (b) and >= 3x (c), first errors as (c)'s on >= 95% of responses, nothing out of
+memory on an 80 GB card.
+
+    PYTHONPATH=. python bench/bench_label.py long --engine hf --mc-responses 64 \\
+        --modes lockstep+speculation,continuous+speculation
+    PYTHONPATH=. python bench/bench_label.py long --engine vllm --mc-responses 64
+
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
 2026-12-04 on one H200 with the hf engine and a random-weight Qwen2.5-0.5B (bf16; it never stops
@@ -269,7 +295,9 @@ steps per row, each word one token of the bench's word-level tokenizer):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -724,10 +752,76 @@ def per_step_mc(frame: pl.DataFrame, engine: Engine, k: int, settings: RolloutSe
     return first_error
 
 
+class ScriptedAnswers(Engine):
+    """The model's real rollouts, each ending in an answer a seeded coin picks: right with
+    probability p_good from a prefix without the response's WRONG step, p_bad from one holding
+    it. Random weights never write a right answer, so without this every search runs to full
+    depth and staged sampling always draws all k; with it the searches do what a policy that
+    solves the problem from a sound prefix p_good of the time makes them do, while the GPU
+    generates every token. The coin is seeded by the request's seed and the sample's number,
+    which `Rollouts` fixes by the response and the prefix, so (a), (b) and (c) see the same
+    answers for the same prefix. Counts the rollouts and tokens generated through it."""
+
+    def __init__(self, inner: Engine, wrong_id: int, p_good: float, p_bad: float):
+        self.inner, self.tokenizer = inner, inner.tokenizer
+        self.wrong_id, self.p_good, self.p_bad = wrong_id, p_good, p_bad
+        self.rollouts = self.tokens = 0
+
+    def _answered(self, request: SamplingRequest, completions: list[Completion]) -> list[Completion]:
+        p = self.p_bad if self.wrong_id in request.prompt_ids else self.p_good
+        self.rollouts += len(completions)
+        self.tokens += sum(completion.num_tokens for completion in completions)
+        answered = []
+        for number, completion in enumerate(completions, start=request.first_sample):
+            right = random.Random(f"{request.seed}:{number}").random() < p
+            answered.append(dataclasses.replace(completion, text=f"{completion.text} \\boxed{{{42 if right else 41}}}"))
+        return answered
+
+    def chat_prompt_ids(self, *args, **kwargs):
+        return self.inner.chat_prompt_ids(*args, **kwargs)
+
+    def continuation_ids_batch(self, *args, **kwargs):
+        return self.inner.continuation_ids_batch(*args, **kwargs)
+
+    def sampling_capacity(self):
+        return self.inner.sampling_capacity()
+
+    def sample(self, requests, on_progress=None):
+        results = self.inner.sample(requests, on_progress)
+        return [self._answered(request, completions) for request, completions in zip(requests, results)]
+
+    def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
+        keyed = list(requests)  # keys count up in the order requests are given, follow-ups included
+
+        def answered(finished):
+            answer = on_done([(key, self._answered(keyed[key], completions)) for key, completions in finished])
+            keyed.extend(item for item in answer if isinstance(item, SamplingRequest))
+            return answer
+
+        self.inner.sample_continuously(requests, answered, on_progress, longest)
+
+    def score(self, requests):
+        return self.inner.score(requests)
+
+
+def marked_tokenizer(vocab_size: int):
+    """bench_generate's word-level tokenizer with its last id spelled WRONG, so a prompt's ids
+    show whether its prefix holds a response's wrong step."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab_size - 1)} | {"WRONG": vocab_size - 1}
+    backend = Tokenizer(models.WordLevel(words, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
 def long_prefixes(args) -> None:
-    """The label regime at 7B: long step prefixes, k rollouts of up to --max-tokens. One engine
-    per process: `--engine hf` runs (a) on the hf engine; `--engine vllm` runs (a) on prmtool's
-    vllm engine, then (b) and (c) on bare vLLM (prefix cache on), on one vLLM instance."""
+    """The label regime at 7B: long step prefixes, k rollouts of up to --max-tokens, ended by
+    one id in --eos-every (0: none, every rollout runs to --max-tokens) and answered by
+    ScriptedAnswers. One engine per process: `--engine hf` runs (a) on the hf engine; `--engine
+    vllm` runs (a) on prmtool's vllm engine, then (b) and (c) on bare vLLM (prefix cache on), on
+    one vLLM instance."""
     import subprocess
 
     if args.worker is None:
@@ -736,40 +830,57 @@ def long_prefixes(args) -> None:
         for engine in engines:
             command = [sys.executable, __file__, "long", "--worker", engine, "--responses", str(args.responses),
                        "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--arch", args.arch,
-                       "--workers", str(args.workers), "--mc-responses", str(args.mc_responses)]  # fmt: skip
+                       "--workers", str(args.workers), "--mc-responses", str(args.mc_responses),
+                       "--p-good", str(args.p_good), "--p-bad", str(args.p_bad),
+                       "--eos-every", str(args.eos_every), "--modes", args.modes]  # fmt: skip
             command += ["--quick"] if args.quick else []
             print(f"$ {' '.join(command)}", flush=True)
-            finished = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+            # The worker builds the model on the GPU before vLLM starts its engine process, which
+            # then cannot fork (bench_generate's side_by_side says so too): vLLM spawns.
+            environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+            finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
             print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")))
             rows += [json.loads(line[7:]) for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
             if finished.returncode != 0:
                 print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
         reference = next((row for row in rows if row["method"].startswith("(c)")), None)
-        print(f"\n{args.responses} responses, {args.arch}, k={args.k}, max_tokens={args.max_tokens}"
+        ends = f"1 id in {args.eos_every} ends a rollout" if args.eos_every else "EOS ignored"
+        print(f"\n{args.responses} responses, {args.arch}, k={args.k}, max_tokens={args.max_tokens}, {ends}, "
+              f"rollouts right with p={args.p_good} before the wrong step and {args.p_bad} after it"
               f" ((c): the first {args.mc_responses})")  # fmt: skip
-        print("| method | responses | seconds | labelled responses / GPU-hour | peak GiB | first errors as (c) |")
+        print("| method | responses | seconds | labelled responses / GPU-hour | rollouts / response | "
+              "tokens / response | tok/s | peak GiB | first errors as (c) |")  # fmt: skip
         for row in rows:
             # agreement over the responses (c) labelled: the first --mc-responses
             agree = "" if reference is None else f"{agreement(row['first_error'], reference['first_error']):.3f}"
-            per_hour = len(row["first_error"]) / row["seconds"] * 3600
-            print(f"| {row['method']} | {len(row['first_error'])} | {row['seconds']:.1f} | {per_hour:,.0f} | "
-                  f"{row['peak_gib']:.1f} | {agree} |")  # fmt: skip
+            count = len(row["first_error"])
+            print(f"| {row['method']} | {count} | {row['seconds']:.1f} | {count / row['seconds'] * 3600:,.0f} | "
+                  f"{row['rollouts'] / count:,.1f} | {row['tokens'] / count:,.0f} | "
+                  f"{row['tokens'] / row['seconds']:,.0f} | {row['peak_gib']:.1f} | {agree} |")  # fmt: skip
         return
 
     import torch
-    from bench_generate import build_model, build_tokenizer
+    from bench_generate import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     model = build_model(args.quick, device, args.arch)
-    tokenizer = build_tokenizer(model.config.vocab_size)
+    vocab = model.config.vocab_size
+    tokenizer = marked_tokenizer(vocab)
+    ignore_eos = args.eos_every == 0
+    if not ignore_eos:  # the generation config's EOS ids: both engines stop at them (vLLM reads the saved folder's)
+        model.generation_config.eos_token_id = list(range(args.eos_every - 1, vocab - 1, args.eos_every))
     frame = wrong_responses(args.responses, 8, 16, response_words=(1000, 3000) if not args.quick else (40, 120))
     warmup = wrong_responses(max(4, args.responses // 16), 8, 16, seed=1,
                              response_words=(1000, 3000) if not args.quick else (40, 120))  # fmt: skip
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
     verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
 
-    def timed(method, run, rows: pl.DataFrame = frame) -> None:
+    def answered(engine: Engine) -> ScriptedAnswers:
+        return ScriptedAnswers(engine, vocab - 1, args.p_good, args.p_bad)
+
+    def timed(method, engine: ScriptedAnswers, run, rows: pl.DataFrame = frame) -> None:
         run(warmup.head(max(1, warmup.height * rows.height // frame.height)))  # other responses, same lengths
+        engine.rollouts = engine.tokens = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -783,27 +894,31 @@ def long_prefixes(args) -> None:
             peak = (total - free) / 2**30  # vLLM's engine runs in a process of its own: the device's use
         else:
             peak = float("nan")
-        print(f"  {method}: {seconds:.1f} s", flush=True)
-        row = dict(method=method, seconds=seconds, peak_gib=peak, first_error=[int(e) for e in first_error])
+        print(f"  {method}: {seconds:.1f} s, {engine.rollouts:,} rollouts, {engine.tokens:,} tokens", flush=True)
+        row = dict(method=method, seconds=seconds, peak_gib=peak, first_error=[int(e) for e in first_error],
+                   rollouts=engine.rollouts, tokens=engine.tokens)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
 
-    def label(engine):
+    def label(engine: ScriptedAnswers, name: str):
+        rounds, speculate = MODES[name]
         # the rule (b) and (c) apply: a prefix is bad when none of its k rollouts is right
-        return lambda rows: label_rows(rows, engine, "binary", k=args.k, settings=settings, rule="any-success")[
-            "first_error"
-        ].to_list()
+        return lambda rows: label_rows(
+            rows, engine, "binary", k=args.k, settings=settings, rule="any-success",
+            continuous=rounds == "continuous", speculate=speculate,
+        )["first_error"].to_list()  # fmt: skip
 
     if args.worker == "hf":
         from prmtool.engines.hf import HFEngine
 
-        engine = HFEngine(model, tokenizer, ignore_eos=True, max_batch_size=args.slots)
-        timed("(a) prmtool label --method binary, hf engine", label(engine))
+        engine = answered(HFEngine(model, tokenizer, ignore_eos=ignore_eos, max_batch_size=args.slots))
+        for name in chosen_modes(args.modes):
+            timed(f"(a) prmtool label --method binary, hf engine, {name}", engine, label(engine, name))
         if args.quick:  # no vLLM on the CPU: (b) and (c) drive the hf engine's own sample, for the smoke run
-            bare = BareEngine(tokenizer, engine.sample)
-            timed("(b) naive binary search, one sample() per round (hf, smoke)",
+            bare = answered(BareEngine(tokenizer, engine.inner.sample))
+            timed("(b) naive binary search, one sample() per round (hf, smoke)", bare,
                   lambda rows: naive_binary_search(rows, bare, args.k, settings))  # fmt: skip
-            timed("(c) per-step MC, one sample() (hf, smoke)", lambda rows: per_step_mc(rows, bare, args.k, settings),
-                  frame.head(args.mc_responses))  # fmt: skip
+            timed("(c) per-step MC, one sample() (hf, smoke)", bare,
+                  lambda rows: per_step_mc(rows, bare, args.k, settings), frame.head(args.mc_responses))  # fmt: skip
         return
     import tempfile
 
@@ -816,22 +931,24 @@ def long_prefixes(args) -> None:
     tokenizer.save_pretrained(folder)
     del model
     torch.cuda.empty_cache()
-    engine = VLLMEngine(folder, ignore_eos=True, gpu_memory_utilization=0.88)
-    engine.tokenizer = tokenizer  # the word-level tokenizer as built
-    timed("(a) prmtool label --method binary, vllm engine", label(engine))
+    inner = VLLMEngine(folder, ignore_eos=ignore_eos, gpu_memory_utilization=0.88)
+    inner.tokenizer = tokenizer  # the word-level tokenizer as built
+    engine = answered(inner)
+    for name in chosen_modes(args.modes):
+        timed(f"(a) prmtool label --method binary, vllm engine, {name}", engine, label(engine, name))
 
     def generate(requests):
-        params = [vllm.SamplingParams(**sampling_params_kwargs(r, ignore_eos=True)) for r in requests]
-        outputs = engine.llm.generate([tokens_prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
+        params = [vllm.SamplingParams(**sampling_params_kwargs(r, ignore_eos=ignore_eos)) for r in requests]
+        outputs = inner.llm.generate([tokens_prompt(r.prompt_ids) for r in requests], params, use_tqdm=False)
         return [
             [Completion(text=tokenizer.decode(o.token_ids), token_ids=list(o.token_ids), num_tokens=len(o.token_ids),
                         finish_reason=o.finish_reason or "length") for o in out.outputs]
             for out in outputs
         ]  # fmt: skip
 
-    bare = BareEngine(tokenizer, generate)
-    timed("(b) naive binary search on bare vLLM", lambda rows: naive_binary_search(rows, bare, args.k, settings))
-    timed("(c) Math-Shepherd per-step MC on bare vLLM", lambda rows: per_step_mc(rows, bare, args.k, settings),
+    bare = answered(BareEngine(tokenizer, generate))
+    timed("(b) naive binary search on bare vLLM", bare, lambda rows: naive_binary_search(rows, bare, args.k, settings))
+    timed("(c) Math-Shepherd per-step MC on bare vLLM", bare, lambda rows: per_step_mc(rows, bare, args.k, settings),
           frame.head(args.mc_responses))  # fmt: skip
 
 
@@ -1067,11 +1184,23 @@ def main() -> None:
         help="long: (c) labels only the first N responses (default: all); rates are per response, and the "
         "agreement is over those N (every step x k rollouts: at 7B, 256 responses are about 25M tokens)",
     )
+    parser.add_argument(
+        "--p-good", type=float, default=0.7, help="long: chance a rollout from a prefix before the wrong step is right"
+    )
+    parser.add_argument("--p-bad", type=float, default=0.0, help="long: the same from a prefix holding it")
+    parser.add_argument(
+        "--eos-every",
+        type=int,
+        default=300,
+        help="long: every N-th token id ends a rollout (random weights never pick EOS; about N tokens each, as a "
+        "7B's on GSM8K; 0: EOS ignored, every rollout runs to --max-tokens)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # long: the one engine this process runs
     parser.add_argument(
         "--modes",
-        default="lockstep,lockstep+speculation,continuous,continuous+speculation",
-        help="overhead: label runs, in order; the first (one without speculation) is what the bare engine replays",
+        default=None,
+        help="overhead: label runs, in order (default: all four); the first (one without speculation) is what the "
+        "bare engine replays; long: (a)'s runs (default lockstep+speculation, label's default)",
     )
     parser.add_argument("--judge-samples", type=int, default=1, help="judge: critiques per row")
     parser.add_argument(
@@ -1095,6 +1224,7 @@ def main() -> None:
         economy(args)
     elif args.which == "schedule":
         args.responses = args.responses or "512,2048"
+        args.modes = args.modes or ",".join(MODES)
         schedule(args)
     elif args.which == "fidelity":
         fidelity(args)
@@ -1105,9 +1235,11 @@ def main() -> None:
         args.responses = int(args.responses or 256)
         args.mc_responses = min(args.mc_responses or args.responses, args.responses)
         args.engine = args.engine or ("hf" if args.quick else "hf,vllm")
+        args.modes = args.modes or "lockstep+speculation"
         long_prefixes(args)
     else:
         args.responses = args.responses or 512
+        args.modes = args.modes or ",".join(MODES)
         args.engine = args.engine or "hf"
         if args.engine not in ("hf", "vllm"):
             raise SystemExit(f"--engine {args.engine!r}: overhead measures one engine, hf or vllm")
