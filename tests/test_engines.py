@@ -276,6 +276,24 @@ def test_when_blocks_run_out_the_last_started_samples_are_preempted_and_resumed_
     assert roomy.last_stats.preemptions == 0
 
 
+def test_groups_admitted_together_leave_room_for_the_copies_their_samples_take(tiny_engine):
+    # Prompts ending mid-block: each sample but one of a group copies the prompt's last block
+    # when the group is prefilled, after admission. A cache that holds some of the groups must
+    # count the copies of those admitted before it admits another (it once ran out of blocks:
+    # "no free KV block", seen with label's long prefixes on the CPU).
+    prompts = [tiny_engine.chat_prompt_ids(f"What is {a} + {a + 3}? Answer with steps.") for a in range(12)]
+    assert all(len(prompt) % 16 for prompt in prompts)
+    requests = [SamplingRequest(p, n=4, max_tokens=8, seed=s) for s, p in enumerate(prompts)]
+    roomy = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=64)
+    expected = roomy.sample(requests)
+    for tokens in (768, 896, 1024):
+        small = HFEngine(
+            tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=64, kv_cache_tokens=tokens
+        )
+        assert small.sample(requests) == expected
+        assert small.last_stats.peak_blocks_used <= small.last_stats.kv_blocks
+
+
 def test_a_request_longer_than_the_whole_cache_is_a_clear_error(tiny_engine):
     engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, kv_cache_tokens=32)
     prompt = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(30))))

@@ -554,6 +554,9 @@ class BatchSampler:
         admitted: list[Admission] = []
         # Blocks kept free for the decoding rows to grow into (1% of the pool, as vLLM keeps).
         watermark = max(1, pool.num_blocks // 100)
+        # The copies of partly filled last blocks that admitted groups take at their prefill,
+        # after this loop: the free count does not show them yet.
+        copies_owed = 0
         while self.queue and free_rows:
             group = self.queue[0]
             sequence = self.requests[group.request_index].prompt_ids + group.resume_tokens
@@ -566,8 +569,9 @@ class BatchSampler:
             new_blocks = blocks_for(len(sequence)) - len(cached)
             partial = len(sequence) % BLOCK_SIZE != 0
             # Each sample but the last copies the partly filled last block; each gets one to grow.
-            needed = new_blocks + (count - 1) * partial + count + watermark
-            if needed > pool.num_free():
+            copies = (count - 1) * partial
+            needed = new_blocks + copies + count + watermark
+            if needed + copies_owed > pool.num_free():
                 pool.release(cached)
                 self.waiting_for_blocks = True
                 if not admitted and not self._active_slots():
@@ -590,6 +594,7 @@ class BatchSampler:
             if self.decoder.prefix_cache:
                 pool.remember(blocks, sequence)
             rows, free_rows = free_rows[:count], free_rows[count:]
+            copies_owed += copies
             admitted.append(Admission(group, rows, sequence, blocks, len(cached) * BLOCK_SIZE))
         # Prefill in chunks of at most max_prefill_tokens (padded) new tokens, and at most 8x as
         # many positions read (prompts whose prefix is remembered compute little but read it all).
