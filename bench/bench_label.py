@@ -276,6 +276,32 @@ memory on an 80 GB card.
         --modes lockstep+speculation,continuous+speculation
     PYTHONPATH=. python bench/bench_label.py long --engine vllm --mc-responses 64
 
+Measured 2026-12-07 on one H100 80GB, one lease, the defaults above: the hf engine's process
+as in the first command; then the vllm process alone for (b) and (c) (`--worker vllm --methods
+b,c --mc-responses 64`, the lease's time being short; (a) on prmtool's vllm engine not run):
+
+  | method | seconds | responses / GPU-hour | rollouts / response | tokens / response | tok/s | peak GiB |
+  |--------|--------:|---------------------:|--------------------:|------------------:|------:|---------:|
+  | (a) hf engine, lockstep+speculation (label's default) | 132.1 | 6,975 | 20.2 | 5,883 | 11,398 | 75.1 |
+  | (a) hf engine, continuous+speculation                 | 201.3 | 4,579 | 19.4 | 5,468 |  6,956 | 72.1 |
+  | (b) naive binary search on bare vLLM                  | 133.9 | 6,883 | 28.5 | 8,280 | 15,831 | 74.0 |
+  | (c) per-step MC on bare vLLM, first 64 responses      | 104.5 | 2,205 | 94.3 | 27,264 | 16,699 | 74.0 |
+
+  (a) / (b) = 1.01x: the 1.3x target is not met. (a) / (c) = 3.16x: met. First errors: (b) and (c)
+  agree on all 64; (a)'s were not printed by that build, but the coins depend on the seeds alone,
+  not on the tokens, so replaying the same searches on the CPU with an engine that returns
+  placeholder rollouts gives the GPU's (b) and (c) lists exactly, and (a)'s agree with (c) on all
+  64 (and with the injected wrong step on all 256). Peak: the hf engine's is what torch reserved
+  (its KV pool takes 90% of the free memory), vLLM's the device's use; nothing ran out of memory.
+  Why (a) is no faster than (b): it draws 29% fewer rollouts (staged sampling stops at the first
+  right one of two), but at 72% of vLLM's tokens/s. Lockstep rounds end with their longest rollout
+  (one in 30 runs to 1,024 tokens), so each of label's engine calls (six in a CPU replay of the
+  same searches on 1,024 slots) ends with a tail of a few rows decoding for hundreds of steps; at
+  (b)'s tokens/s (a) would take 95 s, 1.41x. Continuous rounds have no such barrier but ran slower
+  (201 s), for reasons the run did not show; each (a) run now prints its engine calls' seconds and
+  the hf engine's summed GenerationStats (decode steps, prefills, preemptions), the next lease's
+  first question.
+
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
 2026-12-04 on one H200 with the hf engine and a random-weight Qwen2.5-0.5B (bf16; it never stops
@@ -760,12 +786,29 @@ class ScriptedAnswers(Engine):
     solves the problem from a sound prefix p_good of the time makes them do, while the GPU
     generates every token. The coin is seeded by the request's seed and the sample's number,
     which `Rollouts` fixes by the response and the prefix, so (a), (b) and (c) see the same
-    answers for the same prefix. Counts the rollouts and tokens generated through it."""
+    answers for the same prefix. Counts the rollouts and tokens generated through it, each
+    engine call's seconds and, from the hf engine, the sums of its GenerationStats."""
 
     def __init__(self, inner: Engine, wrong_id: int, p_good: float, p_bad: float):
         self.inner, self.tokenizer = inner, inner.tokenizer
         self.wrong_id, self.p_good, self.p_bad = wrong_id, p_good, p_bad
+        self.clear()
+
+    def clear(self) -> None:
         self.rollouts = self.tokens = 0
+        self.call_seconds: list[float] = []
+        self.engine_stats: dict[str, int] = {}
+
+    @contextmanager
+    def _call(self):
+        started = time.perf_counter()
+        yield
+        self.call_seconds.append(time.perf_counter() - started)
+        stats = getattr(self.inner, "last_stats", None)
+        for field in dataclasses.fields(stats) if stats is not None else []:
+            value = getattr(stats, field.name)
+            if type(value) is int:  # counts; not the flags
+                self.engine_stats[field.name] = self.engine_stats.get(field.name, 0) + value
 
     def _answered(self, request: SamplingRequest, completions: list[Completion]) -> list[Completion]:
         p = self.p_bad if self.wrong_id in request.prompt_ids else self.p_good
@@ -787,7 +830,8 @@ class ScriptedAnswers(Engine):
         return self.inner.sampling_capacity()
 
     def sample(self, requests, on_progress=None):
-        results = self.inner.sample(requests, on_progress)
+        with self._call():
+            results = self.inner.sample(requests, on_progress)
         return [self._answered(request, completions) for request, completions in zip(requests, results)]
 
     def sample_continuously(self, requests, on_done, on_progress=None, longest=0):
@@ -798,7 +842,8 @@ class ScriptedAnswers(Engine):
             keyed.extend(item for item in answer if isinstance(item, SamplingRequest))
             return answer
 
-        self.inner.sample_continuously(requests, answered, on_progress, longest)
+        with self._call():
+            self.inner.sample_continuously(requests, answered, on_progress, longest)
 
     def score(self, requests):
         return self.inner.score(requests)
@@ -832,7 +877,8 @@ def long_prefixes(args) -> None:
                        "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--arch", args.arch,
                        "--workers", str(args.workers), "--mc-responses", str(args.mc_responses),
                        "--p-good", str(args.p_good), "--p-bad", str(args.p_bad),
-                       "--eos-every", str(args.eos_every), "--modes", args.modes]  # fmt: skip
+                       "--eos-every", str(args.eos_every), "--modes", args.modes,
+                       "--methods", args.methods]  # fmt: skip
             command += ["--quick"] if args.quick else []
             print(f"$ {' '.join(command)}", flush=True)
             # The worker builds the model on the GPU before vLLM starts its engine process, which
@@ -880,7 +926,7 @@ def long_prefixes(args) -> None:
 
     def timed(method, engine: ScriptedAnswers, run, rows: pl.DataFrame = frame) -> None:
         run(warmup.head(max(1, warmup.height * rows.height // frame.height)))  # other responses, same lengths
-        engine.rollouts = engine.tokens = 0
+        engine.clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -895,6 +941,11 @@ def long_prefixes(args) -> None:
         else:
             peak = float("nan")
         print(f"  {method}: {seconds:.1f} s, {engine.rollouts:,} rollouts, {engine.tokens:,} tokens", flush=True)
+        calls = engine.call_seconds
+        print(f"    {len(calls)} engine calls, {sum(calls):.1f} s ({', '.join(f'{s:.1f}' for s in calls)}), "
+              f"label's work between them {seconds - sum(calls):.1f} s", flush=True)  # fmt: skip
+        if engine.engine_stats:  # where the hf engine's time went: steps, prefills, recomputed samples
+            print("    hf engine: " + ", ".join(f"{name} {value:,}" for name, value in engine.engine_stats.items()))
         row = dict(method=method, seconds=seconds, peak_gib=peak, first_error=[int(e) for e in first_error],
                    rollouts=engine.rollouts, tokens=engine.tokens)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
@@ -934,7 +985,7 @@ def long_prefixes(args) -> None:
     inner = VLLMEngine(folder, ignore_eos=ignore_eos, gpu_memory_utilization=0.88)
     inner.tokenizer = tokenizer  # the word-level tokenizer as built
     engine = answered(inner)
-    for name in chosen_modes(args.modes):
+    for name in chosen_modes(args.modes) if "a" in args.methods else []:
         timed(f"(a) prmtool label --method binary, vllm engine, {name}", engine, label(engine, name))
 
     def generate(requests):
@@ -947,9 +998,12 @@ def long_prefixes(args) -> None:
         ]  # fmt: skip
 
     bare = answered(BareEngine(tokenizer, generate))
-    timed("(b) naive binary search on bare vLLM", bare, lambda rows: naive_binary_search(rows, bare, args.k, settings))
-    timed("(c) Math-Shepherd per-step MC on bare vLLM", bare, lambda rows: per_step_mc(rows, bare, args.k, settings),
-          frame.head(args.mc_responses))  # fmt: skip
+    if "b" in args.methods:
+        timed("(b) naive binary search on bare vLLM", bare,
+              lambda rows: naive_binary_search(rows, bare, args.k, settings))  # fmt: skip
+    if "c" in args.methods:
+        timed("(c) Math-Shepherd per-step MC on bare vLLM", bare,
+              lambda rows: per_step_mc(rows, bare, args.k, settings), frame.head(args.mc_responses))  # fmt: skip
 
 
 def agreement(first_errors: list[int], reference: list[int]) -> float:
@@ -1207,7 +1261,12 @@ def main() -> None:
         "--data", help="fidelity: ProcessBench-format JSON or JSONL (steps, label); default: its GSM8K sample"
     )
     parser.add_argument("--json", help="fidelity: write one JSON record per (p_good, p_bad, rule, method) here")
-    parser.add_argument("--methods", default="binary,mc", help="fidelity: label methods, a comma list")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="fidelity: label methods, a comma list (default binary,mc); long: which of a,b,c the vllm engine's "
+        "process runs (default all three)",
+    )
     parser.add_argument("--confidence", type=float, default=0.9, help="fidelity: the drop rule's --confidence")
     parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 4k)")
     parser.add_argument(
@@ -1236,6 +1295,7 @@ def main() -> None:
         args.mc_responses = min(args.mc_responses or args.responses, args.responses)
         args.engine = args.engine or ("hf" if args.quick else "hf,vllm")
         args.modes = args.modes or "lockstep+speculation"
+        args.methods = args.methods or "a,b,c"
         long_prefixes(args)
     else:
         args.responses = args.responses or 512
