@@ -1286,6 +1286,7 @@ def main() -> None:
         args.modes = args.modes or ",".join(MODES)
         schedule(args)
     elif args.which == "fidelity":
+        args.methods = args.methods or "binary,mc"
         fidelity(args)
     elif args.which == "judge":
         args.responses = int(args.responses or 1024)
