@@ -294,6 +294,21 @@ def test_groups_admitted_together_leave_room_for_the_copies_their_samples_take(t
         assert small.last_stats.peak_blocks_used <= small.last_stats.kv_blocks
 
 
+def test_sampling_capacity_is_the_samples_the_kv_cache_held_when_it_ran_out(tiny_engine):
+    # Label fills the engine's capacity with probes it may ask next; where memory runs out
+    # before the slots (long prompts), past it they would take blocks from asked-for samples.
+    prompts = prompts_of(tiny_engine, ["What is 2 + 3?", "Solve for y: 2y - 4 = 10."])
+    requests = [SamplingRequest(p, n=3, max_tokens=40, seed=s) for s, p in enumerate(prompts)]
+    small = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8, kv_cache_tokens=128)
+    small.sample(requests)
+    assert small.last_stats.preemptions > 0
+    assert 0 < small.sampling_capacity() == small.last_stats.samples_when_full < small.decoder.num_slots
+    roomy = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
+    roomy.sample(requests)
+    assert roomy.last_stats.samples_when_full == 0
+    assert roomy.sampling_capacity() == roomy.decoder.num_slots == 8
+
+
 def test_a_request_longer_than_the_whole_cache_is_a_clear_error(tiny_engine):
     engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, kv_cache_tokens=32)
     prompt = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(30))))

@@ -171,6 +171,10 @@ class HFEngine(Engine):
         self.decoders_built = 0
         self.retired_setup_seconds = 0.0  # setup_seconds of the decoders already replaced
         self.last_stats = GenerationStats()
+        # How many samples the KV cache held when it last ran out (0: never seen): with long
+        # prompts memory runs out before the slots do (sampling_capacity).
+        self.samples_memory_holds = 0
+        self._running: BatchSampler | None = None  # the call in progress, read by sampling_capacity
 
     @classmethod
     def from_pretrained(
@@ -261,14 +265,34 @@ class HFEngine(Engine):
                 return admitted
 
             sampler = self._sampler([request for _, request in pending], on_progress, follow_up, need, max_tokens)
-            with torch.inference_mode():
-                sampler.run()
-            self.last_stats = sampler.stats
+            self._running_until_done(sampler)
             pending = later
 
     def sampling_capacity(self) -> int:
-        # The slots of the decoder in use (sized by the calls so far): 0 before the first call.
-        return self.decoder.num_slots if self.decoder is not None else 0
+        # The slots of the decoder in use (sized by the calls so far; 0 before the first call),
+        # or fewer where the KV cache ran out with fewer samples decoding: label fills this
+        # capacity with probes it may ask next, and past it they take blocks from the asked-for
+        # samples, which are preempted and computed again.
+        slots = self.decoder.num_slots if self.decoder is not None else 0
+        if self._running is not None:  # a continuous call learns as it goes
+            self._learn_memory(self._running.stats)
+        return min(slots, self.samples_memory_holds) if self.samples_memory_holds else slots
+
+    def _learn_memory(self, stats: GenerationStats) -> None:
+        if stats.samples_when_full:
+            self.samples_memory_holds = stats.samples_when_full
+        elif self.samples_memory_holds and stats.peak_samples > self.samples_memory_holds:
+            self.samples_memory_holds = stats.peak_samples  # more fitted (shorter prompts) than last seen
+
+    def _running_until_done(self, sampler: BatchSampler) -> list[list[Completion]]:
+        self._running = sampler
+        try:
+            with torch.inference_mode():
+                return sampler.run()
+        finally:
+            self._running = None
+            self.last_stats = sampler.stats
+            self._learn_memory(sampler.stats)
 
     def _check_window(self, longest: int) -> None:
         if self.sliding_window is not None and longest > self.sliding_window:
@@ -305,11 +329,7 @@ class HFEngine(Engine):
         )
 
     def _run_sampler(self, requests, on_progress) -> list[list[Completion]]:
-        sampler = self._sampler(requests, on_progress)
-        with torch.inference_mode():
-            results = sampler.run()
-        self.last_stats = sampler.stats
-        return results
+        return self._running_until_done(self._sampler(requests, on_progress))
 
     def _decoder_for(self, total_samples: int, max_len: int, max_tokens: int) -> PagedDecoder:
         # Pool sizes are powers of two and lengths multiples of CACHE_LENGTH_STEP, so repeated

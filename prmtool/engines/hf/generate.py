@@ -89,6 +89,8 @@ class GenerationStats:
     peak_blocks_used: int = 0
     decode_rows: int = 0  # rows computed over all decode steps, idle ones included
     compactions: int = 0  # times a draining batch's last rows moved down into idle ones
+    peak_samples: int = 0  # the most samples decoding at once
+    samples_when_full: int = 0  # samples decoding when the KV cache last ran out (0: it never did)
 
 
 @contextmanager
@@ -438,6 +440,7 @@ class BatchSampler:
             free = self.slots.count(None)
             if self.queue and (free == len(self.slots) or free >= refill_threshold) and not self.waiting_for_blocks:
                 self._admit()
+                self.stats.peak_samples = max(self.stats.peak_samples, len(self.slots) - self.slots.count(None))
             if self._worth_compacting():
                 # Rows are about to move: the step in flight is read first (one step unpipelined).
                 if in_flight is not None:
@@ -532,7 +535,9 @@ class BatchSampler:
             needed = blocks_for(len(state.request.prompt_ids) + len(state.token_ids) + 1)
             while self.slots[row] is state and len(state.blocks) < needed:
                 if pool.num_free() == 0:
-                    victim = max(self._active_slots(), key=lambda r: self.slots[r].admitted)
+                    active = self._active_slots()
+                    self.stats.samples_when_full = len(active)
+                    victim = max(active, key=lambda r: self.slots[r].admitted)
                     self._preempt(victim)
                     continue
                 state.blocks.append(pool.allocate())
