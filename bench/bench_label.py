@@ -301,6 +301,14 @@ b,c --mc-responses 64`, the lease's time being short; (a) on prmtool's vllm engi
   (201 s), for reasons the run did not show; each (a) run now prints its engine calls' seconds and
   the hf engine's summed GenerationStats (decode steps, prefills, preemptions), the next lease's
   first question.
+  After the run, on the CPU (the tiny model, 64 responses of 100-300 tokens, 512 slots, a KV
+  cache of 8,192 tokens): speculation and continuous feeding filled the engine's slots past what
+  its cache held, so probes sampled ahead took blocks from asked-for samples, which were
+  preempted and computed again: lockstep with speculation generated 31,954 tokens (125
+  preemptions) where lockstep alone generated 22,639 (32), continuous with speculation 39,809
+  (153). The hf engine's sampling_capacity now counts the samples its cache held when it last
+  ran out: 22,639 (32) and 23,810 (48), the labels unchanged, and nothing changes where memory
+  is ample. Whether the H100 run was bound by memory, the next run's preemption count will say.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
