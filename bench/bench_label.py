@@ -795,7 +795,7 @@ class ScriptedAnswers(Engine):
     generates every token. The coin is seeded by the request's seed and the sample's number,
     which `Rollouts` fixes by the response and the prefix, so (a), (b) and (c) see the same
     answers for the same prefix. Counts the rollouts and tokens generated through it, each
-    engine call's seconds and, from the hf engine, the sums of its GenerationStats."""
+    engine call's seconds and, from the hf engine, its GenerationStats over the calls."""
 
     def __init__(self, inner: Engine, wrong_id: int, p_good: float, p_bad: float):
         self.inner, self.tokenizer = inner, inner.tokenizer
@@ -814,9 +814,10 @@ class ScriptedAnswers(Engine):
         self.call_seconds.append(time.perf_counter() - started)
         stats = getattr(self.inner, "last_stats", None)
         for field in dataclasses.fields(stats) if stats is not None else []:
-            value = getattr(stats, field.name)
-            if type(value) is int:  # counts; not the flags
-                self.engine_stats[field.name] = self.engine_stats.get(field.name, 0) + value
+            value, before = getattr(stats, field.name), self.engine_stats.get(field.name, 0)
+            if type(value) is int:  # counts are summed over the calls, sizes and peaks the largest
+                sized = field.name in SIZES or field.name.startswith("peak_")
+                self.engine_stats[field.name] = max(before, value) if sized else before + value
 
     def _answered(self, request: SamplingRequest, completions: list[Completion]) -> list[Completion]:
         p = self.p_bad if self.wrong_id in request.prompt_ids else self.p_good
@@ -855,6 +856,10 @@ class ScriptedAnswers(Engine):
 
     def score(self, requests):
         return self.inner.score(requests)
+
+
+# GenerationStats fields that are sizes, not counts of work
+SIZES = ("num_slots", "cache_length", "kv_blocks", "samples_when_full")
 
 
 def marked_tokenizer(vocab_size: int):
@@ -954,17 +959,28 @@ def long_prefixes(args) -> None:
               f"label's work between them {seconds - sum(calls):.1f} s", flush=True)  # fmt: skip
         if engine.engine_stats:  # where the hf engine's time went: steps, prefills, recomputed samples
             print("    hf engine: " + ", ".join(f"{name} {value:,}" for name, value in engine.engine_stats.items()))
+        if method.startswith("(a)") and "speculative_rollouts" in label_counts:
+            print(f"    speculation: {label_counts['speculative_rollouts']:,} rollouts sampled ahead, "
+                  f"{label_counts['speculative_rollouts_unused']:,} never asked for "
+                  f"({label_counts.get('speculative_tokens_unused', 0):,} tokens of those that finished)")  # fmt: skip
         row = dict(method=method, seconds=seconds, peak_gib=peak, first_error=[int(e) for e in first_error],
                    rollouts=engine.rollouts, tokens=engine.tokens)  # fmt: skip
         print("RESULT " + json.dumps(row), flush=True)
 
+    label_counts: dict[str, int] = {}  # the last label run's summary counts (speculation's cost)
+
     def label(engine: ScriptedAnswers, name: str):
         rounds, speculate = MODES[name]
-        # the rule (b) and (c) apply: a prefix is bad when none of its k rollouts is right
-        return lambda rows: label_rows(
-            rows, engine, "binary", k=args.k, settings=settings, rule="any-success",
-            continuous=rounds == "continuous", speculate=speculate,
-        )["first_error"].to_list()  # fmt: skip
+
+        def run(rows: pl.DataFrame) -> list[int]:
+            label_counts.clear()
+            # the rule (b) and (c) apply: a prefix is bad when none of its k rollouts is right
+            return label_rows(
+                rows, engine, "binary", k=args.k, settings=settings, rule="any-success",
+                continuous=rounds == "continuous", speculate=speculate, counts=label_counts,
+            )["first_error"].to_list()  # fmt: skip
+
+        return run
 
     if args.worker == "hf":
         from prmtool.engines.hf import HFEngine
