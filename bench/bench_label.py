@@ -273,8 +273,8 @@ every timed run follows a warm-up on other responses of the same lengths. Target
 memory on an 80 GB card.
 
     PYTHONPATH=. python bench/bench_label.py long --engine hf --mc-responses 64 \\
-        --modes lockstep+speculation,continuous+speculation
-    PYTHONPATH=. python bench/bench_label.py long --engine vllm --mc-responses 64
+        --modes lockstep+speculation,continuous+speculation --results long.jsonl
+    PYTHONPATH=. python bench/bench_label.py long --engine vllm --mc-responses 64 --results long.jsonl
 
 Measured 2026-12-07 on one H100 80GB, one lease, the defaults above: the hf engine's process
 as in the first command; then the vllm process alone for (b) and (c) (`--worker vllm --methods
@@ -902,6 +902,12 @@ def long_prefixes(args) -> None:
             rows += [json.loads(line[7:]) for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
             if finished.returncode != 0:
                 print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
+        if args.results:  # runs of other invocations (the hf and vllm processes in two leases) join the table
+            results = Path(args.results)
+            earlier = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+            with results.open("a") as out:
+                out.writelines(json.dumps(row) + "\n" for row in rows)
+            rows = earlier + rows
         reference = next((row for row in rows if row["method"].startswith("(c)")), None)
         ends = f"1 id in {args.eos_every} ends a rollout" if args.eos_every else "EOS ignored"
         print(f"\n{args.responses} responses, {args.arch}, k={args.k}, max_tokens={args.max_tokens}, {ends}, "
@@ -1272,6 +1278,11 @@ def main() -> None:
         default=300,
         help="long: every N-th token id ends a rollout (random weights never pick EOS; about N tokens each, as a "
         "7B's on GSM8K; 0: EOS ignored, every rollout runs to --max-tokens)",
+    )
+    parser.add_argument(
+        "--results",
+        help="long: a JSON-lines file each run's rows are added to; the table covers every row in it (run the "
+        "hf and vllm engines in two invocations, the same settings, and the agreement with (c) still prints)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # long: the one engine this process runs
     parser.add_argument(

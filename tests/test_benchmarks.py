@@ -71,7 +71,7 @@ def test_bench_label_overhead_replays_labels_work_and_every_mode_gives_its_label
     assert len(rows) == 6 and {size for size, _ in rows} == {"6", "8"}
 
 
-def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreement():
+def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreement(tmp_path):
     """(a) label in each mode, (b) the naive search and (c) per-step MC on the same responses:
     one row each, the rollouts a response took, and first errors as (c)'s. Rollouts answer by
     seeded coins that never come up right after the wrong step, so every method finds (c)'s
@@ -79,6 +79,7 @@ def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreemen
     out = run_bench(
         "bench/bench_label.py", "long", "--quick", "--responses", "6", "--mc-responses", "3", "--max-tokens", "64",
         "--eos-every", "20", "--modes", "lockstep,lockstep+speculation", "--workers", "1",
+        "--results", str(tmp_path / "long.jsonl"),
     )  # fmt: skip
     # method | responses | seconds | per GPU-hour | rollouts / response | tokens / response | tok/s | peak | as (c)
     row = r"^\| (\([abc]\)[^|]*) \| (\d+) \| [\d.]+ \| [\d,]+ \| ([\d.,]+) \| ([\d,]+) \| [\d,]+ \| nan \| ([\d.]+) \|$"
@@ -93,6 +94,13 @@ def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreemen
     # every 20th id ends a rollout: most end well before --max-tokens
     tokens_per_rollout = float(rows[2][3].replace(",", "")) / naive
     assert tokens_per_rollout < 40
+    # A second invocation (another engine, another lease) adds its rows to the same table.
+    again = run_bench(
+        "bench/bench_label.py", "long", "--quick", "--responses", "6", "--mc-responses", "3", "--max-tokens", "64",
+        "--eos-every", "20", "--modes", "continuous", "--workers", "1", "--results", str(tmp_path / "long.jsonl"),
+    )  # fmt: skip
+    methods = [row[0] for row in re.findall(row, again, flags=re.MULTILINE)]
+    assert len(methods) == 7 and methods[:4] == [m for m, *_ in rows] and methods[4].endswith("continuous")
 
 
 def test_bench_label_schedule_counts_the_waves_of_each_mode_on_label_itself():
