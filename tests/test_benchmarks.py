@@ -82,8 +82,10 @@ def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreemen
         "--results", str(tmp_path / "long.jsonl"),
     )  # fmt: skip
     # method | responses | seconds | per GPU-hour | rollouts / response | tokens / response | tok/s | peak | as (c)
-    row = r"^\| (\([abc]\)[^|]*) \| (\d+) \| [\d.]+ \| [\d,]+ \| ([\d.,]+) \| ([\d,]+) \| [\d,]+ \| nan \| ([\d.]+) \|$"
-    rows = re.findall(row, out, flags=re.MULTILINE)
+    table_row = (
+        r"^\| (\([abc]\)[^|]*) \| (\d+) \| [\d.]+ \| [\d,]+ \| ([\d.,]+) \| ([\d,]+) \| [\d,]+ \| nan \| ([\d.]+) \|$"
+    )
+    rows = re.findall(table_row, out, flags=re.MULTILINE)
     methods = [row[0] for row in rows]
     assert len(methods) == 4 and [m[:3] for m in methods] == ["(a)", "(a)", "(b)", "(c)"]
     assert methods[0].endswith("hf engine, lockstep") and methods[1].endswith("lockstep+speculation")
@@ -99,7 +101,7 @@ def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreemen
         "bench/bench_label.py", "long", "--quick", "--responses", "6", "--mc-responses", "3", "--max-tokens", "64",
         "--eos-every", "20", "--modes", "continuous", "--workers", "1", "--results", str(tmp_path / "long.jsonl"),
     )  # fmt: skip
-    methods = [row[0] for row in re.findall(row, again, flags=re.MULTILINE)]
+    methods = [row[0] for row in re.findall(table_row, again, flags=re.MULTILINE)]
     assert len(methods) == 7 and methods[:4] == [m for m, *_ in rows] and methods[4].endswith("continuous")
 
 
