@@ -92,14 +92,20 @@ def test_ctrl_c_that_library_code_turned_into_another_error_still_exits_as_inter
         except KeyboardInterrupt:
             raise TypeError("Cannot compare structured arrays unless they have a common dtype") from None
 
-    monkeypatch.setattr(commands, "app", comparing_arrays)
-    assert commands.main(["label"]) == 130
-    assert "interrupted; rerun the same command" in capsys.readouterr().err
-
     def failing(**kwargs):
         raise TypeError("a real bug")
 
-    monkeypatch.setattr(commands, "app", failing)  # no Ctrl-C: the error is the error
-    with pytest.raises(TypeError, match="a real bug"):
-        commands.main(["label"])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put Python's handler back
+    # As a terminal starts it: a shell's background job (`pytest &`) starts with SIGINT ignored,
+    # where Ctrl-C never reaches the command, and main leaves it so.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(commands, "app", comparing_arrays)
+        assert commands.main(["label"]) == 130
+        assert "interrupted; rerun the same command" in capsys.readouterr().err
+
+        monkeypatch.setattr(commands, "app", failing)  # no Ctrl-C: the error is the error
+        with pytest.raises(TypeError, match="a real bug"):
+            commands.main(["label"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put Python's handler back
+    finally:
+        signal.signal(signal.SIGINT, previous)
