@@ -523,17 +523,11 @@ def schedule(args) -> None:
             print(f"| {responses} | {name} | {engine.waves} | {bare} | {bare / engine.waves:.3f} |", flush=True)
 
 
-class RecordingEngine(Engine):
-    """Passes every call through to the real engine and keeps the requests, follow-ups included,
-    and the hf engine's decode steps (each runs every slot, busy or idle: the GPU time's unit)."""
+class PassThroughEngine(Engine):
+    """An engine that hands every call to `inner`: the wrappers below change sampling alone."""
 
     def __init__(self, inner: Engine):
-        self.inner, self.tokenizer, self.requests, self.calls = inner, inner.tokenizer, [], 0
-        self.decode_steps = 0
-
-    def _count_steps(self) -> None:
-        stats = getattr(self.inner, "last_stats", None)
-        self.decode_steps += stats.decode_steps if stats is not None else 0
+        self.inner, self.tokenizer = inner, inner.tokenizer
 
     def chat_prompt_ids(self, *args, **kwargs):
         return self.inner.chat_prompt_ids(*args, **kwargs)
@@ -543,6 +537,28 @@ class RecordingEngine(Engine):
 
     def continuation_ids_batch(self, *args, **kwargs):
         return self.inner.continuation_ids_batch(*args, **kwargs)
+
+    def sample(self, requests, on_progress=None):
+        return self.inner.sample(requests, on_progress)
+
+    def sampling_capacity(self):
+        return self.inner.sampling_capacity()
+
+    def score(self, requests):
+        return self.inner.score(requests)
+
+
+class RecordingEngine(PassThroughEngine):
+    """Passes every call through to the real engine and keeps the requests, follow-ups included,
+    and the hf engine's decode steps (each runs every slot, busy or idle: the GPU time's unit)."""
+
+    def __init__(self, inner: Engine):
+        super().__init__(inner)
+        self.requests, self.calls, self.decode_steps = [], 0, 0
+
+    def _count_steps(self) -> None:
+        stats = getattr(self.inner, "last_stats", None)
+        self.decode_steps += stats.decode_steps if stats is not None else 0
 
     def sample(self, requests, on_progress=None):
         self.calls += 1
@@ -562,12 +578,6 @@ class RecordingEngine(Engine):
 
         self.inner.sample_continuously(requests, recorded, on_progress, longest)
         self._count_steps()
-
-    def sampling_capacity(self):
-        return self.inner.sampling_capacity()
-
-    def score(self, requests):
-        return self.inner.score(requests)
 
 
 def timed_method(cls, name: str) -> list[float]:
@@ -786,7 +796,7 @@ def per_step_mc(frame: pl.DataFrame, engine: Engine, k: int, settings: RolloutSe
     return first_error
 
 
-class ScriptedAnswers(Engine):
+class ScriptedAnswers(PassThroughEngine):
     """The model's real rollouts, each ending in an answer a seeded coin picks: right with
     probability p_good from a prefix without the response's WRONG step, p_bad from one holding
     it. Random weights never write a right answer, so without this every search runs to full
@@ -798,7 +808,7 @@ class ScriptedAnswers(Engine):
     engine call's seconds and, from the hf engine, its GenerationStats over the calls."""
 
     def __init__(self, inner: Engine, wrong_id: int, p_good: float, p_bad: float):
-        self.inner, self.tokenizer = inner, inner.tokenizer
+        super().__init__(inner)
         self.wrong_id, self.p_good, self.p_bad = wrong_id, p_good, p_bad
         self.clear()
 
@@ -829,15 +839,6 @@ class ScriptedAnswers(Engine):
             answered.append(dataclasses.replace(completion, text=f"{completion.text} \\boxed{{{42 if right else 41}}}"))
         return answered
 
-    def chat_prompt_ids(self, *args, **kwargs):
-        return self.inner.chat_prompt_ids(*args, **kwargs)
-
-    def continuation_ids_batch(self, *args, **kwargs):
-        return self.inner.continuation_ids_batch(*args, **kwargs)
-
-    def sampling_capacity(self):
-        return self.inner.sampling_capacity()
-
     def sample(self, requests, on_progress=None):
         with self._call():
             results = self.inner.sample(requests, on_progress)
@@ -853,9 +854,6 @@ class ScriptedAnswers(Engine):
 
         with self._call():
             self.inner.sample_continuously(requests, answered, on_progress, longest)
-
-    def score(self, requests):
-        return self.inner.score(requests)
 
 
 # GenerationStats fields that are sizes, not counts of work
