@@ -895,11 +895,15 @@ def long_prefixes(args) -> None:
             # The worker builds the model on the GPU before vLLM starts its engine process, which
             # then cannot fork (bench_generate's side_by_side says so too): vLLM spawns.
             environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-            finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
-            print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")))
-            rows += [json.loads(line[7:]) for line in finished.stdout.splitlines() if line.startswith("RESULT ")]
-            if finished.returncode != 0:
-                print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
+            # the worker's lines are shown as they come (a run takes minutes); its RESULT lines are kept
+            with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment) as worker:
+                for line in worker.stdout:
+                    if line.startswith("RESULT "):
+                        rows.append(json.loads(line[7:]))
+                    else:
+                        print(line, end="", flush=True)
+            if worker.returncode != 0:
+                print(f"  {engine}: failed (exit {worker.returncode})", flush=True)
         if args.results:  # runs of other invocations (the hf and vllm processes in two leases) join the table
             results = Path(args.results)
             earlier = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
