@@ -309,6 +309,17 @@ def test_sampling_capacity_is_the_samples_the_kv_cache_held_when_it_ran_out(tiny
     assert roomy.sampling_capacity() == roomy.decoder.num_slots == 8
 
 
+def test_a_small_call_leaves_the_next_call_the_engines_whole_capacity(tiny_engine):
+    # label hands a continuous call only as many samples as the engine's capacity, and the
+    # call's decoder is sized by what it is handed: were capacity the last decoder's slots, a
+    # warm-up or a short shard's two samples would cap every later call at a few slots.
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=64)
+    prompt = prompts_of(tiny_engine, ["What is 2 + 3?"])[0]
+    engine.sample([SamplingRequest(prompt, n=2, max_tokens=4, seed=0)])
+    assert engine.decoder.num_slots == 2
+    assert engine.sampling_capacity() == 64
+
+
 def test_a_request_longer_than_the_whole_cache_is_a_clear_error(tiny_engine):
     engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, kv_cache_tokens=32)
     prompt = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(30))))

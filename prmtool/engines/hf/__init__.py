@@ -269,13 +269,17 @@ class HFEngine(Engine):
             pending = later
 
     def sampling_capacity(self) -> int:
-        # The slots of the decoder in use (sized by the calls so far; 0 before the first call),
-        # or fewer where the KV cache ran out with fewer samples decoding: label fills this
-        # capacity with probes it may ask next, and past it they take blocks from the asked-for
-        # samples, which are preempted and computed again.
-        slots = self.decoder.num_slots if self.decoder is not None else 0
+        # The slots of the call in progress, or between calls the most a call may have (the
+        # next call sizes its decoder for what it is given), or fewer where the KV cache ran out
+        # with fewer samples decoding: label fills this capacity with probes it may ask next,
+        # and past it they take blocks from the asked-for samples, which are preempted and
+        # computed again. Not the last decoder's slots: a small call (a warm-up, a short last
+        # shard) would cap every later one, whose decoder is sized by what it is first given.
         if self._running is not None:  # a continuous call learns as it goes
             self._learn_memory(self._running.stats)
+            slots = self._running.decoder.num_slots
+        else:
+            slots = self.max_batch_size
         return min(slots, self.samples_memory_holds) if self.samples_memory_holds else slots
 
     def _learn_memory(self, stats: GenerationStats) -> None:
