@@ -260,6 +260,9 @@ def test_a_prompt_sharing_a_prefix_with_an_earlier_one_computes_only_the_rest(ti
     assert engine.last_stats.prefill_tokens == len(second.prompt_ids) - 16 * shared_blocks
     fresh = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True, max_batch_size=8)
     assert got == fresh.sample([second])  # reused keys and values: the same samples
+    engine.reset_prefix_cache()  # as vLLM's: a benchmark's next run starts from no remembered prompt
+    assert engine.sample([second]) == got
+    assert engine.last_stats.cached_prompt_tokens == 0
 
 
 def test_when_blocks_run_out_the_last_started_samples_are_preempted_and_resumed_unchanged(tiny_engine):

@@ -282,6 +282,12 @@ class HFEngine(Engine):
             slots = self.max_batch_size
         return min(slots, self.samples_memory_holds) if self.samples_memory_holds else slots
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prompts' blocks kept for later calls (as vLLM's `LLM.reset_prefix_cache`),
+        so a benchmark's run finds none of an earlier run's prefixes."""
+        if self.decoder is not None:
+            self.decoder.pool.forget_all()
+
     def _learn_memory(self, stats: GenerationStats) -> None:
         if stats.samples_when_full:
             self.samples_memory_holds = stats.samples_when_full

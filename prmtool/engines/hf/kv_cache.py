@@ -113,6 +113,11 @@ class BlockPool:
                 known_id = self.chain_id[known]
             parent = known_id
 
+    def forget_all(self) -> None:
+        """Forget every remembered prefix (the blocks keep their references)."""
+        self.remembered.clear()
+        self.key_of = [None] * self.num_blocks
+
     def _forget(self, block: int) -> None:
         key = self.key_of[block]
         if key is not None:
