@@ -309,6 +309,17 @@ b,c --mc-responses 64`, the lease's time being short; (a) on prmtool's vllm engi
   (153). The hf engine's sampling_capacity now counts the samples its cache held when it last
   ran out: 22,639 (32) and 23,810 (48), the labels unchanged, and nothing changes where memory
   is ample. Whether the H100 run was bound by memory, the next run's preemption count will say.
+  Two more changes since (2026-12-07, fifteenth session; CPU only, no lease came): between calls
+  the hf engine's capacity is the most a call may have (its max_batch_size, or what memory held),
+  no longer the last decoder's slots. Continuous rounds hand a call only that many samples and
+  the call sizes its decoder by what it is first handed, so the warm-up's few samples capped the
+  timed run: on the CPU (`long --quick --responses 64 --max-tokens 128 --eos-every 40`) the
+  continuous run decoded on 128 of its 1,024 slots (820 decode steps), now on 512 (697). It also
+  lets lockstep with speculation fill a whole call from the first round (768 -> 384 decode steps,
+  but 53,689 -> 89,265 tokens sampled, 1,044 of 1,754 rollouts sampled ahead never asked for): at
+  0.5B extra rows cost little, at 7B nearly their share, which only a GPU run can weigh. And each
+  timed run starts with the engine's prefix cache emptied (`reset_prefix_cache`): before, a run
+  found the prompts of the runs before it (other modes, other methods) still cached.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
