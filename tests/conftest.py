@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,13 @@ def responses_dir(tmp_path) -> Path:
     target.mkdir()
     pl.read_parquet(SAMPLES / "responses" / "part-00000.parquet").write_parquet(target / "part-00000.parquet")
     return target
+
+
+def sigint_as_in_a_terminal() -> None:
+    """A child's preexec_fn: SIGINT at its default, as a terminal's foreground command has it.
+    A test run started as a shell's background job (`pytest &`) has SIGINT ignored and would
+    hand that on, and a command rightly keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def files_under(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, sigint_as_in_a_terminal
 
 
 def start(arguments: list[str], tmp_path: Path) -> subprocess.Popen:
@@ -28,7 +28,11 @@ def start(arguments: list[str], tmp_path: Path) -> subprocess.Popen:
     }
     log = (tmp_path / "stderr.txt").open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "prmtool", *arguments], stderr=log, stdout=subprocess.DEVNULL, env=environment
+        [sys.executable, "-m", "prmtool", *arguments],
+        stderr=log,
+        stdout=subprocess.DEVNULL,
+        env=environment,
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from prmtool.cli import review
 from tests.browser import Browser, browser_test
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sigint_as_in_a_terminal
 from tests.test_hostile_inputs import TARGETS, snapshot
 from tests.test_view import digests, labelled  # noqa: F401  (the labelled shard set fixture)
 
@@ -156,7 +156,9 @@ def test_the_command_serves_until_interrupted(labelled, tmp_path):  # noqa: F811
     environment = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
     environment["PYTHONPATH"] = str(ROOT)
     command = [sys.executable, "-m", "prmtool", "review", str(labelled), "-o", str(tmp_path / "out"), "--port", "0"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env=environment, preexec_fn=sigint_as_in_a_terminal
+    )
     try:
         lines = []
         while not (lines and lines[-1].startswith("Ctrl-C")):
