@@ -320,6 +320,19 @@ b,c --mc-responses 64`, the lease's time being short; (a) on prmtool's vllm engi
   0.5B extra rows cost little, at 7B nearly their share, which only a GPU run can weigh. And each
   timed run starts with the engine's prefix cache emptied (`reset_prefix_cache`): before, a run
   found the prompts of the runs before it (other modes, other methods) still cached.
+  Then one run on one H100 80GB (another machine; the last minutes of that session's device
+  time), with both changes: `long --engine hf --mc-responses 64 --modes continuous` (continuous
+  rounds without speculation, which draw the fewest rollouts): 157.6 s, **5,848** labelled
+  responses / GPU-hour, 17.9 rollouts and 5,177 tokens a response (as the CPU replay said),
+  8,409 tokens/s, 77.2 GiB peak, no preemptions, first errors the injected wrong step on 256 of
+  256 (so (c)'s on all 64). Slower than the default's 132.1 s and the naive loop's 133.9 s of the
+  lease before, for want of parallel work: one probe per search in flight leaves 256 searches
+  about 281 samples decoding a step on average (1,553,656 rows over 5,524 steps; at most 525 of
+  the 1,024 slots), where a 7B step costs about as much at 512 rows as at 281, and the naive loop
+  hands vLLM all k rollouts of every open search at once (2,048 samples a round). At this size
+  label needs more work side by side than its searches ask for, which is what speculation adds;
+  the next lease runs lockstep+speculation and continuous+speculation after the capacity change,
+  which lets speculation fill a whole call from the first round.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
