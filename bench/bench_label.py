@@ -972,7 +972,7 @@ def long_prefixes(args) -> None:
     def timed(method, engine: ScriptedAnswers, run, rows: pl.DataFrame = frame) -> None:
         run(warmup.head(max(1, warmup.height * rows.height // frame.height)))  # other responses, same lengths
         engine.clear()
-        cold_start[0]()  # no run finds the prefixes of an earlier run (another mode, another method) cached
+        cold_start()  # no run finds the prefixes of an earlier run (another mode, another method) cached
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -1001,7 +1001,7 @@ def long_prefixes(args) -> None:
         print("RESULT " + json.dumps(row), flush=True)
 
     label_counts: dict[str, int] = {}  # the last label run's summary counts (speculation's cost)
-    cold_start = [lambda: None]  # the engine's prefix cache reset, set below
+    cold_start = None  # the engine's prefix cache reset: set below, before the first timed run
 
     def label(engine: ScriptedAnswers, name: str):
         rounds, speculate = MODES[name]
@@ -1020,7 +1020,7 @@ def long_prefixes(args) -> None:
         from prmtool.engines.hf import HFEngine
 
         engine = answered(HFEngine(model, tokenizer, ignore_eos=ignore_eos, max_batch_size=args.slots))
-        cold_start[0] = engine.inner.reset_prefix_cache
+        cold_start = engine.inner.reset_prefix_cache
         for name in chosen_modes(args.modes):
             timed(f"(a) prmtool label --method binary, hf engine, {name}", engine, label(engine, name))
         if args.quick:  # no vLLM on the CPU: (b) and (c) drive the hf engine's own sample, for the smoke run
@@ -1044,7 +1044,7 @@ def long_prefixes(args) -> None:
     inner = VLLMEngine(folder, ignore_eos=ignore_eos, gpu_memory_utilization=0.88)
     inner.tokenizer = tokenizer  # the word-level tokenizer as built
     engine = answered(inner)
-    cold_start[0] = inner.llm.reset_prefix_cache
+    cold_start = inner.llm.reset_prefix_cache
     for name in chosen_modes(args.modes) if "a" in args.methods else []:
         timed(f"(a) prmtool label --method binary, vllm engine, {name}", engine, label(engine, name))
 
