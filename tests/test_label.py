@@ -163,6 +163,14 @@ class OneAtATimeEngine(ScriptedRolloutEngine):
             next_key += len(new)
 
 
+def same_labels(labeled: pl.DataFrame, other: pl.DataFrame) -> bool:
+    """The same step labels and first errors. Under any-success, continuous rounds stop a probe
+    at its first right rollout (test_in_continuous_rounds_the_first_right_rollout_settles_a_probe):
+    its MC is that rollout's alone, and the rollouts counted are those it waited for."""
+    columns = ["response_id", "step_labels", "first_error"]
+    return labeled.select(columns).equals(other.select(columns))
+
+
 @pytest.mark.parametrize("rule", ["drop", "any-success"])
 @pytest.mark.parametrize("method", ["binary", "mc", "omegaprm"])
 def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method, rule):
@@ -171,11 +179,38 @@ def test_continuous_rounds_give_the_labels_of_lockstep_rounds(method, rule):
     lockstep = label_rows(frame, engine, method, k=4, settings=SETTINGS, rule=rule)
     engine = OneAtATimeEngine(answers_of(frame), p=0.5, p_bad=0.1)
     continuous = label_rows(frame, engine, method, k=4, settings=SETTINGS, continuous=True, rule=rule)
-    assert continuous.equals(lockstep)
+    if method != "mc" and rule == "any-success":
+        assert same_labels(continuous, lockstep)  # and fewer rollouts: a right one settles a probe
+    else:
+        assert continuous.equals(lockstep)
     assert engine.calls and all(len(call) == 1 for call in engine.calls)  # it did run one request at a time
     if method != "mc":  # mc asks every probe in its first round: it has no follow-ups
         assert engine.empty_hand_backs_answered > 0  # follow-ups did arrive between hand-backs
     assert lockstep["first_error"].n_unique() > 3  # p = 0.5: searches of different lengths
+
+
+def test_in_continuous_rounds_the_first_right_rollout_settles_a_probe():
+    """Under any-success a prefix is good once one rollout from it is right. In continuous rounds
+    a probe's k rollouts go to the engine as one request each, verified as each ends: the first
+    right one settles the probe and the others are stopped, so the search waits for the quickest
+    right rollout rather than for the slowest of a stage. The labels are lockstep's."""
+    frame = responses(30)
+    lockstep = label_rows(
+        frame, ScriptedRolloutEngine(answers_of(frame), p=0.7), "binary", k=8, settings=SETTINGS, rule="any-success"
+    )
+    engine = OneAtATimeEngine(answers_of(frame), p=0.7)
+    continuous = label_rows(
+        frame, engine, "binary", k=8, settings=SETTINGS, continuous=True, speculate=False, rule="any-success"
+    )
+    assert same_labels(continuous, lockstep)
+    assert all(request.n == 1 for call in engine.calls for request in call)
+    assert engine.cancelled > 0  # rollouts of settled probes, stopped before they ran
+    for values, labels in zip(continuous["step_mc"], continuous["step_labels"]):
+        for value, label in zip(values, labels):
+            if value is not None and label is not None:  # a probed step: good on 1 right of 1, bad on 0 of 8
+                assert value == (1.0 if label == 1 else 0.0)
+    # a good prefix counts the one rollout that settled it (lockstep's first stage draws 2)
+    assert continuous["label_rollouts"].sum() < lockstep["label_rollouts"].sum()
 
 
 class QueueingEngine(ScriptedRolloutEngine):
@@ -204,17 +239,18 @@ class QueueingEngine(ScriptedRolloutEngine):
 
 def test_continuous_rounds_feed_the_engine_the_longest_chains_first_and_no_more_than_it_has_slots():
     frame = responses(40, max_steps=12)
-    rule = "any-success"  # first stages of 2 rollouts, for the count below
+    rule = "any-success"  # probes of k = 8 single-rollout requests, for the count below
     plain = label_rows(
         frame, ScriptedRolloutEngine(answers_of(frame), p=0.5), "binary", k=8, settings=SETTINGS, rule=rule
     )
     engine = QueueingEngine(answers_of(frame), p=0.5)
+    engine.capacity = 32
     fed = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=True, speculate=False, rule=rule)
-    assert fed.equals(plain)
+    assert same_labels(fed, plain)
     assert engine.most_held <= engine.capacity + 8  # its slots, and at most one probe more
-    # 8 slots: four first-stage probes (2 rollouts each), all of responses of 9-12 steps, whose
-    # searches have the most levels left; their prefixes hold half the steps.
-    first = engine.handed[:4]
+    # 32 slots: four probes (8 rollouts each), all of responses of 9-12 steps, whose searches
+    # have the most levels left; their prefixes hold half the steps.
+    first = engine.handed[:32]
     prefixes = ["".join(map(chr, request.prompt_ids[request.prompt_ids.index(0) + 1 :])) for request in first]
     assert all(prefix.count("Step ") >= 4 for prefix in prefixes), prefixes
     assert min(len(steps) for steps in frame["steps"]) < 9  # shorter responses were there to pick
@@ -230,7 +266,10 @@ def test_speculation_fills_idle_slots_and_gives_the_labels_it_would_give_without
     engine.capacity = 256  # more slots than the searches' own probes fill
     counts = {}
     ahead = label_rows(frame, engine, "binary", k=8, settings=SETTINGS, continuous=continuous, counts=counts, rule=rule)
-    assert ahead.equals(plain)  # label_rollouts and label_tokens count only the rollouts used
+    if continuous and rule == "any-success":
+        assert same_labels(ahead, plain)
+    else:
+        assert ahead.equals(plain)  # label_rollouts and label_tokens count only the rollouts used
     assert counts["speculative_rollouts"] > counts["speculative_rollouts_unused"] > 0
     if continuous:
         assert engine.cancelled > 0  # probes a search stopped needing were stopped, not sampled to the end

@@ -134,7 +134,10 @@ class FirstErrorBinarySearch:
     Staged sampling (hard labels, default threshold): one correct rollout proves MC > 0, so a
     probe first draws k/4 rollouts and draws the other 3k/4 only if none of those was right.
     "Some of k rollouts is right" has the same probability either way, so labels are
-    distributed exactly as with k rollouts at once, for far fewer rollouts on good prefixes."""
+    distributed exactly as with k rollouts at once, for far fewer rollouts on good prefixes.
+    `until_right` (continuous rounds) goes further: all k rollouts start at once and the first
+    right one settles the probe, the rest stopped (`run_searches`): the same labels, and a good
+    prefix costs the wait for its quickest right rollout, not for the slowest of a stage."""
 
     row: int
     n_steps: int
@@ -144,6 +147,7 @@ class FirstErrorBinarySearch:
     # --steps: the first error is searched among steps [first, last) only; the prefix of the
     # first `first` steps is taken as good (the thinking, when only the solution is labelled)
     window: tuple[int, int] | None = None
+    until_right: bool = False  # probes stop at their first right rollout (instead of staged)
     step_mc: list[float | None] = field(init=False)
     good: int = 0
     bad: int = field(init=False)
@@ -173,7 +177,7 @@ class FirstErrorBinarySearch:
             return []
         middle, sampled = self._middle(), self.middle_counts[1]
         if sampled == 0:
-            return [Probe(self.row, middle, self.first_stage)]
+            return [Probe(self.row, middle, self.first_stage, until_right=self.until_right)]
         return [Probe(self.row, middle, self.k - sampled, first_sample=sampled)]  # the rest of the k
 
     def probes_left(self) -> int:
@@ -203,7 +207,7 @@ class FirstErrorBinarySearch:
             ahead.append(Probe(self.row, middle, rest, first_sample=self.first_stage))
         next_middles = [(good + bad) // 2 for good, bad in ((middle, self.bad), (self.good, middle)) if bad - good > 1]
         next_middles = [next_middle for next_middle in next_middles if next_middle <= self.last]
-        ahead += [Probe(self.row, next_middle, self.first_stage) for next_middle in next_middles]
+        ahead += [Probe(self.row, m, self.first_stage, until_right=self.until_right) for m in next_middles]
         if rest:
             ahead += [Probe(self.row, next_middle, rest, first_sample=self.first_stage) for next_middle in next_middles]
         return ahead
@@ -611,8 +615,13 @@ def label_rows(
         elif correct:  # binary search, estimate mode: the response itself proves MC > 0 everywhere
             searches[row] = PerStepMC(row, n_steps, True, k, threshold, soft, windows[row])
         else:
-            staged = not soft and threshold.one_success_proves_good
-            searches[row] = FirstErrorBinarySearch(row, n_steps, k, threshold, staged, windows[row])
+            # One right rollout settles a probe: in lockstep rounds a probe draws k/4 first; in
+            # continuous ones all k start and the first right one stops the rest.
+            one_right_settles = not soft and threshold.one_success_proves_good
+            searches[row] = FirstErrorBinarySearch(
+                row, n_steps, k, threshold, one_right_settles and not continuous, windows[row],
+                until_right=one_right_settles and continuous,
+            )  # fmt: skip
     if tracker is not None:
         tracker.advance(frame.height - len(searches))
         # a row finishes only when its whole search does: progress counts its rollouts

@@ -11,7 +11,7 @@ rollouts' final answers are checked by the project's verifier (mathematical equi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Hashable, Protocol
 
 from prmtool.engines.base import sample_in_rounds
@@ -35,6 +35,9 @@ class Probe:
     # Rollouts first_sample .. first_sample + k - 1 of the prefix's seeded stream: a staged
     # probe's second stage continues the stream of its first instead of drawing a new one.
     first_sample: int = 0
+    # Only whether some rollout is right matters (the any-success rule): in continuous rounds
+    # the first right rollout settles the probe and its other rollouts are stopped.
+    until_right: bool = False
 
 
 @dataclass
@@ -167,9 +170,16 @@ class Rollouts:
         return self._chat_ids[problem]
 
     def _prompt_ids(self, probes: list[Probe]) -> list[list[int]]:
-        """Each probe's prompt: the problem's chat prompt, then its step prefix (one tokenizer call)."""
-        chat_prompts = [self._chat_prompt_ids(probe.row) for probe in probes]
-        return self.engine.continuation_ids_batch(chat_prompts, [self.probe_prefix(probe) for probe in probes])
+        """Each probe's prompt: the problem's chat prompt, then its step prefix (one tokenizer
+        call, each distinct prefix once: a probe split into single rollouts repeats its own)."""
+        keys = [(probe.row, probe.prefix_steps, probe.prefix) for probe in probes]
+        distinct = {key: probe for key, probe in zip(keys, probes)}
+        chat_prompts = [self._chat_prompt_ids(probe.row) for probe in distinct.values()]
+        encoded = self.engine.continuation_ids_batch(
+            chat_prompts, [self.probe_prefix(probe) for probe in distinct.values()]
+        )
+        ids_of = dict(zip(distinct, encoded))
+        return [ids_of[key] for key in keys]
 
     def _seed(self, probe: Probe, round_number: int) -> int:
         # Fixed by the response and the prefix, so reruns give the same labels in lockstep
@@ -282,6 +292,18 @@ class SearchStats:
     unused_tokens: int = 0
 
 
+def settled_by(probe: Probe, seen: list[ProbeResult]) -> ProbeResult:
+    """The result of an `until_right` probe whose rollouts ran one request each, from those
+    verified so far (`seen`, one rollout each, in the order they were verified). A right one
+    settles it: the result is that rollout alone (1 right of 1), so it does not depend on which
+    others happened to finish first. Else all k are wrong, in sample order."""
+    right = next((result for result in seen if result.correct), None)
+    if right is not None:
+        return ProbeResult(replace(probe, k=1), 1, right.tokens, right.texts)
+    seen = sorted(seen, key=lambda result: result.probe.first_sample)
+    return ProbeResult(probe, 0, sum(r.tokens for r in seen), [text for r in seen for text in r.texts])
+
+
 def run_searches(
     searches: dict[Hashable, Search],
     rollouts: Rollouts,
@@ -298,7 +320,10 @@ def run_searches(
     labels, are the same either way. In continuous rounds the verification runs on a worker
     thread, so the thread that feeds the GPU never waits on it; its follow-ups join at the
     engine's next hand-back, and the engine is fed only while it has free slots, the searches
-    with the longest chains of probes left first (`release`).
+    with the longest chains of probes left first (`release`). A probe `until_right` goes to
+    the engine as k requests of one rollout each, verified as each ends: the first right one
+    settles it and the others are stopped (`settled_by`), so a good prefix costs the search
+    the wait for its quickest right rollout, not its slowest.
     `on_done(key, search)` sees each search as it finishes; `tracker` counts the generated
     tokens.
 
@@ -317,44 +342,66 @@ def run_searches(
     by_row = {search.row: search for search in searches.values()}
     rounds = dict.fromkeys(by_row, 0)  # each search's round: part of explicit prefixes' seeds
     stats = SearchStats()
-    owners: dict[int, tuple[int, Probe]] = {}  # request key -> (row, probe), while in the engine
-    in_engine: dict[tuple[int, Probe], int] = {}  # (row, probe) -> its request key
+    # request key -> (row, probe, the single rollout it samples of an until_right probe, or None)
+    owners: dict[int, tuple[int, Probe, Probe | None]] = {}
+    in_engine: dict[tuple[int, Probe], list[int]] = {}  # (row, probe) -> its request keys in the engine
     samples_in_engine = 0
     next_key = 0  # the engine numbers requests in the order they are handed to it
-    waiting: dict[int, tuple[list[Probe], list]] = {}  # row -> (its probes asked, their completions so far)
-    # row -> probes sampled ahead and not asked yet: their completions, None while sampling
-    ahead: dict[int, dict[Probe, list | None]] = {}
+    # row -> (its probes asked, what each has so far: None, its completions, or its settled ProbeResult)
+    waiting: dict[int, tuple[list[Probe], list]] = {}
+    # row -> probes sampled ahead and not asked yet: as in `waiting`
+    ahead: dict[int, dict[Probe, list | ProbeResult | None]] = {}
     unsent: dict[int, list[Probe]] = {}  # row -> speculative probes not sampled yet, most likely first
     answered: list[int] = []  # rows whose asked probes all have their completions, to verify
     cancels: list = []
     # Continuous rounds: asked probes wait here until the engine has room (see `release`).
     held: list[tuple[int, Probe]] = []
+    # until_right probes sampling one request a rollout: (row, probe) -> their rollouts verified so far
+    settling: dict[tuple[int, Probe], list[ProbeResult]] = {}
+    rollouts_ended: list[tuple[int, Probe, Probe, list]] = []  # their finished rollouts, to verify
 
     def send(pairs: list[tuple[int, Probe]]) -> list:
         nonlocal next_key, samples_in_engine
         if not pairs:
             return []
-        order, requests = rollouts.requests_for([probe for _, probe in pairs], [rounds[row] for row, _ in pairs])
+        parts: list[tuple[int, Probe, Probe | None]] = []
+        for row, probe in pairs:
+            if continuous and probe.until_right:
+                settling[(row, probe)] = []
+                for number in range(probe.first_sample, probe.first_sample + probe.k):
+                    parts.append((row, probe, replace(probe, k=1, first_sample=number, until_right=False)))
+            else:
+                parts.append((row, probe, None))
+        order, requests = rollouts.requests_for(
+            [single or probe for _, probe, single in parts], [rounds[row] for row, _, _ in parts]
+        )
         for index in order:
-            owners[next_key] = pairs[index]
-            in_engine[pairs[index]] = next_key
+            row, probe, _ = owners[next_key] = parts[index]
+            in_engine.setdefault((row, probe), []).append(next_key)
             next_key += 1
         samples_in_engine += sum(request.n for request in requests)
         return requests
 
+    def stop(row: int, probe: Probe) -> None:
+        """Cancel what the engine still samples for this probe."""
+        nonlocal samples_in_engine
+        for key in in_engine.pop((row, probe), []):
+            _, _, single = owners.pop(key)
+            cancels.append(Cancel(key))
+            samples_in_engine -= (single or probe).k
+
     def drop_ahead(row: int, keep: set[Probe]) -> None:
         """Forget the row's speculative probes that it no longer may ask; stop those sampling."""
-        nonlocal samples_in_engine
         for probe in [probe for probe in ahead.get(row, {}) if probe not in keep]:
-            completions = ahead[row].pop(probe)
+            sampled = ahead[row].pop(probe)
             stats.unused_rollouts += probe.k
-            if completions is None:
-                key = in_engine.pop((row, probe))
-                del owners[key]
-                cancels.append(Cancel(key))
-                samples_in_engine -= probe.k
+            if sampled is None:
+                stop(row, probe)
+                settling.pop((row, probe), None)
+            elif isinstance(sampled, ProbeResult):
+                stats.unused_tokens += sampled.tokens
             else:
-                stats.unused_tokens += sum(sample.num_tokens for sample in completions)
+                stats.unused_tokens += sum(sample.num_tokens for sample in sampled)
 
     def next_requests(rows: list[int]) -> list:
         to_send: list[tuple[int, Probe]] = []
@@ -385,22 +432,31 @@ def run_searches(
             return []
         return send(to_send)
 
+    def place(row: int, probe: Probe, outcome: list | ProbeResult) -> None:
+        """A probe's completions (or settled result) under the row that waits for them."""
+        if probe in ahead.get(row, {}):  # speculative, not asked yet
+            ahead[row][probe] = outcome
+            return
+        probes, completions = waiting[row]
+        completions[probes.index(probe)] = outcome
+        if all(samples is not None for samples in completions):
+            answered.append(row)
+
     def record(done: list) -> None:
         """File finished requests under their probes; ignore those cancelled meanwhile."""
         nonlocal samples_in_engine
         for key, samples in done:
             if key not in owners:
                 continue
-            row, probe = owners.pop(key)
-            del in_engine[(row, probe)]
-            samples_in_engine -= probe.k
-            if probe in ahead.get(row, {}):  # speculative, not asked yet
-                ahead[row][probe] = samples
-                continue
-            probes, completions = waiting[row]
-            completions[probes.index(probe)] = samples
-            if all(samples is not None for samples in completions):
-                answered.append(row)
+            row, probe, single = owners.pop(key)
+            in_engine[(row, probe)].remove(key)
+            if not in_engine[(row, probe)]:
+                del in_engine[(row, probe)]
+            samples_in_engine -= len(samples)
+            if single is not None:
+                rollouts_ended.append((row, probe, single, samples))
+            else:
+                place(row, probe, samples)
 
     def take_answered() -> tuple[list[Probe], list]:
         probes, completions = [], []
@@ -411,7 +467,39 @@ def run_searches(
         answered.clear()
         return probes, completions
 
-    def advance(results: list[ProbeResult]) -> list:
+    def verify(probes: list[Probe], completions: list, ended: list) -> tuple[list[ProbeResult], list]:
+        """One verification pass: the answered probes' results (those settled already kept),
+        and each single rollout's, beside the (row, probe) it belongs to."""
+        unverified = [i for i, outcome in enumerate(completions) if not isinstance(outcome, ProbeResult)]
+        checked = rollouts.results_of(
+            [probes[i] for i in unverified] + [single for _, _, single, _ in ended],
+            [completions[i] for i in unverified] + [samples for _, _, _, samples in ended],
+        )
+        results = list(completions)
+        for i, result in zip(unverified, checked):
+            results[i] = result
+        singles = [(row, probe, result) for (row, probe, _, _), result in zip(ended, checked[len(unverified) :])]
+        return results, singles
+
+    def settle(singles: list) -> None:
+        """File verified single rollouts under their until_right probes; a right one, or the
+        last of k, settles its probe (whose other rollouts are stopped)."""
+        for row, probe, result in singles:
+            seen = settling.get((row, probe))
+            if seen is None:  # settled already, or dropped
+                continue
+            seen.append(result)
+            if result.correct or len(seen) == probe.k:
+                del settling[(row, probe)]
+                stop(row, probe)
+                place(row, probe, settled_by(probe, seen))
+
+    def advance(results: list[ProbeResult], singles: list = ()) -> list:
+        settle(list(singles))
+        # rows that settled probes alone made ready need no verification pass
+        for row in [row for row in answered if all(isinstance(c, ProbeResult) for c in waiting[row][1])]:
+            answered.remove(row)
+            results = results + waiting.pop(row)[1]
         for result in results:
             by_row[result.probe.row].observe(result)
         if tracker is not None and results:
@@ -475,7 +563,7 @@ def run_searches(
         record(done)
         requests = []
         while answered:  # rows answered by speculative samples are verified in the same pass
-            requests += advance(rollouts.results_of(*take_answered()))
+            requests += advance(verify(*take_answered(), [])[0])
         return answer(requests)
 
     first = next_requests(list(by_row))
@@ -487,11 +575,13 @@ def run_searches(
 
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    verifying: list = []  # futures of ProbeResult lists, oldest first
+    verifying: list = []  # futures of verify(), oldest first
 
     def submit_answered() -> None:
-        if answered:
-            verifying.append(verifier.submit(rollouts.results_of, *take_answered()))
+        if answered or rollouts_ended:
+            ended = rollouts_ended[:]
+            rollouts_ended.clear()
+            verifying.append(verifier.submit(verify, *take_answered(), ended))
 
     def finished_soon(done: list) -> list:
         record(done)
@@ -505,7 +595,7 @@ def run_searches(
                 break
             for future in ready:
                 verifying.remove(future)
-                follow_ups += advance(future.result())
+                follow_ups += advance(*future.result())
             submit_answered()
         return answer(follow_ups)
 

@@ -202,7 +202,8 @@ class LabelSettings(ModelSettings, WorkerSettings):
         typer.Option(
             help=(
                 "lockstep: the probes of every search in one engine call per round; continuous: a search's next probe "
-                "starts as soon as its own rollouts are verified, while the others still sample. The same labels."
+                "starts as soon as its own rollouts are verified, while the others still sample (under any-success, "
+                "a probe's first right rollout settles it and stops the rest). The same labels."
             )
         ),
     ] = "lockstep"

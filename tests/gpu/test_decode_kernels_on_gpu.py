@@ -130,6 +130,37 @@ def test_hf_engine_draws_the_same_samples_with_and_without_cascade_attention_and
     assert samples[True, True] == samples[False, True] == samples[True, False]
 
 
+def test_single_rollout_requests_of_one_prompt_share_a_cascade_group_and_draw_what_one_request_would(
+    tmp_path, monkeypatch
+):
+    """label sends a probe's k rollouts as k requests of one sample each (continuous rounds, so
+    the first right one can stop the rest): admitted together they read the prompt's blocks as
+    one group, and draw the tokens the request of n = k draws."""
+    import prmtool as api
+    import prmtool.engines.hf.generate as generate
+    from prmtool.engines import SamplingRequest
+    from prmtool.engines.hf.kv_cache import PrefixGroups
+    from tests.gpu.test_engines_on_gpu import save_model
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(generate, "decode_kernel_available", lambda device, head_dim: True)
+    groups_added = []
+    original_add = PrefixGroups.add
+    monkeypatch.setattr(PrefixGroups, "add", lambda self, rows, blocks: (groups_added.append((list(rows), len(blocks))),
+                                                                          original_add(self, rows, blocks))[1])  # fmt: skip
+    folder = save_model(tmp_path / "policy", seed=0)
+    with api.load_engine("hf", str(folder), device=DEVICE, dtype="float32") as engine:
+        prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(120))))
+        whole = engine.sample([SamplingRequest(prompt, n=4, max_tokens=16, temperature=1.0, seed=3)])[0]
+        engine.reset_prefix_cache()
+        groups_added.clear()
+        singles = engine.sample(
+            [SamplingRequest(prompt, n=1, max_tokens=16, temperature=1.0, seed=3, first_sample=i) for i in range(4)]
+        )
+    assert [c.token_ids for c in whole] == [samples[0].token_ids for samples in singles]
+    assert [len(rows) for rows, blocks in groups_added if blocks] == [4]  # one group of the four rows
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile inside CUDA-graph capture: a GPU only")
 def test_compiled_decode_layers_draw_the_samples_eager_layers_do_under_cuda_graphs(tmp_path):
     """compile_decode: the decoder layers torch.compile'd (attention eager, through the kernel,

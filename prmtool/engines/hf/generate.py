@@ -632,6 +632,9 @@ class BatchSampler:
         tables: list[list[int]] = []
         copies: tuple[list[int], list[int]] = ([], [])
         temperatures, top_ps, uniforms, first_draws, ends = [], [], [], [], []
+        # Rows that read the same prompt, across requests too (a probe's rollouts sent one request
+        # each): sequence -> (rows, the full blocks all of them read)
+        same_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         for prompt_number, item in enumerate(admitted):
             group = item.group
             request = self.requests[group.request_index]
@@ -666,7 +669,14 @@ class BatchSampler:
                 )  # fmt: skip
             pool.release(item.blocks)  # the prefill's own references
             if decoder.prefix_groups is not None:
-                decoder.prefix_groups.add(item.rows, item.blocks[:full])
+                group_rows, shared = same_prompt.setdefault(tuple(item.sequence), ([], item.blocks[:full]))
+                group_rows += item.rows
+                # A prompt admitted after its twin in one pass finds all but its last full block
+                # remembered: the group shares the blocks both read.
+                common = next((i for i, (a, b) in enumerate(zip(shared, item.blocks)) if a != b), len(shared))
+                del shared[common:]
+        for group_rows, shared in same_prompt.values():
+            decoder.prefix_groups.add(group_rows, shared)
         decoder.cache.copy_blocks(*copies)
 
         row_index = on_device(rows, device)
