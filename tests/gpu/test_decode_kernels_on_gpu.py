@@ -146,8 +146,12 @@ def test_single_rollout_requests_of_one_prompt_share_a_cascade_group_and_draw_wh
         monkeypatch.setattr(generate, "decode_kernel_available", lambda device, head_dim: True)
     groups_added = []
     original_add = PrefixGroups.add
-    monkeypatch.setattr(PrefixGroups, "add", lambda self, rows, blocks: (groups_added.append((list(rows), len(blocks))),
-                                                                          original_add(self, rows, blocks))[1])  # fmt: skip
+
+    def add(self, rows, blocks):
+        groups_added.append((list(rows), len(blocks)))
+        original_add(self, rows, blocks)
+
+    monkeypatch.setattr(PrefixGroups, "add", add)
     folder = save_model(tmp_path / "policy", seed=0)
     with api.load_engine("hf", str(folder), device=DEVICE, dtype="float32") as engine:
         prompt = engine.chat_prompt_ids("Add: " + " + ".join(map(str, range(120))))
