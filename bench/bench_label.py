@@ -333,6 +333,36 @@ b,c --mc-responses 64`, the lease's time being short; (a) on prmtool's vllm engi
   label needs more work side by side than its searches ask for, which is what speculation adds;
   the next lease runs lockstep+speculation and continuous+speculation after the capacity change,
   which lets speculation fill a whole call from the first round.
+  What did it instead: under any-success only whether some rollout is right matters, so in
+  continuous rounds a probe's k rollouts now go out as k requests, each verified as it ends, and
+  the first right one settles the probe and stops the rest (`run_searches`, `Probe.until_right`):
+  a good prefix waits for its quickest right rollout, not the slowest of a stage, and the labels
+  are the same. On the CPU replay (`long --quick --responses 64 --max-tokens 128 --eos-every 40
+  --modes continuous`) decode steps went from 697 to 354 (the naive loop's: 512). Then one H100
+  80GB, one lease (2026-12-07, sixteenth session), `long --engine hf --modes
+  continuous,...` and `long --engine vllm --methods a,b --modes continuous`, side by side:
+
+  | method | seconds | responses / GPU-hour | rollouts / response | tokens / response | tok/s | peak GiB |
+  |--------|--------:|---------------------:|--------------------:|------------------:|------:|---------:|
+  | (a) vllm engine, continuous (first right rollout settles) |  94.6 | **9,746** | 15.9 | 3,923 | 10,621 | 74.0 |
+  | (a) hf engine, continuous (first right rollout settles)   | 194.3 |     4,743 | 16.0 | 3,975 |  5,237 | 73.0 |
+  | (b) naive binary search on bare vLLM                       | 160.0 |     5,760 | 28.5 | 8,324 | 13,320 | 74.0 |
+
+  (a) on the vllm engine / (b) = **1.69x**: the 1.3x target is met, on prmtool's vllm engine.
+  Against (c) of the earlier lease (2,205 an hour, another H100): 4.4x. First errors: the injected
+  wrong step on all 256 responses for all three (and so (c)'s on its 64, which depend on the
+  seeds alone). (b)'s four engine calls took 47.2, 44.7, 42.5 and 24.7 s: each round waits for
+  the slowest of its 2,048 rollouts. The tokens count finished rollouts only (a stopped
+  rollout's tokens are not returned by either engine): the hf engine generated 1,189,943 tokens
+  in all where label counted 1,017,512. The hf engine lost for another reason than the search:
+  3,147 decode steps (5,524 before) took 61.7 ms each on average (28.5 ms before), as 7,407
+  single-rollout requests ran their own prefills (524 prefill passes, 397,249 tokens computed,
+  7.1M cached ones read), each pass stopping every sample's decoding meanwhile. Since then the
+  engine admits requests whose prompt another admitted one is prefilling as that one's twins:
+  they sample from its prefill, as a request's own samples do (`GenerationStats.twin_requests`;
+  CPU replay above: 1,808 prefilled prompts -> 226, 18,712 prefill tokens -> 5,573); not yet
+  measured on a GPU (that lease's device time was spent). lockstep+speculation and
+  continuous+speculation on the hf engine were stopped unmeasured to leave time for the vLLM runs.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
@@ -774,8 +804,13 @@ class BareEngine(Engine):
     """An engine whose `sample` is a bare `generate` (vLLM's own, or the hf engine's sample on
     the CPU smoke run): what the naive drivers of (b) and (c) call, one call per round."""
 
-    def __init__(self, tokenizer, generate):
+    def __init__(self, tokenizer, generate, stats_from=None):
         self.tokenizer, self.generate, self.calls = tokenizer, generate, 0
+        self.stats_from = stats_from  # the hf engine behind `generate`: its decode steps get printed
+
+    @property
+    def last_stats(self):
+        return getattr(self.stats_from, "last_stats", None)
 
     def sample(self, requests, on_progress=None):
         self.calls += 1
@@ -1024,7 +1059,7 @@ def long_prefixes(args) -> None:
         for name in chosen_modes(args.modes):
             timed(f"(a) prmtool label --method binary, hf engine, {name}", engine, label(engine, name))
         if args.quick:  # no vLLM on the CPU: (b) and (c) drive the hf engine's own sample, for the smoke run
-            bare = answered(BareEngine(tokenizer, engine.inner.sample))
+            bare = answered(BareEngine(tokenizer, engine.inner.sample, stats_from=engine.inner))
             timed("(b) naive binary search, one sample() per round (hf, smoke)", bare,
                   lambda rows: naive_binary_search(rows, bare, args.k, settings))  # fmt: skip
             timed("(c) per-step MC, one sample() (hf, smoke)", bare,

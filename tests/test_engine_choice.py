@@ -146,6 +146,20 @@ def test_auto_runs_a_stage_on_cpu_and_says_so(prmtool, tmp_path, tiny_model_dir)
     assert provenance["arguments"]["engine"] == "hf"  # the engine that ran, so a resume compares like with like
 
 
+def test_label_at_7b_takes_the_engine_its_own_rate_was_measured_fastest_on(model_folder):
+    """At 7B from long step prefixes label's rate is not its engine's tokens/s: its searches send
+    many small dependent requests, and label measured on each engine decides (STAGE_MEASURED).
+    Other stages, and label at sizes far from any such measurement, go by tokens/s."""
+    seven_b, small = model_folder(QWEN25_7B, "7b"), model_folder(QWEN25_05B, "05b")
+    label = choose_engine(seven_b, device="cuda", prompt_tokens=640, has_vllm=True, stage="label")
+    assert label.engine == "vllm"
+    assert "label on the hf engine measured at 0.49x its rate on the vllm engine at 7.6B" in label.reason
+    assert choose_engine(seven_b, device="cuda", prompt_tokens=640, has_vllm=True, stage="generate").engine == "hf"
+    assert choose_engine(small, device="cuda", prompt_tokens=640, has_vllm=True, stage="label").engine == "hf"
+    unavailable = choose_engine(seven_b, device="cuda", prompt_tokens=640, has_vllm=False, stage="label")
+    assert unavailable.engine == "hf" and "vLLM would be faster" in unavailable.reason
+
+
 def test_a_recipe_runs_each_model_on_the_engine_its_longest_prompts_pick(model_folder, vllm_faster_on_long_prompts):
     """generate's short prompts pick hf and label's long ones vLLM: loading the 7B twice would
     not fit, so every stage takes label's choice, and says why."""

@@ -771,6 +771,26 @@ def test_a_request_split_in_two_samples_what_the_whole_one_would(tiny_engine):
     )
     assert [c.token_ids for c in first + rest] == [c.token_ids for c in whole]
     assert len({tuple(c.token_ids) for c in whole}) > 1  # a real stream, not one sample repeated
+    # The second request is the first's twin (the same prompt, admitted with it): it samples
+    # from the first's prefill instead of running its own.
+    assert tiny_engine.last_stats.prefilled_prompts == 1
+    assert tiny_engine.last_stats.twin_requests == 1
+
+
+def test_single_sample_requests_of_one_prompt_share_its_prefill_and_sample_what_one_request_would(tiny_engine):
+    # label's continuous rounds send a probe's k rollouts as k requests of one sample each (the
+    # first right one stops the rest): one prefill serves them all, and each sample is the one
+    # the request of n = k draws under its number.
+    prompt = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(12))))
+    whole = tiny_engine.sample([SamplingRequest(prompt, n=4, max_tokens=12, seed=3)])[0]
+    tiny_engine.reset_prefix_cache()
+    singles = tiny_engine.sample(
+        [SamplingRequest(prompt, n=1, max_tokens=12, seed=3, first_sample=number) for number in range(4)]
+    )
+    assert [samples[0].token_ids for samples in singles] == [c.token_ids for c in whole]
+    assert tiny_engine.last_stats.prefilled_prompts == 1
+    assert tiny_engine.last_stats.twin_requests == 3
+    assert tiny_engine.last_stats.prefill_tokens == len(prompt)
 
 
 def test_hf_engine_stops_a_cancelled_request_and_never_hands_it_back(tiny_engine):

@@ -89,7 +89,7 @@ def test_finished_stages_still_agree_the_engine_a_dry_run_and_a_partial_rerun_ta
     from prmtool.cli.recipe import load_recipe, preflight
     from prmtool.engines import choice
 
-    def by_length(model, *, device, prompt_tokens, vllm_options=None):  # as on a GPU with vLLM, at 7B
+    def by_length(model, *, device, prompt_tokens, vllm_options=None, stage=None):  # as on a GPU with vLLM, at 7B
         long = prompt_tokens is not None and prompt_tokens > 128
         return choice.Choice("vllm" if long else "hf", f"{prompt_tokens} tokens")
 

@@ -143,7 +143,7 @@ def engine_and_device(stage: str, settings) -> tuple[str, str]:
         device = "cuda" if choice.cuda_available() else "cpu"
     try:
         engine = choice.resolve(
-            settings.engine, model, settings.device, choice.stage_prompt_tokens(stage, settings)
+            settings.engine, model, settings.device, choice.stage_prompt_tokens(stage, settings), stage
         ).engine
     except EngineError:
         engine = settings.engine

@@ -497,8 +497,9 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
             settings = call.settings
             prompt_tokens = choice.stage_prompt_tokens(step.stage, settings)
             try:
-                # outside one_engine_per_model, auto gives each stage its own choice; agree() picks one
-                picked = choice.resolve(engine, model, settings.device, prompt_tokens)  # an unknown name fails
+                # outside one_engine_per_model, auto gives each stage its own choice; agree() picks one.
+                # An unknown engine name fails here.
+                picked = choice.resolve(engine, model, settings.device, prompt_tokens, step.stage)
             except InputError as exc:
                 if action == "skip":
                     continue

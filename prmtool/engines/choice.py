@@ -49,6 +49,18 @@ MEASURED = [
     Measurement(7.6, 768, 1.05, "bench_generate --arch 7b --shape rollout, H100: 19,586 / 18,673 tok/s"),
     Measurement(7.6, 1536, 0.98, "bench_generate --arch 7b --shape long, H100: 15,195 / 15,533 tok/s"),
 ]
+# A stage's own rate on each of prmtool's engines, where it is not the engine's tokens/s: at 7B
+# from long step prefixes label's rate rests on how each engine serves its searches' many
+# small, dependent requests. Random-weight Qwen2.5-7B, one H100 80GB, one lease, 2026-12-07,
+# `bench/bench_label.py long --modes continuous` (256 responses of 1,000-3,000 tokens, k = 8,
+# --rule any-success); the hf engine's prefill of a probe's single-rollout requests has changed
+# since (one prefill serves them all), not yet measured on a GPU.
+STAGE_MEASURED = {
+    "label": [
+        Measurement(7.6, 2000, 0.49, "bench_label long, H100: 4,743 / 9,746 labelled responses a GPU-hour"),
+    ],
+}
+
 # prmtool's vllm engine runs at 0.98 to 1.20x bare vLLM's throughput (bench_generate,
 # bench_label overhead). vLLM is chosen only where it wins even at the low end: a tie goes to
 # hf, which needs no extra install and repeats its samples bit for bit.
@@ -100,6 +112,7 @@ def choose_engine(
     vllm_options: dict | None = None,
     cuda: bool | None = None,
     has_vllm: bool | None = None,
+    stage: str | None = None,
 ) -> Choice:
     """The engine `--engine auto` runs `model` with, and why.
 
@@ -108,6 +121,8 @@ def choose_engine(
     engine scored at 4.6x vLLM's tokens/s, README), so hf there unless the model needs vLLM.
     vllm_options: PRMTOOL_VLLM_OPTIONS (tensor_parallel_size > 1 needs vLLM).
     cuda, has_vllm: whether a GPU and vLLM are there (None: look).
+    stage: the stage that runs it; a measurement of that stage's own rate (`STAGE_MEASURED`) at
+    about the model's size decides over the engines' tokens/s.
     """
     if cuda is None:
         cuda = cuda_available() if device is None else device.startswith("cuda")
@@ -131,14 +146,33 @@ def choose_engine(
     billions = parameter_count(config) / 1e9
     if prompt_tokens is None:
         return Choice("hf", f"{billions:.1f}B parameters, scoring: the hf engine scored at 4.6x vLLM's tokens/s")
-    ratio, nearest = hf_over_vllm(billions, prompt_tokens)
     sizes = f"{billions:.1f}B parameters, prompts of about {prompt_tokens:,} tokens on cuda"
-    basis = f"the hf engine measured at {ratio:.2f}x vLLM's tokens/s at {nearest}"
+    stage_measurement = stage_rate(stage, billions)
+    if stage_measurement is not None:
+        ratio = stage_measurement.hf_over_vllm
+        basis = (
+            f"{stage} on the hf engine measured at {ratio:.2f}x its rate on the vllm engine at "
+            f"{stage_measurement.parameters}B ({stage_measurement.source})"
+        )
+    else:
+        ratio, nearest = hf_over_vllm(billions, prompt_tokens)
+        basis = f"the hf engine measured at {ratio:.2f}x vLLM's tokens/s at {nearest}"
     if ratio >= VLLM_ENGINE_OVER_BARE_VLLM:
         return Choice("hf", f"{sizes}: {basis}")
     if not has_vllm:
         return Choice("hf", f"{sizes}: vLLM would be faster ({basis}) but is not installed")
     return Choice("vllm", f"{sizes}: {basis}")
+
+
+def stage_rate(stage: str | None, billions: float) -> Measurement | None:
+    """The measurement of this stage's own rate at the nearest size within a factor of two of
+    the model's, or None (then the engines' tokens/s decide)."""
+    within = [
+        m
+        for m in STAGE_MEASURED.get(stage or "", [])
+        if abs(math.log(m.parameters / max(billions, 1e-3))) <= math.log(2)
+    ]
+    return min(within, key=lambda m: abs(math.log(m.parameters / billions)), default=None)
 
 
 def hf_over_vllm(billions: float, prompt_tokens: int) -> tuple[float, str]:
@@ -242,10 +276,13 @@ def agree(choices: list[tuple[str | None, int | None, Choice]]) -> dict:
     return agreed
 
 
-def resolve(engine: str, model: str | None, device: str | None, prompt_tokens: int | None) -> Choice:
+def resolve(
+    engine: str, model: str | None, device: str | None, prompt_tokens: int | None, stage: str | None = None
+) -> Choice:
     """The engine to run: `engine` itself (no reason), or for `auto` the one `choose_engine`
-    picks, or the one a recipe agreed on for this model (`one_engine_per_model`). Stages print
-    its `line()` when they load the model: a run that fails on its input says only that."""
+    picks for `stage`, or the one a recipe agreed on for this model (`one_engine_per_model`).
+    Stages print its `line()` when they load the model: a run that fails on its input says only
+    that."""
     from prmtool.engines import ENGINE_NAMES
 
     if engine not in (*ENGINE_NAMES, AUTO):
@@ -253,5 +290,5 @@ def resolve(engine: str, model: str | None, device: str | None, prompt_tokens: i
     if engine != AUTO:
         return Choice(engine, "")
     return _AGREED.get().get(model) or choose_engine(
-        model, device=device, prompt_tokens=prompt_tokens, vllm_options=options_from_environment()
+        model, device=device, prompt_tokens=prompt_tokens, vllm_options=options_from_environment(), stage=stage
     )

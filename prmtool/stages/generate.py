@@ -217,7 +217,7 @@ def run(
     problem column and adds response_id, response, steps, response_tokens and finish_reason."""
     stats = RunStats("generate", quiet=quiet)
     prompt_tokens = choice.stage_prompt_tokens("generate", settings)
-    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, "generate")
     settings = replace(settings, engine=picked.engine)
     make_splitter(settings.split)  # a bad --split fails before the model loads
     if settings.verify:

@@ -198,7 +198,7 @@ def run(
     stats = RunStats("intervene", quiet=quiet)
     worker_count(settings.workers, stats.warn)  # says so when --workers is capped
     prompt_tokens = choice.stage_prompt_tokens("intervene", settings)
-    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, "intervene")
     settings = replace(settings, engine=picked.engine)
     rollouts = intervention_config(settings).rollouts
     arguments = {

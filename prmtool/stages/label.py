@@ -385,7 +385,7 @@ def run(
     separator = make_splitter(settings.split).separator
     stats = RunStats("label", quiet=quiet)
     prompt_tokens = choice.stage_prompt_tokens("label", settings)
-    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens)
+    picked = choice.resolve(settings.engine, settings.model, settings.device, prompt_tokens, "label")
     settings = replace(settings, engine=picked.engine)
     rollout_settings = RolloutSettings.of(settings, worker_count(settings.workers, stats.warn))
     arguments = provenance_arguments(settings, rollout_settings.prompt_template)

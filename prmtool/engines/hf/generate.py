@@ -77,6 +77,7 @@ class GenerationStats:
 
     prefill_forwards: int = 0  # forward passes over prompts
     prefilled_prompts: int = 0  # prompts run through those passes (one per admitted group)
+    twin_requests: int = 0  # requests that sampled from another's prefill of the same prompt
     decode_steps: int = 0
     generated_tokens: int = 0
     num_slots: int = 0
@@ -152,6 +153,14 @@ class Admission:
     sequence: list[int]  # the prompt, and a preempted sample's tokens
     blocks: list[int]  # its block table: remembered blocks of its prefix, then new ones
     cached: int  # positions whose keys and values the remembered blocks already hold
+    # Other requests' samples of the same prompt admitted with it (label sends a probe's
+    # rollouts as one request each): they sample from its prefill, as its own samples do.
+    twins: list[tuple[SampleGroup, list[int]]] = field(default_factory=list)
+
+    def samples(self) -> list[tuple[SampleGroup, int, int]]:
+        """(group, row, sample index) of every sample that starts from this prefill."""
+        members = [(self.group, self.rows)] + self.twins
+        return [(group, row, index) for group, rows in members for row, index in zip(rows, group.sample_indices)]
 
 
 @dataclass
@@ -562,10 +571,25 @@ class BatchSampler:
         # The copies of partly filled last blocks that admitted groups take at their prefill,
         # after this loop: the free count does not show them yet.
         copies_owed = 0
+        by_prompt: dict[tuple[int, ...], Admission] = {}  # admitted this pass, by their prompts
         while self.queue and free_rows:
             group = self.queue[0]
             sequence = self.requests[group.request_index].prompt_ids + group.resume_tokens
             count = min(len(group.sample_indices), len(free_rows))
+            twin_of = by_prompt.get(tuple(sequence)) if not group.resume_tokens else None
+            if twin_of is not None:
+                # Its prompt is being prefilled already: its samples fork from that prefill, each
+                # copying the partly filled last block, each with a block to grow into.
+                copies = count * (len(sequence) % BLOCK_SIZE != 0)
+                if copies + count + watermark + copies_owed > pool.num_free():
+                    self.waiting_for_blocks = True
+                    break
+                group = self._take_first(group, count)
+                rows, free_rows = free_rows[:count], free_rows[count:]
+                copies_owed += copies
+                twin_of.twins.append((group, rows))
+                self.stats.twin_requests += 1
+                continue
             # Reuse remembered blocks of the sequence's prefix, but compute its last token
             # at least: its logits give the first sampled token.
             cached = pool.cached_prefix(sequence, (len(sequence) - 1) // BLOCK_SIZE)
@@ -586,21 +610,15 @@ class BatchSampler:
                         "memory): shorten the request or give the cache more room"
                     )
                 break
-            self.queue.popleft()
-            if count < len(group.sample_indices):
-                # The samples that fit start now and the rest stay first in line: waiting for
-                # room for the whole group would leave these slots idle for a whole generation.
-                # Each sample draws from its own stream, so the split changes no token; the
-                # rest find the prompt's blocks remembered.
-                rest = replace(group, sample_indices=group.sample_indices[count:])
-                self.queue.appendleft(rest)
-                group = replace(group, sample_indices=group.sample_indices[:count])
+            group = self._take_first(group, count)
             blocks = cached + [pool.allocate() for _ in range(new_blocks)]
             if self.decoder.prefix_cache:
                 pool.remember(blocks, sequence)
             rows, free_rows = free_rows[:count], free_rows[count:]
             copies_owed += copies
             admitted.append(Admission(group, rows, sequence, blocks, len(cached) * BLOCK_SIZE))
+            if not group.resume_tokens:
+                by_prompt[tuple(sequence)] = admitted[-1]
         # Prefill in chunks of at most max_prefill_tokens (padded) new tokens, and at most 8x as
         # many positions read (prompts whose prefix is remembered compute little but read it all).
         chunk: list[Admission] = []
@@ -614,6 +632,17 @@ class BatchSampler:
             chunk.append(item)
         if chunk:
             self._prefill(chunk)
+
+    def _take_first(self, group: SampleGroup, count: int) -> SampleGroup:
+        """Take the first queued group off the queue, or its first `count` samples when not all
+        fit: those start now and the rest stay first in line (waiting for room for the whole
+        group would leave these slots idle for a whole generation). Each sample draws from its
+        own stream, so the split changes no token; the rest find the prompt's blocks remembered."""
+        self.queue.popleft()
+        if count < len(group.sample_indices):
+            self.queue.appendleft(replace(group, sample_indices=group.sample_indices[count:]))
+            group = replace(group, sample_indices=group.sample_indices[:count])
+        return group
 
     def _prefill(self, admitted: list[Admission]) -> None:
         decoder, parts = self.decoder, self.decoder.parts
@@ -632,19 +661,16 @@ class BatchSampler:
         tables: list[list[int]] = []
         copies: tuple[list[int], list[int]] = ([], [])
         temperatures, top_ps, uniforms, first_draws, ends = [], [], [], [], []
-        # Rows that read the same prompt, across requests too (a probe's rollouts sent one request
-        # each): sequence -> (rows, the full blocks all of them read)
-        same_prompt: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         for prompt_number, item in enumerate(admitted):
-            group = item.group
-            request = self.requests[group.request_index]
             full = len(item.sequence) // BLOCK_SIZE
-            for position, (row, sample_index) in enumerate(zip(item.rows, group.sample_indices)):
+            samples = item.samples()
+            for position, (group, row, sample_index) in enumerate(samples):
+                request = self.requests[group.request_index]
                 table = list(item.blocks)
                 for block in item.blocks[:full]:
                     pool.share(block)
                 if full < len(item.blocks):  # a partly filled last block
-                    if position < len(item.rows) - 1:
+                    if position < len(samples) - 1:
                         table[full] = pool.allocate()
                         copies[0].append(item.blocks[full])
                         copies[1].append(table[full])
@@ -669,14 +695,7 @@ class BatchSampler:
                 )  # fmt: skip
             pool.release(item.blocks)  # the prefill's own references
             if decoder.prefix_groups is not None:
-                group_rows, shared = same_prompt.setdefault(tuple(item.sequence), ([], item.blocks[:full]))
-                group_rows += item.rows
-                # A prompt admitted after its twin in one pass finds all but its last full block
-                # remembered: the group shares the blocks both read.
-                common = next((i for i, (a, b) in enumerate(zip(shared, item.blocks)) if a != b), len(shared))
-                del shared[common:]
-        for group_rows, shared in same_prompt.values():
-            decoder.prefix_groups.add(group_rows, shared)
+                decoder.prefix_groups.add([row for _, row, _ in samples], item.blocks[:full])
         decoder.cache.copy_blocks(*copies)
 
         row_index = on_device(rows, device)
