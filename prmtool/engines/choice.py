@@ -167,12 +167,12 @@ def choose_engine(
 def stage_rate(stage: str | None, billions: float) -> Measurement | None:
     """The measurement of this stage's own rate at the nearest size within a factor of two of
     the model's, or None (then the engines' tokens/s decide)."""
-    within = [
-        m
-        for m in STAGE_MEASURED.get(stage or "", [])
-        if abs(math.log(m.parameters / max(billions, 1e-3))) <= math.log(2)
-    ]
-    return min(within, key=lambda m: abs(math.log(m.parameters / billions)), default=None)
+
+    def distance(m: Measurement) -> float:
+        return abs(math.log(m.parameters / max(billions, 1e-3)))
+
+    within = [m for m in STAGE_MEASURED.get(stage or "", []) if distance(m) <= math.log(2)]
+    return min(within, key=distance, default=None)
 
 
 def hf_over_vllm(billions: float, prompt_tokens: int) -> tuple[float, str]:

@@ -576,7 +576,9 @@ class BatchSampler:
             group = self.queue[0]
             sequence = self.requests[group.request_index].prompt_ids + group.resume_tokens
             count = min(len(group.sample_indices), len(free_rows))
-            twin_of = by_prompt.get(tuple(sequence)) if not group.resume_tokens else None
+            # a resumed sample's sequence holds its own tokens: it is nobody's twin
+            prompt_key = None if group.resume_tokens else tuple(sequence)
+            twin_of = by_prompt.get(prompt_key) if prompt_key is not None else None
             if twin_of is not None:
                 # Its prompt is being prefilled already: its samples fork from that prefill, each
                 # copying the partly filled last block, each with a block to grow into.
@@ -617,8 +619,8 @@ class BatchSampler:
             rows, free_rows = free_rows[:count], free_rows[count:]
             copies_owed += copies
             admitted.append(Admission(group, rows, sequence, blocks, len(cached) * BLOCK_SIZE))
-            if not group.resume_tokens:
-                by_prompt[tuple(sequence)] = admitted[-1]
+            if prompt_key is not None:
+                by_prompt[prompt_key] = admitted[-1]
         # Prefill in chunks of at most max_prefill_tokens (padded) new tokens, and at most 8x as
         # many positions read (prompts whose prefix is remembered compute little but read it all).
         chunk: list[Admission] = []
