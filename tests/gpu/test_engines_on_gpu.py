@@ -287,6 +287,23 @@ def test_hf_engine_reuses_its_decoder_and_graphs_for_shorter_requests(models):
     assert [c.token_ids for c in on_it] == [c.token_ids for c in alone]
 
 
+def test_hf_decoder_captures_a_graph_for_every_row_count_when_it_is_built(models):
+    """As vLLM captures its batch sizes at start: 20 samples that end together run at one row
+    count only, yet every count the decoder can run at has its graph, and a second call of the
+    same shape captures nothing."""
+    import prmtool as api
+    from prmtool.engines import SamplingRequest
+
+    with api.load_engine("hf", str(models["policy"]), device="cuda") as engine:
+        prompt = engine.chat_prompt_ids("What is 2 + 3?")
+        engine.sample([SamplingRequest(prompt, n=20, max_tokens=8, temperature=1.0, seed=0)])
+        decoder, setup = engine.decoder, engine.setup_seconds()
+        assert decoder.num_slots == 32 and decoder.row_counts == [8, 16, 32]
+        assert sorted(decoder.graphs) == [(rows, decoder.max_len) for rows in decoder.row_counts]
+        engine.sample([SamplingRequest(prompt, n=20, max_tokens=8, temperature=1.0, seed=1)])
+        assert engine.decoder is decoder and engine.setup_seconds() == setup
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_the_quickstart_recipe_runs_with_either_engine(engine, models, tmp_path):
     """`prmtool run --engine vllm`: one model instance serves every stage of the recipe."""

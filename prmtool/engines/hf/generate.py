@@ -22,9 +22,9 @@ How one `HFEngine.sample` call runs:
   blocks; elsewhere the blocks are gathered for torch's attention. A finished slot (EOS, stop string,
   max_tokens) frees its blocks and is refilled while the others keep decoding; when blocks
   run out, the samples admitted last are preempted and later recomputed (vLLM's policy).
-* On CUDA the decode step is captured as a CUDA graph (one per count of rows it runs) and
-  replayed: buffers and block tables never move, which removes the per-step Python and
-  kernel-launch overhead of the transformers forward.
+* On CUDA the decode step is captured as a CUDA graph (one per count of rows it runs, all of
+  them when the decoder is built) and replayed: buffers and block tables never move, which
+  removes the per-step Python and kernel-launch overhead of the transformers forward.
 * The host never waits for the step it just queued: it reads step t-1's tokens (finishing
   samples, refilling slots, giving rows their next block a step early) while the device
   computes step t.
@@ -272,7 +272,12 @@ class PagedDecoder:
         self.setup_seconds = 0.0  # building these buffers and capturing graphs, so far
         self.wanted_blocks = num_blocks  # the blocks asked for, before memory capped them (set by the engine)
         if self.use_cuda_graph:
-            self._capture_graph(num_slots, max_len)  # the largest first: the pool is sized once
+            # Every row count's graph now, the largest first (the graphs' memory pool is sized
+            # once), as vLLM captures its batch sizes when it starts: a run never stops decoding
+            # to capture one. Without the kernel, attention's width varies too: those graphs
+            # are captured as steps first need them.
+            for rows in reversed(self.row_counts if self.use_kernel else [num_slots]):
+                self._capture_graph(rows, max_len)
         self.setup_seconds = time.perf_counter() - started
 
     def row_buffers(self) -> tuple[torch.Tensor, ...]:
