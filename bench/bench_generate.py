@@ -77,9 +77,9 @@ requests timed:
     rollout  512 x 768 x n=4, new 64..768        (label's rollouts from GSM8K-length prefixes)
     long     64 x 1536 x n=8, new 256..2048      (long step prefixes)
 
-The latest measurements close this docstring (2026-12-07: hf 1.15x bare vLLM on the short
-shape, 1.05x on rollout, 0.98x on long, 2.37x at 0.5B); the tables before them record what each
-change to the engine did, in order.
+The latest measurements close this docstring (2026-12-07, one H200, side by side in one
+invocation: hf 1.21x bare vLLM on the short shape, 1.18x on rollout, 1.07x on long, 8.02x at
+0.5B); the tables before them record what each change to the engine did, in order.
 
 Before the paged KV cache, on one H100 (hf slots in brackets, each slot then reserving KV for
 the longest request and each sample a copy of its prompt's):
@@ -233,6 +233,31 @@ same with steps of 64, then the rollout shape:
 Against bare vLLM's tokens/s from the first lease (not side by side): long 0.98x (steady 1.04x),
 rollout 1.05x (1.08x). The variant that was `hf-sampling-kernel` is now `hf`;
 `hf-torch-sampler` samples with torch.
+
+A timed pass still captured graphs its warm-up had not (the long shape's 2.3 s above): its
+requests drain through other row counts (replayed on the tiny CPU model, the short shape's
+timed pass ran steps at 8 rows, which its warm-up never reached). A decoder now captures the
+graph of every row count it can run at when it is built, as vLLM captures its batch sizes when
+it starts (8 to 12 graphs; the first warm-up pays for them). Side by side in one invocation on
+one H200 (the device lent an H200 that day), 2026-12-07, `--arch 7b --shape short,rollout,long`
+then `--arch 0.5b --shape short`, both `--engines hf,vllm` (vLLM 0.26.0 with
+`gpu_memory_utilization` 0.88, each engine in its own process, the random-weight model saved
+once for both):
+
+  | arch | shape   | hf tok/s (slots) | setup s | hf GiB | bare vLLM tok/s | vLLM GiB | hf / vLLM |
+  |------|---------|-----------------:|--------:|-------:|----------------:|---------:|----------:|
+  | 0.5B | short   |   163,665 (1024) |     0.0 |   11.5 |          20,402 |    127.6 |     8.02x |
+  | 7B   | short   |    30,287 (1024) |     0.0 |   54.4 |          25,109 |    129.0 |     1.21x |
+  | 7B   | rollout |    20,905 (1024) |     0.0 |  103.5 |          17,662 |    129.0 |     1.18x |
+  | 7B   | long    |    17,802  (512) |     0.0 |  116.7 |          16,682 |    129.0 |     1.07x |
+
+No timed pass captured a graph (setup 0.0 s); no preemption (at 7B, peaks of 18,696, 40,800
+and 24,752 blocks of 40,961, 98,305 and 114,689); nothing ran out of memory. The hf engine's
+pool takes 90% of the free memory, capped by what the call's samples could fill, hence its
+larger peaks on this card. Bare vLLM at 0.5B spreads the most from lease to lease (20,415,
+28,198-34,221 and now 20,402 tokens/s; why was not measured): against the fastest, 34,221, the
+hf engine's 163,665 is still 4.8x. The 7B shapes were last side by side on an H100 before the
+sampling kernel, steps of 128 rows and graphs captured at build (0.93x to 1.15x, above).
 """
 
 from __future__ import annotations

@@ -66,19 +66,25 @@ def test_on_cuda_small_models_and_short_prompts_take_hf(model_folder):
         assert choose_engine(small, device="cuda", prompt_tokens=prompt_tokens, has_vllm=True).engine == "hf"
     # 7B with short prompts and with a GSM8K rollout's: the paged hf engine measured faster
     seven_b = model_folder(QWEN25_7B)
-    for prompt_tokens, ratio in ((128, "1.15x"), (640, "1.05x")):
+    for prompt_tokens, ratio in ((128, "1.21x"), (640, "1.18x")):
         short = choose_engine(seven_b, device="cuda", prompt_tokens=prompt_tokens, has_vllm=True)
         assert short.engine == "hf" and ratio in short.reason
 
 
-def test_on_cuda_7b_with_long_prompts_a_tie_takes_hf_and_says_why(model_folder):
-    """Measured at 0.98x, within what prmtool's vllm engine loses to bare vLLM: hf, which needs
-    no extra install."""
+def test_on_cuda_7b_with_long_prompts_takes_hf_and_says_why(model_folder):
     choice = choose_engine(model_folder(QWEN25_7B), device="cuda", prompt_tokens=1152, has_vllm=True)
     assert choice.line() == (
         "engine: hf (--engine auto: 7.6B parameters, prompts of about 1,152 tokens on cuda: the hf engine "
-        "measured at 0.98x vLLM's tokens/s at 7.6B with 1536-token prompts)"
+        "measured at 1.07x vLLM's tokens/s at 7.6B with 1536-token prompts)"
     )
+
+
+def test_a_measured_tie_takes_hf_which_needs_no_extra_install(model_folder, monkeypatch):
+    """0.98x is within what prmtool's vllm engine loses to bare vLLM: not worth switching for."""
+    table = [m for m in engine_choice.MEASURED if m.prompt_tokens < 1536]
+    monkeypatch.setattr(engine_choice, "MEASURED", [*table, Measurement(7.6, 1536, 0.98, "an earlier lease")])
+    choice = choose_engine(model_folder(QWEN25_7B), device="cuda", prompt_tokens=1152, has_vllm=True)
+    assert choice.engine == "hf" and "0.98x" in choice.reason
 
 
 @pytest.fixture

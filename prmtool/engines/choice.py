@@ -8,7 +8,7 @@ attention), vLLM is the only choice.
 
     choose_engine("./Qwen2.5-7B-Instruct", device="cuda", prompt_tokens=1152)
     # Choice(engine='hf', reason='7.6B parameters, prompts of about 1,152 tokens on cuda: the hf
-    #   engine measured at 0.98x vLLM's tokens/s at 7.6B with 1536-token prompts')
+    #   engine measured at 1.07x vLLM's tokens/s at 7.6B with 1536-token prompts')
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ class Measurement:
     source: str  # where it was measured
 
 
-# Random-weight Qwen2.5 models, bf16, one H100 80GB, each engine in its own process on the same
-# requests (bench/bench_generate.py --shape), 2026-12-07. The 0.5B and 7B short rows are one
-# lease, side by side; the 7B rollout and long rows are the hf engine as it is now (row counts
-# in steps of 128, the sampling kernel) from a second lease that day, against bare vLLM's
-# tokens/s from the first (same kind of card). Changes to either engine move these: rerun the
-# benchmark and replace the rows.
+# Random-weight Qwen2.5 models, bf16, each engine in its own process on the same requests
+# (bench/bench_generate.py --shape), side by side in one invocation per architecture, one H200,
+# 2026-12-07 (on one H100 earlier that day, before graphs captured at build, steps of 128 rows and
+# the sampling kernel: 2.37x, 1.15x, 0.97x and 0.93x). Changes to either engine move these:
+# rerun the benchmark and replace the rows.
 MEASURED = [
-    Measurement(0.5, 128, 2.37, "bench_generate --arch 0.5b --shape short, H100: 81,251 / 34,221 tok/s"),
-    Measurement(7.6, 128, 1.15, "bench_generate --arch 7b --shape short, H100: 25,649 / 22,309 tok/s"),
-    Measurement(7.6, 768, 1.05, "bench_generate --arch 7b --shape rollout, H100: 19,586 / 18,673 tok/s"),
-    Measurement(7.6, 1536, 0.98, "bench_generate --arch 7b --shape long, H100: 15,195 / 15,533 tok/s"),
+    Measurement(0.5, 128, 8.02, "bench_generate --arch 0.5b --shape short, H200: 163,665 / 20,402 tok/s"),
+    Measurement(7.6, 128, 1.21, "bench_generate --arch 7b --shape short, H200: 30,287 / 25,109 tok/s"),
+    Measurement(7.6, 768, 1.18, "bench_generate --arch 7b --shape rollout, H200: 20,905 / 17,662 tok/s"),
+    Measurement(7.6, 1536, 1.07, "bench_generate --arch 7b --shape long, H200: 17,802 / 16,682 tok/s"),
 ]
 # A stage's own rate on each of prmtool's engines, where it is not the engine's tokens/s: at 7B
 # from long step prefixes label's rate rests on how each engine serves its searches' many
