@@ -1011,6 +1011,8 @@ def long_prefixes(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        hf_engine = getattr(engine.inner, "stats_from", None) or engine.inner  # the bare replays' too
+        setup_before = setup_of(hf_engine)
         started = time.perf_counter()
         first_error = run(rows)
         seconds = time.perf_counter() - started
@@ -1027,6 +1029,7 @@ def long_prefixes(args) -> None:
               f"label's work between them {seconds - sum(calls):.1f} s", flush=True)  # fmt: skip
         if engine.engine_stats:  # where the hf engine's time went: steps, prefills, recomputed samples
             print("    hf engine: " + ", ".join(f"{name} {value:,}" for name, value in engine.engine_stats.items()))
+        print_setup(hf_engine, setup_before)
         if method.startswith("(a)") and "speculative_rollouts" in label_counts:
             print(f"    speculation: {label_counts['speculative_rollouts']:,} rollouts sampled ahead, "
                   f"{label_counts['speculative_rollouts_unused']:,} never asked for "

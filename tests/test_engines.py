@@ -146,9 +146,10 @@ def test_a_request_whose_samples_do_not_all_fit_starts_those_that_do(tiny_engine
     assert results == [engine.sample([request])[0] for request in requests]
 
 
-def test_calls_reuse_the_decoder_while_its_slots_match_and_its_rows_are_long_enough(tiny_engine):
-    # A new decoder means a new cache and new CUDA graphs; label's rounds differ mostly in
-    # their prompts' lengths, so a decoder sized for longer rows serves the shorter ones.
+def test_calls_reuse_the_decoder_while_it_has_the_slots_and_its_rows_are_long_enough(tiny_engine):
+    # A new decoder means a new cache and new CUDA graphs; label's rounds differ in their
+    # prompts' lengths and in how many searches are left, so a decoder sized for more samples
+    # and longer rows serves the fewer and shorter ones (a step computes only the busy rows).
     engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, max_batch_size=8)
     short = tiny_engine.chat_prompt_ids("What is 2 + 3?")
     long = tiny_engine.chat_prompt_ids("Add these numbers: " + " + ".join(map(str, range(60))))
@@ -157,18 +158,25 @@ def test_calls_reuse_the_decoder_while_its_slots_match_and_its_rows_are_long_eno
     def sample(prompt, n=8, seed=0):
         return engine.sample([SamplingRequest(prompt, n=n, max_tokens=8, seed=seed)])
 
-    sample(long)
+    sample(short, n=2)
+    assert engine.decoder.num_slots == 2
+    sample(long)  # more samples than slots: a larger decoder
     first = engine.decoder
+    assert first.num_slots == 8 and engine.decoders_built == 2
     shorter_on_it = sample(short, seed=1)
-    assert engine.decoder is first and engine.decoders_built == 1
+    assert engine.decoder is first and engine.decoders_built == 2
     # ... and samples what a decoder sized for the short request samples
     fresh = HFEngine(tiny_engine.model, tiny_engine.tokenizer, max_batch_size=8)
     assert shorter_on_it == fresh.sample([SamplingRequest(short, n=8, max_tokens=8, seed=1)])
     assert fresh.decoder.max_len < first.max_len
     sample(longer)  # rows too short for it: a longer decoder
-    assert engine.decoder is not first and engine.decoders_built == 2
-    sample(short, n=2)  # fewer slots: every slot costs each decode step, so a smaller pool
-    assert engine.decoder.num_slots == 2 and engine.decoders_built == 3
+    second = engine.decoder
+    assert second is not first and engine.decoders_built == 3
+    fewer = sample(short, n=2, seed=2)  # fewer samples: the same decoder, its first rows busy
+    assert engine.decoder is second and engine.decoders_built == 3
+    alone = HFEngine(tiny_engine.model, tiny_engine.tokenizer, max_batch_size=8)
+    assert fewer == alone.sample([SamplingRequest(short, n=2, max_tokens=8, seed=2)])
+    assert alone.decoder.num_slots == 2
     assert engine.setup_seconds() > 0
 
 

@@ -344,14 +344,15 @@ class HFEngine(Engine):
     def _decoder_for(self, total_samples: int, max_len: int, max_tokens: int) -> PagedDecoder:
         # Pool sizes are powers of two and lengths multiples of CACHE_LENGTH_STEP, so repeated
         # calls of a stage find the decoder (and its captured graphs) of the previous call.
-        # A decoder with as many slots and longer rows serves shorter requests at no cost per
-        # step (attention reads only the positions its active rows fill), and saves a new
-        # cache and new graphs: label's rounds differ mostly in their prompts' lengths.
+        # A decoder with more slots and longer rows serves fewer samples and shorter requests
+        # at no cost per step (a step computes only the rows up to the highest busy one, and
+        # attention reads only the positions they fill), and saves a new cache and new graphs:
+        # label's rounds differ in their prompts' lengths and in how many searches are left.
         wanted_slots = min(self.max_batch_size, 1 << (total_samples - 1).bit_length())
         old = self.decoder
         if (
             old is not None
-            and self.decoder_wanted_slots == wanted_slots
+            and self.decoder_wanted_slots >= wanted_slots
             and old.max_len >= max_len
             and old.max_tokens >= max_tokens
         ):
