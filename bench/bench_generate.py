@@ -667,14 +667,18 @@ def side_by_side(args) -> None:
         # The worker touches CUDA before vLLM starts its engine process: forking then fails
         # ("Cannot re-initialize CUDA in forked subprocess", seen on an H100), so vLLM spawns.
         environment = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-        finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
-        print("\n".join(line for line in finished.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
-        for line in finished.stdout.splitlines():
-            if line.startswith("RESULT "):
+        # Lines as they come: a run cut short (a lent GPU taken back) still shows each shape done.
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment) as worker:
+            for line in worker.stdout:
+                if not line.startswith("RESULT "):
+                    print(line, end="", flush=True)
+                    continue
                 row = json.loads(line[len("RESULT ") :])
                 rows[engine, row["shape"]] = row
-        if finished.returncode != 0:
-            print(f"  {engine}: failed (exit {finished.returncode})", flush=True)
+                print(f"  {engine}, {row['shape']}: {row['tokens_per_second']:,.0f} tokens/s, {row['slots']} slots, "
+                      f"{row['peak_gib']:.1f} GiB, {row['seconds']:.1f} s", flush=True)  # fmt: skip
+        if worker.returncode != 0:
+            print(f"  {engine}: failed (exit {worker.returncode})", flush=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\n{args.arch} architecture, bf16, {gpu}")
     print(f"{'shape':<9}{'requests':<30}{'engine':<19}{'tokens/s':>10}{'slots':>7}{'peak GiB':>10}{'seconds':>9}"
