@@ -167,7 +167,6 @@ class HFEngine(Engine):
         )
         self.sliding_window = sliding_window_of(config)
         self.decoder: PagedDecoder | None = None  # kept between calls to reuse buffers and the graph
-        self.decoder_wanted_slots = 0  # the slots asked of the decoder (memory may have given fewer)
         self.decoders_built = 0
         self.retired_setup_seconds = 0.0  # setup_seconds of the decoders already replaced
         self.last_stats = GenerationStats()
@@ -352,7 +351,7 @@ class HFEngine(Engine):
         old = self.decoder
         if (
             old is not None
-            and self.decoder_wanted_slots >= wanted_slots
+            and old.num_slots >= wanted_slots
             and old.max_len >= max_len
             and old.max_tokens >= max_tokens
         ):
@@ -385,7 +384,6 @@ class HFEngine(Engine):
             sampling_kernel=self.sampling_kernel,
         )
         self.decoder.wanted_blocks = wanted
-        self.decoder_wanted_slots = wanted_slots
         self.decoders_built += 1
         return self.decoder
 
