@@ -363,6 +363,19 @@ b,c --mc-responses 64`, the lease's time being short; (a) on prmtool's vllm engi
   CPU replay above: 1,808 prefilled prompts -> 226, 18,712 prefill tokens -> 5,573); not yet
   measured on a GPU (that lease's device time was spent). lockstep+speculation and
   continuous+speculation on the hf engine were stopped unmeasured to leave time for the vLLM runs.
+  Where that run's prefill time went, replayed on the CPU at the GPU run's lengths (2026-12-07,
+  eighteenth session; no GPU was lent): `long --quick --engine hf --responses 64 --max-tokens 1024
+  --eos-every 300 --response-words 1000,3000 --modes continuous --methods a` (the tiny model: the
+  engine's counts, not its time). Before twins (0a55074's parent) the continuous run's 267
+  prefill passes computed 397,227 positions for 95,680 prompt tokens: a pass is right-padded to
+  its longest uncached prompt, and a probe's single-rollout requests, each a prompt of its own,
+  sat beside a new response's whole prompt, so 4.2 positions were computed for each token (and
+  1.67M cached positions read). With twins: 159 passes, 84,229 positions for 82,254 tokens
+  (138,496 cached read), and the same 3,662 decode steps. The GPU run's 524 passes would then have
+  computed about 1.6M positions, tens of seconds at 7B, which is about what its 61.7 ms a step
+  has beyond a decode step's cost; the next GPU run says whether the hf engine now keeps up.
+  `continuous+speculation` on the same replay: 2,066 decode steps (of 270 rows on average, 115
+  without speculation) and 465,150 tokens sampled where continuous alone sampled 311,573.
 
 judge: `label --method judge` (one engine call for every row: the critic's prompt is the problem
 and the numbered steps) on ProcessBench's GSM8K sample repeated to --responses rows. Measured
@@ -948,7 +961,8 @@ def long_prefixes(args) -> None:
                        "--workers", str(args.workers), "--mc-responses", str(args.mc_responses),
                        "--p-good", str(args.p_good), "--p-bad", str(args.p_bad),
                        "--eos-every", str(args.eos_every), "--modes", args.modes,
-                       "--methods", args.methods]  # fmt: skip
+                       "--methods", args.methods,
+                       "--response-words", ",".join(map(str, args.response_words))]  # fmt: skip
             command += ["--quick"] if args.quick else []
             print(f"$ {' '.join(command)}", flush=True)
             # The worker builds the model on the GPU before vLLM starts its engine process, which
@@ -995,9 +1009,8 @@ def long_prefixes(args) -> None:
     ignore_eos = args.eos_every == 0
     if not ignore_eos:  # the generation config's EOS ids: both engines stop at them (vLLM reads the saved folder's)
         model.generation_config.eos_token_id = list(range(args.eos_every - 1, vocab - 1, args.eos_every))
-    frame = wrong_responses(args.responses, 8, 16, response_words=(1000, 3000) if not args.quick else (40, 120))
-    warmup = wrong_responses(max(4, args.responses // 16), 8, 16, seed=1,
-                             response_words=(1000, 3000) if not args.quick else (40, 120))  # fmt: skip
+    frame = wrong_responses(args.responses, 8, 16, response_words=args.response_words)
+    warmup = wrong_responses(max(4, args.responses // 16), 8, 16, seed=1, response_words=args.response_words)
     settings = RolloutSettings(max_tokens=args.max_tokens, temperature=1.0, workers=args.workers)
     verify_responses(["\\boxed{1}"] * 4, ["1"] * 4, workers=args.workers)
 
@@ -1061,10 +1074,12 @@ def long_prefixes(args) -> None:
         cold_start = engine.inner.reset_prefix_cache
         for name in chosen_modes(args.modes):
             timed(f"(a) prmtool label --method binary, hf engine, {name}", engine, label(engine, name))
-        if args.quick:  # no vLLM on the CPU: (b) and (c) drive the hf engine's own sample, for the smoke run
-            bare = answered(BareEngine(tokenizer, engine.inner.sample, stats_from=engine.inner))
+        # no vLLM on the CPU: (b) and (c) drive the hf engine's own sample, for the smoke run
+        bare = answered(BareEngine(tokenizer, engine.inner.sample, stats_from=engine.inner))
+        if args.quick and "b" in args.methods:
             timed("(b) naive binary search, one sample() per round (hf, smoke)", bare,
                   lambda rows: naive_binary_search(rows, bare, args.k, settings))  # fmt: skip
+        if args.quick and "c" in args.methods:
             timed("(c) per-step MC, one sample() (hf, smoke)", bare,
                   lambda rows: per_step_mc(rows, bare, args.k, settings), frame.head(args.mc_responses))  # fmt: skip
         return
@@ -1352,6 +1367,12 @@ def main() -> None:
         help="long: a JSON-lines file each run's rows are added to; the table covers every row in it (run the "
         "hf and vllm engines in two invocations, the same settings, and the agreement with (c) still prints)",
     )
+    parser.add_argument(
+        "--response-words",
+        default=None,
+        help="long: the fewest and most words (tokens) of a response, FEWEST,MOST (default 1000,3000; --quick: "
+        "40,120; --quick with 1000,3000 replays the GPU run's lengths on the CPU, for the engine's counts)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # long: the one engine this process runs
     parser.add_argument(
         "--modes",
@@ -1367,8 +1388,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help="fidelity: label methods, a comma list (default binary,mc); long: which of a,b,c the vllm engine's "
-        "process runs (default all three)",
+        help="fidelity: label methods, a comma list (default binary,mc); long: which of a,b,c run (default all "
+        "three): the vllm engine's process runs those, the hf engine's (a), and (b) and (c) on itself under --quick",
     )
     parser.add_argument("--confidence", type=float, default=0.9, help="fidelity: the drop rule's --confidence")
     parser.add_argument("--max-k", type=int, default=None, help="fidelity: the drop rule's --max-k (default 4k)")
@@ -1400,6 +1421,14 @@ def main() -> None:
         args.engine = args.engine or ("hf" if args.quick else "hf,vllm")
         args.modes = args.modes or "lockstep+speculation"
         args.methods = args.methods or "a,b,c"
+        words = args.response_words or ("40,120" if args.quick else "1000,3000")
+        try:
+            fewest, most = (int(word) for word in words.split(","))
+        except ValueError:
+            raise SystemExit(f"--response-words {words!r}: expected FEWEST,MOST, two whole numbers") from None
+        if not 0 < fewest <= most:
+            raise SystemExit(f"--response-words {words!r}: expected 0 < FEWEST <= MOST")
+        args.response_words = (fewest, most)
         long_prefixes(args)
     else:
         args.responses = args.responses or 512

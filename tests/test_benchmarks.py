@@ -96,13 +96,18 @@ def test_bench_label_long_labels_with_each_method_and_reports_rates_and_agreemen
     # every 20th id ends a rollout: most end well before --max-tokens
     tokens_per_rollout = float(rows[2][3].replace(",", "")) / naive
     assert tokens_per_rollout < 40
-    # A second invocation (another engine, another lease) adds its rows to the same table.
+    # A second invocation (another engine, another lease) adds its rows to the same table; this
+    # one runs (a) alone, on longer responses, and shows where the engine's prefill work went.
     again = run_bench(
         "bench/bench_label.py", "long", "--quick", "--responses", "6", "--mc-responses", "3", "--max-tokens", "64",
-        "--eos-every", "20", "--modes", "continuous", "--workers", "1", "--results", str(tmp_path / "long.jsonl"),
+        "--eos-every", "20", "--modes", "continuous", "--methods", "a", "--response-words", "150,200",
+        "--workers", "1", "--results", str(tmp_path / "long.jsonl"),
     )  # fmt: skip
     methods = [row[0] for row in re.findall(table_row, again, flags=re.MULTILINE)]
-    assert len(methods) == 7 and methods[:4] == [m for m, *_ in rows] and methods[4].endswith("continuous")
+    assert len(methods) == 5 and methods[:4] == [m for m, *_ in rows] and methods[4].endswith("continuous")
+    computed = re.search(r"prefill_tokens ([\d,]+), prefill_padded_tokens ([\d,]+)", again)
+    real, padded = (int(number.replace(",", "")) for number in computed.groups())
+    assert 6 * 150 // 2 <= real <= padded  # each search's first probe computes about half its response
 
 
 def test_bench_label_schedule_counts_the_waves_of_each_mode_on_label_itself():

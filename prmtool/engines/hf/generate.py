@@ -84,6 +84,7 @@ class GenerationStats:
     cache_length: int = 0
     cuda_graph: bool = False
     prefill_tokens: int = 0  # prompt tokens computed by prefills
+    prefill_padded_tokens: int = 0  # positions those passes computed, padding included
     cached_prompt_tokens: int = 0  # prompt tokens whose keys and values were reused instead
     preemptions: int = 0  # samples whose blocks were taken back mid-decode (recomputed later)
     kv_blocks: int = 0  # blocks of BLOCK_SIZE positions in the KV cache
@@ -658,6 +659,7 @@ class BatchSampler:
         self.stats.prefill_forwards += 1
         self.stats.prefilled_prompts += len(admitted)
         self.stats.prefill_tokens += sum(len(a.sequence) - a.cached for a in admitted)
+        self.stats.prefill_padded_tokens += len(admitted) * max(len(a.sequence) - a.cached for a in admitted)
         self.stats.cached_prompt_tokens += sum(a.cached for a in admitted)
 
         # Fork: every sample reads the full blocks of its prompt; each but the last gets its
