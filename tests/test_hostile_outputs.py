@@ -194,6 +194,27 @@ def test_overwrite_leaves_another_runs_subfolder_intact(prmtool, imported, verif
     assert prmtool("stats", work / "verified").exit_code == 0
 
 
+def test_export_never_writes_into_a_split_folder_that_is_another_runs_output(prmtool, imported, verified, tmp_path):
+    """OUTPUT/train of an export is where a verify run wrote (its own -o): its shards carry
+    prmtool's provenance, but they are that run's, on a resume or with --overwrite."""
+    work = tmp_path / "W"
+    export = ["export", verified, "-o", work, "--format", "sft-messages"]
+    assert prmtool(*export, "-q").exit_code == 0
+    # the export as if killed after its journal: the journal its run wrote first, no shards yet
+    record = shards.read_manifest(work)
+    journal = {key: record[key] for key in ("stage", "arguments", "inputs")}
+    journal.update(partitions=1, files=[entry["file"] for entry in record["outputs"]])
+    shards.write_json_atomic(journal, work / shards.JOURNAL)
+    (work / shards.MANIFEST).unlink()
+    shutil.rmtree(work / "train")
+    assert prmtool("verify", imported, "-o", work / "train", "--workers", "1", "-q").exit_code == 0
+    kept = snapshot(work / "train")
+    one_line_error(prmtool(*export), str(work / "train"), "another run's output")
+    one_line_error(prmtool(*export, "--overwrite"), str(work / "train"), "another run's output")
+    assert snapshot(work / "train") == kept
+    assert prmtool("stats", work / "train").exit_code == 0
+
+
 def test_overwrite_removes_every_file_the_previous_run_listed(prmtool, tmp_path):
     out = tmp_path / "out"
     assert prmtool("import", RESPONSES_JSONL, "-o", out, "--shard-rows", "5", "-q").exit_code == 0
@@ -329,6 +350,27 @@ def test_plot_refuses_a_link_or_fifo_where_a_plot_goes(prmtool, verified, tmp_pa
     os.mkfifo(plots / "filter_reasons.png")
     one_line_error(prmtool("stats", verified, "--plot", plots), "filter_reasons.png", "FIFO")
     assert kind_of(plots / "filter_reasons.png") == "fifo"
+
+
+@pytest.mark.parametrize("lock", [outputs.LOCK, f"{outputs.LOCK}-run"])
+def test_a_lock_file_that_is_a_link_or_a_device_is_refused_never_written_through(prmtool, imported, tmp_path, lock):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / lock).symlink_to(notes)
+    if lock == outputs.LOCK:
+        one_line_error(prmtool("verify", imported, "-o", out, "--workers", "1"), str(out / lock), "symbolic link")
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"workdir: {out}\ninput: {imported}\nstages:\n  - stage: verify\n    workers: 1\n")
+        one_line_error(prmtool("run", recipe), str(out / lock), "symbolic link")
+    assert notes.read_text() == "my precious notes" and (out / lock).is_symlink()
+    (out / lock).unlink()
+    os.mkfifo(out / lock)
+    one_line_error(prmtool("verify", imported, "-o", out, "--workers", "1") if lock == outputs.LOCK
+                   else prmtool("run", tmp_path / "r.yaml"), str(out / lock), "not a regular file")  # fmt: skip
+    assert kind_of(out / lock) == "fifo"
 
 
 def test_a_stale_temporary_of_the_same_name_is_never_opened(tmp_path):

@@ -16,6 +16,7 @@ but a regular file is refused, never replaced.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -220,6 +221,22 @@ def output_lock(directories: Iterable[Path], key: str, slot: str | None = None) 
                 os.close(descriptor)  # closing releases the flock
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) a lock file: never through a symlink, never anything but a regular file
+    (a lock file is truncated and written: someone's link there must not lead elsewhere)."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise InputError(f"{path}: is not a regular file (prmtool's lock file): move it away")
+    return descriptor
+
+
+def _lock_file_error(path: Path, exc: OSError) -> InputError:
+    if exc.errno == errno.ELOOP:
+        return InputError(f"{path}: is a symbolic link, not prmtool's lock file: move it away")
+    return InputError(f"{path.parent}: cannot write the output directory ({exc.strerror})")
+
+
 def _is_lock(name: str) -> bool:
     return name == LOCK or name.startswith(f"{LOCK}-")
 
@@ -242,7 +259,10 @@ def _remove_if_unused(directory: Path, descriptor: int) -> None:
 
 
 def _lock_slot(directory: Path, slot: str) -> int:
-    descriptor = os.open(directory / f"{LOCK}-{slot}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        descriptor = _open_lock_file(directory / f"{LOCK}-{slot}")
+    except OSError as exc:
+        raise _lock_file_error(directory / f"{LOCK}-{slot}", exc) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -260,9 +280,9 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
     a second one fails at once, having touched nothing but the lock file."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(directory / f"{LOCK}-run", os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = _open_lock_file(directory / f"{LOCK}-run")
     except OSError as exc:
-        raise InputError(f"{directory}: cannot use the directory ({exc.strerror})") from None
+        raise _lock_file_error(directory / f"{LOCK}-run", exc) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -285,9 +305,9 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
 def _lock(directory: Path, key: str) -> int:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = _open_lock_file(directory / LOCK)
     except OSError as exc:
-        raise InputError(f"{directory}: cannot write the output directory ({exc.strerror})") from None
+        raise _lock_file_error(directory / LOCK, exc) from None
     busy = InputError(
         f"{directory}: another prmtool run, with other options or inputs, is writing here; "
         "wait for it to end or choose another output"
