@@ -293,6 +293,28 @@ def test_an_output_folder_of_other_files_is_never_replaced(prmtool, tmp_path, ti
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_overwrite_replaces_only_the_files_the_earlier_train_wrote(prmtool, tmp_path, tiny_model_dir):
+    """Beside the model: a user's notes, another run's output, a link to a folder elsewhere.
+    --overwrite replaces the model and leaves every one of them as it was."""
+    model_dir = tmp_path / "prm"
+    args = ("train", LABELED, "-o", model_dir, "--base", tiny_model_dir, "--max-steps", "1", *FAST)
+    assert prmtool(*args).exit_code == 0
+    assert {entry["file"] for entry in manifest(model_dir)["also"]} >= {"config.json", "model.safetensors"}
+    (model_dir / "notes.txt").write_text("keep me")
+    assert prmtool("verify", SAMPLES / "labeled", "-o", model_dir / "verified", "--workers", "1", "-q").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.txt").write_text("mine")
+    (model_dir / "linkdir").symlink_to(elsewhere)
+    result = prmtool(*args, "--seed", "1", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert manifest(model_dir)["arguments"]["seed"] == 1
+    assert (model_dir / "notes.txt").read_text() == "keep me" and (elsewhere / "data.txt").read_text() == "mine"
+    assert (model_dir / "linkdir").is_symlink()
+    assert prmtool("stats", model_dir / "verified").exit_code == 0
+    assert "notes.txt" not in {entry["file"] for entry in manifest(model_dir)["also"]}
+
+
 def test_a_recipe_trains_scores_and_evaluates_and_a_rerun_skips_every_stage(prmtool, tmp_path, tiny_model_dir):
     """train in `prmtool run`, as recipes/train-prm.yaml uses it: the folder it writes is the
     next stage's --prm."""

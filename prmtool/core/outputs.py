@@ -237,7 +237,7 @@ def _lock_file_error(path: Path, exc: OSError) -> InputError:
     return InputError(f"{path.parent}: cannot write the output directory ({exc.strerror})")
 
 
-def _is_lock(name: str) -> bool:
+def is_lock(name: str) -> bool:
     return name == LOCK or name.startswith(f"{LOCK}-")
 
 
@@ -250,7 +250,7 @@ def _remove_if_unused(directory: Path, descriptor: int) -> None:
         return  # another partition is still writing here
     try:
         names = [p.name for p in directory.iterdir()]
-        if all(_is_lock(name) or name.startswith(JOURNAL) for name in names):
+        if all(is_lock(name) or name.startswith(JOURNAL) for name in names):
             for name in names:
                 (directory / name).unlink()
             directory.rmdir()

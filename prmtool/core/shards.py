@@ -418,11 +418,11 @@ def write_manifest(
         "version": __version__,
         "arguments": arguments,
         "inputs": inputs,
-        "outputs": [_entry(output, name, rows) for name, rows in sorted(outputs.items())],
+        "outputs": [file_entry(output, name, rows) for name, rows in sorted(outputs.items())],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if also:
-        record["also"] = [_entry(output, name) for name in sorted(also)]
+        record["also"] = [file_entry(output, name) for name in sorted(also)]
     if beside:  # what it wrote outside `output`, which only a later run into `output` may replace
         record["beside"] = [str(path.resolve()) for path in beside]
     if partition.whole:
@@ -436,7 +436,7 @@ def write_manifest(
     (output / partition.journal_name()).unlink(missing_ok=True)
 
 
-def _entry(output: Path, name: str, rows: int | None = None) -> dict:
+def file_entry(output: Path, name: str, rows: int | None = None) -> dict:
     path = output / name
     entry = {"file": name, "size": path.stat().st_size, "xxh3": content_digest(path)}
     return entry if rows is None else {**entry, "rows": rows}
@@ -482,7 +482,7 @@ def _records(output: Path) -> list[tuple[Path, dict]]:
     return [(path, record) for path in paths if (record := read_manifest(output, path.name)) is not None]
 
 
-def _listed(record: dict) -> list[dict]:
+def listed(record: dict) -> list[dict]:
     """The files a record says its run wrote: a manifest's entries (with size and hash), a
     journal's names."""
     entries = [e for e in [*record.get("outputs", []), *record.get("also", [])] if isinstance(e, dict)]
@@ -490,7 +490,7 @@ def _listed(record: dict) -> list[dict]:
     return [e for e in entries if isinstance(e.get("file"), str) and ".." not in Path(e["file"]).parts]
 
 
-def _still_as_written(path: Path, entry: dict) -> bool:
+def still_as_written(path: Path, entry: dict) -> bool:
     """`path` is still the file a record lists: a regular file of the listed size and hash (an
     older manifest lists rows only; a journal, names only: then prmtool's provenance must be in
     it)."""
@@ -563,8 +563,8 @@ def claim_output(
                 )
     else:
         earlier = [(path, record) for path, record in records if path.name in own or _identity_of(record) != run]
-        listed = {entry["file"]: entry for _, record in earlier for entry in _listed(record)}
-        ours = {name for name, entry in listed.items() if _still_as_written(output / name, entry)}
+        entries = {entry["file"]: entry for _, record in earlier for entry in listed(record)}
+        ours = {name for name, entry in entries.items() if still_as_written(output / name, entry)}
         for name in names:
             target = output / name
             # A prmtool shard at a name this run writes is replaced even if no record lists it
@@ -626,7 +626,7 @@ def prepare_whole_output(
         for name in sorted(journaled):  # this very command, stopped before its manifest: do it again
             _refuse_other_runs_folder(output, name)
         for name in sorted(journaled):
-            if _still_as_written(output / name, {"file": name}):
+            if still_as_written(output / name, {"file": name}):
                 (output / name).unlink()
     claim_output(output, stage, arguments, inputs, partition, names, overwrite, beside)
     return False

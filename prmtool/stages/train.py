@@ -278,10 +278,13 @@ def run(
             )
         stats.rows_out = stats.counts["responses_trained"]
 
+        found_before: set[str] = set()  # files here that this run did not write (a user's notes)
+
         def prepare_output() -> None:  # the main process, once the processes are up
             if not resume:
-                _clear(output)
+                _clear(output, engine.remove_checkpoint)
             output.mkdir(parents=True, exist_ok=True)
+            found_before.update(_files(output))
             shards.write_json_atomic(identity, output / RUN_RECORD)
 
         stats.log(
@@ -299,8 +302,11 @@ def run(
         if main_process:
             engine.remove_checkpoint(output)
             (output / RUN_RECORD).unlink(missing_ok=True)
+            # the model's files, each with its size and hash: all a later --overwrite removes
+            written = [shards.file_entry(output, name) for name in sorted(_files(output) - found_before)]
             shards.write_json_atomic(
-                {**identity, "training": result, "outputs": [], "finished": _now()}, output / shards.MANIFEST
+                {**identity, "training": result, "outputs": [], "also": written, "finished": _now()},
+                output / shards.MANIFEST,
             )
     stats.counts["optimizer_steps"] = result["steps"]
     stats.counts["tokens_trained"] = result["tokens"]
@@ -338,19 +344,29 @@ def _check_replaceable(output: Path, overwrite: bool) -> None:
         raise InputError(f"{output}: holds a model of a different run; pass --overwrite to replace it")
 
 
-def _clear(output: Path) -> None:
-    """What an earlier train run wrote here (checked by _check_replaceable)."""
-    import shutil
+def _files(output: Path) -> set[str]:
+    """The regular files under `output` (relative paths), less its lock files and records."""
+    records = NOT_OURS | {RUN_RECORD, shards.MANIFEST}
+    return {
+        str(path.relative_to(output))
+        for path in output.rglob("*")
+        if path.is_file() and not path.is_symlink() and path.name not in records and not outputs.is_lock(path.name)
+    }
 
+
+def _clear(output: Path, remove_checkpoint) -> None:
+    """Remove what an earlier train run here wrote (_check_replaceable made sure one did): the
+    files its manifest lists, still as written, its checkpoint and its records. Anything else
+    (a user's notes, another run's output, a link) stays; a model file of a run that was
+    stopped before its manifest is written over by this run's."""
     if not output.exists():
         return
-    for path in output.iterdir():
-        if path.name in NOT_OURS:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    for entry in shards.listed(shards.read_manifest(output) or {}):
+        if shards.still_as_written(output / entry["file"], entry):
+            (output / entry["file"]).unlink()
+    remove_checkpoint(output)
+    for name in (RUN_RECORD, shards.MANIFEST):
+        (output / name).unlink(missing_ok=True)
 
 
 STAGE = Stage(
