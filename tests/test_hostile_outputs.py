@@ -417,6 +417,30 @@ def test_a_recipe_whose_rejects_is_its_input_is_refused(prmtool, imported, tmp_p
     assert snapshot(imported) == before
 
 
+def test_a_rerun_never_overwrites_another_runs_output_its_changed_rejects_names(prmtool, imported, tmp_path):
+    """A recipe reruns a changed stage with --overwrite: its new rejects path, another run's
+    output, is refused (in --dry-run too), and an unchanged one is its own to replace."""
+    other = tmp_path / "other"
+    assert prmtool("verify", imported, "-o", other, "--workers", "1", "-q").exit_code == 0
+    kept = snapshot(other)
+    workdir = tmp_path / "work"
+    recipe = tmp_path / "recipe.yaml"
+    text = (
+        f"workdir: {workdir}\ninput: {imported}\nstages:\n  - stage: verify\n    workers: 1\n"
+        '  - stage: filter\n    method: accuracy-band\n    rejects: "REJECTS"\n'
+    )
+    recipe.write_text(text.replace("REJECTS", "{workdir}/rejected"))
+    assert prmtool("run", recipe, "-q").exit_code == 0
+    recipe.write_text(text.replace("REJECTS", str(other)))
+    for extra in (["--dry-run"], []):
+        result = prmtool("run", recipe, *extra)
+        assert str(other) in result.stderr and "--rejects" in result.stderr, result.stderr
+        assert result.exit_code == (0 if extra else 2)
+    assert snapshot(other) == kept
+    recipe.write_text(text.replace("REJECTS", "{workdir}/rejected").replace("accuracy-band", "none"))
+    assert prmtool("run", recipe, "-q").exit_code == 0  # its own earlier rejects: rerun, replaced
+
+
 def test_a_later_stage_may_read_an_earlier_stages_rejects(prmtool, tmp_path):
     workdir = tmp_path / "work"
     recipe = tmp_path / "recipe.yaml"

@@ -491,6 +491,8 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
         call = parse_step(recipe, step, step.argv())
         if isinstance(call, ReportCall):
             continue
+        if action == "rerun":
+            check_side_outputs_are_its_own(recipe, step, call.settings)
         for engine, model in models_of(step.stage, call.settings):
             if model is not None and any(_is_within(Path(model).resolve(), folder) for folder in made_here):
                 continue  # written by an earlier stage of this run (a trained PRM): checked when loaded
@@ -517,6 +519,24 @@ def preflight(recipe: Recipe, first: int | None, last: int) -> dict:
             except InputError as exc:
                 raise InputError(f"{recipe.path}: stage {step.label}: {exc}") from None
     return choice.agree(automatic)
+
+
+def check_side_outputs_are_its_own(recipe: Recipe, step: Step, settings) -> None:
+    """A stage reruns with --overwrite, which also replaces what is at its other output paths
+    (--rejects, --tree-output, --hf-dataset): only where its own earlier run wrote them. A path
+    changed in the recipe to one that holds something else (another run's output) is refused."""
+    old = read_record(step) or {}
+    earlier = {os.path.abspath(arg) for arg in old.get("argv", []) if isinstance(arg, str)}
+    for name, value in vars(settings).items():
+        if not isinstance(value, Path) or str(value) == "-" or not (value.exists() or value.is_symlink()):
+            continue
+        if os.path.abspath(value) not in earlier:
+            option = f"--{name.replace('_', '-')}"
+            raise InputError(
+                f"{recipe.path}: stage {step.label}: {option} {value} exists and this stage's earlier run did not "
+                "write it; the stage reruns with --overwrite, which would replace it: move it away or choose "
+                "another path"
+            )
 
 
 def _is_within(path: Path, folder: Path) -> bool:
