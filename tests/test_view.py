@@ -174,6 +174,25 @@ def test_view_refuses_to_write_over_an_input(prmtool, labelled):
     assert digests(labelled) == before
 
 
+def test_view_refuses_a_link_a_fifo_or_a_device_where_the_page_goes(prmtool, labelled, tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "target.txt"
+    target.write_text("mine")
+    link, fifo = tmp_path / "link.html", tmp_path / "fifo.html"
+    link.symlink_to(target)
+    os.mkfifo(fifo)
+    for path in (link, fifo):
+        result = prmtool("view", labelled, "-o", path)
+        assert result.exit_code == 2 and str(path) in result.stderr and "not a regular file" in result.stderr
+    assert target.read_text() == "mine" and link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    # a link planted at the name the page was once written through first
+    (tmp_path / ".out.html.tmp").symlink_to(target)
+    assert prmtool("view", labelled, "-o", tmp_path / "out.html", "-q").exit_code == 0
+    assert target.read_text() == "mine" and "<html" in (tmp_path / "out.html").read_text()
+
+
 def open_page(browser: Browser, page: Path) -> None:
     browser.goto(file_url(page))
     browser.wait_until("document.querySelectorAll('article.response').length > 0")

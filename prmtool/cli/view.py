@@ -22,7 +22,7 @@ import typer
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import Inputs, Quiet, finite
-from prmtool.core.outputs import check_outputs, input_roots
+from prmtool.core.outputs import check_outputs, check_regular_file, input_roots, replace_atomically
 from prmtool.core.report import RunStats
 
 FIRST_ERROR_COLUMNS = ("first_error", "human_first_error", "judge_first_error")
@@ -312,16 +312,12 @@ def command(
     check_outputs(input_roots(inputs, [s.path for s in found]), {"-o": output})
     if output.is_dir():
         raise InputError(f"{output}: -o is a directory; give the HTML file's path")
+    check_regular_file(output, "-o")  # before the page is built
     title = f"prmtool view: {', '.join(inputs)}"
     data = page_data(
         frame, title=title, color=color_column, compare=pair, threshold=threshold, page_size=page_size, quiet=quiet
     )
     page = render_page(data)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp")
-    try:  # a whole file under the final name, or none
-        temporary.write_text(page, encoding="utf-8")
-        temporary.replace(output)
-    finally:
-        temporary.unlink(missing_ok=True)
+    # a whole file under the final name, or none; a link, FIFO or device there is refused
+    replace_atomically(output, lambda handle: handle.write(page.encode("utf-8")), "-o")
     RunStats("view", quiet=quiet).log(f"wrote {output} ({frame.height:,} responses, {len(page.encode()) / 1e6:.1f} MB)")
