@@ -628,6 +628,8 @@ def test_label_command_with_the_embedded_model(prmtool, tmp_path):
         "binary",
     )
     assert result.exit_code == 0, result.stderr
+    # on a CPU every sampled token costs its share: no probe is sampled ahead unless asked for
+    assert "speculative" not in result.stderr
     labeled = pl.read_parquet(tmp_path / "labeled" / "part-00000.parquet")
     for steps, labels, correct, first_error, rollouts in labeled.select(
         "steps", "step_labels", "correct", "first_error", "label_rollouts"

@@ -97,6 +97,11 @@ class Engine(ABC):
         label fills slots that would idle with samples it may need next (speculative probes)."""
         return 0
 
+    def spare_slots_are_cheap(self) -> bool:
+        """Whether samples added to a call's idle slots cost little (a GPU's decode step reads
+        the weights once for every row): label's --speculate is on by default where they do."""
+        return True
+
     def sample_continuously(
         self,
         requests: list[SamplingRequest],

@@ -281,6 +281,9 @@ class HFEngine(Engine):
             slots = self.max_batch_size
         return min(slots, self.samples_memory_holds) if self.samples_memory_holds else slots
 
+    def spare_slots_are_cheap(self) -> bool:
+        return self.device.type == "cuda"  # on a CPU every row of a step costs its share
+
     def reset_prefix_cache(self) -> None:
         """Forget the prompts' blocks kept for later calls (as vLLM's `LLM.reset_prefix_cache`),
         so a benchmark's run finds none of an earlier run's prefixes."""
