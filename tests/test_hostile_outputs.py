@@ -283,6 +283,42 @@ def test_overwrite_replaces_only_a_datasets_folder_an_export_into_the_same_outpu
     assert (tmp_path / "ds" / "test").is_dir()
 
 
+def test_overwrite_never_replaces_a_datasets_folder_changed_since_its_export(prmtool, verified, tmp_path):
+    """A note added to the folder, or another export's folder put in its place: no longer what
+    the export into this output wrote, so --overwrite refuses it. A plain rerun of the complete
+    export does nothing."""
+    export = ["export", verified, "--format", "sft-messages", "--hf-dataset", tmp_path / "ds", "-q"]
+    assert prmtool(*export, "-o", tmp_path / "a").exit_code == 0
+    assert prmtool(*export, "-o", tmp_path / "a").exit_code == 0  # complete: skipped, the folder kept
+    (tmp_path / "ds" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "ds")
+    one_line_error(prmtool(*export, "-o", tmp_path / "a", "--seed", "1", "--overwrite"), str(tmp_path / "ds"))
+    assert snapshot(tmp_path / "ds") == before
+    shutil.rmtree(tmp_path / "ds")
+    other = [*export, "--holdout", "test=0.25"]
+    assert prmtool(*other, "-o", tmp_path / "b").exit_code == 0
+    before = snapshot(tmp_path / "ds")
+    one_line_error(prmtool(*export, "-o", tmp_path / "a", "--overwrite"), str(tmp_path / "ds"))
+    assert snapshot(tmp_path / "ds") == before
+
+
+def test_an_export_stopped_after_its_datasets_folder_resumes(prmtool, verified, tmp_path, monkeypatch):
+    from prmtool.stages import export as export_stage
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill between the datasets folder and the manifest
+
+    out, ds = tmp_path / "out", tmp_path / "ds"
+    argv = ["export", verified, "-o", out, "--format", "sft-messages", "--hf-dataset", ds, "-q"]
+    with monkeypatch.context() as patch:
+        patch.setattr(export_stage.shards, "write_manifest", stop)
+        assert prmtool(*argv).exit_code != 0
+    assert (ds / "dataset_dict.json").exists() and not (out / shards.MANIFEST).exists()
+    result = prmtool(*argv)
+    assert result.exit_code == 0, result.stderr
+    assert (out / shards.MANIFEST).exists() and (ds / "dataset_dict.json").exists()
+
+
 # --- 4. --json, --report, --plot: regular files only ---------------------------------------------
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import glob
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -425,6 +426,9 @@ def write_manifest(
         record["also"] = [file_entry(output, name) for name in sorted(also)]
     if beside:  # what it wrote outside `output`, which only a later run into `output` may replace
         record["beside"] = [str(path.resolve()) for path in beside]
+        digests = (read_manifest(output, partition.journal_name()) or {}).get("beside_digests")
+        if digests:
+            record["beside_digests"] = digests
     if partition.whole:
         write_json_atomic(record, output / MANIFEST)
     else:
@@ -632,9 +636,46 @@ def prepare_whole_output(
     return False
 
 
-def wrote_beside(output: Path, path: Path) -> bool:
-    """Whether a run into `output` (its manifest or journal) wrote `path` outside it."""
-    return any(str(path.resolve()) in record.get("beside", []) for _, record in _records(output))
+def folder_digest(folder: Path) -> str:
+    """A folder's contents: every entry's relative path, and a regular file's size and hash
+    (anything else, a link included, only by its kind)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file" if path.is_file() else "other"
+        detail = f"{path.stat().st_size}:{content_digest(path)}" if kind == "file" else ""
+        digest.update(f"{path.relative_to(folder)}\0{kind}\0{detail}\n".encode())
+    return digest.hexdigest()
+
+
+def record_beside(output: Path, path: Path, digest: str) -> None:
+    """Note in the run's journal the digest of what it is about to put at `path`, outside
+    `output` (the manifest carries it on)."""
+    journal_path = output / JOURNAL
+    journal = read_manifest(output, JOURNAL) or {}
+    journal.setdefault("beside_digests", {})[str(path.resolve())] = digest
+    write_json_atomic(journal, journal_path)
+
+
+def wrote_beside(output: Path, path: Path, run: tuple | None = None) -> bool:
+    """Whether a run into `output` (its manifest or journal; with `run`, (stage, arguments,
+    inputs), only that run's journal) wrote `path` outside it, and it is still as written."""
+    key, current = str(path.resolve()), None
+    for record_path, record in _records(output):
+        if key not in record.get("beside", []):
+            continue
+        if run is not None and (
+            not record_path.name.startswith(JOURNAL) or _identity_of(record)[:3] != _identity(*run, 1)[:3]
+        ):
+            continue
+        recorded = record.get("beside_digests", {}).get(key)
+        if recorded is None:  # a record from before digests were kept: its word alone
+            if run is None:
+                return True
+            continue
+        current = current or folder_digest(path)
+        if recorded == current:
+            return True
+    return False
 
 
 def _one_line(exc: Exception) -> str:

@@ -240,18 +240,6 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
     found, condition = open_checked_inputs(inputs, settings, fmt)
     shards.check_output_dir(output, found, inputs, {"--hf-dataset": settings.hf_dataset})
     shards.check_distinct_names(found)
-    hf_dataset = settings.hf_dataset
-    if hf_dataset is not None and hf_dataset.exists() and not overwrite:
-        raise InputError(f"{hf_dataset}: exists; pass --overwrite to replace it")
-    if hf_dataset is not None and hf_dataset.exists() and not (hf_dataset / "dataset_dict.json").exists():
-        raise InputError(
-            f"{hf_dataset}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those"
-        )
-    if hf_dataset is not None and hf_dataset.exists() and not shards.wrote_beside(output, hf_dataset):
-        raise InputError(
-            f"{hf_dataset}: --hf-dataset exists and no earlier export into {output} wrote it; --overwrite replaces "
-            "only what a run wrote itself: move it away or choose another --hf-dataset"
-        )
     split_of = None
     if fractions:  # from every input's problems, so that each partition splits as the whole run does
         problem_ids = pl.concat([pl.scan_parquet(s.path).select("problem_id") for s in found]).collect()["problem_id"]
@@ -269,7 +257,30 @@ def plan_export(inputs: list[str], output: Path, settings: ExportSettings, overw
         arguments["open_turn"] = True
     if settings.step_tag != MATH_SHEPHERD_TAG:
         arguments["step_tag"] = settings.step_tag
+    if settings.hf_dataset is not None:
+        check_hf_dataset(output, settings.hf_dataset, arguments, [s.describe() for s in found], overwrite)
     return ExportPlan(fmt, found, condition, split_of, arguments)
+
+
+def check_hf_dataset(output: Path, target: Path, arguments: dict, inputs: list[dict], overwrite: bool) -> None:
+    """An existing --hf-dataset folder is replaced only if an export into `output` wrote it and
+    it is still as written (a file added or changed there, or another export's folder put in
+    its place, is someone else's): by this same command resuming, or with --overwrite."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if shards.prepare_whole_output(output, "export", arguments, inputs, overwrite):
+        return  # this very export is complete: nothing is written
+    if not (target / "dataset_dict.json").exists():
+        raise InputError(f"{target}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those")
+    if shards.wrote_beside(output, target, run=("export", arguments, inputs)):
+        return  # this same command, stopped after the folder and before its manifest
+    if not shards.wrote_beside(output, target):
+        raise InputError(
+            f"{target}: --hf-dataset exists and no earlier export into {output} wrote it as it is now; --overwrite "
+            "replaces only what a run wrote itself: move it away or choose another --hf-dataset"
+        )
+    if not overwrite:
+        raise InputError(f"{target}: exists; pass --overwrite to replace it")
 
 
 def export_to_stdout(inputs: list[str], settings: ExportSettings, partition: Partition, quiet: bool) -> Summary:
@@ -494,13 +505,16 @@ def save_hf_dataset(output: Path, written: dict[str, int], target: Path, overwri
     try:
         with naming_the_path(target):  # a full disk names the folder it could not write
             dataset.save_to_disk(str(temporary))
+        # the journal holds the folder's digest before it takes its place: a rerun of this
+        # command finds it as this run wrote it, and replaces it
+        shards.record_beside(output, target, shards.folder_digest(temporary))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)  # a full disk leaves no half-written folder
         raise
     finally:
         if quiet and bars_were_enabled:
             datasets.enable_progress_bars()
-    if target.exists() and overwrite:  # plan_export made sure it is a datasets folder
+    if target.exists():  # check_hf_dataset made sure an export into `output` wrote it, as it is
         shutil.rmtree(target)
     temporary.rename(target)
 
