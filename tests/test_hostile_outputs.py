@@ -319,6 +319,25 @@ def test_an_export_stopped_after_its_datasets_folder_resumes(prmtool, verified, 
     assert (out / shards.MANIFEST).exists() and (ds / "dataset_dict.json").exists()
 
 
+def test_an_export_that_meets_a_bad_row_midway_leaves_nothing_and_a_fixed_rerun_runs(prmtool, tmp_path):
+    labeled = pl.read_parquet(SAMPLES / "labeled" / "part-00000.parquet")
+    folder = tmp_path / "labeled"
+    folder.mkdir()
+    half = labeled.height // 2
+    labeled.head(half).write_parquet(folder / "part-00000.parquet")
+    second = labeled.tail(labeled.height - half).with_row_index()
+    bad = second.filter(pl.col("steps").list.len() > 1)["index"][0]
+    broken = second.with_columns(
+        step_labels=pl.when(pl.col("index") == bad).then(pl.lit([1])).otherwise(pl.col("step_labels"))
+    ).drop("index")
+    broken.write_parquet(folder / "part-00001.parquet")
+    out = tmp_path / "out"
+    one_line_error(prmtool("export", folder, "-o", out, "--format", "trl-stepwise"), "part-00001.parquet")
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    second.drop("index").write_parquet(folder / "part-00001.parquet")
+    assert prmtool("export", folder, "-o", out, "--format", "trl-stepwise", "-q").exit_code == 0
+
+
 # --- 4. --json, --report, --plot: regular files only ---------------------------------------------
 
 

@@ -369,9 +369,60 @@ def _export(
     # its own problems, takes each problem's number from a narrow pass over every input.
     numbers = _problem_numbers(found, condition, where, split_of) if fmt.per_problem and not partition.whole else None
 
+    written: dict[str, int] = {}
+    try:
+        _convert_shards(plan, output, settings, partition, stats, numbers, written)
+    except InputError:
+        # a row the format cannot hold, found mid-run: nothing of this run stays behind
+        for relative in written:
+            (output / relative).unlink(missing_ok=True)
+        for split_folder in {(output / relative).parent for relative in written}:
+            if split_folder != output and not any(split_folder.iterdir()):
+                split_folder.rmdir()
+        (output / partition.journal_name()).unlink(missing_ok=True)
+        raise
+    # A split that got no rows still gets one shard, with no rows and the format's columns:
+    # a loader given the directory then finds data (`datasets` fails on a folder of none).
+    for split_name in ["train", *parse_split(settings.holdout)]:
+        if found and not any(name.startswith(f"{split_name}/") for name in written):
+            no_rows = pl.DataFrame(schema=found[0].schema)  # the input's columns, from its footer
+            converted, _ = fmt.convert(no_rows, split_name=split_name, start_index=0, **options)
+            relative = f"{split_name}/{partition.shard_name(found[0].name)}"
+            shards.write_shard(converted, output / relative, shards.provenance("export", arguments, found[0]))
+            written[relative] = 0
+    if not stats.rows_out:
+        stats.warn(
+            f"{output}: no rows to export; each split holds one shard of no rows with the format's columns "
+            "(polars and pyarrow read it; datasets.load_dataset refuses an empty split)"
+        )
+    split_files = []
+    if settings.format == "verl" and partition.whole:  # before the manifest, as the datasets folder
+        for split_name, path in write_split_files(output, written, shards.provenance("export", arguments, found[0])):
+            stats.log(f"{split_name}: {path} (for verl's data.{'train' if split_name == 'train' else 'val'}_files)")
+            split_files.append(path.name)
+    if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
+        save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
+        stats.log(f"datasets folder: {hf_dataset}")
+    beside = [hf_dataset] if hf_dataset is not None else []
+    shards.write_manifest(
+        output, "export", arguments, [s.describe() for s in found], written, partition, also=split_files, beside=beside
+    )
+
+
+def _convert_shards(
+    plan: ExportPlan,
+    output: Path,
+    settings: ExportSettings,
+    partition: Partition,
+    stats: RunStats,
+    numbers: dict | None,
+    written: dict[str, int],
+) -> None:
+    """Convert each input shard and write its rows, split by split; `written` gains each file."""
+    found, fmt, condition, where, split_of = plan.found, plan.fmt, plan.condition, settings.where, plan.split_of
+    arguments, options = plan.arguments, format_options(settings)
     seen_problems: set[str] = set()  # per-problem formats keep each problem's first row, across shards
     next_index: dict[str, int] = {}
-    written: dict[str, int] = {}
     with stats.progress("export", total=sum(s.rows for s in found)) as tracker:
         for shard in found:
             frame = shards.read_shard(shard)
@@ -410,32 +461,6 @@ def _export(
                     stats.rows_out += part.height
                     stats.shards_written += 1
             tracker.advance(shard.rows)
-    # A split that got no rows still gets one shard, with no rows and the format's columns:
-    # a loader given the directory then finds data (`datasets` fails on a folder of none).
-    for split_name in ["train", *parse_split(settings.holdout)]:
-        if found and not any(name.startswith(f"{split_name}/") for name in written):
-            no_rows = pl.DataFrame(schema=found[0].schema)  # the input's columns, from its footer
-            converted, _ = fmt.convert(no_rows, split_name=split_name, start_index=0, **options)
-            relative = f"{split_name}/{partition.shard_name(found[0].name)}"
-            shards.write_shard(converted, output / relative, shards.provenance("export", arguments, found[0]))
-            written[relative] = 0
-    if not stats.rows_out:
-        stats.warn(
-            f"{output}: no rows to export; each split holds one shard of no rows with the format's columns "
-            "(polars and pyarrow read it; datasets.load_dataset refuses an empty split)"
-        )
-    split_files = []
-    if settings.format == "verl" and partition.whole:  # before the manifest, as the datasets folder
-        for split_name, path in write_split_files(output, written, shards.provenance("export", arguments, found[0])):
-            stats.log(f"{split_name}: {path} (for verl's data.{'train' if split_name == 'train' else 'val'}_files)")
-            split_files.append(path.name)
-    if hf_dataset is not None:  # before the manifest: a failure here leaves the export incomplete
-        save_hf_dataset(output, written, hf_dataset, overwrite, quiet)
-        stats.log(f"datasets folder: {hf_dataset}")
-    beside = [hf_dataset] if hf_dataset is not None else []
-    shards.write_manifest(
-        output, "export", arguments, [s.describe() for s in found], written, partition, also=split_files, beside=beside
-    )
 
 
 def write_split_files(output: Path, written: dict[str, int], record: dict) -> list[tuple[str, Path]]:
