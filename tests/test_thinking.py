@@ -200,6 +200,19 @@ def test_verify_reads_the_solution_only_and_nothing_from_an_unfinished_trace(prm
     assert frame["answer_source"].to_list() == [None, "boxed"] and frame["correct"].to_list() == [False, True]
 
 
+def test_verify_warns_when_the_think_tags_given_occur_in_no_response(prmtool, write_jsonl, tmp_path):
+    rows = [{"problem": "q", "reference_answer": "6", "response": "<think>\nMaybe 7.\n</think>\n\n$\\boxed{6}$"}]
+    assert prmtool("import", write_jsonl(rows), "--split", "think", "-o", tmp_path / "t").exit_code == 0
+    wrong = prmtool(
+        "verify", tmp_path / "t", "-o", tmp_path / "v1", "--workers", "1", "--think-tags", "<seed:think>,</seed:think>"
+    )
+    assert wrong.exit_code == 0 and "neither tag occurs in any of the 1 responses" in wrong.stderr
+    right = prmtool(
+        "verify", tmp_path / "t", "-o", tmp_path / "v2", "--workers", "1", "--think-tags", "<think>,</think>"
+    )
+    assert right.exit_code == 0 and "neither tag" not in right.stderr
+
+
 def test_where_the_cascade_reads_nothing_math_verifys_reading_of_the_whole_text_counts_if_right():
     responses = [
         "We add 2 + 4 = 6 and then compare it with $x = 6$ in the end.",  # no conclusion the cascade reads

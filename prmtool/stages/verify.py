@@ -82,7 +82,14 @@ def run(
     stats = RunStats("verify", quiet=quiet)
     worker_count(settings.workers, stats.warn)  # says so when --workers is capped
 
+    given_tags = parse_think_tags(settings.think_tags)[0] if settings.think_tags is not None else None
+
     def transform(frame: pl.DataFrame, tracker) -> pl.DataFrame:
+        if given_tags is not None:  # tags that never occur leave every trace's answer unread
+            for tag in (given_tags.open, given_tags.close):
+                stats.counts["responses_with_the_think_tags"] += int(
+                    frame["response"].str.contains(tag, literal=True).fill_null(False).sum()
+                )
         result = verify_frame(frame, settings, tracker=tracker)
         stats.counts.update(f"status_{s}" for s in result["verify_status"])
         stats.counts.update(f"answer_from_{s}" for s in result["answer_source"] if s is not None)
@@ -95,6 +102,11 @@ def run(
         arguments["think_tags"] = settings.think_tags
     stage = MapStage("verify", transform, arguments, REQUIRED)
     run_map_stage(stage, inputs, output, overwrite, stats, partition)
+    if given_tags is not None and stats.rows_in and not stats.counts["responses_with_the_think_tags"]:
+        stats.warn(
+            f"--think-tags {settings.think_tags!r}: neither tag occurs in any of the {stats.rows_in:,} responses; "
+            "check the tags (without --think-tags the known pairs are tried)"
+        )
     return stats.finish()
 
 
