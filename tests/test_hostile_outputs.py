@@ -546,6 +546,26 @@ def test_overwrite_lets_a_new_set_of_partitions_replace_an_old_one(prmtool, impo
     assert sorted(p.name for p in out.glob("_*")) == ["_SUCCESS", "_SUCCESS-00000-of-00002", "_SUCCESS-00001-of-00002"]
 
 
+def test_an_input_rewritten_while_a_stage_reads_it_leaves_the_output_incomplete(
+    prmtool, imported, tmp_path, monkeypatch
+):
+    """Another command rewrites an input shard between this run's start and its manifest (an
+    import --overwrite of the folder it reads): the output is refused as a mix of two inputs."""
+    finish_run = shards.write_manifest
+
+    def rewritten_meanwhile(*args, **kwargs):
+        shard = imported / "part-00003.parquet"
+        frame = pl.read_parquet(shard)
+        frame.with_columns(response=pl.lit("MODIFIED ") + pl.col("response")).write_parquet(shard)
+        return finish_run(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_manifest", rewritten_meanwhile)
+    out = tmp_path / "out"
+    result = prmtool("verify", imported, "-o", out, "--workers", "1")
+    one_line_error(result, imported / "part-00003.parquet", "changed while this run read it", "--overwrite")
+    assert not (out / shards.MANIFEST).exists()
+
+
 def test_a_folder_a_killed_run_left_is_refused_and_allow_incomplete_reads_it(prmtool, imported, tmp_path):
     out = tmp_path / "verified"
     assert prmtool("verify", imported, "-o", out, "--workers", "1", "-q").exit_code == 0

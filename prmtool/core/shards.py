@@ -413,7 +413,10 @@ def write_manifest(
     the file this run wrote; `also` lists files the run wrote beside its shards (verl's
     SPLIT.parquet), which are not read as its rows but are its own. A partition writes its own
     (`_SUCCESS-00002-of-00008`), and the one that completes the set writes `_SUCCESS` for all
-    of them. The run's journal, which the manifest replaces, is removed."""
+    of them. The run's journal, which the manifest replaces, is removed. An input that changed
+    while the run read it (another command rewrote it) leaves the output incomplete instead."""
+    for source in inputs:
+        _check_unchanged(source, output)
     record = {
         "stage": stage,
         "version": __version__,
@@ -438,6 +441,24 @@ def write_manifest(
         )
         _complete_partitions(output, record, partition.count)
     (output / partition.journal_name()).unlink(missing_ok=True)
+
+
+def _check_unchanged(source: dict, output: Path) -> None:
+    """The input a run described at its start (path, size, hash) is still that file."""
+    if not isinstance(source, dict) or not source.get("path") or not source.get("xxh3"):
+        return
+    path = Path(source["path"])
+    if path.is_dir():  # import's datasets folder: hashed its own way, at its start
+        return
+    try:
+        same = path.stat().st_size == source.get("size") and content_digest(path) == source["xxh3"]
+    except OSError:
+        same = False
+    if not same:
+        raise InputError(
+            f"{path}: changed while this run read it (another command rewrote it?); {output} is left incomplete: "
+            "rerun the command with --overwrite"
+        )
 
 
 def file_entry(output: Path, name: str, rows: int | None = None) -> dict:
