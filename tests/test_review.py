@@ -134,6 +134,27 @@ def test_undo_restores_the_input_label(labelled, tmp_path):  # noqa: F811
     assert rows["human_first_error"].to_list() == [0] and rows["reviewed_at"].to_list() == [None]
 
 
+def test_a_session_stopped_between_a_shard_and_its_manifest_is_mended_when_reopened(
+    prmtool,
+    labelled,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    reviewed = tmp_path / "reviewed"
+    with serving(labelled, reviewed):
+        pass
+    with monkeypatch.context() as patch:
+        patch.setattr(review.Reviews, "_write_manifest", lambda self: None)  # as if killed before it
+        with serving(labelled, reviewed) as server:
+            assert post(server, {"response_id": "ducks-early", "human_first_error": 2})[0] == 200
+    assert prmtool("stats", reviewed).exit_code == 2  # the shard is not the one _SUCCESS lists
+    with serving(labelled, reviewed):
+        pass
+    assert prmtool("stats", reviewed).exit_code == 0
+    rows = pl.read_parquet(reviewed / "*.parquet").filter(pl.col("response_id") == "ducks-early")
+    assert rows["human_first_error"].to_list() == [2]
+
+
 def test_one_session_per_output_and_no_other_run_overwritten(prmtool, labelled, tmp_path):  # noqa: F811
     reviewed = tmp_path / "reviewed"
     with serving(labelled, reviewed):

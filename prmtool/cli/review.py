@@ -69,6 +69,7 @@ class Reviews:
         self.lock = threading.Lock()
         if shards.prepare_whole_output(output, STAGE, ARGUMENTS, self.sources, overwrite, names=list(self.found)):
             self._load()
+            self._write_manifest()  # a session stopped between a shard and its manifest left them apart
         else:
             for name in self.found:
                 self._write_shard(name)
