@@ -338,6 +338,24 @@ def test_a_request_longer_than_the_whole_cache_is_a_clear_error(tiny_engine):
         engine.sample([SamplingRequest(prompt, n=1, max_tokens=4, seed=0)])
 
 
+def test_a_request_that_fills_the_cache_sized_for_it_on_a_cpu_is_admitted(tiny_engine):
+    """On a CPU the cache is sized by the call's longest request: it holds the block a sample
+    takes to grow into and the 1% admission keeps free, so the longest request is admitted."""
+    engine = HFEngine(tiny_engine.model, tiny_engine.tokenizer, ignore_eos=True)
+    for length in (1008, 1017):  # prompt and rollout end at the cache's last position
+        [completions] = engine.sample([SamplingRequest([5] * length, n=1, max_tokens=1024 - length, seed=0)])
+        assert [completion.num_tokens for completion in completions] == [1024 - length]
+
+
+def test_a_prompt_longer_than_the_models_context_is_a_clear_error(tiny_engine):
+    context = tiny_engine.model.config.max_position_embeddings  # 1,024
+    too_long = SamplingRequest([5] * context, n=1, max_tokens=4, seed=0)
+    with pytest.raises(EngineError, match=f"a prompt of {context:,} tokens does not fit the model's context"):
+        tiny_engine.sample([too_long])
+    with pytest.raises(EngineError, match="max_position_embeddings"):
+        tiny_engine.sample_continuously([too_long], on_done=lambda finished: [])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decoding_matches_uncached_reference(tiny_model_dir):
     engine = load_engine(

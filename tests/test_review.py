@@ -136,9 +136,9 @@ def test_undo_restores_the_input_label(labelled, tmp_path):  # noqa: F811
 
 def test_a_session_stopped_between_a_shard_and_its_manifest_is_mended_when_reopened(
     prmtool,
-    labelled,
+    labelled,  # noqa: F811
     tmp_path,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     reviewed = tmp_path / "reviewed"
     with serving(labelled, reviewed):

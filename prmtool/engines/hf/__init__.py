@@ -216,7 +216,7 @@ class HFEngine(Engine):
     def sample(
         self, requests: list[SamplingRequest], on_progress: ProgressCallback | None = None
     ) -> list[list[Completion]]:
-        check_requests(requests)
+        self._check_requests(requests)
         if not requests:
             return []
         self._check_window(max(len(r.prompt_ids) + r.max_tokens for r in requests))
@@ -235,7 +235,7 @@ class HFEngine(Engine):
         pending = list(enumerate(requests))
         next_key = len(pending)
         while pending:
-            check_requests([request for _, request in pending])
+            self._check_requests([request for _, request in pending])
             need = max([longest] + [len(r.prompt_ids) + r.max_tokens for _, r in pending])
             self._check_window(need)
             max_tokens = max(r.max_tokens for _, r in pending)
@@ -248,7 +248,7 @@ class HFEngine(Engine):
                 answer = on_done([(keys[index], sampler.results[index]) for index in finished])
                 cancelled = {item.key for item in answer if isinstance(item, Cancel)}
                 requests = [item for item in answer if not isinstance(item, Cancel)]
-                check_requests(requests)
+                self._check_requests(requests)
                 if cancelled:
                     sampler.cancel({index_of[key] for key in cancelled if key in index_of})
                     later = [(key, request) for key, request in later if key not in cancelled]
@@ -305,6 +305,19 @@ class HFEngine(Engine):
             self._running = None
             self.last_stats = sampler.stats
             self._learn_memory(sampler.stats)
+
+    def _check_requests(self, requests: list[SamplingRequest]) -> None:
+        """check_requests, and no prompt longer than the model's context (its positions past
+        it would be computed, as garbage, where vLLM refuses the request)."""
+        check_requests(requests)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max((len(request.prompt_ids) for request in requests), default=0)
+        if isinstance(context, int) and longest >= context:
+            raise EngineError(
+                f"a prompt of {longest:,} tokens does not fit the model's context of {context:,} positions "
+                "(max_position_embeddings): shorten the prompts (fewer or shorter steps) or use a model of a longer "
+                "context"
+            )
 
     def _check_window(self, longest: int) -> None:
         if self.sliding_window is not None and longest > self.sliding_window:

@@ -883,8 +883,12 @@ def right_padded(sequences: list[list[int]], device: torch.device) -> tuple[torc
 
 def wanted_blocks(num_slots: int, max_len: int, tokens: int | None) -> int:
     """Blocks of the KV cache before memory has its say: `tokens` worth if given, else as many
-    as `num_slots` sequences of `max_len` tokens could fill sharing nothing (one is scratch)."""
-    return max(2, blocks_for(tokens) + 1) if tokens is not None else num_slots * blocks_for(max_len) + 1
+    as `num_slots` sequences of `max_len` tokens could fill sharing nothing, with the block each
+    takes to grow into at admission and the 1% admission keeps free (one more is scratch)."""
+    if tokens is not None:
+        return max(2, blocks_for(tokens) + 1)
+    filled = num_slots * (blocks_for(max_len) + 1)
+    return filled + max(1, filled // 99) + 1
 
 
 def choose_num_blocks(parts: ModelParts, wanted: int, num_slots: int, vocab_size: int) -> int:
