@@ -704,7 +704,7 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
     """GGUF loads take ~25 s (the tokenizer rebuilt, every tensor dequantized); the first load
     saves the result in the model cache and later loads read that folder, to the same tokens."""
     from prmtool.engines.hf import gguf_cache
-    from prmtool.engines.model_files import locate_model
+    from prmtool.engines.model_files import ModelLocation, locate_model
 
     def outputs():
         with load_engine("hf", device="cpu") as engine:
@@ -727,6 +727,12 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
     monkeypatch.setattr(gguf_cache, "_save_converted", convert_again)
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(folder.parent))
     assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(folder)
+    # a copy of the file elsewhere (the package in another virtual environment): the same folder
+    embedded = locate_model(None)
+    copy = tmp_path / "other-venv"
+    copy.mkdir()
+    shutil.copy(embedded.path, copy / embedded.gguf_file)
+    assert gguf_cache.loadable(ModelLocation(str(copy), embedded.gguf_file), torch.float32).folder == str(folder)
 
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", "off")  # the .gguf file itself, as before the cache
     assert gguf_cache.loadable(locate_model(None), torch.float32).gguf_file is not None
@@ -746,7 +752,8 @@ def test_a_gguf_model_is_converted_once_and_its_folder_gives_what_the_file_gives
     monkeypatch.setattr(gguf_cache, "_save_converted", convert_by_copying)
     monkeypatch.setenv("PRMTOOL_MODEL_CACHE", str(cache))
     assert gguf_cache.loadable(locate_model(None), torch.float32).folder == str(cache / folder.name)
-    assert gguf_cache.intact(cache / folder.name) and [p.name for p in cache.iterdir()] == [folder.name]
+    assert gguf_cache.intact(cache / folder.name)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([folder.name, "digests"])
 
 
 def test_scoring_builds_no_mask_and_never_waits_for_the_device(tiny_engine, monkeypatch):

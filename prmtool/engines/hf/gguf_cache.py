@@ -8,11 +8,12 @@ loads read that folder: the same weights bit for bit, the same token ids, about 
 
 The cache folder: PRMTOOL_MODEL_CACHE, else PRMTOOL_CACHE_DIR/models, else
 ~/.cache/prmtool/models (XDG_CACHE_HOME respected). PRMTOOL_MODEL_CACHE=off reads the .gguf file
-on every load. Each model gets a folder per dtype, keyed by the file's path, size and
-modification time and by transformers' version (a changed file or a new transformers converts
-again); the float32 one (CPU runs, training) takes about four times a 4-bit file's size, the
-bfloat16 one (GPU runs) half that. Any of them may be deleted at any time; one whose files no
-longer have the sizes it was written with (a file deleted or cut short) is converted again.
+on every load. Each model gets a folder per dtype, keyed by a hash of the file's bytes and by
+transformers' version (a changed file or a new transformers converts again; copies of one file,
+in several virtual environments, share one folder); the float32 one (CPU runs, training) takes
+about four times a 4-bit file's size, the bfloat16 one (GPU runs) half that. Any of them may be
+deleted at any time; one whose files no longer have the sizes it was written with (a file deleted
+or cut short) is converted again.
 """
 
 from __future__ import annotations
@@ -54,15 +55,14 @@ def loadable(location: ModelLocation, dtype: torch.dtype) -> ModelLocation:
     if location.gguf_file is None or root is None:
         return location
     gguf = Path(location.path).resolve()
-    stat = gguf.stat()
     source = {
-        "file": str(gguf),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "content": content_key(gguf, root),
+        "size": gguf.stat().st_size,
         "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."),
     }
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    source["file"] = str(gguf)  # the copy it was first converted from, for whoever looks
     folder = root / f"{gguf.stem}-{source['dtype']}-{key}"
     if not intact(folder):
         try:
@@ -70,6 +70,29 @@ def loadable(location: ModelLocation, dtype: torch.dtype) -> ModelLocation:
         except OSError:
             return location
     return ModelLocation(str(folder))
+
+
+def content_key(gguf: Path, root: Path) -> str:
+    """A hash of the file's bytes, so that copies of one model (the same package in several
+    virtual environments) share one converted folder. It is computed once per path, size and
+    modification time and remembered under the cache's `digests/` (about 0.2 s for the
+    embedded model's file)."""
+    import xxhash
+
+    stat = gguf.stat()
+    where = json.dumps([str(gguf), stat.st_size, stat.st_mtime_ns])
+    memo = root / "digests" / f"{hashlib.sha256(where.encode()).hexdigest()[:16]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return json.loads(memo.read_text())["xxh3"]
+    hasher = xxhash.xxh3_128()
+    with open(gguf, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            hasher.update(chunk)
+    digest = hasher.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache: computed again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"file": str(gguf), "xxh3": digest}))
+    return digest
 
 
 def intact(folder: Path) -> bool:
