@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -535,23 +536,18 @@ def _from_prmtool(path: Path) -> bool:
     return path.is_file() and not path.is_symlink() and read_provenance(path) is not None
 
 
-def _other_runs_folder(output: Path, name: str) -> Path | None:
-    """The record (manifest or journal) that makes the subfolder `name` goes into another
-    run's output (export's OUTPUT/train may be a verify run's -o): its files are that run's,
-    whatever provenance they carry."""
-    folder = (output / name).parent
-    if folder == output:
-        return None
-    return next((path for path, _ in _records(folder)), None)
-
-
-def _refuse_other_runs_folder(output: Path, name: str) -> None:
-    record = _other_runs_folder(output, name)
-    if record is not None:
-        raise InputError(
-            f"{record.parent}: holds another run's output ({record.name}), where this run writes {Path(name).name}; "
-            "move it away or choose another output"
-        )
+def _refuse_other_runs_folders(output: Path, names: Iterable[str]) -> None:
+    """A subfolder the files `names` go into that holds a record (manifest or journal) is
+    another run's output (export's OUTPUT/train may be a verify run's -o): its files are that
+    run's, whatever provenance they carry."""
+    folders = {(output / name).parent for name in names} - {output}
+    for folder in sorted(folders):
+        record = next((path for path, _ in _records(folder)), None)
+        if record is not None:
+            raise InputError(
+                f"{folder}: holds another run's output ({record.name}), where this run writes its files; "
+                "move it away or choose another output"
+            )
 
 
 def claim_output(
@@ -577,8 +573,7 @@ def claim_output(
     run = _identity(stage, arguments, inputs, partition.count)
     own = {partition.manifest_name(), partition.journal_name()}
     records = _records(output)
-    for name in names:
-        _refuse_other_runs_folder(output, name)
+    _refuse_other_runs_folders(output, names)
     if not overwrite:
         for path, record in records:
             if _identity_of(record) != run:
@@ -648,9 +643,8 @@ def prepare_whole_output(
         strangers = [f for f in existing if str(f.relative_to(output)) not in journaled]
         if manifest or strangers:
             raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
+        _refuse_other_runs_folders(output, journaled)
         for name in sorted(journaled):  # this very command, stopped before its manifest: do it again
-            _refuse_other_runs_folder(output, name)
-        for name in sorted(journaled):
             if still_as_written(output / name, {"file": name}):
                 (output / name).unlink()
     claim_output(output, stage, arguments, inputs, partition, names, overwrite, beside)
