@@ -235,6 +235,16 @@ def test_overwrite_refuses_a_file_no_run_wrote_at_a_name_it_writes(prmtool, impo
     assert snapshot(out) == before
 
 
+def test_a_folder_of_parquet_files_no_run_wrote_is_named_as_such(prmtool, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    pl.DataFrame({"a": [1]}).write_parquet(out / "part-00000.parquet")
+    before = snapshot(out)
+    line = one_line_error(prmtool("import", RESPONSES_JSONL, "-o", out), str(out), "part-00000.parquet")
+    assert "no prmtool run wrote" in line and "--overwrite" not in line
+    assert snapshot(out) == before
+
+
 def test_overwrite_keeps_a_listed_file_that_was_changed_since(prmtool, tmp_path):
     """A file the previous run listed, edited after it (a user's own fix), no longer is that run's file."""
     out = tmp_path / "out"
@@ -586,6 +596,14 @@ def test_a_folder_a_killed_run_left_is_refused_and_allow_incomplete_reads_it(prm
     assert listed_rows(tmp_path / "exported") == 36  # three shards of 12, as they are
     stats = prmtool("stats", out, "--allow-incomplete", "--json")
     assert json.loads(stats.stdout)["rows"] == 36
+
+
+def test_a_folder_a_run_left_before_its_first_shard_says_so(prmtool, tmp_path):
+    out = tmp_path / "labeled"
+    out.mkdir()
+    shards.write_json_atomic({"stage": "label", "files": ["part-00000.parquet"]}, out / shards.JOURNAL)
+    line = one_line_error(prmtool("stats", out), str(out), "has no _SUCCESS", shards.JOURNAL)
+    assert "no Parquet file" not in line
 
 
 def test_a_folder_a_sigkilled_run_left_is_refused_by_the_next_stage(prmtool, tmp_path):

@@ -183,6 +183,7 @@ def _directory_files(
         found = in_splits
         split_files.update(f.resolve() for f in found)
         if not found:
+            _refuse_unfinished(path, [])  # a run stopped before its first shard: say so
             raise InputError(f"{path}: the directory holds no Parquet file (nor do its split folders)")
     if found:
         _refuse_special_files(found)
@@ -641,6 +642,11 @@ def prepare_whole_output(
         if not partition.whole:  # the other partitions' files are theirs
             existing = [f for f in existing if f".{partition.label}." in f.name]
         strangers = [f for f in existing if str(f.relative_to(output)) not in journaled]
+        if not manifest and strangers and not any(_from_prmtool(f) for f in strangers):
+            raise InputError(
+                f"{output}: holds Parquet files no prmtool run wrote ({strangers[0].relative_to(output)}); "
+                "move them away or choose another output"
+            )
         if manifest or strangers:
             raise InputError(f"{output}: holds the output of a different run; pass --overwrite to replace it")
         _refuse_other_runs_folders(output, journaled)
