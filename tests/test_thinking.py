@@ -121,6 +121,15 @@ def test_max_steps_caps_the_trace_by_merging_the_shortest_neighbours():
     assert max(sizes) <= 2 * min(sizes) + 45  # merged evenly, not all into one step
 
 
+def test_max_steps_caps_a_trace_whose_solution_alone_has_more_steps():
+    rows = [json.loads(line) for line in LONG_COT.open()]
+    for cap in (5, 2):
+        splits = [split_trace(row["response"], ThinkSplit(max_steps=cap)) for row in rows]
+        assert {len(split.steps) for split in splits} == {cap}
+        assert all("\n\n".join(split.steps) == row["response"] for split, row in zip(splits, rows))
+        assert min(split.thinking_steps for split in splits) == 1
+
+
 def test_split_think_is_a_splitter_like_the_others(prmtool, write_jsonl, tmp_path):
     rows = [{"problem": "p", "reference_answer": "6", "response": trace(40)}]
     result = prmtool("import", write_jsonl(rows), "--split", "think", "--min-step-tokens", "150", "-o", tmp_path / "o")
@@ -143,7 +152,8 @@ def test_import_refuses_a_finished_column_that_contradicts_the_tags(prmtool, wri
 
 def test_on_80_sky_t1_traces_the_split_the_columns_and_verify_hold(prmtool, tmp_path):
     """The figures of docs/algorithms.md, "Reasoning traces". Traces of 900 to 39,000 tokens
-    split into a median of 29 steps (15 of them thinking), 79 of 80 into 10 to 40; every split
+    split into a median of 28 steps (15 of them thinking), 76 of 80 into 10 to 40, no step a
+    solution tag alone; every split
     is lossless; the 34 traces cut off while thinking have no answer, although one of them had
     boxed the right one while thinking; the 46 that finished agree with the grade Qwen's
     grader gave them exactly as often as Math-Verify reading their solution does (all 46)."""
@@ -152,8 +162,10 @@ def test_on_80_sky_t1_traces_the_split_the_columns_and_verify_hold(prmtool, tmp_
     assert prmtool("verify", tmp_path / "traces", "-o", tmp_path / "verified", "--workers", "2").exit_code == 0
     frame = pl.read_parquet(tmp_path / "verified" / "part-00000.parquet")
     counts = frame["steps"].list.len().to_list()
-    assert statistics.median(counts) == 29 and min(counts) == 9 and max(counts) == 40
-    assert sum(10 <= count <= 40 for count in counts) == 79
+    assert statistics.median(counts) == 28 and min(counts) == 8 and max(counts) == 40
+    assert sum(10 <= count <= 40 for count in counts) == 76
+    tags_alone = frame["steps"].explode().str.strip_chars().is_in(["<|begin_of_solution|>", "<|end_of_solution|>"])
+    assert not tags_alone.any()
     assert statistics.median(frame["thinking_steps"].to_list()) == 15
     assert (frame["steps"].list.join("\n\n") == frame["response"]).all()
     assert frame["steps"].list.eval(pl.element().str.strip_chars().str.len_chars().min()).explode().min() > 0

@@ -105,7 +105,11 @@ class TraceSettings:
     max_steps: Annotated[
         int,
         typer.Option(
-            help="--split think: the most steps of a trace; the shortest neighbouring thinking steps merge.", min=1
+            help=(
+                "--split think: the most steps of a trace (at least 2 where a solution follows the thinking); the "
+                "shortest neighbouring steps merge, the thinking's first."
+            ),
+            min=1,
         ),
     ] = 40
     thinking_opened: Annotated[

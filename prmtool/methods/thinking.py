@@ -38,8 +38,8 @@ KNOWN_TAGS = (
     ThinkTags("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>"),
 )
 
-# Chosen on 80 Sky-T1 traces (data_samples/long-cot, 900 to 39,000 tokens): a median of 29
-# steps, 15 of them thinking, 79 traces within 10 to 40 (tests/test_thinking.py pins these).
+# Chosen on 80 Sky-T1 traces (data_samples/long-cot, 900 to 39,000 tokens): a median of 28
+# steps, 15 of them thinking, 76 traces within 10 to 40 (tests/test_thinking.py pins these).
 DEFAULT_MIN_STEP_TOKENS = 200
 DEFAULT_MAX_STEPS = 40
 
@@ -142,11 +142,27 @@ def split_trace(text: str, settings: ThinkSplit = ThinkSplit()) -> Trace:
     if thinking is None:
         return Trace(merge_paragraphs(_paragraphs(text), 0, None), 0, None)
     rest = text[thinking.end + 2 :] if thinking.end < len(text) else ""
-    solution = merge_paragraphs(_paragraphs(rest), 0, None) if rest else []
-    # --max-steps counts the whole trace; the solution's steps are kept as written
+    most = None if settings.max_steps is None else max(1, settings.max_steps - 1)  # one step at least thinks
+    solution = _solution_steps(_paragraphs(rest), thinking.tags, most) if rest else []
+    # --max-steps counts the whole trace
     room = None if settings.max_steps is None else max(1, settings.max_steps - len(solution))
     thought = merge_paragraphs(_paragraphs(text[: thinking.end]), settings.min_step_tokens, room)
     return Trace(thought + solution, len(thought), thinking.finished, thinking)
+
+
+def _solution_steps(paragraphs: list[str], tags: ThinkTags, max_steps: int | None) -> list[str]:
+    """The solution's paragraphs as steps, a paragraph that is only the solution's own opening
+    tag joined to the next one and its closing tag to the one before (a step that is a tag
+    alone has nothing to label); past `max_steps`, the shortest neighbours merge."""
+    merged: list[str] = []
+    join_next = False
+    for paragraph in paragraphs:
+        if merged and (join_next or paragraph.strip() == tags.solution_close):
+            merged[-1] += "\n\n" + paragraph
+        else:
+            merged.append(paragraph)
+        join_next = tags.solution_open is not None and paragraph.strip() == tags.solution_open
+    return merge_paragraphs(merged, 0, max_steps)
 
 
 def _paragraphs(text: str) -> list[str]:
