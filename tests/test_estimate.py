@@ -62,6 +62,10 @@ stages:
     per_row = record["tokens"] / 4
     likely = min(4 * 8 * 64, round(per_row * 4))
     assert f"likely about {likely:,} ({per_row:,.0f} a row in the latest run here)" in after
+    # a plan with other samples or lengths learns nothing of a row from that run: its bound stands
+    longer = prmtool("run", recipe, "--dry-run", "--workdir", tmp_path / "plan", "--set", "generate.max-tokens=512")
+    other = estimate_lines(longer.stderr)["02-generate"]
+    assert "likely about" not in other and f"at most {4 * 8 * 512:,} generated tokens" in other
 
 
 def test_a_later_run_replaces_the_rate_and_each_stage_keeps_its_own(tmp_path):

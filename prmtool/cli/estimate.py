@@ -156,6 +156,13 @@ def throughput_key(settings, stage: str = "generate") -> str:
     return f"{stage}|{engine}|{device}|{model}"
 
 
+def tokens_shape(settings) -> dict:
+    """The settings that set how many tokens a row takes (samples, rollouts, their length): a
+    run's tokens per row say something of another run only where these are the same."""
+    names = ("n", "k", "max_tokens", "method", "max_k", "rule", "steps")
+    return {name: getattr(settings, name) for name in names if isinstance(getattr(settings, name, None), (int, str))}
+
+
 def record_throughput(
     settings, tokens: int, seconds: float, *, stage: str = "generate", rows: int | None = None
 ) -> None:
@@ -170,7 +177,7 @@ def record_throughput(
             "tokens_per_second": tokens / seconds,
             "tokens": tokens,
             "seconds": round(seconds, 1),
-            **({"rows": rows} if rows else {}),
+            **({"rows": rows, "shape": tokens_shape(settings)} if rows else {}),
             "when": time.strftime("%Y-%m-%d %H:%M"),
         }
         text = json.dumps(known, indent=1, sort_keys=True).encode()

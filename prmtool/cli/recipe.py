@@ -604,9 +604,10 @@ def print_estimate(
         rate = tokens_per_second or (measured or {}).get("tokens_per_second")
         line += f"; at most {cost.tokens:,} generated tokens ({cost.how})"
         likely = cost.tokens
-        if measured and measured.get("rows") and rows and measured.get("source") == step.stage:
+        same_shape = measured is not None and measured.get("shape") == estimate.tokens_shape(settings)
+        if measured and measured.get("rows") and rows and measured.get("source") == step.stage and same_shape:
             # the bound assumes every response wrong and every rollout to max-tokens; the latest
-            # run of this stage here says what a row took
+            # run of this stage here, with the same k, n and max-tokens, says what a row took
             per_row = measured["tokens"] / measured["rows"]
             likely = min(cost.tokens, round(per_row * rows))
             line += f"; likely about {likely:,} ({per_row:,.0f} a row in the latest run here)"
