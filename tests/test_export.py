@@ -517,6 +517,21 @@ def test_open_turn_is_only_for_the_sft_formats(prmtool, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_whose_rows_are_all_unlabeled_says_which_column_the_format_reads(prmtool, tmp_path):
+    unlabeled = tmp_path / "unlabeled"  # as binary search with hard labels leaves step_mc: null
+    unlabeled.mkdir()
+    frame = pl.read_parquet(LABELED / "*.parquet").with_columns(step_mc=pl.lit(None, pl.List(pl.Float64)))
+    frame.write_parquet(unlabeled / "p.parquet")
+    result = prmtool("export", unlabeled, "-o", tmp_path / "soft", "-f", "math-shepherd-soft")
+    assert result.exit_code == 0 and "no rows to export" in result.stderr
+    assert "reads step_mc" in result.stderr and "label --method mc, or --label soft" in result.stderr
+    frame.with_columns(step_labels=pl.col("step_labels").list.eval(pl.lit(None, pl.Int8))).write_parquet(
+        unlabeled / "p.parquet"
+    )
+    result = prmtool("export", unlabeled, "-o", tmp_path / "hard", "-f", "trl-stepwise")
+    assert result.exit_code == 0 and "reads step_labels up to the first unlabeled step" in result.stderr
+
+
 @pytest.mark.parametrize("format", [name for name in FORMATS if name != "jsonl"])  # jsonl: -o - only
 def test_an_export_of_no_rows_writes_an_empty_shard_with_the_formats_columns(prmtool, tmp_path, format):
     source = PROBLEMS if format == "verl" else LABELED

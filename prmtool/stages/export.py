@@ -392,8 +392,9 @@ def _export(
             written[relative] = 0
     if not stats.rows_out:
         stats.warn(
-            f"{output}: no rows to export; each split holds one shard of no rows with the format's columns "
-            "(polars and pyarrow read it; datasets.load_dataset refuses an empty split)"
+            f"{output}: no rows to export{_why_no_rows(settings.format, stats.counts)}; each split holds one shard of "
+            "no rows with the format's columns (polars and pyarrow read it; datasets.load_dataset refuses an empty "
+            "split)"
         )
     split_files = []
     if settings.format == "verl" and partition.whole:  # before the manifest, as the datasets folder
@@ -406,6 +407,22 @@ def _export(
     beside = [hf_dataset] if hf_dataset is not None else []
     shards.write_manifest(
         output, "export", arguments, [s.describe() for s in found], written, partition, also=split_files, beside=beside
+    )
+
+
+def _why_no_rows(format_name: str, counts) -> str:
+    """Where every row was skipped as unlabeled: which column the format reads, and what writes it."""
+    skipped = counts.get("skipped_unlabeled", 0)
+    if not skipped:
+        return ""
+    if format_name.endswith("-soft"):
+        return (
+            f" (all {skipped:,} were skipped: {format_name} reads step_mc, which none had at its first step; "
+            "label --method mc, or --label soft, writes it)"
+        )
+    return (
+        f" (all {skipped:,} were skipped: {format_name} reads step_labels up to the first unlabeled step, and "
+        "none had a label at its first step; label --steps solution leaves the thinking unlabeled)"
     )
 
 
