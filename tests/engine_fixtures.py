@@ -57,7 +57,7 @@ def tiny_config(vocab_size: int, eos_token_id: int, **extra):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, as in the real models
-        max_position_embeddings=1024,
+        max_position_embeddings=4096,  # the proposer prompts of intervene's tests run past 1,024
         eos_token_id=eos_token_id,
         pad_token_id=0,
         **extra,

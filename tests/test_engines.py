@@ -348,7 +348,7 @@ def test_a_request_that_fills_the_cache_sized_for_it_on_a_cpu_is_admitted(tiny_e
 
 
 def test_a_prompt_longer_than_the_models_context_is_a_clear_error(tiny_engine):
-    context = tiny_engine.model.config.max_position_embeddings  # 1,024
+    context = tiny_engine.model.config.max_position_embeddings
     too_long = SamplingRequest([5] * context, n=1, max_tokens=4, seed=0)
     with pytest.raises(EngineError, match=f"a prompt of {context:,} tokens does not fit the model's context"):
         tiny_engine.sample([too_long])
