@@ -677,10 +677,11 @@ def record_beside(output: Path, path: Path, digest: str) -> None:
     write_json_atomic(journal, journal_path)
 
 
-def wrote_beside(output: Path, path: Path, run: tuple | None = None) -> bool:
+def wrote_beside(output: Path, path: Path, run: tuple | None = None, digest: str | None = None) -> bool:
     """Whether a run into `output` (its manifest or journal; with `run`, (stage, arguments,
-    inputs), only that run's journal) wrote `path` outside it, and it is still as written."""
-    key, current = str(path.resolve()), None
+    inputs), only that run's journal) wrote `path` outside it, and it is still as written
+    (`digest`: its folder_digest, when the caller has it already)."""
+    key, current = str(path.resolve()), digest
     for record_path, record in _records(output):
         if key not in record.get("beside", []):
             continue

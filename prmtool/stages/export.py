@@ -272,9 +272,10 @@ def check_hf_dataset(output: Path, target: Path, arguments: dict, inputs: list[d
         return  # this very export is complete: nothing is written
     if not (target / "dataset_dict.json").exists():
         raise InputError(f"{target}: --hf-dataset exists and is not a datasets folder; --overwrite replaces only those")
-    if shards.wrote_beside(output, target, run=("export", arguments, inputs)):
+    digest = shards.folder_digest(target)  # a dataset may be gigabytes: read once
+    if shards.wrote_beside(output, target, run=("export", arguments, inputs), digest=digest):
         return  # this same command, stopped after the folder and before its manifest
-    if not shards.wrote_beside(output, target):
+    if not shards.wrote_beside(output, target, digest=digest):
         raise InputError(
             f"{target}: --hf-dataset exists and no earlier export into {output} wrote it as it is now; --overwrite "
             "replaces only what a run wrote itself: move it away or choose another --hf-dataset"
