@@ -174,7 +174,8 @@ class Reviews:
 
     def _write_manifest(self) -> None:
         rows = {name: shard.rows for name, shard in self.found.items()}
-        shards.write_manifest(self.output, STAGE, ARGUMENTS, self.sources, rows)
+        # the inputs were read whole when the session opened: no save rereads them to hash them
+        shards.write_manifest(self.output, STAGE, ARGUMENTS, self.sources, rows, check_inputs=False)
 
 
 class ReviewServer(ThreadingHTTPServer):
