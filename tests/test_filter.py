@@ -583,6 +583,9 @@ def test_missing_required_column_in_one_shard_writes_nothing(prmtool, tmp_path):
         (["--keep", "0"], "--keep 0"),
         (["--where", "no_such_column > 1"], "no_such_column"),
         (["--method", "none", "--where", "response_id"], "--where 'response_id'"),  # not true/false
+        # a Boolean against a word polars would cast to null: every row would go, unasked
+        (["--method", "none", "--where", "correct = 'yes'"], "correct is true or false, never 'yes'"),
+        (["--method", "none", "--where", "NOT ('TRUE' <> correct)"], "never 'TRUE'"),
     ],
 )
 def test_usage_errors_are_one_line_and_write_nothing(prmtool, tmp_path, args, message):
@@ -592,6 +595,14 @@ def test_usage_errors_are_one_line_and_write_nothing(prmtool, tmp_path, args, me
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "kept").exists()
+
+
+def test_where_may_compare_a_boolean_with_the_exact_words_true_and_false(prmtool, tmp_path):
+    inputs = write_shards(tmp_path / "scored", PAPER, [8])
+    args = ("-o", tmp_path / "kept", "--rejects", tmp_path / "rejects", "--method", "none")
+    result = prmtool("filter", inputs, *args, "--where", "correct = 'true'")
+    assert result.exit_code == 0, result.stderr
+    assert pl.read_parquet(tmp_path / "kept" / "*.parquet")["correct"].to_list() == [True] * 5
 
 
 @pytest.mark.parametrize("rejects", ["kept", "kept/rejects"])
