@@ -177,6 +177,14 @@ def test_preset_math_uses_an_answer_column_when_there_is_one(prmtool, write_json
     assert read_output(tmp_path / "out")["reference_answer"].to_list() == ["\\frac{1}{2}"]
 
 
+def test_a_split_given_for_problems_alone_is_said_to_do_nothing(prmtool, tmp_path):
+    args = ("import", SAMPLES / "test_sample.jsonl", "--preset", "gsm8k", "-o", tmp_path / "out")
+    result = prmtool(*args, "--split", "think")
+    assert result.exit_code == 0, result.stderr
+    assert "--split think: the rows have no responses to split (give it to generate)" in result.stderr
+    assert "no responses to split" not in prmtool(*args[:-1], tmp_path / "plain").stderr
+
+
 def test_unknown_preset_is_refused(prmtool, write_jsonl, tmp_path):
     result = prmtool("import", write_jsonl(PROBLEMS), "--preset", "aime", "-o", tmp_path / "out")
     assert result.exit_code == 2

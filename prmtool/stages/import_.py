@@ -571,6 +571,9 @@ def _write(
             f"{frame['reference_answer'].null_count()} rows have no reference_answer: verify cannot grade their "
             f"responses"
         )
+    if arguments["split"] != "blank-line" and "response" not in frame.columns:
+        # the rows are problems: their responses are split where they are written, by generate
+        stats.warn(f"--split {arguments['split']}: the rows have no responses to split (give it to generate)")
     stats.problem_ids.update(frame["problem_id"].to_list())
     written = {}
     for number, start in enumerate(range(0, max(frame.height, 1), shard_rows)):
