@@ -74,7 +74,10 @@ def test_a_stage_reads_rows_as_json_lines_from_stdin(tmp_path):
 
 
 def test_stdin_that_is_not_json_lines_is_refused_in_one_line(tmp_path):
-    refused = {"printf 'no json{\\n'": "standard input is not JSON lines", "true": "standard input is empty"}
+    refused = {
+        "printf 'no json{\\n'": "standard input is not JSON lines of rows: line 1, character 1: not JSON",
+        "true": "standard input is empty",
+    }
     for given, message in refused.items():
         result = shell(f"{given} | {PRMTOOL} verify - -o {tmp_path / 'out'}")
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -186,8 +186,11 @@ def test_import_of_an_unknown_extension(prmtool, tmp_path):
 def test_import_of_malformed_jsonl(prmtool, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"problem": "What is 2 + 3?", "reference_answer": "5"}\n{"problem": \n')
     result = prmtool("import", tmp_path / "bad.jsonl", "-o", tmp_path / "out")
-    assert_input_error(result, str(tmp_path / "bad.jsonl"), "cannot be read as .jsonl")
+    assert_input_error(result, str(tmp_path / "bad.jsonl"), "line 2, character 13: not JSON")
     assert not (tmp_path / "out").exists()
+    (tmp_path / "bad.jsonl").write_text('{"problem": "What is 2 + 3?", "reference_answer": "5"}\n\n["a list"]\n')
+    result = prmtool("import", tmp_path / "bad.jsonl", "-o", tmp_path / "out")
+    assert_input_error(result, str(tmp_path / "bad.jsonl"), "line 3: a JSON list, not an object of columns")
 
 
 def test_import_without_a_problem_column(prmtool, write_jsonl, tmp_path):

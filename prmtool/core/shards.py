@@ -114,12 +114,31 @@ def stdin_shard() -> Path:
         try:
             frame = cast_to_contract(pl.read_ndjson(io.BytesIO(data), infer_schema_length=None))
         except Exception as exc:
-            raise InputError(f"-: standard input is not JSON lines of rows: {_one_line(exc)}") from None
+            where = first_bad_json_line(data.splitlines()) or _one_line(exc)
+            raise InputError(f"-: standard input is not JSON lines of rows: {where}") from None
         folder = Path(tempfile.mkdtemp(prefix="prmtool-stdin-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         frame.write_parquet(folder / "stdin.parquet")
         _STDIN_SHARD.append(folder / "stdin.parquet")
     return _STDIN_SHARD[0]
+
+
+def first_bad_json_line(lines: Iterable[bytes]) -> str | None:
+    """Where JSON lines that polars refused go wrong: the first line that is not a JSON object,
+    by its number (polars' own message names none). Asked only after polars failed."""
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number}, character {exc.pos + 1}: not JSON ({exc.msg})"
+        except ValueError as exc:  # bytes that are not UTF-8
+            return f"line {number}: not JSON ({_one_line(exc)})"
+        if not isinstance(record, dict):
+            return f"line {number}: a JSON {type(record).__name__}, not an object of columns"
+    return None
 
 
 def resolve_inputs(

@@ -60,6 +60,10 @@ def read_source(path: Path, dataset_split: str | None = None) -> pl.DataFrame:
     except InputError:
         raise
     except Exception as exc:
+        if not path.is_dir() and path.suffix.lower() in (".jsonl", ".ndjson"):
+            with path.open("rb") as lines:
+                if where := shards.first_bad_json_line(lines):  # polars' message names no line
+                    raise InputError(f"{path}: {where}") from None
         raise InputError(
             f"{path}: cannot be read as {path.suffix or 'a datasets folder'} ({shards._one_line(exc)})"
         ) from None
