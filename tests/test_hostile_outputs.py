@@ -417,6 +417,36 @@ def test_plot_refuses_a_link_or_fifo_where_a_plot_goes(prmtool, verified, tmp_pa
     assert kind_of(plots / "filter_reasons.png") == "fifo"
 
 
+def test_a_single_file_output_replaces_only_what_an_earlier_run_wrote_there(prmtool, verified, tmp_path):
+    """--report, --json, view's -o and --plot's images: a rerun replaces its own file; a file
+    that is not one (a script, notes, another tool's JSON) is refused and left as it was."""
+    labeled = tmp_path / "labeled"
+    labeled.mkdir()
+    frame = pl.read_parquet(SAMPLES / "labeled" / "part-00000.parquet")
+    frame.with_columns(correct=pl.col("first_error") < 0).write_parquet(labeled / "part-00000.parquet")
+    commands = {
+        "--report": ["filter", verified, "-o", tmp_path / "kept", "--rejects", tmp_path / "rejects",
+                     "--method", "accuracy-band", "--report"],
+        "--json": ["eval", labeled, "--truth", "first_error", "--pred", "first_error", "--json"],
+        "-o": ["view", labeled, "-o"],
+    }  # fmt: skip
+    for option, argv in commands.items():
+        theirs = tmp_path / f"theirs{option}.json"
+        theirs.write_text('{"learning_rate": 0.0001}\n')
+        one_line_error(prmtool(*argv, theirs), str(theirs), option, "is not", "move it away or give another path")
+        assert theirs.read_text() == '{"learning_rate": 0.0001}\n'
+        ours = tmp_path / f"ours{option}"
+        for run in ("first", "rerun"):
+            result = prmtool(*argv, ours)
+            assert result.exit_code == 0, (option, run, result.stderr)
+    plots = tmp_path / "plots"
+    assert prmtool("stats", verified, "--plot", plots).exit_code == 0
+    assert prmtool("stats", verified, "--plot", plots).exit_code == 0, "its own images are replaced"
+    (plots / "mc_values.png").write_text("notes, not an image")
+    one_line_error(prmtool("stats", verified, "--plot", plots), "mc_values.png", "not a PNG image")
+    assert (plots / "mc_values.png").read_text() == "notes, not an image"
+
+
 @pytest.mark.parametrize("lock", [outputs.LOCK, f"{outputs.LOCK}-run"])
 def test_a_lock_file_that_is_a_link_or_a_device_is_refused_never_written_through(prmtool, imported, tmp_path, lock):
     notes = tmp_path / "notes.txt"

@@ -17,7 +17,7 @@ from rich.table import Table
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import AllowIncomplete, Inputs, finite
-from prmtool.core.outputs import check_outputs, check_regular_file, input_roots
+from prmtool.core.outputs import check_outputs, check_replaceable, input_roots
 from prmtool.methods.evaluation import agreement, best_of_n, best_threshold, first_below, first_error_scores, step_auroc
 
 SCORE_COLUMNS = ("step_rewards", "step_values", "step_mc")
@@ -109,7 +109,7 @@ def command(
         check_outputs(input_roots(inputs, [s.path for s in found]), {"--json": as_json})
         if as_json.is_dir():
             raise InputError(f"{as_json}: --json is a directory; give a file path")
-        check_regular_file(as_json, "--json")
+        check_replaceable(as_json, "--json", _is_eval_report, "an eval report")
     # --json -: the JSON alone on standard output, the table on standard error
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
@@ -232,6 +232,11 @@ def _sizes(spec: str | None) -> list[int | None]:
     if any(size < 1 for size in sizes):
         raise InputError(f"--n {spec!r}: sizes must be at least 1")
     return sizes
+
+
+def _is_eval_report(head: bytes) -> bool:
+    """Whether a file's start is one of eval's JSON reports (keys sorted, so these come first)."""
+    return head.lstrip().startswith(b"{") and (b'"results": [' in head or b'"agreement":' in head)
 
 
 def _write_json(report: dict, path: Path, stdout) -> None:

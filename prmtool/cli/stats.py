@@ -17,7 +17,7 @@ from prmtool.cli import plots
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import AllowIncomplete, Inputs, Quiet
-from prmtool.core.outputs import check_outputs, check_regular_file, input_roots
+from prmtool.core.outputs import check_outputs, check_replaceable, input_roots
 from prmtool.core.report import RunStats
 from prmtool.core.schema import check_columns
 
@@ -117,6 +117,9 @@ def filter_reason_counts(frame: pl.LazyFrame) -> dict[str, int]:
     return dict(counts.iter_rows())
 
 
+PNG = b"\x89PNG\r\n\x1a\n"  # every PNG file's first bytes
+
+
 class Plot(NamedTuple):
     file: str
     columns: tuple[str, ...]  # all needed; the plot is skipped without one of them
@@ -200,8 +203,8 @@ def command(
     if plot is not None:
         if plot.exists() and not plot.is_dir():
             raise InputError(f"{plot}: --plot exists and is not a directory")
-        for each in PLOTS:  # a plot's file is replaced only if it is a regular file
-            check_regular_file(plot / each.file, "--plot")
+        for each in PLOTS:  # a plot's file is replaced only if it is a PNG (an earlier run's)
+            check_replaceable(plot / each.file, "--plot", lambda head: head.startswith(PNG), "a PNG image")
         try:  # before any work, so that a bad --plot is a usage error with nothing printed
             plot.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -22,9 +22,11 @@ import typer
 from prmtool.core import shards
 from prmtool.core.errors import InputError
 from prmtool.core.options import Inputs, Quiet, finite
-from prmtool.core.outputs import check_outputs, check_regular_file, input_roots, replace_atomically
+from prmtool.core.outputs import check_outputs, check_replaceable, input_roots, replace_atomically
 from prmtool.core.report import RunStats
 
+# page.html's mark: a file holding it is a page view wrote, which a rerun may replace
+GENERATOR = b'<meta name="generator" content="prmtool view">'
 FIRST_ERROR_COLUMNS = ("first_error", "human_first_error", "judge_first_error")
 # A step list the steps can be shaded by, in the order --color picks its default from
 COLOR_COLUMNS = ("step_mc", "step_labels", "step_rewards", "step_values")
@@ -312,7 +314,8 @@ def command(
     check_outputs(input_roots(inputs, [s.path for s in found]), {"-o": output})
     if output.is_dir():
         raise InputError(f"{output}: -o is a directory; give the HTML file's path")
-    check_regular_file(output, "-o")  # before the page is built
+    # before the page is built; a page an earlier view wrote is replaced, no other file
+    check_replaceable(output, "-o", lambda head: GENERATOR in head, "a page")
     title = f"prmtool view: {', '.join(inputs)}"
     data = page_data(
         frame, title=title, color=color_column, compare=pair, threshold=threshold, page_size=page_size, quiet=quiet

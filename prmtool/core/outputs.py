@@ -110,6 +110,23 @@ def check_regular_file(path: Path, option: str = "output") -> None:
     raise InputError(f"{path}: {option} is {kind}, not a regular file; prmtool writes only regular files{hint}")
 
 
+def check_replaceable(path: Path, option: str, ours: Callable[[bytes], bool], what: str) -> None:
+    """A single file prmtool is to write where the user said: absent, empty, or a regular file
+    that `ours` recognises by its first 64 KiB as one prmtool wrote there, which a rerun
+    replaces. Any other file is refused: it is not prmtool's to delete."""
+    check_regular_file(path, option)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the existing {option} file ({exc.strerror})") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        head = handle.read(65536)
+    if head and not ours(head):
+        raise InputError(f"{path}: {option} exists and is not {what} prmtool wrote; move it away or give another path")
+
+
 @contextmanager
 def naming_the_path(path: Path):
     """An OSError without a file name (pyarrow's full disk: `No space left on device`) names

@@ -192,6 +192,8 @@ def run(
         else settings.report.with_name(partition.shard_name(settings.report.name))
     )
     shards.check_output_dir(output, found, inputs, {"--rejects": settings.rejects}, files={"--report": report_file})
+    if report_file is not None:
+        outputs.check_replaceable(report_file, "--report", lambda head: b'"stage": "filter"' in head, "a filter report")
     shards.check_distinct_names(found)
 
     arguments = options.arguments()
