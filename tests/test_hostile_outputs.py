@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -445,6 +446,40 @@ def test_a_single_file_output_replaces_only_what_an_earlier_run_wrote_there(prmt
     (plots / "mc_values.png").write_text("notes, not an image")
     one_line_error(prmtool("stats", verified, "--plot", plots), "mc_values.png", "not a PNG image")
     assert (plots / "mc_values.png").read_text() == "notes, not an image"
+
+
+def on_a_read_only_mount(folder: Path, *args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m prmtool ARGS` with `folder` mounted read-only (a user and mount namespace of
+    its own: no privileges needed where the kernel allows them)."""
+    mount = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    command = ["unshare", "-rm", "sh", "-c", mount, str(folder), sys.executable, "-m", "prmtool", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_complete_output_on_a_read_only_mount_is_skipped_and_anything_else_is_refused(prmtool, imported, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"workdir: {work}\ninput: {imported}\nstages:\n  - stage: verify\n    workers: 1\n"
+        f"  - stage: filter\n    method: none\n    rejects: {work / 'rejects'}\n"
+    )
+    assert prmtool("run", recipe).exit_code == 0
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no unprivileged mount namespaces here")
+    before = snapshot(work)
+    again = on_a_read_only_mount(work, "run", recipe)
+    assert again.returncode == 0 and again.stderr.count("skip") == 2, again.stderr
+    verify = on_a_read_only_mount(work, "verify", imported, "-o", work / "01-verify", "--workers", 1)
+    assert verify.returncode == 0 and re.search(r"shards written\s*│\s*0\b", verify.stderr), verify.stderr
+    filtered = [work / "01-verify", "-o", work / "02-filter", "--rejects", work / "rejects", "--method", "none"]
+    assert "already complete" in on_a_read_only_mount(work, "filter", *filtered).stderr
+    report = on_a_read_only_mount(work, "filter", *filtered, "--report", work / "report.json")
+    assert report.returncode == 2 and f"{work / 'report.json'}: cannot write the --report file" in report.stderr
+    changed = on_a_read_only_mount(work, "verify", imported, "-o", work / "01-verify", "--timeout", 3)
+    assert changed.returncode == 2 and "exists from a different run" in changed.stderr
+    assert snapshot(work) == before
 
 
 @pytest.mark.parametrize("lock", [outputs.LOCK, f"{outputs.LOCK}-run"])

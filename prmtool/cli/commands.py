@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import math
 import os
 import signal
 import sys
@@ -197,12 +198,21 @@ def usage_line(exc: ClickException, argv: list[str]) -> str:
         for before, after in _RANGE_WORDS:
             message = message.replace(before, after)
         typed = _typed(param.opts, argv)
+        if typed is not None and _not_finite(typed[1]) and "must be" in message:
+            message = "must be a finite number"  # click calls nan out of any range: "at most 3600"
         if typed is not None:
             message = f"{typed[0]} {typed[1]}: {message}"
         else:
             message = f"{param.opts[-1]}: {message}"
     ctx = getattr(exc, "ctx", None)
     return f"{message} (see '{ctx.command_path} -h')" if ctx is not None else message
+
+
+def _not_finite(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _typed(options: list[str], argv: list[str]) -> tuple[str, str] | None:

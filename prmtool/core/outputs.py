@@ -146,7 +146,7 @@ def replace_atomically(path: Path, write: Callable[[object], None], option: str 
     file is refused before and again just before the rename."""
     check_regular_file(path, option)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary, descriptor = _new_temporary(path)
+    temporary, descriptor = _new_temporary(path, option)
     try:
         with naming_the_path(path), os.fdopen(descriptor, "wb") as handle:
             write(handle)
@@ -159,7 +159,7 @@ def replace_atomically(path: Path, write: Callable[[object], None], option: str 
         temporary.unlink(missing_ok=True)
 
 
-def _new_temporary(path: Path) -> tuple[Path, int]:
+def _new_temporary(path: Path, option: str = "output") -> tuple[Path, int]:
     """A file of our own beside `path`: O_EXCL, so an existing file or link of that name is
     never opened (a stale one from a killed process with this pid gets the next number)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -169,6 +169,8 @@ def _new_temporary(path: Path) -> tuple[Path, int]:
             return temporary, os.open(temporary, flags, 0o644)
         except FileExistsError:
             continue
+        except OSError as exc:  # a read-only or full file system, a folder not ours: named by the file asked for
+            raise InputError(f"{path}: cannot write the {option} file ({exc.strerror})") from None
     raise InputError(f"{path.parent}: cannot create a temporary file beside {path.name}")
 
 
@@ -222,12 +224,15 @@ def output_lock(directories: Iterable[Path], key: str, slot: str | None = None) 
     try:
         for directory in directories:
             made = not directory.exists()
-            descriptors = [_lock(directory, key)]
+            descriptor = _lock(directory, key)
+            if descriptor is None:
+                continue  # read-only: no run can write here
+            descriptors = [descriptor]
             held.append((directory, descriptors, made))
-            _HELD.add(descriptors[0])
-            if slot is not None:
-                descriptors.append(_lock_slot(directory, slot))
-                _HELD.add(descriptors[1])
+            _HELD.add(descriptor)
+            if slot is not None and (slot_descriptor := _lock_slot(directory, slot)) is not None:
+                descriptors.append(slot_descriptor)
+                _HELD.add(slot_descriptor)
         yield
     finally:
         for directory, descriptors, made in held:
@@ -275,10 +280,19 @@ def _remove_if_unused(directory: Path, descriptor: int) -> None:
         pass
 
 
-def _lock_slot(directory: Path, slot: str) -> int:
+def _read_only(directory: Path, exc: OSError) -> bool:
+    """An existing directory on a read-only file system (a shared dataset, a mounted snapshot):
+    no run can write there, so none needs keeping out. Its lock is skipped; a complete output is
+    still found complete and skipped, and a run that has to write fails at its first write."""
+    return exc.errno == errno.EROFS and directory.is_dir()
+
+
+def _lock_slot(directory: Path, slot: str) -> int | None:
     try:
         descriptor = _open_lock_file(directory / f"{LOCK}-{slot}")
     except OSError as exc:
+        if _read_only(directory, exc):
+            return None
         raise _lock_file_error(directory / f"{LOCK}-{slot}", exc) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -299,6 +313,9 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
         directory.mkdir(parents=True, exist_ok=True)
         descriptor = _open_lock_file(directory / f"{LOCK}-run")
     except OSError as exc:
+        if _read_only(directory, exc):
+            yield
+            return
         raise _lock_file_error(directory / f"{LOCK}-run", exc) from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -319,11 +336,13 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
         os.close(descriptor)
 
 
-def _lock(directory: Path, key: str) -> int:
+def _lock(directory: Path, key: str) -> int | None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         descriptor = _open_lock_file(directory / LOCK)
     except OSError as exc:
+        if _read_only(directory, exc):
+            return None
         raise _lock_file_error(directory / LOCK, exc) from None
     busy = InputError(
         f"{directory}: another prmtool run, with other options or inputs, is writing here; "

@@ -73,14 +73,19 @@ def run_map_stage(
     directories = [output, *(d for d in stage.side_directories.values() if d is not None)]
     described = [s.describe() for s in found]
     key = outputs.run_key(stage.name, stage.arguments, described, partition.count)
+    sides = {f"{stage.name}{option.removeprefix('-')}": d for option, d in stage.side_directories.items() if d}
     with outputs.output_lock(directories, key, slot=partition.label):
+        # A rerun of a complete run only reads (its shards are all skipped): it writes no
+        # journal or manifest, so it runs where the folder is read-only too.
+        complete = not overwrite and all(
+            shards.prepare_whole_output(directory, name, stage.arguments, described, False, partition)
+            for name, directory in [(stage.name, output), *sides.items()]
+        )
         mine = [s.name for s in partition.take_shards(found)]
-        for option, directory in stage.side_directories.items():
-            if directory is not None:
-                side = f"{stage.name}{option.removeprefix('-')}"
-                shards.claim_output(directory, side, stage.arguments, described, partition, mine, overwrite)
-        _run_locked(stage, found, output, overwrite, stats, partition)
-        for option, directory in stage.side_directories.items():
+        for side, directory in sides.items() if not complete else ():
+            shards.claim_output(directory, side, stage.arguments, described, partition, mine, overwrite)
+        _run_locked(stage, found, output, overwrite, stats, partition, complete)
+        for option, directory in stage.side_directories.items() if not complete else ():
             if directory is not None:  # a manifest like -o's: a later stage or `make` sees it complete
                 shards.write_manifest(
                     directory,
@@ -106,6 +111,7 @@ def _run_locked(
     overwrite: bool,
     stats: RunStats,
     partition: Partition,
+    complete: bool = False,
 ) -> None:
     mine = partition.take_shards(found)
     plan = _plan(stage, mine, output, overwrite)
@@ -113,7 +119,9 @@ def _run_locked(
     # With --overwrite, the earlier runs' listed files go (a re-import into fewer shards
     # leaves none of its old ones to be read beside the new); without it, a folder holding
     # another run, or other partitions that ran with other options, is refused.
-    shards.claim_output(output, stage.name, stage.arguments, described, partition, [s.name for s in mine], overwrite)
+    names = [s.name for s in mine]
+    if not complete:
+        shards.claim_output(output, stage.name, stage.arguments, described, partition, names, overwrite)
     if not partition.whole:
         stats.log(f"partition {partition.index} of {partition.count}: {len(mine)} of {len(found)} input shards")
 
@@ -140,7 +148,8 @@ def _run_locked(
             stats.rows_out += result.height
             stats.shards_written += 1
             stats.problem_ids.update(result["problem_id"].to_list())
-    shards.write_manifest(output, stage.name, stage.arguments, described, written, partition)
+    if not complete:
+        shards.write_manifest(output, stage.name, stage.arguments, described, written, partition)
     if partition.whole:  # a partition's directory also holds the other partitions' shards
         _warn_stale(output, set(written), stats)
 

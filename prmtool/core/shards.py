@@ -652,7 +652,8 @@ def prepare_whole_output(
     manifest = read_manifest(output, partition.manifest_name())
     run = _identity(stage, arguments, inputs, partition.count)
     if not overwrite and manifest and _identity_of(manifest) == run:
-        (output / partition.journal_name()).unlink(missing_ok=True)  # a kill after the manifest left it
+        if (output / partition.journal_name()).exists():  # a kill after the manifest left it
+            (output / partition.journal_name()).unlink()
         return True
     if names is None:  # only asking whether the output is complete
         return False

@@ -259,7 +259,7 @@ def _filter(found, options, arguments, described, parts, partition, overwrite, r
     stats.counts.update(_summary_counts(summary))
     _warn(summary, options, stats)
     if report is not None:
-        shards.write_json_atomic({"stage": "filter", "arguments": arguments, **summary}, report)
+        shards.write_json_atomic({"stage": "filter", "arguments": arguments, **summary}, report, "--report")
     return stats.finish()
 
 
