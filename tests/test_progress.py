@@ -14,7 +14,7 @@ from tests.conftest import SAMPLES
 
 def test_rows_in_progress_count_by_the_share_of_their_work_done():
     tracker = Tracker(total=48)
-    tracker.advance(16)  # rows that needed no search
+    tracker.skip(16)  # rows that needed no search: done at once
     tracker.expect_work(rows=32, amount=1_000, unit="rollouts")
     assert tracker.completed() == 16
     tracker.advance(0, tokens=5_000, work=250)  # a quarter of the rollouts, no row finished yet
@@ -22,7 +22,8 @@ def test_rows_in_progress_count_by_the_share_of_their_work_done():
     tracker.advance(8, work=250)
     assert tracker.completed() == 24 + 24 * 0.5
     left, upper_bound = tracker.seconds_left(elapsed=60.0)
-    assert left == (48 - 36) * 60.0 / 36 and not upper_bound
+    # the rate is that of the 20 rows' worth of searching done in 60 s, not of 36 rows
+    assert left == (48 - 36) * 60.0 / 20 and not upper_bound
 
 
 def test_a_plain_line_says_rows_work_rates_and_time_left(capsys):
@@ -30,12 +31,12 @@ def test_a_plain_line_says_rows_work_rates_and_time_left(capsys):
 
     tracker = Tracker(total=48)
     tracker.started -= 120.0  # two minutes in
-    tracker.advance(16)
+    tracker.skip(16)
     tracker.expect_work(rows=32, amount=1_000, unit="rollouts")
-    tracker.advance(0, tokens=24_000, work=500)
+    tracker.advance(0, tokens=24_000, work=500)  # half the searching: 16 rows' worth in 2 minutes
     line = PlainProgress(Console(stderr=True), "label", tracker, "rows", interval=30).line()
     assert line == (
-        "label: 16/48 rows, 500 rollouts, 0.3 rows/s, 24,000 tokens (200 tok/s), 0:02:00 elapsed, 0:01:00 left"
+        "label: 16/48 rows, 500 rollouts, 0.1 rows/s, 24,000 tokens (200 tok/s), 0:02:00 elapsed, 0:02:00 left"
     )
 
 

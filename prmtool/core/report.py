@@ -38,6 +38,7 @@ class Tracker:
         self.total, self.bar, self.task = total, bar, task
         self.description: str | None = None  # set by describe(); the stage's name until then
         self.rows, self.tokens, self.work = 0, 0, 0
+        self.skipped = 0  # rows done without work (resumed shards, label's trusted rows): not in the rate
         self.work_unit: str | None = None
         self.tokens_per_row: int | None = None
         self.started = time.perf_counter()
@@ -54,6 +55,13 @@ class Tracker:
             self._work_rows_done = min(self._work_rows, self._work_rows_done + rows)
         if self.bar is not None:
             self.bar.update(self.task, advance=rows, tokens=self.tokens)
+
+    def skip(self, rows: int) -> None:
+        """Rows done at once, without the work the others take (a resumed shard, a response
+        whose outcome proves its steps): counted done, but left out of the rate the time left
+        comes from, which they would make look many times faster than it is."""
+        self.skipped += rows
+        self.advance(rows)
 
     def describe(self, text: str) -> None:
         """A new description at the bar's left (or the plain lines'), e.g. train's running loss."""
@@ -97,9 +105,9 @@ class Tracker:
         if self.tokens_per_row and self.tokens:  # at most: every sample may stop before max-tokens
             return max(0.0, (self.total * self.tokens_per_row - self.tokens) * elapsed / self.tokens), True
         done = self.completed()
-        if not done:
+        if done - self.skipped <= 0:
             return None, False
-        return max(0.0, (self.total - done) * elapsed / done), False
+        return max(0.0, (self.total - done) * elapsed / (done - self.skipped)), False
 
 
 def clock(seconds: float) -> str:
@@ -135,9 +143,11 @@ class RateColumn(ProgressColumn):
         # The mean since the start, and only after a few seconds: rows often arrive in bulk
         # (a shard, trusted rows at once), and rich's windowed speed then shows absurd rates.
         elapsed = task.elapsed or 0.0
-        if elapsed < MIN_RATE_SECONDS or not task.completed:
+        tracker = task.fields.get("tracker")
+        done = task.completed - (tracker.skipped if tracker is not None else 0)  # rows done by work
+        if elapsed < MIN_RATE_SECONDS or done <= 0:
             return Text("")
-        return Text(f"{task.completed / elapsed:,.1f} {self.unit}/s")
+        return Text(f"{done / elapsed:,.1f} {self.unit}/s")
 
 
 MIN_RATE_SECONDS = 3.0
@@ -183,8 +193,8 @@ class PlainProgress:
         parts = [f"{tracker.rows:,}{total} {self.unit}"]
         if tracker.work_unit is not None:
             parts.append(f"{tracker.work:,} {tracker.work_unit}")
-        if elapsed >= MIN_RATE_SECONDS and tracker.completed():
-            parts.append(f"{tracker.completed() / elapsed:,.1f} {self.unit}/s")
+        if elapsed >= MIN_RATE_SECONDS and tracker.completed() > tracker.skipped:
+            parts.append(f"{(tracker.completed() - tracker.skipped) / elapsed:,.1f} {self.unit}/s")
         if tracker.tokens:
             parts.append(f"{tracker.tokens:,} tokens ({tracker.tokens / elapsed:,.0f} tok/s)")
         parts.append(f"{clock(elapsed)} elapsed")

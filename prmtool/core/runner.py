@@ -136,7 +136,7 @@ def _run_locked(
                 written[shard.name] = done.len()
                 stats.rows_out += done.len()
                 stats.problem_ids.update(done.to_list())
-                tracker.advance(shard.rows)
+                tracker.skip(shard.rows)
                 continue
             frame = shards.read_shard(shard)
             result = cast_to_contract(stage.transform(frame, tracker))

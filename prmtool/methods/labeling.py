@@ -623,7 +623,7 @@ def label_rows(
                 until_right=one_right_settles and continuous,
             )  # fmt: skip
     if tracker is not None:
-        tracker.advance(frame.height - len(searches))
+        tracker.skip(frame.height - len(searches))  # their outcome proves their steps: no rollouts
         # a row finishes only when its whole search does: progress counts its rollouts
         tracker.expect_work(len(searches), sum(search.most_rollouts() for search in searches.values()), "rollouts")
 
