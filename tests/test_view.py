@@ -152,7 +152,8 @@ def test_view_writes_one_page_that_needs_no_network(prmtool, labelled, tmp_path)
     [
         (["--color", "step_nope"], "--color step_nope: no such column (step columns: step_mc, step_labels)"),
         (["--color", "response_id"], "--color response_id: not a list of numbers, one per step"),
-        (["--compare", "first_error,judge"], "--compare judge: no such column"),
+        (["--compare", "first_error,judge"], "--compare judge: no such column (integer columns: first_error,"),
+        (["--compare", "first_error,_shard"], "--compare _shard: no such column"),
         (["--compare", "first_error"], "--compare 'first_error': expected two different columns"),
         (["--compare", "first_error,thinking_steps,correct"], "expected two different columns"),
     ],

@@ -85,8 +85,11 @@ def check_view_options(schema: pl.Schema | dict, source: str, color: str | None,
             f"{source}: --color {color}: not a list of numbers, one per step (step columns: {_step_columns(schema)})"
         )
     for name in compare:
-        if name not in schema:
-            raise InputError(f"{source}: --compare {name}: no such column (has: {', '.join(schema)})")
+        if name not in schema or name == "_shard":  # _shard is view's own, not the input's
+            integers = [column for column, dtype in schema.items() if dtype.is_integer() and column != "_shard"]
+            raise InputError(
+                f"{source}: --compare {name}: no such column (integer columns: {', '.join(integers) or 'none'})"
+            )
         if not schema[name].is_integer():
             raise InputError(f"{source}: --compare {name}: not a first-error column (an integer step index)")
     return color
