@@ -109,6 +109,17 @@ def test_a_changed_option_reruns_its_stage_and_every_later_one(prmtool, small_re
     assert manifest["arguments"]["band"] == [0.0, 0.5]
 
 
+def test_options_that_change_only_speed_rerun_nothing(prmtool, small_recipe, tmp_path):
+    """--workers (and label's --rounds and --speculate) change how fast a stage runs, never
+    what it writes: a recipe changed only there skips its stages as they are."""
+    assert prmtool("run", small_recipe, "-q").exit_code == 0
+    before = stage_files(tmp_path / "work")
+    result = prmtool("run", small_recipe, "-q", "--set", "verify.workers=2")
+    assert result.exit_code == 0, result.stderr
+    assert set(actions(result.stderr).values()) == {"skip"}
+    assert stage_files(tmp_path / "work") == before
+
+
 def test_a_changed_input_reruns_everything_after_it(prmtool, small_recipe, tmp_path):
     assert prmtool("run", small_recipe, "-q").exit_code == 0
     smaller = tmp_path / "fewer.jsonl"

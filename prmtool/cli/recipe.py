@@ -27,7 +27,8 @@ What runs: before a stage runs, its exact command line and a fingerprint of each
 upstream `_SUCCESS` manifest less its time stamp, or a hash of a file's bytes) are recorded in
 `NN-NAME/_RECIPE.json`. A stage whose `_SUCCESS` and record both match is skipped; a changed
 option or input reruns it with --overwrite, and since its manifest then changes, every later
-stage too; a stage interrupted mid-way resumes from its finished shards.
+stage too (options that change only its speed, SPEED_ONLY, rerun nothing); a stage interrupted
+mid-way resumes from its finished shards.
 """
 
 from __future__ import annotations
@@ -310,6 +311,32 @@ def fingerprint(path: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Options that change how a stage runs, never what it writes (no stage's manifest holds them),
+# each with whether it takes a value: a recipe changed only in these skips the stage as it was.
+SPEED_ONLY = {
+    "--workers": True,
+    "--rounds": True,
+    "--speculate": False,
+    "--no-speculate": False,
+    "--executor": True,
+    "--gpus-per-task": True,
+    "--cpus-per-task": True,
+}
+
+
+def deciding_argv(argv: list[str]) -> list[str]:
+    """A stage's command line less its SPEED_ONLY options: what decides whether it reruns."""
+    kept, skip_value = [], False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+        elif token in SPEED_ONLY:
+            skip_value = SPEED_ONLY[token]
+        else:
+            kept.append(token)
+    return kept
+
+
 def record_of(step: Step) -> dict:
     return {"argv": step.argv(), "inputs": {p: fingerprint(p) for p in step.inputs}}
 
@@ -330,7 +357,13 @@ def decide(step: Step, forced: bool) -> str:
         return "rerun" if complete or old is not None else "run"
     if old is not None and old.get("pending_overwrite"):
         return "rerun"  # an --overwrite rerun was interrupted: its old shards are stale
-    same = old is not None and {k: old.get(k) for k in ("argv", "inputs")} == record_of(step)
+    new = record_of(step)
+    same = (
+        old is not None
+        and isinstance(old.get("argv"), list)
+        and deciding_argv(old["argv"]) == deciding_argv(new["argv"])
+        and old.get("inputs") == new["inputs"]
+    )
     if same:
         return "skip" if complete else "resume"
     if old is None and not complete and not step.directory.exists():
