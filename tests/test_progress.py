@@ -26,6 +26,15 @@ def test_rows_in_progress_count_by_the_share_of_their_work_done():
     assert left == (48 - 36) * 60.0 / 20 and not upper_bound
 
 
+def test_time_left_from_tokens_leaves_out_the_rows_resumed_from_an_earlier_run():
+    tracker = Tracker(total=100)
+    tracker.skip(50)  # a resumed shard: its rows sample nothing now
+    tracker.expect_tokens_per_row(1_000)
+    tracker.advance(10, tokens=10_000)
+    left, upper_bound = tracker.seconds_left(elapsed=10.0)
+    assert left == 40.0 and upper_bound  # 40 rows of at most 1,000 tokens at 1,000 tokens/s
+
+
 def test_a_plain_line_says_rows_work_rates_and_time_left(capsys):
     from rich.console import Console
 

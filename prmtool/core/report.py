@@ -103,7 +103,8 @@ class Tracker:
         if self.total is None or elapsed < MIN_RATE_SECONDS:
             return None, False
         if self.tokens_per_row and self.tokens:  # at most: every sample may stop before max-tokens
-            return max(0.0, (self.total * self.tokens_per_row - self.tokens) * elapsed / self.tokens), True
+            most = (self.total - self.skipped) * self.tokens_per_row  # skipped rows sample nothing
+            return max(0.0, (most - self.tokens) * elapsed / self.tokens), True
         done = self.completed()
         if done - self.skipped <= 0:
             return None, False
