@@ -313,10 +313,14 @@ def exclusive_lock(directory: Path, what: str) -> Iterator[None]:
         directory.mkdir(parents=True, exist_ok=True)
         descriptor = _open_lock_file(directory / f"{LOCK}-run")
     except OSError as exc:
-        if _read_only(directory, exc):
-            yield
-            return
-        raise _lock_file_error(directory / f"{LOCK}-run", exc) from None
+        if not _read_only(directory, exc):
+            raise _lock_file_error(directory / f"{LOCK}-run", exc) from None
+        descriptor = None
+    # read-only: no run can write here (yielded outside the except, so that a stage's own error
+    # does not carry the OSError as its context)
+    if descriptor is None:
+        yield
+        return
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
