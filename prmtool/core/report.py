@@ -96,6 +96,10 @@ class Tracker:
             return float(self.rows)
         return self.rows + in_progress * min(1.0, self._work_done / self._work_expected)
 
+    def worked(self) -> float:
+        """Rows done by the stage's work (completed less skipped): what its rate is made of."""
+        return self.completed() - self.skipped
+
     def seconds_left(self, elapsed: float) -> tuple[float | None, bool]:
         """Time left at the mean rate since the start, and whether it is an upper bound: of
         tokens where the stage gave the most tokens per row, else of (work-weighted) rows.
@@ -105,10 +109,9 @@ class Tracker:
         if self.tokens_per_row and self.tokens:  # at most: every sample may stop before max-tokens
             most = (self.total - self.skipped) * self.tokens_per_row  # skipped rows sample nothing
             return max(0.0, (most - self.tokens) * elapsed / self.tokens), True
-        done = self.completed()
-        if done - self.skipped <= 0:
+        if self.worked() <= 0:
             return None, False
-        return max(0.0, (self.total - done) * elapsed / (done - self.skipped)), False
+        return max(0.0, (self.total - self.completed()) * elapsed / self.worked()), False
 
 
 def clock(seconds: float) -> str:
@@ -194,8 +197,8 @@ class PlainProgress:
         parts = [f"{tracker.rows:,}{total} {self.unit}"]
         if tracker.work_unit is not None:
             parts.append(f"{tracker.work:,} {tracker.work_unit}")
-        if elapsed >= MIN_RATE_SECONDS and tracker.completed() > tracker.skipped:
-            parts.append(f"{(tracker.completed() - tracker.skipped) / elapsed:,.1f} {self.unit}/s")
+        if elapsed >= MIN_RATE_SECONDS and tracker.worked() > 0:
+            parts.append(f"{tracker.worked() / elapsed:,.1f} {self.unit}/s")
         if tracker.tokens:
             parts.append(f"{tracker.tokens:,} tokens ({tracker.tokens / elapsed:,.0f} tok/s)")
         parts.append(f"{clock(elapsed)} elapsed")

@@ -85,16 +85,10 @@ def run_map_stage(
         for side, directory in sides.items() if not complete else ():
             shards.claim_output(directory, side, stage.arguments, described, partition, mine, overwrite)
         _run_locked(stage, found, output, overwrite, stats, partition, complete)
-        for option, directory in stage.side_directories.items() if not complete else ():
-            if directory is not None:  # a manifest like -o's: a later stage or `make` sees it complete
-                shards.write_manifest(
-                    directory,
-                    f"{stage.name}{option.removeprefix('-')}",
-                    stage.arguments,
-                    described,
-                    _listing(directory, found, partition),
-                    partition,
-                )
+        for side, directory in sides.items() if not complete else ():
+            # a manifest like -o's: a later stage or `make` sees it complete
+            listing = _listing(directory, found, partition)
+            shards.write_manifest(directory, side, stage.arguments, described, listing, partition)
 
 
 def _listing(directory: Path, found: list[shards.InputShard], partition: Partition) -> dict[str, int]:
